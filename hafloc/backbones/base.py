@@ -1,0 +1,35 @@
+"""The backbone interface: one forward pass -> feature maps at three levels."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+LEVELS = ("low", "mid", "high")
+
+
+class Backbone(nn.Module):
+    """Image batch (B,3,H,W) RGB in [0,1] -> ``{"low","mid","high"}`` feature maps.
+
+    Subclasses set ``channels`` and ``strides`` (dicts by level) and normalise internally, so
+    the exported ONNX graph and every caller share one normalisation that matches the weights.
+    """
+
+    name: str = "backbone"
+    channels: dict[str, int]
+    strides: dict[str, int]
+
+    def __init__(self, mean: tuple[float, float, float], std: tuple[float, float, float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def trainable_groups(self) -> list[nn.Module]:
+        """Stages from input to output; training unfreezes the last ``n`` of them."""
+        raise NotImplementedError

@@ -1,0 +1,102 @@
+"""Fitting a fresh model to images: PCA-initialised projections, k-means clusters (with
+NetVLAD's assignment sharpness), and optional PCA whitening of the global descriptor."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..errors import HaflocError, InputError
+from ..images.io import load_image, to_tensor
+from .network import GeoLocNet
+
+log = logging.getLogger(__name__)
+
+
+def _iter_taps(model: GeoLocNet, paths: list[Path], max_side: int, progress: bool, desc: str):
+    for p in tqdm(paths, desc=desc, unit="img", disable=not progress, dynamic_ncols=True):
+        try:
+            x = to_tensor(load_image(p), max_side=max_side).unsqueeze(0)
+        except InputError as err:
+            log.warning("skipped %s", err)
+            continue
+        with torch.inference_mode():
+            yield model.backbone(x)
+
+
+def _sample_columns(feats: torch.Tensor, n: int, rng: np.random.Generator) -> np.ndarray:
+    """(1, C, N) -> (min(n, N), C) random columns."""
+    f = feats[0].numpy().T
+    if len(f) > n:
+        f = f[rng.choice(len(f), n, replace=False)]
+    return f
+
+
+def fit_clusters(model: GeoLocNet, paths: list[Path], samples_per_image: int = 100, seed: int = 0,
+                 max_side: int | None = None, progress: bool = True) -> dict:
+    """Initialise projections (PCA) and VLAD clusters (k-means) of ``model.head`` from ``paths``."""
+    head = model.head
+    if not getattr(head, "uses_clusters", False):
+        return {}
+    model.eval()
+    rng = np.random.default_rng(seed)
+    max_side = max_side or model.config.max_side
+    has_proj = getattr(head, "proj", None) is not None and len(head.proj) > 0
+    # Keep only sampled columns, never whole maps: memory stays small for many images.
+    samples: dict[str, list[np.ndarray]] = {lv: [] for lv in head.levels}
+    n_images = 0
+    for taps in _iter_taps(model, paths, max_side, progress, "fit: features"):
+        feats = head.raw_features(taps) if has_proj else head.local_features(taps)
+        for lv in head.levels:
+            samples[lv].append(_sample_columns(feats[lv], samples_per_image, rng))
+        n_images += 1
+    if not n_images:
+        raise HaflocError("none of the images given for fitting could be read")
+    info: dict = {"images": n_images, "levels": {}}
+    for lv in head.levels:
+        feats = np.concatenate(samples[lv]).astype(np.float32)
+        if has_proj:
+            mean = feats.mean(axis=0)
+            _, _, vt = np.linalg.svd(feats - mean, full_matrices=False)
+            d_out = head.proj[lv].out_channels
+            comps = np.zeros((d_out, feats.shape[1]), np.float32)
+            k = min(d_out, vt.shape[0])
+            comps[:k] = vt[:k]  # fewer input channels than outputs: the rest start at zero
+            head.set_projection(lv, comps, mean)
+            feats = (feats - mean) @ comps.T  # the 1x1 projection applied to the sampled columns
+            feats /= np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+        feats = np.ascontiguousarray(feats, dtype=np.float32)
+        k = head.vlad[lv].num_clusters
+        if len(feats) < k:
+            raise HaflocError(f"only {len(feats)} local features for {k} clusters: give more images")
+        km = faiss.Kmeans(feats.shape[1], k, niter=30, seed=seed, verbose=False, max_points_per_centroid=1000)
+        km.train(feats)
+        alpha = head.vlad[lv].init_from_kmeans(km.centroids, feats)
+        info["levels"][lv] = {"features": len(feats), "clusters": k, "alpha": round(alpha, 3)}
+    return info
+
+
+def fit_whitening(model: GeoLocNet, paths: list[Path], dim: int, max_images: int = 10_000, seed: int = 0,
+                  progress: bool = True, batch_size: int = 8) -> dict:
+    """Fit PCA whitening to ``dim`` on pre-whitening descriptors of (at most ``max_images``) images."""
+    from .extract import Extractor  # local: extract imports this module's siblings only
+
+    rng = np.random.default_rng(seed)
+    if len(paths) > max_images:
+        paths = [paths[i] for i in sorted(rng.choice(len(paths), max_images, replace=False))]
+    model.whitening.dim, saved = None, model.whitening.dim  # extract raw descriptors
+    try:
+        res = Extractor(model, batch_size=batch_size).extract_paths(paths, progress=progress)
+    finally:
+        model.whitening.dim = saved
+    from .whitening import fit_pca_whitening
+
+    mean, proj = fit_pca_whitening(res.descriptors, dim)
+    model.whitening.set(mean, proj)
+    model.config.whiten_dim = dim
+    return {"images": len(res.names), "dim": dim}

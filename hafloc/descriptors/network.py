@@ -1,0 +1,88 @@
+"""GeoLocNet: backbone (three taps, one pass) + head + optional PCA whitening."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..backbones import create_backbone
+from ..backbones.superpoint import SuperPointNet
+from ..heads import METHODS, HeadConfig, create_head, head_config
+from ..errors import HaflocError
+from .whitening import Whitening
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model (saved in every model file and result folder)."""
+
+    method: str = "haf"
+    backbone: str = "efficientnet-lite0"
+    head: HeadConfig = field(default_factory=HeadConfig)
+    whiten_dim: int | None = None
+    max_side: int = 640  # extraction: longest image side, then rounded to multiples of 32
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        h = dict(d.pop("head", {}))
+        for key in ("levels", "init_weights"):
+            if key in h:
+                h[key] = tuple(h[key])
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(head=HeadConfig(**h), **{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def for_method(cls, method: str, backbone: str | None = None, **head_overrides) -> "ModelConfig":
+        if method not in METHODS:
+            raise HaflocError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        if method == "superpoint":
+            backbone = "superpoint"
+        elif backbone == "superpoint":
+            raise HaflocError("the superpoint backbone goes with --method superpoint only")
+        return cls(method=method, backbone=backbone or "efficientnet-lite0", head=head_config(method, **head_overrides))
+
+
+class GeoLocNet(nn.Module):
+    def __init__(self, config: ModelConfig, pretrained: bool = True, backbone_weights: str | None = None):
+        super().__init__()
+        self.config = config
+        if config.backbone == "superpoint":
+            self.backbone = SuperPointNet()
+            if pretrained:
+                self.backbone.load_pretrained(backbone_weights)
+        else:
+            self.backbone = create_backbone(config.backbone, backbone_weights, pretrained=pretrained)
+        self.head = create_head(config.method, self.backbone.channels, config.head)
+        self.whitening = Whitening(self.head.out_dim, config.whiten_dim)
+
+    @property
+    def levels(self) -> tuple[str, ...]:
+        return self.head.levels
+
+    @property
+    def out_dim(self) -> int:
+        return self.whitening.dim or self.head.out_dim
+
+    def forward(self, x: torch.Tensor) -> dict:
+        """(B,3,H,W) RGB in [0,1] -> head outputs + ``raw`` (pre-whitening) + whitened ``descriptor``."""
+        out = self.head(self.backbone(x))
+        out["raw"] = out["descriptor"]
+        out["descriptor"] = self.whitening(out["raw"])
+        return out
+
+    def fingerprint(self) -> str:
+        """Stable digest of configuration and every weight: identifies the descriptor space."""
+        h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        for k, v in sorted(self.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]

@@ -1,0 +1,87 @@
+"""NetVLAD aggregation by matrix products.
+
+The textbook formulation builds a (B, K, C, H, W) residual tensor; we never do. With soft
+assignments A (B,K,N) (already multiplied by any attention) and L2-normalised features X (B,C,N):
+
+    V[b,k] = sum_i A[b,k,i] (x_i - c_k) = (A X^T)[b,k] - (sum_i A[b,k,i]) c_k
+
+so memory is O(B K (C + N)), independent of K x C x H x W.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def vlad_residuals(features: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Aggregate local features into per-cluster residual sums.
+
+    Args:
+        features: (B, C, N) local features.
+        assign: (B, K, N) non-negative soft assignments (times attention, if any).
+        centroids: (K, C).
+    Returns:
+        (residuals (B, K, C) un-normalised, mass (B, K) = sum_i assign).
+    """
+    mass = assign.sum(dim=2)
+    residuals = torch.bmm(assign, features.transpose(1, 2)) - mass.unsqueeze(2) * centroids.unsqueeze(0)
+    return residuals, mass
+
+
+def normalize_vlad(residuals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Intra-normalise per cluster, then L2 the flattened vector. Returns (intra (B,K,C), flat (B,K*C))."""
+    intra = F.normalize(residuals, p=2, dim=2)
+    flat = F.normalize(intra.flatten(1), p=2, dim=1)
+    return intra, flat
+
+
+class NetVLAD(nn.Module):
+    """Soft-assignment VLAD layer over (B, C, N) L2-normalised features.
+
+    Assignment logits are ``alpha * <c_k / |c_k|, x>`` (NetVLAD's "v1" init): a 1x1 linear map
+    initialised from k-means centroids, then trained freely.
+    """
+
+    def __init__(self, num_clusters: int, dim: int):
+        super().__init__()
+        self.num_clusters, self.dim = num_clusters, dim
+        self.assign = nn.Linear(dim, num_clusters, bias=True)
+        self.centroids = nn.Parameter(torch.rand(num_clusters, dim) * 0.1)
+        nn.init.zeros_(self.assign.bias)
+
+    @torch.no_grad()
+    def init_from_kmeans(self, centroids: np.ndarray, sample: np.ndarray) -> float:
+        """Set centroids and assignment sharpness from k-means on ``sample`` (N, C) features.
+
+        alpha makes the mean gap between a feature's two closest (cosine) centroids a 100:1
+        assignment ratio, as in NetVLAD. Returns alpha.
+        """
+        c = centroids.astype(np.float32)
+        c_hat = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+        dots = sample.astype(np.float32) @ c_hat.T  # (N, K)
+        top2 = -np.sort(-dots, axis=1)[:, :2]
+        gap = float(np.mean(top2[:, 0] - top2[:, 1]))
+        alpha = -math.log(0.01) / max(gap, 1e-6)
+        self.centroids.copy_(torch.from_numpy(c))
+        self.assign.weight.copy_(torch.from_numpy(alpha * c_hat))
+        self.assign.bias.zero_()
+        return alpha
+
+    def soft_assign(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, C, N) -> (B, K, N) softmax over clusters."""
+        logits = torch.einsum("kc,bcn->bkn", self.assign.weight, features) + self.assign.bias.view(1, -1, 1)
+        return logits.softmax(dim=1)
+
+    def forward(self, features: torch.Tensor, weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Returns ``vlad`` (B, K*C), ``intra`` (B, K, C), ``mass`` (B, K)."""
+        assign = self.soft_assign(features)
+        if weights is not None:
+            assign = assign * weights  # (B,1,N) attention, or (B,K,N) per-cluster weights
+        residuals, mass = vlad_residuals(features, assign, self.centroids)
+        intra, flat = normalize_vlad(residuals)
+        return {"vlad": flat, "intra": intra, "mass": mass}

@@ -1,0 +1,111 @@
+"""Reading photos safely and turning them into model input.
+
+Every failure becomes an :class:`InputError` naming the file and the cause, so batch jobs can
+skip the file and report it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import InputError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+# Refuse decompression bombs early; a 100 MP photo is already far beyond what we resize to.
+MAX_PIXELS = 120_000_000
+
+
+def load_image(path: str | Path, exif_transpose: bool = True) -> Image.Image:
+    """Open ``path`` as an RGB image, EXIF orientation applied (unless told not to).
+
+    Grayscale, CMYK, palette and alpha images are converted to RGB (alpha composited on white).
+    Raises :class:`InputError` for missing, empty, truncated, huge or non-image files.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        raise InputError(path, f"cannot read file ({err.strerror or err})") from None
+    if size == 0:
+        raise InputError(path, "empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    raise InputError(path, f"image too large ({img.width}x{img.height} pixels)")
+                img.load()
+                img = _to_rgb(ImageOps.exif_transpose(img) if exif_transpose else img)
+    except InputError:
+        raise
+    except UnidentifiedImageError:
+        raise InputError(path, "not an image (unrecognised format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(path, "image too large (decompression bomb guard)") from None
+    except OSError as err:
+        raise InputError(path, f"corrupt or truncated image ({err})") from None
+    except (ValueError, SyntaxError) as err:  # some malformed headers surface as these
+        raise InputError(path, f"corrupt image ({err})") from None
+    if img.width < 8 or img.height < 8:
+        raise InputError(path, f"image too small ({img.width}x{img.height})")
+    return img
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float32)
+        arr = (255 * (arr - arr.min()) / max(float(np.ptp(arr)), 1.0)).astype(np.uint8)
+        return Image.fromarray(arr).convert("RGB")
+    return img.convert("RGB")  # L, CMYK, P, YCbCr, ...
+
+
+def target_size(width: int, height: int, max_side: int | None = 640, multiple: int = 32) -> tuple[int, int]:
+    """(H, W) keeping the aspect ratio, longest side ~``max_side``, both multiples of ``multiple``."""
+    if max_side is None:
+        scale = 1.0
+    else:
+        scale = max_side / max(width, height)
+    h = max(multiple, int(round(height * scale / multiple)) * multiple)
+    w = max(multiple, int(round(width * scale / multiple)) * multiple)
+    return h, w
+
+
+def to_tensor(img: Image.Image, size: tuple[int, int] | None = None, max_side: int | None = 640) -> torch.Tensor:
+    """RGB float tensor (3, H, W) in [0, 1]; resized to ``size`` (H, W) or by ``max_side``."""
+    h, w = size if size is not None else target_size(img.width, img.height, max_side)
+    if (img.height, img.width) != (h, w):
+        img = img.resize((w, h), Image.BILINEAR, reducing_gap=3.0)
+    arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def list_images(paths: list[str | Path], recursive: bool = True) -> list[tuple[Path, Path]]:
+    """Expand files and folders into ``(file, root)`` pairs, sorted, root = the folder given.
+
+    Names reported to users are ``file`` relative to ``root`` (keeps sub-folders). A file given
+    directly has its own parent as root. Non-image files inside folders are ignored; a file
+    given explicitly is kept whatever its extension (it will fail to load with a clear reason).
+    """
+    out: list[tuple[Path, Path]] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            it = p.rglob("*") if recursive else p.glob("*")
+            files = sorted(f for f in it if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            out.extend((f, p) for f in files)
+        elif p.exists():
+            out.append((p, p.parent))
+        else:
+            raise InputError(p, "no such file or folder")
+    return out

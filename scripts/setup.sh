@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One-shot, idempotent set-up: a virtualenv in .venv with hafloc and its dependencies.
+#   scripts/setup.sh          runtime only
+#   scripts/setup.sh --test   plus test tools and Debian's chromium for the browser tests
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+extra=""
+if [ "${1:-}" = "--test" ]; then extra="[test]"; fi
+stamp=".venv/.hafloc-installed${extra}"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  # torch==2.13.0 is pinned: pip takes the local CPU wheel instead of a multi-GB CUDA build.
+  .venv/bin/pip install -q --disable-pip-version-check -e ".${extra}"
+  touch "$stamp"
+fi
+if [ "${1:-}" = "--test" ] && [ ! -x /usr/bin/chromium ]; then
+  # The browser must come from Debian's packages, never from a download by a test tool.
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+fi

@@ -1,0 +1,97 @@
+"""Headless-browser harness for tests: Debian's /usr/bin/chromium driven by playwright.
+
+Never downloads a browser. Typical use::
+
+    reason = browser_available()
+    if reason: pytest.skip(reason)
+    with open_page(path_or_url) as (page, console_errors, failed_requests):
+        assert images_loaded(page) == []
+        screenshot(page, tmp_path / "shot.png")
+    assert not console_errors and not failed_requests
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+CHROMIUM = os.environ.get("HAFLOC_CHROMIUM", "/usr/bin/chromium")
+LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               "--disable-dev-shm-usage"]
+
+
+def browser_available() -> str | None:
+    """None when the harness can run, else the reason it cannot (for ``pytest.skip``)."""
+    if not (Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK)) and not shutil.which(CHROMIUM):
+        return f"no Chromium at {CHROMIUM} (apt-get install chromium)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError as e:
+        return f"playwright (python) is not installed: {e}"
+    return None
+
+
+def to_url(target: str | Path) -> str:
+    """``file://`` URL for a local path; URLs (http://, file://, data:) pass through."""
+    s = str(target)
+    if "://" in s or s.startswith(("data:", "about:")):
+        return s
+    return Path(s).resolve().as_uri()
+
+
+@contextlib.contextmanager
+def open_page(url: str | Path, viewport: tuple[int, int] = (1280, 900), timeout_ms: int = 20000,
+              wait_until: str = "load") -> Iterator[tuple[object, list[str], list[str]]]:
+    """Open ``url`` (or a local path) in headless Chromium; yield ``(page, console_errors, failed_requests)``.
+
+    ``console_errors`` collects console messages of type "error" and uncaught page exceptions;
+    ``failed_requests`` collects requests that failed at the network level and responses with an
+    HTTP status >= 400, as "STATUS URL" / "FAILED URL (reason)". Both lists keep filling while
+    the caller uses the page. For file:// pages a missing file shows up as a failed request.
+    """
+    from playwright.sync_api import sync_playwright
+
+    console_errors: list[str] = []
+    failed_requests: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS)
+        try:
+            context = browser.new_context(viewport={"width": viewport[0], "height": viewport[1]})
+            page = context.new_page()
+            page.set_default_timeout(timeout_ms)
+            page.on("console", lambda m: console_errors.append(f"console.{m.type}: {m.text}")
+                    if m.type == "error" else None)
+            page.on("pageerror", lambda exc: console_errors.append(f"pageerror: {exc}"))
+            page.on("requestfailed", lambda r: failed_requests.append(f"FAILED {r.url} ({r.failure})"))
+            page.on("response", lambda r: failed_requests.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+            page.goto(to_url(url), wait_until=wait_until, timeout=timeout_ms)
+            yield page, console_errors, failed_requests
+        finally:
+            browser.close()
+
+
+def images_loaded(page) -> list[str]:
+    """The ``src`` of every ``<img>`` on the page that did not load (empty list = all loaded).
+
+    An image counts as loaded when it is complete and has ``naturalWidth > 0``; waits for pending
+    images first so a slow decode is not reported as broken.
+    """
+    page.wait_for_function("Array.from(document.images).every(i => i.complete)")
+    return page.evaluate(
+        "Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)")
+
+
+def image_count(page) -> int:
+    return int(page.evaluate("document.images.length"))
+
+
+def screenshot(page, path: str | Path, full_page: bool = True) -> Path:
+    """Save a PNG screenshot of the page (the whole scroll height by default)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(path), full_page=full_page)
+    return path

@@ -1,0 +1,127 @@
+"""'@' folder layout of VPR-datasets-downloader / the deep-visual-geo-localization benchmark.
+
+``<root>/images/{train,val,test}/{database,queries}/@east@north@zone@letter@lat@lon@pano@tile@
+heading@pitch@roll@height@timestamp@note@.jpg``
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hafloc.datasets.base import Dataset
+from hafloc.datasets.common import list_images
+from hafloc.errors import InputError
+
+AT_FIELDS = ("east", "north", "zone", "letter", "lat", "lon", "pano", "tile", "heading", "pitch",
+             "roll", "height", "timestamp", "note")
+_FLOATS = {"east", "north", "lat", "lon", "heading", "pitch", "roll", "height"}
+SPLITS = ("train", "val", "test")
+
+
+def parse_at_name(name: str) -> dict[str, Any]:
+    """Fields of an '@' file name (a bare name or a path); empty or absent fields are None.
+
+    Numbers become float (``zone`` int); ``pano``, ``tile``, ``timestamp``, ``note``, ``letter``
+    stay strings. Raises ValueError if the name is not '@'-encoded or easting/northing are not numbers.
+    """
+    base = Path(name).name
+    if not base.startswith("@"):
+        raise ValueError(f"{base!r} is not an '@' name (must start with '@')")
+    parts = base.split("@")[1:]
+    if len(parts) < 3:
+        raise ValueError(f"{base!r} has fewer than two '@' fields")
+    values = parts[:-1]  # the last part is the extension ('.jpg')
+    if len(values) > len(AT_FIELDS):
+        values = values[: len(AT_FIELDS) - 1] + ["@".join(values[len(AT_FIELDS) - 1:])]
+    out: dict[str, Any] = {k: None for k in AT_FIELDS}
+    for key, raw in zip(AT_FIELDS, values):
+        if raw == "":
+            continue
+        if key in _FLOATS:
+            try:
+                out[key] = float(raw)
+            except ValueError:
+                if key in ("east", "north"):
+                    raise ValueError(f"{base!r}: {key} {raw!r} is not a number") from None
+                out[key] = None
+        elif key == "zone":
+            try:
+                out[key] = int(float(raw))
+            except ValueError:
+                out[key] = None
+        else:
+            out[key] = raw
+    if out["east"] is None or out["north"] is None:
+        raise ValueError(f"{base!r}: easting/northing fields are empty")
+    out["extension"] = parts[-1]
+    return out
+
+
+def _read_side(folder: Path, root: Path) -> tuple[list[str], np.ndarray, list[dict[str, Any]]]:
+    names = list_images(folder, root)
+    fields = []
+    for n in names:
+        try:
+            fields.append(parse_at_name(n))
+        except ValueError as e:
+            raise InputError(root / n, str(e)) from None
+    utm = np.array([[f["east"], f["north"]] for f in fields], dtype=np.float64).reshape(-1, 2)
+    return names, utm, fields
+
+
+def find_split_dir(path: Path, split: str) -> Path:
+    """The folder holding database/ and queries/ for ``split`` (``path`` may be the root,
+    its images/ folder, or the split folder itself)."""
+    if (path / "database").is_dir() or (path / "queries").is_dir():
+        return path
+    for cand in (path / "images" / split, path / split):
+        if cand.is_dir():
+            return cand
+    have = [s for s in SPLITS if (path / "images" / s).is_dir() or (path / s).is_dir()]
+    raise InputError(path, f"no '{split}' split in this '@' dataset (found: {', '.join(have) or 'none'})")
+
+
+def is_at_layout(path: Path) -> bool:
+    if not path.is_dir():
+        return False
+    for base in (path, path / "images"):
+        for split in ("",) + SPLITS:
+            d = base / split if split else base
+            for side in ("database", "queries"):
+                sd = d / side
+                if sd.is_dir() and any(p.name.startswith("@") for p in sd.iterdir()):
+                    return True
+    return False
+
+
+def load_at_folders(path: str | Path, split: str = "test", **_: Any) -> Dataset:
+    """Read one split of an '@' dataset: positions from the names, 25 m threshold."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(path, "not a folder")
+    split_dir = find_split_dir(path, split)
+    db_dir, q_dir = split_dir / "database", split_dir / "queries"
+    if not db_dir.is_dir():
+        raise InputError(split_dir, "no database/ folder")
+    db, db_utm, db_f = _read_side(db_dir, split_dir)
+    if q_dir.is_dir():
+        q, q_utm, q_f = _read_side(q_dir, split_dir)
+    else:
+        q, q_utm, q_f = [], np.zeros((0, 2)), []
+    if not db:
+        raise InputError(db_dir, "no images")
+    zones = {(f["zone"], f["letter"]) for f in db_f + q_f if f["zone"] is not None}
+    quirks: dict[str, Any] = {"db_notes": [f["note"] for f in db_f], "q_notes": [f["note"] for f in q_f]}
+    if len(zones) > 1:
+        quirks["mixed_utm_zones"] = sorted(map(str, zones))
+    zone = next(iter(zones)) if len(zones) == 1 else None
+    ts = [f["timestamp"] for f in db_f + q_f]
+    if ts and all(t is not None for t in ts):
+        quirks["capture_times"] = {"db": [f["timestamp"] for f in db_f], "q": [f["timestamp"] for f in q_f]}
+    name = path.name if path.name not in SPLITS + ("images",) else path.parent.name
+    return Dataset(name=f"{name}-{split_dir.name}" if split_dir != path else name, format="at",
+                   root=split_dir, db_images=db, q_images=q, db_utm=db_utm, q_utm=q_utm,
+                   pos_threshold=25.0, metric="recall", quirks=quirks, utm_zone=zone)

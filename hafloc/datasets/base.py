@@ -1,0 +1,244 @@
+"""The one Dataset abstraction every reader returns and every scorer/trainer consumes."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+METRICS = ("recall", "map", "revisited", "holidays")
+
+# Quirks that hold one entry per database / per query image: subset() must index them.
+DB_QUIRKS = ("tokyo_nms", "db_notes", "db_building_ids")
+Q_QUIRKS = ("crop_boxes", "q_notes", "q_building_ids", "q_conditions")
+# Quirks that are {"db": per-db array, "q": per-query array}.
+PAIRED_QUIRKS = ("timestamps", "latlon", "capture_times")
+
+
+@dataclass
+class Dataset:
+    """Database + query images with the ground truth needed to score retrieval.
+
+    Ground truth comes from (first match wins in ``query_positives``): explicit ``positives``
+    (index lists from the file), UTM positions (radius ``pos_threshold`` metres), or labels
+    (same label = same place). ``junk`` lists database indices removed from a query's ranking.
+
+    Known ``quirks`` (all optional):
+      - ``tokyo_nms``: (Ndb,) panorama id per database image -> Tokyo 24/7 spatial NMS.
+      - ``timestamps``: {"db": (Ndb,), "q": (Nq,)} -> TokyoTM same-timestamp exclusion.
+      - ``crop_boxes``: (Nq, 4) x1 y1 x2 y2 query boxes (Oxford/Paris); ``crop_queries``: bool,
+        extract queries cropped to their box.
+      - ``revisited``: {"easy", "hard", "junk": list of per-query db-index arrays}.
+      - ``q_conditions``: Tokyo 24/7 day/sunset/night per query.
+      - ``q_notes`` / ``db_notes``: the '@' note field; ``max_size``: (w, h) downscale bound.
+      - ``protocol``: free text naming the ground truth used (e.g. SF-0 variant).
+      - ``northing_first`` / ``index_coordinates``: how positions were read.
+    """
+
+    name: str
+    format: str
+    root: Path
+    db_images: list[str]
+    q_images: list[str]
+    db_utm: np.ndarray | None = None
+    q_utm: np.ndarray | None = None
+    db_labels: np.ndarray | None = None
+    q_labels: np.ndarray | None = None
+    pos_threshold: float = 25.0
+    positives: list[np.ndarray] | None = None
+    junk: list[np.ndarray] | None = None
+    metric: str = "recall"
+    quirks: dict[str, Any] = field(default_factory=dict)
+    utm_zone: tuple[int, str] | None = None
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        self.db_images = [str(x) for x in self.db_images]
+        self.q_images = [str(x) for x in self.q_images]
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
+        for arr_name, n in (("db_utm", self.num_db), ("q_utm", self.num_q)):
+            arr = getattr(self, arr_name)
+            if arr is not None:
+                arr = np.asarray(arr, dtype=np.float64).reshape(-1, 2)
+                if len(arr) != n:
+                    raise ValueError(f"{arr_name} has {len(arr)} rows for {n} images")
+                setattr(self, arr_name, arr)
+        for lab_name, n in (("db_labels", self.num_db), ("q_labels", self.num_q)):
+            lab = getattr(self, lab_name)
+            if lab is not None:
+                lab = np.asarray(lab)
+                if len(lab) != n:
+                    raise ValueError(f"{lab_name} has {len(lab)} entries for {n} images")
+                setattr(self, lab_name, lab)
+        for lists_name in ("positives", "junk"):
+            lists = getattr(self, lists_name)
+            if lists is not None:
+                if len(lists) != self.num_q:
+                    raise ValueError(f"{lists_name} has {len(lists)} entries for {self.num_q} queries")
+                setattr(self, lists_name, [np.asarray(p, dtype=np.int64).ravel() for p in lists])
+
+    @property
+    def num_db(self) -> int:
+        return len(self.db_images)
+
+    @property
+    def num_q(self) -> int:
+        return len(self.q_images)
+
+    def _abs(self, rel: str) -> Path:
+        p = Path(rel)
+        return p if p.is_absolute() else self.root / p
+
+    def db_paths(self) -> list[Path]:
+        """Absolute paths of the database images."""
+        return [self._abs(x) for x in self.db_images]
+
+    def q_paths(self) -> list[Path]:
+        """Absolute paths of the query images."""
+        return [self._abs(x) for x in self.q_images]
+
+    def has_ground_truth(self) -> bool:
+        return self.positives is not None or (self.db_utm is not None and self.q_utm is not None) or (
+            self.db_labels is not None and self.q_labels is not None)
+
+    def query_positives(self, threshold: float | None = None) -> list[np.ndarray]:
+        """Sorted database indices that count as correct for each query.
+
+        Explicit lists from the file win unless a ``threshold`` (metres) is asked for and
+        positions exist; then a radius search (distance <= threshold, as in NetVLAD's
+        rangesearch) in UTM; then same-label images.
+        """
+        if self.positives is not None and (threshold is None or self.db_utm is None or self.q_utm is None):
+            return [np.sort(p) for p in self.positives]
+        if self.db_utm is not None and self.q_utm is not None:
+            from scipy.spatial import cKDTree
+
+            r = float(self.pos_threshold if threshold is None else threshold)
+            if self.num_db == 0:
+                return [np.zeros(0, np.int64) for _ in range(self.num_q)]
+            hits = cKDTree(self.db_utm).query_ball_point(self.q_utm, r=r)
+            return [np.sort(np.asarray(h, dtype=np.int64)) for h in hits]
+        if self.db_labels is not None and self.q_labels is not None:
+            by_label: dict[Any, list[int]] = {}
+            for i, lab in enumerate(self.db_labels.tolist()):
+                by_label.setdefault(lab, []).append(i)
+            return [np.asarray(by_label.get(lab, []), dtype=np.int64) for lab in self.q_labels.tolist()]
+        raise ValueError(f"dataset {self.name!r} has no ground truth (no positives, positions or labels)")
+
+    def subset(self, db_idx: Sequence[int] | np.ndarray | None = None,
+               q_idx: Sequence[int] | np.ndarray | None = None, name: str | None = None) -> "Dataset":
+        """A dataset restricted to the given database / query indices (None keeps all).
+
+        Explicit positive/junk lists are re-indexed into the new database order; entries whose
+        database image was dropped disappear.
+        """
+        db_idx = np.arange(self.num_db) if db_idx is None else np.asarray(db_idx, dtype=np.int64).ravel()
+        q_idx = np.arange(self.num_q) if q_idx is None else np.asarray(q_idx, dtype=np.int64).ravel()
+        remap = np.full(self.num_db, -1, dtype=np.int64)
+        remap[db_idx] = np.arange(len(db_idx))
+
+        def relist(lists: list[np.ndarray] | None) -> list[np.ndarray] | None:
+            if lists is None:
+                return None
+            out = []
+            for qi in q_idx:
+                m = remap[lists[qi]]
+                out.append(np.sort(m[m >= 0]))
+            return out
+
+        def take(arr: Any, idx: np.ndarray) -> Any:
+            if arr is None:
+                return None
+            if isinstance(arr, np.ndarray):
+                return arr[idx]
+            return [arr[i] for i in idx]
+
+        quirks = dict(self.quirks)
+        for k in DB_QUIRKS:
+            if k in quirks:
+                quirks[k] = take(quirks[k], db_idx)
+        for k in Q_QUIRKS:
+            if k in quirks:
+                quirks[k] = take(quirks[k], q_idx)
+        for k in PAIRED_QUIRKS:
+            if k in quirks:
+                quirks[k] = {"db": take(quirks[k]["db"], db_idx), "q": take(quirks[k]["q"], q_idx)}
+        if "revisited" in quirks:
+            quirks["revisited"] = {k: relist(v) for k, v in quirks["revisited"].items()}
+        return dataclasses.replace(
+            self,
+            name=name or self.name,
+            db_images=take(self.db_images, db_idx),
+            q_images=take(self.q_images, q_idx),
+            db_utm=take(self.db_utm, db_idx),
+            q_utm=take(self.q_utm, q_idx),
+            db_labels=take(self.db_labels, db_idx),
+            q_labels=take(self.q_labels, q_idx),
+            positives=relist(self.positives),
+            junk=relist(self.junk),
+            quirks=quirks,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """A small JSON-able description (for config.json and reports)."""
+        gt = ("positives" if self.positives is not None else "utm" if self.db_utm is not None
+              else "labels" if self.db_labels is not None else "none")
+        return {"name": self.name, "format": self.format, "root": str(self.root), "num_db": self.num_db,
+                "num_q": self.num_q, "metric": self.metric, "ground_truth": gt,
+                "pos_threshold": self.pos_threshold, "protocol": self.quirks.get("protocol")}
+
+
+def split_database(ds: Dataset, val_fraction: float = 0.2, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """Split a dataset's database into (train, val) for sets that ship only gallery + queries.
+
+    A ``val_fraction`` of the database images is held out and becomes the val *queries*; the
+    remaining images form both the train database and the val database (the "map" is known,
+    the val queries are unseen views of it - the deployment situation). Label sets are split
+    per label (stratified: each label with >= 2 images keeps >= 1 image in the map and gives
+    about ``val_fraction`` of its images, at least one, as queries), so every val query has a
+    positive. Position sets hold out a random ``val_fraction``. The original queries are not
+    used (they stay the test set). ``train.q_images`` is empty. Deterministic for a seed.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError("val_fraction must be in (0, 1)")
+    if ds.positives is not None and ds.db_utm is None and ds.db_labels is None:
+        raise ValueError(f"{ds.name}: cannot split a database whose ground truth is per-query index lists")
+    rng = np.random.default_rng(seed)
+    held: list[int] = []
+    if ds.db_labels is not None:
+        labels = ds.db_labels.tolist()
+        groups: dict[Any, list[int]] = {}
+        for i, lab in enumerate(labels):
+            groups.setdefault(lab, []).append(i)
+        for lab in sorted(groups, key=str):
+            idx = np.array(groups[lab])
+            if len(idx) < 2:
+                continue
+            rng.shuffle(idx)
+            k = min(len(idx) - 1, max(1, int(round(val_fraction * len(idx)))))
+            held.extend(idx[:k].tolist())
+    elif ds.db_utm is not None:
+        perm = rng.permutation(ds.num_db)
+        held = perm[: max(1, int(round(val_fraction * ds.num_db)))].tolist()
+    else:
+        raise ValueError(f"{ds.name}: no labels or positions to split on")
+    held_arr = np.array(sorted(held), dtype=np.int64)
+    keep = np.setdiff1d(np.arange(ds.num_db), held_arr)
+    base = dataclasses.replace(ds, positives=None, junk=None, q_images=[], q_utm=None, q_labels=None,
+                               quirks={k: v for k, v in ds.quirks.items()
+                                       if k not in Q_QUIRKS and k not in PAIRED_QUIRKS and k != "revisited"})
+    train = base.subset(db_idx=keep, name=f"{ds.name}-train")
+    if ds.db_labels is not None:
+        q_labels, q_utm = ds.db_labels[held_arr], None
+    else:
+        q_labels, q_utm = None, ds.db_utm[held_arr]
+    val = dataclasses.replace(train, name=f"{ds.name}-val", q_images=[ds.db_images[i] for i in held_arr],
+                              q_labels=q_labels, q_utm=q_utm)
+    val.quirks = dict(val.quirks, split_from_database={"val_fraction": val_fraction, "seed": seed,
+                                                       "val_query_db_indices": held_arr.tolist()})
+    train.quirks = dict(train.quirks, split_from_database={"val_fraction": val_fraction, "seed": seed})
+    return train, val

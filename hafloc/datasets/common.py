@@ -1,0 +1,75 @@
+"""Small helpers shared by the dataset readers."""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+import numpy as np
+
+from hafloc.errors import InputError
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+def natural_key(s: str) -> list:
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", s)]
+
+
+def list_images(folder: Path, root: Path | None = None, recursive: bool = True) -> list[str]:
+    """Image files under ``folder`` as paths relative to ``root`` (default: folder), natural order."""
+    root = folder if root is None else root
+    it = folder.rglob("*") if recursive else folder.iterdir()
+    files = [p for p in it if p.suffix.lower() in IMAGE_EXTS and p.is_file() and not p.name.startswith(".")]
+    return sorted((p.relative_to(root).as_posix() for p in files), key=natural_key)
+
+
+def read_csv_rows(path: Path, required: list[str] | tuple[str, ...] = ()) -> tuple[list[str], list[dict[str, str]]]:
+    """Header + rows of a CSV; InputError on missing columns or ragged rows."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(path, f"cannot read CSV ({e.__class__.__name__})") from None
+    lines = text.splitlines()
+    if not lines or not lines[0].strip():
+        raise InputError(path, "empty CSV (no header)")
+    reader = csv.reader(lines)
+    header = [h.strip() for h in next(reader)]
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise InputError(path, f"missing column(s) {', '.join(missing)}; header is {','.join(header)}")
+    rows = []
+    for lineno, rec in enumerate(reader, start=2):
+        if not rec or all(not x.strip() for x in rec):
+            continue
+        if len(rec) != len(header):
+            raise InputError(path, f"line {lineno}: {len(rec)} fields, header has {len(header)}")
+        rows.append({h: v.strip() for h, v in zip(header, rec)})
+    return header, rows
+
+
+def parse_float(path: Path, value: str, what: str, lineno: int | None = None) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        where = f"line {lineno}: " if lineno is not None else ""
+        raise InputError(path, f"{where}{what} {value!r} is not a number") from None
+    if not np.isfinite(v):
+        raise InputError(path, f"{what} {value!r} is not finite")
+    return v
+
+
+def swap_missing_ext(root: Path, names: list[str], alts: tuple[str, ...] = (".png", ".jpg")) -> list[str]:
+    """Tokyo 24/7 lists '.jpg' names whose files are '.png' (or vice versa): fix the extension
+    for the whole list when the first listed file is missing but its alternative exists."""
+    if not names:
+        return names
+    first = root / names[0]
+    if first.exists():
+        return names
+    stem, ext = Path(names[0]).with_suffix(""), Path(names[0]).suffix
+    for alt in alts:
+        if alt != ext.lower() and (root / stem.with_suffix(alt)).exists():
+            return [str(Path(n).with_suffix(alt).as_posix()) for n in names]
+    return names

@@ -1,0 +1,80 @@
+"""Label-supervised sets: ``dataset.csv`` with columns image,label,split (same label = same place)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hafloc.datasets.base import Dataset, split_database
+from hafloc.datasets.common import read_csv_rows
+from hafloc.errors import InputError
+
+SPLIT_ALIASES = {"gallery": "database", "db": "database", "ref": "database", "reference": "database",
+                 "queries": "query", "val_gallery": "val_database", "val_queries": "val_query"}
+KNOWN_SPLITS = ("train", "val_database", "val_query", "database", "query")
+
+
+def csv_path(path: Path) -> Path:
+    return path / "dataset.csv" if path.is_dir() else path
+
+
+def is_label_csv(path: Path) -> bool:
+    p = csv_path(path)
+    if not p.is_file() or p.suffix.lower() != ".csv":
+        return False
+    try:
+        header = p.open(encoding="utf-8-sig").readline().strip().split(",")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return "image" in header and "label" in header
+
+
+def load_labels(path: str | Path, split: str = "test", val_fraction: float = 0.2, seed: int = 0,
+                **_: Any) -> Dataset:
+    """Read a label CSV; images live beside it or under ``images/``.
+
+    split 'test' -> database/gallery + query rows; 'val' -> val_database + val_query; 'train' ->
+    train rows as the database (no queries). A set without train/val rows (e.g. ie_tower_floors)
+    gets them from ``split_database(test set, val_fraction, seed)`` (recorded in
+    ``quirks['split_from_database']``).
+    """
+    p = csv_path(Path(path))
+    _, rows = read_csv_rows(p, required=("image", "label", "split"))
+    if not rows:
+        raise InputError(p, "no rows")
+    by_split: dict[str, list[dict[str, str]]] = {}
+    for i, r in enumerate(rows, start=2):
+        s = SPLIT_ALIASES.get(r["split"].lower(), r["split"].lower())
+        if s not in KNOWN_SPLITS:
+            raise InputError(p, f"line {i}: unknown split {r['split']!r} (use {', '.join(KNOWN_SPLITS)} or gallery)")
+        if not r["image"] or not r["label"]:
+            raise InputError(p, f"line {i}: empty image or label")
+        by_split.setdefault(s, []).append(r)
+    root = p.parent / "images" if (p.parent / "images").is_dir() and not (p.parent / rows[0]["image"]).exists() \
+        else p.parent
+
+    def make(db_rows, q_rows, name):
+        return Dataset(name=name, format="labels", root=root, db_images=[r["image"] for r in db_rows],
+                       q_images=[r["image"] for r in q_rows],
+                       db_labels=np.asarray([r["label"] for r in db_rows], dtype=object),
+                       q_labels=np.asarray([r["label"] for r in q_rows], dtype=object), pos_threshold=0.0,
+                       metric="recall", quirks={"protocol": "same label = same place"})
+
+    base = p.parent.name
+    if split == "test":
+        if "database" not in by_split or "query" not in by_split:
+            raise InputError(p, "split 'test' needs 'database' (or 'gallery') and 'query' rows")
+        return make(by_split["database"], by_split["query"], f"{base}-test")
+    if split == "val" and "val_database" in by_split and "val_query" in by_split:
+        return make(by_split["val_database"], by_split["val_query"], f"{base}-val")
+    if split == "train" and "train" in by_split:
+        return make(by_split["train"], [], f"{base}-train")
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be train, val or test, got {split!r}")
+    if "database" not in by_split:
+        raise InputError(p, f"no '{split}' rows and no database rows to split")
+    test = make(by_split["database"], by_split.get("query", []), base)
+    train, val = split_database(test, val_fraction=val_fraction, seed=seed)
+    return train if split == "train" else val

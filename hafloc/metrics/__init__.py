@@ -1,0 +1,1 @@
+"""Retrieval metrics: recall@N (with Tokyo NMS / TokyoTM exclusion), mAP (Oxford/Paris, revisited, Holidays)."""

@@ -19,6 +19,8 @@ def register(sub) -> None:
     p.add_argument("--output", required=True, help="OUT.npz or OUT.h5")
     add_backend_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--checkpoint-every", type=float, default=30.0, metavar="SECONDS",
+                   help="save finished descriptors this often, so a killed run resumes (default 30)")
     p.set_defaults(func=run)
 
 
@@ -31,7 +33,8 @@ def run(args) -> int:
     if out.suffix not in (".npz", ".h5", ".hdf5"):
         raise HaflocError(f"{out}: --output must end in .npz or .h5")
     model = load_model(args.model)
-    res = extract_to_file(make_extractor(model, args), args.paths, out, progress=not args.no_progress)
+    res = extract_to_file(make_extractor(model, args), args.paths, out, progress=not args.no_progress,
+                         checkpoint_every=args.checkpoint_every)
     total = len(res.names) + len(res.failures)
     report_failures(res.failures, total)
     if not res.names:

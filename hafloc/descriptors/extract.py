@@ -58,14 +58,20 @@ class Extractor:
     """Turns images into global descriptors with one model.
 
     ``backend``: "torch" (eager), "onnx" (ONNX Runtime) or "auto" (ONNX Runtime when installed).
+    ``exif_transpose``: apply EXIF orientation when loading files (INRIA Holidays "orig" must not).
+    ``max_size``: (w, h) bound a file is first downscaled into, either orientation (Holidays:
+    1024x768), before the usual ``max_side`` resizing.
     """
 
     def __init__(self, model: GeoLocNet, batch_size: int = 8, max_side: int | None = None,
-                 backend: str = "torch", num_threads: int | None = None, image_size: tuple[int, int] | None = None):
+                 backend: str = "torch", num_threads: int | None = None, image_size: tuple[int, int] | None = None,
+                 exif_transpose: bool = True, max_size: tuple[int, int] | None = None):
         self.model = model
         self.batch_size = max(1, batch_size)
         self.max_side = max_side or model.config.max_side
         self.image_size = image_size  # fixed (H, W) instead of aspect-kept resizing
+        self.exif_transpose = exif_transpose
+        self.max_size = tuple(max_size) if max_size else None
         torch.set_num_threads(num_threads or default_threads())
         self.backend = backend
         self.run = self._make_runner(backend)
@@ -86,6 +92,28 @@ class Extractor:
     def prepare(self, img: Image.Image) -> torch.Tensor:
         return to_tensor(img, size=self.image_size, max_side=self.max_side)
 
+    def load(self, path: Path, crop_box: tuple | None = None) -> Image.Image:
+        """A file as the extractor sees it: EXIF per ``exif_transpose``, ``max_size`` bound, then crop.
+
+        The crop box is in the coordinates of the file as distributed (Oxford/Paris boxes), so
+        it is scaled along when ``max_size`` shrinks the image.
+        """
+        img = load_image(path, exif_transpose=self.exif_transpose)
+        scale = 1.0
+        if self.max_size:
+            long_b, short_b = max(self.max_size), min(self.max_size)
+            scale = min(1.0, long_b / max(img.size), short_b / min(img.size))
+            if scale < 1.0:
+                img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                                 Image.BILINEAR, reducing_gap=3.0)
+        if crop_box is not None:
+            x1, y1, x2, y2 = (int(round(v * scale)) for v in crop_box)
+            x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, img.width), min(y2, img.height)
+            if x2 - x1 < 1 or y2 - y1 < 1:
+                raise InputError(path, f"crop box {tuple(crop_box)} lies outside the {img.width}x{img.height} image")
+            img = img.crop((x1, y1, x2, y2))
+        return img
+
     def describe_image(self, img: Image.Image) -> dict:
         """One PIL image -> {"descriptor": (D,), "attention": {level: (h, w)}}."""
         out = self.run(self.prepare(img).unsqueeze(0))
@@ -103,8 +131,9 @@ class Extractor:
         names = names or [str(p) for p in paths]
         results: dict[str, np.ndarray] = dict(done or {})
         failures: dict[str, str] = {}
+        fingerprint = self.model.fingerprint() if checkpoint is not None else ""
         if checkpoint is not None:
-            prev, prev_fail = _load_checkpoint(checkpoint, self.model)
+            prev, prev_fail = _load_checkpoint(checkpoint, fingerprint)
             results.update(prev)
             failures.update(prev_fail)
         todo = [i for i, n in enumerate(names) if n not in results and n not in failures]
@@ -119,10 +148,7 @@ class Extractor:
                 results[names[i]] = d.astype(np.float32)
 
         def load(i: int) -> torch.Tensor:
-            img = load_image(paths[i])
-            if crop_boxes and i in crop_boxes:
-                img = img.crop(tuple(int(round(v)) for v in crop_boxes[i]))
-            return self.prepare(img)
+            return self.prepare(self.load(paths[i], crop_boxes.get(i) if crop_boxes else None))
 
         bar = tqdm(total=len(names), initial=len(names) - len(todo), disable=not progress,
                    desc="extract", unit="img", dynamic_ncols=True)
@@ -142,7 +168,7 @@ class Extractor:
                     flush(key)
                     bar.update(n)
                 if checkpoint is not None and time.monotonic() - last_save > checkpoint_every:
-                    _save_checkpoint(checkpoint, self.model, results, failures)
+                    _save_checkpoint(checkpoint, fingerprint, results, failures)
                     last_save = time.monotonic()
             for key in list(buckets):
                 n = len(buckets[key])
@@ -169,20 +195,22 @@ def _ahead(pool: ThreadPoolExecutor, fn, items: list[int], window: int) -> Itera
             futures.append((nxt, pool.submit(fn, nxt)))
 
 
-def _save_checkpoint(path: Path, model: GeoLocNet, results: dict, failures: dict) -> None:
+def _save_checkpoint(path: Path, fingerprint: str, results: dict, failures: dict) -> None:
     names = list(results)
+    if not names:
+        return
     with atomic_path(path, suffix=".npz") as tmp:
-        np.savez(tmp, fingerprint=model.fingerprint(), names=np.array(names, dtype=object).astype(str),
-                 descriptors=np.stack([results[n] for n in names]) if names else np.zeros((0, model.out_dim), np.float32),
+        np.savez(tmp, fingerprint=fingerprint, names=np.array(names, dtype=str),
+                 descriptors=np.stack([results[n] for n in names]),
                  fail_names=np.array(list(failures), dtype=str), fail_reasons=np.array(list(failures.values()), dtype=str))
 
 
-def _load_checkpoint(path: Path, model: GeoLocNet) -> tuple[dict, dict]:
+def _load_checkpoint(path: Path, fingerprint: str) -> tuple[dict, dict]:
     if not path.exists():
         return {}, {}
     try:
         with np.load(path, allow_pickle=False) as z:
-            if str(z["fingerprint"]) != model.fingerprint():
+            if str(z["fingerprint"]) != fingerprint:
                 log.warning("ignoring %s: written by another model", path)
                 return {}, {}
             res = dict(zip(z["names"].tolist(), z["descriptors"]))
@@ -210,7 +238,8 @@ def write_descriptors(path: Path, names: list[str], descriptors: np.ndarray) -> 
     return path
 
 
-def extract_to_file(extractor: Extractor, inputs: list[str | Path], output: Path, progress: bool = True) -> ExtractResult:
+def extract_to_file(extractor: Extractor, inputs: list[str | Path], output: Path, progress: bool = True,
+                    checkpoint_every: float = 30.0) -> ExtractResult:
     """Files/folders -> descriptor file; names relative to the folder given (sub-folders kept).
 
     Resumable: progress is checkpointed beside ``output`` and picked up by a rerun.
@@ -223,7 +252,7 @@ def extract_to_file(extractor: Extractor, inputs: list[str | Path], output: Path
     if len(set(names)) != len(names):  # two folders with the same relative layout
         names = [p.as_posix() for p in paths]
     ckpt = Path(str(output) + ".resume.npz")
-    res = extractor.extract_paths(paths, names, progress=progress, checkpoint=ckpt)
+    res = extractor.extract_paths(paths, names, progress=progress, checkpoint=ckpt, checkpoint_every=checkpoint_every)
     if res.names:
         write_descriptors(output, res.names, res.descriptors)
     ckpt.unlink(missing_ok=True)

@@ -3,7 +3,7 @@
 setup:
 	scripts/setup.sh
 demo: setup
-	.venv/bin/hafloc demo --output hafloc-demo
+	.venv/bin/hafloc demo --output hafloc-demo $(ARGS)
 test:
 	scripts/setup.sh --test
 	.venv/bin/python -m pytest -q -rs

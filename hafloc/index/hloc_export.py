@@ -1,0 +1,99 @@
+"""Interop with hloc (Hierarchical-Localization): global-descriptor HDF5 and retrieval pairs.
+
+hloc stores one HDF5 group per image name (names containing '/' become nested groups, as h5py
+creates them) holding the dataset ``global_descriptor`` (D,); hloc lists names as the parents of
+datasets. A pairs file has one ``query db`` line per retrieved image, top-k per query, lines
+joined by '\\n' without a trailing newline (as ``hloc.pairs_from_retrieval`` writes it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import h5py
+import numpy as np
+
+from hafloc.errors import InputError
+from hafloc.fileio import atomic_path
+from hafloc.index.search import knn
+from hafloc.index.store import IndexStore
+
+
+def _check_name(name: str) -> str:
+    if not name or any(c.isspace() for c in name):
+        raise ValueError(f"image name {name!r} cannot be written in hloc's space-separated formats")
+    return name.strip("/")
+
+
+def write_global_descriptors(path: str | Path, names: Sequence[str], descriptors: np.ndarray,
+                             as_half: bool = False, image_sizes: np.ndarray | None = None) -> None:
+    """Write (N, D) descriptors in hloc's global-feature layout (atomically, replacing ``path``).
+
+    ``as_half`` stores float16 as hloc's extractor does by default; ``image_sizes`` (N, 2) (w, h)
+    adds hloc's ``image_size`` dataset.
+    """
+    desc = np.asarray(descriptors)
+    if desc.ndim != 2 or len(desc) != len(names):
+        raise ValueError(f"{len(names)} names for descriptors of shape {desc.shape}")
+    desc = desc.astype(np.float16 if as_half else np.float32)
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w", libver="latest") as fd:
+            for i, name in enumerate(names):
+                grp = fd.create_group(_check_name(name))
+                grp.create_dataset("global_descriptor", data=desc[i])
+                if image_sizes is not None:
+                    grp.create_dataset("image_size", data=np.asarray(image_sizes[i]))
+
+
+def list_h5_names(path: str | Path) -> list[str]:
+    """Image names in an hloc feature file, the way hloc finds them (parents of datasets)."""
+    names: list[str] = []
+    try:
+        with h5py.File(path, "r") as fd:
+            fd.visititems(lambda _, obj: names.append(obj.parent.name.strip("/")) if isinstance(obj, h5py.Dataset) else None)
+    except OSError as err:
+        raise InputError(path, f"not a readable HDF5 file ({err})") from None
+    return list(dict.fromkeys(names))
+
+
+def read_global_descriptors(path: str | Path, names: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
+    """Read ``global_descriptor`` of ``names`` (default: all, in file order) as float32 (N, D)."""
+    names = list(names) if names is not None else list_h5_names(path)
+    try:
+        with h5py.File(path, "r") as fd:
+            missing = [n for n in names if n not in fd or "global_descriptor" not in fd[n]]
+            if missing:
+                raise InputError(path, f"no global_descriptor for {missing[0]!r} ({len(missing)} names missing)")
+            desc = np.stack([fd[n]["global_descriptor"][()] for n in names]) if names else np.zeros((0, 0))
+    except OSError as err:
+        raise InputError(path, f"not a readable HDF5 file ({err})") from None
+    return names, desc.astype(np.float32)
+
+
+def retrieval_pairs(query_names: Sequence[str], query_desc: np.ndarray, db_names: Sequence[str],
+                    db_desc: np.ndarray, k: int) -> list[tuple[str, str]]:
+    """Top-k (query, db) pairs by exact cosine similarity, best first; a query never pairs with itself."""
+    if len(query_names) == 0 or len(db_names) == 0:
+        return []
+    overlap = bool(set(query_names) & set(db_names))
+    sims, ids = knn(np.asarray(db_desc), np.asarray(query_desc), k + 1 if overlap else k)
+    pairs: list[tuple[str, str]] = []
+    for q, row in zip(query_names, ids):
+        picked = [db_names[i] for i in row if i >= 0 and db_names[i] != q][:k]
+        pairs.extend((q, d) for d in picked)
+    return pairs
+
+
+def write_pairs(path: str | Path, pairs: Sequence[tuple[str, str]]) -> None:
+    """Write pairs in hloc's format (``query db`` per line), atomically."""
+    text = "\n".join(f"{_check_name(q)} {_check_name(d)}" for q, d in pairs)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def export_store(store: IndexStore, path: str | Path, as_half: bool = False) -> int:
+    """Write every descriptor of an index folder to an hloc global-feature file; returns the count."""
+    _, names, desc = store.descriptors()
+    write_global_descriptors(path, names, desc, as_half=as_half)
+    return len(names)

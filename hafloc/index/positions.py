@@ -1,0 +1,120 @@
+"""Where an indexed image was taken: from a positions CSV, an '@' file name, or EXIF GPS.
+
+Priority is CSV > '@' name > EXIF: a CSV is the user's explicit statement, an '@' name is a
+published dataset's ground truth, EXIF is whatever the camera recorded.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hafloc.datasets import geo as _geo
+from hafloc.datasets.atfolders import parse_at_name
+from hafloc.errors import InputError
+from hafloc.images.gps import read_gps
+
+SOURCES = ("csv", "at-name", "exif")
+
+
+@dataclass(frozen=True)
+class Position:
+    """A WGS84 position, its UTM projection (None beyond UTM's +-84 degrees) and its source."""
+
+    lat: float
+    lon: float
+    easting: float | None
+    northing: float | None
+    zone: int | None
+    letter: str | None
+    source: str
+
+
+def latlon_to_utm(lat: float, lon: float, zone: int | tuple[int, str] | None = None) -> tuple[float, float, int, str]:
+    """UTM of one point (its own zone, or forced into ``zone``)."""
+    e, n, zn, zl = _geo.latlon_to_utm(lat, lon, zone)
+    return float(np.ravel(e)[0]), float(np.ravel(n)[0]), int(zn), str(zl)
+
+
+def utm_to_latlon(easting: float, northing: float, zone: int, letter: str) -> tuple[float, float]:
+    lat, lon = _geo.utm_to_latlon(easting, northing, zone, letter)
+    return float(np.ravel(lat)[0]), float(np.ravel(lon)[0])
+
+
+def make_position(lat: float, lon: float, source: str) -> Position:
+    if not (-90.0 <= lat <= 90.0 and -180.0 <= lon <= 180.0) or math.isnan(lat) or math.isnan(lon):
+        raise ValueError(f"not a WGS84 position: lat={lat}, lon={lon}")
+    try:
+        e, n, zn, zl = latlon_to_utm(lat, lon)
+    except ValueError:  # polar: no UTM, the lat/lon still locate the image
+        return Position(float(lat), float(lon), None, None, None, None, source)
+    return Position(float(lat), float(lon), e, n, zn, zl, source)
+
+
+def read_positions_csv(path: str | Path) -> dict[str, tuple[float, float]]:
+    """Read a CSV with header ``image,lat,lon`` -> {image: (lat, lon)}.
+
+    ``image`` is matched against the path relative to the indexed root, then the bare file name.
+    """
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            fields = [c.strip().lower() for c in (reader.fieldnames or [])]
+            if not {"image", "lat", "lon"} <= set(fields):
+                raise InputError(path, f"positions CSV needs columns image,lat,lon; found {','.join(fields) or 'nothing'}")
+            out: dict[str, tuple[float, float]] = {}
+            for line_no, row in enumerate(reader, start=2):
+                row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k is not None}
+                if not row.get("image"):
+                    continue
+                try:
+                    lat, lon = float(row["lat"]), float(row["lon"])
+                except ValueError:
+                    raise InputError(path, f"line {line_no}: lat/lon are not numbers ({row['lat']!r}, {row['lon']!r})") from None
+                if not (-90.0 <= lat <= 90.0 and -180.0 <= lon <= 180.0):
+                    raise InputError(path, f"line {line_no}: lat/lon out of range ({lat}, {lon})")
+                out[row["image"].replace("\\", "/")] = (lat, lon)
+            return out
+    except OSError as err:
+        raise InputError(path, f"cannot read positions CSV ({err.strerror or err})") from None
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise InputError(path, f"malformed positions CSV ({err})") from None
+
+
+def position_from_at_name(rel_path: str) -> Position | None:
+    """Position encoded in an '@' file name (Pittsburgh / Tokyo / synthetic-city layout), if any."""
+    name = rel_path.rsplit("/", 1)[-1]
+    if not name.startswith("@"):
+        return None
+    try:
+        info = parse_at_name(name)
+    except ValueError:
+        return None
+    lat, lon = info.get("lat"), info.get("lon")
+    if lat is None or lon is None:
+        if info.get("zone") is None or not info.get("letter"):
+            return None  # a bare easting/northing cannot be placed on the globe
+        lat, lon = utm_to_latlon(info["east"], info["north"], int(info["zone"]), str(info["letter"]))
+    return make_position(float(lat), float(lon), "at-name")
+
+
+def position_from_exif(path: Path) -> Position | None:
+    try:
+        gps = read_gps(path)
+    except InputError:  # an unreadable EXIF block only means "no position", never a failed image
+        return None
+    return make_position(gps[0], gps[1], "exif") if gps else None
+
+
+def resolve_position(path: Path, rel_path: str, csv_positions: dict[str, tuple[float, float]] | None) -> Position | None:
+    """The best available position of one image (CSV > '@' name > EXIF), or None."""
+    if csv_positions:
+        hit = csv_positions.get(rel_path) or csv_positions.get(rel_path.rsplit("/", 1)[-1])
+        if hit is not None:
+            return make_position(hit[0], hit[1], "csv")
+    return position_from_at_name(rel_path) or position_from_exif(path)

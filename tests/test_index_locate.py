@@ -1,0 +1,56 @@
+"""Position estimate from matches: weighting, agreement radius, confidence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from hafloc.index.locate import estimate_position, haversine_m
+from hafloc.index.store import Match
+
+LAT0, LON0 = 48.8584, 2.2945
+M_PER_DEG_LAT = 111_195.0  # mean metres per degree of latitude on the 6371 km sphere
+
+
+def m(i: int, sim: float, north_m: float | None, east_m: float = 0.0) -> Match:
+    if north_m is None:
+        return Match(id=i, image=f"img{i}.jpg", root="/r", similarity=sim)
+    lat = LAT0 + north_m / M_PER_DEG_LAT
+    lon = LON0 + east_m / (M_PER_DEG_LAT * math.cos(math.radians(LAT0)))
+    return Match(id=i, image=f"img{i}.jpg", root="/r", similarity=sim, lat=lat, lon=lon)
+
+
+def north_of_origin(lat: float) -> float:
+    return (lat - LAT0) * M_PER_DEG_LAT
+
+
+def test_weighted_mean_of_agreeing_matches():
+    # 0 m (sim .9) and 20 m north (sim .6) agree; 500 m north (sim .5) does not
+    est = estimate_position([m(1, 0.9, 0.0), m(2, 0.6, 20.0), m(3, 0.5, 500.0)])
+    assert est is not None and est.n_agreeing == 2
+    assert north_of_origin(est.lat) == pytest.approx(20.0 * 0.6 / 1.5, abs=0.3)
+    assert haversine_m(LAT0, LON0, LAT0, est.lon) < 0.3
+    assert est.agreement == pytest.approx(1.5 / 2.0, abs=1e-6)
+    assert est.margin == pytest.approx(0.4, abs=1e-6)
+    assert est.confidence == pytest.approx(0.75, abs=1e-6)  # margin >= 0.1 saturates the margin term
+    assert [x.distance_m for x in est.matches] == pytest.approx([8.0, 12.0, 492.0], abs=0.5)
+
+
+def test_unpositioned_matches_are_ignored_and_kept():
+    est = estimate_position([m(1, 0.95, None), m(2, 0.7, 0.0, east_m=30.0)])
+    assert est is not None and est.n_agreeing == 1 and est.confidence == pytest.approx(1.0)
+    assert haversine_m(est.lat, est.lon, LAT0, LON0) == pytest.approx(30.0, abs=0.3)
+    assert est.matches[0].distance_m is None and est.matches[1].distance_m == pytest.approx(0.0, abs=0.01)
+    assert estimate_position([m(1, 0.9, None)]) is None
+    assert estimate_position([]) is None
+
+
+def test_confidence_falls_with_disagreement_and_small_margin():
+    clear = estimate_position([m(1, 0.9, 0.0), m(2, 0.85, 5.0), m(3, 0.3, 900.0)])
+    split = estimate_position([m(1, 0.9, 0.0), m(2, 0.89, 900.0), m(3, 0.88, 1800.0)])
+    assert clear is not None and split is not None
+    assert 0.0 <= split.confidence < 0.25 < 0.8 < clear.confidence <= 1.0
+    # agreement radius is a parameter
+    wide = estimate_position([m(1, 0.9, 0.0), m(2, 0.89, 900.0)], agree_m=1000.0)
+    assert wide is not None and wide.n_agreeing == 2

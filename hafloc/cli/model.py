@@ -52,6 +52,9 @@ def run_init(args) -> int:
     config = ModelConfig.for_method(args.method, args.backbone, num_clusters=args.clusters, proj_dim=args.proj_dim)
     config.max_side = args.max_side
     t0 = time.time()
+    import torch
+
+    torch.manual_seed(args.seed)  # the heads' fresh layers: same seed, same model file
     model = GeoLocNet(config, pretrained=True, backbone_weights=args.backbone_weights)
     paths = [p for p, _ in list_images(args.images)]
     if not paths:

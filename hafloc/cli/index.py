@@ -1,0 +1,207 @@
+"""``hafloc index build|add|info|export-hloc``: the persistent index of your geotagged photos."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+
+from .common import add_backend_args, make_extractor, print_json, report_failures
+
+
+def register(sub) -> None:
+    p = sub.add_parser("index", help="build and manage a persistent index of geotagged photos",
+                       description="An index folder holds one descriptor per photo (faiss), its metadata and position "
+                                   "(SQLite) and the fingerprint of the model that described it. Positions come from "
+                                   "a positions CSV (image,lat,lon), '@' file names or EXIF GPS, in that order; "
+                                   "photos without one are indexed and reported as unpositioned.")
+    isub = p.add_subparsers(dest="index_command", metavar="ACTION")
+
+    def building(q, model_required: bool) -> None:
+        q.add_argument("folder", help="folder of photos (searched recursively)")
+        q.add_argument("--index", required=True, help="index folder")
+        q.add_argument("--model", required=model_required,
+                       help="model file" + ("" if model_required else " (default: the one the index was built with)"))
+        q.add_argument("--positions", help="CSV with header image,lat,lon (image: path relative to FOLDER or file name)")
+        q.add_argument("--chunk-size", type=int, default=64,
+                       help="images committed per transaction; a killed run resumes after the last one (default 64)")
+        q.add_argument("--no-progress", action="store_true", help="no progress bar")
+        add_backend_args(q)
+
+    b = isub.add_parser("build", help="index a folder (creates the index, or resumes an interrupted build)",
+                        description="Creates INDEX from the photos in FOLDER. Atomic and resumable: rerunning after "
+                                    "an interruption finishes the job without duplicates.")
+    building(b, model_required=True)
+    b.add_argument("--exact", action="store_true", help="exact (flat) search whatever the database size")
+    b.add_argument("--search", choices=["auto", "flat", "ivfpq", "hnsw"], default="auto",
+                   help="search structure (auto: flat up to 100k images, IVF-PQ above)")
+    b.set_defaults(func=run_build)
+
+    a = isub.add_parser("add", help="append the photos of a folder to an existing index",
+                        description="Adds new photos (already indexed ones are skipped) with the index's model.")
+    building(a, model_required=False)
+    a.set_defaults(func=run_add)
+
+    i = isub.add_parser("info", help="describe an index")
+    i.add_argument("index", help="index folder")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.set_defaults(func=run_info)
+
+    e = isub.add_parser("export-hloc", help="hloc global descriptors (.h5) and retrieval pairs for queries",
+                        description="Writes OUTPUT/global-feats-hafloc.h5 (database and query descriptors in hloc's "
+                                    "layout), OUTPUT/pairs-query-hafloc{K}.txt ('query db' per line, top-K per query) "
+                                    "and OUTPUT/db.txt / queries.txt (name lists for hloc's pairs_from_retrieval).")
+    e.add_argument("--index", required=True, help="index folder")
+    e.add_argument("--queries", required=True, help="folder of query photos")
+    e.add_argument("--output", required=True, help="output folder")
+    e.add_argument("--top-k", type=int, default=20, help="database images per query (default 20)")
+    e.add_argument("--model", help="model file (default: the one the index was built with)")
+    e.add_argument("--half", action="store_true", help="store float16 descriptors, as hloc's extractor does")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_backend_args(e)
+    e.set_defaults(func=run_export)
+
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def _index_folder(args, store_factory) -> int:
+    from ..errors import HaflocError
+    from ..images.io import list_images
+    from ..index.positions import read_positions_csv
+    from ..index.store import extractor_fn
+
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise HaflocError(f"{folder}: not a folder")
+    if args.chunk_size < 1:
+        raise HaflocError(f"--chunk-size must be at least 1, got {args.chunk_size}")
+    positions = read_positions_csv(args.positions) if args.positions else None
+    pairs = list_images([folder])
+    if not pairs:
+        raise HaflocError(f"{folder}: no images found")
+    store, model = store_factory()
+    with store:
+        # relative to the folder: the store resolves them against the root it records
+        report = store.add([p.relative_to(folder) for p, _ in pairs], folder, extractor_fn(make_extractor(model, args)),
+                           positions=positions, chunk_size=args.chunk_size, progress=not args.no_progress)
+        total, positioned = len(store), store.info["counts"]["positioned"]
+    report_failures(report.failed, len(pairs))
+    if report.unpositioned:
+        print(f"{len(report.unpositioned)} image(s) indexed without a position (no CSV row, '@' name or EXIF GPS):",
+              file=sys.stderr)
+        for name in report.unpositioned:
+            print(f"  {name}", file=sys.stderr)
+    print(f"{args.index}: added {report.added}, already indexed {report.skipped_existing}, failed {len(report.failed)}; "
+          f"index holds {total} image(s), {positioned} with a position")
+    return 0 if report.added or report.skipped_existing or not report.failed else 1
+
+
+def run_build(args) -> int:
+    from ..descriptors.modelfile import load_model
+    from ..index.search import SearchConfig
+    from ..index.store import IndexStore
+
+    def factory():
+        model = load_model(args.model)
+        kind = "flat" if args.exact else args.search
+        store = IndexStore.open_or_create(args.index, model.fingerprint(), model.out_dim,
+                                          SearchConfig(kind=kind), model_path=args.model)
+        return store, model
+
+    return _index_folder(args, factory)
+
+
+def run_add(args) -> int:
+    from ..index.store import IndexStore
+    from ..serve.locator import open_model_for
+
+    def factory():
+        store = IndexStore.open(args.index)
+        try:
+            return store, open_model_for(store, args.model)
+        except BaseException:
+            store.close()
+            raise
+
+    return _index_folder(args, factory)
+
+
+def index_info(index: str | Path) -> dict:
+    """What ``hafloc index info --json`` prints."""
+    from ..index.store import IndexStore
+
+    with IndexStore.open(index) as store:
+        rows = store.images()
+        info = dict(store.info)
+    sources = Counter(r["position_source"] or "none" for r in rows)
+    info["counts"] = {"images": len(rows), "positioned": len(rows) - sources.get("none", 0),
+                      "unpositioned": sources.get("none", 0)}
+    info["position_sources"] = dict(sorted(sources.items()))
+    info["roots"] = sorted({r["root"] for r in rows})
+    info["index"] = str(Path(index))
+    return info
+
+
+def run_info(args) -> int:
+    info = index_info(args.index)
+    if args.json:
+        print_json(info)
+        return 0
+    c = info["counts"]
+    print(f"index      {info['index']}")
+    print(f"images     {c['images']} ({c['positioned']} with a position, {c['unpositioned']} without)")
+    print(f"positions  " + ", ".join(f"{k}: {v}" for k, v in info["position_sources"].items()))
+    print(f"model      {info.get('model_path')} (fingerprint {str(info['model_fingerprint'])[:12]})")
+    print(f"descriptor {info['dim']}-D; search {info['search'].get('kind')}")
+    for r in info["roots"]:
+        print(f"root       {r}")
+    return 0
+
+
+def run_export(args) -> int:
+    import numpy as np
+
+    from ..errors import HaflocError
+    from ..fileio import write_text_atomic
+    from ..images.io import list_images
+    from ..index.hloc_export import retrieval_pairs, write_global_descriptors, write_pairs
+    from ..index.store import IndexStore
+    from ..serve.locator import open_model_for
+
+    if args.top_k < 1:
+        raise HaflocError(f"--top-k must be at least 1, got {args.top_k}")
+    out = Path(args.output)
+    qpairs = list_images([args.queries])
+    if not qpairs:
+        raise HaflocError(f"{args.queries}: no images found")
+    with IndexStore.open(args.index) as store:
+        model = open_model_for(store, args.model)
+        _, db_names, db_desc = store.descriptors()
+        db_paths = {n: (Path(r["root"]) / r["path"]).resolve() for n, r in zip(db_names, store.images())}
+    res = make_extractor(model, args).extract_paths([p for p, _ in qpairs],
+                                                     names=[p.relative_to(root).as_posix() for p, root in qpairs],
+                                                     progress=not args.no_progress)
+    report_failures(res.failures, len(qpairs))
+    if not res.names:
+        print("hafloc: error: no query image could be read", file=sys.stderr)
+        return 1
+    # hloc keeps database and queries in one feature file keyed by name: a name may be shared
+    # only by the very same file (queries taken from the database folder).
+    qpath = {p.relative_to(root).as_posix(): p.resolve() for p, root in qpairs}
+    clash = [n for n in res.names if n in db_paths and db_paths[n] != qpath[n]]
+    if clash:
+        raise HaflocError(f"query {clash[0]!r} has the name of a different database image; "
+                          "put the queries in a sub-folder so that names differ")
+    q_only = [i for i, n in enumerate(res.names) if n not in db_paths]
+    names = list(db_names) + [res.names[i] for i in q_only]
+    desc = np.concatenate([db_desc, res.descriptors[q_only]]) if q_only else db_desc
+    feats = out / "global-feats-hafloc.h5"
+    pairs_path = out / f"pairs-query-hafloc{args.top_k}.txt"
+    write_global_descriptors(feats, names, desc, as_half=args.half)
+    pairs = retrieval_pairs(res.names, res.descriptors, db_names, db_desc, args.top_k)
+    write_pairs(pairs_path, pairs)
+    write_text_atomic(out / "db.txt", "\n".join(db_names) + "\n")
+    write_text_atomic(out / "queries.txt", "\n".join(res.names) + "\n")
+    print(f"wrote {feats} ({len(names)} descriptors), {pairs_path} ({len(pairs)} pairs), "
+          f"{out / 'db.txt'}, {out / 'queries.txt'}")
+    return 0

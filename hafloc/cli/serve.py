@@ -1,0 +1,46 @@
+"""``hafloc serve``: a web page and JSON API to locate photos against an index."""
+
+from __future__ import annotations
+
+import os
+
+from .common import add_backend_args
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="web page + API: drop a photo, see where it was taken",
+                       description="Serves GET / (the page: drop a photo, see the estimate on a plot of the database "
+                                   "positions, the best matches and the attention maps), POST /locate (multipart "
+                                   "field 'file' -> JSON as 'hafloc locate --json' plus attention overlays), "
+                                   "GET /api/positions, GET /thumbnails/ID and GET /health. Runs offline.")
+    p.add_argument("--index", required=True, help="index folder (from 'hafloc index build')")
+    p.add_argument("--model", help="model file (default: the one the index was built with)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload (default 20 MB)")
+    p.add_argument("--token", default=os.environ.get("HAFLOC_TOKEN"),
+                   help="require 'Authorization: Bearer TOKEN' on the API (default: env HAFLOC_TOKEN, else none)")
+    p.add_argument("--top-k", type=int, default=10, help="matches per photo (default 10)")
+    p.add_argument("--workers", type=int, default=1, help="inference threads (default 1; each uses all cores)")
+    add_backend_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from ..errors import HaflocError
+    from ..serve.app import create_app
+    from ..serve.locator import LocatorConfig
+
+    if args.max_upload_mb <= 0:
+        raise HaflocError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:
+        print("warning: serving on a public address without --token: anyone who can reach it may use it")
+    lc = LocatorConfig(backend=args.backend, batch_size=args.batch_size, max_side=args.max_side,
+                       num_threads=args.threads)
+    app = create_app(args.index, max_upload_mb=args.max_upload_mb, token=args.token, model_path=args.model,
+                     top_k=args.top_k, locator_config=lc, workers=args.workers)
+    print(f"hafloc: serving {args.index} on http://{args.host}:{args.port}/ (Ctrl-C to stop)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

@@ -1,0 +1,287 @@
+"""The web server: upload a photo, get its estimated position, matches and attention maps.
+
+``create_app`` loads the index and its model once; inference runs in a small thread pool so the
+event loop keeps answering (``/health``, thumbnails) while a photo is described. Uploads are
+capped by Content-Length *and* while the body streams in (a client may lie or send chunked),
+decoded with ``load_image`` (never trusted by their content type), and thumbnails are served
+only for images of the index, looked up by database id and checked to lie inside their root.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import secrets
+import tempfile
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from starlette.datastructures import UploadFile
+
+from ..errors import InputError
+from ..images.io import load_image
+from .locator import Locator, LocatorConfig
+
+STATIC = Path(__file__).parent / "static"
+THUMB_SIDE = 256
+OVERLAY_SIDE = 320
+MAX_PLOT_POINTS = 20_000  # the page's scatter plot; more points only slow the browser down
+
+
+@dataclass
+class ServeConfig:
+    max_upload_mb: float = 20.0
+    token: str | None = None
+    top_k: int = 10
+    workers: int = 1  # inference threads; each already uses all cores through torch/ORT
+    thumb_cache: int = 512
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class UploadLimit:
+    """ASGI middleware: 413 for request bodies over ``max_bytes``, by header and while streaming."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit_mb = self.max_bytes / 2 ** 20
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > self.max_bytes
+                except ValueError:
+                    return await _send_json(send, 400, "malformed Content-Length header")
+                if too_big:
+                    return await _send_json(send, 413, f"upload larger than the {limit_mb:g} MB limit")
+        received = 0
+        started = False
+
+        async def limited_receive():
+            nonlocal received
+            msg = await receive()
+            if msg["type"] == "http.request":
+                received += len(msg.get("body", b""))
+                if received > self.max_bytes:
+                    raise _TooLarge()
+            return msg
+
+        async def tracking_send(msg):
+            nonlocal started
+            if msg["type"] == "http.response.start":
+                started = True
+            await send(msg)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await _send_json(send, 413, f"upload larger than the {limit_mb:g} MB limit")
+
+
+async def _send_json(send, status: int, message: str) -> None:
+    resp = JSONResponse({"detail": message}, status_code=status, headers={"Connection": "close"})
+    await send({"type": "http.response.start", "status": status, "headers": resp.raw_headers})
+    await send({"type": "http.response.body", "body": resp.body})
+
+
+def _jet(x: np.ndarray) -> np.ndarray:
+    """Matplotlib's 'jet' colour map (piecewise linear) for x in [0, 1] -> uint8 RGB."""
+    rgb = np.stack([np.clip(1.5 - np.abs(4 * x - c), 0, 1) for c in (3, 2, 1)], axis=-1)
+    return (rgb * 255).astype(np.uint8)
+
+
+def overlay_png(img: Image.Image, att: np.ndarray, side: int = OVERLAY_SIDE, alpha: float = 0.5) -> str:
+    """``img`` with ``att`` (h, w) min-max normalised, upsampled and blended as a heat map: a data URL."""
+    base = img.copy()
+    base.thumbnail((side, side), Image.BILINEAR)
+    a = np.asarray(att, dtype=np.float32)
+    lo, hi = float(a.min()), float(a.max())
+    if not hi - lo > 1e-6 * max(1.0, abs(hi)):  # uniform (e.g. untrained attention): nothing to highlight
+        return _png_data_url(base.convert("RGB"))
+    a = (a - lo) / (hi - lo)
+    heat = Image.fromarray((a * 255).astype(np.uint8)).resize(base.size, Image.BILINEAR)
+    colour = Image.fromarray(_jet(np.asarray(heat, dtype=np.float32) / 255.0))
+    return _png_data_url(Image.blend(base.convert("RGB"), colour, alpha))
+
+
+def _png_data_url(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def attention_json(img: Image.Image, att: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+    """Per level: map shape, value range, whether it is uniform, and the overlay as a PNG data URL."""
+    out = {}
+    for lv, a in att.items():
+        a = np.asarray(a, dtype=np.float32)
+        lo, hi = float(a.min()), float(a.max())
+        out[lv] = {"shape": list(a.shape), "min": round(lo, 6), "max": round(hi, 6),
+                   "uniform": not hi - lo > 1e-6 * max(1.0, abs(hi)), "overlay": overlay_png(img, a)}
+    return out
+
+
+def decode_upload(data: bytes, filename: str) -> Image.Image:
+    """Bytes of an upload -> RGB image via ``load_image`` (InputError naming ``filename``)."""
+    suffix = Path(filename).suffix if Path(filename).suffix.isascii() and len(Path(filename).suffix) <= 8 else ""
+    fd, tmp = tempfile.mkstemp(prefix="hafloc-upload-", suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        try:
+            return load_image(tmp)
+        except InputError as err:  # name the upload, never our temp file
+            raise InputError(filename, err.cause) from None
+    finally:
+        os.unlink(tmp)
+
+
+class _ThumbCache:
+    """Small LRU of thumbnail JPEG bytes by database id."""
+
+    def __init__(self, size: int):
+        self.size, self._d, self._lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, key: int) -> bytes | None:
+        with self._lock:
+            if key in self._d:
+                self._d.move_to_end(key)
+                return self._d[key]
+        return None
+
+    def put(self, key: int, value: bytes) -> None:
+        with self._lock:
+            self._d[key] = value
+            while len(self._d) > self.size:
+                self._d.popitem(last=False)
+
+
+def create_app(index_path: str | Path, max_upload_mb: float = 20, token: str | None = None, backend: str = "auto",
+               model_path: str | Path | None = None, top_k: int = 10, locator_config: LocatorConfig | None = None,
+               workers: int = 1) -> FastAPI:
+    """The FastAPI app over one index; the model is loaded here, once."""
+    config = ServeConfig(max_upload_mb=max_upload_mb, token=token or None, top_k=top_k, workers=workers)
+    lc = locator_config or LocatorConfig(backend=backend)
+    locator = Locator(index_path, model_path, lc)
+    pool = ThreadPoolExecutor(max_workers=max(1, config.workers), thread_name_prefix="hafloc-infer")
+    thumbs = _ThumbCache(config.thumb_cache)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        pool.shutdown(wait=True)
+        locator.close()
+
+    app = FastAPI(title="hafloc", description="Where was this photo taken?", lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.locator = locator
+    app.state.config = config
+
+    def authorised(request: Request) -> None:
+        if config.token is None:
+            return
+        got = request.headers.get("authorization", "")
+        scheme, _, value = got.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(value.strip().encode(), config.token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    async def in_pool(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "images": len(locator.store), "token_required": config.token is not None,
+                "max_upload_mb": config.max_upload_mb, "top_k": config.top_k}
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/api/positions", dependencies=[Depends(authorised)])
+    async def positions() -> dict[str, Any]:
+        rows = await in_pool(locator.store.images)
+        pts = [{"id": r["id"], "lat": r["lat"], "lon": r["lon"]} for r in rows if r["lat"] is not None]
+        shown = pts
+        if len(pts) > MAX_PLOT_POINTS:  # an even subsample keeps the shape of the database
+            shown = [pts[i] for i in np.linspace(0, len(pts) - 1, MAX_PLOT_POINTS).astype(int)]
+        return {"total": len(rows), "positioned": len(pts), "points": shown}
+
+    def make_thumb(image_id: int) -> bytes:
+        row = locator.store._rows_by_id([image_id]).get(image_id)  # noqa: SLF001 (by id, never by a path)
+        if row is None:
+            raise HTTPException(404, "no such image in the index")
+        root = Path(row["root"]).resolve()
+        path = (root / row["image"]).resolve()
+        if not path.is_relative_to(root) or not path.is_file():
+            raise HTTPException(404, "image file not available")
+        try:
+            img = load_image(path)
+        except InputError:
+            raise HTTPException(404, "image file not readable") from None
+        img.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.BILINEAR)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=85)
+        return buf.getvalue()
+
+    @app.get("/thumbnails/{image_id}", dependencies=[Depends(authorised)])
+    async def thumbnail(image_id: str) -> Response:
+        # ids only: anything else (paths, '..', encoded tricks) is refused before any file access
+        if not image_id.isdecimal() or len(image_id) > 18:
+            raise HTTPException(404, "thumbnails are addressed by database id")
+        key = int(image_id)
+        data = thumbs.get(key)
+        if data is None:
+            data = await in_pool(make_thumb, key)
+            thumbs.put(key, data)
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+    def locate_bytes(data: bytes, filename: str) -> dict[str, Any]:
+        img = decode_upload(data, filename)
+        result, att = locator.locate_image(img, filename, k=config.top_k)
+        result["attention"] = attention_json(img, att)
+        return result
+
+    @app.post("/locate", dependencies=[Depends(authorised)])
+    async def locate(request: Request) -> JSONResponse:
+        ctype = request.headers.get("content-type", "")
+        if not ctype.startswith("multipart/form-data"):
+            raise HTTPException(415, "send the photo as multipart/form-data in the field 'file'")
+        async with request.form(max_files=1, max_fields=4) as form:
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile):
+                raise HTTPException(422, "no file in the multipart field 'file'")
+            data = await upload.read()
+            filename = Path(upload.filename or "upload").name or "upload"
+        if not data:
+            raise HTTPException(400, f"{filename}: empty file")
+        try:
+            result = await in_pool(locate_bytes, data, filename)
+        except InputError as err:
+            status = 415 if "not an image" in err.cause else 422
+            raise HTTPException(status, str(err)) from None
+        return JSONResponse(result)
+
+    # outermost user middleware: it must see the raw body stream before anything parses it
+    app.add_middleware(UploadLimit, max_bytes=int(config.max_upload_mb * 2 ** 20))
+    return app

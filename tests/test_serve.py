@@ -1,0 +1,280 @@
+"""The web server: /locate on real photos, hostile uploads and paths, tokens, a real uvicorn + Chromium."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from hafloc.cli import main
+from hafloc.index.locate import haversine_m
+
+from test_cli_index import make_photo_db, make_small_model
+
+REPO = Path(__file__).resolve().parents[1]
+CAP_MB = 1
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, shared_data) -> dict:
+    root = tmp_path_factory.mktemp("serve")
+    data = make_photo_db(shared_data / "landmarks_mini" / "images", root)
+    data["model"] = make_small_model(sorted(data["db"].glob("*.jpg")), root / "small.model")
+    data["index"] = root / "index"
+    assert main(["index", "build", str(data["db"]), "--model", str(data["model"]), "--index", str(data["index"]),
+                 "--positions", str(data["csv"]), "--backend", "torch", "--no-progress"]) == 0
+    return data
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    from hafloc.serve.app import create_app
+
+    with TestClient(create_app(served["index"], max_upload_mb=CAP_MB, backend="torch")) as c:
+        yield c
+
+
+def _photo(served, i: int = 0) -> tuple[str, bytes]:
+    name = next(n for n in served["names"] if n in served["positions"]) if i == 0 else served["names"][i]
+    return name, (served["db"] / name).read_bytes()
+
+
+def _decode_data_url(url: str) -> Image.Image:
+    head, b64 = url.split(",", 1)
+    assert head == "data:image/png;base64"
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def test_locate_real_photo(client, served):
+    name, data = _photo(served)
+    r = client.post("/locate", files={"file": (name, data, "image/jpeg")})
+    assert r.status_code == 200, r.text
+    res = r.json()
+    lat, lon = served["positions"][name]
+    assert res["image"] == name
+    assert haversine_m(res["estimate"]["lat"], res["estimate"]["lon"], lat, lon) < 1.0
+    assert res["matches"][0]["image"] == name and res["matches"][0]["similarity"] > 0.999
+    assert len(res["matches"]) == 10 and all(isinstance(m["id"], int) for m in res["matches"])
+    assert set(res["attention"]) == {"low", "mid", "high"}
+    sizes = [res["attention"][lv]["shape"] for lv in ("low", "mid", "high")]
+    assert sizes[0][0] > sizes[1][0] > sizes[2][0]  # finer maps at lower levels
+    with Image.open(served["db"] / name) as im:
+        aspect = im.width / im.height
+    for lv in ("low", "mid", "high"):
+        a = res["attention"][lv]
+        assert a["uniform"] == (a["max"] - a["min"] <= 1e-6 * max(1.0, abs(a["max"])))
+        ov = _decode_data_url(a["overlay"])
+        assert max(ov.size) <= 320 and abs(ov.width / ov.height - aspect) < 0.05
+    # the match ids address the thumbnails of exactly those images
+    top_id = res["matches"][0]["id"]
+    t = client.get(f"/thumbnails/{top_id}")
+    assert t.status_code == 200 and t.headers["content-type"] == "image/jpeg"
+    thumb = Image.open(io.BytesIO(t.content))
+    with Image.open(served["db"] / name) as im:
+        assert max(thumb.size) == 256 and abs(thumb.width / thumb.height - im.width / im.height) < 0.02
+
+
+def test_attention_overlay_marks_where_attention_is_high(served):
+    from hafloc.serve.app import overlay_png
+
+    with Image.open(served["db"] / served["names"][0]) as im:
+        img = im.convert("RGB")
+    att = np.zeros((8, 8), np.float32)
+    att[:, 4:] = 3.0  # right half attended
+    ov = np.asarray(_decode_data_url(overlay_png(img, att)).convert("RGB"), dtype=np.float32)
+    w = ov.shape[1]
+    left, right = ov[:, : w // 4], ov[:, -w // 4:]
+    # jet: high -> red, low -> blue
+    assert right[..., 0].mean() - right[..., 2].mean() > 40 and left[..., 2].mean() - left[..., 0].mean() > 40
+    flat = np.asarray(_decode_data_url(overlay_png(img, np.ones((8, 8)))).convert("RGB"), dtype=np.float32)
+    base = img.copy()
+    base.thumbnail((320, 320), Image.BILINEAR)
+    assert np.abs(flat - np.asarray(base, dtype=np.float32)).mean() < 1.0  # uniform map: the photo itself
+
+
+def test_positions_and_page(client, served):
+    pos = client.get("/api/positions").json()
+    assert pos["total"] == len(served["names"]) and pos["positioned"] == len(served["positions"])
+    got = sorted((p["lat"], p["lon"]) for p in pos["points"])
+    np.testing.assert_allclose(got, sorted(served["positions"].values()), atol=1e-9)
+    page = client.get("/")
+    assert page.status_code == 200 and 'id="file"' in page.text
+    for asset in ("/static/app.js", "/static/style.css"):
+        assert client.get(asset).status_code == 200
+    # offline: nothing is fetched from elsewhere
+    assert "http://" not in page.text.replace("http://www.w3.org", "") and "https://" not in page.text
+
+
+def _chunks(n_bytes: int):
+    for _ in range(n_bytes // 65536 + 1):
+        yield b"\xff" * 65536
+
+
+@pytest.mark.parametrize("case, status", [
+    ("empty", 400), ("text", 415), ("truncated", 422), ("too_big", 413), ("too_big_chunked", 413),
+    ("no_file_field", 422), ("not_multipart", 415), ("bad_multipart", 400),
+])
+def test_bad_uploads_are_refused_and_server_keeps_serving(client, served, case, status):
+    name, data = _photo(served)
+    if case == "empty":
+        r = client.post("/locate", files={"file": ("empty.jpg", b"", "image/jpeg")})
+    elif case == "text":
+        r = client.post("/locate", files={"file": ("notes.jpg", b"just some text\n" * 20, "image/jpeg")})
+    elif case == "truncated":
+        r = client.post("/locate", files={"file": ("cut.jpg", data[: len(data) // 2], "image/jpeg")})
+    elif case == "too_big":
+        r = client.post("/locate", files={"file": ("big.jpg", b"\xff" * (CAP_MB * 2 ** 20 + 10), "image/jpeg")})
+    elif case == "too_big_chunked":  # no Content-Length: the cap must hold while the body streams in
+        r = client.post("/locate", content=_chunks(CAP_MB * 2 ** 20 * 2),
+                        headers={"content-type": "multipart/form-data; boundary=xyz"})
+        assert "content-length" not in r.request.headers
+    elif case == "no_file_field":
+        r = client.post("/locate", files={"photo": (name, data, "image/jpeg")})
+    elif case == "not_multipart":
+        r = client.post("/locate", content=data, headers={"content-type": "image/jpeg"})
+    else:
+        r = client.post("/locate", content=b"garbage without boundaries",
+                        headers={"content-type": "multipart/form-data"})
+    assert r.status_code == status, r.text
+    assert isinstance(r.json()["detail"], str) and r.json()["detail"]
+    if case in ("empty", "text", "truncated"):
+        assert r.json()["detail"].startswith({"empty": "empty.jpg", "text": "notes.jpg", "truncated": "cut.jpg"}[case])
+    assert client.get("/health").json()["status"] == "ok"
+    assert client.post("/locate", files={"file": (name, data, "image/jpeg")}).status_code == 200
+
+
+@pytest.mark.parametrize("url", [
+    "/thumbnails/..%2F..%2Fetc%2Fpasswd", "/thumbnails/%2e%2e%2f%2e%2e%2fetc%2fpasswd", "/thumbnails/%2Fetc%2Fpasswd",
+    "/thumbnails/%2e%2e", "/thumbnails/1%2F..%2F..%2Fsmall.model", "/thumbnails/-1",
+    "/thumbnails/999999", "/thumbnails/1e3", "/thumbnails/%31%00", "/static/..%2F..%2Fcli%2F__init__.py",
+    "/static/%2e%2e/app.py",
+])
+def test_path_traversal_is_refused(client, url):
+    r = client.get(url)
+    assert 400 <= r.status_code < 500, (url, r.status_code)
+    assert not r.headers["content-type"].startswith("image/") and b"import" not in r.content
+    assert client.get("/health").status_code == 200
+
+
+def test_thumbnail_row_pointing_outside_its_root_is_refused(served, tmp_path):
+    from hafloc.serve.app import create_app
+
+    idx = tmp_path / "index"
+    shutil.copytree(served["index"], idx)
+    secret = served["db"].parent / "small.model"  # a real file beside the indexed root
+    with sqlite3.connect(idx / "meta.sqlite") as db:  # a damaged or hostile database row
+        db.execute("UPDATE images SET path = ? WHERE id = 2", ("../small.model",))
+        db.execute("UPDATE images SET path = ? WHERE id = 3", (str(secret),))
+    with TestClient(create_app(idx, backend="torch")) as c:
+        assert c.get("/thumbnails/1").status_code == 200
+        for i in (2, 3):
+            r = c.get(f"/thumbnails/{i}")
+            assert r.status_code == 404 and r.headers["content-type"] == "application/json"
+
+
+def test_bearer_token(served):
+    from hafloc.serve.app import create_app
+
+    name, data = _photo(served)
+    with TestClient(create_app(served["index"], token="s3cret", backend="torch")) as c:
+        assert c.get("/health").json()["token_required"] is True
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+            assert c.post("/locate", files={"file": (name, data)}, headers=headers).status_code == 401
+            assert c.get("/thumbnails/1", headers=headers).status_code == 401
+            assert c.get("/api/positions", headers=headers).status_code == 401
+        ok = {"Authorization": "Bearer s3cret"}
+        assert c.post("/locate", files={"file": (name, data)}, headers=ok).status_code == 200
+        assert c.get("/thumbnails/1", headers=ok).status_code == 200
+        assert c.get("/api/positions", headers=ok).status_code == 200
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live_server(served):
+    """``hafloc serve`` as a real uvicorn process on a free loopback port."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "hafloc", "serve", "--index", str(served["index"]), "--port",
+                             str(port), "--backend", "torch"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited: {proc.stdout.read().decode()[-2000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("server did not start within 60 s")
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def test_real_server_locates_and_survives_bad_uploads(live_server, served):
+    name, data = _photo(served)
+    with httpx.Client(base_url=live_server, timeout=60) as c:
+        assert c.post("/locate", files={"file": ("x.txt", b"hello")}).status_code == 415
+        r = c.post("/locate", files={"file": (name, data, "image/jpeg")})
+        assert r.status_code == 200 and r.json()["matches"][0]["image"] == name
+        assert c.get("/thumbnails/%2e%2e%2f%2e%2e%2fetc%2fpasswd").status_code == 404
+        assert c.get("/health").status_code == 200
+
+
+@pytest.mark.browser
+def test_browser_upload_shows_estimate_and_thumbnails(live_server, served, tmp_path):
+    try:
+        from browser import browser_available, images_loaded, open_page, screenshot
+    except ImportError:  # run from the repo root as a package
+        from tests.browser import browser_available, images_loaded, open_page, screenshot
+    reason = browser_available()
+    if reason:
+        pytest.skip(reason)
+    name, _ = _photo(served)
+    with open_page(live_server + "/") as (page, console_errors, failed_requests):
+        page.wait_for_function("document.querySelectorAll('#plot circle.db').length > 0")
+        assert page.locator("#plot circle.db").count() == len(served["positions"])
+        page.set_input_files("#file", str(served["db"] / name))
+        page.wait_for_selector("#plot-estimate", state="attached")
+        page.wait_for_function("document.querySelectorAll('#matches li img').length === 10")
+        assert images_loaded(page) == []
+        lat, lon = served["positions"][name]
+        assert page.locator("#estimate").inner_text() == f"{lat:.6f}, {lon:.6f}"
+        assert page.locator("#matches li").first.inner_text().count(name) == 1
+        assert page.locator("#attention img").count() == 3
+        # query preview + 3 overlays + 10 thumbnails, all decoded
+        assert page.evaluate("Array.from(document.images).filter(i => i.naturalWidth > 0).length") == 14
+        screenshot(page, tmp_path / "serve.png")
+        # a bad upload shows a message, the page stays usable
+        bad = tmp_path / "bad.jpg"
+        bad.write_text("not a photo")
+        page.set_input_files("#file", str(bad))
+        page.wait_for_selector("#error:not([hidden])")
+        assert "not an image" in page.locator("#error").inner_text()
+    assert [e for e in console_errors if "415" not in e] == []
+    assert [f for f in failed_requests if not f.startswith("415 ")] == []

@@ -26,15 +26,23 @@ def north_of_origin(lat: float) -> float:
 
 
 def test_weighted_mean_of_agreeing_matches():
-    # 0 m (sim .9) and 20 m north (sim .6) agree; 500 m north (sim .5) does not
+    # 0 m (sim .9) and 20 m north (sim .6) agree; 500 m north (sim .5) does not.
+    # Votes are exp((s - s_best) / T), T = 0.05, worked out here independently.
+    import math
+
+    w1, w2, w3 = 1.0, math.exp((0.6 - 0.9) / 0.05), math.exp((0.5 - 0.9) / 0.05)
     est = estimate_position([m(1, 0.9, 0.0), m(2, 0.6, 20.0), m(3, 0.5, 500.0)])
     assert est is not None and est.n_agreeing == 2
-    assert north_of_origin(est.lat) == pytest.approx(20.0 * 0.6 / 1.5, abs=0.3)
+    north = 20.0 * w2 / (w1 + w2)
+    assert north_of_origin(est.lat) == pytest.approx(north, abs=0.3)
     assert haversine_m(LAT0, LON0, LAT0, est.lon) < 0.3
-    assert est.agreement == pytest.approx(1.5 / 2.0, abs=1e-6)
+    assert est.agreement == pytest.approx((w1 + w2) / (w1 + w2 + w3), abs=1e-6)
     assert est.margin == pytest.approx(0.4, abs=1e-6)
-    assert est.confidence == pytest.approx(0.75, abs=1e-6)  # margin >= 0.1 saturates the margin term
-    assert [x.distance_m for x in est.matches] == pytest.approx([8.0, 12.0, 492.0], abs=0.5)
+    assert est.confidence == pytest.approx(est.agreement, abs=1e-6)  # margin >= 0.1 saturates the margin term
+    assert [x.distance_m for x in est.matches] == pytest.approx([north, 20 - north, 500 - north], abs=0.5)
+    # equal similarities: a plain average of the two agreeing positions
+    even = estimate_position([m(1, 0.9, 0.0), m(2, 0.9, 20.0)])
+    assert north_of_origin(even.lat) == pytest.approx(10.0, abs=0.3)
 
 
 def test_unpositioned_matches_are_ignored_and_kept():

@@ -40,9 +40,12 @@ class Estimate:
     matches: list[Match]  # the input matches, with distance_m from the estimate
 
 
-def estimate_position(matches: Sequence[Match], agree_m: float = 25.0, margin_scale: float = 0.1) -> Estimate | None:
+def estimate_position(matches: Sequence[Match], agree_m: float = 25.0, margin_scale: float = 0.1,
+                      temperature: float = 0.05) -> Estimate | None:
     """Similarity-weighted position of the matches agreeing with the best positioned one.
 
+    Votes are ``exp((s - s_best) / temperature)``: a match far less similar than the best one
+    barely counts, so a long tail of unrelated top-k matches does not dilute a clear answer.
     ``confidence = agreement * (0.5 + 0.5 * min(1, margin / margin_scale))``: full agreement and a
     similarity gap of ``margin_scale`` (cosine) to the best disagreeing match give 1. None when no
     match has a position.
@@ -55,8 +58,7 @@ def estimate_position(matches: Sequence[Match], agree_m: float = 25.0, margin_sc
     agree = [m for m in positioned if haversine_m(best.lat, best.lon, m.lat, m.lon) <= agree_m]  # type: ignore[arg-type]
     agree_ids = {id(m) for m in agree}
     others = [m for m in positioned if id(m) not in agree_ids]
-    # similarities of unit vectors lie in [-1, 1]; a negative one carries no vote
-    weight = {id(m): max(m.similarity, 0.0) + 1e-9 for m in positioned}
+    weight = {id(m): math.exp((m.similarity - best.similarity) / temperature) for m in positioned}
     w = np.array([weight[id(m)] for m in agree])
     try:
         _, _, zone, letter = latlon_to_utm(best.lat, best.lon)

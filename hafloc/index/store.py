@@ -415,6 +415,10 @@ class IndexStore:
                             for s, r in zip(srow, rrow) if r >= 0] for srow, rrow in zip(sims, rows)]
         return results[0] if single else results
 
+    def image(self, image_id: int) -> dict[str, Any] | None:
+        """Metadata row of one database image by id (None if there is no such id)."""
+        return self._rows_by_id([int(image_id)]).get(int(image_id))
+
     def _rows_by_id(self, ids: list[int]) -> dict[int, dict[str, Any]]:
         out: dict[int, dict[str, Any]] = {}
         for start in range(0, len(ids), 500):  # sqlite's host-parameter limit

@@ -228,7 +228,7 @@ def create_app(index_path: str | Path, max_upload_mb: float = 20, token: str | N
         return {"total": len(rows), "positioned": len(pts), "points": shown}
 
     def make_thumb(image_id: int) -> bytes:
-        row = locator.store._rows_by_id([image_id]).get(image_id)  # noqa: SLF001 (by id, never by a path)
+        row = locator.store.image(image_id)  # by id, never by a path
         if row is None:
             raise HTTPException(404, "no such image in the index")
         root = Path(row["root"]).resolve()

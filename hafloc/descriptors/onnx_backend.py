@@ -1,0 +1,229 @@
+"""ONNX export of a GeoLocNet and an ONNX Runtime runner (fast CPU inference).
+
+The exported graph takes ``image`` (B,3,H,W) float32 RGB in [0,1] (B, H and W dynamic; H and W
+multiples of 32) and returns ``descriptor`` (B,D) plus ``attention_<level>`` (B,h,w) for every
+level that has an attention map: the same contract as the eager ``torch_runner``.
+
+Exports are cached next to the model file as ``MODEL.<fingerprint>.onnx`` (or under
+``$XDG_CACHE_HOME/hafloc/onnx`` when that folder is not writable or the model has no file), so
+a changed model gets a fresh export and an unchanged one is never exported twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from .. import __version__
+from ..errors import HaflocError
+from ..fileio import atomic_path
+from .network import GeoLocNet
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+# Bump when the exported graph changes for an unchanged model (fingerprints cover weights and
+# configuration, not code).
+EXPORT_VERSION = "1"
+_SAMPLE_SIZE = (224, 320)  # tracing input; every size is dynamic in the graph
+
+Runner = Callable[[torch.Tensor], dict]
+
+
+def output_names(model: GeoLocNet) -> list[str]:
+    """``descriptor`` then ``attention_<level>`` for each level with an attention map."""
+    with torch.inference_mode():
+        att = model.eval()(torch.zeros(1, 3, 64, 64))["attention"]
+    return ["descriptor"] + [f"attention_{lv}" for lv in att]
+
+
+class _Exportable(nn.Module):
+    """Dict outputs -> a flat tuple (ONNX needs positional outputs)."""
+
+    def __init__(self, model: GeoLocNet, levels: list[str]):
+        super().__init__()
+        self.model, self.levels = model, levels
+
+    def forward(self, image: torch.Tensor):
+        out = self.model(image)
+        return (out["descriptor"],) + tuple(out["attention"][lv][:, 0] for lv in self.levels)
+
+
+def export_onnx(model: GeoLocNet, path: str | Path, opset: int = OPSET, check: bool = True) -> Path:
+    """Write ``model`` as ONNX (dynamic batch/height/width) atomically; validate with onnx.checker."""
+    if opset < 17:
+        raise HaflocError(f"ONNX export needs opset 17 or newer (got {opset})")
+    path = Path(path)
+    names = output_names(model)
+    levels = [n.removeprefix("attention_") for n in names[1:]]
+    dynamic = {"image": {0: "batch", 2: "height", 3: "width"}, "descriptor": {0: "batch"}}
+    for n in names[1:]:
+        dynamic[n] = {0: "batch", 1: f"{n}_h", 2: f"{n}_w"}
+    # Built in eval mode: the exporter restores the wrapper's mode onto every submodule afterwards,
+    # so a wrapper left in training mode would silently flip the model's BatchNorms to training.
+    wrapper = _Exportable(model, levels).eval()
+    was_training = model.training
+    model.eval()
+    try:
+        with atomic_path(path, suffix=".onnx") as tmp, warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracer warnings about constant shapes are expected
+            torch.onnx.export(wrapper, (torch.rand(1, 3, *_SAMPLE_SIZE),), str(tmp), input_names=["image"],
+                              output_names=names, dynamic_axes=dynamic, opset_version=opset, dynamo=False)
+            proto = onnx.load(str(tmp))
+            meta = {"hafloc": __version__, "export_version": EXPORT_VERSION, "fingerprint": model.fingerprint(),
+                    "method": model.config.method, "backbone": model.config.backbone}
+            for k, v in meta.items():
+                proto.metadata_props.add(key=k, value=str(v))
+            if check:
+                onnx.checker.check_model(proto)
+            onnx.save(proto, str(tmp))
+    finally:
+        model.train(was_training)
+    return path
+
+
+def _writable_dir(folder: Path) -> bool:
+    return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "hafloc" / "onnx"
+
+
+def cache_path(model: GeoLocNet, fingerprint: str | None = None) -> Path:
+    """Where the export of ``model`` lives: beside its model file when possible, else the cache dir."""
+    fp = fingerprint or model.fingerprint()
+    src = getattr(model, "source_path", None)
+    if src:
+        src = Path(src)
+        if _writable_dir(src.parent):
+            return src.parent / f"{src.name}.{fp}.onnx"
+        return cache_dir() / f"{src.name}.{fp}.onnx"
+    return cache_dir() / f"{model.config.method}.{fp}.onnx"
+
+
+def cached_export(model: GeoLocNet) -> Path:
+    """The cached ONNX file of ``model``, exporting it first when absent or stale."""
+    fp = model.fingerprint()
+    path = cache_path(model, fp)
+    if path.is_file():
+        meta = _metadata_fast(path)
+        if meta.get("fingerprint") == fp and meta.get("export_version") == EXPORT_VERSION:
+            return path
+        log.info("re-exporting stale ONNX cache %s", path)
+    log.info("exporting %s model to ONNX: %s", model.config.method, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    export_onnx(model, path)
+    _remove_stale_siblings(path, fp)
+    return path
+
+
+def _metadata_fast(path: Path) -> dict[str, str]:
+    """Metadata of an ONNX file without building a session (weights are not parsed twice)."""
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # a damaged cache file only costs a re-export
+        return {}
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def _remove_stale_siblings(path: Path, fp: str) -> None:
+    """Drop exports of earlier versions of the same model file (``NAME.<other fp>.onnx``)."""
+    stem = path.name[: -len(f".{fp}.onnx")]
+    pattern = re.compile(re.escape(stem) + r"\.[0-9a-f]{16}\.onnx")
+    for other in path.parent.glob(f"{stem}.*.onnx"):
+        if other != path and pattern.fullmatch(other.name):
+            try:
+                other.unlink()
+            except OSError:
+                pass
+
+
+def session_options(num_threads: int | None = None) -> ort.SessionOptions:
+    """One intra-op pool over the cores (a model is one sequential chain of big ops)."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = max(1, num_threads or torch.get_num_threads())
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Threads sleep between ops instead of spinning: extraction decodes images on other threads
+    # at the same time, and on a shared machine spinning threads starve each other (measured 2-3x
+    # slower under load; see BENCHMARKS.md).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are noise
+    return so
+
+
+class OnnxRunner:
+    """Callable (B,3,H,W) tensor in [0,1] -> {"descriptor": (B,D), "attention": {level: (B,h,w)}}.
+
+    With ``fallback`` (a torch runner), a runtime failure logs one warning and switches to it for
+    good; without, the error is raised as a :class:`HaflocError`.
+    """
+
+    def __init__(self, path: Path, num_threads: int | None = None, fallback: Runner | None = None):
+        self.path = Path(path)
+        self.session = ort.InferenceSession(str(self.path), session_options(num_threads),
+                                            providers=["CPUExecutionProvider"])
+        self.names = [o.name for o in self.session.get_outputs()]
+        self.fallback = fallback
+        self.failed = False
+
+    def __call__(self, batch: torch.Tensor) -> dict:
+        if self.failed and self.fallback is not None:
+            return self.fallback(batch)
+        x = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)
+        try:
+            outs = self.session.run(self.names, {"image": x})
+        except Exception as err:
+            if self.fallback is None:
+                raise HaflocError(f"ONNX Runtime failed on a {tuple(x.shape)} batch ({_first_line(err)}); "
+                                  "use --backend torch") from None
+            log.warning("ONNX Runtime failed on a %s batch (%s); using eager torch from now on",
+                        tuple(x.shape), _first_line(err))
+            self.failed = True
+            return self.fallback(batch)
+        res = dict(zip(self.names, outs))
+        return {"descriptor": res.pop("descriptor"),
+                "attention": {k.removeprefix("attention_"): v for k, v in res.items()}}
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+
+
+def onnx_runner(model: GeoLocNet, fallback_ok: bool = False, num_threads: int | None = None) -> Runner:
+    """An ONNX Runtime runner for ``model`` (exported once, cached by fingerprint).
+
+    ``fallback_ok``: on any export or runtime failure, log one warning and use eager torch
+    instead of raising.
+    """
+    from .extract import torch_runner  # extract imports this module lazily: no cycle at import time
+
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        if fallback_ok:  # "auto" means ONNX Runtime for CPU inference; a GPU model stays in torch
+            return torch_runner(model)
+        raise HaflocError(f"the ONNX backend runs on CPU; this model is on {device} (use --backend torch)")
+    try:
+        path = cached_export(model)
+        return OnnxRunner(path, num_threads, fallback=torch_runner(model) if fallback_ok else None)
+    except Exception as err:
+        if not fallback_ok:
+            if isinstance(err, HaflocError):
+                raise
+            raise HaflocError(f"ONNX export/runtime unavailable for this model ({_first_line(err)}); "
+                              "use --backend torch") from None
+        log.warning("ONNX Runtime unavailable for this model (%s); using eager torch", _first_line(err))
+        return torch_runner(model)

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import resource
 import subprocess
 import sys
@@ -32,11 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from mdsection import update_section  # noqa: E402  (benchmarks/ is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = {
-    "extract": ("<!-- benchmark:extract:begin -->", "<!-- benchmark:extract:end -->"),
-    "reference": ("<!-- benchmark:reference:begin -->", "<!-- benchmark:reference:end -->"),
-}
 SIZES = {"480x640": (480, 640), "240x320": (240, 320)}
 
 
@@ -297,20 +294,6 @@ def machine_line(threads: int, load_before: tuple, load_after: tuple, rounds: in
             f"its RSS after loading the model and building the input, per image.\n")
 
 
-def update_benchmarks_md(name: str, section: str, path: Path) -> None:
-    """Replace (or append) our marked section; other sections are kept. Atomic write."""
-    from hafloc.fileio import write_text_atomic
-
-    begin, end = SECTIONS[name]
-    text = path.read_text() if path.exists() else "# hafloc benchmarks\n"
-    block = f"{begin}\n{section.rstrip()}\n{end}"
-    if begin in text and end in text:
-        text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    write_text_atomic(path, text if text.endswith("\n") else text + "\n")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=["extract", "reference"], default=None, help="run one suite")
@@ -348,7 +331,7 @@ def main() -> None:
         text += "\n" + tab
         print(text)
         if not args.no_write:
-            update_benchmarks_md(suite, text, args.output)
+            update_section(suite, text, args.output)
             print(f"updated {args.output}")
 
 

@@ -15,17 +15,15 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import time
 from pathlib import Path
 
 import faiss
 import numpy as np
-from hafloc.fileio import write_text_atomic
+from mdsection import update_section
 from hafloc.index.search import SearchConfig, build_search_index, search
 
 REPO = Path(__file__).resolve().parents[1]
-BEGIN, END = "<!-- benchmark:search:begin -->", "<!-- benchmark:search:end -->"
 
 
 def clustered_descriptors(n: int, dim: int, clusters: int, spread: float, seed: int) -> np.ndarray:
@@ -114,17 +112,6 @@ def table(rows: list[dict], dim: int, k: int) -> str:
     return head + body
 
 
-def update_benchmarks_md(section: str, path: Path) -> None:
-    """Replace our marked section (or append it), keeping every other section intact."""
-    text = path.read_text() if path.exists() else "# hafloc benchmarks\n"
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}"
-    if BEGIN in text and END in text:
-        text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    write_text_atomic(path, text if text.endswith("\n") else text + "\n")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -159,7 +146,7 @@ def main() -> None:
         "IVF-PQ is trained on the database (64 vectors per cell) and re-ranks a shortlist of "
         "refine x k PQ candidates with exact distances.\n\n" + tab)
     if not args.no_write:
-        update_benchmarks_md(section, args.output)
+        update_section("search", section, args.output)
         print(f"updated {args.output}")
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import shutil
 import socket
 import subprocess
@@ -30,10 +29,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from hafloc.fileio import write_text_atomic
+from mdsection import update_section
 
 REPO = Path(__file__).resolve().parents[1]
-BEGIN, END = "<!-- benchmark:serve:begin -->", "<!-- benchmark:serve:end -->"
 
 
 def shared_data() -> Path:
@@ -160,17 +158,6 @@ def table(r: dict) -> str:
             f"{r['mean']:.0f} | {r['rps']:.2f} | {r['health_p95']:.1f} |\n")
 
 
-def update_benchmarks_md(section: str, path: Path) -> None:
-    """Replace our marked section (or append it), keeping every other section intact."""
-    text = path.read_text() if path.exists() else "# hafloc benchmarks\n"
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}"
-    if BEGIN in text and END in text:
-        text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    write_text_atomic(path, text if text.endswith("\n") else text + "\n")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=8)
@@ -214,7 +201,7 @@ def main() -> None:
         "Inference runs in one worker thread using all cores, so requests queue: latency ~ clients x service time. "
         "/health is polled every 0.2 s during the load to show that the event loop stays responsive.\n\n" + tab)
     if not args.no_write:
-        update_benchmarks_md(section, args.output)
+        update_section("serve", section, args.output)
         print(f"updated {args.output}")
     if res["errors"]:
         sys.exit(1)

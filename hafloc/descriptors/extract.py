@@ -43,11 +43,12 @@ def default_threads() -> int:
 
 
 def torch_runner(model: GeoLocNet) -> Runner:
-    model.eval()
+    # channels_last: 1.35-1.5x faster eager convolutions on CPU (benchmarks/extract.py)
+    model.eval().to(memory_format=torch.channels_last)
 
     def run(batch: torch.Tensor) -> dict:
         with torch.inference_mode():
-            out = model(batch)
+            out = model(batch.contiguous(memory_format=torch.channels_last))
         return {"descriptor": out["descriptor"].numpy(),
                 "attention": {lv: a[:, 0].numpy() for lv, a in out["attention"].items()}}
 

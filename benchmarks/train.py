@@ -16,20 +16,18 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import time
 from pathlib import Path
 
 import torch
 
-from hafloc.fileio import write_text_atomic
+from mdsection import update_section
 from hafloc.images.io import load_image, to_tensor
 from hafloc.train.config import TrainConfig, parse_image_size
 from hafloc.train.losses import default_loss_for
 from hafloc.train.loop import build_model, build_optimizer, freeze_backbone, set_train_mode, tuple_loss
 
 REPO = Path(__file__).resolve().parents[1]
-BEGIN, END = "<!-- benchmark:train:begin -->", "<!-- benchmark:train:end -->"
 
 
 def real_images(n: int) -> list[Path]:
@@ -71,17 +69,6 @@ def table(rows: list[dict]) -> str:
         f"{r['images_per_s']:.1f} | {r['trainable_params']:,} |\n" for r in rows)
 
 
-def update_benchmarks_md(section: str, path: Path) -> None:
-    """Replace our marked section (or append it), keeping every other section intact."""
-    text = path.read_text() if path.exists() else "# hafloc benchmarks\n"
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}"
-    if BEGIN in text and END in text:
-        text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    write_text_atomic(path, text)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", default=["haf", "netvlad", "crn", "gem", "superpoint"])
@@ -116,7 +103,7 @@ def main() -> None:
         f"forward pass; forward + loss + backward + Adam step, median of {args.iters} iterations after one warm-up; "
         "images pre-decoded (training caches them in memory for small sets). Mining and cache refreshes "
         "(inference on the training database every --cache-refresh queries) come on top.\n\n" + tab)
-    update_benchmarks_md(section, args.output)
+    update_section("train", section, args.output)
 
 
 if __name__ == "__main__":

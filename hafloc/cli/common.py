@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 
 def add_backend_args(p) -> None:
@@ -33,7 +32,3 @@ def report_failures(failures: list[tuple[str, str]], total: int) -> None:
         print(f"skipped {len(failures)} of {total} file(s):", file=sys.stderr)
         for name, reason in failures:
             print(f"  {name}: {reason}", file=sys.stderr)
-
-
-def existing_file(path: str) -> Path:
-    return Path(path)

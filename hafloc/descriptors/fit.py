@@ -26,7 +26,8 @@ def _iter_taps(model: GeoLocNet, paths: list[Path], max_side: int, progress: boo
             log.warning("skipped %s", err)
             continue
         with torch.inference_mode():
-            yield model.backbone(x)
+            taps = model.backbone(x)
+        yield taps
 
 
 def _sample_columns(feats: torch.Tensor, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -51,7 +52,8 @@ def fit_clusters(model: GeoLocNet, paths: list[Path], samples_per_image: int = 1
     samples: dict[str, list[np.ndarray]] = {lv: [] for lv in head.levels}
     n_images = 0
     for taps in _iter_taps(model, paths, max_side, progress, "fit: features"):
-        feats = head.raw_features(taps) if has_proj else head.local_features(taps)
+        with torch.inference_mode():
+            feats = head.raw_features(taps) if has_proj else head.local_features(taps)
         for lv in head.levels:
             samples[lv].append(_sample_columns(feats[lv], samples_per_image, rng))
         n_images += 1

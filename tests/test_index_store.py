@@ -244,12 +244,13 @@ def test_locate_database_image_at_its_own_position(photo_root, reference):
     for rel, res in zip(rels, out):
         lat, lon, _ = photo_root["expected"][rel]
         assert set(res) == {"image", "estimate", "matches"} and res["image"] == f"q/{rel}"
-        assert set(res["estimate"]) == {"lat", "lon", "confidence"}
+        assert set(res["estimate"]) == {"lat", "lon", "confidence", "verified"}
+        assert res["estimate"]["verified"] is False  # global retrieval only: nothing was verified
         assert haversine_m(lat, lon, res["estimate"]["lat"], res["estimate"]["lon"]) < 1.0
         assert 0.0 < res["estimate"]["confidence"] <= 1.0
         assert len(res["matches"]) == 5
         top = res["matches"][0]
-        assert set(top) == {"image", "lat", "lon", "similarity", "distance_m"}
+        assert set(top) == {"image", "lat", "lon", "similarity", "distance_m", "inliers"} and top["inliers"] is None
         assert top["image"] == rel and top["similarity"] > 0.9999 and top["distance_m"] < 1.0
         sims = [m["similarity"] for m in res["matches"]]
         assert sims == sorted(sims, reverse=True)
@@ -261,7 +262,7 @@ def test_unpositioned_best_match_gives_no_estimate_when_none_positioned(photo_ro
         res = locate_descriptors(store, standin_descriptor(photo_root["root"] / rel)[None], [rel], k=1)[0]
     assert res["estimate"] is None
     assert res["matches"] == [{"image": rel, "lat": None, "lon": None, "similarity": pytest.approx(1.0, abs=1e-5),
-                               "distance_m": None}]
+                               "distance_m": None, "inliers": None}]
 
 
 def test_model_mismatch_refused(reference):

@@ -36,10 +36,32 @@ def register(sub) -> None:
                     "Unreadable images are skipped and listed; failed queries count as misses.")
     p.add_argument("--model", required=True, help="model file (from 'hafloc model init' or 'hafloc train')")
     add_dataset_args(p)
+    p.add_argument("--rerank", type=int, default=0, metavar="K",
+                   help="re-rank each query's top K by geometrically verified local matches and show global and "
+                        "re-ranked scores side by side (default 0: global only); local features of queries and "
+                        "retrieved candidates are computed once and cached beside the descriptor cache")
+    p.add_argument("--local", default="xfeat", metavar="EXTRACTOR",
+                   help="local features for --rerank (xfeat, disk, aliked, superpoint; default xfeat)")
+    p.add_argument("--max-keypoints", type=int, default=1024, help="local features per image for --rerank (default 1024)")
     p.add_argument("--json", default=None, help="write the results as JSON here (config.json goes beside it)")
     p.add_argument("--report", default=None,
                    help="write an HTML report folder: recall curve, example retrievals, attention maps, results")
     p.set_defaults(func=run)
+
+
+def rerank_from_args(args):
+    """RerankSettings for --rerank K (None when K is 0)."""
+    if not getattr(args, "rerank", 0):
+        return None
+    from ..errors import HaflocError
+    from ..local import EXTRACTORS
+    from ..metrics.verified import RerankSettings
+
+    if args.rerank < 0:
+        raise HaflocError(f"--rerank must be 0 or more, got {args.rerank}")
+    if args.local not in EXTRACTORS:
+        raise HaflocError(f"--local: unknown extractor {args.local!r}; choose from {', '.join(EXTRACTORS)}")
+    return RerankSettings(k=args.rerank, extractor=args.local, conf={"max_keypoints": args.max_keypoints})
 
 
 def settings_from_args(args):
@@ -88,9 +110,24 @@ def run_config(models: list[dict], ds, settings, args, command: str) -> dict[str
 def table_rows(name: str, result: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     from ..metrics.evaluate import headline
 
-    row = {"method": name, **{_label(k): v for k, v in headline(result).items()},
+    suffix = f" +rerank {result['rerank']['k']}" if result.get("rerank") else ""
+    row = {"method": name + suffix, **{_label(k): v for k, v in headline(result).items()},
            "queries": result["num_queries"], "dim": result["descriptor_dim"]}
     return row, list(row)
+
+
+def result_rows(name: str, result: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The table rows of one evaluation: global, then re-ranked when it was re-ranked."""
+    row, cols = table_rows(name, result)
+    if not result.get("rerank"):
+        return [row], cols
+    glob = {c: result.get("global_" + k, row[c]) for c, k in zip(cols, [_key(c) for c in cols])}
+    glob["method"] = name
+    return [glob, row], cols
+
+
+def _key(label: str) -> str:
+    return label.replace("R@", "recall@")
 
 
 def _label(key: str) -> str:
@@ -133,12 +170,17 @@ def run(args) -> int:
     settings = settings_from_args(args)
     extractor = settings.extractor_for(model, ds)
     result = evaluate(model, ds, settings, cache_dir=cache_from_args(args), progress=not args.no_progress,
-                      extractor=extractor)
+                      extractor=extractor, rerank=rerank_from_args(args))
     name = Path(args.model).stem
     config = run_config([model_summary(model, args.model)], ds, settings, args, "eval")
-    row, cols = table_rows(name, result)
+    rows, cols = result_rows(name, result)
     print(f"{ds.name} ({ds.num_db} database, {ds.num_q} queries) - {result['protocol']}")
-    print(markdown_table([row], cols), end="")
+    print(markdown_table(rows, cols), end="")
+    if result.get("rerank"):
+        t = result["rerank"]["seconds_per_query"]
+        print(f"re-ranking ({result['rerank']['extractor']}, top {result['rerank']['k']}): "
+              f"{t['query_features']:.3f} s query features + {t['matching']:.3f} s matching per query "
+              f"(+ {t['db_features']:.3f} s database features, cached)")
     c = result["cache"]
     print(f"descriptors: {c['extracted']} extracted, {c['reused']} from cache; "
           f"{result['timing']['total_s']:.1f} s")
@@ -212,7 +254,7 @@ def write_eval_report(out_dir: Path, model, ds, result: dict[str, Any], out: dic
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "results.json", out, config)
-    row, cols = table_rows(name, result)
+    rows, cols = result_rows(name, result)
     sections = [Section("Results", paragraphs=[
         f"Dataset {ds.name}: {ds.num_db} database and {ds.num_q} query images. Protocol: {result['protocol']}.",
         f"Model {name} ({model.config.method} on {model.config.backbone}, {result['descriptor_dim']}-D, "
@@ -220,10 +262,13 @@ def write_eval_report(out_dir: Path, model, ds, result: dict[str, Any], out: dic
         f"Queries without a positive: {result['num_queries_without_positive']}; unreadable images skipped: "
         f"{len(result['failures'])}. Extraction {result['timing']['extract_s']:.1f} s "
         f"({result['cache']['extracted']} extracted, {result['cache']['reused']} from the cache)."],
-        tables=[Table([row], cols)])]
+        tables=[Table(rows, cols)])]
     if result.get("recall_curve"):
         thr = ds.pos_threshold if ds.db_utm is not None else None
-        plot_recall_curves({name: result["recall_curve"]}, out_dir / "recall_curve.png", title=ds.name,
+        curves = {name: result["recall_curve"]}
+        if result.get("global_recall_curve"):
+            curves = {name: result["global_recall_curve"], rows[-1]["method"]: result["recall_curve"]}
+        plot_recall_curves(curves, out_dir / "recall_curve.png", title=ds.name,
                            threshold_m=thr)
         sections.append(Section("Recall@N", images=[ReportImage("recall_curve.png", "recall@N, N = 1..25")]))
     examples = write_retrieval_examples(out_dir, ds, result, extractor)

@@ -27,6 +27,14 @@ def register(sub) -> None:
                        help="images committed per transaction; a killed run resumes after the last one (default 64)")
         q.add_argument("--no-progress", action="store_true", help="no progress bar")
         add_backend_args(q)
+        if model_required:  # build: the index's local features are chosen once, add follows them
+            q.add_argument("--local", metavar="EXTRACTOR",
+                           help="also store local features for re-ranking by verified matches "
+                                "(xfeat: fastest on CPU; disk; aliked; superpoint). Default: none")
+            q.add_argument("--max-keypoints", type=int, default=1024,
+                           help="local features per image (default 1024)")
+            q.add_argument("--local-max-side", type=int, default=640,
+                           help="longest image side for local features, pixels (default 640)")
 
     b = isub.add_parser("build", help="index a folder (creates the index, or resumes an interrupted build)",
                         description="Creates INDEX from the photos in FOLDER. Atomic and resumable: rerunning after "
@@ -50,7 +58,10 @@ def register(sub) -> None:
     e = isub.add_parser("export-hloc", help="hloc global descriptors (.h5) and retrieval pairs for queries",
                         description="Writes OUTPUT/global-feats-hafloc.h5 (database and query descriptors in hloc's "
                                     "layout), OUTPUT/pairs-query-hafloc{K}.txt ('query db' per line, top-K per query) "
-                                    "and OUTPUT/db.txt / queries.txt (name lists for hloc's pairs_from_retrieval).")
+                                    "and OUTPUT/db.txt / queries.txt (name lists for hloc's pairs_from_retrieval). "
+                                    "When the index stores local features, also OUTPUT/features.h5 and "
+                                    "OUTPUT/matches.h5 (hloc's matches0 / matching_scores0 per pair), so hloc's "
+                                    "triangulation and localization can take over.")
     e.add_argument("--index", required=True, help="index folder")
     e.add_argument("--queries", required=True, help="folder of query photos")
     e.add_argument("--output", required=True, help="output folder")
@@ -81,8 +92,14 @@ def _index_folder(args, store_factory) -> int:
         raise HaflocError(f"{folder}: no images found")
     store, model = store_factory()
     with store:
+        local = None
+        if store.local_config:
+            from ..local import create_extractor
+
+            local = create_extractor(store.local_config["extractor"], **store.local_config.get("conf", {}))
         # relative to the folder: the store resolves them against the root it records
-        report = store.add([p.relative_to(folder) for p, _ in pairs], folder, extractor_fn(make_extractor(model, args)),
+        report = store.add([p.relative_to(folder) for p, _ in pairs], folder,
+                           extractor_fn(make_extractor(model, args), local),
                            positions=positions, chunk_size=args.chunk_size, progress=not args.no_progress)
         total, positioned = len(store), store.info["counts"]["positioned"]
     report_failures(report.failed, len(pairs))
@@ -98,14 +115,25 @@ def _index_folder(args, store_factory) -> int:
 
 def run_build(args) -> int:
     from ..descriptors.modelfile import load_model
+    from ..errors import HaflocError
     from ..index.search import SearchConfig
     from ..index.store import IndexStore
+
+    local = None
+    if args.local:
+        from ..local import EXTRACTORS
+
+        if args.local not in EXTRACTORS:
+            raise HaflocError(f"--local: unknown extractor {args.local!r}; choose from {', '.join(EXTRACTORS)}")
+        if args.max_keypoints < 1 or args.local_max_side < 32:
+            raise HaflocError("--max-keypoints must be at least 1 and --local-max-side at least 32")
+        local = {"extractor": args.local, "conf": {"max_keypoints": args.max_keypoints, "max_side": args.local_max_side}}
 
     def factory():
         model = load_model(args.model)
         kind = "flat" if args.exact else args.search
         store = IndexStore.open_or_create(args.index, model.fingerprint(), model.out_dim,
-                                          SearchConfig(kind=kind), model_path=args.model)
+                                          SearchConfig(kind=kind), model_path=args.model, local=local)
         return store, model
 
     return _index_folder(args, factory)
@@ -133,6 +161,8 @@ def index_info(index: str | Path) -> dict:
     with IndexStore.open(index) as store:
         rows = store.images()
         info = dict(store.info)
+        if store.local_config:
+            info["local"] = dict(store.local_config, bytes_per_image=round(store.local_bytes_per_image() or 0.0))
     sources = Counter(r["position_source"] or "none" for r in rows)
     info["counts"] = {"images": len(rows), "positioned": len(rows) - sources.get("none", 0),
                       "unpositioned": sources.get("none", 0)}
@@ -153,6 +183,11 @@ def run_info(args) -> int:
     print(f"positions  " + ", ".join(f"{k}: {v}" for k, v in info["position_sources"].items()))
     print(f"model      {info.get('model_path')} (fingerprint {str(info['model_fingerprint'])[:12]})")
     print(f"descriptor {info['dim']}-D; search {info['search'].get('kind')}")
+    if info.get("local"):
+        loc = info["local"]
+        conf = ", ".join(f"{k} {v}" for k, v in sorted(loc.get("conf", {}).items()))
+        print(f"local      {loc['extractor']} ({conf}); {loc['bytes_per_image'] / 1024:.0f} KB per image"
+              + ("; re-ranking rule fitted" if info.get("rerank") else ""))
     for r in info["roots"]:
         print(f"root       {r}")
     return 0
@@ -163,7 +198,7 @@ def run_export(args) -> int:
 
     from ..errors import HaflocError
     from ..fileio import write_text_atomic
-    from ..images.io import list_images
+    from ..images.io import list_images, load_image
     from ..index.hloc_export import retrieval_pairs, write_global_descriptors, write_pairs
     from ..index.store import IndexStore
     from ..serve.locator import open_model_for
@@ -176,6 +211,7 @@ def run_export(args) -> int:
         raise HaflocError(f"{args.queries}: no images found")
     with IndexStore.open(args.index) as store:
         model = open_model_for(store, args.model)
+        local = store.local_config
         _, db_names, db_desc = store.descriptors()
         db_paths = {n: (Path(r["root"]) / r["path"]).resolve() for n, r in zip(db_names, store.images())}
     res = make_extractor(model, args).extract_paths([p for p, _ in qpairs],
@@ -204,4 +240,14 @@ def run_export(args) -> int:
     write_text_atomic(out / "queries.txt", "\n".join(res.names) + "\n")
     print(f"wrote {feats} ({len(names)} descriptors), {pairs_path} ({len(pairs)} pairs), "
           f"{out / 'db.txt'}, {out / 'queries.txt'}")
+    if local:
+        from ..index.hloc_export import write_local_exports
+        from ..index.rerank import Reranker
+
+        with IndexStore.open(args.index) as store:
+            reranker = Reranker(local["extractor"], local.get("conf"))
+            qfeat = {n: reranker.features(load_image(qpath[n])) for n in res.names}
+            fpath, mpath = write_local_exports(out, store, reranker.matcher, qfeat, pairs,
+                                               progress=not args.no_progress)
+        print(f"wrote {fpath} ({local['extractor']} local features), {mpath} ({len(pairs)} pairs)")
     return 0

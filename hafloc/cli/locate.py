@@ -21,6 +21,9 @@ def register(sub) -> None:
     p.add_argument("--model", help="model file (default: the one the index was built with)")
     p.add_argument("--agree-m", type=float, default=25.0,
                    help="matches within this many metres of the best one vote for its place (default 25)")
+    p.add_argument("--rerank", type=int, default=None, metavar="K",
+                   help="re-rank the top K matches by geometrically verified local matches (default 10 when the "
+                        "index stores local features, see 'index build --local'; 0 = global similarity only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_backend_args(p)
     p.set_defaults(func=run)
@@ -37,12 +40,15 @@ def print_table(res: dict, out=None) -> None:
     if est is None:
         print(f"{res['image']}: no estimate (no match has a position)", file=out)
     else:
-        print(f"{res['image']}: {est['lat']:.6f}, {est['lon']:.6f}  (confidence {est['confidence']:.2f})", file=out)
-    print(f"  {'#':>2}  {'similarity':>10}  {'distance':>10}  {'lat':>11}  {'lon':>11}  image", file=out)
+        verified = ", verified" if est.get("verified") else ""
+        print(f"{res['image']}: {est['lat']:.6f}, {est['lon']:.6f}  (confidence {est['confidence']:.2f}{verified})",
+              file=out)
+    print(f"  {'#':>2}  {'similarity':>10}  {'inliers':>7}  {'distance':>10}  {'lat':>11}  {'lon':>11}  image", file=out)
     for i, m in enumerate(res["matches"], 1):
         dist = "-" if m["distance_m"] is None else _human_m(m["distance_m"])
-        print(f"  {i:>2}  {m['similarity']:>10.4f}  {dist:>10}  {_fmt(m['lat'], '11.6f')}  {_fmt(m['lon'], '11.6f')}  "
-              f"{m['image']}", file=out)
+        inl = "-" if m.get("inliers") is None else str(m["inliers"])
+        print(f"  {i:>2}  {m['similarity']:>10.4f}  {inl:>7}  {dist:>10}  {_fmt(m['lat'], '11.6f')}  "
+              f"{_fmt(m['lon'], '11.6f')}  {m['image']}", file=out)
 
 
 def _human_m(d: float) -> str:
@@ -64,7 +70,7 @@ def run(args) -> int:
         except InputError as err:  # a missing path is one bad input, not the end of the batch
             failures.append((item, err.cause))
     config = LocatorConfig(backend=args.backend, batch_size=args.batch_size, max_side=args.max_side,
-                           num_threads=args.threads, agree_m=args.agree_m)
+                           num_threads=args.threads, agree_m=args.agree_m, rerank=args.rerank)
     locator = Locator(args.index, args.model, config)
     try:
         names = [str(p) for p in paths]

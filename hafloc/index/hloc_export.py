@@ -97,3 +97,36 @@ def export_store(store: IndexStore, path: str | Path, as_half: bool = False) -> 
     _, names, desc = store.descriptors()
     write_global_descriptors(path, names, desc, as_half=as_half)
     return len(names)
+
+
+def write_local_exports(folder: str | Path, store: IndexStore, matcher, query_features: dict,
+                        pairs: Sequence[tuple[str, str]], progress: bool = True) -> tuple[Path, Path]:
+    """``features.h5`` (the index's local features of the paired images plus the queries') and
+    ``matches.h5`` (``matches0`` / ``matching_scores0`` of every pair, the matcher's output as hloc's
+    match_features writes it, before any geometric verification)."""
+    from tqdm import tqdm
+
+    from hafloc.local import write_local_features, write_matches
+
+    folder = Path(folder)
+    ids, names, _ = store.descriptors()
+    id_of = dict(zip(names, (int(i) for i in ids)))
+    needed = sorted({d for _, d in pairs})
+    db_feats = store.local_features([id_of[n] for n in needed])
+    feats = {n: db_feats[id_of[n]] for n in needed}
+    feats.update({q: f for q, f in query_features.items() if q not in feats})
+    by_query: dict[str, list[str]] = {}
+    for q, d in pairs:
+        by_query.setdefault(q, []).append(d)
+    matches = {}
+    for q, ds in tqdm(by_query.items(), desc="match", unit="query", disable=not progress):
+        for d, m in zip(ds, matcher.match_many(feats[q], [feats[d] for d in ds])):
+            m0 = np.full(len(feats[q]), -1, np.int32)
+            s0 = np.zeros(len(feats[q]), np.float16)
+            m0[m.matches[:, 0]] = m.matches[:, 1]
+            s0[m.matches[:, 0]] = m.scores
+            matches[(q, d)] = (m0, s0)
+    fpath, mpath = folder / "features.h5", folder / "matches.h5"
+    write_local_features(fpath, feats, append=False)
+    write_matches(mpath, matches)
+    return fpath, mpath

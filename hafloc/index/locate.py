@@ -1,6 +1,7 @@
 """Turn retrieved matches into a position estimate with a confidence.
 
-The best positioned match anchors the estimate; matches within ``agree_m`` of it vote for the
+The best positioned match (by re-ranking score when the matches were verified, else by
+similarity) anchors the estimate; matches within ``agree_m`` of it vote for the
 same place and are averaged (similarity-weighted, in the anchor's UTM zone). Confidence combines
 how much of the similarity mass agrees with how clearly the agreeing place beats the best
 disagreeing one.
@@ -38,27 +39,34 @@ class Estimate:
     margin: float  # best agreeing similarity - best disagreeing one (1.0 when none disagree)
     n_agreeing: int
     matches: list[Match]  # the input matches, with distance_m from the estimate
+    verified: bool = False  # the anchor shares verified geometry with the query
+
+
+def rank_score(m: Match) -> float:
+    """What orders matches: the re-ranking score when there is one, else global similarity."""
+    return m.similarity if m.score is None else m.score
 
 
 def estimate_position(matches: Sequence[Match], agree_m: float = 25.0, margin_scale: float = 0.1,
-                      temperature: float = 0.05) -> Estimate | None:
+                      temperature: float = 0.05, min_inliers: float | None = None) -> Estimate | None:
     """Similarity-weighted position of the matches agreeing with the best positioned one.
 
     Votes are ``exp((s - s_best) / temperature)``: a match far less similar than the best one
     barely counts, so a long tail of unrelated top-k matches does not dilute a clear answer.
     ``confidence = agreement * (0.5 + 0.5 * min(1, margin / margin_scale))``: full agreement and a
     similarity gap of ``margin_scale`` (cosine) to the best disagreeing match give 1. None when no
-    match has a position.
+    match has a position. Similarities are re-ranking scores (``rank_score``) where matches carry
+    them; ``verified``: the anchor has more than ``min_inliers`` verified inliers.
     """
     positioned = [m for m in matches if m.positioned]
     if not positioned:
         return None
-    best = max(positioned, key=lambda m: m.similarity)
+    best = max(positioned, key=rank_score)
     assert best.lat is not None and best.lon is not None
     agree = [m for m in positioned if haversine_m(best.lat, best.lon, m.lat, m.lon) <= agree_m]  # type: ignore[arg-type]
     agree_ids = {id(m) for m in agree}
     others = [m for m in positioned if id(m) not in agree_ids]
-    weight = {id(m): math.exp((m.similarity - best.similarity) / temperature) for m in positioned}
+    weight = {id(m): math.exp((rank_score(m) - rank_score(best)) / temperature) for m in positioned}
     w = np.array([weight[id(m)] for m in agree])
     try:
         _, _, zone, letter = latlon_to_utm(best.lat, best.lon)
@@ -69,12 +77,13 @@ def estimate_position(matches: Sequence[Match], agree_m: float = 25.0, margin_sc
         ll = np.array([(m.lat, m.lon) for m in agree], dtype=np.float64)
         lat, lon = (float(v) for v in (ll * w[:, None]).sum(0) / w.sum())
     agreement = float(w.sum() / sum(weight.values()))
-    margin = 1.0 if not others else max(m.similarity for m in agree) - max(m.similarity for m in others)
+    margin = 1.0 if not others else max(map(rank_score, agree)) - max(map(rank_score, others))
     confidence = agreement * (0.5 + 0.5 * min(1.0, max(0.0, margin) / margin_scale))
     with_dist = [dataclasses.replace(m, distance_m=haversine_m(lat, lon, m.lat, m.lon) if m.positioned else None)
                  for m in matches]  # type: ignore[arg-type]
+    verified = min_inliers is not None and best.inliers is not None and best.inliers > min_inliers
     return Estimate(lat=lat, lon=lon, confidence=float(min(1.0, max(0.0, confidence))), agreement=agreement,
-                    margin=float(margin), n_agreeing=len(agree), matches=with_dist)
+                    margin=float(margin), n_agreeing=len(agree), matches=with_dist, verified=verified)
 
 
 def _round(x: float | None, nd: int) -> float | None:
@@ -88,9 +97,10 @@ def result_json(name: str, matches: Sequence[Match], estimate: Estimate | None) 
         "image": name,
         "estimate": None if estimate is None else {
             "lat": round(estimate.lat, 7), "lon": round(estimate.lon, 7),
-            "confidence": round(estimate.confidence, 4)},
+            "confidence": round(estimate.confidence, 4), "verified": estimate.verified},
         "matches": [{"image": m.image, "lat": _round(m.lat, 7), "lon": _round(m.lon, 7),
-                     "similarity": round(float(m.similarity), 6), "distance_m": _round(m.distance_m, 2)}
+                     "similarity": round(float(m.similarity), 6), "distance_m": _round(m.distance_m, 2),
+                     "inliers": m.inliers}
                     for m in shown],
     }
 

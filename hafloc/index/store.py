@@ -5,10 +5,12 @@ Layout of a folder::
     index.json            model fingerprint/path, descriptor dim, search config, counts
     meta.sqlite           table images (one row per indexed image, path unique)
     chunks/chunk_NNNNNN.npy   descriptors, one file per committed chunk
+    chunks/local_NNNNNN.h5    local features of the chunk's images (hloc's features.h5 layout), when
+                              the index was built with ``--local``
     search.faiss (+ .json, search.ids.npy)   the search structure, rebuilt from the chunks
 
-Building is atomic and resumable: a chunk's descriptor file is written (temp + rename) *before*
-the transaction inserting its rows commits, and rows point at their chunk file. A kill before the
+Building is atomic and resumable: a chunk's files are written (temp + rename) *before* the
+transaction inserting its rows commits, and rows point at their chunk file. A kill before the
 commit leaves only an orphan chunk file (ignored, then deleted); a kill after it leaves a complete
 chunk. Rerunning ``add`` skips what is committed, so the result equals an uninterrupted build.
 The search structure is derived data: rebuilt at the end of ``add`` and lazily whenever it does not
@@ -24,7 +26,7 @@ import sqlite3
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -34,6 +36,9 @@ from hafloc.fileio import atomic_path, write_json_atomic
 from hafloc.index.positions import Position, resolve_position
 from hafloc.index.search import (SearchConfig, SearchIndex, build_search_index, load_search_index,
                                  params_path, save_search_index, search)
+
+if TYPE_CHECKING:
+    from hafloc.local import LocalFeatures
 
 FORMAT = "hafloc-index"
 VERSION = 1
@@ -59,6 +64,11 @@ class ExtractResultLike(Protocol):
     failures: list[tuple[str, str]]
 
 
+def local_of(result: Any) -> "dict[str, LocalFeatures]":
+    """The local features an extraction result carries ({} for a global-only extractor)."""
+    return dict(getattr(result, "local", None) or {})
+
+
 # extract_fn(paths, names) -> result with .names / .descriptors (N, D) / .failures [(name, reason)]
 ExtractFn = Callable[[list[Path], list[str]], ExtractResultLike]
 
@@ -70,11 +80,32 @@ class Extracted:
     names: list[str]
     descriptors: np.ndarray
     failures: list[tuple[str, str]] = field(default_factory=list)
+    local: "dict[str, LocalFeatures]" = field(default_factory=dict)  # name -> local features
 
 
-def extractor_fn(extractor: Any) -> ExtractFn:
-    """Adapt ``hafloc.descriptors.extract.Extractor`` to the store's callback (the store shows progress)."""
-    return lambda paths, names: extractor.extract_paths(paths, names=names, progress=False)
+def extractor_fn(extractor: Any, local: Any = None) -> ExtractFn:
+    """Adapt ``hafloc.descriptors.extract.Extractor`` to the store's callback (the store shows progress).
+
+    ``local``: a ``hafloc.local`` extractor; its features of every image described globally go
+    with the chunk. An image whose local extraction fails is reported and left for the next run.
+    """
+    if local is None:
+        return lambda paths, names: extractor.extract_paths(paths, names=names, progress=False)
+
+    def run(paths: list[Path], names: list[str]) -> Extracted:
+        res = extractor.extract_paths(paths, names=names, progress=False)
+        by_name = dict(zip(names, paths))
+        feats: dict[str, LocalFeatures] = {}
+        failures = list(res.failures)
+        for name in res.names:
+            try:
+                feats[name] = local.extract(extractor.load(by_name[name]))
+            except InputError as err:
+                failures.append((name, err.cause))
+        keep = [i for i, n in enumerate(res.names) if n in feats]
+        return Extracted([res.names[i] for i in keep], res.descriptors[keep], failures, feats)
+
+    return run
 
 
 @dataclass
@@ -101,6 +132,8 @@ class Match:
     zone_letter: str | None = None
     position_source: str | None = None
     distance_m: float | None = None
+    inliers: int | None = None  # geometrically verified local matches (None: not re-ranked)
+    score: float | None = None  # re-ranking score, similarity fused with verification (None: not re-ranked)
 
     @property
     def path(self) -> Path:
@@ -132,8 +165,11 @@ class IndexStore:
 
     @classmethod
     def create(cls, folder: str | Path, fingerprint: str, dim: int, search_config: SearchConfig | None = None,
-               model_path: str | Path | None = None) -> "IndexStore":
-        """Start an empty index in ``folder`` (which must not already hold one)."""
+               model_path: str | Path | None = None, local: dict[str, Any] | None = None) -> "IndexStore":
+        """Start an empty index in ``folder`` (which must not already hold one).
+
+        ``local``: {"extractor": name, "conf": {...}} when the index stores local features.
+        """
         folder = Path(folder)
         if (folder / "index.json").exists():
             raise HaflocError(f"{folder}: already holds an index (open it, or choose another folder)")
@@ -147,6 +183,8 @@ class IndexStore:
             "counts": {"images": 0, "positioned": 0},
             "created_at": _now(),
         }
+        if local:
+            info["local"] = dict(local)
         store = cls(folder, info)
         # index.json last: its presence is what makes the folder "an index".
         write_json_atomic(folder / "index.json", info)
@@ -170,13 +208,25 @@ class IndexStore:
 
     @classmethod
     def open_or_create(cls, folder: str | Path, fingerprint: str, dim: int,
-                       search_config: SearchConfig | None = None, model_path: str | Path | None = None) -> "IndexStore":
-        """Resume an existing index built with the same model, or start a new one."""
+                       search_config: SearchConfig | None = None, model_path: str | Path | None = None,
+                       local: dict[str, Any] | None = None) -> "IndexStore":
+        """Resume an existing index built with the same model (and local features), or start a new one."""
         if (Path(folder) / "index.json").exists():
             store = cls.open(folder)
             store.check_model(fingerprint)
+            if local and store.local_config and local.get("extractor") != store.local_config.get("extractor"):
+                store.close()
+                raise ModelMismatchError(
+                    f"{folder}: index holds {store.local_config.get('extractor')} local features, "
+                    f"you asked for {local.get('extractor')}; use the same --local or build a new index")
+            if local and not store.local_config and len(store):
+                store.close()
+                raise HaflocError(f"{folder}: index was built without local features; rebuild it with --local "
+                                  f"{local.get('extractor')} into a new folder")
+            if local and not store.local_config:
+                store.info["local"] = dict(local)
             return store
-        return cls.create(folder, fingerprint, dim, search_config, model_path)
+        return cls.create(folder, fingerprint, dim, search_config, model_path, local)
 
     def close(self) -> None:
         self._db.close()
@@ -196,6 +246,12 @@ class IndexStore:
     @property
     def dim(self) -> int:
         return int(self.info["dim"])
+
+    @property
+    def local_config(self) -> dict[str, Any] | None:
+        """{"extractor", "conf"} of the stored local features, None for a global-only index."""
+        local = self.info.get("local")
+        return dict(local) if isinstance(local, dict) else None
 
     @property
     def search_config(self) -> SearchConfig:
@@ -218,10 +274,13 @@ class IndexStore:
     def _chunk_path(self, chunk: int) -> Path:
         return self.folder / "chunks" / f"chunk_{chunk:06d}.npy"
 
+    def _local_path(self, chunk: int) -> Path:
+        return self.folder / "chunks" / f"local_{chunk:06d}.h5"
+
     def _remove_orphan_chunks(self) -> None:
         """Delete chunk files whose rows never committed (a kill between file and transaction)."""
         used = {r[0] for r in self._db.execute("SELECT DISTINCT chunk FROM images")}
-        for p in (self.folder / "chunks").glob("chunk_*.npy"):
+        for p in [*(self.folder / "chunks").glob("chunk_*.npy"), *(self.folder / "chunks").glob("local_*.h5")]:
             try:
                 if int(p.stem.split("_")[1]) not in used:
                     p.unlink()
@@ -298,7 +357,15 @@ class IndexStore:
             if pos is None:
                 report.unpositioned.append(name)
             rows.append((name, root, pos, i))
+        local = local_of(result)
+        if self.local_config and set(names) - set(local):
+            raise ValueError(f"{self.folder}: the index stores local features; extraction gave none for "
+                             f"{sorted(set(names) - set(local))[:3]}")
         chunk = int(self._db.execute("SELECT COALESCE(MAX(chunk), 0) FROM images").fetchone()[0]) + 1
+        if self.local_config:
+            from hafloc.local import write_local_features
+
+            write_local_features(self._local_path(chunk), {n: local[n] for n in names}, append=False)
         with atomic_path(self._chunk_path(chunk)) as tmp:
             np.save(tmp, desc)
         added_at = _now()
@@ -336,6 +403,40 @@ class IndexStore:
                     raise InputError(p, f"descriptor chunk unreadable ({err}); the index is damaged") from None
             out[i] = loaded[chunk][row]
         return (np.array([r[0] for r in rows], np.int64), [r[1] for r in rows], out)
+
+    def local_features(self, ids: Sequence[int]) -> "dict[int, LocalFeatures]":
+        """Stored local features of database images by id ({} for a global-only index)."""
+        if not self.local_config or not len(ids):
+            return {}
+        from hafloc.local import read_local_features
+
+        rows = self._locations([int(i) for i in ids])
+        out: dict[int, LocalFeatures] = {}
+        for image_id, (path, chunk, _) in rows.items():
+            p = self._local_path(chunk)
+            try:
+                out[image_id] = read_local_features(p, path)
+            except (OSError, KeyError, ValueError) as err:
+                raise InputError(p, f"local features of {path} unreadable ({err}); the index is damaged") from None
+        return out
+
+    def _locations(self, ids: list[int]) -> dict[int, tuple[str, int, int]]:
+        out: dict[int, tuple[str, int, int]] = {}
+        with self._lock:
+            for start in range(0, len(ids), 500):  # sqlite's host-parameter limit
+                part = ids[start:start + 500]
+                for r in self._db.execute(f"SELECT id, path, chunk, row FROM images WHERE id IN ({','.join('?' * len(part))})",
+                                          part):
+                    out[int(r[0])] = (str(r[1]), int(r[2]), int(r[3]))
+        return out
+
+    def local_bytes_per_image(self) -> float | None:
+        """Average size on disk of one image's local features (None without local features)."""
+        if not self.local_config:
+            return None
+        files = list((self.folder / "chunks").glob("local_*.h5"))
+        n = len(self)
+        return sum(p.stat().st_size for p in files) / n if n else 0.0
 
     def images(self) -> list[dict[str, Any]]:
         """Metadata rows of all indexed images, in id order."""

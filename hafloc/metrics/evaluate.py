@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -25,6 +25,9 @@ from hafloc.errors import HaflocError
 from hafloc.fileio import atomic_path
 from hafloc.metrics.protocols import score
 from hafloc.metrics.recall import exclude_from_ranks, recall_curve
+
+if TYPE_CHECKING:
+    from hafloc.metrics.verified import RerankSettings
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +221,7 @@ def extract_dataset(model, ds: Dataset, settings: ExtractionSettings | None = No
 
 
 def _percent_keys(result: dict[str, Any]) -> list[str]:
-    return [k for k in result if k.startswith(("recall@", "mAP", "mP@"))]
+    return [k for k in result if k.startswith(("recall@", "mAP", "mP@"))]  # global_* are already final
 
 
 def _account_failed_queries(result: dict[str, Any], ds_db: Dataset, failed: np.ndarray, n_total: int) -> None:
@@ -264,8 +267,14 @@ def _recall_curve_for_map(ds: Dataset, result: dict[str, Any]) -> dict[str, list
     return recall_curve(ranks, ds.query_positives(), ranks.shape[1])
 
 
-def score_descriptors(ds: Dataset, d: DatasetDescriptors, ns: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
-    """Score extracted descriptors: failed database images dropped, failed queries counted as misses."""
+def score_descriptors(ds: Dataset, d: DatasetDescriptors, ns: Sequence[int] = (1, 5, 10),
+                      rerank: Callable[[Dataset, np.ndarray, np.ndarray], Any] | None = None) -> dict[str, Any]:
+    """Score extracted descriptors: failed database images dropped, failed queries counted as misses.
+
+    ``rerank(ds_ok, db_desc, q_desc)`` makes a ranking re-ranker for the dataset the descriptors
+    belong to; the result is then the re-ranked one, with the global scores as ``global_<key>``
+    and the re-ranker's ``summary()`` as ``rerank``.
+    """
     if len(d.db_ok) == 0:
         raise HaflocError(f"{ds.name}: no database image could be read ({len(d.failures)} failures)")
     ds_db = ds.subset(db_idx=d.db_ok) if len(d.db_ok) != ds.num_db else ds
@@ -273,10 +282,23 @@ def score_descriptors(ds: Dataset, d: DatasetDescriptors, ns: Sequence[int] = (1
     if len(d.q_ok) == 0:
         raise HaflocError(f"{ds.name}: no query image could be read ({len(failed_q)} failures)")
     ds_ok = ds_db.subset(q_idx=d.q_ok) if len(failed_q) else ds_db
-    result = score(ds_ok, d.db, d.q, ns=ns)
-    if "recall_curve" not in result and result.get("_ranks") is not None and ds_ok.metric != "revisited":
-        result["recall_curve"] = _recall_curve_for_map(ds_ok, result)
-    _account_failed_queries(result, ds_db, failed_q, ds.num_q)
+
+    def scored(fn: Any = None) -> dict[str, Any]:
+        r = score(ds_ok, d.db, d.q, ns=ns, rerank=fn)
+        if "recall_curve" not in r and r.get("_ranks") is not None and ds_ok.metric != "revisited":
+            r["recall_curve"] = _recall_curve_for_map(ds_ok, r)
+        _account_failed_queries(r, ds_db, failed_q, ds.num_q)
+        return r
+
+    result = scored()
+    if rerank is not None:
+        fn = rerank(ds_ok, d.db, d.q)
+        glob, result = result, scored(fn)
+        for k in _percent_keys(glob):
+            result[f"global_{k}"] = glob[k]
+        result["global_recall_curve"] = glob.get("recall_curve")
+        result["_global_ranks"] = glob.get("_ranks")
+        result["rerank"] = fn.summary()
     result["num_queries_failed"] = int(len(failed_q))
     result["num_db_failed"] = int(ds.num_db - len(d.db_ok))
     result["_dataset"] = ds_ok  # what _ranks index into (database and query order)
@@ -285,7 +307,8 @@ def score_descriptors(ds: Dataset, d: DatasetDescriptors, ns: Sequence[int] = (1
 
 
 def evaluate(model, ds: Dataset, settings: ExtractionSettings | None = None, *, cache_dir: str | Path | None | bool = None,
-             progress: bool = True, ns: Sequence[int] = (1, 5, 10), extractor=None) -> dict[str, Any]:
+             progress: bool = True, ns: Sequence[int] = (1, 5, 10), extractor=None,
+             rerank: "RerankSettings | None" = None) -> dict[str, Any]:
     """Extract and score ``ds`` with its protocol; percent numbers like :func:`protocols.score`.
 
     Oxford/Paris (original) are scored with full AND cropped queries: ``mAP_full``, ``mAP_crop``
@@ -293,6 +316,8 @@ def evaluate(model, ds: Dataset, settings: ExtractionSettings | None = None, *, 
     "reused", "file"}), ``failures`` ([(path, reason)]), ``num_queries_failed``, ``num_db_failed``,
     ``descriptor_dim``, ``fingerprint`` and ``dataset`` (summary). Private ``_ranks``,
     ``_dataset``, ``_q_index`` serve reports (drop with :func:`protocols.jsonable`).
+    ``rerank``: re-rank each query's top K by verified local matches (``hafloc.metrics.verified``);
+    the scores are then the re-ranked ones and ``global_<key>`` the global-only ones.
     """
     if ds.num_q == 0 or ds.num_db == 0:
         raise HaflocError(f"{ds.name}: nothing to evaluate ({ds.num_db} database, {ds.num_q} query images)")
@@ -307,7 +332,9 @@ def evaluate(model, ds: Dataset, settings: ExtractionSettings | None = None, *, 
     parts = extract_modes(model, ds, settings, crops=crops, cache_dir=cache_dir, progress=progress,
                           extractor=extractor)
     t_scoring = time.perf_counter()
-    scored = [score_descriptors(dataclasses.replace(ds, quirks=dict(ds.quirks, crop_queries=c)), d, ns)
+    folder = default_cache_dir() if cache_dir is None else (Path(cache_dir) if cache_dir is not False else None)
+    scored = [score_descriptors(dataclasses.replace(ds, quirks=dict(ds.quirks, crop_queries=c)), d, ns,
+                                None if rerank is None else _reranker_factory(rerank, extractor, c, folder, progress))
               for c, d in zip(crops, parts)]
     scoring = time.perf_counter() - t_scoring
     result = scored[0]
@@ -336,6 +363,23 @@ def evaluate(model, ds: Dataset, settings: ExtractionSettings | None = None, *, 
                    "num_images": n_images},
     })
     return result
+
+
+def _reranker_factory(rerank: "RerankSettings", extractor, crop: bool, cache_folder: Path | None, progress: bool):
+    """Builds the ranking re-ranker of one query mode once the scored subset is known."""
+    from hafloc.index.rerank import Reranker
+    from hafloc.local.cache import LocalFeatureCache
+    from hafloc.metrics.verified import RankReranker
+
+    reranker = Reranker(rerank.extractor, rerank.conf, rule=rerank.rule)
+    cache = LocalFeatureCache(cache_folder, rerank.extractor, reranker.extractor.conf) if cache_folder else None
+
+    def make(ds_ok: Dataset, db_desc: np.ndarray, q_desc: np.ndarray) -> RankReranker:
+        boxes = _query_boxes(ds_ok, crop)
+        return RankReranker(rerank, reranker, ds_ok.db_paths(), ds_ok.q_paths(), db_desc, q_desc,
+                            load=extractor.load, key=image_key, cache=cache, q_boxes=boxes, progress=progress)
+
+    return make
 
 
 def headline(result: dict[str, Any]) -> dict[str, Any]:

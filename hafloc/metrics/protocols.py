@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -12,6 +12,9 @@ from hafloc.metrics.ap import mean_average_precision, revisited_map
 from hafloc.metrics.recall import exclude_from_ranks, panorama_nms, recall_at_n, recall_curve
 
 CURVE_N = 25
+
+# reorders ranked database indices (Nq, M) -> (Nq, M), e.g. re-ranking by verified local matches
+Rerank = Callable[[np.ndarray], np.ndarray]
 
 
 def _same_timestamp(ds: Dataset) -> tuple[np.ndarray, np.ndarray] | None:
@@ -26,7 +29,8 @@ def full_ranking(db_desc: np.ndarray, q_desc: np.ndarray) -> np.ndarray:
     return knn(db_desc, q_desc, len(db_desc))[1].astype(np.int64)
 
 
-def _score_recall(ds: Dataset, db_desc: np.ndarray, q_desc: np.ndarray, ns: Sequence[int]) -> dict[str, Any]:
+def _score_recall(ds: Dataset, db_desc: np.ndarray, q_desc: np.ndarray, ns: Sequence[int],
+                  rerank: Rerank | None = None) -> dict[str, Any]:
     k = max(max(ns), CURVE_N)
     positives = ds.query_positives()
     protocol = []
@@ -48,6 +52,8 @@ def _score_recall(ds: Dataset, db_desc: np.ndarray, q_desc: np.ndarray, ns: Sequ
         per_q = counts[np.searchsorted(uniq, q_ts).clip(0, len(uniq) - 1)] * np.isin(q_ts, uniq)
         k_get += int(per_q.max()) if len(per_q) else 0
     ranks = knn(db_desc, q_desc, min(k_get, len(db_desc)))[1].astype(np.int64)
+    if rerank is not None:
+        ranks = rerank(ranks)
     if ts is not None:
         ranks = exclude_from_ranks(ranks, db_ts[ranks] == q_ts[:, None], ranks.shape[1])
         positives = [p[db_ts[p] != q_ts[i]] for i, p in enumerate(positives)]
@@ -62,6 +68,8 @@ def _score_recall(ds: Dataset, db_desc: np.ndarray, q_desc: np.ndarray, ns: Sequ
     out["num_queries_without_positive"] = int(sum(len(p) == 0 for p in positives))
     if ds.db_labels is not None and ds.positives is None and ds.db_utm is None:
         full = full_ranking(db_desc, q_desc)
+        if rerank is not None:
+            full = rerank(full)
         out["mAP"] = mean_average_precision(full, positives)["mAP"]
     if ds.quirks.get("protocol") and ds.quirks["protocol"] not in protocol:
         protocol.insert(0, ds.quirks["protocol"])
@@ -70,7 +78,8 @@ def _score_recall(ds: Dataset, db_desc: np.ndarray, q_desc: np.ndarray, ns: Sequ
     return out
 
 
-def score(ds: Dataset, db_desc: np.ndarray, q_desc: np.ndarray, ns: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
+def score(ds: Dataset, db_desc: np.ndarray, q_desc: np.ndarray, ns: Sequence[int] = (1, 5, 10),
+          rerank: Rerank | None = None) -> dict[str, Any]:
     """Rank the database for every query (exact inner product on L2-normalised descriptors) and
     apply the dataset's protocol.
 
@@ -79,7 +88,7 @@ def score(ds: Dataset, db_desc: np.ndarray, q_desc: np.ndarray, ns: Sequence[int
     sets; Oxford/Paris -> ``mAP``; revisited -> ``mAP`` (= Medium) and ``mAP_{E,M,H}``,
     ``mP@{1,5,10}_{E,M,H}``; Holidays -> ``mAP``. Always ``protocol`` (text) and ``_ranks``
     ((Nq, <=25) top database indices after the protocol's filtering, -1 padded; drop it before
-    writing JSON).
+    writing JSON). ``rerank`` reorders the ranking before the protocol filters it.
     """
     db_desc = np.asarray(db_desc, dtype=np.float32)
     q_desc = np.asarray(q_desc, dtype=np.float32)
@@ -91,8 +100,10 @@ def score(ds: Dataset, db_desc: np.ndarray, q_desc: np.ndarray, ns: Sequence[int
     if ds.num_q == 0 or ds.num_db == 0:
         raise ValueError(f"{ds.name}: nothing to score ({ds.num_db} database, {ds.num_q} query images)")
     if ds.metric == "recall":
-        return _score_recall(ds, db_desc, q_desc, ns)
+        return _score_recall(ds, db_desc, q_desc, ns, rerank)
     full = full_ranking(db_desc, q_desc)
+    if rerank is not None:
+        full = rerank(full)
     out: dict[str, Any] = {"num_queries": ds.num_q}
     if ds.metric == "revisited":
         rv = ds.quirks["revisited"]

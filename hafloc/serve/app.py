@@ -258,7 +258,7 @@ def create_app(index_path: str | Path, max_upload_mb: float = 20, token: str | N
 
     def locate_bytes(data: bytes, filename: str) -> dict[str, Any]:
         img = decode_upload(data, filename)
-        result, att = locator.locate_image(img, filename, k=config.top_k)
+        result, att = locator.locate_image(img, filename, k=config.top_k, correspondences=True)
         result["attention"] = attention_json(img, att)
         return result
 

@@ -17,7 +17,10 @@ from ..descriptors.extract import Extractor
 from ..descriptors.modelfile import load_model
 from ..errors import HaflocError, InputError
 from ..index.locate import estimate_position, result_json
+from ..index.rerank import FusionRule, Reranker, Verified, rerank_matches
 from ..index.store import IndexStore, Match
+
+DEFAULT_RERANK = 10  # candidates verified per query when the index has local features
 
 
 @dataclass
@@ -29,6 +32,7 @@ class LocatorConfig:
     max_side: int | None = None
     num_threads: int | None = None
     agree_m: float = 25.0
+    rerank: int | None = None  # candidates verified by local matches (None: DEFAULT_RERANK if the index has them)
 
 
 def open_model_for(store: IndexStore, model_path: str | Path | None = None):
@@ -56,21 +60,55 @@ class Locator:
         c = self.config
         self.extractor = Extractor(self.model, batch_size=c.batch_size, max_side=c.max_side, backend=c.backend,
                                    num_threads=c.num_threads)
+        local = self.store.local_config
+        if c.rerank is not None and c.rerank < 0:
+            raise HaflocError(f"--rerank must be 0 or more, got {c.rerank}")
+        self.rerank_k = (DEFAULT_RERANK if local else 0) if c.rerank is None else c.rerank
+        self.reranker: Reranker | None = None
+        if self.rerank_k and not local:
+            raise HaflocError(f"{self.store.folder}: re-ranking needs local features in the index "
+                              "(build it with 'hafloc index build ... --local xfeat'), or pass --rerank 0")
+        if self.rerank_k and local:
+            self.reranker = Reranker(local["extractor"], local.get("conf"),
+                                     rule=FusionRule.from_dict(self.store.info.get("rerank")))
 
     def close(self) -> None:
         self.store.close()
 
-    def results(self, descs: np.ndarray, names: Sequence[str], k: int) -> list[dict[str, Any]]:
-        """``result_json`` per query, each match also carrying its database ``id`` (for thumbnails)."""
+    def results(self, descs: np.ndarray, names: Sequence[str], k: int, local: Sequence[Any] | None = None,
+                correspondences: bool = False) -> list[dict[str, Any]]:
+        """``result_json`` per query, each match also carrying its database ``id`` (for thumbnails).
+
+        ``local``: the queries' local features (one per name) to re-rank the top ``rerank_k`` by
+        verified matches; ``correspondences``: the best match also carries its inlier pairs.
+        """
         descs = np.atleast_2d(np.asarray(descs, dtype=np.float32))
         if len(names) == 0:
             return []
-        all_matches: list[list[Match]] = self.store.search(descs, k)  # type: ignore[assignment]
+        rerank = self.rerank_k if self.reranker is not None and local is not None else 0
+        all_matches: list[list[Match]] = self.store.search(descs, max(k, rerank))  # type: ignore[assignment]
         out = []
-        for name, ms in zip(names, all_matches):
-            res = result_json(name, ms, estimate_position(ms, self.config.agree_m))
+        for i, (name, ms) in enumerate(zip(names, all_matches)):
+            checked: dict[int, Verified] = {}
+            feats: dict[int, Any] = {}
+            if rerank:
+                assert self.reranker is not None and local is not None
+                top = ms[:rerank]
+                feats = self.store.local_features([m.id for m in top])
+                verified = self.reranker.verify(local[i], [feats.get(m.id) for m in top])
+                checked = {m.id: v for m, v in zip(top, verified)}
+                ms = rerank_matches(ms, verified, self.reranker.rule)
+            ms = ms[:k]
+            min_inliers = self.reranker.rule.min_inliers if rerank and self.reranker else None
+            res = result_json(name, ms, estimate_position(ms, self.config.agree_m, min_inliers=min_inliers))
             for m_json, m in zip(res["matches"], ms):  # result_json keeps the order of the matches
                 m_json["id"] = m.id
+            if correspondences and ms and ms[0].id in checked:
+                v = checked[ms[0].id]
+                assert local is not None
+                res["matches"][0]["correspondences"] = {
+                    "query": np.round(v.points_query, 1).tolist(), "db": np.round(v.points_db, 1).tolist(),
+                    "query_size": list(local[i].image_size), "db_size": list(feats[ms[0].id].image_size)}
             out.append(res)
         return out
 
@@ -78,9 +116,16 @@ class Locator:
                      progress: bool = True) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
         """Locate files in batches: (results in input order, failures [(name, reason)])."""
         res = self.extractor.extract_paths(list(paths), names=list(names), progress=progress)
-        return self.results(res.descriptors, res.names, k), res.failures
+        local = None
+        if self.reranker is not None:
+            by_name = dict(zip(names, paths))
+            local = [self.reranker.features(self.extractor.load(by_name[n])) for n in res.names]
+        return self.results(res.descriptors, res.names, k, local), res.failures
 
-    def locate_image(self, img: Image.Image, name: str, k: int = 10) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    def locate_image(self, img: Image.Image, name: str, k: int = 10,
+                     correspondences: bool = False) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """Locate one decoded photo: (result, attention maps {level: (h, w)})."""
         out = self.extractor.describe_image(img)
-        return self.results(out["descriptor"][None], [name], k)[0], out["attention"]
+        local = [self.reranker.features(img)] if self.reranker is not None else None
+        res = self.results(out["descriptor"][None], [name], k, local, correspondences=correspondences)[0]
+        return res, out["attention"]

@@ -157,11 +157,13 @@ function showResult(res, file) {
     const p = el("p");
     p.appendChild(el("span", { class: "num" }, `#${i + 1} `));
     p.appendChild(document.createTextNode(`similarity ${m.similarity.toFixed(3)} \u00b7 ${fmtDistance(m.distance_m)}`));
+    if (m.inliers !== null && m.inliers !== undefined) p.appendChild(el("span", { class: "inliers" }, ` \u00b7 ${m.inliers} inliers`));
     li.appendChild(p);
     li.appendChild(el("div", { class: "name" }, m.image));
     list.appendChild(li);
   });
   $("#matches-box").hidden = res.matches.length === 0;
+  drawCorrespondences(res, qurl);
   drawPlot();
 }
 

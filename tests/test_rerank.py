@@ -1,0 +1,210 @@
+"""Re-ranking by verified local matches, end to end on real photos: index build --local, locate
+--rerank, the kill-and-rerun guarantee with local features, and the hloc export of features/matches."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from hafloc.cli import main
+from hafloc.index.locate import haversine_m
+from hafloc.index.store import Extracted, IndexStore
+from hafloc.images.gps import read_gps
+from hafloc.local import create_extractor
+from hafloc.serve.locator import Locator, LocatorConfig
+from test_cli_index import _committed, make_small_model
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ("--backend", "torch", "--no-progress")
+LOCAL = ("--local", "xfeat", "--max-keypoints", "512", "--local-max-side", "480")
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def lund(shared_data, tmp_path_factory) -> dict:
+    """12 Lund cathedral photos (EXIF GPS only) indexed with xfeat local features."""
+    root = tmp_path_factory.mktemp("lund")
+    photos = root / "photos"
+    photos.mkdir()
+    for p in sorted((shared_data / "lund_gps" / "images").glob("*.jpg"))[:12]:
+        shutil.copy(p, photos / p.name)
+    model = make_small_model(sorted(photos.glob("*.jpg")), root / "small.model")
+    index = root / "index"
+    code = main(["index", "build", str(photos), "--model", str(model), "--index", str(index), "--chunk-size", "5",
+                 *LOCAL, *FAST])
+    assert code == 0
+    return {"root": root, "photos": photos, "model": model, "index": index}
+
+
+@pytest.fixture(scope="module")
+def xfeat():
+    return create_extractor("xfeat", max_keypoints=512, max_side=480)
+
+
+def test_index_stores_local_features_in_hloc_layout(lund, capsys):
+    code, out, _ = run_cli(capsys, "index", "info", lund["index"], "--json")
+    info = json.loads(out)
+    assert info["local"]["extractor"] == "xfeat" and info["local"]["conf"]["max_keypoints"] == 512
+    assert 0 < info["local"]["bytes_per_image"] <= 300 * 1024
+    files = sorted((lund["index"] / "chunks").glob("local_*.h5"))
+    assert len(files) == 3  # 12 images in chunks of 5
+    names = []
+    with h5py.File(files[0], "r") as f:
+        for name, grp in f.items():
+            names.append(name)
+            kp, desc, scores = grp["keypoints"][()], grp["descriptors"][()], grp["scores"][()]
+            assert kp.ndim == 2 and kp.shape[1] == 2 and desc.shape == (64, len(kp)) and scores.shape == (len(kp),)
+            assert desc.dtype == np.float16 and 0 < len(kp) <= 512
+            w, h = grp["image_size"][()]
+            assert (w, h) == (1024, 768) and kp[:, 0].max() < w and kp[:, 1].max() < h
+    assert len(names) == 5
+    code, out, _ = run_cli(capsys, "index", "info", lund["index"])
+    assert "local      xfeat" in out and "KB per image" in out
+
+
+def test_locate_reranks_and_reports_inliers(lund, capsys):
+    photos = sorted(lund["photos"].glob("*.jpg"))
+    queries = [photos[3], photos[8]]
+    code, out, err = run_cli(capsys, "locate", *queries, "--index", lund["index"], "--top-k", "4", "--json", *FAST)
+    assert code == 0, err
+    for res, q in zip(json.loads(out)["results"], queries):
+        top = res["matches"][0]
+        # the photo itself is in the index: the most similar match, and verified by a wealth of inliers
+        assert top["image"] == q.name and top["inliers"] >= 100
+        assert all(isinstance(m["inliers"], int) for m in res["matches"])
+        assert res["estimate"]["verified"] is True
+        lat, lon = read_gps(q)
+        assert haversine_m(res["estimate"]["lat"], res["estimate"]["lon"], lat, lon) < 25
+    code, out, _ = run_cli(capsys, "locate", queries[0], "--index", lund["index"], "--rerank", "0", "--json", *FAST)
+    res = json.loads(out)["results"][0]
+    assert code == 0 and all(m["inliers"] is None for m in res["matches"]) and res["estimate"]["verified"] is False
+
+
+def test_rerank_lifts_the_true_match_from_rank_3_to_1(shared_data, lund, xfeat, tmp_path):
+    """Global similarity ranks two photos of other cities above the right one; verification fixes it."""
+    lund_photos = sorted((shared_data / "lund_gps" / "images").glob("*.jpg"))
+    query, true = lund_photos[4], lund_photos[3]
+    others = sorted((shared_data / "landmarks_mini" / "images").glob("*.jpg"))[:4]
+    db = [others[0], others[1], true, others[2], others[3]]
+    names = [p.name for p in db]
+    sims = np.array([0.95, 0.94, 0.93, 0.6, 0.5])
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal(16).astype(np.float32)
+    q /= np.linalg.norm(q)
+    desc = []
+    for s in sims:  # unit vectors with exactly the wanted cosine to q
+        r = rng.standard_normal(16)
+        r -= (r @ q) * q
+        r /= np.linalg.norm(r)
+        desc.append(s * q + np.sqrt(1 - s * s) * r)
+    positions = {names[i]: (48.0 + i, 2.0) for i in (0, 1, 3, 4)}
+    positions[true.name] = read_gps(true)
+    from hafloc.descriptors.modelfile import load_model
+
+    fp = load_model(lund["model"]).fingerprint()
+    local = {"extractor": "xfeat", "conf": dict(xfeat.conf)}
+    index = tmp_path / "crafted"
+    with IndexStore.create(index, fp, 16, model_path=lund["model"], local=local) as store:
+        feats = {p.name: xfeat.extract_path(p) for p in db}
+        store.add([str(p) for p in db], "/", lambda paths, ns: Extracted(
+            list(ns), np.stack([desc[names.index(Path(n).name)] for n in ns]).astype(np.float32),
+            local={n: feats[Path(n).name] for n in ns}), positions={str(p)[1:]: positions[p.name] for p in db},
+            progress=False)
+    loc = Locator(index, lund["model"], LocatorConfig(backend="torch", rerank=5))
+    try:
+        qf = loc.reranker.features(loc.extractor.load(query))
+        glob = Locator(index, lund["model"], LocatorConfig(backend="torch", rerank=0))
+        try:
+            before = glob.results(q[None], ["q"], k=5)[0]
+        finally:
+            glob.close()
+        after = loc.results(q[None], ["q"], k=5, local=[qf], correspondences=True)[0]
+    finally:
+        loc.close()
+    assert Path(before["matches"][2]["image"]).name == true.name
+    assert Path(after["matches"][0]["image"]).name == true.name
+    assert after["matches"][0]["inliers"] > max(m["inliers"] for m in after["matches"][1:])
+    assert after["estimate"]["verified"] is True
+    lat, lon = read_gps(query)
+    assert haversine_m(after["estimate"]["lat"], after["estimate"]["lon"], lat, lon) < 25
+    corr = after["matches"][0]["correspondences"]
+    assert len(corr["query"]) == len(corr["db"]) == after["matches"][0]["inliers"]
+
+
+def test_build_local_killed_midway_then_rerun_equals_uninterrupted(lund, shared_data, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in sorted((shared_data / "lund_gps" / "images").glob("*.jpg"))[:10]:
+        shutil.copy(p, photos / p.name)
+    total = 10
+    cmd = lambda idx: [sys.executable, "-m", "hafloc", "index", "build", str(photos), "--model", str(lund["model"]),  # noqa: E731
+                       "--index", str(idx), "--chunk-size", "2", "--batch-size", "1", *LOCAL, *FAST]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    idx = tmp_path / "killed"
+    proc = subprocess.Popen(cmd(idx), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    deadline = time.monotonic() + 120
+    while _committed(idx) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, f"build ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert 2 <= _committed(idx) < total
+    rerun = subprocess.run(cmd(idx), capture_output=True, timeout=300, env=env)
+    assert rerun.returncode == 0, rerun.stderr.decode()[-2000:]
+    ref = tmp_path / "reference"
+    assert run_cli(capsys, *cmd(ref)[3:])[0] == 0
+    with IndexStore.open(idx) as a, IndexStore.open(ref) as b:
+        ids_a, names_a, desc_a = a.descriptors()
+        ids_b, names_b, desc_b = b.descriptors()
+        assert sorted(names_a) == sorted(names_b) and len(set(names_a)) == total
+        fa = a.local_features(list(ids_a))
+        fb = b.local_features(list(ids_b))
+        by_b = dict(zip(names_b, ids_b))
+        for i, n in zip(ids_a, names_a):
+            np.testing.assert_allclose(fa[int(i)].keypoints, fb[int(by_b[n])].keypoints, atol=1e-3)
+            np.testing.assert_allclose(fa[int(i)].descriptors, fb[int(by_b[n])].descriptors, atol=1e-2)
+    # no local file without committed rows survives the rerun
+    chunks = {int(p.stem.split("_")[1]) for p in (idx / "chunks").glob("chunk_*.npy")}
+    assert {int(p.stem.split("_")[1]) for p in (idx / "chunks").glob("local_*.h5")} == chunks
+
+
+def test_export_hloc_writes_features_and_matches(lund, tmp_path, capsys):
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    photos = sorted(lund["photos"].glob("*.jpg"))
+    for p in (photos[2], photos[7]):
+        shutil.copy(p, queries / f"q_{p.name}")
+    out = tmp_path / "hloc"
+    code, stdout, err = run_cli(capsys, "index", "export-hloc", "--index", lund["index"], "--queries", queries,
+                                "--output", out, "--top-k", "3", *FAST)
+    assert code == 0, err
+    pairs = [line.split() for line in (out / "pairs-query-hafloc3.txt").read_text().splitlines()]
+    with h5py.File(out / "features.h5", "r") as f, h5py.File(out / "matches.h5", "r") as m:
+        for q, d in pairs:
+            assert q in f and d in f
+            n0 = len(f[q]["keypoints"])
+            grp = m[q.replace("/", "-")][d.replace("/", "-")]
+            m0, s0 = grp["matches0"][()], grp["matching_scores0"][()]
+            assert m0.shape == (n0,) and s0.shape == (n0,)
+            valid = m0 >= 0
+            assert valid.any() and m0[valid].max() < len(f[d]["keypoints"])
+        # the query that is a copy of database photo 2 matches it far better than any other pair
+        same = [(q, d) for q, d in pairs if q == f"q_{photos[2].name}" and d == photos[2].name]
+        assert same
+        counts = {(q, d): int((m[q][d]["matches0"][()] >= 0).sum()) for q, d in pairs}
+        assert counts[same[0]] == max(counts.values())

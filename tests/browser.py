@@ -45,13 +45,15 @@ def to_url(target: str | Path) -> str:
 
 @contextlib.contextmanager
 def open_page(url: str | Path, viewport: tuple[int, int] = (1280, 900), timeout_ms: int = 20000,
-              wait_until: str = "load") -> Iterator[tuple[object, list[str], list[str]]]:
+              wait_until: str = "load", requests: list[str] | None = None
+              ) -> Iterator[tuple[object, list[str], list[str]]]:
     """Open ``url`` (or a local path) in headless Chromium; yield ``(page, console_errors, failed_requests)``.
 
     ``console_errors`` collects console messages of type "error" and uncaught page exceptions;
     ``failed_requests`` collects requests that failed at the network level and responses with an
     HTTP status >= 400, as "STATUS URL" / "FAILED URL (reason)". Both lists keep filling while
     the caller uses the page. For file:// pages a missing file shows up as a failed request.
+    ``requests``, when given, receives the URL of every request the page makes (to check it stays offline).
     """
     from playwright.sync_api import sync_playwright
 
@@ -65,6 +67,8 @@ def open_page(url: str | Path, viewport: tuple[int, int] = (1280, 900), timeout_
             page.set_default_timeout(timeout_ms)
             page.on("console", lambda m: console_errors.append(f"console.{m.type}: {m.text}")
                     if m.type == "error" else None)
+            if requests is not None:
+                page.on("request", lambda r: requests.append(r.url))
             page.on("pageerror", lambda exc: console_errors.append(f"pageerror: {exc}"))
             page.on("requestfailed", lambda r: failed_requests.append(f"FAILED {r.url} ({r.failure})"))
             page.on("response", lambda r: failed_requests.append(f"{r.status} {r.url}") if r.status >= 400 else None)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import fnmatch
 import io
 import os
 import shutil
@@ -118,6 +120,39 @@ def test_positions_and_page(client, served):
     assert "http://" not in page.text.replace("http://www.w3.org", "") and "https://" not in page.text
 
 
+def test_map_assets_are_served_and_packaged(client):
+    for asset in ("/static/map.js", "/static/map.css", "/static/vendor/leaflet/leaflet.js",
+                  "/static/vendor/leaflet/leaflet.css", "/static/vendor/leaflet/LICENSE"):
+        assert client.get(asset).status_code == 200, asset
+    assert "BSD 2-Clause" in client.get("/static/vendor/leaflet/LICENSE").text
+    assert client.get("/health").json()["map"] == {"tiles": None, "attribution": None, "radius_m": 25.0}
+    # every static file ships in the wheel: some package-data glob covers it
+    tomllib = pytest.importorskip("tomllib")
+    globs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["hafloc"]
+    static = REPO / "hafloc" / "serve" / "static"
+    files = [p.relative_to(REPO / "hafloc").as_posix() for p in static.rglob("*") if p.is_file()]
+    assert "serve/static/vendor/leaflet/images/layers.png" in files
+    # setuptools globs do not cross '/', unlike fnmatch: compare folder depth too
+    uncovered = [f for f in files if not any(fnmatch.fnmatch(f, g) and f.count("/") == g.count("/") for g in globs)]
+    assert uncovered == []
+
+
+def test_tiles_option(served, capsys):
+    from hafloc.errors import HaflocError
+    from hafloc.serve.app import create_app
+
+    osm = "https://tile.openstreetmap.org/{z}/{x}/{y}.png"
+    with TestClient(create_app(served["index"], backend="torch", tiles=osm)) as c:
+        assert c.get("/health").json()["map"]["tiles"] == osm
+        assert c.get("/health").json()["map"]["attribution"] == "tiles: tile.openstreetmap.org"
+    for bad in ("tile.openstreetmap.org/{z}/{x}/{y}.png", "https://example.org/tiles.png", "file:///{z}/{x}/{y}"):
+        with pytest.raises(HaflocError, match="--tiles"):
+            create_app(served["index"], backend="torch", tiles=bad)
+    code = main(["serve", "--index", str(served["index"]), "--tiles", "ftp://x/{z}/{x}/{y}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("hafloc: error: --tiles 'ftp://x/{z}/{x}/{y}'")
+
+
 def _chunks(n_bytes: int):
     for _ in range(n_bytes // 65536 + 1):
         yield b"\xff" * 65536
@@ -207,33 +242,41 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def _serve(index: Path, *extra: str, port: int | None = None):
+    """``hafloc serve`` as a real uvicorn process on a free loopback port: yields its base URL."""
+    port = port or _free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "hafloc", "serve", "--index", str(index), "--port",
+                             str(port), "--backend", "torch", *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited: {proc.stdout.read().decode()[-2000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            pytest.fail("server did not start within 60 s")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.fixture(scope="module")
 def live_server(served):
-    """``hafloc serve`` as a real uvicorn process on a free loopback port."""
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "hafloc", "serve", "--index", str(served["index"]), "--port",
-                             str(port), "--backend", "torch"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {proc.stdout.read().decode()[-2000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("server did not start within 60 s")
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with _serve(served["index"]) as url:
+        yield url
 
 
 def test_real_server_locates_and_survives_bad_uploads(live_server, served):
@@ -246,29 +289,65 @@ def test_real_server_locates_and_survives_bad_uploads(live_server, served):
         assert c.get("/health").status_code == 200
 
 
-@pytest.mark.browser
-def test_browser_upload_shows_estimate_and_thumbnails(live_server, served, tmp_path):
+def _browser():
     try:
-        from browser import browser_available, images_loaded, open_page, screenshot
+        import browser
     except ImportError:  # run from the repo root as a package
-        from tests.browser import browser_available, images_loaded, open_page, screenshot
-    reason = browser_available()
+        from tests import browser
+    reason = browser.browser_available()
     if reason:
         pytest.skip(reason)
+    return browser
+
+
+def _centre(page, selector: str) -> tuple[float, float]:
+    box = page.locator(selector).first.bounding_box()
+    return box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+
+
+def _offsite(requests: list[str], base: str) -> list[str]:
+    """Requests that left the server under test (data: and blob: URLs stay in the page)."""
+    return [u for u in requests if not u.startswith((base + "/", "data:", "blob:"))]
+
+
+@pytest.mark.browser
+def test_browser_upload_shows_estimate_and_thumbnails(live_server, served, tmp_path):
+    browser = _browser()
+    images_loaded, open_page, screenshot = browser.images_loaded, browser.open_page, browser.screenshot
     name, _ = _photo(served)
-    with open_page(live_server + "/") as (page, console_errors, failed_requests):
-        page.wait_for_function("document.querySelectorAll('#plot circle.db').length > 0")
-        assert page.locator("#plot circle.db").count() == len(served["positions"])
-        page.set_input_files("#file", str(served["db"] / name))
-        page.wait_for_selector("#plot-estimate", state="attached")
+    requests: list[str] = []
+    with open_page(live_server + "/", requests=requests) as (page, console_errors, failed_requests):
+        page.wait_for_function("document.querySelectorAll('#map path.hafloc-db').length > 0")
+        assert page.locator("#map path.hafloc-db").count() == len(served["positions"])
+        assert page.locator("#map .hafloc-grid").count() > 0 and page.locator("#map img.leaflet-tile").count() == 0
+        assert page.locator("#map-message").is_hidden()
+        with page.expect_response("**/locate") as resp:
+            page.set_input_files("#file", str(served["db"] / name))
+        res = resp.value.json()
+        page.wait_for_selector("#map-estimate", state="attached")
         page.wait_for_function("document.querySelectorAll('#matches li img').length === 10")
+        # the map: one numbered marker per positioned match, rank 1 on the estimate, the radius circle around it
+        ranks = [str(i) for i, m in enumerate(res["matches"], 1) if m["lat"] is not None]
+        assert len(ranks) >= 8  # matches without a position are listed below the map, not drawn
+        markers = page.locator("#map .leaflet-marker-icon.hafloc-match")
+        assert markers.count() == len(ranks) and markers.all_inner_texts() == ranks
+        assert page.locator("#map path.hafloc-radius").count() == 1
+        ex, ey = _centre(page, "#map-estimate")
+        mx, my = _centre(page, "#map .hafloc-match >> text='1'")
+        rx, ry = _centre(page, "#map path.hafloc-radius")
+        assert abs(ex - mx) < 2 and abs(ey - my) < 2 and abs(ex - rx) < 2 and abs(ey - ry) < 2
+        page.locator("#map .hafloc-match >> text='1'").click()  # its popup: thumbnail, name, similarity
+        popup = page.locator(".leaflet-popup .hafloc-popup")
+        popup.wait_for()
+        assert name in popup.inner_text() and "similarity 1.000" in popup.inner_text()
+        page.wait_for_function("document.querySelector('.hafloc-popup img').naturalWidth > 0")
         assert images_loaded(page) == []
         lat, lon = served["positions"][name]
         assert page.locator("#estimate").inner_text() == f"{lat:.6f}, {lon:.6f}"
         assert page.locator("#matches li").first.inner_text().count(name) == 1
         assert page.locator("#attention img").count() == 3
-        # query preview + 3 overlays + 10 thumbnails, all decoded
-        assert page.evaluate("Array.from(document.images).filter(i => i.naturalWidth > 0).length") == 14
+        # query preview + 3 overlays + 10 thumbnails + the popup's one, all decoded
+        assert page.evaluate("Array.from(document.images).filter(i => i.naturalWidth > 0).length") == 15
         screenshot(page, tmp_path / "serve.png")
         # a bad upload shows a message, the page stays usable
         bad = tmp_path / "bad.jpg"
@@ -278,3 +357,49 @@ def test_browser_upload_shows_estimate_and_thumbnails(live_server, served, tmp_p
         assert "not an image" in page.locator("#error").inner_text()
     assert [e for e in console_errors if "415" not in e] == []
     assert [f for f in failed_requests if not f.startswith("415 ")] == []
+    assert requests and _offsite(requests, live_server) == []
+
+
+@pytest.fixture(scope="module")
+def unpositioned_index(served) -> Path:
+    """The same photos indexed without positions: every answer is "no estimate"."""
+    index = served["db"].parent / "index-unpositioned"
+    assert main(["index", "build", str(served["db"]), "--model", str(served["model"]), "--index", str(index),
+                 "--backend", "torch", "--no-progress"]) == 0
+    return index
+
+
+@pytest.mark.browser
+def test_browser_map_unknown_estimate_and_tiles(served, unpositioned_index, tmp_path):
+    browser = _browser()
+    name, _ = _photo(served)
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    # a tile server the test controls: this server's own static PNG, one per {z}/{x}/{y}
+    tiles = base + "/static/vendor/leaflet/images/marker-icon.png?z={z}&x={x}&y={y}"
+    requests: list[str] = []
+    with _serve(unpositioned_index, "--tiles", tiles, "--tiles-attribution", "<b>test</b> tiles", port=port), \
+            browser.open_page(base + "/", requests=requests) as (page, console_errors, failed_requests):
+        page.wait_for_function("document.querySelectorAll('#map img.leaflet-tile-loaded').length > 0")
+        assert page.locator("#map .leaflet-control-attribution").inner_text() == "<b>test</b> tiles"  # text, not HTML
+        assert page.locator("#map .hafloc-grid").count() == 0  # tiles replace the grid
+        assert page.locator("#map-message").inner_text() == "no positioned photos in the index"
+        page.set_input_files("#file", str(served["db"] / name))
+        page.wait_for_function("document.querySelectorAll('#matches li').length === 10")
+        message = page.locator("#map-message")
+        assert message.is_visible() and message.inner_text() == "no estimate: none of the matches has a position"
+        assert page.locator("#map-estimate").count() == 0 and page.locator("#map .hafloc-match").count() == 0
+        assert page.locator("#map path.hafloc-radius").count() == 0
+        # an "unknown" answer whose matches do have positions (a refused low confidence): its reason, and the
+        # matches still drawn
+        matches = [{"id": 1, "image": f"m{i}.jpg", "lat": 51.5 + 0.001 * i, "lon": -0.1, "similarity": 0.5 - 0.01 * i,
+                    "distance_m": None} for i in range(3)]
+        page.evaluate("(r) => haflocMap.showResult(r)", {"image": "q.jpg", "estimate": None, "matches": matches,
+                                                         "unknown": {"reason": "confidence 0.12 below 0.5",
+                                                                     "confidence": 0.12}})
+        assert message.inner_text() == "no estimate: confidence 0.12 below 0.5"
+        assert page.locator("#map .hafloc-match").all_inner_texts() == ["1", "2", "3"]
+        browser.screenshot(page, tmp_path / "unknown.png")
+    assert console_errors == [] and failed_requests == []
+    assert _offsite(requests, base) == []
+    assert any("/static/vendor/leaflet/images/marker-icon.png?z=" in u for u in requests)

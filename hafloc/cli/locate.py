@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .common import add_backend_args, print_json, report_failures
+from ..index.export_formats import FORMATS
+from .common import add_backend_args, report_failures
 
 
 def register(sub) -> None:
@@ -17,7 +18,14 @@ def register(sub) -> None:
     p.add_argument("images", nargs="+", help="photos and/or folders")
     p.add_argument("--index", required=True, help="index folder (from 'hafloc index build')")
     p.add_argument("--top-k", type=int, default=10, help="matches per photo (default 10)")
-    p.add_argument("--json", action="store_true", help="print JSON: {results: [...], failures: [...]}")
+    p.add_argument("--format", choices=FORMATS, default="table",
+                   help="table (default, for reading); json {index, results: [...], failures: [...]}; csv (a row "
+                        "per photo: estimate, confidence, best match); geojson (a Point feature per photo, null "
+                        "geometry when there is no estimate); kml (a Placemark per photo, for Google Earth / GIS)")
+    p.add_argument("--json", dest="format", action="store_const", const="json", help="same as --format json")
+    p.add_argument("--output", "-o", metavar="FILE",
+                   help="write the result to FILE (atomically: all or nothing) instead of standard output; "
+                        "left untouched when no photo could be located")
     p.add_argument("--model", help="model file (default: the one the index was built with)")
     p.add_argument("--agree-m", type=float, default=25.0,
                    help="matches within this many metres of the best one vote for its place (default 25)")
@@ -29,35 +37,10 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _fmt(v, spec: str) -> str:
-    return format(v, spec) if v is not None else format("-", ">" + spec.split(".")[0])
-
-
-def print_table(res: dict, out=None) -> None:
-    """One photo's result as a readable block."""
-    out = out or sys.stdout
-    est = res["estimate"]
-    if est is None:
-        print(f"{res['image']}: no estimate (no match has a position)", file=out)
-    else:
-        verified = ", verified" if est.get("verified") else ""
-        print(f"{res['image']}: {est['lat']:.6f}, {est['lon']:.6f}  (confidence {est['confidence']:.2f}{verified})",
-              file=out)
-    print(f"  {'#':>2}  {'similarity':>10}  {'inliers':>7}  {'distance':>10}  {'lat':>11}  {'lon':>11}  image", file=out)
-    for i, m in enumerate(res["matches"], 1):
-        dist = "-" if m["distance_m"] is None else _human_m(m["distance_m"])
-        inl = "-" if m.get("inliers") is None else str(m["inliers"])
-        print(f"  {i:>2}  {m['similarity']:>10.4f}  {inl:>7}  {dist:>10}  {_fmt(m['lat'], '11.6f')}  "
-              f"{_fmt(m['lon'], '11.6f')}  {m['image']}", file=out)
-
-
-def _human_m(d: float) -> str:
-    return f"{d:.1f} m" if d < 1000 else f"{d / 1000:.1f} km"
-
-
 def run(args) -> int:
     from ..errors import HaflocError, InputError
     from ..images.io import list_images
+    from ..index.export_formats import render, write_output
     from ..serve.locator import Locator, LocatorConfig
 
     if args.top_k < 1:
@@ -79,15 +62,16 @@ def run(args) -> int:
     finally:
         locator.close()
     failures.extend(bad)
-    if args.json:
-        print_json({"index": str(args.index), "results": results,
-                    "failures": [{"image": n, "error": r} for n, r in failures]})
-    else:
-        for res in results:
-            print_table(res)
-            print()
+    doc = {"index": str(args.index), "results": results, "failures": [{"image": n, "error": r} for n, r in failures]}
+    text = render(doc, args.format, radius_m=args.agree_m)
+    if args.output is None:
+        sys.stdout.write(text)
+    elif results:
+        write_output(args.output, text)
+        print(f"wrote {len(results)} result(s) as {args.format} to {args.output}", file=sys.stderr)
     report_failures(failures, len(results) + len(failures))
     if not results:
-        print("hafloc: error: no photo could be located", file=sys.stderr)
+        print("hafloc: error: no photo could be located" + (f"; {args.output} not written" if args.output else ""),
+              file=sys.stderr)
         return 1
     return 0

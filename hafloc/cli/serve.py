@@ -9,7 +9,7 @@ from .common import add_backend_args
 
 def register(sub) -> None:
     p = sub.add_parser("serve", help="web page + API: drop a photo, see where it was taken",
-                       description="Serves GET / (the page: drop a photo, see the estimate on a plot of the database "
+                       description="Serves GET / (the page: drop a photo, see the estimate on a map of the database "
                                    "positions, the best matches and the attention maps), POST /locate (multipart "
                                    "field 'file' -> JSON as 'hafloc locate --json' plus attention overlays), "
                                    "GET /api/positions, GET /thumbnails/ID and GET /health. Runs offline.")
@@ -22,6 +22,12 @@ def register(sub) -> None:
                    help="require 'Authorization: Bearer TOKEN' on the API (default: env HAFLOC_TOKEN, else none)")
     p.add_argument("--top-k", type=int, default=10, help="matches per photo (default 10)")
     p.add_argument("--workers", type=int, default=1, help="inference threads (default 1; each uses all cores)")
+    p.add_argument("--tiles", metavar="URL",
+                   help="map tiles under the page's map, as a URL template the browser fetches, e.g. "
+                        "https://tile.openstreetmap.org/{z}/{x}/{y}.png (default: none, a plain coordinate grid; "
+                        "the page then needs no network)")
+    p.add_argument("--tiles-attribution", metavar="TEXT",
+                   help="credit line for the tiles, e.g. '(c) OpenStreetMap contributors' (default: the tile host)")
     add_backend_args(p)
     p.set_defaults(func=run)
 
@@ -30,17 +36,20 @@ def run(args) -> int:
     import uvicorn
 
     from ..errors import HaflocError
-    from ..serve.app import create_app
+    from ..serve.app import check_tile_url, create_app
     from ..serve.locator import LocatorConfig
 
     if args.max_upload_mb <= 0:
         raise HaflocError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:
         print("warning: serving on a public address without --token: anyone who can reach it may use it")
+    if args.tiles:
+        check_tile_url(args.tiles)  # before the model loads: a typo should cost nothing
     lc = LocatorConfig(backend=args.backend, batch_size=args.batch_size, max_side=args.max_side,
                        num_threads=args.threads)
     app = create_app(args.index, max_upload_mb=args.max_upload_mb, token=args.token, model_path=args.model,
-                     top_k=args.top_k, locator_config=lc, workers=args.workers)
+                     top_k=args.top_k, locator_config=lc, workers=args.workers,
+                     tiles=args.tiles, tiles_attribution=args.tiles_attribution)
     print(f"hafloc: serving {args.index} on http://{args.host}:{args.port}/ (Ctrl-C to stop)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -22,6 +22,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -30,14 +31,14 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.datastructures import UploadFile
 
-from ..errors import InputError
+from ..errors import HaflocError, InputError
 from ..images.io import load_image
 from .locator import Locator, LocatorConfig
 
 STATIC = Path(__file__).parent / "static"
 THUMB_SIDE = 256
 OVERLAY_SIDE = 320
-MAX_PLOT_POINTS = 20_000  # the page's scatter plot; more points only slow the browser down
+MAX_PLOT_POINTS = 20_000  # the page's map; more points only slow the browser down
 
 
 @dataclass
@@ -47,6 +48,16 @@ class ServeConfig:
     top_k: int = 10
     workers: int = 1  # inference threads; each already uses all cores through torch/ORT
     thumb_cache: int = 512
+    tiles: str | None = None  # map tile URL template ({z}/{x}/{y}); None: a plain coordinate grid, offline
+    tiles_attribution: str | None = None
+
+
+def check_tile_url(url: str) -> str:
+    """A tile URL template for the page's map: http(s) with {z}, {x} and {y} (HaflocError otherwise)."""
+    if not url.startswith(("http://", "https://")) or any(f"{{{c}}}" not in url for c in "zxy"):
+        raise HaflocError(f"--tiles {url!r}: expected an http(s) URL template with {{z}}, {{x}} and {{y}}, "
+                          "e.g. https://tile.openstreetmap.org/{z}/{x}/{y}.png")
+    return url
 
 
 class _TooLarge(Exception):
@@ -177,9 +188,16 @@ class _ThumbCache:
 
 def create_app(index_path: str | Path, max_upload_mb: float = 20, token: str | None = None, backend: str = "auto",
                model_path: str | Path | None = None, top_k: int = 10, locator_config: LocatorConfig | None = None,
-               workers: int = 1) -> FastAPI:
-    """The FastAPI app over one index; the model is loaded here, once."""
-    config = ServeConfig(max_upload_mb=max_upload_mb, token=token or None, top_k=top_k, workers=workers)
+               workers: int = 1, tiles: str | None = None, tiles_attribution: str | None = None) -> FastAPI:
+    """The FastAPI app over one index; the model is loaded here, once.
+
+    ``tiles``: a tile URL template the page's map draws under the positions (the browser fetches
+    them, not the server); default none: a coordinate grid, so the page works offline.
+    """
+    config = ServeConfig(max_upload_mb=max_upload_mb, token=token or None, top_k=top_k, workers=workers,
+                         tiles=check_tile_url(tiles) if tiles else None, tiles_attribution=tiles_attribution)
+    if config.tiles and not config.tiles_attribution:  # tile servers ask for credit: at least name the source
+        config.tiles_attribution = "tiles: " + (urlsplit(config.tiles).hostname or config.tiles).removeprefix("{s}.")
     lc = locator_config or LocatorConfig(backend=backend)
     locator = Locator(index_path, model_path, lc)
     pool = ThreadPoolExecutor(max_workers=max(1, config.workers), thread_name_prefix="hafloc-infer")
@@ -210,7 +228,9 @@ def create_app(index_path: str | Path, max_upload_mb: float = 20, token: str | N
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "images": len(locator.store), "token_required": config.token is not None,
-                "max_upload_mb": config.max_upload_mb, "top_k": config.top_k}
+                "max_upload_mb": config.max_upload_mb, "top_k": config.top_k,
+                "map": {"tiles": config.tiles, "attribution": config.tiles_attribution,
+                        "radius_m": locator.config.agree_m}}
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:

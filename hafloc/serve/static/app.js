@@ -1,8 +1,8 @@
 // hafloc web page: upload a photo, show the estimate, matches and attention maps. No external resources.
+// The map lives in map.js (window.haflocMap).
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
-const SVG_NS = "http://www.w3.org/2000/svg";
 const state = { token: localStorage.getItem("hafloc-token") || "", points: [], result: null, objectUrls: [] };
 
 function authHeaders() {
@@ -38,74 +38,6 @@ function el(tag, attrs = {}, text = null) {
   for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
   if (text !== null) node.textContent = text;
   return node;
-}
-
-function svg(tag, attrs = {}) {
-  const node = document.createElementNS(SVG_NS, tag);
-  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, String(v));
-  return node;
-}
-
-// Equirectangular projection scaled by cos(latitude): distances look right at city scale.
-function drawPlot() {
-  const plot = $("#plot");
-  plot.replaceChildren();
-  const W = 640, H = 400, pad = 24;
-  const res = state.result;
-  const matches = res ? res.matches.filter((m) => m.lat !== null) : [];
-  const est = res && res.estimate ? res.estimate : null;
-  let frame = state.points.map((p) => [p.lat, p.lon]);
-  if ($("#zoom").checked && est) {
-    frame = [[est.lat, est.lon]].concat(matches.filter((m) => m.distance_m !== null && m.distance_m < 5000).map((m) => [m.lat, m.lon]));
-  } else {
-    if (est) frame.push([est.lat, est.lon]);
-  }
-  if (frame.length === 0) {
-    const t = svg("text", { x: W / 2, y: H / 2, "text-anchor": "middle" });
-    t.textContent = "no positioned photos in the index";
-    plot.appendChild(t);
-    return;
-  }
-  const lats = frame.map((p) => p[0]), lons = frame.map((p) => p[1]);
-  const lat0 = (Math.min(...lats) + Math.max(...lats)) / 2;
-  const kx = Math.cos(lat0 * Math.PI / 180);
-  let x0 = Math.min(...lons) * kx, x1 = Math.max(...lons) * kx, y0 = Math.min(...lats), y1 = Math.max(...lats);
-  const minSpan = 0.0005;  // ~50 m: a lone point still gets a sensible frame
-  if (x1 - x0 < minSpan) { const c = (x0 + x1) / 2; x0 = c - minSpan / 2; x1 = c + minSpan / 2; }
-  if (y1 - y0 < minSpan) { const c = (y0 + y1) / 2; y0 = c - minSpan / 2; y1 = c + minSpan / 2; }
-  const s = Math.min((W - 2 * pad) / (x1 - x0), (H - 2 * pad) / (y1 - y0));
-  const ox = (W - s * (x1 - x0)) / 2, oy = (H - s * (y1 - y0)) / 2;
-  const px = (lat, lon) => [ox + (lon * kx - x0) * s, H - (oy + (lat - y0) * s)];
-  const inside = ([x, y]) => x >= -20 && x <= W + 20 && y >= -20 && y <= H + 20;
-
-  const g = svg("g");
-  for (const p of state.points) {
-    const xy = px(p.lat, p.lon);
-    if (inside(xy)) g.appendChild(svg("circle", { cx: xy[0].toFixed(1), cy: xy[1].toFixed(1), r: 3, class: "db" }));
-  }
-  plot.appendChild(g);
-  res && res.matches.forEach((m, i) => {
-    if (m.lat === null) return;
-    const xy = px(m.lat, m.lon);
-    if (!inside(xy)) return;
-    const c = svg("circle", { cx: xy[0].toFixed(1), cy: xy[1].toFixed(1), r: 6, class: "match" });
-    const title = svg("title");
-    title.textContent = `#${i + 1} ${m.image} (similarity ${m.similarity.toFixed(3)})`;
-    c.appendChild(title);
-    plot.appendChild(c);
-    const t = svg("text", { x: (xy[0] + 7).toFixed(1), y: (xy[1] - 6).toFixed(1) });
-    t.textContent = String(i + 1);
-    plot.appendChild(t);
-  });
-  if (est) {
-    const [x, y] = px(est.lat, est.lon);
-    plot.appendChild(svg("circle", { cx: x.toFixed(1), cy: y.toFixed(1), r: 11, class: "est", id: "plot-estimate" }));
-    plot.appendChild(svg("path", { d: `M${x - 16} ${y}h32M${x} ${y - 16}v32`, class: "est" }));
-  }
-  const spanM = (y1 - y0) * 111320;
-  const scale = svg("text", { x: 8, y: H - 8 });
-  scale.textContent = "height of the frame: " + fmtDistance(spanM);
-  plot.appendChild(scale);
 }
 
 async function setThumb(img, id) {
@@ -164,7 +96,7 @@ function showResult(res, file) {
   });
   $("#matches-box").hidden = res.matches.length === 0;
   drawCorrespondences(res, qurl);
-  drawPlot();
+  haflocMap.showResult(res);
 }
 
 async function locate(file) {
@@ -187,7 +119,7 @@ async function locate(file) {
 async function loadPositions() {
   const pos = await api("/api/positions");
   state.points = pos.points;
-  drawPlot();
+  haflocMap.setPoints(pos.points);
 }
 
 async function init() {
@@ -200,7 +132,7 @@ async function init() {
     drop.classList.remove("over");
     if (e.dataTransfer.files.length) locate(e.dataTransfer.files[0]);
   });
-  $("#zoom").addEventListener("change", drawPlot);
+  $("#zoom").addEventListener("change", () => haflocMap.fit());
   $("#token").value = state.token;
   $("#token-save").addEventListener("click", async () => {
     state.token = $("#token").value.trim();
@@ -212,6 +144,7 @@ async function init() {
     const health = await api("/health");
     $("#status").textContent = `${health.images} photos indexed \u00b7 uploads up to ${health.max_upload_mb} MB`;
     if (health.token_required) $("#token-box").hidden = false;
+    haflocMap.init($("#map"), { ...(health.map || {}), thumb: setThumb, distance: fmtDistance });
     if (!health.token_required || state.token) await loadPositions();
   } catch (e) {
     $("#status").textContent = "server unavailable";

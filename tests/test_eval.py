@@ -280,6 +280,8 @@ def test_eval_revisited_and_holidays_layouts(shared_data, landmark_model, tmp_pa
         assert 0 <= res[k] <= 100, k
     assert res["mAP"] == res["mAP_M"] and "mAP_crop" not in res
     assert res["num_queries_without_positive"]["H"] == 2  # one-positive landmarks have no hard image
+    # mAP skips them (revisitop's compute_map): the note must not call them misses
+    assert "(2 in H): skipped as the protocol does" in out and "misses" not in out
     assert "| mAP_E | mAP_M | mAP_H |" in out.replace("method | ", "")
     assert res["cache"]["extracted"] == 18 + 5  # cropped queries only
     # Holidays: group = first four digits, the NN00 image of a group is its query
@@ -300,6 +302,15 @@ def test_eval_revisited_and_holidays_layouts(shared_data, landmark_model, tmp_pa
     assert settings["exif_transpose"] is False and settings["max_size"] == [1024, 768]
     print(f"\nrevisited layout: mAP E/M/H = {res['mAP_E']:.1f}/{res['mAP_M']:.1f}/{res['mAP_H']:.1f}; "
           f"Holidays layout mAP = {res_h['mAP']:.1f}")
+
+
+def test_without_positive_note_follows_the_protocol():
+    from hafloc.cli.eval import without_positive_note
+
+    assert without_positive_note({"num_queries_without_positive": 3}, "recall").endswith("(counted as misses)")
+    assert without_positive_note({"num_queries_without_positive": 3}, "holidays").endswith("skipped as the protocol does")
+    assert without_positive_note({"num_queries_without_positive": 0}, "recall") is None
+    assert without_positive_note({"num_queries_without_positive": {"E": 0, "M": 0, "H": 0}}, "revisited") is None
 
 
 def test_failed_images_are_skipped_and_reported(gardens, haf_model, tmp_path):

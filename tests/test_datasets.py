@@ -393,6 +393,26 @@ def test_broken_csv_and_npz(shared_data, tmp_path):
         load_dataset(tmp_path / "gp")
 
 
+def test_latin1_or_empty_csv_names_the_real_problem(shared_data, tmp_path):
+    """Not "cannot tell the dataset layout": the encoding or the emptiness, naming the file."""
+    rows = (shared_data / "ie_tower_floors/dataset.csv").read_text().splitlines()[:6]
+    text = "\n".join(rows[:3] + ["caf\u00e9_0001.jpg,floor_01,gallery,a,b"] + rows[3:]) + "\n"
+    (tmp_path / "dataset.csv").write_bytes(text.encode("latin-1"))
+    for target in (tmp_path, tmp_path / "dataset.csv"):
+        with pytest.raises(InputError, match=r"dataset\.csv: CSV is not UTF-8 text \(byte 0xe9 on line 4"):
+            load_dataset(target)
+    (tmp_path / "dataset.csv").write_bytes(text.encode("utf-8"))
+    assert detect_format(tmp_path) == "labels"  # the same rows in UTF-8 are a label set
+    (tmp_path / "dataset.csv").write_bytes(b"")
+    for target in (tmp_path, tmp_path / "dataset.csv"):
+        with pytest.raises(InputError, match=r"dataset\.csv: empty CSV file"):
+            load_dataset(target)
+    (tmp_path / "dataset.csv").unlink()
+    (tmp_path / "positions.csv").write_bytes("image,lat,lon\nz\u00fcrich.jpg,47.37,8.54\n".encode("cp1252"))
+    with pytest.raises(InputError, match=r"positions\.csv: CSV is not UTF-8 text"):
+        load_dataset(tmp_path)
+
+
 # ---------------------------------------------------------------- Oxford / Paris / revisited / Holidays fixtures
 def _oxford_tree(root: Path, prefix: str, landmark_dirs: bool) -> list[str]:
     names = [f"{prefix}_{i:06d}" for i in range(6)]

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from hafloc.datasets.base import Dataset
-from hafloc.datasets.common import list_images, parse_float, read_csv_rows
+from hafloc.datasets.common import list_images, parse_float, read_csv_rows, read_text
 from hafloc.datasets.geo import latlon_to_utm
 from hafloc.datasets.labels import SPLIT_ALIASES
 from hafloc.errors import InputError
@@ -37,11 +37,12 @@ def find_position_csv(root: Path) -> Path | None:
 def read_position_csv(path: Path) -> tuple[dict[str, tuple[str, float, float, Any]], str]:
     """image -> (split or '', x, y, zone) with kind 'latlon' or 'utm' (columns image,lat,lon or
     image,easting,northing,zone; optional split). Headerless 'name,lat,lon' files are read too."""
-    first = path.open(encoding="utf-8-sig").readline().strip().split(",")
+    lines = read_text(path).splitlines()
+    first = lines[0].strip().split(",")
     if "image" not in first:
         # headerless name,lat,lon (e.g. Daejeon520's query.csv / database.csv)
         out = {}
-        for i, ln in enumerate(path.read_text().splitlines(), start=1):
+        for i, ln in enumerate(lines, start=1):
             if not ln.strip():
                 continue
             parts = [x.strip() for x in ln.split(",")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import re
 from pathlib import Path
 
@@ -60,6 +61,19 @@ def read_csv_rows(path: Path, required: list[str] | tuple[str, ...] = ()) -> tup
             raise InputError(path, f"line {lineno}: {len(rec)} fields, header has {len(header)}")
         rows.append({h: v.strip() for h, v in zip(header, rec)})
     return header, rows
+
+
+def in_both(src: Path, db_names: list[str], q_names: list[str], log: logging.Logger,
+            sides: tuple[str, str] = ("gallery", "query")) -> set[str]:
+    """Images listed as both database (gallery) and query, with a warning naming the count and what
+    is done: the reader keeps them as queries and removes them from the database, so that no
+    query retrieves itself (for layouts whose names share one root: label CSVs, position CSVs)."""
+    queries = set(q_names)
+    both = [n for n in db_names if n in queries]
+    if both:
+        log.warning("%s: %d image(s) listed as both %s and %s (e.g. %s): kept as queries, removed from the %s "
+                    "so that no query retrieves itself", src, len(set(both)), sides[0], sides[1], both[0], sides[0])
+    return set(both)
 
 
 def parse_float(path: Path, value: str, what: str, lineno: int | None = None) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,19 +19,31 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial" + (suffix if suffix is not None else path.suffix), dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    # mkstemp makes the file 0600; a result should get the permissions of any new file
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)
+    tmp_path = _new_file(path.parent, f".{path.name}.", ".partial" + (suffix if suffix is not None else path.suffix))
     try:
         yield tmp_path
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _new_file(folder: Path, prefix: str, suffix: str) -> Path:
+    """Create a fresh, uniquely named empty file with the permissions of any new file.
+
+    Mode 0o666 goes through the process umask (and default ACLs) as for ``open()``; unlike
+    ``mkstemp`` (0600, then a chmod that needs the umask) it never has to read or set the
+    umask, which is process-wide and would race with other threads.
+    """
+    for _ in range(100):
+        tmp = folder / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"{folder}: could not create a unique temporary file")
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -222,6 +223,41 @@ def test_ie_tower_floors(shared_data):
     assert all(len(p) for p in ds.query_positives())
 
 
+def _tower_csv(shared_data: Path, tmp_path: Path, extra: list[str]) -> tuple[Path, list[str]]:
+    """The first rows of ie_tower_floors' dataset.csv (images linked) plus ``extra`` rows."""
+    src = shared_data / "ie_tower_floors"
+    lines = (src / "dataset.csv").read_text().splitlines()
+    rows = [ln for ln in lines[1:] if ",gallery," in ln][:6] + [ln for ln in lines[1:] if ",query," in ln][:3]
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "images").symlink_to(src / "images")
+    (tmp_path / "t" / "dataset.csv").write_text("\n".join([lines[0]] + rows + extra) + "\n")
+    return tmp_path / "t", rows
+
+
+def test_label_csv_repeats_are_warned_and_counted_once(shared_data, tmp_path, caplog):
+    root, rows = _tower_csv(shared_data, tmp_path, [])
+    gallery, queries = rows[:6], rows[6:]
+    clean = load_dataset(root)
+    assert (clean.num_db, clean.num_q) == (6, 3) and not caplog.records
+    # two gallery rows repeated, one twice; one query also listed in the gallery
+    (root / "dataset.csv").write_text("\n".join(
+        [(shared_data / "ie_tower_floors/dataset.csv").read_text().splitlines()[0]] + rows
+        + [gallery[0], gallery[0], gallery[3], queries[1].replace(",query,", ",gallery,")]) + "\n")
+    with caplog.at_level("WARNING", logger="hafloc.datasets.labels"):
+        ds = load_dataset(root)
+    assert ds.db_images == clean.db_images and ds.q_images == clean.q_images  # the database does not grow
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("3 repeated row(s) (same image, label and split) ignored" in m for m in msgs), msgs
+    assert any("1 image(s) listed as both gallery and query" in m and "kept as queries, removed from the gallery" in m
+               for m in msgs), msgs
+    # the same image under two labels is an error: which place is it?
+    img, label = gallery[1].split(",")[:2]
+    (root / "dataset.csv").write_text((root / "dataset.csv").read_text() + f"{img},other_floor,query,x,y\n")
+    with pytest.raises(InputError, match=rf"dataset\.csv: image '{img}' has label '{label}' on line 3 and "
+                                         r"'other_floor' on line 15"):
+        load_dataset(root)
+
+
 def test_split_database_label_set(shared_data):
     ds = load_dataset(shared_data / "ie_tower_floors")
     train, val = split_database(ds, 0.2, seed=3)
@@ -271,6 +307,65 @@ def test_parse_at_name():
         parse_at_name("@x@2@.jpg")
     with pytest.raises(ValueError):
         parse_at_name("plain.jpg")
+
+
+def test_at_names_with_unusable_positions_are_refused(tmp_path):
+    good = "@500000.00@6960000.00@56@J@-27.47@153.03@@@@@@@@q@.jpg"
+    cases = {"@inf@6960000.00@56@J@@@@@@@@@@@.jpg": "east inf is not a finite number",
+             "@500000.00@6960000.00@56@J@999@153.03@@@@@@@@@.jpg": "lat 999.0 is out of range",
+             "@500000.00@6960000.00@56@J@-27.47@-181@@@@@@@@@.jpg": "lon -181.0 is out of range"}
+    for k, (name, cause) in enumerate(cases.items()):
+        root = tmp_path / str(k)
+        _img(root / "images/test/queries" / good)
+        _img(root / "images/test/database" / good)
+        _img(root / "images/test/database" / name)
+        with pytest.raises(InputError, match=rf"database/{re.escape(name)}: {cause}"):
+            load_dataset(root)
+    _img(tmp_path / "0/images/test/database" / "@nan@1@.jpg")
+    with pytest.raises(InputError, match=r"\(2 images like it in database/\)"):
+        load_dataset(tmp_path / "0")
+
+
+def test_nonfinite_positions_are_refused_by_every_reader(tmp_path):
+    write_pitts_dbstruct(tmp_path / "p.mat", ["a.jpg", "b.jpg"], ["c.jpg"], [[1, 2], [np.nan, 3]], [[1, 2]])
+    with pytest.raises(InputError, match=r"p\.mat: database image 'b\.jpg' \(#2\) has position \(nan, 3\.0\), "
+                                         r"not finite \(1 of 2 database positions are bad\)"):
+        load_dataset(tmp_path / "p.mat")
+    with pytest.raises(InputError, match=r"query image 'q\.jpg' \(#1\)"):  # the safety net for any reader
+        Dataset("x", "at", tmp_path, ["a.jpg"], ["q.jpg"], db_utm=[[0, 0]], q_utm=[[np.inf, 0]])
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g/pos.csv").write_text("image,lat,lon,split\na.jpg,40.1,-79.9,database\nb.jpg,999,-79.9,query\n")
+    with pytest.raises(InputError, match=r"pos\.csv: line 3: b\.jpg: lat/lon \(999\.0, -79\.9\) out of range"):
+        load_dataset(tmp_path / "g")
+    (tmp_path / "g/pos.csv").write_text("image,lat,lon,split\na.jpg,40.1,-79.9,database\nb.jpg,85.5,-79.9,query\n")
+    with pytest.raises(InputError, match=r"pos\.csv: b\.jpg: latitude 85\.5 is beyond UTM's \+-84 degrees"):
+        load_dataset(tmp_path / "g")
+
+
+def test_position_csv_repeats(tmp_path, caplog):
+    (tmp_path / "pos.csv").write_text("image,easting,northing,zone,split\na.jpg,100,0,17T,database\n"
+                                      "b.jpg,200,0,17T,database\na.jpg,100,0,17T,database\nb.jpg,200,0,17T,query\n"
+                                      "c.jpg,190,10,17T,query\n")
+    with caplog.at_level("WARNING", logger="hafloc.datasets.geotagged"):
+        ds = load_dataset(tmp_path)
+    assert (ds.db_images, ds.q_images) == (["a.jpg"], ["b.jpg", "c.jpg"])
+    msgs = " | ".join(r.getMessage() for r in caplog.records)
+    assert "1 repeated row(s) (same image and position) ignored" in msgs
+    assert "1 image(s) listed as both database and query (e.g. b.jpg): kept as queries" in msgs
+    (tmp_path / "pos.csv").write_text("image,easting,northing,zone\na.jpg,100,0,17T\na.jpg,150,0,17T\n")
+    with pytest.raises(InputError, match=r"a\.jpg has two positions: \(100\.0, 0\.0\) on line 2 and "
+                                         r"\(150\.0, 0\.0\) on line 3"):
+        load_dataset(tmp_path, format="geotagged")
+    # Daejeon520-style database.csv + query.csv naming the same photo
+    d = tmp_path / "dj"
+    d.mkdir()
+    (d / "database.csv").write_text("p1.jpg,36.35,127.38\np2.jpg,36.36,127.38\n")
+    (d / "query.csv").write_text("p2.jpg,36.36,127.38\n")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hafloc.datasets.geotagged"):
+        ds = load_dataset(d)
+    assert (ds.db_images, ds.q_images) == (["p1.jpg"], ["p2.jpg"])
+    assert "listed as both database.csv and query.csv" in caplog.records[0].getMessage()
 
 
 # ---------------------------------------------------------------- dbStruct fixtures (published layouts)
@@ -391,6 +486,26 @@ def test_broken_csv_and_npz(shared_data, tmp_path):
     _img(tmp_path / "gp/images/test/database/@abc@1@.jpg")
     with pytest.raises(InputError, match="east 'abc' is not a number"):
         load_dataset(tmp_path / "gp")
+
+
+def test_latin1_or_empty_csv_names_the_real_problem(shared_data, tmp_path):
+    """Not "cannot tell the dataset layout": the encoding or the emptiness, naming the file."""
+    rows = (shared_data / "ie_tower_floors/dataset.csv").read_text().splitlines()[:6]
+    text = "\n".join(rows[:3] + ["caf\u00e9_0001.jpg,floor_01,gallery,a,b"] + rows[3:]) + "\n"
+    (tmp_path / "dataset.csv").write_bytes(text.encode("latin-1"))
+    for target in (tmp_path, tmp_path / "dataset.csv"):
+        with pytest.raises(InputError, match=r"dataset\.csv: CSV is not UTF-8 text \(byte 0xe9 on line 4"):
+            load_dataset(target)
+    (tmp_path / "dataset.csv").write_bytes(text.encode("utf-8"))
+    assert detect_format(tmp_path) == "labels"  # the same rows in UTF-8 are a label set
+    (tmp_path / "dataset.csv").write_bytes(b"")
+    for target in (tmp_path, tmp_path / "dataset.csv"):
+        with pytest.raises(InputError, match=r"dataset\.csv: empty CSV file"):
+            load_dataset(target)
+    (tmp_path / "dataset.csv").unlink()
+    (tmp_path / "positions.csv").write_bytes("image,lat,lon\nz\u00fcrich.jpg,47.37,8.54\n".encode("cp1252"))
+    with pytest.raises(InputError, match=r"positions\.csv: CSV is not UTF-8 text"):
+        load_dataset(tmp_path)
 
 
 # ---------------------------------------------------------------- Oxford / Paris / revisited / Holidays fixtures

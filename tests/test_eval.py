@@ -222,6 +222,8 @@ def test_eval_revisited_and_holidays_layouts(shared_data, landmark_model, tmp_pa
         assert 0 <= res[k] <= 100, k
     assert res["mAP"] == res["mAP_M"] and "mAP_crop" not in res
     assert res["num_queries_without_positive"]["H"] == 2  # one-positive landmarks have no hard image
+    # mAP skips them (revisitop's compute_map): the note must not call them misses
+    assert "(2 in H): skipped as the protocol does" in out and "misses" not in out
     assert "| mAP_E | mAP_M | mAP_H |" in out.replace("method | ", "")
     assert res["cache"]["extracted"] == 18 + 5  # cropped queries only
     # Holidays: group = first four digits, the NN00 image of a group is its query
@@ -242,6 +244,15 @@ def test_eval_revisited_and_holidays_layouts(shared_data, landmark_model, tmp_pa
     assert settings["exif_transpose"] is False and settings["max_size"] == [1024, 768]
     print(f"\nrevisited layout: mAP E/M/H = {res['mAP_E']:.1f}/{res['mAP_M']:.1f}/{res['mAP_H']:.1f}; "
           f"Holidays layout mAP = {res_h['mAP']:.1f}")
+
+
+def test_without_positive_note_follows_the_protocol():
+    from hafloc.cli.eval import without_positive_note
+
+    assert without_positive_note({"num_queries_without_positive": 3}, "recall").endswith("(counted as misses)")
+    assert without_positive_note({"num_queries_without_positive": 3}, "holidays").endswith("skipped as the protocol does")
+    assert without_positive_note({"num_queries_without_positive": 0}, "recall") is None
+    assert without_positive_note({"num_queries_without_positive": {"E": 0, "M": 0, "H": 0}}, "revisited") is None
 
 
 def test_failed_images_are_skipped_and_reported(gardens, haf_model, tmp_path):
@@ -275,6 +286,34 @@ def test_cache_location(monkeypatch, tmp_path):
     assert default_cache_dir() is None
     monkeypatch.delenv("HAFLOC_CACHE")
     assert default_cache_dir() == Path.home() / ".cache" / "hafloc" / "descriptors"
+
+
+def test_bad_positions_fail_before_extraction(gardens, haf_model, tmp_path, capsys):
+    """A NaN easting in an '@' name or a NaN in a dbStruct: one line naming the file, before any image is read."""
+    bad = tmp_path / "at"
+    for f in (gardens / "images/test").rglob("*.jpg"):
+        name = f.name.replace("@6960000.00@", "@nan@") if f.name.endswith("@database3@.jpg") else f.name
+        _link(f.resolve(), bad / "images/test" / f.parent.name / name)
+    cache = tmp_path / "c"
+    rc, out, err = _run(["eval", "--model", str(haf_model), "--dataset", str(bad), *_common(cache)], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "@nan@" in err and "database3" in err and "north nan is not a finite number" in err
+    assert not cache.exists() or not any(cache.rglob("*.npz"))  # refused before extraction
+    import scipy.io
+
+    mat = tmp_path / "pitts30k_test.mat"
+    db = sorted(p.relative_to(gardens / "images/test").as_posix() for p in (gardens / "images/test/database").iterdir())
+    q = sorted(p.relative_to(gardens / "images/test").as_posix() for p in (gardens / "images/test/queries").iterdir())
+    utm_q = np.array([[500000.0 + 100 * i, 6960000.0] for i in range(len(q))])
+    utm_q[2, 0] = np.inf
+    cells = lambda names: np.array([[n] for n in names], dtype=object)  # noqa: E731
+    scipy.io.savemat(str(mat), {"dbStruct": {"whichSet": "test", "dbImageFns": cells(db), "utmDb": np.ones((2, len(db))),
+                                             "qImageFns": cells(q), "utmQ": utm_q.T, "numImages": len(db),
+                                             "numQueries": len(q), "posDistThr": 25, "posDistSqThr": 625}})
+    rc, out, err = _run(["eval", "--model", str(haf_model), "--dataset", str(mat), *_common(cache)], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{mat}: query image '{q[2]}' (#3) has position (inf, 6960000.0), not finite (1 of {len(q)}" in err
+    assert not any(cache.rglob("*.npz"))
 
 
 def test_broken_inputs_are_one_line_errors(tower, haf_model, tmp_path, capsys):

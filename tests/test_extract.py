@@ -89,6 +89,57 @@ def test_load_image_errors_name_file_and_cause(tmp_path):
         load_image(tmp_path / "missing.jpg")
 
 
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` (bilevel) but holds no pixel data: a bomb's header."""
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_pixel_cap_is_per_call_and_pillow_global_untouched(tmp_path, photos):
+    code = ("from PIL import Image; before = Image.MAX_IMAGE_PIXELS; "
+            "import hafloc.images.io, hafloc.descriptors.extract, hafloc.cli, hafloc.serve.app; "
+            "assert Image.MAX_IMAGE_PIXELS == before, Image.MAX_IMAGE_PIXELS")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with pytest.raises(InputError, match=r"image too large \(\d+x\d+ pixels, the cap is 1000\)"):
+        load_image(photos[0], max_pixels=1000)
+    assert load_image(photos[0], max_pixels=None).width > 100
+    (tmp_path / "cap.png").write_bytes(_png_header(11_000, 11_000))  # 121 MP: above our cap only
+    with pytest.raises(InputError, match=r"cap\.png: image too large \(11000x11000 pixels, the cap is 120000000\)"):
+        load_image(tmp_path / "cap.png")
+    (tmp_path / "bomb.png").write_bytes(_png_header(40_000, 40_000))  # 1.6 GP: Pillow's own guard refuses
+    for cap in (None, 2_000_000_000):
+        with pytest.raises(InputError, match=r"bomb\.png: image too large \(Image size \(1600000000 pixels\)"):
+            load_image(tmp_path / "bomb.png", max_pixels=cap)
+
+
+def test_atomic_writes_never_touch_the_umask(tmp_path, monkeypatch):
+    """The umask is process-wide: setting it (even for a moment) races with other threads' file creation."""
+    from hafloc.fileio import atomic_path, write_json_atomic
+
+    old = os.umask(0o027)
+    try:
+        def no_umask(*_a):
+            raise AssertionError("os.umask called")
+
+        monkeypatch.setattr(os, "umask", no_umask)
+        write_json_atomic(tmp_path / "a.json", {"x": 1})
+        with atomic_path(tmp_path / "b.npy") as tmp:
+            np.save(tmp, np.zeros(3))
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+    for name in ("a.json", "b.npy"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640  # 0o666 & ~umask, as for any new file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.npy"]  # no temp files left
+
+
 def test_exif_orientation_is_applied(tmp_path, photos, small_model):
     img = Image.open(photos[1]).convert("RGB").resize((192, 128))
     exif = Image.Exif()

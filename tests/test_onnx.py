@@ -125,6 +125,47 @@ def test_cli_export_onnx_writes_a_valid_graph(model_files, tmp_path, capsys):
     assert main(["export-onnx", "--model", str(tmp_path / "missing.model"), "--output", str(out)]) == 2
 
 
+def test_onnx_metadata_tells_an_outside_client_how_to_feed_it(model_files, photos, tmp_path, capsys):
+    """Read the preprocessing back with the onnx package, feed ONNX Runtime by it alone (PIL + numpy,
+    no hafloc code) and get hafloc's own descriptor."""
+    import json
+
+    import onnxruntime as ort
+    from PIL import Image, ImageOps
+
+    model = load_model(model_files["haf"])
+    out = tmp_path / "haf.onnx"
+    assert main(["export-onnx", "--model", str(model_files["haf"]), "--output", str(out)]) == 0
+    assert f"hafloc model info {out}" in capsys.readouterr().out
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["fingerprint"] == model.fingerprint() and meta["input_name"] == "image"
+    assert meta["output_names"] == "descriptor,attention_low,attention_mid,attention_high"
+    assert meta["color_order"] == "RGB" and meta["size_multiple"] == "32" and meta["max_side"] == "320"
+    assert "[0, 1]" in meta["input_range"] and "do not normalise again" in meta["normalization"]
+    np.testing.assert_allclose(json.loads(meta["normalization_mean"]), model.backbone.mean.flatten(), atol=1e-6)
+    np.testing.assert_allclose(json.loads(meta["normalization_std"]), model.backbone.std.flatten(), atol=1e-6)
+    # an outside client: EXIF orientation, longest side max_side, sides rounded to the multiple, RGB / 255
+    img = ImageOps.exif_transpose(Image.open(photos[0])).convert("RGB")
+    side, mult = int(meta["max_side"]), int(meta["size_multiple"])
+    scale = side / max(img.size)
+    w, h = (max(mult, round(v * scale / mult) * mult) for v in img.size)
+    x = (np.asarray(img.resize((w, h), Image.BILINEAR), np.float32) / 255.0).transpose(2, 0, 1)[None]
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    theirs = sess.run([meta["output_names"].split(",")[0]], {meta["input_name"]: x})[0][0]
+    ours = Extractor(model, backend="torch").extract_paths([photos[0]], progress=False).descriptors[0]
+    assert float(theirs @ ours) > 0.98  # same input rule (resampling details aside)
+    # 'hafloc model info FILE.onnx' prints them
+    assert main(["model", "info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["inputs"] == {"image": ["batch", 3, "height", "width"]} and info["fingerprint"] == model.fingerprint()
+    assert info["normalization"] == meta["normalization"] and list(info["outputs"])[0] == "descriptor"
+    assert main(["model", "info", str(out)]) == 0
+    assert "input_size_rule: apply the EXIF orientation" in capsys.readouterr().out
+    (tmp_path / "junk.onnx").write_bytes(b"not onnx")
+    assert main(["model", "info", str(tmp_path / "junk.onnx")]) == 2
+    assert "junk.onnx: not a readable ONNX file" in capsys.readouterr().err
+
+
 def test_cli_extract_onnx_backend_equals_torch(model_files, photos, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()

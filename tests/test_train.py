@@ -239,8 +239,25 @@ def test_config_file_flags_and_resume_guard(floors, tmp_path):
     bad.write_text('{"method": "haf", "nonsense": 1}')
     with pytest.raises(InputError, match="nonsense"):
         config_from_args(build_parser().parse_args(["train", "--config", str(bad)]))
-    with pytest.raises(HaflocError, match="multiples of 32"):
-        TrainConfig(image_size="100x100")
+    with pytest.raises(HaflocError, match="look like 224x320"):
+        TrainConfig(image_size="100by100")
+
+
+def test_image_size_is_rounded_to_multiples_of_32_with_a_note(floors, tmp_path, caplog):
+    from hafloc.cli import build_parser
+    from hafloc.cli.train import config_from_args
+    from hafloc.images.io import target_size
+
+    args = build_parser().parse_args(["train", "--dataset", str(floors), "--output", str(tmp_path / "o"),
+                                      "--image-size", "240x330"])
+    with caplog.at_level("INFO", logger="hafloc.train.config"):
+        cfg, _ = config_from_args(args)
+    assert cfg.image_size == target_size(330, 240, max_side=None) == (256, 320)  # extraction's rounding
+    notes = [r.getMessage() for r in caplog.records if r.name == "hafloc.train.config"]
+    assert notes == ["image size 240x330 rounded to 256x320 (the networks need sides that are multiples of 32)"]
+    caplog.clear()
+    assert TrainConfig(image_size="224x320").image_size == (224, 320) and not caplog.records  # silent when exact
+    assert TrainConfig(image_size="20x40").image_size == (32, 32)
 
 
 def test_unreadable_training_image_is_skipped_and_reported(floors, tmp_path):

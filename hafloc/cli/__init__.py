@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from ..errors import HaflocError
@@ -41,11 +42,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; exit status 2 on a ``HaflocError`` (printed as one line)."""
+    try:
+        try:
+            return _run(argv)
+        finally:
+            sys.stdout.flush()  # surface a closed pipe here, not in the interpreter's exit handler
+    except BrokenPipeError:
+        # The reader went away (``hafloc ... | head``): stop quietly as Unix tools do on SIGPIPE.
+        # Later flushes (at exit) go to /dev/null so Python prints no "Exception ignored" either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + 13  # what a shell reports for a process ended by SIGPIPE
+
+
+def _quiet_pillow_bomb_warning() -> None:
+    """Process-wide, so set here by the application, once, before any thread starts: Pillow warns
+    about images above its limit (~89 MP) that ``images.io.load_image`` refuses above its own
+    cap (120 MP) anyway, with a one-line error; below our cap the warning is noise."""
+    import warnings
+
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(message)s")
     logging.getLogger("faiss").setLevel(logging.WARNING)  # "Successfully loaded faiss" is noise
+    _quiet_pillow_bomb_warning()
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -149,6 +149,25 @@ def write_json(path: Path, obj: dict[str, Any], config: dict[str, Any]) -> None:
     write_json_atomic(path.parent / "config.json", config)
 
 
+def without_positive_note(result: dict[str, Any], metric: str) -> str | None:
+    """What happened to queries without a positive, in the protocol's terms (None when there are none).
+
+    Recall protocols count them as misses; mAP protocols (Oxford/Paris, revisited E/M/H, Holidays)
+    leave them out of the mean, as revisitop's ``compute_map`` does.
+    """
+    nwp = result.get("num_queries_without_positive") or 0
+    if isinstance(nwp, dict):  # revisited: one count per protocol (E/M/H)
+        if not any(nwp.values()):
+            return None
+        counts = ", ".join(f"{v} in {k}" for k, v in nwp.items() if v)
+        return f"queries without a positive in the database ({counts}): skipped as the protocol does"
+    if not nwp:
+        return None
+    if metric == "recall":
+        return f"{nwp} queries have no positive in the database (counted as misses)"
+    return f"{nwp} queries have no positive in the database: skipped as the protocol does"
+
+
 def print_failures(result: dict[str, Any]) -> None:
     fails = result.get("failures") or []
     if fails:
@@ -184,8 +203,9 @@ def run(args) -> int:
     c = result["cache"]
     print(f"descriptors: {c['extracted']} extracted, {c['reused']} from cache; "
           f"{result['timing']['total_s']:.1f} s")
-    if result["num_queries_without_positive"]:
-        print(f"note: {result['num_queries_without_positive']} queries have no positive in the database (misses)")
+    note = without_positive_note(result, ds.metric)
+    if note:
+        print(f"note: {note}")
     print_failures(result)
     out = json_result(result, config)
     if args.json:
@@ -259,8 +279,8 @@ def write_eval_report(out_dir: Path, model, ds, result: dict[str, Any], out: dic
         f"Dataset {ds.name}: {ds.num_db} database and {ds.num_q} query images. Protocol: {result['protocol']}.",
         f"Model {name} ({model.config.method} on {model.config.backbone}, {result['descriptor_dim']}-D, "
         f"fingerprint {result['fingerprint']}).",
-        f"Queries without a positive: {result['num_queries_without_positive']}; unreadable images skipped: "
-        f"{len(result['failures'])}. Extraction {result['timing']['extract_s']:.1f} s "
+        f"Queries without a positive: {without_positive_note(result, ds.metric) or 'none'}. Unreadable images "
+        f"skipped: {len(result['failures'])}. Extraction {result['timing']['extract_s']:.1f} s "
         f"({result['cache']['extracted']} extracted, {result['cache']['reused']} from the cache)."],
         tables=[Table(rows, cols)])]
     if result.get("recall_curve"):

@@ -12,7 +12,9 @@ def register(sub) -> None:
                                    "Outputs: 'descriptor' (batch, D) and, for methods with attention, "
                                    "'attention_low' / 'attention_mid' / 'attention_high' (batch, h, w). "
                                    "'hafloc extract' does this by itself (--backend auto/onnx) and caches the "
-                                   "file next to the model; use this command to run the model elsewhere.")
+                                   "file next to the model; use this command to run the model elsewhere. The file's "
+                                   "metadata_props record the preprocessing (size rule, max side, colour order, "
+                                   "range, normalisation), the output names and the model fingerprint.")
     p.add_argument("--model", required=True, help="model file (from 'hafloc model init' or 'hafloc train')")
     p.add_argument("--output", required=True, help="ONNX file to write (e.g. haf.onnx)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (17 or newer; default 17)")
@@ -33,5 +35,6 @@ def run(args) -> int:
     model = load_model(args.model)
     export_onnx(model, out, opset=args.opset)
     print(f"wrote {out}: {model.config.method}, input 'image' (batch, 3, height, width), "
-          f"outputs {', '.join(output_names(model))}; descriptor {model.out_dim}-D, opset {args.opset}")
+          f"outputs {', '.join(output_names(model))}; descriptor {model.out_dim}-D, opset {args.opset}; "
+          f"'hafloc model info {out}' shows how to feed it (size rule, colour order, normalisation)")
     return 0

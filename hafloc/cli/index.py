@@ -68,6 +68,8 @@ def register(sub) -> None:
     e.add_argument("--top-k", type=int, default=20, help="database images per query (default 20)")
     e.add_argument("--model", help="model file (default: the one the index was built with)")
     e.add_argument("--half", action="store_true", help="store float16 descriptors, as hloc's extractor does")
+    e.add_argument("--keep-negative", action="store_true",
+                   help="keep candidates with similarity < 0 (hloc's pairs_from_retrieval drops them; so do we by default)")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_backend_args(e)
     e.set_defaults(func=run_export)
@@ -234,8 +236,14 @@ def run_export(args) -> int:
     feats = out / "global-feats-hafloc.h5"
     pairs_path = out / f"pairs-query-hafloc{args.top_k}.txt"
     write_global_descriptors(feats, names, desc, as_half=args.half)
-    pairs = retrieval_pairs(res.names, res.descriptors, db_names, db_desc, args.top_k)
+    pairs = retrieval_pairs(res.names, res.descriptors, db_names, db_desc, args.top_k,
+                            min_score=None if args.keep_negative else 0.0)
     write_pairs(pairs_path, pairs)
+    db_set = set(db_names)
+    dropped = sum(min(args.top_k, len(db_names) - (n in db_set)) for n in res.names) - len(pairs)
+    if dropped:
+        print(f"note: {dropped} candidate(s) with similarity < 0 dropped as hloc's pairs_from_retrieval does "
+              "(--keep-negative keeps them)", file=sys.stderr)
     write_text_atomic(out / "db.txt", "\n".join(db_names) + "\n")
     write_text_atomic(out / "queries.txt", "\n".join(res.names) + "\n")
     print(f"wrote {feats} ({len(names)} descriptors), {pairs_path} ({len(pairs)} pairs), "

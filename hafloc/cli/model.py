@@ -30,8 +30,11 @@ def register(sub) -> None:
     pi.add_argument("--fit-images", type=int, default=300, help="at most this many images for the clusters (default 300)")
     pi.add_argument("--seed", type=int, default=0)
     pi.set_defaults(func=run_init)
-    pf = msub.add_parser("info", help="print a model file's configuration, taps, sizes and fingerprint")
-    pf.add_argument("model", help="model file")
+    pf = msub.add_parser("info", help="print a model file's configuration, taps, sizes and fingerprint",
+                         description="For a model file: configuration, taps, sizes and fingerprint. For an .onnx "
+                                     "file (from 'hafloc export-onnx'): inputs, outputs and how to feed it "
+                                     "(size rule, colour order, range, normalisation) from its metadata.")
+    pf.add_argument("model", help="model file, or an exported .onnx file")
     pf.add_argument("--json", action="store_true", help="machine-readable output")
     pf.set_defaults(func=run_info)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
@@ -70,9 +73,16 @@ def run_init(args) -> int:
 
 
 def run_info(args) -> int:
-    from ..descriptors.modelfile import model_info
+    from pathlib import Path
 
-    info = model_info(args.model)
+    if Path(args.model).suffix.lower() == ".onnx":
+        from ..descriptors.onnx_backend import onnx_info
+
+        info = onnx_info(args.model)
+    else:
+        from ..descriptors.modelfile import model_info
+
+        info = model_info(args.model)
     if args.json:
         print_json(info)
         return 0

@@ -12,7 +12,7 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ("--format", "format", str, "dataset layout (default: detected)"),
     ("--output", "output", str, "output folder: best.model, last.ckpt, history.csv/png, config.json"),
     ("--epochs", "epochs", int, "epochs (default 5)"),
-    ("--image-size", "image_size", str, "training image size HxW, multiples of 32 (default 224x320)"),
+    ("--image-size", "image_size", str, "training image size HxW (default 224x320); rounded to multiples of 32"),
     ("--backbone", "backbone", str, "efficientnet-lite0 (default), efficientnet-lite2 or vgg16"),
     ("--backbone-weights", "backbone_weights", str, "backbone state-dict file (vgg16, superpoint)"),
     ("--clusters", "clusters", int, "VLAD clusters per level (default 64)"),

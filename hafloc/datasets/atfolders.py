@@ -60,14 +60,37 @@ def parse_at_name(name: str) -> dict[str, Any]:
     return out
 
 
+def at_position_problem(fields: dict[str, Any]) -> str | None:
+    """Why the position fields of a parsed '@' name are unusable, or None: easting/northing must be
+    finite, lat/lon (when given) within +-90 / +-180 degrees."""
+    for key in ("east", "north", "lat", "lon"):
+        v = fields.get(key)
+        if v is not None and not np.isfinite(v):
+            return f"{key} {v} is not a finite number"
+    lat, lon = fields.get("lat"), fields.get("lon")
+    if lat is not None and not -90.0 <= lat <= 90.0:
+        return f"lat {lat} is out of range (+-90 degrees)"
+    if lon is not None and not -180.0 <= lon <= 180.0:
+        return f"lon {lon} is out of range (+-180 degrees)"
+    return None
+
+
 def _read_side(folder: Path, root: Path) -> tuple[list[str], np.ndarray, list[dict[str, Any]]]:
     names = list_images(folder, root)
     fields = []
+    bad: list[tuple[str, str]] = []
     for n in names:
         try:
-            fields.append(parse_at_name(n))
+            f = parse_at_name(n)
         except ValueError as e:
             raise InputError(root / n, str(e)) from None
+        problem = at_position_problem(f)
+        if problem:
+            bad.append((n, problem))
+        fields.append(f)
+    if bad:  # the published ground truth is broken: refuse (dropping would change the benchmark)
+        more = f" ({len(bad)} images like it in {folder.name}/)" if len(bad) > 1 else ""
+        raise InputError(root / bad[0][0], f"{bad[0][1]}{more}")
     utm = np.array([[f["east"], f["north"]] for f in fields], dtype=np.float64).reshape(-1, 2)
     return names, utm, fields
 

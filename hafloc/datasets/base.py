@@ -9,6 +9,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from hafloc.errors import InputError
+
 METRICS = ("recall", "map", "revisited", "holidays")
 
 # Quirks that hold one entry per database / per query image: subset() must index them.
@@ -16,6 +18,21 @@ DB_QUIRKS = ("tokyo_nms", "db_notes", "db_building_ids")
 Q_QUIRKS = ("crop_boxes", "q_notes", "q_building_ids", "q_conditions")
 # Quirks that are {"db": per-db array, "q": per-query array}.
 PAIRED_QUIRKS = ("timestamps", "latlon", "capture_times")
+
+
+def check_positions(src: str | Path, names: Sequence[str], utm: np.ndarray | None, side: str) -> None:
+    """InputError naming ``src``, the first image whose position is not finite and how many are.
+
+    Readers call it with the file the positions came from, before any extraction; ``Dataset``
+    calls it too (with its root) so no reader can hand a NaN to the scorer."""
+    if utm is None or len(utm) == 0:
+        return
+    bad = np.flatnonzero(~np.isfinite(np.asarray(utm, dtype=np.float64)).all(axis=1))
+    if len(bad):
+        i = int(bad[0])
+        name = names[i] if i < len(names) else f"#{i}"
+        raise InputError(src, f"{side} image {name!r} (#{i + 1}) has position {tuple(float(v) for v in utm[i])}, "
+                              f"not finite ({len(bad)} of {len(utm)} {side} positions are bad)")
 
 
 @dataclass
@@ -66,6 +83,8 @@ class Dataset:
                 arr = np.asarray(arr, dtype=np.float64).reshape(-1, 2)
                 if len(arr) != n:
                     raise ValueError(f"{arr_name} has {len(arr)} rows for {n} images")
+                check_positions(self.root, self.db_images if arr_name == "db_utm" else self.q_images, arr,
+                                "database" if arr_name == "db_utm" else "query")
                 setattr(self, arr_name, arr)
         for lab_name, n in (("db_labels", self.num_db), ("q_labels", self.num_q)):
             lab = getattr(self, lab_name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import re
 from pathlib import Path
 
@@ -25,13 +26,26 @@ def list_images(folder: Path, root: Path | None = None, recursive: bool = True) 
     return sorted((p.relative_to(root).as_posix() for p in files), key=natural_key)
 
 
+def read_text(path: Path, what: str = "CSV") -> str:
+    """A UTF-8 text file (BOM allowed); InputError naming the real problem: unreadable, empty, or
+    another encoding (names in it must match file names, so we do not guess an encoding)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise InputError(path, f"cannot read {what} ({e.strerror or e.__class__.__name__})") from None
+    if not data.strip():
+        raise InputError(path, f"empty {what} file" if not data else f"{what} file holds only blank space")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise InputError(path, f"{what} is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}; "
+                               "Latin-1 or a Windows code page? save it as UTF-8)") from None
+
+
 def read_csv_rows(path: Path, required: list[str] | tuple[str, ...] = ()) -> tuple[list[str], list[dict[str, str]]]:
     """Header + rows of a CSV; InputError on missing columns or ragged rows."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(path, f"cannot read CSV ({e.__class__.__name__})") from None
-    lines = text.splitlines()
+    lines = read_text(path).splitlines()
     if not lines or not lines[0].strip():
         raise InputError(path, "empty CSV (no header)")
     reader = csv.reader(lines)
@@ -47,6 +61,19 @@ def read_csv_rows(path: Path, required: list[str] | tuple[str, ...] = ()) -> tup
             raise InputError(path, f"line {lineno}: {len(rec)} fields, header has {len(header)}")
         rows.append({h: v.strip() for h, v in zip(header, rec)})
     return header, rows
+
+
+def in_both(src: Path, db_names: list[str], q_names: list[str], log: logging.Logger,
+            sides: tuple[str, str] = ("gallery", "query")) -> set[str]:
+    """Images listed as both database (gallery) and query, with a warning naming the count and what
+    is done: the reader keeps them as queries and removes them from the database, so that no
+    query retrieves itself (for layouts whose names share one root: label CSVs, position CSVs)."""
+    queries = set(q_names)
+    both = [n for n in db_names if n in queries]
+    if both:
+        log.warning("%s: %d image(s) listed as both %s and %s (e.g. %s): kept as queries, removed from the %s "
+                    "so that no query retrieves itself", src, len(set(both)), sides[0], sides[1], both[0], sides[0])
+    return set(both)
 
 
 def parse_float(path: Path, value: str, what: str, lineno: int | None = None) -> float:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import scipy.io
 
-from hafloc.datasets.base import Dataset
+from hafloc.datasets.base import Dataset, check_positions
 from hafloc.datasets.common import swap_missing_ext
 from hafloc.errors import InputError
 
@@ -135,6 +135,8 @@ def load_dbstruct(path: str | Path, split: str = "test", image_root: str | Path 
             raise InputError(path, f"{cnt}={int(_scalar(path, f[cnt], cnt))} but {len(names)} {what} names")
     db_utm = _positions(path, f["utmDb"], len(db_names), "utmDb")
     q_utm = _positions(path, f["utmQ"], len(q_names), "utmQ")
+    check_positions(path, db_names, db_utm, "database")  # NaN/inf: refused here, before any extraction
+    check_positions(path, q_names, q_utm, "query")
     quirks: dict[str, Any] = {}
     if "posDistThr" in f:
         thr = _scalar(path, f["posDistThr"], "posDistThr")

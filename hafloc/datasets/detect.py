@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 from hafloc.datasets.atfolders import is_at_layout, load_at_folders
 from hafloc.datasets.base import Dataset
+from hafloc.datasets.common import read_text
 from hafloc.datasets.dbstruct import load_dbstruct
 from hafloc.datasets.geotagged import find_position_csv, load_geotagged
 from hafloc.datasets.gsvnpy import SUFFIXES as GSV_SUFFIXES, load_gsv_npy, prefixes as gsv_prefixes
@@ -54,6 +55,7 @@ def detect_format(path: str | Path) -> str:
         if any(name.endswith(s) for s in GSV_SUFFIXES):
             return "gsv_npy"
         if suf == ".csv":
+            read_text(p)  # an empty or non-UTF-8 file: say so, not "unknown layout"
             return "labels" if is_label_csv(p) else "geotagged"
         raise InputError(p, "unknown dataset file type (use --format)")
     if find_revisited_pkl(p) is not None:
@@ -80,6 +82,8 @@ def detect_format(path: str | Path) -> str:
         return "geotagged"
     if is_holidays_layout(p):
         return "holidays"
+    for f in sorted(p.glob("*.csv")):  # a CSV we could not read may be the layout's key file: name its problem
+        read_text(f)
     raise InputError(p, "cannot tell the dataset layout (use --format; known: " + ", ".join(FORMATS) + ")")
 
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from hafloc.datasets.base import Dataset, split_database
-from hafloc.datasets.common import read_csv_rows
+from hafloc.datasets.common import in_both, read_csv_rows
 from hafloc.errors import InputError
+
+log = logging.getLogger(__name__)
 
 SPLIT_ALIASES = {"gallery": "database", "db": "database", "ref": "database", "reference": "database",
                  "queries": "query", "val_gallery": "val_database", "val_queries": "val_query"}
@@ -29,6 +32,40 @@ def is_label_csv(path: Path) -> bool:
     except (OSError, UnicodeDecodeError):
         return False
     return "image" in header and "label" in header
+
+
+def _check_duplicates(p: Path, by_split: dict[str, list[dict[str, str]]]) -> None:
+    """Repeated images, in place: never silently counted twice.
+
+    - one image with two different labels: an error (which place is it?);
+    - the same row twice (image, label, split): one copy kept, a warning with the count;
+    - one image as gallery and as query (same label): it stays a query and leaves the gallery
+      (else the query retrieves itself at rank 1), a warning with the count; likewise for
+      val_database / val_query. Other split pairs (train and test) are different sets and kept.
+    """
+    first: dict[str, dict[str, str]] = {}
+    for rows in by_split.values():
+        for r in rows:
+            seen = first.setdefault(r["image"], r)
+            if seen["label"] != r["label"]:
+                raise InputError(p, f"image {r['image']!r} has label {seen['label']!r} on line {seen['line']} and "
+                                    f"{r['label']!r} on line {r['line']}: which place is it? (fix the file)")
+    repeated = 0
+    for split, rows in by_split.items():
+        kept: dict[str, dict[str, str]] = {}
+        for r in rows:
+            repeated += r["image"] in kept
+            kept.setdefault(r["image"], r)
+        by_split[split] = list(kept.values())
+    if repeated:
+        log.warning("%s: %d repeated row(s) (same image, label and split) ignored; each image counts once",
+                    p, repeated)
+    for db_split, q_split, sides in (("database", "query", ("gallery", "query")),
+                                     ("val_database", "val_query", ("val_gallery", "val_query"))):
+        both = in_both(p, [r["image"] for r in by_split.get(db_split, [])],
+                       [r["image"] for r in by_split.get(q_split, [])], log, sides)
+        if both:
+            by_split[db_split] = [r for r in by_split[db_split] if r["image"] not in both]
 
 
 def load_labels(path: str | Path, split: str = "test", val_fraction: float = 0.2, seed: int = 0,
@@ -51,7 +88,9 @@ def load_labels(path: str | Path, split: str = "test", val_fraction: float = 0.2
             raise InputError(p, f"line {i}: unknown split {r['split']!r} (use {', '.join(KNOWN_SPLITS)} or gallery)")
         if not r["image"] or not r["label"]:
             raise InputError(p, f"line {i}: empty image or label")
+        r = dict(r, split=s, line=str(i))
         by_split.setdefault(s, []).append(r)
+    _check_duplicates(p, by_split)
     root = p.parent / "images" if (p.parent / "images").is_dir() and not (p.parent / rows[0]["image"]).exists() \
         else p.parent
 

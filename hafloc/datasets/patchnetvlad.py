@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from hafloc.datasets.base import Dataset
+from hafloc.datasets.base import Dataset, check_positions
 from hafloc.datasets.common import swap_missing_ext
 from hafloc.datasets.dbstruct import tokyo_panorama_ids, tokyo_query_conditions
 from hafloc.errors import InputError
@@ -68,6 +68,8 @@ def load_patchnetvlad(path: str | Path, split: str = "test", index_list: str | P
         raise InputError(Path(index_list), f"{len(db)} names but {len(db_utm)} database positions in {path.name}")
     if len(q) != len(q_utm):
         raise InputError(Path(query_list), f"{len(q)} names but {len(q_utm)} query positions in {path.name}")
+    check_positions(path, db, db_utm, "database")
+    check_positions(path, q, q_utm, "query")
     root = Path(image_root) if image_root is not None else path.parent.parent
     db, q = swap_missing_ext(root, db), swap_missing_ext(root, q)
     quirks: dict[str, Any] = {}

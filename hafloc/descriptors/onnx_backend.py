@@ -11,6 +11,7 @@ a changed model gets a fresh export and an unchanged one is never exported twice
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 OPSET = 17
 # Bump when the exported graph changes for an unchanged model (fingerprints cover weights and
 # configuration, not code).
-EXPORT_VERSION = "1"
+EXPORT_VERSION = "2"  # 2: preprocessing metadata in metadata_props
 _SAMPLE_SIZE = (224, 320)  # tracing input; every size is dynamic in the graph
 
 Runner = Callable[[torch.Tensor], dict]
@@ -81,7 +82,8 @@ def export_onnx(model: GeoLocNet, path: str | Path, opset: int = OPSET, check: b
                               output_names=names, dynamic_axes=dynamic, opset_version=opset, dynamo=False)
             proto = onnx.load(str(tmp))
             meta = {"hafloc": __version__, "export_version": EXPORT_VERSION, "fingerprint": model.fingerprint(),
-                    "method": model.config.method, "backbone": model.config.backbone}
+                    "method": model.config.method, "backbone": model.config.backbone,
+                    **preprocessing_metadata(model, names)}
             for k, v in meta.items():
                 proto.metadata_props.add(key=k, value=str(v))
             if check:
@@ -90,6 +92,62 @@ def export_onnx(model: GeoLocNet, path: str | Path, opset: int = OPSET, check: b
     finally:
         model.train(was_training)
     return path
+
+
+def preprocessing_metadata(model: GeoLocNet, outputs: list[str] | None = None) -> dict[str, str]:
+    """How an outside client must feed the graph, as ONNX ``metadata_props`` (all strings).
+
+    The backbone normalises inside the graph (``backbones.base.Backbone``), so a client only
+    decodes, orients, resizes and scales to [0, 1]; the keys say exactly that.
+    """
+    bb = model.backbone
+    mean = [round(float(v), 6) for v in bb.mean.flatten()]
+    std = [round(float(v), 6) for v in bb.std.flatten()]
+    gray = model.config.backbone == "superpoint"
+    return {
+        "input_name": "image",
+        "input_layout": "float32 (batch, 3, height, width), NCHW; batch, height and width dynamic",
+        "color_order": "RGB" + (" (converted to gray inside the graph: 0.299 R + 0.587 G + 0.114 B)" if gray else ""),
+        "input_range": "[0, 1]: 8-bit pixel values divided by 255",
+        "normalization": (f"inside the graph: (x - mean) / std per channel, mean={mean}, std={std} "
+                          f"({model.config.backbone} backbone); feed [0, 1] RGB, do not normalise again"),
+        "normalization_mean": json.dumps(mean),
+        "normalization_std": json.dumps(std),
+        "input_size_rule": ("apply the EXIF orientation; scale keeping the aspect ratio so that the longest side "
+                            "is max_side; round height and width each to the nearest multiple of 32 (at least 32); "
+                            "resize bilinearly to that size"),
+        "size_multiple": "32",
+        "max_side": str(int(model.config.max_side)),
+        "output_names": ",".join(outputs if outputs is not None else output_names(model)),
+        "descriptor": (f"'descriptor' (batch, {model.out_dim}) float32, L2-normalised"
+                       + (", PCA-whitened" if model.whitening.dim else "") + ": similarity = inner product"),
+    }
+
+
+def onnx_info(path: str | Path) -> dict:
+    """What an exported ONNX file says about itself: inputs, outputs, opset and its metadata_props."""
+    from ..errors import InputError
+
+    path = Path(path)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except FileNotFoundError:
+        raise InputError(path, "file not found") from None
+    except Exception as err:  # protobuf DecodeError and friends
+        raise InputError(path, f"not a readable ONNX file ({type(err).__name__})") from None
+
+    def shape(v) -> list:
+        return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+
+    info: dict = {"file": str(path), "opset": max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+                                                  default=None),
+                  "inputs": {v.name: shape(v) for v in proto.graph.input},
+                  "outputs": {v.name: shape(v) for v in proto.graph.output}}
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if not meta.get("fingerprint"):
+        info["note"] = "not exported by hafloc (no preprocessing metadata)"
+    info.update(meta)
+    return info
 
 
 def _writable_dir(folder: Path) -> bool:

@@ -62,5 +62,7 @@ def read_gps(path: str | Path) -> tuple[float, float] | None:
             return gps_from_exif(im.getexif())
     except FileNotFoundError:
         raise InputError(path, "file not found") from None
+    except Image.DecompressionBombError as e:  # Pillow's own cap (images.io explains why we keep it)
+        raise InputError(path, f"image too large ({str(e).split(',')[0]})") from None
     except (UnidentifiedImageError, OSError) as e:
         raise InputError(path, f"not a readable image ({e.__class__.__name__})") from None

@@ -16,17 +16,19 @@ from ..errors import InputError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 # Refuse decompression bombs before decoding; a 120 MP photo is far beyond what we resize to.
-# Pillow's own guard only warns below 2x its limit (and warnings are process-global, which
-# races with our loader threads), so we disable it and enforce ours with a clear error.
+# The cap is checked per call (``max_pixels``) from the header; Pillow's process-wide
+# ``Image.MAX_IMAGE_PIXELS`` is left as the application set it (library code must not change
+# it). Pillow's own guard may refuse first (above twice its limit, ~179 MP by default): that
+# becomes the same one-line error.
 MAX_PIXELS = 120_000_000
-Image.MAX_IMAGE_PIXELS = None
 
 
-def load_image(path: str | Path, exif_transpose: bool = True) -> Image.Image:
+def load_image(path: str | Path, exif_transpose: bool = True, max_pixels: int | None = MAX_PIXELS) -> Image.Image:
     """Open ``path`` as an RGB image, EXIF orientation applied (unless told not to).
 
     Grayscale, CMYK, palette and alpha images are converted to RGB (alpha composited on white).
-    Raises :class:`InputError` for missing, empty, truncated, huge or non-image files.
+    Raises :class:`InputError` for missing, empty, truncated, non-image files and for images of
+    more than ``max_pixels`` pixels (None: no cap of ours), checked before decoding.
     """
     path = Path(path)
     try:
@@ -37,12 +39,14 @@ def load_image(path: str | Path, exif_transpose: bool = True) -> Image.Image:
         raise InputError(path, "empty file")
     try:
         with Image.open(path) as img:
-            if img.width * img.height > MAX_PIXELS:
-                raise InputError(path, f"image too large ({img.width}x{img.height} pixels)")
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                raise InputError(path, f"image too large ({img.width}x{img.height} pixels, the cap is {max_pixels})")
             img.load()
             img = _to_rgb(ImageOps.exif_transpose(img) if exif_transpose else img)
     except InputError:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:  # the warning under -W error
+        raise InputError(path, f"image too large ({str(err).split(',')[0]})") from None
     except UnidentifiedImageError:
         raise InputError(path, "not an image (unrecognised format)") from None
     except OSError as err:

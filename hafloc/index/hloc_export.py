@@ -71,18 +71,28 @@ def read_global_descriptors(path: str | Path, names: Sequence[str] | None = None
     return names, desc.astype(np.float32)
 
 
-def retrieval_pairs(query_names: Sequence[str], query_desc: np.ndarray, db_names: Sequence[str],
-                    db_desc: np.ndarray, k: int) -> list[tuple[str, str]]:
-    """Top-k (query, db) pairs by exact cosine similarity, best first; a query never pairs with itself."""
+def scored_pairs(query_names: Sequence[str], query_desc: np.ndarray, db_names: Sequence[str],
+                 db_desc: np.ndarray, k: int) -> list[tuple[str, str, float]]:
+    """Top-k (query, db, similarity) by exact inner product, best first; a query never pairs with itself."""
     if len(query_names) == 0 or len(db_names) == 0:
         return []
     overlap = bool(set(query_names) & set(db_names))
     sims, ids = knn(np.asarray(db_desc), np.asarray(query_desc), k + 1 if overlap else k)
-    pairs: list[tuple[str, str]] = []
-    for q, row in zip(query_names, ids):
-        picked = [db_names[i] for i in row if i >= 0 and db_names[i] != q][:k]
-        pairs.extend((q, d) for d in picked)
-    return pairs
+    out: list[tuple[str, str, float]] = []
+    for q, srow, row in zip(query_names, sims, ids):
+        picked = [(db_names[i], float(s)) for s, i in zip(srow, row) if i >= 0 and db_names[i] != q][:k]
+        out.extend((q, d, s) for d, s in picked)
+    return out
+
+
+def retrieval_pairs(query_names: Sequence[str], query_desc: np.ndarray, db_names: Sequence[str],
+                    db_desc: np.ndarray, k: int, min_score: float | None = 0.0) -> list[tuple[str, str]]:
+    """Top-k (query, db) pairs by exact cosine similarity, best first, as hloc's
+    ``pairs_from_retrieval`` selects them: no self pairs, and candidates with similarity below
+    ``min_score`` dropped (hloc passes ``min_score=0``; they exist once a model is PCA-whitened),
+    so a query may get fewer than k. ``min_score=None`` keeps every candidate."""
+    return [(q, d) for q, d, s in scored_pairs(query_names, query_desc, db_names, db_desc, k)
+            if min_score is None or s >= min_score]
 
 
 def write_pairs(path: str | Path, pairs: Sequence[tuple[str, str]]) -> None:

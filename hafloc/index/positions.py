@@ -7,6 +7,7 @@ published dataset's ground truth, EXIF is whatever the camera recorded.
 from __future__ import annotations
 
 import csv
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from hafloc.datasets import geo as _geo
-from hafloc.datasets.atfolders import parse_at_name
+from hafloc.datasets.atfolders import at_position_problem, parse_at_name
 from hafloc.errors import InputError
 from hafloc.images.gps import read_gps
+
+log = logging.getLogger(__name__)
 
 SOURCES = ("csv", "at-name", "exif")
 
@@ -68,6 +71,8 @@ def read_positions_csv(path: str | Path) -> dict[str, tuple[float, float]]:
             if not {"image", "lat", "lon"} <= set(fields):
                 raise InputError(path, f"positions CSV needs columns image,lat,lon; found {','.join(fields) or 'nothing'}")
             out: dict[str, tuple[float, float]] = {}
+            lines: dict[str, int] = {}
+            repeated = 0
             for line_no, row in enumerate(reader, start=2):
                 row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k is not None}
                 if not row.get("image"):
@@ -78,7 +83,16 @@ def read_positions_csv(path: str | Path) -> dict[str, tuple[float, float]]:
                     raise InputError(path, f"line {line_no}: lat/lon are not numbers ({row['lat']!r}, {row['lon']!r})") from None
                 if not (-90.0 <= lat <= 90.0 and -180.0 <= lon <= 180.0):
                     raise InputError(path, f"line {line_no}: lat/lon out of range ({lat}, {lon})")
-                out[row["image"].replace("\\", "/")] = (lat, lon)
+                name = row["image"].replace("\\", "/")
+                if name in out:
+                    if out[name] != (lat, lon):
+                        raise InputError(path, f"line {line_no}: {name} has two positions, {out[name]} on line "
+                                               f"{lines[name]} and {(lat, lon)} (fix the file)")
+                    repeated += 1
+                    continue
+                out[name], lines[name] = (lat, lon), line_no
+            if repeated:
+                log.warning("%s: %d repeated row(s) (same image and position) ignored", path, repeated)
             return out
     except OSError as err:
         raise InputError(path, f"cannot read positions CSV ({err.strerror or err})") from None
@@ -94,6 +108,8 @@ def position_from_at_name(rel_path: str) -> Position | None:
     try:
         info = parse_at_name(name)
     except ValueError:
+        return None
+    if at_position_problem(info):  # NaN / lat 999: no position (the caller reports it as unpositioned)
         return None
     lat, lon = info.get("lat"), info.get("lon")
     if lat is None or lon is None:

@@ -15,7 +15,6 @@ from urllib.parse import quote
 
 from hafloc.errors import InputError
 from hafloc.fileio import atomic_path
-from hafloc.reports._perm import make_readable
 from hafloc.reports.tables import html_table
 
 
@@ -132,5 +131,4 @@ def write_report(out_dir: str | Path, title: str, sections: Sequence[Section], f
     path = out_dir / "index.html"
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")  # explicit: the page declares utf-8
-        make_readable(tmp)
     return path

@@ -24,7 +24,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: E402
 
 from hafloc.errors import InputError  # noqa: E402
 from hafloc.fileio import atomic_path  # noqa: E402
-from hafloc.reports._perm import make_readable  # noqa: E402
 
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h"]
 _LEVEL_ORDER = ["low", "mid", "high"]
@@ -37,7 +36,6 @@ def _save(fig: Figure, path: str | Path) -> Path:
     try:
         with atomic_path(path, suffix=".png") as tmp:
             fig.savefig(tmp, format="png", dpi=_DPI, bbox_inches="tight", facecolor="white")
-            make_readable(tmp)
     finally:
         plt.close(fig)
     return path
@@ -53,7 +51,7 @@ def _open_rgb(image: str | Path | Image.Image) -> Image.Image:
             return im.convert("RGB")
     except FileNotFoundError as e:
         raise InputError(image, "file not found") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise InputError(image, f"cannot read image ({type(e).__name__}: {e})") from e
 
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import HaflocError, InputError
 from ..fileio import write_json_atomic
+from ..images.io import target_size
+
+log = logging.getLogger(__name__)
 
 METHODS = ("haf", "netvlad", "crn", "gem", "superpoint")
 SUPERVISIONS = ("auto", "gps", "labels")
@@ -17,7 +21,8 @@ OPTIMIZERS = ("adam", "sgd")
 
 
 def parse_image_size(text: str | tuple[int, int] | list[int]) -> tuple[int, int]:
-    """'224x320' (H x W, multiples of 32) -> (224, 320)."""
+    """'224x320' (H x W) -> (224, 320); sides that are not multiples of 32 are rounded to the
+    nearest one (as extraction does, ``images.io.target_size``) with a one-line note."""
     if isinstance(text, (tuple, list)):
         h, w = (int(v) for v in text)
     else:
@@ -25,9 +30,12 @@ def parse_image_size(text: str | tuple[int, int] | list[int]) -> tuple[int, int]
             h, w = (int(v) for v in str(text).lower().replace("*", "x").split("x"))
         except ValueError:
             raise HaflocError(f"image size must look like 224x320 (height x width), got {text!r}") from None
-    if h % 32 or w % 32 or h < 32 or w < 32:
-        raise HaflocError(f"image size sides must be positive multiples of 32, got {h}x{w}")
-    return h, w
+    if h < 1 or w < 1:
+        raise HaflocError(f"image size sides must be positive, got {h}x{w}")
+    rh, rw = target_size(w, h, max_side=None)
+    if (rh, rw) != (h, w):
+        log.info("image size %dx%d rounded to %dx%d (the networks need sides that are multiples of 32)", h, w, rh, rw)
+    return rh, rw
 
 
 @dataclass

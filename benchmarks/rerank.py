@@ -64,8 +64,7 @@ def build_sets(work: Path, names: list[str]) -> dict[str, Path]:
 def model_for(ds, path: Path) -> Path:
     if not path.is_file():
         imgs = [str(p) for p in ds.db_paths()[:: max(1, ds.num_db // 40)][:40]]
-        rc = cli(["model", "init", "--method", "haf", "--images", *imgs, "--output", str(path), "--max-side", "480",
-                  "--no-progress"])
+        rc = cli(["model", "init", "--method", "haf", "--images", *imgs, "--output", str(path), "--max-side", "480"])
         assert rc == 0
     return path
 

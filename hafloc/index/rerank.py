@@ -94,6 +94,13 @@ def fit_fusion(similarities: np.ndarray, inliers: np.ndarray, correct: np.ndarra
     return best, {"queries": int(n), "global_top1": base, "fused_top1": best_acc}
 
 
+# Matchers re-ranking uses per extractor when none is named. XFeat: mutual nearest neighbours at
+# cosine >= 0.82 (XFeat's own matching rule) match a query against 10 candidates in milliseconds
+# on a CPU, where LighterGlue takes about a second, and separate same from different places as
+# well (GardensPoint/SFU triplets: different places <= 14 inliers, same places median 60).
+RERANK_MATCHERS: dict[str, tuple[str, dict[str, Any]]] = {"xfeat": ("mnn", {"distance_threshold": 0.6})}
+
+
 @dataclass
 class Verified:
     """One candidate checked against the query: inlier count and the inlier correspondences."""
@@ -111,11 +118,14 @@ class Reranker:
     """
 
     def __init__(self, extractor: str = "xfeat", conf: dict[str, Any] | None = None, matcher: str | None = None,
-                 rule: FusionRule | None = None):
+                 matcher_conf: dict[str, Any] | None = None, rule: FusionRule | None = None):
         from hafloc.local import create_extractor, create_matcher
 
         self.extractor = create_extractor(extractor, **(conf or {}))
-        self.matcher = create_matcher(matcher or self.extractor.default_matcher, extractor=extractor)
+        if matcher is None:
+            matcher, default_conf = RERANK_MATCHERS.get(extractor, (self.extractor.default_matcher, {}))
+            matcher_conf = {**default_conf, **(matcher_conf or {})}
+        self.matcher = create_matcher(matcher, extractor=extractor, **(matcher_conf or {}))
         self.rule = rule or FusionRule()
 
     def features(self, img: Any) -> "LocalFeatures":

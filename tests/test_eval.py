@@ -30,10 +30,6 @@ def _run(argv: list[str], capsys) -> tuple[int, str, str]:
     return rc, cap.out, cap.err
 
 
-def _even(items: list, k: int) -> list:
-    return even(items, k)
-
-
 # ---------------------------------------------------------------- fixtures in published layouts
 
 @pytest.fixture(scope="module")
@@ -66,13 +62,13 @@ def _init_model(method: str, images: list[Path], out: Path) -> Path:
 def haf_model(tower, tmp_path_factory) -> Path:
     """An untrained HAF model (pretrained backbone, clusters fitted on gallery images only)."""
     ds = load_dataset(tower)
-    return _init_model("haf", _even(ds.db_paths(), 24), tmp_path_factory.mktemp("models") / "haf.model")
+    return _init_model("haf", even(ds.db_paths(), 24), tmp_path_factory.mktemp("models") / "haf.model")
 
 
 @pytest.fixture(scope="module")
 def netvlad_model(tower, tmp_path_factory) -> Path:
     ds = load_dataset(tower)
-    return _init_model("netvlad", _even(ds.db_paths(), 24), tmp_path_factory.mktemp("models") / "netvlad.model")
+    return _init_model("netvlad", even(ds.db_paths(), 24), tmp_path_factory.mktemp("models") / "netvlad.model")
 
 
 @pytest.fixture(scope="module")
@@ -293,7 +289,7 @@ def test_bad_positions_fail_before_extraction(gardens, haf_model, tmp_path, caps
     bad = tmp_path / "at"
     for f in (gardens / "images/test").rglob("*.jpg"):
         name = f.name.replace("@6960000.00@", "@nan@") if f.name.endswith("@database3@.jpg") else f.name
-        _link(f.resolve(), bad / "images/test" / f.parent.name / name)
+        link(f.resolve(), bad / "images/test" / f.parent.name / name)
     cache = tmp_path / "c"
     rc, out, err = _run(["eval", "--model", str(haf_model), "--dataset", str(bad), *_common(cache)], capsys)
     assert rc == 2 and len(err.strip().splitlines()) == 1, err

@@ -233,7 +233,10 @@ def run_export(args) -> int:
     with IndexStore.open(args.index) as store:
         model = open_model_for(store, args.model)
         _, db_names, db_desc = store.descriptors()
-        db_paths = {n: (Path(r["root"]) / r["path"]).resolve() for n, r in zip(db_names, store.images())}
+        rows = store.images()  # id order, as the descriptors
+        if len(set(db_names)) != len(db_names):  # one relative name under two roots: use full paths
+            db_names = [(Path(r["root"]) / r["path"]).as_posix() for r in rows]
+        db_paths = {n: (Path(r["root"]) / r["path"]).resolve() for n, r in zip(db_names, rows)}
     res = make_extractor(model, args).extract_paths([p for p, _ in qpairs],
                                                      names=[p.relative_to(root).as_posix() for p, root in qpairs],
                                                      progress=not args.no_progress)
@@ -317,5 +320,5 @@ def run_compact(args) -> int:
     with IndexStore.open(args.index, lock_timeout=args.lock_timeout) as store:
         stats = store.compact()
     print(f"{args.index}: rewrote {stats['chunks_rewritten']} chunk(s), dropped {stats['stale_rows_dropped']} stale "
-          f"row(s); index holds {stats['images']} image(s)")
+          f"row(s), deleted {stats['orphan_chunks_deleted']} chunk(s) no image uses; index holds {stats['images']} image(s)")
     return 0

@@ -389,6 +389,7 @@ class IndexStore:
                 self._flock.release()
 
     def _acquire_flock(self, timeout: float) -> None:
+        """Take the OS lock, waiting up to ``timeout`` seconds (saying so on stderr); HaflocError if it stays taken."""
         try:
             self._flock.acquire(timeout=0)
             return
@@ -396,15 +397,17 @@ class IndexStore:
             pass
         except OSError as err:
             raise InputError(self.folder / LOCK_NAME, f"cannot take the index's write lock ({err.strerror or err})") from None
-        if timeout <= 0:
-            raise filelock.Timeout(str(self.folder / LOCK_NAME))
-        print(f"hafloc: waiting for the index lock held by {self.lock_owner()} (up to {timeout:g} s)", file=sys.stderr)
-        try:
-            self._flock.acquire(timeout=timeout)
-        except filelock.Timeout:
-            raise HaflocError(
-                f"{self.folder}: gave up after {timeout:g} s waiting for the index lock held by {self.lock_owner()}; "
-                "try again when it has finished (or raise --lock-timeout)") from None
+        if timeout > 0:
+            print(f"hafloc: waiting for the index lock held by {self.lock_owner()} (up to {timeout:g} s)",
+                  file=sys.stderr, flush=True)
+            try:
+                self._flock.acquire(timeout=timeout)
+                return
+            except filelock.Timeout:
+                pass
+        raise HaflocError(
+            f"{self.folder}: gave up after {timeout:g} s waiting for the index lock held by {self.lock_owner()}; "
+            "try again when it has finished (or raise --lock-timeout)")
 
     @contextmanager
     def _try_writing(self) -> Iterator[bool]:
@@ -415,7 +418,7 @@ class IndexStore:
                 return
             try:
                 self._acquire_flock(0)
-            except (filelock.Timeout, HaflocError):
+            except HaflocError:
                 yield False
                 return
             self._write_depth = 1
@@ -696,6 +699,8 @@ class IndexStore:
         transaction re-pointing the rows, then the old files go); delete orphan files."""
         with self._writing():
             (self.folder / "chunks").mkdir(exist_ok=True)
+            used = {r[0] for r in self._db.execute("SELECT DISTINCT chunk FROM images")}
+            orphans = len(set(self.chunk_files()) - used)
             self._remove_orphan_chunks()
             rows_by_chunk: dict[int, list[tuple[int, int]]] = {}
             for i, chunk, row in self._db.execute("SELECT id, chunk, row FROM images ORDER BY chunk, row"):
@@ -718,7 +723,8 @@ class IndexStore:
             self._remove_orphan_chunks()
             self._write_info()
             self.rebuild_search()
-        return {"chunks_rewritten": rewritten, "stale_rows_dropped": dropped, "images": len(self)}
+        return {"chunks_rewritten": rewritten, "stale_rows_dropped": dropped, "orphan_chunks_deleted": orphans,
+                "images": len(self)}
 
     # -- reading -------------------------------------------------------------------------------
 

@@ -254,6 +254,7 @@ class IndexStore:
         self.info = info
         self._search: SearchIndex | None = None
         self._search_ids: np.ndarray | None = None
+        self._search_key: tuple[int, int] | None = None
         db_path = folder / "meta.sqlite"
         try:
             # one connection shared by a server's worker threads, serialised by self._lock
@@ -381,6 +382,7 @@ class IndexStore:
                 if refresh:
                     # another writer may have changed it since we opened (counts, calibration, ...)
                     self.info = read_index_json(self.folder)
+                    self._schema = self._read_schema()  # another writer may have migrated it meanwhile
                     if self._schema == 1:
                         self._migrate_v1()
                 yield
@@ -811,6 +813,7 @@ class IndexStore:
             if not force and self._search_is_fresh():
                 return
             ids, _, desc = self.descriptors()
+            key = (len(ids), int(ids.max()) if len(ids) else 0)  # exactly the rows read (see _row_set_key)
             self._search = None
             index = None
             if len(ids):
@@ -830,15 +833,18 @@ class IndexStore:
                         except OSError:
                             pass  # a read-only index still searches, from memory
             self._search, self._search_ids = index, (ids if index is not None else None)
+            self._search_key = key
 
     def _ensure_search(self) -> SearchIndex | None:
-        if self._search is not None and self._search_is_fresh():
-            return self._search
+        key = self._row_set_key()
+        if self._search is not None and self._search_key == key:
+            return self._search  # built or loaded for exactly these rows (saved or not)
         if self._search_is_fresh():
             index_p, ids_p = self._search_paths()
             try:
                 self._search, self._search_ids = load_search_index(index_p), np.load(ids_p)
                 if len(self._search_ids) == self._search.ntotal:
+                    self._search_key = key
                     return self._search
             except (OSError, ValueError, RuntimeError):
                 pass

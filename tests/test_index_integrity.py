@@ -130,6 +130,16 @@ def test_invalid_at_position_is_indexed_unpositioned_with_a_warning(photos, tmp_
         assert {r["path"]: r["lat"] for r in store.images()} == {"good.jpg": None, at_name: None}
 
 
+@pytest.mark.parametrize("lat, lon", [("nan", "2"), ("1", "inf"), ("999", "2"), ("-inf", "0")])
+def test_positions_csv_impossible_values(photos, tmp_path, model, capsys, lat, lon):
+    f = folder_of(photos[:1], tmp_path / "p", names=["a.jpg"])
+    (tmp_path / "pos.csv").write_text(f"image,lat,lon\nother.jpg,1,2\na.jpg,{lat},{lon}\n")
+    code, _, err = run_cli(capsys, "index", "build", f, "--model", model, "--index", tmp_path / "i",
+                           "--positions", tmp_path / "pos.csv", *FAST)
+    assert code == 2 and "pos.csv: line 3: lat/lon out of range" in one_line_error(err)
+    assert not (tmp_path / "i").exists()  # refused before anything is written
+
+
 def test_positions_csv_repeated_rows(tmp_path, caplog):
     csv = tmp_path / "pos.csv"
     csv.write_text("image,lat,lon\na.jpg,1.5,2.5\nb.jpg,3,4\na.jpg,1.5,2.5\na.jpg,1.5,2.5\n")
@@ -160,6 +170,16 @@ def test_non_utf8_names_are_indexed_losslessly_and_shown_escaped(photos, tmp_pat
     assert top["image"] == NON_UTF8 and top["similarity"] > 0.999
     assert Path(top["root"], top["image"]).read_bytes() == photos[1].read_bytes()  # the name still opens the file
     assert run_cli(capsys, "index", "verify", "--index", tmp_path / "i", "--no-model")[0] == 0
+    from fastapi.testclient import TestClient
+
+    from hafloc.serve.app import create_app
+
+    with TestClient(create_app(tmp_path / "i", backend="torch")) as c:  # the server: lossless JSON, thumbnails
+        r = c.post("/locate", files={"file": ("q.jpg", photos[1].read_bytes(), "image/jpeg")})
+        assert r.status_code == 200, r.text
+        top = r.json()["matches"][0]
+        assert top["image"] == NON_UTF8 and "\\udce9" in r.text
+        assert c.get(f"/thumbnails/{top['id']}").status_code == 200
 
 
 def test_extract_h5_with_a_non_utf8_name(photos, tmp_path, model, capsys):
@@ -259,7 +279,11 @@ def test_remove_set_position_compact_verify(photos, tmp_path, capsys):
     # set-position: validated, UTM recomputed
     code, _, err = run_cli(capsys, "index", "set-position", "--index", idx, f / top[2], "91", "2")
     assert code == 2 and "lat must lie in [-90, 90]" in one_line_error(err)
-    code, out, _ = run_cli(capsys, "index", "set-position", "--index", idx, f / top[2], "--", "48.8867", "2.3431")
+    code, out, _ = run_cli(capsys, "index", "set-position", "--index", idx, f / top[2], "-33.9", "-18.4")
+    assert code == 0
+    with IndexStore.open(idx) as store:
+        assert [(r["lat"], r["lon"], r["zone"]) for r in store.images()] == [(-33.9, -18.4, 27)]
+    code, out, _ = run_cli(capsys, "index", "set-position", "--index", idx, f / top[2], "48.8867", "2.3431")
     assert code == 0
     with IndexStore.open(idx) as store:
         (row,) = store.images()

@@ -74,8 +74,8 @@ def register(sub) -> None:
     r.set_defaults(func=run_remove)
 
     sp = isub.add_parser("set-position", help="set (or correct) the position of an indexed image",
-                         description="Gives IMAGE the WGS84 position LAT LON (its UTM is recomputed; source 'manual'). "
-                                     "Negative values: write them after '--', e.g. set-position --index I x.jpg -- -33.9 18.4")
+                         description="Gives IMAGE the WGS84 position LAT LON in degrees (e.g. x.jpg -33.9 18.4; its UTM "
+                                     "is recomputed; source 'manual').")
     sp.add_argument("image", help="an indexed image file")
     sp.add_argument("lat", type=float, help="latitude in degrees, -90..90")
     sp.add_argument("lon", type=float, help="longitude in degrees, -180..180")

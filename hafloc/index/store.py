@@ -57,7 +57,16 @@ FORMAT = "hafloc-index"
 VERSION = 2  # 2: images unique by (root, path), sha1 column. Version 1 indexes are read as they are
 #              and migrated in place by their first writer.
 LOCK_NAME = ".write.lock"
-DEFAULT_LOCK_TIMEOUT = float(os.environ.get("HAFLOC_LOCK_TIMEOUT", 600))
+
+
+def _env_seconds(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+DEFAULT_LOCK_TIMEOUT = _env_seconds("HAFLOC_LOCK_TIMEOUT", 600.0)  # seconds a writer waits for another
 
 _COLUMNS = """
     id INTEGER PRIMARY KEY AUTOINCREMENT,

@@ -254,6 +254,15 @@ def read_index_json(folder: Path) -> dict[str, Any]:
     return info
 
 
+def _os_lock(path: Path) -> filelock.BaseFileLock:
+    """An OS (flock) lock, released by the OS when its holder dies. filelock 4 would otherwise fall
+    back to a marker file on file systems without flock, which a killed holder leaves behind."""
+    try:
+        return filelock.FileLock(str(path), fallback_to_soft=False)
+    except TypeError:  # filelock < 4 has no soft fallback to refuse
+        return filelock.FileLock(str(path))
+
+
 class IndexStore:
     """A persistent, resumable image index. Use ``create``/``open``/``open_or_create``."""
 
@@ -316,7 +325,7 @@ class IndexStore:
         self.folder = folder
         self.lock_timeout = DEFAULT_LOCK_TIMEOUT if lock_timeout is None else float(lock_timeout)
         self._lock = threading.RLock()  # a server's worker threads share this object
-        self._flock = filelock.FileLock(str(folder / LOCK_NAME), fallback_to_soft=False)
+        self._flock = _os_lock(folder / LOCK_NAME)
         self._write_depth = 0
 
     @classmethod

@@ -5,6 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def printable(name: str | Path) -> str:
+    """A file name as shown to users: bytes that are not UTF-8 (surrogate-escaped by ``os.fsdecode``)
+    appear as ``\\xNN`` escapes, so printing never fails and the name stays recognisable."""
+    s = str(name)
+    try:
+        return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte
+        return s.encode("utf-8", "backslashreplace").decode("ascii")
+
+
 class HaflocError(Exception):
     """Base class of every error hafloc reports to a user without a traceback."""
 
@@ -15,7 +25,7 @@ class InputError(HaflocError):
     def __init__(self, path: str | Path, cause: str):
         self.path = str(path)
         self.cause = cause
-        super().__init__(f"{self.path}: {cause}")
+        super().__init__(f"{printable(self.path)}: {cause}")
 
 
 class ModelMismatchError(HaflocError):

@@ -250,7 +250,8 @@ def test_locate_database_image_at_its_own_position(photo_root, reference):
         assert 0.0 < res["estimate"]["confidence"] <= 1.0
         assert len(res["matches"]) == 5
         top = res["matches"][0]
-        assert set(top) == {"image", "lat", "lon", "similarity", "distance_m", "inliers"} and top["inliers"] is None
+        assert set(top) == {"image", "root", "lat", "lon", "similarity", "distance_m", "inliers"}
+        assert top["root"] == str(photo_root["root"].resolve()) and top["inliers"] is None
         assert top["image"] == rel and top["similarity"] > 0.9999 and top["distance_m"] < 1.0
         sims = [m["similarity"] for m in res["matches"]]
         assert sims == sorted(sims, reverse=True)
@@ -261,8 +262,8 @@ def test_unpositioned_best_match_gives_no_estimate_when_none_positioned(photo_ro
     with IndexStore.open(reference["folder"]) as store:
         res = locate_descriptors(store, standin_descriptor(photo_root["root"] / rel)[None], [rel], k=1)[0]
     assert res["estimate"] is None
-    assert res["matches"] == [{"image": rel, "lat": None, "lon": None, "similarity": pytest.approx(1.0, abs=1e-5),
-                               "distance_m": None, "inliers": None}]
+    assert res["matches"] == [{"image": rel, "root": str(photo_root["root"].resolve()), "lat": None, "lon": None,
+                               "similarity": pytest.approx(1.0, abs=1e-5), "distance_m": None, "inliers": None}]
 
 
 def test_model_mismatch_refused(reference):

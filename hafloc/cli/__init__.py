@@ -69,6 +69,9 @@ def _quiet_pillow_bomb_warning() -> None:
 
 
 def _run(argv: list[str] | None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a non-UTF-8 file name prints escaped, never crashes
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

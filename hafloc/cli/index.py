@@ -1,4 +1,5 @@
-"""``hafloc index build|add|info|export-hloc``: the persistent index of your geotagged photos."""
+"""``hafloc index build|add|info|export-hloc|remove|set-position|verify|compact``: the persistent
+index of your geotagged photos."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def register(sub) -> None:
         q.add_argument("--chunk-size", type=int, default=64,
                        help="images committed per transaction; a killed run resumes after the last one (default 64)")
         q.add_argument("--no-progress", action="store_true", help="no progress bar")
+        add_lock_arg(q)
         add_backend_args(q)
         if model_required:  # build: the index's local features are chosen once, add follows them
             q.add_argument("--local", metavar="EXTRACTOR",
@@ -74,11 +76,53 @@ def register(sub) -> None:
     add_backend_args(e)
     e.set_defaults(func=run_export)
 
+    r = isub.add_parser("remove", help="drop images (files, folders, or those whose file is gone) from an index",
+                        description="Drops the rows of the given images (a folder: every indexed image under it) and "
+                                    "rebuilds the search structure. Their descriptors stay in the chunk files until "
+                                    "'hafloc index compact'.")
+    r.add_argument("images", nargs="*", help="indexed image files and/or folders")
+    r.add_argument("--index", required=True, help="index folder")
+    r.add_argument("--missing", action="store_true", help="also drop every image whose file no longer exists")
+    add_lock_arg(r)
+    r.set_defaults(func=run_remove)
+
+    sp = isub.add_parser("set-position", help="set (or correct) the position of an indexed image",
+                         description="Gives IMAGE the WGS84 position LAT LON in degrees (e.g. x.jpg -33.9 18.4; its UTM "
+                                     "is recomputed; source 'manual').")
+    sp.add_argument("image", help="an indexed image file")
+    sp.add_argument("lat", type=float, help="latitude in degrees, -90..90")
+    sp.add_argument("lon", type=float, help="longitude in degrees, -180..180")
+    sp.add_argument("--index", required=True, help="index folder")
+    add_lock_arg(sp)
+    sp.set_defaults(func=run_set_position)
+
+    v = isub.add_parser("verify", help="check every file of an index (exit 1 on damage)",
+                        description="Checks index.json, the SQLite database (integrity_check), every chunk file "
+                                    "(readable, shape, dtype, row counts), rows pointing at missing chunks, orphan "
+                                    "files, the search files, the indexed image files and the model fingerprint. "
+                                    "Changes nothing; exit status 1 when something is damaged, 0 otherwise.")
+    v.add_argument("--index", required=True, help="index folder")
+    v.add_argument("--json", action="store_true", help="machine-readable report")
+    v.add_argument("--no-model", action="store_true", help="skip loading the model to check its fingerprint")
+    v.set_defaults(func=run_verify)
+
+    c = isub.add_parser("compact", help="rewrite chunk files without the rows of removed images",
+                        description="Rewrites every chunk file that still holds descriptors of removed images, "
+                                    "deletes orphan files and rebuilds the search structure if needed.")
+    c.add_argument("--index", required=True, help="index folder")
+    add_lock_arg(c)
+    c.set_defaults(func=run_compact)
+
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
+def add_lock_arg(q) -> None:
+    q.add_argument("--lock-timeout", type=float, default=None, metavar="SECONDS",
+                   help="how long to wait for another process writing the index (default 600, env HAFLOC_LOCK_TIMEOUT)")
+
+
 def _index_folder(args, store_factory) -> int:
-    from ..errors import HaflocError
+    from ..errors import HaflocError, printable
     from ..images.io import list_images
     from ..index.positions import read_positions_csv
     from ..index.store import extractor_fn
@@ -109,7 +153,19 @@ def _index_folder(args, store_factory) -> int:
         print(f"{len(report.unpositioned)} image(s) indexed without a position (no CSV row, '@' name or EXIF GPS):",
               file=sys.stderr)
         for name in report.unpositioned:
-            print(f"  {name}", file=sys.stderr)
+            print(f"  {printable(name)}", file=sys.stderr)
+    if report.invalid_positions:
+        print(f"warning: {len(report.invalid_positions)} image(s) have an invalid position and were indexed without one:",
+              file=sys.stderr)
+        for name, why in report.invalid_positions:
+            print(f"  {printable(name)}: {why}", file=sys.stderr)
+    if report.duplicates:
+        print(f"warning: {len(report.duplicates)} image(s) have the same content as another indexed image "
+              "(indexed anyway):", file=sys.stderr)
+        for name, other in report.duplicates[:20]:
+            print(f"  {printable(name)} = {printable(other)}", file=sys.stderr)
+        if len(report.duplicates) > 20:
+            print(f"  ... and {len(report.duplicates) - 20} more", file=sys.stderr)
     print(f"{args.index}: added {report.added}, already indexed {report.skipped_existing}, failed {len(report.failed)}; "
           f"index holds {total} image(s), {positioned} with a position")
     return 0 if report.added or report.skipped_existing or not report.failed else 1
@@ -135,7 +191,8 @@ def run_build(args) -> int:
         model = load_model(args.model)
         kind = "flat" if args.exact else args.search
         store = IndexStore.open_or_create(args.index, model.fingerprint(), model.out_dim,
-                                          SearchConfig(kind=kind), model_path=args.model, local=local)
+                                          SearchConfig(kind=kind), model_path=args.model, local=local,
+                                          lock_timeout=args.lock_timeout)
         return store, model
 
     return _index_folder(args, factory)
@@ -146,7 +203,7 @@ def run_add(args) -> int:
     from ..serve.locator import open_model_for
 
     def factory():
-        store = IndexStore.open(args.index)
+        store = IndexStore.open(args.index, lock_timeout=args.lock_timeout)
         try:
             return store, open_model_for(store, args.model)
         except BaseException:
@@ -215,7 +272,10 @@ def run_export(args) -> int:
         model = open_model_for(store, args.model)
         local = store.local_config
         _, db_names, db_desc = store.descriptors()
-        db_paths = {n: (Path(r["root"]) / r["path"]).resolve() for n, r in zip(db_names, store.images())}
+        rows = store.images()  # id order, as the descriptors
+        if len(set(db_names)) != len(db_names):  # one relative name under two roots: use full paths
+            db_names = [(Path(r["root"]) / r["path"]).as_posix() for r in rows]
+        db_paths = {n: (Path(r["root"]) / r["path"]).resolve() for n, r in zip(db_names, rows)}
     res = make_extractor(model, args).extract_paths([p for p, _ in qpairs],
                                                      names=[p.relative_to(root).as_posix() for p, root in qpairs],
                                                      progress=not args.no_progress)
@@ -258,4 +318,62 @@ def run_export(args) -> int:
             fpath, mpath = write_local_exports(out, store, reranker.matcher, qfeat, pairs,
                                                progress=not args.no_progress)
         print(f"wrote {fpath} ({local['extractor']} local features), {mpath} ({len(pairs)} pairs)")
+    return 0
+
+
+def run_remove(args) -> int:
+    from ..errors import HaflocError, printable
+    from ..index.store import IndexStore
+
+    if not args.images and not args.missing:
+        raise HaflocError("name the images or folders to remove, or pass --missing")
+    with IndexStore.open(args.index, lock_timeout=args.lock_timeout) as store:
+        ids, unmatched = store.find(args.images)
+        missing = store.missing() if args.missing else []
+        removed = store.remove(sorted(set(ids) | set(missing))) if ids or missing else 0
+        total = len(store)
+    for t in unmatched:
+        print(f"hafloc: {printable(t)}: not in the index", file=sys.stderr)
+    gone = f" ({len(missing)} whose file no longer exists)" if args.missing else ""
+    print(f"{args.index}: removed {removed} image(s){gone}; index holds {total}; "
+          "'hafloc index compact' reclaims their space")
+    return 1 if unmatched and not removed else 0
+
+
+def run_set_position(args) -> int:
+    from ..errors import HaflocError, printable
+    from ..index.store import IndexStore
+
+    with IndexStore.open(args.index, lock_timeout=args.lock_timeout) as store:
+        if Path(args.image).is_dir():
+            raise HaflocError(f"{printable(args.image)}: is a folder; name one image")
+        ids, _ = store.find([args.image])
+        if not ids:
+            raise HaflocError(f"{printable(args.image)}: not in the index {args.index}")
+        n = store.set_position(ids, args.lat, args.lon)
+    print(f"{printable(args.image)}: position set to {args.lat:.7f}, {args.lon:.7f} ({n} row(s))")
+    return 0
+
+
+def run_verify(args) -> int:
+    from ..index.verify import verify_index
+
+    rep = verify_index(args.index, check_model=not args.no_model)
+    if args.json:
+        print_json(rep)
+    else:
+        for c in rep["checks"]:
+            print(f"{c['status']:<8} {c['check']:<13} {c['detail']}")
+        print(f"{args.index}: " + ("OK" if rep["ok"] else f"DAMAGED ({rep['damage']} check(s))")
+              + (f", {rep['warnings']} warning(s)" if rep["warnings"] else ""))
+    return 0 if rep["ok"] else 1
+
+
+def run_compact(args) -> int:
+    from ..index.store import IndexStore
+
+    with IndexStore.open(args.index, lock_timeout=args.lock_timeout) as store:
+        stats = store.compact()
+    print(f"{args.index}: rewrote {stats['chunks_rewritten']} chunk(s), dropped {stats['stale_rows_dropped']} stale "
+          f"row(s), deleted {stats['orphan_chunks_deleted']} chunk(s) no image uses; index holds {stats['images']} image(s)")
     return 0

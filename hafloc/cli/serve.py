@@ -18,6 +18,8 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload (default 20 MB)")
+    p.add_argument("--max-megapixels", type=float, default=40.0,
+                   help="largest accepted photo in decoded pixels (default 40 MP; a small PNG can hold far more)")
     p.add_argument("--token", default=os.environ.get("HAFLOC_TOKEN"),
                    help="require 'Authorization: Bearer TOKEN' on the API (default: env HAFLOC_TOKEN, else none)")
     p.add_argument("--top-k", type=int, default=10, help="matches per photo (default 10)")
@@ -41,6 +43,8 @@ def run(args) -> int:
 
     if args.max_upload_mb <= 0:
         raise HaflocError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+    if args.max_megapixels <= 0:
+        raise HaflocError(f"--max-megapixels must be positive, got {args.max_megapixels}")
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:
         print("warning: serving on a public address without --token: anyone who can reach it may use it")
     if args.tiles:
@@ -49,7 +53,8 @@ def run(args) -> int:
                        num_threads=args.threads)
     app = create_app(args.index, max_upload_mb=args.max_upload_mb, token=args.token, model_path=args.model,
                      top_k=args.top_k, locator_config=lc, workers=args.workers,
-                     tiles=args.tiles, tiles_attribution=args.tiles_attribution)
+                     tiles=args.tiles, tiles_attribution=args.tiles_attribution,
+                     max_pixels=int(args.max_megapixels * 1e6))
     print(f"hafloc: serving {args.index} on http://{args.host}:{args.port}/ (Ctrl-C to stop)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -233,10 +233,20 @@ def write_descriptors(path: Path, names: list[str], descriptors: np.ndarray) -> 
         with atomic_path(path) as tmp:
             with h5py.File(tmp, "w") as f:
                 for n, d in zip(names, descriptors):
-                    f.create_group(n).create_dataset("global_descriptor", data=d.astype(np.float32))
+                    # a name that is not UTF-8 (surrogate-escaped) becomes a group named by its raw bytes
+                    key = n if _is_utf8(n) else os.fsencode(n)
+                    f.create_group(key).create_dataset("global_descriptor", data=d.astype(np.float32))
     else:
         raise HaflocError(f"{path}: output must end in .npz or .h5")
     return path
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def extract_to_file(extractor: Extractor, inputs: list[str | Path], output: Path, progress: bool = True,

@@ -37,10 +37,13 @@ def read_model_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "model file not found")
+    if path.stat().st_size == 0:
+        raise InputError(path, "empty model file (0 bytes)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # zip/pickle errors, or a refusal of non-tensor objects
-        raise InputError(path, f"not a readable hafloc model ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+        first = (str(err).strip().splitlines() or ["no details"])[0][:200]  # some errors have no message
+        raise InputError(path, f"not a readable hafloc model ({type(err).__name__}: {first})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise InputError(path, "not a hafloc model file (no 'hafloc-model' header)")
     if payload.get("version", 0) > VERSION:

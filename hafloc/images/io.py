@@ -6,6 +6,7 @@ skip the file and report it.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +22,26 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", "
 # it). Pillow's own guard may refuse first (above twice its limit, ~179 MP by default): that
 # becomes the same one-line error.
 MAX_PIXELS = 120_000_000
+DRAFT_MIN_PIXELS = 16_000_000  # ``load_image(max_side=...)`` decodes JPEGs above this at a reduced scale
 
 
-def load_image(path: str | Path, exif_transpose: bool = True, max_pixels: int | None = MAX_PIXELS) -> Image.Image:
+class ImageTooLarge(InputError):
+    """An image with more pixels than the caller accepts (refused before decoding)."""
+
+
+def load_image(path: str | Path, exif_transpose: bool = True, *, max_side: int | None = None,
+               max_pixels: int | None = MAX_PIXELS) -> Image.Image:
     """Open ``path`` as an RGB image, EXIF orientation applied (unless told not to).
 
     Grayscale, CMYK, palette and alpha images are converted to RGB (alpha composited on white).
-    Raises :class:`InputError` for missing, empty, truncated, non-image files and for images of
-    more than ``max_pixels`` pixels (None: no cap of ours), checked before decoding.
+    Raises :class:`InputError` for missing, empty, truncated or non-image files, and
+    :class:`ImageTooLarge` (read from the header, before decoding) above ``max_pixels`` (None:
+    no cap of ours).
+    ``max_side``: the caller will shrink the image to about this longest side anyway, so a JPEG
+    of more than ``DRAFT_MIN_PIXELS`` is decoded at the smallest DCT scale (1/2, 1/4, 1/8) whose
+    longest side is still >= ``max_side`` (less time and memory; other formats decode in full).
+    Smaller images decode exactly as without it (DCT scaling shifts descriptors slightly). The
+    result is not resized to ``max_side``: that stays the caller's resize.
     """
     path = Path(path)
     try:
@@ -40,7 +53,12 @@ def load_image(path: str | Path, exif_transpose: bool = True, max_pixels: int | 
     try:
         with Image.open(path) as img:
             if max_pixels is not None and img.width * img.height > max_pixels:
-                raise InputError(path, f"image too large ({img.width}x{img.height} pixels, the cap is {max_pixels})")
+                raise ImageTooLarge(path, f"image too large ({img.width}x{img.height} = "
+                                          f"{img.width * img.height / 1e6:.1f} MP; the limit is {max_pixels / 1e6:g} MP)")
+            if max_side and img.format == "JPEG" and img.width * img.height > DRAFT_MIN_PIXELS \
+                    and max(img.size) >= 2 * max_side:
+                scale = max_side / max(img.size)
+                img.draft(None, (math.ceil(img.width * scale), math.ceil(img.height * scale)))
             img.load()
             img = _to_rgb(ImageOps.exif_transpose(img) if exif_transpose else img)
     except InputError:

@@ -98,7 +98,7 @@ def result_json(name: str, matches: Sequence[Match], estimate: Estimate | None) 
         "estimate": None if estimate is None else {
             "lat": round(estimate.lat, 7), "lon": round(estimate.lon, 7),
             "confidence": round(estimate.confidence, 4), "verified": estimate.verified},
-        "matches": [{"image": m.image, "lat": _round(m.lat, 7), "lon": _round(m.lon, 7),
+        "matches": [{"image": m.image, "root": m.root, "lat": _round(m.lat, 7), "lon": _round(m.lon, 7),
                      "similarity": round(float(m.similarity), 6), "distance_m": _round(m.distance_m, 2),
                      "inliers": m.inliers}
                     for m in shown],

@@ -21,7 +21,7 @@ from hafloc.images.gps import read_gps
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("csv", "at-name", "exif")
+SOURCES = ("csv", "at-name", "exif", "manual")  # manual: ``hafloc index set-position``
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,8 @@ def read_positions_csv(path: str | Path) -> dict[str, tuple[float, float]]:
     """Read a CSV with header ``image,lat,lon`` -> {image: (lat, lon)}.
 
     ``image`` is matched against the path relative to the indexed root, then the bare file name.
+    An image listed twice with the same position is a warning (with counts); with different
+    positions it is an error naming both lines, since either answer could be the wrong one.
     """
     path = Path(path)
     try:
@@ -71,7 +73,7 @@ def read_positions_csv(path: str | Path) -> dict[str, tuple[float, float]]:
             if not {"image", "lat", "lon"} <= set(fields):
                 raise InputError(path, f"positions CSV needs columns image,lat,lon; found {','.join(fields) or 'nothing'}")
             out: dict[str, tuple[float, float]] = {}
-            lines: dict[str, int] = {}
+            first_line: dict[str, int] = {}
             repeated = 0
             for line_no, row in enumerate(reader, start=2):
                 row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k is not None}
@@ -83,16 +85,17 @@ def read_positions_csv(path: str | Path) -> dict[str, tuple[float, float]]:
                     raise InputError(path, f"line {line_no}: lat/lon are not numbers ({row['lat']!r}, {row['lon']!r})") from None
                 if not (-90.0 <= lat <= 90.0 and -180.0 <= lon <= 180.0):
                     raise InputError(path, f"line {line_no}: lat/lon out of range ({lat}, {lon})")
-                name = row["image"].replace("\\", "/")
-                if name in out:
-                    if out[name] != (lat, lon):
-                        raise InputError(path, f"line {line_no}: {name} has two positions, {out[name]} on line "
-                                               f"{lines[name]} and {(lat, lon)} (fix the file)")
+                image = row["image"].replace("\\", "/")
+                if image in out:
+                    if out[image] != (lat, lon):
+                        raise InputError(path, f"line {line_no}: {image!r} has position ({lat}, {lon}) but line "
+                                               f"{first_line[image]} gives it {out[image]}; keep one of the rows")
                     repeated += 1
                     continue
-                out[name], lines[name] = (lat, lon), line_no
+                out[image], first_line[image] = (lat, lon), line_no
             if repeated:
-                log.warning("%s: %d repeated row(s) (same image and position) ignored", path, repeated)
+                log.warning("%s: %d row(s) repeat an image already listed with the same position (ignored)",
+                            path, repeated)
             return out
     except OSError as err:
         raise InputError(path, f"cannot read positions CSV ({err.strerror or err})") from None

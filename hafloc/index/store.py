@@ -3,37 +3,53 @@
 Layout of a folder::
 
     index.json            model fingerprint/path, descriptor dim, search config, counts
-    meta.sqlite           table images (one row per indexed image, path unique)
-    chunks/chunk_NNNNNN.npy   descriptors, one file per committed chunk
-    chunks/local_NNNNNN.h5    local features of the chunk's images (hloc's features.h5 layout), when
-                              the index was built with ``--local``
+    meta.sqlite           table images: one row per indexed image, unique by (root, path)
+    chunks/chunk_NNNNNN.npy   descriptors, one file per committed chunk (see CHUNK_KINDS)
     search.faiss (+ .json, search.ids.npy)   the search structure, rebuilt from the chunks
+    .write.lock (+ .owner)    the writers' lock and who holds it
 
-Building is atomic and resumable: a chunk's files are written (temp + rename) *before* the
-transaction inserting its rows commits, and rows point at their chunk file. A kill before the
-commit leaves only an orphan chunk file (ignored, then deleted); a kill after it leaves a complete
+One writer at a time: every write (add, remove, set-position, compact, saving the search files)
+holds an OS file lock on ``.write.lock`` (released by the OS when its process dies, so a kill
+never blocks the next writer); a second writer waits up to ``lock_timeout`` seconds, then fails
+with a one-line error. Readers never take it: they only read committed rows.
+
+The chunk commit protocol (``_commit_chunk``, the one place that writes chunk data): under the
+lock a chunk id is allocated, each per-chunk file is written (temp + rename) *before* the
+transaction inserting its rows commits, and rows point at their chunk. A kill before the commit
+leaves only orphan chunk files (deleted by the next writer); a kill after it leaves a complete
 chunk. Rerunning ``add`` skips what is committed, so the result equals an uninterrupted build.
-The search structure is derived data: rebuilt at the end of ``add`` and lazily whenever it does not
-match the rows (e.g. after a kill).
+``remove`` only drops rows (their chunk rows go stale until ``compact`` rewrites those chunks).
+The search structure is derived data: rebuilt at the end of every write and lazily whenever it
+does not match the rows (e.g. after a kill).
+
+Images are keyed by their absolute root + path relative to it. Names that are not valid UTF-8
+are kept losslessly as Python's surrogate-escaped str (``os.fsdecode``) and stored as their raw
+bytes (a BLOB in the same column); ``hafloc.errors.printable`` shows them escaped.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
+import re
+import socket
 import sqlite3
+import sys
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol, Sequence
 
+import filelock
 import numpy as np
 from tqdm import tqdm
 
-from hafloc.errors import HaflocError, InputError, ModelMismatchError
+from hafloc.errors import HaflocError, InputError, ModelMismatchError, printable
 from hafloc.fileio import atomic_path, write_json_atomic
-from hafloc.index.positions import Position, resolve_position
+from hafloc.index.positions import Position, make_position, resolve_position
 from hafloc.index.search import (SearchConfig, SearchIndex, build_search_index, load_search_index,
                                  params_path, save_search_index, search)
 
@@ -41,21 +57,134 @@ if TYPE_CHECKING:
     from hafloc.local import LocalFeatures
 
 FORMAT = "hafloc-index"
-VERSION = 1
+VERSION = 2  # 2: images unique by (root, path), sha1 column. Version 1 indexes are read as they are
+#              and migrated in place by their first writer.
+LOCK_NAME = ".write.lock"
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS images (
+
+def _env_seconds(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+DEFAULT_LOCK_TIMEOUT = _env_seconds("HAFLOC_LOCK_TIMEOUT", 600.0)  # seconds a writer waits for another
+
+_COLUMNS = """
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    path TEXT NOT NULL UNIQUE,
+    path TEXT NOT NULL,
     root TEXT NOT NULL,
     lat REAL, lon REAL, easting REAL, northing REAL, zone INTEGER, zone_letter TEXT,
     position_source TEXT,
     added_at TEXT NOT NULL,
     chunk INTEGER NOT NULL,
-    row INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS images_chunk ON images(chunk);
+    row INTEGER NOT NULL,
+    sha1 TEXT,
+    UNIQUE(root, path)
 """
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS images ({_COLUMNS});
+CREATE INDEX IF NOT EXISTS images_chunk ON images(chunk);
+CREATE INDEX IF NOT EXISTS images_sha1 ON images(sha1);
+"""
+_V1_COLUMNS = ("id, path, root, lat, lon, easting, northing, zone, zone_letter, position_source, added_at, "
+               "chunk, row")
+
+
+@dataclass(frozen=True)
+class ChunkKind:
+    """One kind of per-chunk file: how it is named, written, read and cut down to some of its rows."""
+
+    pattern: str  # file name inside chunks/, formatted with the chunk id
+    write: Callable[[Path, Any], None]
+    read: Callable[[Path], Any]
+    take: Callable[[Any, np.ndarray], Any]  # data of the given rows (in that order), for compact
+    rows: Callable[[Any], int]  # how many rows a chunk's data holds, for verify
+    optional: bool = False  # only some indexes have it (local features: built with --local)
+
+
+def _save_npy(path: Path, a: Any) -> None:
+    np.save(path, np.ascontiguousarray(a, dtype=np.float32))
+
+
+ROWS_ATTR = "hafloc_rows"  # root attribute of a local-feature chunk: its image names in row order (JSON)
+
+
+def _save_local(path: Path, items: "Sequence[tuple[str, LocalFeatures]]") -> None:
+    """hloc's features.h5 layout (one group per image name), plus the row order as a root attribute
+    (attributes are invisible to hloc's readers)."""
+    import h5py
+
+    from hafloc.local import write_local_features
+
+    write_local_features(path, dict(items), append=False)
+    with h5py.File(path, "a") as f:
+        f.attrs[ROWS_ATTR] = json.dumps([n for n, _ in items])
+
+
+def _read_local(path: Path) -> "list[tuple[str, LocalFeatures]]":
+    import h5py
+
+    from hafloc.local import read_local_features
+
+    with h5py.File(path, "r") as f:
+        names = json.loads(f.attrs[ROWS_ATTR])
+    return [(n, read_local_features(path, n)) for n in names]
+
+
+# Every per-chunk file the commit protocol writes; a new kind only adds an entry.
+CHUNK_KINDS: dict[str, ChunkKind] = {
+    "descriptors": ChunkKind("chunk_{:06d}.npy", _save_npy, lambda p: np.load(p, allow_pickle=False),
+                             lambda a, rows: a[rows], lambda a: int(a.shape[0])),
+    "local": ChunkKind("local_{:06d}.h5", _save_local, _read_local, lambda a, rows: [a[i] for i in rows], len,
+                       optional=True),
+}
+
+
+def _kind_regex(kind: ChunkKind) -> re.Pattern[str]:
+    head, tail = kind.pattern.split("{:06d}")
+    return re.compile(re.escape(head) + r"(\d+)" + re.escape(tail) + "$")
+
+
+def chunk_path(folder: Path, chunk: int, kind: str = "descriptors") -> Path:
+    return folder / "chunks" / CHUNK_KINDS[kind].pattern.format(chunk)
+
+
+def chunk_files(folder: Path) -> dict[int, dict[str, Path]]:
+    """Chunk files on disk: {chunk id: {kind: path}}."""
+    out: dict[int, dict[str, Path]] = {}
+    regexes = {kind: _kind_regex(k) for kind, k in CHUNK_KINDS.items()}
+    if not (folder / "chunks").is_dir():
+        return out
+    for p in (folder / "chunks").iterdir():
+        for kind, rx in regexes.items():
+            m = rx.match(p.name)
+            if m:
+                out.setdefault(int(m.group(1)), {})[kind] = p
+    return out
+
+
+def db_text(s: str) -> str | bytes:
+    """A name as SQLite stores it: text when it is valid UTF-8, else its raw bytes (lossless)."""
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return os.fsencode(s)
+
+
+def py_text(v: str | bytes) -> str:
+    """The inverse of ``db_text``: bytes come back surrogate-escaped, as ``os.fsdecode`` gives them."""
+    return os.fsdecode(v) if isinstance(v, bytes) else v
+
+
+def file_sha1(path: Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 class ExtractResultLike(Protocol):
@@ -114,6 +243,8 @@ class AddReport:
     skipped_existing: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     unpositioned: list[str] = field(default_factory=list)  # relative paths indexed without position
+    invalid_positions: list[tuple[str, str]] = field(default_factory=list)  # (relative path, why): indexed unpositioned
+    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (path, indexed path with the same content)
 
 
 @dataclass
@@ -148,31 +279,91 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def read_index_json(folder: Path) -> dict[str, Any]:
+    """``index.json`` checked field by field (InputError naming the file and what is wrong)."""
+    meta = folder / "index.json"
+    if not meta.is_file():
+        raise InputError(folder, "not a hafloc index (no index.json)")
+    try:
+        info = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(meta, f"unreadable index description ({err})") from None
+    if not isinstance(info, dict):
+        raise InputError(meta, f"index description is not a JSON object (found {type(info).__name__})")
+    if info.get("format") != FORMAT:
+        raise InputError(meta, f"not a hafloc index description (\"format\" is not {FORMAT!r})")
+    version = info.get("version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise InputError(meta, f"field 'version' is not a positive integer ({version!r})")
+    if version > VERSION:
+        raise InputError(meta, f"index version {version} is newer than this hafloc supports ({VERSION})")
+    dim = info.get("dim")
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+        raise InputError(meta, f"field 'dim' is missing or not a positive integer ({dim!r})")
+    fp = info.get("model_fingerprint")
+    if not isinstance(fp, str) or not fp:
+        raise InputError(meta, f"field 'model_fingerprint' is missing or not a string ({fp!r})")
+    search_conf = info.get("search", {})
+    try:
+        if not isinstance(search_conf, dict):
+            raise TypeError(f"not an object: {search_conf!r}")
+        SearchConfig.from_dict(search_conf)
+    except (TypeError, ValueError) as err:
+        raise InputError(meta, f"field 'search' is invalid ({err})") from None
+    return info
+
+
+def _os_lock(path: Path) -> filelock.BaseFileLock:
+    """An OS (flock) lock, released by the OS when its holder dies. filelock 4 would otherwise fall
+    back to a marker file on file systems without flock, which a killed holder leaves behind."""
+    try:
+        return filelock.FileLock(str(path), fallback_to_soft=False)
+    except TypeError:  # filelock < 4 has no soft fallback to refuse
+        return filelock.FileLock(str(path))
+
+
 class IndexStore:
     """A persistent, resumable image index. Use ``create``/``open``/``open_or_create``."""
 
-    def __init__(self, folder: Path, info: dict[str, Any]):
-        self.folder = folder
+    def __init__(self, folder: Path, info: dict[str, Any], lock_timeout: float | None = None):
+        if not hasattr(self, "_flock"):  # ``create`` sets the lock up first, and holds it while we run
+            self._init_lock_only(folder, lock_timeout)
         self.info = info
-        # one connection shared by a server's worker threads, serialised by our lock
-        self._db = sqlite3.connect(str(folder / "meta.sqlite"), timeout=60.0, check_same_thread=False)
-        self._lock = threading.RLock()
-        self._db.executescript(_SCHEMA)
         self._search: SearchIndex | None = None
         self._search_ids: np.ndarray | None = None
+        self._search_key: tuple[int, int] | None = None
+        db_path = folder / "meta.sqlite"
+        try:
+            # one connection shared by a server's worker threads, serialised by self._lock
+            self._db = sqlite3.connect(str(db_path), timeout=60.0, check_same_thread=False)
+            self._schema = self._read_schema()
+            if self._schema == 0:
+                self._db.executescript(_SCHEMA)
+                self._schema = 2
+        except sqlite3.DatabaseError as err:
+            raise InputError(db_path, f"damaged index database ({err}); 'hafloc index verify' reports what is wrong") from None
+
+    def _read_schema(self) -> int:
+        """0: no images table yet, 1: version 1 (path unique alone), 2: current."""
+        cols = {r[1] for r in self._db.execute("PRAGMA table_info(images)")}
+        if not cols:
+            return 0
+        missing = {"id", "path", "root", "chunk", "row"} - cols
+        if missing:
+            raise sqlite3.DatabaseError(f"table images lacks column(s) {', '.join(sorted(missing))}")
+        return 2 if "sha1" in cols else 1
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     @classmethod
     def create(cls, folder: str | Path, fingerprint: str, dim: int, search_config: SearchConfig | None = None,
-               model_path: str | Path | None = None, local: dict[str, Any] | None = None) -> "IndexStore":
+               model_path: str | Path | None = None, lock_timeout: float | None = None,
+               local: dict[str, Any] | None = None) -> "IndexStore":
         """Start an empty index in ``folder`` (which must not already hold one).
 
         ``local``: {"extractor": name, "conf": {...}} when the index stores local features.
         """
         folder = Path(folder)
-        if (folder / "index.json").exists():
-            raise HaflocError(f"{folder}: already holds an index (open it, or choose another folder)")
         folder.mkdir(parents=True, exist_ok=True)
         info = {
             "format": FORMAT, "version": VERSION,
@@ -185,48 +376,56 @@ class IndexStore:
         }
         if local:
             info["local"] = dict(local)
-        store = cls(folder, info)
-        # index.json last: its presence is what makes the folder "an index".
-        write_json_atomic(folder / "index.json", info)
+        store = cls.__new__(cls)
+        store._init_lock_only(folder, lock_timeout)
+        with store._writing(refresh=False):
+            if (folder / "index.json").exists():  # checked under the lock: two builds may start at once
+                raise HaflocError(f"{folder}: already holds an index (open it, or choose another folder)")
+            cls.__init__(store, folder, info, lock_timeout)
+            # index.json last: its presence is what makes the folder "an index".
+            write_json_atomic(folder / "index.json", info)
         return store
 
+    def _init_lock_only(self, folder: Path, lock_timeout: float | None) -> None:
+        self.folder = folder
+        self.lock_timeout = DEFAULT_LOCK_TIMEOUT if lock_timeout is None else float(lock_timeout)
+        self._lock = threading.RLock()  # a server's worker threads share this object
+        self._flock = _os_lock(folder / LOCK_NAME)
+        self._write_depth = 0
+
     @classmethod
-    def open(cls, folder: str | Path) -> "IndexStore":
+    def open(cls, folder: str | Path, lock_timeout: float | None = None) -> "IndexStore":
         folder = Path(folder)
-        meta = folder / "index.json"
-        if not meta.is_file():
-            raise InputError(folder, "not a hafloc index (no index.json)")
-        try:
-            info = json.loads(meta.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise InputError(meta, f"unreadable index description ({err})") from None
-        if info.get("format") != FORMAT:
-            raise InputError(meta, "not a hafloc index description")
+        info = read_index_json(folder)
         if not (folder / "meta.sqlite").is_file():
             raise InputError(folder, "index is missing meta.sqlite")
-        return cls(folder, info)
+        return cls(folder, info, lock_timeout)
 
     @classmethod
     def open_or_create(cls, folder: str | Path, fingerprint: str, dim: int,
                        search_config: SearchConfig | None = None, model_path: str | Path | None = None,
-                       local: dict[str, Any] | None = None) -> "IndexStore":
+                       lock_timeout: float | None = None, local: dict[str, Any] | None = None) -> "IndexStore":
         """Resume an existing index built with the same model (and local features), or start a new one."""
-        if (Path(folder) / "index.json").exists():
-            store = cls.open(folder)
+        folder = Path(folder)
+        try:
+            return cls.create(folder, fingerprint, dim, search_config, model_path, lock_timeout, local)
+        except HaflocError:
+            if not (folder / "index.json").exists():
+                raise
+        store = cls.open(folder, lock_timeout)
+        try:
             store.check_model(fingerprint)
-            if local and store.local_config and local.get("extractor") != store.local_config.get("extractor"):
-                store.close()
-                raise ModelMismatchError(
-                    f"{folder}: index holds {store.local_config.get('extractor')} local features, "
-                    f"you asked for {local.get('extractor')}; use the same --local or build a new index")
-            if local and not store.local_config and len(store):
-                store.close()
-                raise HaflocError(f"{folder}: index was built without local features; rebuild it with --local "
-                                  f"{local.get('extractor')} into a new folder")
-            if local and not store.local_config:
-                store.info["local"] = dict(local)
-            return store
-        return cls.create(folder, fingerprint, dim, search_config, model_path, local)
+            have = store.local_config
+            if local and have is None:
+                raise HaflocError(f"{folder}: index was built without local features; build a new index with "
+                                  f"--local {local.get('extractor')}")
+            if local and have is not None and local != have:
+                raise ModelMismatchError(f"{folder}: index holds local features {have}, you asked for {local}; "
+                                         "use the same --local options or build a new index")
+        except BaseException:
+            store.close()
+            raise
+        return store
 
     def close(self) -> None:
         self._db.close()
@@ -236,6 +435,108 @@ class IndexStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # -- the write lock ------------------------------------------------------------------------
+
+    def _owner_path(self) -> Path:
+        return self.folder / (LOCK_NAME + ".owner")
+
+    def lock_owner(self) -> str:
+        """Who holds (or last held) the write lock, in words."""
+        try:
+            o = json.loads(self._owner_path().read_text())
+            return f"pid {o['pid']} on {o['host']} ({o['command']}, since {o['since']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "another process"
+
+    @contextmanager
+    def _writing(self, refresh: bool = True) -> Iterator[None]:
+        """Hold the index's write lock (re-entrant); on first entry re-read index.json and migrate."""
+        with self._lock:
+            if self._write_depth:
+                self._write_depth += 1
+                try:
+                    yield
+                finally:
+                    self._write_depth -= 1
+                return
+            self._acquire_flock(self.lock_timeout)
+            self._write_depth = 1
+            try:
+                try:
+                    write_json_atomic(self._owner_path(), {
+                        "pid": os.getpid(), "host": socket.gethostname(), "since": _now(),
+                        "command": " ".join(printable(a) for a in sys.argv)[:300]})
+                except OSError:
+                    pass
+                if refresh:
+                    # another writer may have changed it since we opened (counts, calibration, ...)
+                    self.info = read_index_json(self.folder)
+                    self._schema = self._read_schema()  # another writer may have migrated it meanwhile
+                    if self._schema == 1:
+                        self._migrate_v1()
+                yield
+            finally:
+                self._write_depth = 0
+                self._flock.release()
+
+    def _acquire_flock(self, timeout: float) -> None:
+        """Take the OS lock, waiting up to ``timeout`` seconds (saying so on stderr); HaflocError if it stays taken."""
+        try:
+            self._flock.acquire(timeout=0)
+            return
+        except filelock.Timeout:
+            pass
+        except OSError as err:
+            raise InputError(self.folder / LOCK_NAME, f"cannot take the index's write lock ({err.strerror or err})") from None
+        if timeout > 0:
+            print(f"hafloc: waiting for the index lock held by {self.lock_owner()} (up to {timeout:g} s)",
+                  file=sys.stderr, flush=True)
+            try:
+                self._flock.acquire(timeout=timeout)
+                return
+            except filelock.Timeout:
+                pass
+        raise HaflocError(
+            f"{self.folder}: gave up after {timeout:g} s waiting for the index lock held by {self.lock_owner()}; "
+            "try again when it has finished (or raise --lock-timeout)")
+
+    @contextmanager
+    def _try_writing(self) -> Iterator[bool]:
+        """The write lock if it is free right now (True), else nothing (False); never waits."""
+        with self._lock:
+            if self._write_depth:
+                yield True
+                return
+            try:
+                self._acquire_flock(0)
+            except HaflocError:
+                yield False
+                return
+            self._write_depth = 1
+            try:
+                yield True
+            finally:
+                self._write_depth = 0
+                self._flock.release()
+
+    def _migrate_v1(self) -> None:
+        """Version 1 -> 2 in one transaction: UNIQUE(path) becomes UNIQUE(root, path), sha1 added."""
+        seq = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'images'").fetchone()
+        self._db.executescript(f"""
+            BEGIN IMMEDIATE;
+            CREATE TABLE images_v2 ({_COLUMNS});
+            INSERT INTO images_v2 ({_V1_COLUMNS}) SELECT {_V1_COLUMNS} FROM images;
+            DROP TABLE images;
+            ALTER TABLE images_v2 RENAME TO images;
+            CREATE INDEX images_chunk ON images(chunk);
+            CREATE INDEX images_sha1 ON images(sha1);
+            UPDATE sqlite_sequence SET seq = MAX(seq, {int(seq[0]) if seq else 0}) WHERE name = 'images';
+            COMMIT;
+        """)
+        self._schema = 2
+        self.info["version"] = VERSION
+        write_json_atomic(self.folder / "index.json", self.info)
 
     # -- properties ----------------------------------------------------------------------------
 
@@ -248,17 +549,20 @@ class IndexStore:
         return int(self.info["dim"])
 
     @property
-    def local_config(self) -> dict[str, Any] | None:
-        """{"extractor", "conf"} of the stored local features, None for a global-only index."""
-        local = self.info.get("local")
-        return dict(local) if isinstance(local, dict) else None
-
-    @property
     def search_config(self) -> SearchConfig:
         return SearchConfig.from_dict(self.info.get("search", {}))
 
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        """A read; damage found only now (a garbled page) becomes a one-line InputError."""
+        try:
+            with self._lock:
+                return self._db.execute(sql, params).fetchall()
+        except sqlite3.DatabaseError as err:
+            raise InputError(self.folder / "meta.sqlite",
+                             f"damaged index database ({err}); 'hafloc index verify' reports what is wrong") from None
+
     def __len__(self) -> int:
-        return int(self._db.execute("SELECT COUNT(*) FROM images").fetchone()[0])
+        return int(self._query("SELECT COUNT(*) FROM images")[0][0])
 
     def check_model(self, fingerprint: str, model_path: str | Path | None = None) -> None:
         """Refuse a model other than the one the index was built with."""
@@ -269,23 +573,54 @@ class IndexStore:
                 f"{self.folder}: index was built with model {self.fingerprint[:12]} ({built}), "
                 f"you gave model {fingerprint[:12]}{given}; use the same model or build a new index")
 
-    # -- building ------------------------------------------------------------------------------
+    # -- chunks: the commit protocol -----------------------------------------------------------
 
-    def _chunk_path(self, chunk: int) -> Path:
-        return self.folder / "chunks" / f"chunk_{chunk:06d}.npy"
+    def _chunk_path(self, chunk: int, kind: str = "descriptors") -> Path:
+        return chunk_path(self.folder, chunk, kind)
 
-    def _local_path(self, chunk: int) -> Path:
-        return self.folder / "chunks" / f"local_{chunk:06d}.h5"
+    def chunk_files(self) -> dict[int, dict[str, Path]]:
+        return chunk_files(self.folder)
 
     def _remove_orphan_chunks(self) -> None:
-        """Delete chunk files whose rows never committed (a kill between file and transaction)."""
+        """Delete chunk files no row points at (a kill between file and transaction, or compact's
+        old chunks) and temp files of killed writes. Only under the write lock."""
+        assert self._write_depth
         used = {r[0] for r in self._db.execute("SELECT DISTINCT chunk FROM images")}
-        for p in [*(self.folder / "chunks").glob("chunk_*.npy"), *(self.folder / "chunks").glob("local_*.h5")]:
-            try:
-                if int(p.stem.split("_")[1]) not in used:
-                    p.unlink()
-            except (ValueError, IndexError, FileNotFoundError):
-                continue
+        for chunk, files in self.chunk_files().items():
+            if chunk not in used:
+                for p in files.values():
+                    p.unlink(missing_ok=True)
+        for p in (self.folder / "chunks").glob(".*.partial*"):
+            p.unlink(missing_ok=True)
+
+    def _next_chunk(self) -> int:
+        """A chunk id no row and no file uses (allocated under the write lock)."""
+        assert self._write_depth, "chunk ids are allocated under the write lock"
+        in_rows = int(self._db.execute("SELECT COALESCE(MAX(chunk), 0) FROM images").fetchone()[0])
+        return max([in_rows, *self.chunk_files()]) + 1
+
+    def _write_chunk(self, chunk: int, data: dict[str, Any]) -> None:
+        """Step 1 of the protocol: every per-chunk file of ``chunk``, each atomically (temp + rename)."""
+        required = {k for k, v in CHUNK_KINDS.items() if not v.optional}
+        assert required <= set(data) <= set(CHUNK_KINDS), f"a chunk needs data for {sorted(required)}, got {sorted(data)}"
+        for kind, value in data.items():
+            with atomic_path(self._chunk_path(chunk, kind)) as tmp:
+                CHUNK_KINDS[kind].write(tmp, value)
+
+    def _commit_chunk(self, data: dict[str, Any], rows: Sequence[dict[str, Any]]) -> int:
+        """The commit protocol: allocate a chunk id, write its files, then insert its rows (row i of
+        the chunk = ``rows[i]``) in one transaction. Returns the chunk id."""
+        chunk = self._next_chunk()
+        self._write_chunk(chunk, data)
+        cols = ("path", "root", "lat", "lon", "easting", "northing", "zone", "zone_letter", "position_source",
+                "added_at", "sha1")
+        with self._db:  # one transaction: all rows of the chunk or none
+            self._db.executemany(
+                f"INSERT INTO images ({', '.join(cols)}, chunk, row) VALUES ({','.join('?' * (len(cols) + 2))})",
+                [tuple(r.get(c) for c in cols) + (chunk, i) for i, r in enumerate(rows)])
+        return chunk
+
+    # -- building ------------------------------------------------------------------------------
 
     def add(self, paths: Iterable[str | Path], root: str | Path, extract_fn: ExtractFn,
             positions: dict[str, tuple[float, float]] | None = None, chunk_size: int = 64,
@@ -294,12 +629,16 @@ class IndexStore:
 
         ``positions`` ({image: (lat, lon)}, e.g. from ``read_positions_csv``) take priority over
         '@' names and EXIF GPS. Images that fail extraction are reported, not indexed, and retried
-        by the next ``add``.
+        by the next ``add``. Holds the write lock throughout.
         """
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        with self._lock:
+        with self._writing():
             return self._add(paths, Path(root).resolve(), extract_fn, positions, chunk_size, progress, rebuild)
+
+    def _abs_paths(self) -> dict[str, int]:
+        """{absolute path of an indexed image: id}."""
+        return {os.path.join(py_text(r), py_text(p)): int(i) for i, r, p in self._query("SELECT id, root, path FROM images")}
 
     def _add(self, paths: Iterable[str | Path], root: Path, extract_fn: ExtractFn,
              positions: dict[str, tuple[float, float]] | None, chunk_size: int, progress: bool,
@@ -307,28 +646,28 @@ class IndexStore:
         report = AddReport()
         todo: list[tuple[Path, str]] = []
         seen: set[str] = set()
-        existing = {r[0] for r in self._db.execute("SELECT path FROM images")}
+        existing = self._abs_paths()  # by absolute path: a nested root does not index a file twice
         for p in paths:
-            abs_p = Path(p) if Path(p).is_absolute() else root / p
+            abs_p = Path(os.path.abspath(Path(p) if Path(p).is_absolute() else root / p))
             try:
-                rel = Path(os.path.abspath(abs_p)).relative_to(root).as_posix()
+                rel = abs_p.relative_to(root).as_posix()
             except ValueError:
                 report.failed.append((str(p), f"not inside the indexed root {root}"))
                 continue
-            if rel in seen:
+            if str(abs_p) in seen:
                 continue
-            seen.add(rel)
-            if rel in existing:
+            seen.add(str(abs_p))
+            if str(abs_p) in existing:
                 report.skipped_existing += 1
             else:
-                todo.append((Path(os.path.abspath(abs_p)), rel))
+                todo.append((abs_p, rel))
         (self.folder / "chunks").mkdir(exist_ok=True)
         self._remove_orphan_chunks()
 
         bar = tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress or not todo)
         for start in range(0, len(todo), chunk_size):
             batch = todo[start:start + chunk_size]
-            self._add_chunk(batch, str(root), extract_fn, positions, report)
+            self._add_chunk(batch, root, extract_fn, positions, report)
             bar.update(len(batch))
         bar.close()
         self._write_info()
@@ -336,7 +675,7 @@ class IndexStore:
             self.rebuild_search()
         return report
 
-    def _add_chunk(self, batch: Sequence[tuple[Path, str]], root: str, extract_fn: ExtractFn,
+    def _add_chunk(self, batch: Sequence[tuple[Path, str]], root: Path, extract_fn: ExtractFn,
                    positions: dict[str, tuple[float, float]] | None, report: AddReport) -> None:
         by_name = {rel: abs_p for abs_p, rel in batch}
         result = extract_fn([abs_p for abs_p, _ in batch], [rel for _, rel in batch])
@@ -349,37 +688,55 @@ class IndexStore:
             raise ModelMismatchError(
                 f"{self.folder}: extraction gave descriptors of shape {desc.shape} for {len(names)} images, "
                 f"the index holds {self.dim}-D descriptors")
-        rows = []
+        rows: list[dict[str, Any]] = []
+        keep: list[int] = []
+        added_at = _now()
         for i, name in enumerate(names):
             if name not in by_name:
                 raise ValueError(f"extraction returned {name!r}, which was not asked for")
-            pos: Position | None = resolve_position(by_name[name], name, positions)
-            if pos is None:
-                report.unpositioned.append(name)
-            rows.append((name, root, pos, i))
-        local = local_of(result)
-        if self.local_config and set(names) - set(local):
-            raise ValueError(f"{self.folder}: the index stores local features; extraction gave none for "
-                             f"{sorted(set(names) - set(local))[:3]}")
-        chunk = int(self._db.execute("SELECT COALESCE(MAX(chunk), 0) FROM images").fetchone()[0]) + 1
+            try:
+                sha1 = file_sha1(by_name[name])
+            except OSError as err:  # vanished or unreadable since it was described
+                report.failed.append((str(by_name[name]), f"cannot read file ({err.strerror or err})"))
+                continue
+            try:
+                pos: Position | None = resolve_position(by_name[name], name, positions)
+            except ValueError as err:  # e.g. an '@' name with lat 999 or nan: indexed, unpositioned
+                report.invalid_positions.append((name, str(err)))
+                pos = None
+            else:
+                if pos is None:
+                    report.unpositioned.append(name)
+            rows.append({"path": db_text(name), "root": db_text(str(root)), "added_at": added_at, "sha1": sha1,
+                         **_position_columns(pos)})
+            keep.append(i)
+        if not rows:
+            return
+        self._report_duplicates(rows, report)
+        data: dict[str, Any] = {"descriptors": desc[keep]}
         if self.local_config:
-            from hafloc.local import write_local_features
-
-            write_local_features(self._local_path(chunk), {n: local[n] for n in names}, append=False)
-        with atomic_path(self._chunk_path(chunk)) as tmp:
-            np.save(tmp, desc)
-        added_at = _now()
-        with self._db:  # one transaction: all rows of the chunk or none
-            self._db.executemany(
-                "INSERT INTO images (path, root, lat, lon, easting, northing, zone, zone_letter, position_source,"
-                " added_at, chunk, row) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                [(name, root_s,
-                  pos.lat if pos else None, pos.lon if pos else None,
-                  pos.easting if pos else None, pos.northing if pos else None,
-                  pos.zone if pos else None, pos.letter if pos else None,
-                  pos.source if pos else None, added_at, chunk, i)
-                 for name, root_s, pos, i in rows])
+            local = local_of(result)
+            missing = [names[i] for i in keep if names[i] not in local]
+            if missing:
+                raise ValueError(f"{self.folder}: the index stores local features; extraction gave none for {missing[:3]}")
+            data["local"] = [(names[i], local[names[i]]) for i in keep]
+        self._commit_chunk(data, rows)
         report.added += len(rows)
+
+    def _report_duplicates(self, rows: list[dict[str, Any]], report: AddReport) -> None:
+        """Rows whose content (sha1) is already indexed, or repeated within ``rows``."""
+        hashes = sorted({r["sha1"] for r in rows})
+        known: dict[str, str] = {}
+        for start in range(0, len(hashes), 500):
+            part = hashes[start:start + 500]
+            for h, r, p in self._query(f"SELECT sha1, root, path FROM images WHERE sha1 IN ({','.join('?' * len(part))})", part):
+                known.setdefault(h, os.path.join(py_text(r), py_text(p)))
+        for r in rows:
+            here = os.path.join(py_text(r["root"]), py_text(r["path"]))
+            if r["sha1"] in known:
+                report.duplicates.append((here, known[r["sha1"]]))
+            else:
+                known[r["sha1"]] = here
 
     def _write_info(self) -> None:
         n, npos = self._db.execute("SELECT COUNT(*), COUNT(lat) FROM images").fetchone()
@@ -387,22 +744,131 @@ class IndexStore:
         self.info["updated_at"] = _now()
         write_json_atomic(self.folder / "index.json", self.info)
 
+    # -- upkeep --------------------------------------------------------------------------------
+
+    def find(self, targets: Sequence[str | Path]) -> tuple[list[int], list[str]]:
+        """Ids of the indexed images that are, or lie under, the given files/folders; and the
+        targets that matched nothing."""
+        by_path = self._abs_paths()
+        ids: set[int] = set()
+        unmatched: list[str] = []
+        for t in targets:
+            forms = {os.path.abspath(t), str(Path(t).resolve())}
+            hit = {i for p, i in by_path.items() if p in forms or any(p.startswith(f.rstrip(os.sep) + os.sep) for f in forms)}
+            if hit:
+                ids |= hit
+            else:
+                unmatched.append(str(t))
+        return sorted(ids), unmatched
+
+    def missing(self) -> list[int]:
+        """Ids of the indexed images whose file no longer exists."""
+        return sorted(i for p, i in self._abs_paths().items() if not os.path.exists(p))
+
+    def remove(self, ids: Sequence[int]) -> int:
+        """Drop the rows of ``ids`` (their chunk rows stay until ``compact``); rebuilds the search."""
+        ids = sorted({int(i) for i in ids})
+        with self._writing():
+            removed = 0
+            with self._db:
+                for start in range(0, len(ids), 500):
+                    part = ids[start:start + 500]
+                    removed += self._db.execute(f"DELETE FROM images WHERE id IN ({','.join('?' * len(part))})",
+                                                part).rowcount
+            self._write_info()
+            self.rebuild_search()
+        return removed
+
+    def set_position(self, ids: Sequence[int], lat: float, lon: float) -> int:
+        """Give the images ``ids`` the position (lat, lon) (validated, UTM recomputed); source 'manual'."""
+        try:
+            pos = make_position(float(lat), float(lon), "manual")
+        except ValueError as err:
+            raise HaflocError(f"{err} (lat must lie in [-90, 90], lon in [-180, 180])") from None
+        cols = _position_columns(pos)
+        with self._writing():
+            with self._db:
+                n = sum(self._db.execute(
+                    f"UPDATE images SET {', '.join(c + ' = ?' for c in cols)} WHERE id = ?",
+                    (*cols.values(), int(i))).rowcount for i in ids)
+            self._write_info()
+        return n
+
+    def compact(self) -> dict[str, int]:
+        """Rewrite every chunk holding removed rows with only its live rows (new chunk ids, one
+        transaction re-pointing the rows, then the old files go); delete orphan files."""
+        with self._writing():
+            (self.folder / "chunks").mkdir(exist_ok=True)
+            used = {r[0] for r in self._db.execute("SELECT DISTINCT chunk FROM images")}
+            orphans = len(set(self.chunk_files()) - used)
+            self._remove_orphan_chunks()
+            rows_by_chunk: dict[int, list[tuple[int, int]]] = {}
+            for i, chunk, row in self._db.execute("SELECT id, chunk, row FROM images ORDER BY chunk, row"):
+                rows_by_chunk.setdefault(int(chunk), []).append((int(i), int(row)))
+            updates: list[tuple[int, int, int]] = []
+            rewritten = dropped = 0
+            for chunk, live in rows_by_chunk.items():
+                files = self.chunk_files().get(chunk, {})
+                data = {kind: k.read(files[kind]) for kind, k in CHUNK_KINDS.items() if kind in files or not k.optional}
+                n_rows = CHUNK_KINDS["descriptors"].rows(data["descriptors"])
+                if [r for _, r in live] == list(range(n_rows)):
+                    continue  # nothing stale in this chunk
+                keep = np.array([r for _, r in live], np.int64)
+                new = self._next_chunk()
+                self._write_chunk(new, {kind: CHUNK_KINDS[kind].take(v, keep) for kind, v in data.items()})
+                updates.extend((new, j, i) for j, (i, _) in enumerate(live))
+                rewritten += 1
+                dropped += n_rows - len(live)
+            with self._db:
+                self._db.executemany("UPDATE images SET chunk = ?, row = ? WHERE id = ?", updates)
+            self._remove_orphan_chunks()
+            self._write_info()
+            self.rebuild_search()
+        return {"chunks_rewritten": rewritten, "stale_rows_dropped": dropped, "orphan_chunks_deleted": orphans,
+                "images": len(self)}
+
     # -- reading -------------------------------------------------------------------------------
 
     def descriptors(self) -> tuple[np.ndarray, list[str], np.ndarray]:
         """All (ids, relative paths, descriptors (N, D)) in id order."""
-        rows = self._db.execute("SELECT id, path, chunk, row FROM images ORDER BY id").fetchall()
+        for attempt in range(2):
+            try:
+                return self._descriptors()
+            except FileNotFoundError:
+                if attempt:  # a compact moved the rows to new chunks meanwhile: read them again
+                    raise
+        raise AssertionError("unreachable")
+
+    def _descriptors(self) -> tuple[np.ndarray, list[str], np.ndarray]:
+        rows = self._query("SELECT id, path, chunk, row FROM images ORDER BY id")
         out = np.empty((len(rows), self.dim), np.float32)
         loaded: dict[int, np.ndarray] = {}
         for i, (_, _, chunk, row) in enumerate(rows):
             if chunk not in loaded:
                 p = self._chunk_path(chunk)
+                if not p.exists() and self._chunk_moved(chunk):
+                    raise FileNotFoundError(p)
                 try:
-                    loaded = {chunk: np.load(p)}  # rows are grouped by chunk: keep one file in memory
+                    loaded = {chunk: np.load(p, allow_pickle=False)}  # rows are grouped by chunk: keep one file in memory
                 except (OSError, ValueError) as err:
                     raise InputError(p, f"descriptor chunk unreadable ({err}); the index is damaged") from None
+                a = loaded[chunk]
+                if a.ndim != 2 or a.shape[1] != self.dim:
+                    raise InputError(p, f"descriptor chunk has shape {a.shape}, expected (N, {self.dim}); the index is damaged")
+            if not 0 <= row < len(loaded[chunk]):
+                raise InputError(self._chunk_path(chunk), f"holds {len(loaded[chunk])} rows, an image points at row {row}; "
+                                                          "the index is damaged")
             out[i] = loaded[chunk][row]
-        return (np.array([r[0] for r in rows], np.int64), [r[1] for r in rows], out)
+        return (np.array([r[0] for r in rows], np.int64), [py_text(r[1]) for r in rows], out)
+
+    def _chunk_moved(self, chunk: int) -> bool:
+        return not self._query("SELECT 1 FROM images WHERE chunk = ? LIMIT 1", (chunk,))
+
+    @property
+    def local_config(self) -> dict[str, Any] | None:
+        """{"extractor", "conf"} of the stored local features, None for a global-only index."""
+        local = self.info.get("local")
+        return dict(local) if isinstance(local, dict) else None
 
     def local_features(self, ids: Sequence[int]) -> "dict[int, LocalFeatures]":
         """Stored local features of database images by id ({} for a global-only index)."""
@@ -410,46 +876,56 @@ class IndexStore:
             return {}
         from hafloc.local import read_local_features
 
-        rows = self._locations([int(i) for i in ids])
+        ids = [int(i) for i in ids]
+        rows: list[tuple[int, Any, int]] = []
+        for start in range(0, len(ids), 500):  # sqlite's host-parameter limit
+            part = ids[start:start + 500]
+            rows += self._query(f"SELECT id, path, chunk FROM images WHERE id IN ({','.join('?' * len(part))})", part)
         out: dict[int, LocalFeatures] = {}
-        for image_id, (path, chunk, _) in rows.items():
-            p = self._local_path(chunk)
+        for image_id, path, chunk in rows:
+            p = self._chunk_path(int(chunk), "local")
             try:
-                out[image_id] = read_local_features(p, path)
+                out[int(image_id)] = read_local_features(p, py_text(path))
             except (OSError, KeyError, ValueError) as err:
-                raise InputError(p, f"local features of {path} unreadable ({err}); the index is damaged") from None
-        return out
-
-    def _locations(self, ids: list[int]) -> dict[int, tuple[str, int, int]]:
-        out: dict[int, tuple[str, int, int]] = {}
-        with self._lock:
-            for start in range(0, len(ids), 500):  # sqlite's host-parameter limit
-                part = ids[start:start + 500]
-                for r in self._db.execute(f"SELECT id, path, chunk, row FROM images WHERE id IN ({','.join('?' * len(part))})",
-                                          part):
-                    out[int(r[0])] = (str(r[1]), int(r[2]), int(r[3]))
+                raise InputError(p, f"local features of {printable(py_text(path))} unreadable ({err}); "
+                                    "the index is damaged") from None
         return out
 
     def local_bytes_per_image(self) -> float | None:
         """Average size on disk of one image's local features (None without local features)."""
         if not self.local_config:
             return None
-        files = list((self.folder / "chunks").glob("local_*.h5"))
         n = len(self)
-        return sum(p.stat().st_size for p in files) / n if n else 0.0
+        size = sum(f["local"].stat().st_size for f in self.chunk_files().values() if "local" in f)
+        return size / n if n else 0.0
 
     def images(self) -> list[dict[str, Any]]:
-        """Metadata rows of all indexed images, in id order."""
-        cur = self._db.execute(
-            "SELECT id, path, root, lat, lon, easting, northing, zone, zone_letter, position_source, added_at"
-            " FROM images ORDER BY id")
-        cols = [c[0] for c in cur.description]
-        return [dict(zip(cols, r)) for r in cur.fetchall()]
+        """Metadata rows of all indexed images, in id order (``path`` relative to ``root``)."""
+        sha1 = "sha1" if self._schema >= 2 else "NULL AS sha1"
+        with self._lock:
+            try:
+                cur = self._db.execute(
+                    "SELECT id, path, root, lat, lon, easting, northing, zone, zone_letter, position_source, added_at,"
+                    f" {sha1} FROM images ORDER BY id")
+                cols = [c[0] for c in cur.description]
+                rows = cur.fetchall()
+            except sqlite3.DatabaseError as err:
+                raise InputError(self.folder / "meta.sqlite", f"damaged index database ({err})") from None
+        out = [dict(zip(cols, r)) for r in rows]
+        for d in out:
+            d["path"], d["root"] = py_text(d["path"]), py_text(d["root"])
+        return out
 
     # -- search --------------------------------------------------------------------------------
 
     def _search_paths(self) -> tuple[Path, Path]:
         return self.folder / "search.faiss", self.folder / "search.ids.npy"
+
+    def _row_set_key(self) -> tuple[int, int]:
+        # ids are never reused (AUTOINCREMENT): any add raises the max id, a remove alone lowers
+        # the count, so (count, max id) identifies the set of rows
+        n, max_id = self._query("SELECT COUNT(*), COALESCE(MAX(id), 0) FROM images")[0]
+        return int(n), int(max_id)
 
     def _search_is_fresh(self) -> bool:
         index_p, ids_p = self._search_paths()
@@ -459,37 +935,50 @@ class IndexStore:
             params = json.loads(params_path(index_p).read_text())
         except (OSError, json.JSONDecodeError):
             return False
-        n, max_id = self._db.execute("SELECT COUNT(*), COALESCE(MAX(id), 0) FROM images").fetchone()
-        # ids only ever grow, so (count, max id) identifies the set of rows
+        if not isinstance(params, dict):
+            return False
+        n, max_id = self._row_set_key()
         return params.get("n") == n and params.get("max_id") == max_id and params.get("config") == self.info.get("search")
 
     def rebuild_search(self, force: bool = False) -> None:
-        """(Re)build the search structure from the committed descriptors, unless it is current."""
-        if not force and self._search_is_fresh():
-            return
-        ids, _, desc = self.descriptors()
-        self._search = None
-        if len(ids) == 0:
-            return
-        index = build_search_index(desc, self.search_config)
-        index.params.update(max_id=int(ids.max()), config=self.info.get("search"))
-        index_p, ids_p = self._search_paths()
-        try:
-            with atomic_path(ids_p) as tmp:
-                np.save(tmp, ids)
-            save_search_index(index, index_p)  # its JSON goes last and marks the pair complete
-        except OSError:
-            pass  # a read-only index still searches, from memory
-        self._search, self._search_ids = index, ids
+        """(Re)build the search structure from the committed descriptors, unless it is current.
+        Saved only by the holder of the write lock (else kept in memory)."""
+        with self._lock:
+            if not force and self._search_is_fresh():
+                return
+            ids, _, desc = self.descriptors()
+            key = (len(ids), int(ids.max()) if len(ids) else 0)  # exactly the rows read (see _row_set_key)
+            self._search = None
+            index = None
+            if len(ids):
+                index = build_search_index(desc, self.search_config)
+                index.params.update(max_id=int(ids.max()), config=self.info.get("search"))
+            with self._try_writing() as writing:
+                if writing:
+                    index_p, ids_p = self._search_paths()
+                    if index is None:
+                        for p in (params_path(index_p), index_p, ids_p):  # JSON first: it marks the pair complete
+                            p.unlink(missing_ok=True)
+                    else:
+                        try:
+                            with atomic_path(ids_p) as tmp:
+                                np.save(tmp, ids)
+                            save_search_index(index, index_p)  # its JSON goes last and marks the pair complete
+                        except OSError:
+                            pass  # a read-only index still searches, from memory
+            self._search, self._search_ids = index, (ids if index is not None else None)
+            self._search_key = key
 
     def _ensure_search(self) -> SearchIndex | None:
-        if self._search is not None and self._search_is_fresh():
-            return self._search
+        key = self._row_set_key()
+        if self._search is not None and self._search_key == key:
+            return self._search  # built or loaded for exactly these rows (saved or not)
         if self._search_is_fresh():
             index_p, ids_p = self._search_paths()
             try:
                 self._search, self._search_ids = load_search_index(index_p), np.load(ids_p)
                 if len(self._search_ids) == self._search.ntotal:
+                    self._search_key = key
                     return self._search
             except (OSError, ValueError, RuntimeError):
                 pass
@@ -512,8 +1001,10 @@ class IndexStore:
                 ids_map = self._search_ids
                 sims, rows = search(index, q2, k)
                 meta = self._rows_by_id(sorted({int(ids_map[r]) for r in rows.ravel() if r >= 0}))
+                # an id removed since the search was built has no row: skip it
                 results = [[Match(similarity=float(s), **meta[int(ids_map[r])])
-                            for s, r in zip(srow, rrow) if r >= 0] for srow, rrow in zip(sims, rows)]
+                            for s, r in zip(srow, rrow) if r >= 0 and int(ids_map[r]) in meta]
+                           for srow, rrow in zip(sims, rows)]
         return results[0] if single else results
 
     def image(self, image_id: int) -> dict[str, Any] | None:
@@ -522,12 +1013,20 @@ class IndexStore:
 
     def _rows_by_id(self, ids: list[int]) -> dict[int, dict[str, Any]]:
         out: dict[int, dict[str, Any]] = {}
+        cols = ["id", "image", "root", "lat", "lon", "easting", "northing", "zone", "zone_letter", "position_source"]
         for start in range(0, len(ids), 500):  # sqlite's host-parameter limit
             part = ids[start:start + 500]
-            cur = self._db.execute(
-                "SELECT id, path AS image, root, lat, lon, easting, northing, zone, zone_letter, position_source"
-                f" FROM images WHERE id IN ({','.join('?' * len(part))})", part)
-            cols = [c[0] for c in cur.description]
-            for r in cur.fetchall():
-                out[int(r[0])] = dict(zip(cols, r))
+            for r in self._query(
+                    "SELECT id, path AS image, root, lat, lon, easting, northing, zone, zone_letter, position_source"
+                    f" FROM images WHERE id IN ({','.join('?' * len(part))})", part):
+                d = dict(zip(cols, r))
+                d["image"], d["root"] = py_text(d["image"]), py_text(d["root"])
+                out[int(r[0])] = d
         return out
+
+
+def _position_columns(pos: Position | None) -> dict[str, Any]:
+    return {"lat": pos.lat if pos else None, "lon": pos.lon if pos else None,
+            "easting": pos.easting if pos else None, "northing": pos.northing if pos else None,
+            "zone": pos.zone if pos else None, "zone_letter": pos.letter if pos else None,
+            "position_source": pos.source if pos else None}

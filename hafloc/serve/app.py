@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import os
 import secrets
 import tempfile
@@ -32,7 +33,7 @@ from PIL import Image
 from starlette.datastructures import UploadFile
 
 from ..errors import HaflocError, InputError
-from ..images.io import load_image
+from ..images.io import ImageTooLarge, load_image
 from .locator import Locator, LocatorConfig
 
 STATIC = Path(__file__).parent / "static"
@@ -50,6 +51,8 @@ class ServeConfig:
     thumb_cache: int = 512
     tiles: str | None = None  # map tile URL template ({z}/{x}/{y}); None: a plain coordinate grid, offline
     tiles_attribution: str | None = None
+    # decoded pixels an upload may have: a small PNG can hold 100+ MP (~1 GB decoded, seconds of CPU)
+    max_pixels: int = 40_000_000
 
 
 def check_tile_url(url: str) -> str:
@@ -58,6 +61,13 @@ def check_tile_url(url: str) -> str:
         raise HaflocError(f"--tiles {url!r}: expected an http(s) URL template with {{z}}, {{x}} and {{y}}, "
                           "e.g. https://tile.openstreetmap.org/{z}/{x}/{y}.png")
     return url
+
+
+class _AsciiJSON(JSONResponse):
+    """JSON with non-ASCII escaped: an indexed name that is not UTF-8 (surrogate-escaped) stays lossless."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 class _TooLarge(Exception):
@@ -151,17 +161,24 @@ def attention_json(img: Image.Image, att: dict[str, np.ndarray]) -> dict[str, di
     return out
 
 
-def decode_upload(data: bytes, filename: str) -> Image.Image:
-    """Bytes of an upload -> RGB image via ``load_image`` (InputError naming ``filename``)."""
+# JPEGs above DRAFT_MIN_PIXELS are decoded at a DCT scale keeping this many times the model's
+# input side: the later resize (reducing_gap 3) still averages real pixels
+DRAFT_FACTOR = 4
+
+
+def decode_upload(data: bytes, filename: str, max_side: int | None = None,
+                  max_pixels: int = ServeConfig.max_pixels) -> Image.Image:
+    """Bytes of an upload -> RGB image via ``load_image`` (InputError naming ``filename``;
+    ImageTooLarge above ``max_pixels``, read from the header before decoding)."""
     suffix = Path(filename).suffix if Path(filename).suffix.isascii() and len(Path(filename).suffix) <= 8 else ""
     fd, tmp = tempfile.mkstemp(prefix="hafloc-upload-", suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         try:
-            return load_image(tmp)
+            return load_image(tmp, max_side=max_side * DRAFT_FACTOR if max_side else None, max_pixels=max_pixels)
         except InputError as err:  # name the upload, never our temp file
-            raise InputError(filename, err.cause) from None
+            raise type(err)(filename, err.cause) from None
     finally:
         os.unlink(tmp)
 
@@ -188,14 +205,16 @@ class _ThumbCache:
 
 def create_app(index_path: str | Path, max_upload_mb: float = 20, token: str | None = None, backend: str = "auto",
                model_path: str | Path | None = None, top_k: int = 10, locator_config: LocatorConfig | None = None,
-               workers: int = 1, tiles: str | None = None, tiles_attribution: str | None = None) -> FastAPI:
+               workers: int = 1, tiles: str | None = None, tiles_attribution: str | None = None,
+               max_pixels: int = ServeConfig.max_pixels) -> FastAPI:
     """The FastAPI app over one index; the model is loaded here, once.
 
     ``tiles``: a tile URL template the page's map draws under the positions (the browser fetches
     them, not the server); default none: a coordinate grid, so the page works offline.
     """
     config = ServeConfig(max_upload_mb=max_upload_mb, token=token or None, top_k=top_k, workers=workers,
-                         tiles=check_tile_url(tiles) if tiles else None, tiles_attribution=tiles_attribution)
+                         tiles=check_tile_url(tiles) if tiles else None, tiles_attribution=tiles_attribution,
+                         max_pixels=int(max_pixels))
     if config.tiles and not config.tiles_attribution:  # tile servers ask for credit: at least name the source
         config.tiles_attribution = "tiles: " + (urlsplit(config.tiles).hostname or config.tiles).removeprefix("{s}.")
     lc = locator_config or LocatorConfig(backend=backend)
@@ -228,7 +247,7 @@ def create_app(index_path: str | Path, max_upload_mb: float = 20, token: str | N
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "images": len(locator.store), "token_required": config.token is not None,
-                "max_upload_mb": config.max_upload_mb, "top_k": config.top_k,
+                "max_upload_mb": config.max_upload_mb, "max_pixels": config.max_pixels, "top_k": config.top_k,
                 "map": {"tiles": config.tiles, "attribution": config.tiles_attribution,
                         "radius_m": locator.config.agree_m}}
 
@@ -256,7 +275,7 @@ def create_app(index_path: str | Path, max_upload_mb: float = 20, token: str | N
         if not path.is_relative_to(root) or not path.is_file():
             raise HTTPException(404, "image file not available")
         try:
-            img = load_image(path)
+            img = load_image(path, max_side=THUMB_SIDE * DRAFT_FACTOR)
         except InputError:
             raise HTTPException(404, "image file not readable") from None
         img.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.BILINEAR)
@@ -277,7 +296,7 @@ def create_app(index_path: str | Path, max_upload_mb: float = 20, token: str | N
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
     def locate_bytes(data: bytes, filename: str) -> dict[str, Any]:
-        img = decode_upload(data, filename)
+        img = decode_upload(data, filename, locator.extractor.max_side, config.max_pixels)
         result, att = locator.locate_image(img, filename, k=config.top_k, correspondences=True)
         result["attention"] = attention_json(img, att)
         return result
@@ -297,10 +316,12 @@ def create_app(index_path: str | Path, max_upload_mb: float = 20, token: str | N
             raise HTTPException(400, f"{filename}: empty file")
         try:
             result = await in_pool(locate_bytes, data, filename)
+        except ImageTooLarge as err:
+            raise HTTPException(413, str(err)) from None
         except InputError as err:
             status = 415 if "not an image" in err.cause else 422
             raise HTTPException(status, str(err)) from None
-        return JSONResponse(result)
+        return _AsciiJSON(result)
 
     # outermost user middleware: it must see the raw body stream before anything parses it
     app.add_middleware(UploadLimit, max_bytes=int(config.max_upload_mb * 2 ** 20))

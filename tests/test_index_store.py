@@ -336,11 +336,13 @@ def test_positions_csv_repeats_and_unusable_at_names(tmp_path, caplog):
     csv_file.write_text("image,lat,lon\na.jpg,55.7,13.19\nb.jpg,55.8,13.2\na.jpg,55.7,13.19\n")
     with caplog.at_level("WARNING", logger="hafloc.index.positions"):
         assert read_positions_csv(csv_file) == {"a.jpg": (55.7, 13.19), "b.jpg": (55.8, 13.2)}
-    assert "1 repeated row(s) (same image and position) ignored" in caplog.text
+    assert "1 row(s) repeat an image already listed with the same position (ignored)" in caplog.text
     csv_file.write_text("image,lat,lon\na.jpg,55.7,13.19\na.jpg,55.9,13.19\n")  # the last one no longer wins
-    with pytest.raises(InputError, match=r"pos\.csv: line 3: a\.jpg has two positions, \(55\.7, 13\.19\) on line 2"):
+    with pytest.raises(InputError, match=r"pos\.csv: line 3: 'a\.jpg' has position \(55\.9, 13\.19\) but line 2 gives it \(55\.7, 13\.19\)"):
         read_positions_csv(csv_file)
-    # '@' names with unusable positions: no position (reported as unpositioned), never a traceback
-    assert position_from_at_name("db/@500000@4000000@33@T@999@13.2@@@@@@@@@.jpg") is None
-    assert position_from_at_name("db/@nan@4000000@33@T@@@@@@@@@@@.jpg") is None
+    # '@' names with unusable positions: a ValueError the store reports (image indexed unpositioned)
+    with pytest.raises(ValueError, match="not a WGS84 position"):
+        position_from_at_name("db/@500000@4000000@33@T@999@13.2@@@@@@@@@.jpg")
+    with pytest.raises(ValueError):
+        position_from_at_name("db/@nan@4000000@33@T@@@@@@@@@@@.jpg")
     assert position_from_at_name("db/@500000@4000000@33@T@55.7@13.19@@@@@@@@@.jpg").lat == 55.7

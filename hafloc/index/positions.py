@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from hafloc.datasets import geo as _geo
-from hafloc.datasets.atfolders import at_position_problem, parse_at_name
+from hafloc.datasets.atfolders import parse_at_name
 from hafloc.errors import InputError
 from hafloc.images.gps import read_gps
 
@@ -111,8 +111,6 @@ def position_from_at_name(rel_path: str) -> Position | None:
     try:
         info = parse_at_name(name)
     except ValueError:
-        return None
-    if at_position_problem(info):  # NaN / lat 999: no position (the caller reports it as unpositioned)
         return None
     lat, lon = info.get("lat"), info.get("lon")
     if lat is None or lon is None:

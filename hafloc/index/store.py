@@ -101,6 +101,7 @@ class Match:
     zone_letter: str | None = None
     position_source: str | None = None
     distance_m: float | None = None
+    inliers: int | None = None  # verified local-feature inliers when re-ranked, else None
 
     @property
     def path(self) -> Path:

@@ -210,7 +210,8 @@ def create_app(index_path: str | Path, max_upload_mb: float = 20, token: str | N
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "images": len(locator.store), "token_required": config.token is not None,
-                "max_upload_mb": config.max_upload_mb, "top_k": config.top_k}
+                "max_upload_mb": config.max_upload_mb, "top_k": config.top_k,
+                "calibrated": locator.calibrator is not None, "radius_m": locator.agree_m}
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:

@@ -16,7 +16,8 @@ from PIL import Image
 from ..descriptors.extract import Extractor
 from ..descriptors.modelfile import load_model
 from ..errors import HaflocError, InputError
-from ..index.locate import estimate_position, result_json
+from ..index.calibrate import load_calibrator
+from ..index.locate import answer
 from ..index.store import IndexStore, Match
 
 
@@ -28,7 +29,8 @@ class LocatorConfig:
     batch_size: int = 8
     max_side: int | None = None
     num_threads: int | None = None
-    agree_m: float = 25.0
+    agree_m: float | None = None  # None: the calibration's radius (25 m without one)
+    min_confidence: float | None = None  # below it the answer is "unknown"
 
 
 def open_model_for(store: IndexStore, model_path: str | Path | None = None):
@@ -54,6 +56,14 @@ class Locator:
         self.store = IndexStore.open(index)
         self.model = open_model_for(self.store, model_path)
         c = self.config
+        self.calibrator = load_calibrator(self.store)
+        self.warnings: list[str] = []
+        if self.calibrator is not None and c.agree_m is not None and c.agree_m != self.calibrator.agree_m:
+            self.warnings.append(f"{self.store.folder}: calibrated for {self.calibrator.agree_m:g} m, not "
+                                 f"{c.agree_m:g} m; confidences are uncalibrated")
+            self.calibrator = None
+        self.agree_m = c.agree_m if c.agree_m is not None else (
+            self.calibrator.agree_m if self.calibrator is not None else 25.0)
         self.extractor = Extractor(self.model, batch_size=c.batch_size, max_side=c.max_side, backend=c.backend,
                                    num_threads=c.num_threads)
 
@@ -65,11 +75,12 @@ class Locator:
         descs = np.atleast_2d(np.asarray(descs, dtype=np.float32))
         if len(names) == 0:
             return []
-        all_matches: list[list[Match]] = self.store.search(descs, k)  # type: ignore[assignment]
+        depth = max(k, self.calibrator.k) if self.calibrator is not None else k
+        all_matches: list[list[Match]] = self.store.search(descs, depth)  # type: ignore[assignment]
         out = []
         for name, ms in zip(names, all_matches):
-            res = result_json(name, ms, estimate_position(ms, self.config.agree_m))
-            for m_json, m in zip(res["matches"], ms):  # result_json keeps the order of the matches
+            res = answer(name, ms, k, self.agree_m, self.calibrator, self.config.min_confidence)
+            for m_json, m in zip(res["matches"], ms):  # answer keeps the order of the matches
                 m_json["id"] = m.id
             out.append(res)
         return out

@@ -286,3 +286,61 @@ def test_ece_of_known_cases():
     assert expected_calibration_error(np.full(100, 0.5), y) == pytest.approx(0.0)
     assert expected_calibration_error(np.full(100, 0.9), y) == pytest.approx(0.4)
     assert expected_calibration_error(y.astype(float), y) == pytest.approx(0.0)
+
+
+@pytest.mark.browser
+def test_browser_shows_confidence_in_words_and_the_unknown_case(outdoor, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    try:
+        from browser import browser_available, open_page
+    except ImportError:  # run from the repo root as a package
+        from tests.browser import browser_available, open_page
+    reason = browser_available()
+    if reason:
+        pytest.skip(reason)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "hafloc", "serve", "--index", str(outdoor["index"]), "--port",
+                             str(port), "--backend", "torch", "--min-confidence", "0.5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(repo)})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited: {proc.stdout.read().decode()[-2000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+            assert time.monotonic() < deadline, "server did not start within 60 s"
+        with open_page(url + "/") as (page, console_errors, failed_requests):
+            page.set_input_files("#file", str(outdoor["unrelated"] / "noise.png"))
+            page.wait_for_selector("#result:not([hidden])")
+            page.wait_for_function("document.querySelector('#confidence').textContent.length > 0")
+            assert page.locator("#estimate").inner_text() == "unknown"
+            assert page.locator("#confidence").inner_text().startswith("unknown: confidence 0.")
+            assert "below the minimum 0.5" in page.locator("#confidence").inner_text()
+            # a database photo itself: found exactly, among its neighbours -> likely
+            lund = sorted((outdoor["db"] / "lund").glob("*.jpg"))[0]
+            page.set_input_files("#file", str(lund))
+            page.wait_for_function("document.querySelector('#estimate').textContent !== 'unknown'")
+            text = page.locator("#confidence").inner_text()
+            assert text.startswith(("likely within 25 m", "uncertain:")), text
+        assert console_errors == [] and failed_requests == []
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -23,10 +23,11 @@ def register_calibrate(isub) -> None:
     c.add_argument("--index", required=True, help="index folder")
     c.add_argument("--agree-m", type=float, default=DEFAULT_AGREE_M,
                    help=f"an estimate is right within this many metres (default {DEFAULT_AGREE_M:g})")
-    c.add_argument("--exclude-m", type=float, default=DEFAULT_EXCLUDE_M,
+    c.add_argument("--exclude-m", type=float, default=None,
                    help="also hide each photo's neighbours closer than this, so near-duplicate video frames do "
-                        f"not make the calibration optimistic (default {DEFAULT_EXCLUDE_M:g}; 0 hides only "
-                        "the photo itself, e.g. when all photos of a place share one position)")
+                        f"not make the calibration optimistic (default: {DEFAULT_EXCLUDE_M:g}, or 0 when that "
+                        "leaves too few right answers, as when all photos of a place share one position; "
+                        "0 hides only the photo itself)")
     c.add_argument("--top-k", type=int, default=DEFAULT_K, help=f"matches per estimate (default {DEFAULT_K})")
     c.add_argument("--max-samples", type=int, default=5000,
                    help="locate at most this many photos, a fixed random subset (default 5000)")
@@ -48,7 +49,7 @@ def run_calibrate(args) -> int:
 
     if args.top_k < 1 or args.max_samples < 1:
         raise HaflocError("--top-k and --max-samples must be at least 1")
-    if not args.agree_m > 0 or not args.exclude_m >= 0:
+    if not args.agree_m > 0 or (args.exclude_m is not None and not args.exclude_m >= 0):
         raise HaflocError(f"--agree-m must be positive and --exclude-m non-negative "
                           f"(got {args.agree_m}, {args.exclude_m})")
     with IndexStore.open(args.index) as store:

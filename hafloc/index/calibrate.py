@@ -402,16 +402,31 @@ def fit_calibrator(samples: LooSamples, seed: int = 0) -> tuple[Calibrator, dict
     return Calibrator(base=base, inliers=inl), rep
 
 
-def calibrate_index(store: IndexStore, agree_m: float = DEFAULT_AGREE_M, exclude_m: float = DEFAULT_EXCLUDE_M,
+def calibrate_index(store: IndexStore, agree_m: float = DEFAULT_AGREE_M, exclude_m: float | None = None,
                     k: int = DEFAULT_K, max_samples: int | None = 5000, seed: int = 0, rerank: Rerank | None = None,
                     progress: bool = True, write: bool = True) -> Calibrator:
     """Leave-one-out over ``store``, fit, and (``write``) store ``calibration.json`` in the index folder.
 
-    ``rerank(query_row, matches) -> matches`` is applied to every image's matches before the
-    estimate, as ``locate`` would re-rank a query (set ``Match.inliers`` there to fit the inliers model).
+    ``exclude_m`` None (auto): ``DEFAULT_EXCLUDE_M``, and 0 when that leaves too few right answers
+    (photos of a place sharing one position, as label datasets have). ``rerank(query_row, matches)
+    -> matches`` is applied to every image's matches before the estimate, as ``locate`` would
+    re-rank a query (set ``Match.inliers`` there to fit the inliers model).
     """
-    samples = leave_one_out(store, agree_m, exclude_m, k, max_samples, seed, rerank, progress)
-    cal, rep = fit_calibrator(samples, seed)
+    tries = [DEFAULT_EXCLUDE_M, 0.0] if exclude_m is None else [float(exclude_m)]
+    descriptors = store.descriptors()
+    for i, ex_m in enumerate(tries):
+        samples = leave_one_out(store, agree_m, ex_m, k, max_samples, seed, rerank, progress, descriptors)
+        try:
+            cal, rep = fit_calibrator(samples, seed)
+            break
+        except HaflocError as err:
+            if i + 1 < len(tries):
+                continue
+            hint = (f"; a right answer needs another photo of the place within {agree_m:g} m and at least "
+                    f"{ex_m:g} m away (--exclude-m 0 when photos of a place share one position)"
+                    if samples.labels.mean() < 0.5 and ex_m > 0 else "")
+            raise HaflocError(f"{store.folder}: {err}{hint}") from None
+    exclude_m = ex_m
     y = samples.labels
     cal.meta = {
         "features": list(FEATURES), "agree_m": float(agree_m), "exclude_m": float(exclude_m), "k": int(k),
@@ -419,7 +434,7 @@ def calibrate_index(store: IndexStore, agree_m: float = DEFAULT_AGREE_M, exclude
         "no_estimate": samples.no_estimate, "method": rep["method"], "ece_heldout": rep["ece_heldout"],
         "ece_heldout_by_method": rep["ece_heldout_by_method"], "folds": rep["folds"],
         "ece_heuristic": round(expected_calibration_error(samples.heuristic, y), 4),
-        "reranked": rerank is not None, "model_fingerprint": store.fingerprint,
+        "exclude_auto": len(tries) > 1, "reranked": rerank is not None, "model_fingerprint": store.fingerprint,
         "index_images": len(store), "created_at": _now(),
         # per-sample held-out probability and label: what `index info --report` plots
         "heldout": {"p": [round(float(v), 4) for v in rep["heldout_predictions"]], "y": [int(v) for v in y]},
@@ -433,6 +448,9 @@ def calibrate_index(store: IndexStore, agree_m: float = DEFAULT_AGREE_M, exclude
 
 def summary_line(cal: Calibrator) -> str:
     m = cal.meta
+    hidden = f"neighbours within {m['exclude_m']:g} m hidden" if m["exclude_m"] > 0 else "only the photo hidden"
+    if m.get("exclude_auto") and m["exclude_m"] == 0:
+        hidden += f" (hiding {DEFAULT_EXCLUDE_M:g} m left too few right answers)"
     return (f"calibrated on {m['n_samples']} leave-one-out answers ({100 * m['positives_rate']:.0f} % within "
-            f"{m['agree_m']:g} m, neighbours within {m['exclude_m']:g} m hidden): held-out ECE {m['ece_heldout']:.3f} "
+            f"{m['agree_m']:g} m, {hidden}): held-out ECE {m['ece_heldout']:.3f} "
             f"({m['method']}; uncalibrated {m['ece_heuristic']:.3f})")

@@ -41,6 +41,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -236,15 +237,17 @@ def run_dataset(name: str, data: Path, out: Path, max_side: int, excludes: list[
         try:
             cal = calibrate_index(store, agree_m=AGREE_M, exclude_m=ex_m, progress=False, write=False)
         except HaflocError as err:
-            rows.append({"dataset": name, "db / queries": f"{len(db)} / {len(qs)}", "exclude m": ex_m,
-                         "LOO n (right %)": str(err).replace("cannot calibrate: ", "not calibrated: ")})
+            counts = re.search(r"(\d+) right and (\d+) wrong", str(err))
+            rows.append({"dataset": name, "db / queries": f"{len(db)} / {len(qs)}", "exclude m": f"{ex_m:g}",
+                         "LOO n (right %)": "not calibrated: " + (f"{counts[1]} right, {counts[2]} wrong"
+                                                                  if counts else str(err))})
             print(f"[{name}] exclude {ex_m:g} m: {err}", flush=True)
             continue
         q = answers(store, d_q, truth, cal)
         un = answers(store, d_un, None, cal)
         y = q["label"]
         rows.append({
-            "dataset": name, "db / queries": f"{len(db)} / {len(qs)}", "exclude m": ex_m,
+            "dataset": name, "db / queries": f"{len(db)} / {len(qs)}", "exclude m": f"{ex_m:g}",
             "LOO n (right %)": f"{cal.meta['n_samples']} ({100 * cal.meta['positives_rate']:.0f} %)",
             "LOO held-out ECE": cal.meta["ece_heldout"], "model": cal.meta["method"],
             "query acc": float(y.mean()),
@@ -293,9 +296,25 @@ ECE (10 bins) of the old heuristic (agreement x margin), the uncalibrated fallba
 best-similarity ramp) and the calibrated probability on the queries; accuracy of the most confident 90 % /
 50 % of the queries; the highest confidence of an unrelated photo (noise, grey, the other domain).
 Targets: ECE <= 0.05 on held-out queries, unrelated <= 0.2. Small query sets make the ECE noisy
-(GardensPoint: 20 queries, so one query moves it by up to 0.05).
+(GardensPoint: 20 queries, so one query moves it by up to 0.05). "not calibrated": leave-one-out found
+too few right answers to fit (`hafloc index calibrate` refuses with that message; `index build` leaves
+the index on the fallback; the default exclusion falls back from 5 m to 0 m by itself).
 
 {table}
+
+Reading it: calibration beats the old heuristic's ECE wherever it can be fitted with the radius that
+matches how the queries relate to the database (0 m here: ie_tower's queries come from the gallery's own
+video clips, GardensPoint's places share one position per place, the city's database views lie 1-5 m
+apart), but the held-out-query target of 0.05 is met only on GardensPoint (20 queries): leave-one-out
+answers are not distributed like the queries (day vs night, other viewpoints), and no calibration of
+retrieval features can see that shift. Hiding 5 m where the queries *are* near-duplicates of the
+database makes it under-confident (ie_tower, 5 m). The unrelated-photo target fails with this untrained
+model: outdoor photos against the indoor index all retrieve one floor's frames (high agreement) and a
+dark flat grey frame matches dark stairwell frames at cosine 0.9 with a large margin; on the city the
+fitted model leans on the margin alone and indoor frames reach 0.3 (the heuristic gave them 0.19). The
+fallback keeps noise/grey at 0 on the outdoor indexes, but is badly calibrated. The unit test (a calibrated outdoor index
+of real photos: noise, grey, indoor frames <= 0.2) holds; an input check for degenerate images (flat or
+noise) would be the next step for the rest.
 """
     update_section("calibration", section)
 

@@ -172,7 +172,9 @@ def run_info(args) -> int:
     print("calibrated " + ("no (confidences are heuristic; 'hafloc index calibrate')" if cal is None else
                            f"no ({cal['reason']})" if not cal["usable"] else
                            f"within {cal['agree_m']:g} m on {cal['n_samples']} leave-one-out answers, "
-                           f"held-out ECE {cal['ece_heldout']:.3f} ({cal['created_at']})"))
+                           f"held-out ECE {cal['ece_heldout']:.3f} ({cal['created_at']}"
+                           + (f"; {cal['index_images']} photos then, rerun 'hafloc index calibrate')"
+                              if cal["stale"] else ")")))
     if args.report:
         print(f"report     {write_report(args.index, args.report)}")
     return 0

@@ -91,9 +91,11 @@ def calibration_info(index: str | Path) -> dict[str, Any] | None:
         return None
     with IndexStore.open(index) as store:
         cal = load_calibrator(store)
+        images = len(store)
     if cal is None:
         return {"usable": False, "reason": "fitted for another model; rerun 'hafloc index calibrate'"}
-    return {"usable": True, **calibration_summary(cal.meta)}
+    # photos added since: the fit still applies, but a rerun would learn from them too
+    return {"usable": True, "stale": cal.meta.get("index_images") != images, **calibration_summary(cal.meta)}
 
 
 def write_report(index: str | Path, out_dir: str | Path) -> Path:

@@ -344,3 +344,33 @@ def test_browser_shows_confidence_in_words_and_the_unknown_case(outdoor, tmp_pat
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_default_exclusion_falls_back_to_zero_when_places_share_one_position(tmp_path):
+    """Label-style ground truth: both photos of a place sit on one point, so hiding 5 m hides every
+    right answer. The default (auto) then calibrates with 0 m and says so; an explicit 5 m refuses
+    with a hint."""
+    from hafloc.errors import HaflocError
+    from hafloc.index.calibrate import summary_line
+
+    dim, rng = 64, np.random.default_rng(0)
+    descs, positions = {}, {}
+    for j in range(30):
+        b = rng.standard_normal(dim)
+        partner = b + 0.3 * rng.standard_normal(dim) if j < 20 else rng.standard_normal(dim)  # 10 places: lost
+        for name, v in ((f"p{j}a.jpg", b), (f"p{j}b.jpg", partner)):
+            descs[name] = (v / np.linalg.norm(v)).astype(np.float32)
+            positions[name] = (48.0 + j * 1000 / M_PER_DEG, 11.0)
+    root = tmp_path / "photos"
+    root.mkdir()
+    for n in descs:
+        Image.new("RGB", (8, 8)).save(root / n)
+    with IndexStore.create(tmp_path / "idx", "e" * 16, dim) as store:
+        store.add(sorted(descs), root, lambda paths, names: Extracted(list(names), np.stack([descs[n] for n in names])),
+                  positions=positions, progress=False)
+        cal = calibrate_index(store, progress=False)
+        assert cal.meta["exclude_m"] == 0.0 and cal.meta["exclude_auto"] is True
+        assert cal.meta["positives_rate"] == pytest.approx(40 / 60, abs=0.05)
+        assert "hiding 5 m left too few right answers" in summary_line(cal)
+        with pytest.raises(HaflocError, match=r"0 right and 60 wrong.*--exclude-m 0"):
+            calibrate_index(store, exclude_m=5.0, progress=False, write=False)

@@ -44,7 +44,7 @@ def print_table(res: dict, out=None) -> None:
         what = "no estimate" if unknown["reason"] == "no match has a position" else "unknown"
         print(f"{res['image']}: {what} ({unknown['reason']})", file=out)
     else:
-        kind = f"within {res['radius_m']:g} m" if res.get("calibrated") and "radius_m" in res else "uncalibrated"
+        kind = f"calibrated for {res['radius_m']:g} m" if res.get("calibrated") and "radius_m" in res else "uncalibrated"
         print(f"{res['image']}: {est['lat']:.6f}, {est['lon']:.6f}  (confidence {est['confidence']:.2f}, {kind})",
               file=out)
     print(f"  {'#':>2}  {'similarity':>10}  {'distance':>10}  {'lat':>11}  {'lon':>11}  image", file=out)

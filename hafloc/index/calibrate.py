@@ -319,8 +319,10 @@ def leave_one_out(store: IndexStore, agree_m: float = DEFAULT_AGREE_M, exclude_m
     if agree_m <= 0 or exclude_m < 0 or k < 1:
         raise HaflocError(f"need agree_m > 0, exclude_m >= 0 and k >= 1 (got {agree_m}, {exclude_m}, {k})")
     ids, _names, desc = descriptors if descriptors is not None else store.descriptors()
-    rows_meta = store.images()
-    by_id = {int(r["id"]): r for r in rows_meta}
+    by_id = {int(r["id"]): r for r in store.images()}
+    keep = np.array([int(i) in by_id for i in ids], bool)  # a row removed meanwhile by another writer
+    if not keep.all():
+        ids, desc = ids[keep], desc[keep]
     meta = [by_id[int(i)] for i in ids]
     lat = np.array([np.nan if r["lat"] is None else r["lat"] for r in meta], np.float64)
     lon = np.array([np.nan if r["lon"] is None else r["lon"] for r in meta], np.float64)

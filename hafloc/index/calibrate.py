@@ -439,7 +439,8 @@ def calibrate_index(store: IndexStore, agree_m: float = DEFAULT_AGREE_M, exclude
         "exclude_auto": len(tries) > 1, "reranked": rerank is not None, "model_fingerprint": store.fingerprint,
         "index_images": len(store), "created_at": _now(),
         # per-sample held-out probability and label: what `index info --report` plots
-        "heldout": {"p": [round(float(v), 4) for v in rep["heldout_predictions"]], "y": [int(v) for v in y]},
+        "heldout": {"p": [round(float(v), 4) for v in rep["heldout_predictions"]], "y": [int(v) for v in y],
+                    "heuristic": [round(float(v), 4) for v in samples.heuristic]},
     }
     if "inliers_ece_heldout" in rep:
         cal.meta["inliers_ece_heldout"] = rep["inliers_ece_heldout"]

@@ -71,6 +71,8 @@ def write_calibration_report(meta: Mapping[str, Any], out_dir: str | Path, title
     if len(p) == 0:
         raise InputError(out, "the calibration holds no held-out predictions to plot")
     curves = {"calibrated (held-out folds)": (p, y)}
+    if len(held.get("heuristic", [])) == len(p):
+        curves["uncalibrated heuristic"] = (np.asarray(held["heuristic"], np.float64), y)
     plot_reliability(curves, out / "reliability.png", "Reliability")
     plot_coverage(curves, out / "coverage.png", "Accuracy vs coverage")
     rows = [{"coverage": f"{c:.0%}", "accuracy": accuracy_at_coverage(p, y, c)} for c in (1.0, 0.9, 0.5, 0.2)]

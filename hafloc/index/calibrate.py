@@ -311,9 +311,9 @@ def leave_one_out(store: IndexStore, agree_m: float = DEFAULT_AGREE_M, exclude_m
                   progress: bool = True, descriptors: tuple[np.ndarray, list[str], np.ndarray] | None = None
                   ) -> LooSamples:
     """Locate each (sampled) positioned database image against the others, hiding itself and its
-    neighbours closer than ``exclude_m`` metres. Exact inner-product search over the stored
-    descriptors, in batches; ``rerank`` may reorder / annotate each image's matches first."""
-    import faiss
+    neighbours closer than ``exclude_m`` metres. Batched searches of the stored descriptors in the
+    index's own search structure (as ``locate`` searches); ``rerank`` may reorder / annotate each
+    image's matches first."""
     from scipy.spatial import cKDTree
 
     if agree_m <= 0 or exclude_m < 0 or k < 1:
@@ -345,8 +345,6 @@ def leave_one_out(store: IndexStore, agree_m: float = DEFAULT_AGREE_M, exclude_m
     for j, qi in enumerate(sample):
         hidden[j].add(int(qi))
 
-    index = faiss.IndexFlatIP(desc.shape[1])
-    index.add(np.ascontiguousarray(desc, np.float32))
     out = LooSamples(rows=[], features=[], labels=np.zeros(0), heuristic=np.zeros(0))
     labels, heur = [], []
     batch = 256
@@ -354,20 +352,11 @@ def leave_one_out(store: IndexStore, agree_m: float = DEFAULT_AGREE_M, exclude_m
     for s in range(0, len(sample), batch):
         part = sample[s:s + batch]
         depth = min(len(desc), k + max(len(h) for h in hidden[s:s + batch]))
-        sims, found = index.search(np.ascontiguousarray(desc[part], np.float32), depth)
+        # the index's own search structure: what `locate` will use (exact for flat indexes)
+        found: list[list[Match]] = store.search(np.ascontiguousarray(desc[part], np.float32), depth)  # type: ignore[assignment]
         for j, qi in enumerate(part):
-            hide = hidden[s + j]
-            ms: list[Match] = []
-            for sim, r in zip(sims[j], found[j]):
-                if r < 0 or int(r) in hide:
-                    continue
-                row = meta[int(r)]
-                ms.append(Match(id=int(row["id"]), image=row["path"], root=row["root"], similarity=float(sim),
-                                lat=row["lat"], lon=row["lon"], easting=row["easting"], northing=row["northing"],
-                                zone=row["zone"], zone_letter=row["zone_letter"],
-                                position_source=row["position_source"]))
-                if len(ms) == k:
-                    break
+            hide = {int(ids[r]) for r in hidden[s + j]}
+            ms = [m for m in found[j] if m.id not in hide][:k]
             if rerank is not None:
                 ms = list(rerank(int(qi), ms))
             est = estimate_position(ms, agree_m)

@@ -243,7 +243,8 @@ def test_locate_database_image_at_its_own_position(photo_root, reference):
     json.dumps(out)  # exactly what `hafloc locate --json` prints
     for rel, res in zip(rels, out):
         lat, lon, _ = photo_root["expected"][rel]
-        assert set(res) == {"image", "estimate", "matches"} and res["image"] == f"q/{rel}"
+        assert set(res) == {"image", "estimate", "calibrated", "radius_m", "matches"} and res["image"] == f"q/{rel}"
+        assert res["calibrated"] is False and res["radius_m"] == 25.0
         assert set(res["estimate"]) == {"lat", "lon", "confidence", "verified"}
         assert res["estimate"]["verified"] is False  # global retrieval only: nothing was verified
         assert haversine_m(lat, lon, res["estimate"]["lat"], res["estimate"]["lon"]) < 1.0

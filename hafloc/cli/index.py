@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from .common import add_backend_args, make_extractor, print_json, report_failures
+from .index_calibrate import auto_calibrate, calibration_info, register_calibrate, write_report
 
 
 def register(sub) -> None:
@@ -45,6 +46,8 @@ def register(sub) -> None:
     b.add_argument("--exact", action="store_true", help="exact (flat) search whatever the database size")
     b.add_argument("--search", choices=["auto", "flat", "ivfpq", "hnsw"], default="auto",
                    help="search structure (auto: flat up to 100k images, IVF-PQ above)")
+    b.add_argument("--no-calibrate", action="store_true",
+                   help="skip the confidence calibration run at the end (from 50 positioned photos)")
     b.set_defaults(func=run_build)
 
     a = isub.add_parser("add", help="append the photos of a folder to an existing index",
@@ -55,7 +58,11 @@ def register(sub) -> None:
     i = isub.add_parser("info", help="describe an index")
     i.add_argument("index", help="index folder")
     i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.add_argument("--report", metavar="DIR", help="write DIR/index.html: the confidence calibration's "
+                                                  "reliability diagram, ECE and accuracy/coverage curve")
     i.set_defaults(func=run_info)
+
+    register_calibrate(isub)
 
     e = isub.add_parser("export-hloc", help="hloc global descriptors (.h5) and retrieval pairs for queries",
                         description="Writes OUTPUT/global-feats-hafloc.h5 (database and query descriptors in hloc's "
@@ -195,7 +202,10 @@ def run_build(args) -> int:
                                           lock_timeout=args.lock_timeout)
         return store, model
 
-    return _index_folder(args, factory)
+    code = _index_folder(args, factory)
+    if code == 0 and not args.no_calibrate:
+        auto_calibrate(args.index, progress=not args.no_progress)
+    return code
 
 
 def run_add(args) -> int:
@@ -228,12 +238,15 @@ def index_info(index: str | Path) -> dict:
     info["position_sources"] = dict(sorted(sources.items()))
     info["roots"] = sorted({r["root"] for r in rows})
     info["index"] = str(Path(index))
+    info["calibration"] = calibration_info(index)
     return info
 
 
 def run_info(args) -> int:
     info = index_info(args.index)
     if args.json:
+        if args.report:
+            info["report"] = str(write_report(args.index, args.report))
         print_json(info)
         return 0
     c = info["counts"]
@@ -249,6 +262,15 @@ def run_info(args) -> int:
               + ("; re-ranking rule fitted" if info.get("rerank") else ""))
     for r in info["roots"]:
         print(f"root       {r}")
+    cal = info["calibration"]
+    print("calibrated " + ("no (confidences are heuristic; 'hafloc index calibrate')" if cal is None else
+                           f"no ({cal['reason']})" if not cal["usable"] else
+                           f"within {cal['agree_m']:g} m on {cal['n_samples']} leave-one-out answers, "
+                           f"held-out ECE {cal['ece_heldout']:.3f} ({cal['created_at']}"
+                           + (f"; {cal['index_images']} photos then, rerun 'hafloc index calibrate')"
+                              if cal["stale"] else ")")))
+    if args.report:
+        print(f"report     {write_report(args.index, args.report)}")
     return 0
 
 

@@ -13,8 +13,10 @@ def register(sub) -> None:
     p = sub.add_parser("locate", help="estimate where photos were taken, from an index",
                        description="For each photo: the top-K most similar indexed photos (with their positions, "
                                    "similarity and distance from the estimate) and a position estimate with a "
-                                   "confidence in [0, 1]. Folders are searched recursively; unreadable photos are "
-                                   "skipped and named.")
+                                   "confidence in [0, 1]: on a calibrated index ('hafloc index calibrate') the "
+                                   "probability that the estimate lies within the agreement radius, otherwise a "
+                                   "heuristic score (JSON 'calibrated' says which). Folders are searched "
+                                   "recursively; unreadable photos are skipped and named.")
     p.add_argument("images", nargs="+", help="photos and/or folders")
     p.add_argument("--index", required=True, help="index folder (from 'hafloc index build')")
     p.add_argument("--top-k", type=int, default=10, help="matches per photo (default 10)")
@@ -27,8 +29,11 @@ def register(sub) -> None:
                    help="write the result to FILE (atomically: all or nothing) instead of standard output; "
                         "left untouched when no photo could be located")
     p.add_argument("--model", help="model file (default: the one the index was built with)")
-    p.add_argument("--agree-m", type=float, default=25.0,
-                   help="matches within this many metres of the best one vote for its place (default 25)")
+    p.add_argument("--agree-m", type=float, default=None,
+                   help="matches within this many metres of the best one vote for its place (default: the "
+                        "calibration's radius, 25 m; another value makes the confidence uncalibrated)")
+    p.add_argument("--min-confidence", type=float, default=None, metavar="P",
+                   help="answer 'unknown' (JSON: estimate null, unknown.reason) when the confidence is below P")
     p.add_argument("--rerank", type=int, default=None, metavar="K",
                    help="re-rank the top K matches by geometrically verified local matches (default 10 when the "
                         "index stores local features, see 'index build --local'; 0 = global similarity only)")
@@ -45,6 +50,10 @@ def run(args) -> int:
 
     if args.top_k < 1:
         raise HaflocError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.min_confidence is not None and not 0.0 <= args.min_confidence <= 1.0:
+        raise HaflocError(f"--min-confidence must lie in [0, 1], got {args.min_confidence}")
+    if args.agree_m is not None and not args.agree_m > 0:
+        raise HaflocError(f"--agree-m must be positive, got {args.agree_m}")
     paths: list[Path] = []
     failures: list[tuple[str, str]] = []
     for item in args.images:
@@ -53,8 +62,11 @@ def run(args) -> int:
         except InputError as err:  # a missing path is one bad input, not the end of the batch
             failures.append((item, err.cause))
     config = LocatorConfig(backend=args.backend, batch_size=args.batch_size, max_side=args.max_side,
-                           num_threads=args.threads, agree_m=args.agree_m, rerank=args.rerank)
+                           num_threads=args.threads, agree_m=args.agree_m, min_confidence=args.min_confidence,
+                           rerank=args.rerank)
     locator = Locator(args.index, args.model, config)
+    for warning in locator.warnings:
+        print(f"hafloc: warning: {warning}", file=sys.stderr)
     try:
         names = [str(p) for p in paths]
         results, bad = locator.locate_paths(paths, names, k=args.top_k, progress=not args.no_progress) if paths \

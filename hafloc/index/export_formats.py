@@ -160,8 +160,10 @@ def table_block(res: dict[str, Any]) -> str:
     if est is None:
         lines = [f"{res['image']}: no estimate ({_why_unknown(res)})"]
     else:
+        kind = f"calibrated for {res['radius_m']:g} m" if res.get("calibrated") and "radius_m" in res else "uncalibrated"
         verified = ", verified" if est.get("verified") else ""
-        lines = [f"{res['image']}: {est['lat']:.6f}, {est['lon']:.6f}  (confidence {est['confidence']:.2f}{verified})"]
+        lines = [f"{res['image']}: {est['lat']:.6f}, {est['lon']:.6f}  "
+                 f"(confidence {est['confidence']:.2f}, {kind}{verified})"]
     lines.append(f"  {'#':>2}  {'similarity':>10}  {'inliers':>7}  {'distance':>10}  {'lat':>11}  {'lon':>11}  image")
     for i, m in enumerate(res["matches"], 1):
         dist = "-" if m["distance_m"] is None else _human_m(m["distance_m"])

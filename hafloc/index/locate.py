@@ -90,28 +90,93 @@ def _round(x: float | None, nd: int) -> float | None:
     return None if x is None else round(float(x), nd)
 
 
-def result_json(name: str, matches: Sequence[Match], estimate: Estimate | None) -> dict[str, Any]:
-    """The JSON object ``hafloc locate --json`` prints for one query image."""
+# The uncalibrated fallback also asks how similar the best match is: unrelated photos (noise, a
+# grey frame, indoor against outdoor) still find *some* match, at cosine ~0.45-0.65 with our models,
+# while true matches reach 0.7-1. Below the floor the fallback is 0, above the top it is unchanged.
+FALLBACK_SIM_FLOOR = 0.5
+FALLBACK_SIM_FULL = 0.9
+
+
+def fallback_confidence(estimate: Estimate | None) -> float:
+    """Confidence of an index without a calibration: the heuristic times a best-similarity ramp."""
+    if estimate is None:
+        return 0.0
+    best = max((m.similarity for m in estimate.matches if m.positioned), default=0.0)
+    ramp = min(1.0, max(0.0, (best - FALLBACK_SIM_FLOOR) / (FALLBACK_SIM_FULL - FALLBACK_SIM_FLOOR)))
+    return float(estimate.confidence * ramp)
+
+
+def result_json(name: str, matches: Sequence[Match], estimate: Estimate | None, confidence: float | None = None,
+                calibrated: bool = False, radius_m: float | None = None,
+                min_confidence: float | None = None) -> dict[str, Any]:
+    """The JSON object ``hafloc locate --json`` prints for one query image.
+
+    ``confidence`` (default: ``fallback_confidence``) is reported in the estimate; with
+    ``min_confidence`` a less confident estimate becomes ``"estimate": null`` plus
+    ``"unknown": {"reason", "confidence"}`` (as does a query none of whose matches has a position).
+    """
     shown = estimate.matches if estimate is not None else list(matches)
-    return {
+    conf = fallback_confidence(estimate) if confidence is None else float(confidence)
+    unknown = None
+    if estimate is None:
+        unknown = {"reason": "no match has a position", "confidence": 0.0}
+    elif min_confidence is not None and conf < min_confidence:
+        unknown = {"reason": f"confidence {conf:.2f} below the minimum {min_confidence:g}"
+                             + ("" if calibrated else " (uncalibrated index)"),
+                   "confidence": round(conf, 4)}
+    out: dict[str, Any] = {
         "image": name,
-        "estimate": None if estimate is None else {
-            "lat": round(estimate.lat, 7), "lon": round(estimate.lon, 7),
-            "confidence": round(estimate.confidence, 4), "verified": estimate.verified},
-        "matches": [{"image": m.image, "root": m.root, "lat": _round(m.lat, 7), "lon": _round(m.lon, 7),
-                     "similarity": round(float(m.similarity), 6), "distance_m": _round(m.distance_m, 2),
-                     "inliers": m.inliers}
-                    for m in shown],
+        "estimate": None if unknown is not None or estimate is None else {
+            "lat": round(estimate.lat, 7), "lon": round(estimate.lon, 7), "confidence": round(conf, 4),
+            "verified": estimate.verified},
+        "calibrated": bool(calibrated),
     }
+    if radius_m is not None:
+        out["radius_m"] = float(radius_m)
+    if unknown is not None:
+        out["unknown"] = unknown
+    out["matches"] = [{"image": m.image, "root": m.root, "lat": _round(m.lat, 7), "lon": _round(m.lon, 7),
+                       "similarity": round(float(m.similarity), 6), "distance_m": _round(m.distance_m, 2),
+                       "inliers": m.inliers}
+                      for m in shown]
+    return out
 
 
 def locate_descriptors(store: IndexStore, descs: np.ndarray, names: Sequence[str], k: int = 10,
-                       agree_m: float = 25.0) -> list[dict[str, Any]]:
-    """Locate query descriptors (Nq, D) against ``store``: one ``result_json`` per name."""
+                       agree_m: float = 25.0, calibrator: Any = None,
+                       min_confidence: float | None = None) -> list[dict[str, Any]]:
+    """Locate query descriptors (Nq, D) against ``store``: one ``result_json`` per name.
+
+    ``calibrator`` (``hafloc.index.calibrate.Calibrator``, or None for the fallback) turns the
+    estimate of its own top-``calibrator.k`` matches into the reported confidence.
+    """
     descs = np.atleast_2d(np.asarray(descs, dtype=np.float32))
     if len(descs) != len(names):
         raise ValueError(f"{len(descs)} descriptors for {len(names)} names")
     if len(names) == 0:
         return []
-    all_matches = store.search(descs, k)
-    return [result_json(name, ms, estimate_position(ms, agree_m)) for name, ms in zip(names, all_matches)]
+    depth = max(k, calibrator.k) if calibrator is not None else k
+    all_matches = store.search(descs, depth)
+    return [answer(name, ms, k, agree_m, calibrator, min_confidence) for name, ms in zip(names, all_matches)]
+
+
+def answer(name: str, matches: Sequence[Match], k: int, agree_m: float = 25.0, calibrator: Any = None,
+           min_confidence: float | None = None, min_inliers: float | None = None) -> dict[str, Any]:
+    """One query's ``result_json`` from its (at least ``max(k, calibrator.k)``) ranked matches.
+
+    Calibrated: the estimate and its features come from the top ``calibrator.k`` matches, as in the
+    leave-one-out the calibrator was fitted on, at the calibrator's radius; ``k`` matches are shown.
+    ``min_inliers``: re-ranked matches verify the estimate above this many inliers.
+    """
+    if calibrator is None:
+        est = estimate_position(list(matches)[:k], agree_m, min_inliers=min_inliers)
+        return result_json(name, list(matches)[:k], est, radius_m=agree_m, min_confidence=min_confidence)
+    est = estimate_position(list(matches)[:calibrator.k], calibrator.agree_m, min_inliers=min_inliers)
+    conf = calibrator.confidence(list(matches)[:calibrator.k], est)
+    shown = list(matches)[:k]
+    if est is not None:
+        shown = [dataclasses.replace(m, distance_m=haversine_m(est.lat, est.lon, m.lat, m.lon) if m.positioned else None)
+                 for m in shown]  # type: ignore[arg-type]
+        est = dataclasses.replace(est, matches=shown)
+    return result_json(name, shown, est, confidence=conf, calibrated=True, radius_m=calibrator.agree_m,
+                       min_confidence=min_confidence)

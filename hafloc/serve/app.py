@@ -248,8 +248,8 @@ def create_app(index_path: str | Path, max_upload_mb: float = 20, token: str | N
     async def health() -> dict[str, Any]:
         return {"status": "ok", "images": len(locator.store), "token_required": config.token is not None,
                 "max_upload_mb": config.max_upload_mb, "max_pixels": config.max_pixels, "top_k": config.top_k,
-                "map": {"tiles": config.tiles, "attribution": config.tiles_attribution,
-                        "radius_m": locator.config.agree_m}}
+                "calibrated": locator.calibrator is not None, "radius_m": locator.agree_m,
+                "map": {"tiles": config.tiles, "attribution": config.tiles_attribution, "radius_m": locator.agree_m}}
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:

@@ -16,7 +16,8 @@ from PIL import Image
 from ..descriptors.extract import Extractor
 from ..descriptors.modelfile import load_model
 from ..errors import HaflocError, InputError
-from ..index.locate import estimate_position, result_json
+from ..index.calibrate import load_calibrator
+from ..index.locate import answer
 from ..index.rerank import FusionRule, Reranker, Verified, rerank_matches
 from ..index.store import IndexStore, Match
 
@@ -31,7 +32,8 @@ class LocatorConfig:
     batch_size: int = 8
     max_side: int | None = None
     num_threads: int | None = None
-    agree_m: float = 25.0
+    agree_m: float | None = None  # None: the calibration's radius (25 m without one)
+    min_confidence: float | None = None  # below it the answer is "unknown"
     rerank: int | None = None  # candidates verified by local matches (None: DEFAULT_RERANK if the index has them)
 
 
@@ -58,6 +60,14 @@ class Locator:
         self.store = IndexStore.open(index)
         self.model = open_model_for(self.store, model_path)
         c = self.config
+        self.calibrator = load_calibrator(self.store)
+        self.warnings: list[str] = []
+        if self.calibrator is not None and c.agree_m is not None and c.agree_m != self.calibrator.agree_m:
+            self.warnings.append(f"{self.store.folder}: calibrated for {self.calibrator.agree_m:g} m, not "
+                                 f"{c.agree_m:g} m; confidences are uncalibrated")
+            self.calibrator = None
+        self.agree_m = c.agree_m if c.agree_m is not None else (
+            self.calibrator.agree_m if self.calibrator is not None else 25.0)
         self.extractor = Extractor(self.model, batch_size=c.batch_size, max_side=c.max_side, backend=c.backend,
                                    num_threads=c.num_threads)
         local = self.store.local_config
@@ -86,7 +96,8 @@ class Locator:
         if len(names) == 0:
             return []
         rerank = self.rerank_k if self.reranker is not None and local is not None else 0
-        all_matches: list[list[Match]] = self.store.search(descs, max(k, rerank))  # type: ignore[assignment]
+        depth = max(k, rerank, self.calibrator.k if self.calibrator is not None else 0)
+        all_matches: list[list[Match]] = self.store.search(descs, depth)  # type: ignore[assignment]
         out = []
         for i, (name, ms) in enumerate(zip(names, all_matches)):
             checked: dict[int, Verified] = {}
@@ -98,10 +109,10 @@ class Locator:
                 verified = self.reranker.verify(local[i], [feats.get(m.id) for m in top])
                 checked = {m.id: v for m, v in zip(top, verified)}
                 ms = rerank_matches(ms, verified, self.reranker.rule)
-            ms = ms[:k]
             min_inliers = self.reranker.rule.min_inliers if rerank and self.reranker else None
-            res = result_json(name, ms, estimate_position(ms, self.config.agree_m, min_inliers=min_inliers))
-            for m_json, m in zip(res["matches"], ms):  # result_json keeps the order of the matches
+            res = answer(name, ms, k, self.agree_m, self.calibrator, self.config.min_confidence, min_inliers)
+            ms = ms[:k]
+            for m_json, m in zip(res["matches"], ms):  # answer keeps the order of the matches
                 m_json["id"] = m.id
             if correspondences and ms and ms[0].id in checked:
                 v = checked[ms[0].id]

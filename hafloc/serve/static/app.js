@@ -50,6 +50,20 @@ async function setThumb(img, id) {
   img.src = url;
 }
 
+// The confidence in words: a calibrated index gives P(within radius_m); otherwise it is a heuristic score.
+function confidenceWords(res) {
+  if (!res.estimate) {
+    const u = res.unknown || { reason: "none of the matches has a position" };
+    return `unknown: ${u.reason}`;
+  }
+  const p = res.estimate.confidence, pct = `${(100 * p).toFixed(0)} %`;
+  const radius = res.radius_m !== undefined ? `${res.radius_m} m` : "25 m";
+  if (!res.calibrated) return `uncertain (uncalibrated score ${pct})`;
+  if (p >= 0.7) return `likely within ${radius} (${pct})`;
+  if (p >= 0.3) return `uncertain: ${pct} chance of lying within ${radius}`;
+  return `unlikely to lie within ${radius} (${pct})`;
+}
+
 function showResult(res, file) {
   state.result = res;
   state.objectUrls.forEach((u) => URL.revokeObjectURL(u));
@@ -60,11 +74,10 @@ function showResult(res, file) {
   $("#query-name").textContent = res.image;
   if (res.estimate) {
     $("#estimate").textContent = `${res.estimate.lat.toFixed(6)}, ${res.estimate.lon.toFixed(6)}`;
-    $("#confidence").textContent = `confidence ${(100 * res.estimate.confidence).toFixed(0)} %`;
   } else {
-    $("#estimate").textContent = "no estimate";
-    $("#confidence").textContent = "none of the matches has a position";
+    $("#estimate").textContent = res.unknown ? "unknown" : "no estimate";
   }
+  $("#confidence").textContent = confidenceWords(res);
   $("#result").hidden = false;
 
   const att = $("#attention");

@@ -1,0 +1,112 @@
+"""``hafloc index calibrate`` and the calibration parts of ``index build`` / ``index info``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from .common import print_json
+
+
+def register_calibrate(isub) -> None:
+    from ..index.calibrate import DEFAULT_AGREE_M, DEFAULT_EXCLUDE_M, DEFAULT_K
+
+    c = isub.add_parser(
+        "calibrate", help="fit the index's confidence calibration (leave-one-out over its own photos)",
+        description="Locates every positioned photo of the index (at most --max-samples of them) against the "
+                    "others, hiding the photo itself and its neighbours closer than --exclude-m metres, and fits "
+                    "the probability that an estimate lies within --agree-m metres of the truth from the best "
+                    "similarity, the margin to the best match elsewhere, the agreement of the top matches (and "
+                    "verified inliers when re-ranking provides them). 'hafloc locate' then reports that "
+                    "probability as its confidence. Writes INDEX/calibration.json.")
+    c.add_argument("--index", required=True, help="index folder")
+    c.add_argument("--agree-m", type=float, default=DEFAULT_AGREE_M,
+                   help=f"an estimate is right within this many metres (default {DEFAULT_AGREE_M:g})")
+    c.add_argument("--exclude-m", type=float, default=None,
+                   help="also hide each photo's neighbours closer than this, so near-duplicate video frames do "
+                        f"not make the calibration optimistic (default: {DEFAULT_EXCLUDE_M:g}, or 0 when that "
+                        "leaves too few right answers, as when all photos of a place share one position; "
+                        "0 hides only the photo itself)")
+    c.add_argument("--top-k", type=int, default=DEFAULT_K, help=f"matches per estimate (default {DEFAULT_K})")
+    c.add_argument("--max-samples", type=int, default=5000,
+                   help="locate at most this many photos, a fixed random subset (default 5000)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.set_defaults(func=run_calibrate)
+
+
+def calibration_summary(meta: dict[str, Any]) -> dict[str, Any]:
+    """The calibration's description without its per-sample arrays."""
+    return {k: v for k, v in meta.items() if k != "heldout"}
+
+
+def run_calibrate(args) -> int:
+    from ..errors import HaflocError
+    from ..index.calibrate import calibrate_index, summary_line
+    from ..index.store import IndexStore
+
+    if args.top_k < 1 or args.max_samples < 1:
+        raise HaflocError("--top-k and --max-samples must be at least 1")
+    if not args.agree_m > 0 or (args.exclude_m is not None and not args.exclude_m >= 0):
+        raise HaflocError(f"--agree-m must be positive and --exclude-m non-negative "
+                          f"(got {args.agree_m}, {args.exclude_m})")
+    with IndexStore.open(args.index) as store:
+        cal = calibrate_index(store, agree_m=args.agree_m, exclude_m=args.exclude_m, k=args.top_k,
+                              max_samples=args.max_samples, seed=args.seed, progress=not args.no_progress)
+    if args.json:
+        print_json({"index": str(args.index), "calibration": calibration_summary(cal.meta)})
+    else:
+        print(f"{args.index}: {summary_line(cal)}")
+    return 0
+
+
+def auto_calibrate(index: str | Path, progress: bool) -> None:
+    """End of ``index build``: calibrate when the index has enough positioned photos; never fails the build."""
+    from ..errors import HaflocError
+    from ..index.calibrate import MIN_POSITIONED, calibrate_index, summary_line
+    from ..index.store import IndexStore
+
+    with IndexStore.open(index) as store:
+        positioned = int(store.info.get("counts", {}).get("positioned", 0))
+        if positioned < MIN_POSITIONED:
+            print(f"{index}: not calibrated ({positioned} positioned photos, {MIN_POSITIONED} needed); "
+                  "confidences are heuristic", file=sys.stderr)
+            return
+        try:
+            cal = calibrate_index(store, progress=progress)
+        except HaflocError as err:
+            print(f"{index}: not calibrated ({err}); confidences are heuristic", file=sys.stderr)
+            return
+    print(f"{index}: {summary_line(cal)}")
+
+
+def calibration_info(index: str | Path) -> dict[str, Any] | None:
+    """What ``index info`` shows about the calibration (None when the index has none)."""
+    from ..index.calibrate import calibration_path, load_calibrator
+    from ..index.store import IndexStore
+
+    if not calibration_path(index).is_file():
+        return None
+    with IndexStore.open(index) as store:
+        cal = load_calibrator(store)
+        images = len(store)
+    if cal is None:
+        return {"usable": False, "reason": "fitted for another model; rerun 'hafloc index calibrate'"}
+    # photos added since: the fit still applies, but a rerun would learn from them too
+    return {"usable": True, "stale": cal.meta.get("index_images") != images, **calibration_summary(cal.meta)}
+
+
+def write_report(index: str | Path, out_dir: str | Path) -> Path:
+    """``index info --report DIR``: reliability diagram, ECE and accuracy/coverage as a small HTML page."""
+    from ..errors import HaflocError
+    from ..index.calibrate import load_calibrator
+    from ..index.store import IndexStore
+    from ..reports.calibration import write_calibration_report
+
+    with IndexStore.open(index) as store:
+        cal = load_calibrator(store)
+    if cal is None:
+        raise HaflocError(f"{index}: not calibrated (for this model); run 'hafloc index calibrate --index {index}'")
+    return write_calibration_report(cal.meta, out_dir, title=f"Confidence calibration of {index}")

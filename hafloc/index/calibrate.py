@@ -1,0 +1,448 @@
+"""Calibrated confidence: P(the estimate lies within ``agree_m`` of the truth), fitted per index.
+
+Labels come from leave-one-out over the database itself: each positioned image (or a random
+subset of ``max_samples``) is located against all the *other* images, with its neighbours closer
+than ``exclude_m`` hidden too (near-duplicate video frames would otherwise make every answer look
+right); the label is whether that estimate falls within ``agree_m`` of the image's own position.
+Per-query features (``FEATURES``, version ``FEATURES_VERSION``):
+
+* ``best_similarity``: cosine similarity of the best positioned match (the estimate's anchor);
+* ``margin``: that minus the best similarity of a positioned match farther than ``agree_m`` from
+  the anchor (when no retrieved match is farther, the lowest retrieved similarity: a lower bound);
+* ``agreement``: ``Estimate.agreement`` (share of the vote mass that agrees with the anchor);
+* ``log_agreeing``: ``log(1 + n_agreeing)``;
+* ``log_inliers``: ``log(1 + inliers)`` of the anchor, only when re-ranking set ``Match.inliers``.
+
+Inliers are handled by a *separate model*: the calibrator holds a ``base`` model (the four
+features) and, when the leave-one-out matches carried inliers, an ``inliers`` model (all five).
+A query whose anchor has no inlier count uses ``base``, so a missing count never reads as zero.
+
+Each model is a logistic regression on standardised features whose coefficients are all >= 0
+(a feature that comes out negative is dropped and the rest refitted): more similarity, margin,
+agreement or inliers never lowers the confidence. Optionally an isotonic (monotone) map of the
+logistic score follows; the variant with the lower out-of-fold ECE (stratified 5-fold) is kept.
+The result is JSON (``calibration.json`` in the index folder, written atomically), never pickle.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from hafloc.errors import HaflocError, InputError
+from hafloc.fileio import write_json_atomic
+from hafloc.index.locate import EARTH_RADIUS_M, Estimate, estimate_position, haversine_m
+from hafloc.index.store import IndexStore, Match
+
+CALIBRATION_FILE = "calibration.json"
+FORMAT = "hafloc-calibration"
+FEATURES_VERSION = 1
+FEATURES = ("best_similarity", "margin", "agreement", "log_agreeing")
+INLIER_FEATURE = "log_inliers"
+DEFAULT_AGREE_M = 25.0
+# Hides frames a few seconds apart in a walking video (and GPS-jitter copies of one shot) while
+# keeping genuine other views of a place, which lie 5-25 m away, as positives.
+DEFAULT_EXCLUDE_M = 5.0
+DEFAULT_K = 10
+MIN_POSITIONED = 50  # ``index build`` calibrates automatically from this many positioned images
+MIN_PER_CLASS = 5
+ECE_BINS = 10
+
+# rerank(query_row, matches) -> matches re-ordered / with inliers set; query_row indexes store.descriptors()
+Rerank = Callable[[int, list[Match]], list[Match]]
+
+
+# -- features ----------------------------------------------------------------------------------
+
+def query_features(matches: Sequence[Match], estimate: Estimate | None, agree_m: float) -> dict[str, float] | None:
+    """The calibration features of one located query (None when there is no estimate)."""
+    if estimate is None:
+        return None
+    positioned = [m for m in matches if m.positioned]
+    if not positioned:
+        return None
+    best = max(positioned, key=lambda m: m.similarity)
+    far = [m.similarity for m in positioned
+           if haversine_m(best.lat, best.lon, m.lat, m.lon) > agree_m]  # type: ignore[arg-type]
+    other = max(far) if far else min(m.similarity for m in matches)
+    feats = {"best_similarity": float(best.similarity), "margin": float(best.similarity - other),
+             "agreement": float(estimate.agreement), "log_agreeing": math.log1p(estimate.n_agreeing)}
+    inliers = getattr(best, "inliers", None)
+    if inliers is not None:
+        feats[INLIER_FEATURE] = math.log1p(max(0, int(inliers)))
+    return feats
+
+
+def expected_calibration_error(p: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:
+    """ECE with ``bins`` equal-width bins: sum over bins of (share of samples) x |accuracy - mean p|."""
+    p, y = np.asarray(p, np.float64), np.asarray(y, np.float64)
+    if len(p) == 0:
+        return float("nan")
+    idx = np.minimum((p * bins).astype(int), bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        sel = idx == b
+        if sel.any():
+            ece += sel.mean() * abs(y[sel].mean() - p[sel].mean())
+    return float(ece)
+
+
+def reliability_bins(p: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> list[dict[str, float]]:
+    """Per non-empty bin: mean confidence, accuracy, count (the reliability diagram's data)."""
+    p, y = np.asarray(p, np.float64), np.asarray(y, np.float64)
+    idx = np.minimum((p * bins).astype(int), bins - 1)
+    out = []
+    for b in range(bins):
+        sel = idx == b
+        if sel.any():
+            out.append({"lo": b / bins, "hi": (b + 1) / bins, "confidence": float(p[sel].mean()),
+                        "accuracy": float(y[sel].mean()), "count": int(sel.sum())})
+    return out
+
+
+def coverage_curve(p: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(coverage, accuracy): answering only the most confident fraction of queries."""
+    order = np.argsort(-np.asarray(p, np.float64), kind="stable")
+    ys = np.asarray(y, np.float64)[order]
+    n = np.arange(1, len(ys) + 1)
+    return n / len(ys), np.cumsum(ys) / n
+
+
+def accuracy_at_coverage(p: np.ndarray, y: np.ndarray, coverage: float) -> float:
+    """Accuracy of the ``coverage`` most confident share of the queries."""
+    if len(p) == 0:
+        return float("nan")
+    cov, acc = coverage_curve(p, y)
+    i = max(0, int(math.ceil(coverage * len(cov))) - 1)
+    return float(acc[i])
+
+
+# -- the model ---------------------------------------------------------------------------------
+
+@dataclass
+class _Model:
+    """Logistic regression on standardised features, optionally followed by an isotonic map."""
+
+    features: list[str]
+    mean: list[float]
+    scale: list[float]
+    coef: list[float]
+    intercept: float
+    iso_x: list[float] | None = None
+    iso_y: list[float] | None = None
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        z = (x - np.asarray(self.mean)) / np.asarray(self.scale)
+        return z @ np.asarray(self.coef) + self.intercept
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        s = self.score(np.atleast_2d(np.asarray(x, np.float64)))
+        if self.iso_x is not None and self.iso_y is not None:
+            return np.clip(np.interp(s, self.iso_x, self.iso_y), 0.0, 1.0)
+        return 1.0 / (1.0 + np.exp(-s))
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"method": "isotonic" if self.iso_x is not None else "logistic",
+                             "features": self.features, "mean": self.mean, "scale": self.scale,
+                             "coef": self.coef, "intercept": self.intercept}
+        if self.iso_x is not None:
+            d.update(iso_x=self.iso_x, iso_y=self.iso_y)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "_Model":
+        m = cls(features=[str(f) for f in d["features"]], mean=[float(v) for v in d["mean"]],
+                scale=[float(v) for v in d["scale"]], coef=[float(v) for v in d["coef"]],
+                intercept=float(d["intercept"]),
+                iso_x=[float(v) for v in d["iso_x"]] if d.get("iso_x") is not None else None,
+                iso_y=[float(v) for v in d["iso_y"]] if d.get("iso_y") is not None else None)
+        if not (len(m.features) == len(m.mean) == len(m.scale) == len(m.coef)) or min(m.scale, default=1) <= 0:
+            raise ValueError("inconsistent model arrays")
+        return m
+
+
+def _fit_logistic(x: np.ndarray, y: np.ndarray, names: Sequence[str]) -> _Model:
+    """Non-negative-coefficient logistic regression: drop features that come out negative."""
+    from sklearn.linear_model import LogisticRegression
+
+    keep = list(range(x.shape[1]))
+    while True:
+        xs = x[:, keep]
+        mean, scale = xs.mean(0), xs.std(0)
+        scale = np.where(scale > 1e-9, scale, 1.0)
+        lr = LogisticRegression(C=1.0, max_iter=1000).fit((xs - mean) / scale, y)
+        coef = lr.coef_[0]
+        if (coef >= 0).all() or len(keep) == 1:
+            break
+        keep = [k for k, c in zip(keep, coef) if c >= 0] or [keep[int(np.argmax(coef))]]
+    return _Model(features=[names[k] for k in keep], mean=mean.tolist(), scale=scale.tolist(),
+                   coef=np.maximum(coef, 0.0).tolist(), intercept=float(lr.intercept_[0]))
+
+
+def _add_isotonic(model: _Model, x: np.ndarray, y: np.ndarray, names: Sequence[str]) -> _Model:
+    from sklearn.isotonic import IsotonicRegression
+
+    s = model.score(_select(x, names, model.features))
+    iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip").fit(s, y)
+    return _Model(**{**model.__dict__, "iso_x": iso.X_thresholds_.tolist(), "iso_y": iso.y_thresholds_.tolist()})
+
+
+def _select(x: np.ndarray, names: Sequence[str], wanted: Sequence[str]) -> np.ndarray:
+    return x[:, [list(names).index(f) for f in wanted]]
+
+
+def fit_model(x: np.ndarray, y: np.ndarray, names: Sequence[str], folds: int = 5,
+              seed: int = 0) -> tuple[_Model, dict[str, Any]]:
+    """Logistic or isotonic-on-logistic, whichever has the lower out-of-fold ECE; refitted on all."""
+    from sklearn.model_selection import StratifiedKFold
+
+    x, y = np.asarray(x, np.float64), np.asarray(y, int)
+    n_pos = int(y.sum())
+    if min(n_pos, len(y) - n_pos) < MIN_PER_CLASS:
+        raise HaflocError(f"cannot calibrate: {n_pos} right and {len(y) - n_pos} wrong leave-one-out answers; "
+                          f"need at least {MIN_PER_CLASS} of each")
+    folds = min(folds, n_pos, len(y) - n_pos)
+    oof = {"logistic": np.zeros(len(y)), "isotonic": np.zeros(len(y))}
+    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y):
+        lm = _fit_logistic(x[train], y[train], names)
+        oof["logistic"][test] = lm.predict(_select(x[test], names, lm.features))
+        im = _add_isotonic(lm, x[train], y[train], names)
+        oof["isotonic"][test] = im.predict(_select(x[test], names, im.features))
+    ece = {k: expected_calibration_error(v, y) for k, v in oof.items()}
+    # isotonic must earn its steps: keep the smooth logistic unless isotonic is clearly better
+    method = "isotonic" if ece["isotonic"] < ece["logistic"] - 0.005 else "logistic"
+    model = _fit_logistic(x, y, names)
+    if method == "isotonic":
+        model = _add_isotonic(model, x, y, names)
+    return model, {"method": method, "ece_heldout": round(ece[method], 4),
+                   "ece_heldout_by_method": {k: round(v, 4) for k, v in ece.items()}, "folds": folds,
+                   "heldout_predictions": oof[method]}
+
+
+@dataclass
+class Calibrator:
+    """The fitted calibration of one index; ``probability`` maps a query's features to P(right)."""
+
+    base: _Model
+    inliers: _Model | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def agree_m(self) -> float:
+        return float(self.meta.get("agree_m", DEFAULT_AGREE_M))
+
+    @property
+    def k(self) -> int:
+        return int(self.meta.get("k", DEFAULT_K))
+
+    def probability(self, feats: dict[str, float] | None) -> float:
+        """P(within ``agree_m``); 0 without an estimate. Uses the inliers model only when the count is known."""
+        if feats is None:
+            return 0.0
+        model = self.inliers if (self.inliers is not None and INLIER_FEATURE in feats) else self.base
+        return float(model.predict(np.array([[feats[f] for f in model.features]]))[0])
+
+    def confidence(self, matches: Sequence[Match], estimate: Estimate | None) -> float:
+        return self.probability(query_features(matches, estimate, self.agree_m))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "features_version": FEATURES_VERSION, **self.meta,
+                "base": self.base.to_json(), "inliers": None if self.inliers is None else self.inliers.to_json()}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Calibrator":
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise ValueError("not a hafloc calibration")
+        if d.get("features_version") != FEATURES_VERSION:
+            raise ValueError(f"features version {d.get('features_version')}, this hafloc uses {FEATURES_VERSION}")
+        meta = {k: v for k, v in d.items() if k not in ("format", "base", "inliers")}
+        return cls(base=_Model.from_json(d["base"]),
+                   inliers=None if d.get("inliers") is None else _Model.from_json(d["inliers"]), meta=meta)
+
+
+def calibration_path(index: str | Path) -> Path:
+    return Path(index) / CALIBRATION_FILE
+
+
+def load_calibrator(store: IndexStore) -> Calibrator | None:
+    """The index's calibrator; None when there is none or it belongs to another model.
+
+    A damaged file raises ``InputError`` naming it (rerun ``hafloc index calibrate``).
+    """
+    path = calibration_path(store.folder)
+    if not path.is_file():
+        return None
+    try:
+        cal = Calibrator.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise InputError(path, f"unusable calibration ({err}); rerun 'hafloc index calibrate'") from None
+    if cal.meta.get("model_fingerprint") not in (None, store.fingerprint):
+        return None
+    return cal
+
+
+# -- leave-one-out -----------------------------------------------------------------------------
+
+@dataclass
+class LooSamples:
+    """Leave-one-out results: per sampled image its row, features and label."""
+
+    rows: list[int]
+    features: list[dict[str, float]]
+    labels: np.ndarray  # 1 = estimate within agree_m of the image's position
+    heuristic: np.ndarray  # the uncalibrated Estimate.confidence, for comparison
+    no_estimate: int = 0  # sampled images whose remaining matches had no position (label 0, not fitted)
+
+
+def _unit_xyz(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
+    la, lo = np.radians(lat), np.radians(lon)
+    return np.stack([np.cos(la) * np.cos(lo), np.cos(la) * np.sin(lo), np.sin(la)], axis=1)
+
+
+def leave_one_out(store: IndexStore, agree_m: float = DEFAULT_AGREE_M, exclude_m: float = DEFAULT_EXCLUDE_M,
+                  k: int = DEFAULT_K, max_samples: int | None = 5000, seed: int = 0, rerank: Rerank | None = None,
+                  progress: bool = True, descriptors: tuple[np.ndarray, list[str], np.ndarray] | None = None
+                  ) -> LooSamples:
+    """Locate each (sampled) positioned database image against the others, hiding itself and its
+    neighbours closer than ``exclude_m`` metres. Batched searches of the stored descriptors in the
+    index's own search structure (as ``locate`` searches); ``rerank`` may reorder / annotate each
+    image's matches first."""
+    from scipy.spatial import cKDTree
+
+    if agree_m <= 0 or exclude_m < 0 or k < 1:
+        raise HaflocError(f"need agree_m > 0, exclude_m >= 0 and k >= 1 (got {agree_m}, {exclude_m}, {k})")
+    ids, _names, desc = descriptors if descriptors is not None else store.descriptors()
+    by_id = {int(r["id"]): r for r in store.images()}
+    keep = np.array([int(i) in by_id for i in ids], bool)  # a row removed meanwhile by another writer
+    if not keep.all():
+        ids, desc = ids[keep], desc[keep]
+    meta = [by_id[int(i)] for i in ids]
+    lat = np.array([np.nan if r["lat"] is None else r["lat"] for r in meta], np.float64)
+    lon = np.array([np.nan if r["lon"] is None else r["lon"] for r in meta], np.float64)
+    pos_rows = np.flatnonzero(~np.isnan(lat))
+    if len(pos_rows) == 0:
+        raise HaflocError(f"{store.folder}: no positioned images to calibrate on")
+    rng = np.random.default_rng(seed)
+    sample = pos_rows if max_samples is None or len(pos_rows) <= max_samples else \
+        np.sort(rng.choice(pos_rows, max_samples, replace=False))
+    # neighbours within exclude_m (chord length on the unit sphere ~ arc for such small distances)
+    xyz = _unit_xyz(lat[pos_rows], lon[pos_rows])
+    hidden: list[set[int]] = [set() for _ in sample]
+    if exclude_m > 0:
+        tree = cKDTree(xyz)
+        r = 2 * math.sin(exclude_m / (2 * EARTH_RADIUS_M))
+        for j, near in enumerate(tree.query_ball_point(_unit_xyz(lat[sample], lon[sample]), r)):
+            cand = pos_rows[near]
+            d = [haversine_m(lat[sample[j]], lon[sample[j]], lat[c], lon[c]) for c in cand]
+            hidden[j] = {int(c) for c, dd in zip(cand, d) if dd < exclude_m}
+    for j, qi in enumerate(sample):
+        hidden[j].add(int(qi))
+
+    out = LooSamples(rows=[], features=[], labels=np.zeros(0), heuristic=np.zeros(0))
+    labels, heur = [], []
+    batch = 256
+    bar = tqdm(total=len(sample), desc="calibrating", unit="img", disable=not progress)
+    for s in range(0, len(sample), batch):
+        part = sample[s:s + batch]
+        depth = min(len(desc), k + max(len(h) for h in hidden[s:s + batch]))
+        # the index's own search structure: what `locate` will use (exact for flat indexes)
+        found: list[list[Match]] = store.search(np.ascontiguousarray(desc[part], np.float32), depth)  # type: ignore[assignment]
+        for j, qi in enumerate(part):
+            hide = {int(ids[r]) for r in hidden[s + j]}
+            ms = [m for m in found[j] if m.id not in hide][:k]
+            if rerank is not None:
+                ms = list(rerank(int(qi), ms))
+            est = estimate_position(ms, agree_m)
+            feats = query_features(ms, est, agree_m)
+            if est is None or feats is None:
+                out.no_estimate += 1
+                continue
+            out.rows.append(int(qi))
+            out.features.append(feats)
+            labels.append(int(haversine_m(est.lat, est.lon, lat[qi], lon[qi]) <= agree_m))
+            heur.append(est.confidence)
+        bar.update(len(part))
+    bar.close()
+    out.labels, out.heuristic = np.array(labels, int), np.array(heur, np.float64)
+    return out
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def fit_calibrator(samples: LooSamples, seed: int = 0) -> tuple[Calibrator, dict[str, Any]]:
+    """Fit the base model (and the inliers model when every sample has an inlier count)."""
+    names = list(FEATURES)
+    x = np.array([[f[n] for n in names] for f in samples.features], np.float64).reshape(-1, len(names))
+    base, rep = fit_model(x, samples.labels, names, seed=seed)
+    inl = None
+    with_inl = [i for i, f in enumerate(samples.features) if INLIER_FEATURE in f]
+    if with_inl and len(with_inl) == len(samples.features):
+        names5 = names + [INLIER_FEATURE]
+        x5 = np.array([[samples.features[i][n] for n in names5] for i in with_inl], np.float64)
+        inl, rep5 = fit_model(x5, samples.labels[with_inl], names5, seed=seed)
+        rep["inliers_ece_heldout"] = rep5["ece_heldout"]
+    return Calibrator(base=base, inliers=inl), rep
+
+
+def calibrate_index(store: IndexStore, agree_m: float = DEFAULT_AGREE_M, exclude_m: float | None = None,
+                    k: int = DEFAULT_K, max_samples: int | None = 5000, seed: int = 0, rerank: Rerank | None = None,
+                    progress: bool = True, write: bool = True) -> Calibrator:
+    """Leave-one-out over ``store``, fit, and (``write``) store ``calibration.json`` in the index folder.
+
+    ``exclude_m`` None (auto): ``DEFAULT_EXCLUDE_M``, and 0 when that leaves too few right answers
+    (photos of a place sharing one position, as label datasets have). ``rerank(query_row, matches)
+    -> matches`` is applied to every image's matches before the estimate, as ``locate`` would
+    re-rank a query (set ``Match.inliers`` there to fit the inliers model).
+    """
+    tries = [DEFAULT_EXCLUDE_M, 0.0] if exclude_m is None else [float(exclude_m)]
+    descriptors = store.descriptors()
+    for i, ex_m in enumerate(tries):
+        samples = leave_one_out(store, agree_m, ex_m, k, max_samples, seed, rerank, progress, descriptors)
+        try:
+            cal, rep = fit_calibrator(samples, seed)
+            break
+        except HaflocError as err:
+            if i + 1 < len(tries):
+                continue
+            hint = (f"; a right answer needs another photo of the place within {agree_m:g} m and at least "
+                    f"{ex_m:g} m away (--exclude-m 0 when photos of a place share one position)"
+                    if samples.labels.mean() < 0.5 and ex_m > 0 else "")
+            raise HaflocError(f"{store.folder}: {err}{hint}") from None
+    exclude_m = ex_m
+    y = samples.labels
+    cal.meta = {
+        "features": list(FEATURES), "agree_m": float(agree_m), "exclude_m": float(exclude_m), "k": int(k),
+        "n_samples": int(len(y)), "positives_rate": round(float(y.mean()), 4),
+        "no_estimate": samples.no_estimate, "method": rep["method"], "ece_heldout": rep["ece_heldout"],
+        "ece_heldout_by_method": rep["ece_heldout_by_method"], "folds": rep["folds"],
+        "ece_heuristic": round(expected_calibration_error(samples.heuristic, y), 4),
+        "exclude_auto": len(tries) > 1, "reranked": rerank is not None, "model_fingerprint": store.fingerprint,
+        "index_images": len(store), "created_at": _now(),
+        # per-sample held-out probability and label: what `index info --report` plots
+        "heldout": {"p": [round(float(v), 4) for v in rep["heldout_predictions"]], "y": [int(v) for v in y],
+                    "heuristic": [round(float(v), 4) for v in samples.heuristic]},
+    }
+    if "inliers_ece_heldout" in rep:
+        cal.meta["inliers_ece_heldout"] = rep["inliers_ece_heldout"]
+    if write:
+        write_json_atomic(calibration_path(store.folder), cal.to_json())
+    return cal
+
+
+def summary_line(cal: Calibrator) -> str:
+    m = cal.meta
+    hidden = f"neighbours within {m['exclude_m']:g} m hidden" if m["exclude_m"] > 0 else "only the photo hidden"
+    if m.get("exclude_auto") and m["exclude_m"] == 0:
+        hidden += f" (hiding {DEFAULT_EXCLUDE_M:g} m left too few right answers)"
+    return (f"calibrated on {m['n_samples']} leave-one-out answers ({100 * m['positives_rate']:.0f} % within "
+            f"{m['agree_m']:g} m, {hidden}): held-out ECE {m['ece_heldout']:.3f} "
+            f"({m['method']}; uncalibrated {m['ece_heuristic']:.3f})")

@@ -1,0 +1,376 @@
+"""Calibrated confidence: leave-one-out labels, the fitted calibrator, locate/serve 'unknown' answers.
+
+The index holds real outdoor photos: Lund cathedral (EXIF GPS) and GardensPoint / SFU Mountain
+frames (a distinct position per published place). Unrelated photos: uniform noise, flat grey and
+indoor ie_tower frames.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hafloc.cli import main
+from hafloc.index.calibrate import (CALIBRATION_FILE, FEATURES, INLIER_FEATURE, Calibrator, calibrate_index,
+                                    expected_calibration_error, leave_one_out, load_calibrator)
+from hafloc.index.locate import haversine_m
+from hafloc.index.store import Extracted, IndexStore
+
+from test_cli_index import make_small_model
+
+FAST = ("--backend", "torch", "--no-progress")
+GP_LAT, GP_LON = -27.4772, 153.0283  # QUT Gardens Point, Brisbane
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def outdoor(tmp_path_factory, shared_data) -> dict:
+    root = tmp_path_factory.mktemp("calib")
+    db = root / "db"
+    for p in sorted((shared_data / "lund_gps" / "images").glob("*.jpg")):
+        (db / "lund").mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, db / "lund" / p.name)
+    rows = ["image,lat,lon"]
+    gp = shared_data / "gardenspoint_mini"
+    for sub in ("vprtutorial_first10", "nicktrinh_triplets"):
+        for p in sorted((gp / sub).rglob("*.jpg")):
+            rel = p.relative_to(gp)
+            (db / "gp" / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(p, db / "gp" / rel)
+            # labels as places: place i of a set 150 m north of place i-1
+            place = int(p.stem) if sub.startswith("vpr") else 20 + int(rel.parts[1][1:])
+            rows.append(f"gp/{rel.as_posix()},{GP_LAT + 0.00135 * place},{GP_LON}")
+    (root / "positions.csv").write_text("\n".join(rows) + "\n")
+    photos = sorted(db.rglob("*.jpg"))
+    model = make_small_model(photos[::12], root / "small.model")
+    unrelated = root / "unrelated"
+    unrelated.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(unrelated / "noise.png")
+    Image.new("RGB", (400, 300), (128, 128, 128)).save(unrelated / "grey.png")
+    indoor = sorted((shared_data / "ie_tower_floors").rglob("*.jpg"))[::400][:5]
+    for p in indoor:
+        shutil.copy(p, unrelated / p.name)
+    index = root / "index"
+    build = ["index", "build", db, "--model", model, "--index", index, "--positions", root / "positions.csv", *FAST]
+    code = main([str(a) for a in build])
+    assert code == 0
+    return {"root": root, "db": db, "model": model, "index": index, "unrelated": unrelated, "photos": photos,
+            "n": len(photos)}
+
+
+def test_build_calibrates_and_the_file_is_json_that_survives_reopen(outdoor):
+    path = outdoor["index"] / CALIBRATION_FILE
+    doc = json.loads(path.read_text())  # JSON, not pickle
+    for key in ("features_version", "agree_m", "exclude_m", "n_samples", "positives_rate", "ece_heldout",
+                "created_at", "method", "model_fingerprint"):
+        assert key in doc
+    assert doc["n_samples"] == outdoor["n"] and doc["agree_m"] == 25.0 and doc["exclude_m"] == 5.0
+    assert 0.0 < doc["positives_rate"] < 1.0 and 0.0 <= doc["ece_heldout"] <= 1.0
+    assert len(doc["heldout"]["p"]) == len(doc["heldout"]["y"]) == doc["n_samples"]
+    with IndexStore.open(outdoor["index"]) as store:
+        cal = load_calibrator(store)
+        assert cal is not None
+        again = Calibrator.from_json(cal.to_json())
+        fresh = calibrate_index(store, progress=False, write=False)  # same data, same seed: same fit
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        f = {"best_similarity": rng.uniform(0.3, 1), "margin": rng.uniform(0, 0.3), "agreement": rng.uniform(0, 1),
+             "log_agreeing": np.log1p(rng.integers(1, 10))}
+        p = cal.probability(f)
+        assert 0.0 <= p <= 1.0
+        assert again.probability(f) == pytest.approx(p, abs=1e-12)
+        assert fresh.probability(f) == pytest.approx(p, abs=1e-9)
+
+
+def test_probability_never_falls_with_more_similarity_margin_or_agreement(outdoor):
+    with IndexStore.open(outdoor["index"]) as store:
+        cal = load_calibrator(store)
+    grid = np.linspace(0.0, 1.0, 101)
+    for base in ({"best_similarity": 0.6, "margin": 0.02, "agreement": 0.3, "log_agreeing": np.log(2)},
+                 {"best_similarity": 0.8, "margin": 0.10, "agreement": 0.9, "log_agreeing": np.log(5)}):
+        for name, values in (("best_similarity", grid), ("margin", grid * 0.5), ("agreement", grid),
+                             ("log_agreeing", np.log1p(np.arange(1, 11)))):
+            ps = [cal.probability({**base, name: float(v)}) for v in values]
+            assert all(0.0 <= p <= 1.0 for p in ps)
+            assert np.all(np.diff(ps) >= -1e-12), name
+        # and it does rise over the range of similarities: it is not a constant
+        assert cal.probability({**base, "best_similarity": 1.0}) > cal.probability({**base, "best_similarity": 0.3})
+
+
+def test_unrelated_photos_get_low_calibrated_confidence(outdoor, capsys):
+    code, out, err = run_cli(capsys, "locate", outdoor["unrelated"], "--index", outdoor["index"], "--json", *FAST)
+    assert code == 0, err
+    results = json.loads(out)["results"]
+    assert len(results) == 7
+    for res in results:
+        assert res["calibrated"] is True and res["radius_m"] == 25.0
+        assert res["estimate"]["confidence"] <= 0.2, (res["image"], res["estimate"])
+    # while the database's own photos (found exactly, with their neighbours) come out confident
+    lund = sorted((outdoor["db"] / "lund").glob("*.jpg"))[:5]
+    code, out, _ = run_cli(capsys, "locate", *lund, "--index", outdoor["index"], "--json", *FAST)
+    confs = [r["estimate"]["confidence"] for r in json.loads(out)["results"]]
+    assert max(confs) > 0.5
+
+
+def test_min_confidence_answers_unknown_with_a_reason(outdoor, capsys):
+    noise = outdoor["unrelated"] / "noise.png"
+    code, out, _ = run_cli(capsys, "locate", noise, "--index", outdoor["index"], "--min-confidence", "0.5", "--json",
+                           *FAST)
+    res = json.loads(out)["results"][0]
+    assert code == 0 and res["estimate"] is None
+    assert "below the minimum 0.5" in res["unknown"]["reason"] and 0.0 <= res["unknown"]["confidence"] <= 0.2
+    assert res["matches"]  # the matches are still shown
+    code, out, _ = run_cli(capsys, "locate", noise, "--index", outdoor["index"], "--min-confidence", "0.5", *FAST)
+    assert f"{noise}: unknown (confidence " in out
+    code, out, _ = run_cli(capsys, "locate", noise, "--index", outdoor["index"], "--min-confidence", "0", "--json",
+                           *FAST)
+    assert json.loads(out)["results"][0]["estimate"] is not None
+    code, _, err = run_cli(capsys, "locate", noise, "--index", outdoor["index"], "--min-confidence", "1.5", *FAST)
+    assert code != 0 and "--min-confidence must lie in [0, 1]" in err
+
+
+def test_uncalibrated_fallback_also_looks_at_similarity(outdoor, tmp_path, capsys):
+    index = tmp_path / "index"
+    shutil.copytree(outdoor["index"], index)
+    (index / CALIBRATION_FILE).unlink()
+    code, out, err = run_cli(capsys, "locate", outdoor["unrelated"] / "noise.png", outdoor["unrelated"] / "grey.png",
+                             "--index", index, "--json", *FAST)
+    assert code == 0, err
+    for res in json.loads(out)["results"]:
+        assert res["calibrated"] is False and res["estimate"]["confidence"] <= 0.25
+    # another radius than the calibration's: said, and the confidence falls back
+    code, out, err = run_cli(capsys, "locate", outdoor["unrelated"] / "noise.png", "--index", outdoor["index"],
+                             "--agree-m", "50", "--json", *FAST)
+    assert json.loads(out)["results"][0]["calibrated"] is False and "calibrated for 25 m, not 50 m" in err
+
+
+def test_calibrate_command_info_and_report(outdoor, tmp_path, capsys):
+    index = tmp_path / "index"
+    shutil.copytree(outdoor["index"], index)
+    code, out, _ = run_cli(capsys, "index", "calibrate", "--index", index, "--exclude-m", "0", "--json",
+                           "--no-progress")
+    doc = json.loads(out)["calibration"]
+    assert code == 0 and doc["exclude_m"] == 0.0 and doc["n_samples"] == outdoor["n"] and "heldout" not in doc
+    code, out, _ = run_cli(capsys, "index", "info", index, "--json", "--report", tmp_path / "report")
+    info = json.loads(out)
+    assert info["calibration"]["usable"] is True and info["calibration"]["exclude_m"] == 0.0
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "reliability.png" in page and "coverage.png" in page and "ECE" in page
+    for png in ("reliability.png", "coverage.png"):
+        with Image.open(tmp_path / "report" / png) as im:
+            assert im.size[0] > 200
+    code, out, _ = run_cli(capsys, "index", "info", index)
+    assert "calibrated within 25 m on" in out
+    code, _, err = run_cli(capsys, "index", "calibrate", "--index", index, "--agree-m", "-1")
+    assert code != 0 and "--agree-m must be positive" in err
+
+
+def test_server_passes_calibration_and_unknown_through(outdoor):
+    from fastapi.testclient import TestClient
+
+    from hafloc.serve.app import create_app
+    from hafloc.serve.locator import LocatorConfig
+
+    app = create_app(outdoor["index"], backend="torch",
+                     locator_config=LocatorConfig(backend="torch", min_confidence=0.5))
+    with TestClient(app) as client:
+        health = client.get("/health").json()
+        assert health["calibrated"] is True and health["radius_m"] == 25.0
+        data = (outdoor["unrelated"] / "grey.png").read_bytes()
+        res = client.post("/locate", files={"file": ("grey.png", data, "image/png")}).json()
+        assert res["estimate"] is None and res["calibrated"] is True and "below the minimum" in res["unknown"]["reason"]
+
+
+# -- leave-one-out on a constructed index ----------------------------------------------------------
+
+M_PER_DEG = 111_195.0
+
+
+def _constructed(tmp_path: Path) -> IndexStore:
+    """A (query) photo with a near-duplicate 3 m away, a weaker true match 20 m away and a look-alike 1 km away.
+
+    Descriptors: A = e0; B (3 m) ~ A (0.99); D (1 km) 0.9; C (20 m) 0.8. Filler images far away are
+    dissimilar to everything.
+    """
+    dim = 16
+    rng = np.random.default_rng(0)
+
+    def unit(v):
+        return (v / np.linalg.norm(v)).astype(np.float32)
+
+    e = np.eye(dim, dtype=np.float32)
+    a = e[0]
+    descs = {"a.jpg": a, "b.jpg": unit(0.99 * a + np.sqrt(1 - 0.99 ** 2) * e[1]),
+             "c.jpg": unit(0.8 * a + 0.6 * e[2]), "d.jpg": unit(0.9 * a + np.sqrt(1 - 0.81) * e[3])}
+    north = {"a.jpg": 0.0, "b.jpg": 3.0, "c.jpg": 20.0, "d.jpg": 1000.0}
+    for i in range(6):
+        descs[f"f{i}.jpg"] = unit(rng.standard_normal(dim) * 0.1 + e[4 + i])
+        north[f"f{i}.jpg"] = 5000.0 + 1000 * i
+    root = tmp_path / "photos"
+    root.mkdir()
+    for n in descs:
+        Image.new("RGB", (8, 8)).save(root / n)
+    positions = {n: (48.0 + d / M_PER_DEG, 11.0) for n, d in north.items()}
+    store = IndexStore.create(tmp_path / "idx", "f" * 16, dim)
+
+    def extract(paths, names):
+        return Extracted(list(names), np.stack([descs[n] for n in names]))
+
+    store.add(sorted(descs), root, extract, positions=positions, progress=False)
+    return store
+
+
+def test_leave_one_out_hides_the_image_and_its_neighbours(tmp_path):
+    with _constructed(tmp_path) as store:
+        ids, names, _ = store.descriptors()
+        row_a = names.index("a.jpg")
+        seen: dict[int, list[str]] = {}
+
+        def rerank(row, matches):
+            seen[row] = [m.image for m in matches]
+            return matches
+
+        for exclude, label, best, hidden in ((0.0, 1, 0.99, {"a.jpg"}), (5.0, 0, 0.9, {"a.jpg", "b.jpg"}),
+                                             (25.0, 0, 0.9, {"a.jpg", "b.jpg", "c.jpg"})):
+            s = leave_one_out(store, agree_m=25.0, exclude_m=exclude, k=3, progress=False, rerank=rerank)
+            i = s.rows.index(row_a)
+            assert s.labels[i] == label, exclude
+            assert s.features[i]["best_similarity"] == pytest.approx(best, abs=1e-4)  # never itself (1.0)
+            assert not hidden & set(seen[row_a]) and len(seen[row_a]) == 3
+            # nobody is ever matched with itself
+            assert all(names[r] not in seen[r] for r in seen)
+        # without exclusion, B (3 m) answers for A; with 5 m, the 1 km look-alike D wins over C (20 m)
+        s = leave_one_out(store, exclude_m=5.0, k=3, progress=False, rerank=rerank)
+        assert seen[row_a][0] == "d.jpg" and "c.jpg" in seen[row_a]
+
+
+def test_inliers_get_their_own_model_used_only_when_known(outdoor):
+    """A re-ranker (issue 10's hook) that reports many inliers for right answers: the inliers model
+    learns from it; queries without an inlier count keep the base model."""
+    with IndexStore.open(outdoor["index"]) as store:
+        rows = store.images()
+        truth = {i: (r["lat"], r["lon"]) for i, r in enumerate(rows)}
+        calls = []
+
+        def rerank(row, matches):
+            calls.append(row)
+            lat, lon = truth[row]
+            best = matches[0]
+            right = best.positioned and haversine_m(lat, lon, best.lat, best.lon) <= 25.0
+            matches[0].inliers = 80 if right else 3
+            return matches
+
+        cal = calibrate_index(store, rerank=rerank, progress=False, write=False)
+        base = load_calibrator(store)
+    assert len(calls) == outdoor["n"] and cal.meta["reranked"] is True
+    assert cal.inliers is not None and INLIER_FEATURE in cal.inliers.features
+    f = {"best_similarity": 0.7, "margin": 0.05, "agreement": 0.6, "log_agreeing": np.log(3)}
+    assert cal.probability({**f, INLIER_FEATURE: np.log1p(80)}) > cal.probability({**f, INLIER_FEATURE: np.log1p(3)})
+    assert cal.probability(f) == pytest.approx(base.probability(f), abs=1e-9)  # no count: the base model
+    assert set(cal.base.features) <= set(FEATURES)
+
+
+def test_ece_of_known_cases():
+    y = np.array([1, 0] * 50)
+    assert expected_calibration_error(np.full(100, 0.5), y) == pytest.approx(0.0)
+    assert expected_calibration_error(np.full(100, 0.9), y) == pytest.approx(0.4)
+    assert expected_calibration_error(y.astype(float), y) == pytest.approx(0.0)
+
+
+@pytest.mark.browser
+def test_browser_shows_confidence_in_words_and_the_unknown_case(outdoor, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    try:
+        from browser import browser_available, open_page
+    except ImportError:  # run from the repo root as a package
+        from tests.browser import browser_available, open_page
+    reason = browser_available()
+    if reason:
+        pytest.skip(reason)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "hafloc", "serve", "--index", str(outdoor["index"]), "--port",
+                             str(port), "--backend", "torch", "--min-confidence", "0.5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(repo)})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited: {proc.stdout.read().decode()[-2000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+            assert time.monotonic() < deadline, "server did not start within 60 s"
+        with open_page(url + "/") as (page, console_errors, failed_requests):
+            page.set_input_files("#file", str(outdoor["unrelated"] / "noise.png"))
+            page.wait_for_selector("#result:not([hidden])")
+            page.wait_for_function("document.querySelector('#confidence').textContent.length > 0")
+            assert page.locator("#estimate").inner_text() == "unknown"
+            assert page.locator("#confidence").inner_text().startswith("unknown: confidence 0.")
+            assert "below the minimum 0.5" in page.locator("#confidence").inner_text()
+            # a database photo itself: found exactly, among its neighbours -> likely
+            lund = sorted((outdoor["db"] / "lund").glob("*.jpg"))[0]
+            page.set_input_files("#file", str(lund))
+            page.wait_for_function("document.querySelector('#estimate').textContent !== 'unknown'")
+            text = page.locator("#confidence").inner_text()
+            assert text.startswith(("likely within 25 m", "uncertain:")), text
+        assert console_errors == [] and failed_requests == []
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_default_exclusion_falls_back_to_zero_when_places_share_one_position(tmp_path):
+    """Label-style ground truth: both photos of a place sit on one point, so hiding 5 m hides every
+    right answer. The default (auto) then calibrates with 0 m and says so; an explicit 5 m refuses
+    with a hint."""
+    from hafloc.errors import HaflocError
+    from hafloc.index.calibrate import summary_line
+
+    dim, rng = 64, np.random.default_rng(0)
+    descs, positions = {}, {}
+    for j in range(30):
+        b = rng.standard_normal(dim)
+        partner = b + 0.3 * rng.standard_normal(dim) if j < 20 else rng.standard_normal(dim)  # 10 places: lost
+        for name, v in ((f"p{j}a.jpg", b), (f"p{j}b.jpg", partner)):
+            descs[name] = (v / np.linalg.norm(v)).astype(np.float32)
+            positions[name] = (48.0 + j * 1000 / M_PER_DEG, 11.0)
+    root = tmp_path / "photos"
+    root.mkdir()
+    for n in descs:
+        Image.new("RGB", (8, 8)).save(root / n)
+    with IndexStore.create(tmp_path / "idx", "e" * 16, dim) as store:
+        store.add(sorted(descs), root, lambda paths, names: Extracted(list(names), np.stack([descs[n] for n in names])),
+                  positions=positions, progress=False)
+        cal = calibrate_index(store, progress=False)
+        assert cal.meta["exclude_m"] == 0.0 and cal.meta["exclude_auto"] is True
+        assert cal.meta["positives_rate"] == pytest.approx(40 / 60, abs=0.05)
+        assert "hiding 5 m left too few right answers" in summary_line(cal)
+        with pytest.raises(HaflocError, match=r"0 right and 60 wrong.*--exclude-m 0"):
+            calibrate_index(store, exclude_m=5.0, progress=False, write=False)

@@ -55,7 +55,7 @@ def summary_row(res: dict[str, Any], radius_m: float | None = None) -> dict[str,
     """One photo flattened: estimate, confidence, radius and the best match (None where absent)."""
     est, top = res.get("estimate"), _top(res)
     row = {"image": res["image"], "lat": est["lat"] if est else None, "lon": est["lon"] if est else None,
-           "confidence": _confidence(res), "radius_m": radius_m if est else None, "unknown_reason": _why_unknown(res),
+           "confidence": _confidence(res), "radius_m": res.get("radius_m", radius_m) if est else None, "unknown_reason": _why_unknown(res),
            "top_image": top["image"] if top else None, "top_similarity": top["similarity"] if top else None,
            "top_distance_m": top["distance_m"] if top else None, "top_lat": top["lat"] if top else None,
            "top_lon": top["lon"] if top else None, "n_matches": len(res.get("matches") or [])}
@@ -158,7 +158,9 @@ def table_block(res: dict[str, Any]) -> str:
     """One photo's result as a readable block (estimate line, then a row per match)."""
     est = res["estimate"]
     if est is None:
-        lines = [f"{res['image']}: no estimate ({_why_unknown(res)})"]
+        why = _why_unknown(res)
+        what = "no estimate" if why == "no match has a position" else "unknown"  # refused by --min-confidence
+        lines = [f"{res['image']}: {what} ({why})"]
     else:
         kind = f"calibrated for {res['radius_m']:g} m" if res.get("calibrated") and "radius_m" in res else "uncalibrated"
         verified = ", verified" if est.get("verified") else ""

@@ -94,6 +94,8 @@ def test_degenerate_images_give_empty_features(xfeat, lighterglue):
         assert len(f) == 0 and f.descriptors.shape == (0, 64) and f.image_size == img.size
     textured = xfeat.extract(Image.fromarray(rng.integers(0, 255, (240, 320), dtype=np.uint8)))  # grayscale input
     assert len(textured) > 0
+    rgb = Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8))
+    assert len(xfeat.extract(rgb.convert("CMYK"))) > 0 and len(xfeat.extract(rgb.convert("P"))) > 0
     for a, b in ((f, textured), (textured, f), (f, f)):
         for m in (lighterglue, create_matcher("mnn")):
             r = m.match(a, b)
@@ -216,3 +218,29 @@ def test_disk_lightglue_same_place_beats_other_place(shared_data, triplets):
     other = disk.extract_path(triplets["p0"][0])
     assert a.descriptors.shape[1] == 128
     assert inliers(a, b, lg) > 3 * max(inliers(a, other, lg), 10)
+
+
+def test_lightglue_takes_keypoints_on_the_border(lighterglue):
+    """hloc's convention puts border keypoints at -0.5 / size - 0.5, which LightGlue's range check refuses raw."""
+    rng = np.random.default_rng(4)
+    kp = np.concatenate([[[-0.5, -0.5], [99.5, 79.5]], rng.uniform(0, 99, (30, 2))])
+    desc = rng.normal(size=(32, 64)).astype(np.float32)
+    f = LocalFeatures(kp, desc / np.linalg.norm(desc, axis=1, keepdims=True), np.ones(32), (100, 80))
+    r = lighterglue.match(f, f)
+    assert len(r) >= 16 and (r.matches[:, 0] == r.matches[:, 1]).all()
+
+
+def test_concurrent_appends_keep_every_image(tmp_path):
+    import threading
+
+    path = tmp_path / "features.h5"
+    rng = np.random.default_rng(5)
+    chunks = [{f"t{t}/img{i}.jpg": LocalFeatures(rng.uniform(0, 9, (4, 2)), rng.normal(size=(4, 8)), np.ones(4), (10, 10))
+               for i in range(5)} for t in range(4)]
+    threads = [threading.Thread(target=write_local_features, args=(path, c)) for c in chunks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(list_feature_names(path)) == sorted(n for c in chunks for n in c)
+    assert not [p.name for p in tmp_path.iterdir() if ".partial" in p.name]

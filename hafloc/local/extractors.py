@@ -110,6 +110,7 @@ class LocalExtractor:
         order = np.argsort(-np.where(keep, scores, -np.inf), kind="stable")[: min(k, int(keep.sum()))]
         scale = np.array([w0 / w, h0 / h], np.float32)
         kp = (kp[order] + 0.5) * scale - 0.5  # hloc's mapping back to the original pixels
+        kp = np.clip(kp, -0.5, np.array([w0, h0], np.float32) - 0.5)
         return LocalFeatures(kp, desc[order], scores[order], (w0, h0))
 
     def __repr__(self) -> str:

@@ -157,9 +157,12 @@ class LightGlueMatcher(Matcher):
         if len(f) and f.dim != self.dim:
             raise HaflocError(f"the {self.name} matcher for {self.features} takes {self.dim}-D descriptors, got {f.dim}-D")
         top, idx = f.top(self.conf["max_keypoints"])
-        data = {"keypoints": torch.from_numpy(top.keypoints)[None].to(self.device),
+        # LightGlue refuses keypoints outside the image; hloc's convention reaches -0.5 at the border
+        size = np.maximum(np.asarray(top.image_size, np.float32), top.keypoints.max(0) + 1 if len(top) else 1)
+        kp = np.clip(top.keypoints, 0, size - 1)
+        data = {"keypoints": torch.from_numpy(kp)[None].to(self.device),
                 "descriptors": torch.from_numpy(top.descriptors)[None].to(self.device),
-                "image_size": torch.tensor([top.image_size], dtype=torch.float32, device=self.device)}
+                "image_size": torch.from_numpy(size)[None].to(self.device)}
         return data, idx
 
     def match_many(self, f0, others):

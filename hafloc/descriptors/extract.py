@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-import h5py
 import numpy as np
 import torch
 from PIL import Image
@@ -23,6 +22,7 @@ from tqdm import tqdm
 
 from ..errors import HaflocError, InputError
 from ..fileio import atomic_path
+from ..hloc_h5 import write_h5_groups
 from ..images.io import list_images, load_image, to_tensor
 from .network import GeoLocNet
 
@@ -230,23 +230,10 @@ def write_descriptors(path: Path, names: list[str], descriptors: np.ndarray) -> 
         with atomic_path(path) as tmp:
             np.savez(tmp, names=np.array(names, dtype=str), descriptors=descriptors.astype(np.float32))
     elif path.suffix in (".h5", ".hdf5"):
-        with atomic_path(path) as tmp:
-            with h5py.File(tmp, "w") as f:
-                for n, d in zip(names, descriptors):
-                    # a name that is not UTF-8 (surrogate-escaped) becomes a group named by its raw bytes
-                    key = n if _is_utf8(n) else os.fsencode(n)
-                    f.create_group(key).create_dataset("global_descriptor", data=d.astype(np.float32))
+        write_h5_groups(path, ((n, {"global_descriptor": d.astype(np.float32)}) for n, d in zip(names, descriptors)))
     else:
         raise HaflocError(f"{path}: output must end in .npz or .h5")
     return path
-
-
-def _is_utf8(name: str) -> bool:
-    try:
-        name.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
 
 
 def extract_to_file(extractor: Extractor, inputs: list[str | Path], output: Path, progress: bool = True,

@@ -23,6 +23,14 @@ def nms_topk(heat: torch.Tensor, k: int, radius: int, threshold: float) -> tuple
     return kept.flatten(1).topk(k, dim=1)
 
 
+def sample_descriptors(desc: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Unit descriptors (B,D,k) read bilinearly from ``desc`` at pixel centres (xs, ys) (B,k) of an (h, w) image."""
+    h, w = size
+    grid = torch.stack([(xs + 0.5) / w * 2 - 1, (ys + 0.5) / h * 2 - 1], dim=-1).unsqueeze(1)
+    sampled = F.grid_sample(desc, grid, mode="bilinear", align_corners=False).squeeze(2)
+    return F.normalize(sampled, p=2, dim=1)
+
+
 class SuperPointVLAD(MultiLevelVLAD):
     """VLAD over SuperPoint descriptors sampled (bilinearly) at NMS keypoints, weighted by score."""
 
@@ -37,9 +45,7 @@ class SuperPointVLAD(MultiLevelVLAD):
         h, w = heat.shape[-2:]
         scores, idx = nms_topk(heat, self.conf.keypoints, self.conf.nms_radius, self.conf.keypoint_threshold)
         ys, xs = (idx // w).float(), (idx % w).float()
-        grid = torch.stack([(xs + 0.5) / w * 2 - 1, (ys + 0.5) / h * 2 - 1], dim=-1).unsqueeze(1)
-        sampled = F.grid_sample(desc, grid, mode="bilinear", align_corners=False).squeeze(2)  # (B,256,k)
-        return F.normalize(sampled, p=2, dim=1), scores, heat
+        return sample_descriptors(desc, xs, ys, (h, w)), scores, heat
 
     def local_features(self, taps):
         feats, scores, _ = self._keypoints(taps)

@@ -16,6 +16,7 @@ import numpy as np
 
 from hafloc.errors import InputError
 from hafloc.fileio import atomic_path
+from hafloc.hloc_h5 import list_h5_names, write_h5_groups
 from hafloc.index.search import knn
 from hafloc.index.store import IndexStore
 
@@ -37,24 +38,17 @@ def write_global_descriptors(path: str | Path, names: Sequence[str], descriptors
     if desc.ndim != 2 or len(desc) != len(names):
         raise ValueError(f"{len(names)} names for descriptors of shape {desc.shape}")
     desc = desc.astype(np.float16 if as_half else np.float32)
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w", libver="latest") as fd:
-            for i, name in enumerate(names):
-                grp = fd.create_group(_check_name(name))
-                grp.create_dataset("global_descriptor", data=desc[i])
-                if image_sizes is not None:
-                    grp.create_dataset("image_size", data=np.asarray(image_sizes[i]))
+    for name in names:
+        _check_name(name)
 
+    def groups():
+        for i, name in enumerate(names):
+            data = {"global_descriptor": desc[i]}
+            if image_sizes is not None:
+                data["image_size"] = np.asarray(image_sizes[i])
+            yield name, data
 
-def list_h5_names(path: str | Path) -> list[str]:
-    """Image names in an hloc feature file, the way hloc finds them (parents of datasets)."""
-    names: list[str] = []
-    try:
-        with h5py.File(path, "r") as fd:
-            fd.visititems(lambda _, obj: names.append(obj.parent.name.strip("/")) if isinstance(obj, h5py.Dataset) else None)
-    except OSError as err:
-        raise InputError(path, f"not a readable HDF5 file ({err})") from None
-    return list(dict.fromkeys(names))
+    write_h5_groups(path, groups())
 
 
 def read_global_descriptors(path: str | Path, names: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:

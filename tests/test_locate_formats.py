@@ -94,7 +94,7 @@ def test_geojson_is_a_valid_feature_collection(work, doc, capsys):
         expected = _expected_position(work, res["image"])
         if expected is None:  # an unpositioned photo: listed with null geometry and the reason
             n_null += 1
-            assert feat["geometry"] is None and props["lat"] is None and props["confidence"] is None
+            assert feat["geometry"] is None and props["lat"] is None and props["confidence"] == 0.0
             assert props["unknown_reason"] == "no match has a position" and props["estimate"] is None
         else:
             geom = feat["geometry"]
@@ -142,7 +142,7 @@ def test_csv_round_trips(work, doc, capsys):
         assert row["image"] == res["image"] and row["error"] == ""
         est, top = res["estimate"], res["matches"][0]
         if est is None:
-            assert row["lat"] == row["lon"] == row["confidence"] == ""
+            assert row["lat"] == row["lon"] == "" and row["confidence"] == "0.0"
         else:
             assert (float(row["lat"]), float(row["lon"]), float(row["confidence"])) == \
                 (est["lat"], est["lon"], est["confidence"])

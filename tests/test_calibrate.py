@@ -374,3 +374,27 @@ def test_default_exclusion_falls_back_to_zero_when_places_share_one_position(tmp
         assert "hiding 5 m left too few right answers" in summary_line(cal)
         with pytest.raises(HaflocError, match=r"0 right and 60 wrong.*--exclude-m 0"):
             calibrate_index(store, exclude_m=5.0, progress=False, write=False)
+
+
+def test_index_with_local_features_fits_its_rerank_rule_and_calibrates_reranked(outdoor, tmp_path, capsys):
+    index = tmp_path / "local_index"
+    code, out, err = run_cli(capsys, "index", "build", outdoor["db"], "--model", outdoor["model"], "--index", index,
+                             "--positions", outdoor["root"] / "positions.csv", "--local", "xfeat",
+                             "--max-keypoints", "512", "--local-max-side", "480", *FAST)
+    assert code == 0, err
+    info = json.loads((index / "index.json").read_text())
+    rule, fitted = info["rerank"], info["rerank"]["fitted"]
+    # fitted by leave-one-out over the database, never worse there than the global order
+    assert fitted["queries"] >= 20 and fitted["fused_top1"] >= fitted["global_top1"]  # queries with a right candidate
+    assert rule["weight"] >= 0 and rule["min_inliers"] >= 0 and rule["half"] > 0
+    doc = json.loads((index / CALIBRATION_FILE).read_text())
+    assert doc["reranked"] is True and doc["inliers"] is not None  # the inliers model exists
+    photo = outdoor["photos"][3]
+    code, out, err = run_cli(capsys, "locate", photo, outdoor["unrelated"] / "noise.png", "--index", index,
+                             "--json", *FAST)
+    assert code == 0, err
+    res, noise = json.loads(out)["results"]
+    assert res["calibrated"] is True and res["estimate"]["verified"] is True
+    assert res["matches"][0]["image"].endswith(photo.name) and res["matches"][0]["inliers"] >= 100
+    assert res["estimate"]["confidence"] > 0.5
+    assert (noise["estimate"] or noise["unknown"])["confidence"] <= 0.2

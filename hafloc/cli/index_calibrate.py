@@ -29,12 +29,24 @@ def register_calibrate(isub) -> None:
                         "leaves too few right answers, as when all photos of a place share one position; "
                         "0 hides only the photo itself)")
     c.add_argument("--top-k", type=int, default=DEFAULT_K, help=f"matches per estimate (default {DEFAULT_K})")
-    c.add_argument("--max-samples", type=int, default=5000,
-                   help="locate at most this many photos, a fixed random subset (default 5000)")
+    c.add_argument("--max-samples", type=int, default=None,
+                   help="locate at most this many photos, a fixed random subset (default 5000; 500 when the index "
+                        "stores local features: each is then re-ranked by verified matches, and the re-ranking "
+                        "rule is fitted first, on the same photos)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.set_defaults(func=run_calibrate)
+
+
+def calibrate(store, max_samples: int | None = None, **kw: Any):
+    """Calibrate ``store``; an index with local features re-ranks (and first fits its rule)."""
+    from ..index.calibrate import calibrate_index
+    from ..index.rerank import RERANK_CALIBRATION_SAMPLES, calibrate_reranked
+
+    if store.local_config:
+        return calibrate_reranked(store, max_samples=max_samples or RERANK_CALIBRATION_SAMPLES, **kw)
+    return calibrate_index(store, max_samples=max_samples or 5000, **kw)
 
 
 def calibration_summary(meta: dict[str, Any]) -> dict[str, Any]:
@@ -44,17 +56,17 @@ def calibration_summary(meta: dict[str, Any]) -> dict[str, Any]:
 
 def run_calibrate(args) -> int:
     from ..errors import HaflocError
-    from ..index.calibrate import calibrate_index, summary_line
+    from ..index.calibrate import summary_line
     from ..index.store import IndexStore
 
-    if args.top_k < 1 or args.max_samples < 1:
+    if args.top_k < 1 or (args.max_samples is not None and args.max_samples < 1):
         raise HaflocError("--top-k and --max-samples must be at least 1")
     if not args.agree_m > 0 or (args.exclude_m is not None and not args.exclude_m >= 0):
         raise HaflocError(f"--agree-m must be positive and --exclude-m non-negative "
                           f"(got {args.agree_m}, {args.exclude_m})")
     with IndexStore.open(args.index) as store:
-        cal = calibrate_index(store, agree_m=args.agree_m, exclude_m=args.exclude_m, k=args.top_k,
-                              max_samples=args.max_samples, seed=args.seed, progress=not args.no_progress)
+        cal = calibrate(store, agree_m=args.agree_m, exclude_m=args.exclude_m, k=args.top_k,
+                        max_samples=args.max_samples, seed=args.seed, progress=not args.no_progress)
     if args.json:
         print_json({"index": str(args.index), "calibration": calibration_summary(cal.meta)})
     else:
@@ -65,7 +77,7 @@ def run_calibrate(args) -> int:
 def auto_calibrate(index: str | Path, progress: bool) -> None:
     """End of ``index build``: calibrate when the index has enough positioned photos; never fails the build."""
     from ..errors import HaflocError
-    from ..index.calibrate import MIN_POSITIONED, calibrate_index, summary_line
+    from ..index.calibrate import MIN_POSITIONED, summary_line
     from ..index.store import IndexStore
 
     with IndexStore.open(index) as store:
@@ -75,7 +87,7 @@ def auto_calibrate(index: str | Path, progress: bool) -> None:
                   "confidences are heuristic", file=sys.stderr)
             return
         try:
-            cal = calibrate_index(store, progress=progress)
+            cal = calibrate(store, progress=progress)
         except HaflocError as err:
             print(f"{index}: not calibrated ({err}); confidences are heuristic", file=sys.stderr)
             return

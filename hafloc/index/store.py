@@ -738,6 +738,12 @@ class IndexStore:
             else:
                 known[r["sha1"]] = here
 
+    def update_info(self, **fields: Any) -> None:
+        """Store ``fields`` in index.json (e.g. the fitted re-ranking rule), under the write lock."""
+        with self._writing():
+            self.info.update(fields)
+            write_json_atomic(self.folder / "index.json", self.info)
+
     def _write_info(self) -> None:
         n, npos = self._db.execute("SELECT COUNT(*), COUNT(lat) FROM images").fetchone()
         self.info["counts"] = {"images": int(n), "positioned": int(npos)}

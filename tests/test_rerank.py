@@ -208,3 +208,28 @@ def test_export_hloc_writes_features_and_matches(lund, tmp_path, capsys):
         assert same
         counts = {(q, d): int((m[q][d]["matches0"][()] >= 0).sum()) for q, d in pairs}
         assert counts[same[0]] == max(counts.values())
+
+
+@pytest.mark.browser
+def test_browser_shows_the_verified_match_lines(lund, tmp_path):
+    from test_serve import _browser, _offsite, _serve
+
+    browser = _browser()
+    photo = sorted(lund["photos"].glob("*.jpg"))[5]
+    requests: list[str] = []
+    with _serve(lund["index"]) as url, browser.open_page(url + "/", requests=requests) as (page, errors, failed):
+        with page.expect_response("**/locate") as resp:
+            page.set_input_files("#file", str(photo))
+        res = resp.value.json()
+        best = res["matches"][0]
+        assert best["image"] == photo.name and best["inliers"] > 0
+        page.wait_for_selector("#verify-box", state="visible")
+        # one SVG line per drawn inlier correspondence, between the photo and the best match side by side
+        n_lines = page.locator("#verify line").count()
+        assert n_lines == min(best["inliers"], 300) and n_lines > 0
+        assert page.locator("#verify image").count() == 2
+        page.wait_for_function("document.querySelectorAll('#verify image')[1].getAttribute('href')")
+        assert f"{best['inliers']} verified inlier matches" in page.locator("#verify-caption").inner_text()
+        assert f"{best['inliers']} inliers" in page.locator("#matches li").first.inner_text()
+        browser.screenshot(page, tmp_path / "verify.png")
+        assert not errors and not _offsite(requests, url)

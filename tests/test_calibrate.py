@@ -21,16 +21,10 @@ from hafloc.index.calibrate import (CALIBRATION_FILE, FEATURES, INLIER_FEATURE, 
 from hafloc.index.locate import haversine_m
 from hafloc.index.store import Extracted, IndexStore
 
-from test_cli_index import make_small_model
+from test_cli_index import make_small_model, run_cli
 
 FAST = ("--backend", "torch", "--no-progress")
 GP_LAT, GP_LON = -27.4772, 153.0283  # QUT Gardens Point, Brisbane
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
@@ -290,40 +284,10 @@ def test_ece_of_known_cases():
 
 @pytest.mark.browser
 def test_browser_shows_confidence_in_words_and_the_unknown_case(outdoor, tmp_path):
-    import os
-    import socket
-    import subprocess
-    import sys
-    import time
+    from test_serve import _browser, _serve
 
-    import httpx
-
-    try:
-        from browser import browser_available, open_page
-    except ImportError:  # run from the repo root as a package
-        from tests.browser import browser_available, open_page
-    reason = browser_available()
-    if reason:
-        pytest.skip(reason)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen([sys.executable, "-m", "hafloc", "serve", "--index", str(outdoor["index"]), "--port",
-                             str(port), "--backend", "torch", "--min-confidence", "0.5"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(repo)})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited: {proc.stdout.read().decode()[-2000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-            assert time.monotonic() < deadline, "server did not start within 60 s"
+    open_page = _browser().open_page
+    with _serve(outdoor["index"], "--min-confidence", "0.5") as url:
         with open_page(url + "/") as (page, console_errors, failed_requests):
             page.set_input_files("#file", str(outdoor["unrelated"] / "noise.png"))
             page.wait_for_selector("#result:not([hidden])")
@@ -338,12 +302,6 @@ def test_browser_shows_confidence_in_words_and_the_unknown_case(outdoor, tmp_pat
             text = page.locator("#confidence").inner_text()
             assert text.startswith(("likely within 25 m", "uncertain:")), text
         assert console_errors == [] and failed_requests == []
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_default_exclusion_falls_back_to_zero_when_places_share_one_position(tmp_path):

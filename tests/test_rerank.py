@@ -22,17 +22,11 @@ from hafloc.index.store import Extracted, IndexStore
 from hafloc.images.gps import read_gps
 from hafloc.local import create_extractor
 from hafloc.serve.locator import Locator, LocatorConfig
-from test_cli_index import _committed, make_small_model
+from test_cli_index import _committed, make_small_model, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ("--backend", "torch", "--no-progress")
 LOCAL = ("--local", "xfeat", "--max-keypoints", "512", "--local-max-side", "480")
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,10 @@
 # The two commands of the README. Both do all set-up first (idempotent).
-.PHONY: setup demo test
+# `make docs` builds the documentation site into site/ (open site/index.html; works offline).
+.PHONY: setup demo test docs docs-strict docs-serve
+SETUP ?= scripts/setup.sh
+PYTHON ?= .venv/bin/python
+MKDOCS ?= .venv/bin/mkdocs
+export NO_MKDOCS_2_WARNING = 1
 setup:
 	scripts/setup.sh
 demo: setup
@@ -7,3 +12,15 @@ demo: setup
 test:
 	scripts/setup.sh --test
 	.venv/bin/python -m pytest -q -rs
+# docs/cli.md is generated from the argparse parsers on every build, so it cannot drift from --help.
+docs:
+	$(SETUP) --docs
+	$(PYTHON) scripts/gen_cli_docs.py
+	$(MKDOCS) build $(DOCSFLAGS)
+# CI: a broken link, a missing page or an API member that does not render fails the build.
+docs-strict:
+	$(MAKE) docs DOCSFLAGS=--strict
+docs-serve:
+	$(SETUP) --docs
+	$(PYTHON) scripts/gen_cli_docs.py
+	$(MKDOCS) serve

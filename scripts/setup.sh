@@ -7,9 +7,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
-fi
 test=0
 extras=()
 for arg in "$@"; do
@@ -21,6 +18,9 @@ for arg in "$@"; do
 done
 extra=""
 if [ ${#extras[@]} -gt 0 ]; then extra="[$(IFS=,; echo "${extras[*]}")]"; fi
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
 stamp=".venv/.hafloc-installed${extra}"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   # torch==2.13.0 is pinned: pip takes the local CPU wheel instead of a multi-GB CUDA build.

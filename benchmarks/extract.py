@@ -158,7 +158,7 @@ def child(spec: dict) -> dict:
     if spec["backend"] == "onnx":
         import onnxruntime as ort
 
-        from hafloc.descriptors.onnx_backend import session_options
+        from hafloc.descriptors.runtime import session_options
 
         sess = ort.InferenceSession(spec["onnx"], session_options(threads), providers=["CPUExecutionProvider"])
         xn = x.numpy()

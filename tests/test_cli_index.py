@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from hafloc.cli import main
+from hafloc.datasets.geo import haversine_m
 from hafloc.descriptors.fit import fit_clusters
 from hafloc.descriptors.modelfile import load_model, save_model
 from hafloc.descriptors.network import GeoLocNet, ModelConfig
 from hafloc.index.hloc_export import list_h5_names, read_global_descriptors
-from hafloc.index.locate import haversine_m
 from hafloc.index.store import IndexStore
 
 REPO = Path(__file__).resolve().parents[1]

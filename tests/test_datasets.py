@@ -16,7 +16,7 @@ from hafloc.datasets.base import Dataset, split_database
 from hafloc.datasets.detect import FORMATS, detect_format, load_dataset
 from hafloc.datasets.atfolders import parse_at_name
 from hafloc.datasets.dbstruct import load_dbstruct
-from hafloc.datasets.geo import latlon_to_utm, metric_distance, utm_to_latlon
+from hafloc.datasets.geo import haversine_m, latlon_to_utm, utm_to_latlon
 from hafloc.datasets.holidays import holidays_from_names
 from hafloc.errors import InputError
 from hafloc.images.gps import read_gps
@@ -199,7 +199,7 @@ def test_daejeon_latlon_positives_match_published(shared_data):
     assert jac > 0.85 and precision > 0.99 and exact > 0.4
     # UTM distances agree with spherical great-circle ones within the sphere/ellipsoid gap (<0.5%)
     ll = ds.quirks["latlon"]
-    e = metric_distance(ll["q"][:50, 0], ll["q"][:50, 1], ll["db"][:50, 0], ll["db"][:50, 1])
+    e = haversine_m(ll["q"][:50, 0], ll["q"][:50, 1], ll["db"][:50, 0], ll["db"][:50, 1])
     u = np.linalg.norm(ds.q_utm[:50] - ds.db_utm[:50], axis=1)
     assert np.max(np.abs(e - u) / e) < 5e-3
 
@@ -627,7 +627,7 @@ def test_latlon_to_utm_known_points_and_forced_zone():
     e, n, zn, zl = latlon_to_utm(lat, lon)
     assert zn == 53
     d_utm = np.hypot(e[1] - e[0], n[1] - n[0])
-    assert abs(d_utm - metric_distance(35.0, 137.999, 35.0, 138.0005)) < 0.5
+    assert abs(d_utm - haversine_m(35.0, 137.999, 35.0, 138.0005)) < 0.5
     la, lo = utm_to_latlon(e, n, zn, zl)
     np.testing.assert_allclose(la, lat, atol=1e-6) and np.testing.assert_allclose(lo, lon, atol=1e-6)
     e2, *_ = latlon_to_utm(lat, lon, zone="54S")
@@ -664,3 +664,17 @@ def test_sf0_both_protocols(tmp_path):
     assert ds.format == "sf0" and [list(p) for p in ds.positives] == [[1, 2]] and "building" in ds.quirks["protocol"]
     ds = load_dataset(tmp_path, protocol="posed")
     assert ds.utm_zone == (10, "S") and [list(p) for p in ds.query_positives()] == [[0, 1]]  # 8 m north is in, 586 m is out
+
+
+def test_one_image_listing_for_readers_and_extraction(tmp_path):
+    # datasets.common.list_images and images.io.list_images are one listing: same files, same order
+    from hafloc.datasets.common import list_images as dataset_names
+    from hafloc.images.io import list_images
+
+    for name in ("img10.jpg", "img2.jpg", "IMG3.PNG", ".hidden.jpg", "notes.txt", "sub/img1.jpeg", "a.webp"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    expected = ["a.webp", "img2.jpg", "IMG3.PNG", "img10.jpg", "sub/img1.jpeg"]  # natural order, no hidden files
+    assert dataset_names(tmp_path) == expected
+    assert [p.relative_to(root).as_posix() for p, root in list_images([tmp_path])] == expected
+    assert dataset_names(tmp_path / "sub", tmp_path) == ["sub/img1.jpeg"]

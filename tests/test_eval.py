@@ -15,7 +15,7 @@ from PIL import Image
 from hafloc.cli import main
 from hafloc.datasets.detect import load_dataset
 from hafloc.descriptors.modelfile import load_model
-from hafloc.metrics.evaluate import ExtractionSettings, evaluate, extract_dataset
+from hafloc.metrics.evaluate import EvalResult, ExtractionSettings, evaluate, extract_dataset
 from layouts import LANDMARKS, even, gardens_at, landmarks_oxford, link, tower_subset
 
 SIDE = "256"
@@ -269,6 +269,10 @@ def test_failed_images_are_skipped_and_reported(gardens, haf_model, tmp_path):
     res = evaluate(model, ds, settings, cache_dir=False, progress=False)
     assert res["num_queries"] == 10 and res["num_queries_failed"] == 1 and res["num_db_failed"] == 1
     assert {Path(f[0]).name for f in res["failures"]} == {q_bad.name, db_bad.name}
+    # typed result: ranks, the scored subset and the query rows line up; the metrics are JSON-ready
+    assert isinstance(res, EvalResult) and res.ranks.shape[0] == len(res.q_index) == res.dataset.num_q == 9
+    assert res.dataset.num_db == 9 and int(res.ranks.max()) < 9 and q_bad.name not in {Path(q).name for q in res.dataset.q_images}
+    assert not any(k.startswith("_") for k in res) and json.loads(json.dumps(res.to_json()))["num_queries"] == 10
     # every recall is a whole number of the 10 queries, and the failed query can never be a hit
     assert res["recall@10"] <= 90.0 and all(abs(res[k] / 10 - round(res[k] / 10)) < 1e-9 for k in ("recall@1", "recall@5"))
 

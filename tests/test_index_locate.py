@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from hafloc.index.locate import estimate_position, haversine_m
+from hafloc.datasets.geo import haversine_m
+from hafloc.index.locate import estimate_position
 from hafloc.index.store import Match
 
 LAT0, LON0 = 48.8584, 2.2945

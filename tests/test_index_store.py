@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from hafloc.datasets.geo import haversine_m
 from hafloc.errors import InputError, ModelMismatchError
-from hafloc.index.locate import haversine_m, locate_descriptors
+from hafloc.index.locate import locate_descriptors
 from hafloc.index.positions import read_positions_csv
 from hafloc.index.search import SearchConfig
 from hafloc.index.store import Extracted, IndexStore

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from hafloc.cli import main
-from hafloc.descriptors.extract import Extractor, torch_runner
+from hafloc.descriptors.extract import Extractor
 from hafloc.descriptors.fit import fit_clusters
 from hafloc.descriptors.modelfile import load_model, save_model
 from hafloc.descriptors.network import GeoLocNet, ModelConfig
-from hafloc.descriptors.onnx_backend import OnnxRunner, cache_path, export_onnx, onnx_runner
+from hafloc.descriptors.onnx_backend import cache_path, export_onnx
+from hafloc.descriptors.runtime import OnnxRunner, TorchRunner, make_runner
 from hafloc.errors import HaflocError
 from hafloc.images.io import load_image, to_tensor
 
@@ -78,7 +79,7 @@ def test_onnx_matches_torch_on_real_photos(method, model_files, photos):
 def test_one_export_serves_every_batch_and_image_size(model_files, photos, tmp_path):
     model = load_model(model_files["haf"])
     path = export_onnx(model, tmp_path / "haf.onnx")
-    run_o, run_t = OnnxRunner(path), torch_runner(model)
+    run_o, run_t = OnnxRunner(path), TorchRunner(model)
     imgs = [load_image(p) for p in photos]
     for size, n in (((224, 320), 1), ((320, 256), 3), ((160, 96), 2)):
         x = torch.stack([to_tensor(im, size=size) for im in imgs[:n]])
@@ -102,7 +103,7 @@ def test_every_method_exports_correctly(method, photos, tmp_path):
         assert model.out_dim == 32
     path = export_onnx(model, tmp_path / f"{method}.onnx")
     onnx.checker.check_model(str(path))
-    run_o, run_t = OnnxRunner(path), torch_runner(model)
+    run_o, run_t = OnnxRunner(path), TorchRunner(model)
     for size, n in (((224, 320), 2), ((256, 192), 1)):
         x = torch.stack([to_tensor(load_image(p), size=size) for p in photos[:n]])
         o, t = run_o(x), run_t(x)
@@ -186,32 +187,32 @@ def test_export_cache_is_reused_and_follows_the_model(model_files, photos, tmp_p
     path = tmp_path / "m.model"
     shutil.copy(model_files["haf"], path)
     model = load_model(path)
-    onnx_runner(model)
+    make_runner(model, "onnx")
     cached = cache_path(model)
     assert cached.parent == tmp_path and cached.name == f"m.model.{model.fingerprint()}.onnx"
     stamp = cached.stat().st_mtime_ns
-    again = onnx_runner(load_model(path))
+    again = make_runner(load_model(path), "onnx")
     assert again.path == cached and cached.stat().st_mtime_ns == stamp  # not exported again
 
     # a changed model (new fusion weights) gets a new export; the stale one is removed
     model.head.set_fusion_weights([0.1, 0.4, 0.5])
     save_model(model, path)
     changed = load_model(path)
-    run = onnx_runner(changed)
+    run = make_runner(changed, "onnx")
     assert run.path != cached and run.path.is_file() and not cached.exists()
     x = to_tensor(load_image(photos[0]), max_side=320).unsqueeze(0)
-    assert np.abs(run(x)["descriptor"] - torch_runner(changed)(x)["descriptor"]).max() <= TOL
+    assert np.abs(run(x)["descriptor"] - TorchRunner(changed)(x)["descriptor"]).max() <= TOL
 
     # a damaged cache file is replaced, not trusted
     run.path.write_bytes(b"not onnx")
-    fixed = onnx_runner(changed)
-    assert np.abs(fixed(x)["descriptor"] - torch_runner(changed)(x)["descriptor"]).max() <= TOL
+    fixed = make_runner(changed, "onnx")
+    assert np.abs(fixed(x)["descriptor"] - TorchRunner(changed)(x)["descriptor"]).max() <= TOL
 
 
 def test_models_without_a_file_are_cached_in_the_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     model = GeoLocNet(ModelConfig.for_method("gem"), pretrained=False).eval()
-    run = onnx_runner(model)
+    run = make_runner(model, "onnx")
     assert run.path.parent == tmp_path / "cache" / "hafloc" / "onnx" and run.path.is_file()
 
 
@@ -222,14 +223,14 @@ def test_runtime_failure_falls_back_to_torch_only_when_allowed(tmp_path, monkeyp
     torch.manual_seed(0)
     model = GeoLocNet(ModelConfig.for_method("superpoint", num_clusters=8, keypoints=2048), pretrained=False).eval()
     tiny = torch.rand(1, 3, 32, 32)
-    strict = onnx_runner(model, fallback_ok=False)
+    strict = make_runner(model, "onnx")
     with pytest.raises(HaflocError, match="--backend torch"):
         strict(tiny)
-    lenient = onnx_runner(model, fallback_ok=True)
+    lenient = make_runner(model, "auto")
     with caplog.at_level("WARNING"):
         out = lenient(tiny)
         lenient(tiny)
-    assert np.abs(out["descriptor"] - torch_runner(model)(tiny)["descriptor"]).max() <= TOL
+    assert np.abs(out["descriptor"] - TorchRunner(model)(tiny)["descriptor"]).max() <= TOL
     assert sum("eager torch" in r.message for r in caplog.records) == 1  # one warning, not one per batch
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from hafloc.cli import main
-from hafloc.index.locate import haversine_m
+from hafloc.datasets.geo import haversine_m
 from hafloc.index.store import Extracted, IndexStore
 from hafloc.images.gps import read_gps
 from hafloc.local import create_extractor

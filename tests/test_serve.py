@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from hafloc.cli import main
-from hafloc.index.locate import haversine_m
+from hafloc.datasets.geo import haversine_m
 
 from test_cli_index import make_photo_db, make_small_model
 

@@ -81,6 +81,10 @@ def _run(argv: list[str] | None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if hasattr(args, "threads"):  # process-wide, so the application's call (library code never sets it)
+        from ..descriptors.runtime import apply_threads
+
+        apply_threads(args.threads)
     try:
         return int(args.func(args) or 0)
     except HaflocError as err:

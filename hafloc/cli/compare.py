@@ -40,7 +40,6 @@ def run(args) -> int:
     from ..descriptors.modelfile import load_model, read_model_file
     from ..fileio import write_text_atomic
     from ..metrics.evaluate import evaluate
-    from ..metrics.protocols import jsonable
     from ..reports import ReportImage, Section, Table, markdown_table, plot_recall_curves, write_report
 
     names = method_names(args.models, args.names)
@@ -72,7 +71,7 @@ def run(args) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "results.md", f"{head}\n\n{table}")
     write_json(out_dir / "results.json", {"dataset": ds.summary(), "table": rows,
-                                          "results": {n: jsonable(r) for n, r in results.items()},
+                                          "results": {n: r.to_json() for n, r in results.items()},
                                           "config": config}, config)
     sections = [Section("Results", paragraphs=[head], tables=[Table(rows, cols)])]
     if curves:

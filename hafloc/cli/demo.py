@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from ..demo.config import DEMO_METHODS
+from ..heads import METHODS
+
 
 def _methods(text: str) -> tuple[str, ...]:
     return tuple(m.strip().lower() for m in text.split(",") if m.strip())
@@ -20,7 +23,7 @@ def register(sub) -> None:
     p.add_argument("--output", default="hafloc-demo", help="output folder: data, models, figures, index.html (default hafloc-demo)")
     p.add_argument("--seed", type=int, default=0, help="seed of the city and of training (default 0)")
     p.add_argument("--methods", type=_methods, default=None,
-                   help="comma-separated methods (default haf,netvlad,crn,gem)")
+                   help=f"comma-separated methods of {','.join(METHODS)} (default {','.join(DEMO_METHODS)})")
     p.add_argument("--train-minutes", type=float, default=None,
                    help="training budget per method in minutes (default 2; --quick 0.25)")
     p.add_argument("--backend", choices=["auto", "torch", "onnx"], default=None,

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from .common import add_backend_args
+
+if TYPE_CHECKING:  # the metrics stack loads when a command runs, not when the parser is built
+    from ..metrics.evaluate import EvalResult
 
 
 def add_dataset_args(p) -> None:
@@ -107,7 +110,7 @@ def run_config(models: list[dict], ds, settings, args, command: str) -> dict[str
             "settings": dataclasses.asdict(settings), "argv": sys.argv[1:]}
 
 
-def table_rows(name: str, result: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+def table_rows(name: str, result: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     from ..metrics.evaluate import headline
 
     suffix = f" +rerank {result['rerank']['k']}" if result.get("rerank") else ""
@@ -116,7 +119,7 @@ def table_rows(name: str, result: dict[str, Any]) -> tuple[dict[str, Any], list[
     return row, list(row)
 
 
-def result_rows(name: str, result: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+def result_rows(name: str, result: Mapping[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
     """The table rows of one evaluation: global, then re-ranked when it was re-ranked."""
     row, cols = table_rows(name, result)
     if not result.get("rerank"):
@@ -134,10 +137,8 @@ def _label(key: str) -> str:
     return key.replace("recall@", "R@")
 
 
-def json_result(result: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
-    from ..metrics.protocols import jsonable
-
-    out = jsonable(result)
+def json_result(result: EvalResult, config: dict[str, Any]) -> dict[str, Any]:
+    out = result.to_json()
     out["config"] = config
     return out
 
@@ -149,7 +150,7 @@ def write_json(path: Path, obj: dict[str, Any], config: dict[str, Any]) -> None:
     write_json_atomic(path.parent / "config.json", config)
 
 
-def without_positive_note(result: dict[str, Any], metric: str) -> str | None:
+def without_positive_note(result: Mapping[str, Any], metric: str) -> str | None:
     """What happened to queries without a positive, in the protocol's terms (None when there are none).
 
     Recall protocols count them as misses; mAP protocols (Oxford/Paris, revisited E/M/H, Holidays)
@@ -168,7 +169,7 @@ def without_positive_note(result: dict[str, Any], metric: str) -> str | None:
     return f"{nwp} queries have no positive in the database: skipped as the protocol does"
 
 
-def print_failures(result: dict[str, Any]) -> None:
+def print_failures(result: Mapping[str, Any]) -> None:
     fails = result.get("failures") or []
     if fails:
         print(f"skipped {len(fails)} unreadable image(s) ({result['num_db_failed']} database dropped, "
@@ -225,7 +226,7 @@ def _query_image(ds, extractor, qi: int, crop: bool):
     return extractor.load(ds.q_paths()[qi], box)
 
 
-def write_retrieval_examples(out_dir: Path, ds, result: dict[str, Any], extractor, count: int = 4,
+def write_retrieval_examples(out_dir: Path, ds, result: EvalResult, extractor, count: int = 4,
                              top: int = 5) -> list:
     """A few queries with their top retrievals, right ones first then wrong ones (green/red frames)."""
     import numpy as np
@@ -233,10 +234,10 @@ def write_retrieval_examples(out_dir: Path, ds, result: dict[str, Any], extracto
     from ..errors import InputError
     from ..reports import ReportImage, plot_retrievals
 
-    sub = result["_dataset"]  # ranks index into this (failed images removed)
+    sub = result.dataset  # ranks index into this (failed images removed)
     positives = [set(p.tolist()) for p in sub.query_positives()]
     rows = []
-    for qi, row in enumerate(result["_ranks"]):
+    for qi, row in enumerate(result.ranks):
         if sub.junk is not None:
             row = row[~np.isin(row, sub.junk[qi])]
         rows.append([int(r) for r in row if r >= 0][:top])
@@ -267,7 +268,7 @@ def write_retrieval_examples(out_dir: Path, ds, result: dict[str, Any], extracto
     return images
 
 
-def write_eval_report(out_dir: Path, model, ds, result: dict[str, Any], out: dict[str, Any], config: dict[str, Any],
+def write_eval_report(out_dir: Path, model, ds, result: EvalResult, out: dict[str, Any], config: dict[str, Any],
                       name: str, extractor) -> Path:
     """The eval report folder: results.json, config.json, recall curve, retrievals, attention, index.html."""
     from ..reports import ReportImage, Section, Table, plot_attention, plot_recall_curves, write_report
@@ -294,7 +295,7 @@ def write_eval_report(out_dir: Path, model, ds, result: dict[str, Any], out: dic
     examples = write_retrieval_examples(out_dir, ds, result, extractor)
     if examples:
         sections.append(Section("Example retrievals", images=examples))
-    sub = result["_dataset"]
+    sub = result.dataset
     if sub.num_q:
         from ..errors import InputError
 

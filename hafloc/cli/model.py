@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+from ..heads import METHODS
 from .common import print_json
 
 
@@ -16,7 +17,7 @@ def register(sub) -> None:
                          description="Builds METHOD on the pretrained backbone, initialises projections by PCA and "
                                      "VLAD clusters by k-means on local features sampled from --images, and fits PCA "
                                      "whitening when --dim is given. Writes one model file.")
-    pi.add_argument("--method", required=True, choices=["haf", "netvlad", "crn", "gem", "superpoint"],
+    pi.add_argument("--method", required=True, choices=METHODS,
                     help="haf (the paper), or a baseline")
     pi.add_argument("--images", required=True, nargs="+", help="image files or folders (searched recursively) to fit on")
     pi.add_argument("--output", required=True, help="model file to write (e.g. haf.model)")

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..heads import METHODS
+
 # flag -> (TrainConfig field, type, help)
 _FLAGS: list[tuple[str, str, type, str]] = [
-    ("--method", "method", str, "haf (the paper) or a baseline: netvlad, crn, gem, superpoint"),
+    ("--method", "method", str, "haf (the paper) or a baseline: " + ", ".join(m for m in METHODS if m != "haf")),
     ("--dataset", "dataset", str, "dataset folder or ground-truth file (any layout 'hafloc eval' reads)"),
     ("--format", "format", str, "dataset layout (default: detected)"),
     ("--output", "output", str, "output folder: best.model, last.ckpt, history.csv/png, config.json"),

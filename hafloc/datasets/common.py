@@ -4,26 +4,18 @@ from __future__ import annotations
 
 import csv
 import logging
-import re
 from pathlib import Path
 
 import numpy as np
 
 from hafloc.errors import InputError
-
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-
-
-def natural_key(s: str) -> list:
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", s)]
-
+from hafloc.images.io import image_files
 
 def list_images(folder: Path, root: Path | None = None, recursive: bool = True) -> list[str]:
-    """Image files under ``folder`` as paths relative to ``root`` (default: folder), natural order."""
+    """Image files under ``folder`` as posix paths relative to ``root`` (default: folder), in
+    ``images.io.image_files`` order (natural order, hidden names skipped)."""
     root = folder if root is None else root
-    it = folder.rglob("*") if recursive else folder.iterdir()
-    files = [p for p in it if p.suffix.lower() in IMAGE_EXTS and p.is_file() and not p.name.startswith(".")]
-    return sorted((p.relative_to(root).as_posix() for p in files), key=natural_key)
+    return [p.relative_to(root).as_posix() for p in image_files(folder, recursive)]
 
 
 def read_text(path: Path, what: str = "CSV") -> str:

@@ -11,8 +11,8 @@ import numpy as np
 from PIL import Image
 
 from hafloc.datasets.base import Dataset
-from hafloc.datasets.common import IMAGE_EXTS
 from hafloc.errors import InputError
+from hafloc.images.io import image_files
 
 _QUERY_PREFIX = re.compile(r"^oxc\d+_")
 
@@ -24,9 +24,8 @@ def image_dir(root: Path) -> Path:
 def _index_images(folder: Path) -> dict[str, str]:
     """stem -> path relative to the folder's parent root; Paris ships per-landmark sub-folders."""
     out: dict[str, str] = {}
-    for p in folder.rglob("*"):
-        if p.suffix.lower() in IMAGE_EXTS and p.is_file():
-            out.setdefault(p.stem, p.relative_to(folder).as_posix())
+    for p in image_files(folder):
+        out.setdefault(p.stem, p.relative_to(folder).as_posix())
     return out
 
 

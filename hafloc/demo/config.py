@@ -10,9 +10,10 @@ from typing import Any
 
 from ..datasets.synthetic import SyntheticCityConfig
 from ..errors import HaflocError
+from ..heads import METHODS
 
-DEMO_METHODS = ("haf", "netvlad", "crn", "gem")
-ALL_METHODS = DEMO_METHODS + ("superpoint",)
+# every registered method except SuperPoint (its own backbone and weights; opt-in with --methods)
+DEMO_METHODS = tuple(m for m in METHODS if m != "superpoint")
 
 
 @dataclass
@@ -68,9 +69,9 @@ class DemoConfig:
     def validate(self) -> None:
         if not self.methods:
             raise HaflocError("the demo needs at least one method")
-        unknown = [m for m in self.methods if m not in ALL_METHODS]
+        unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
-            raise HaflocError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(ALL_METHODS)}")
+            raise HaflocError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
         if len(set(self.methods)) != len(self.methods):
             raise HaflocError(f"a method is listed twice: {', '.join(self.methods)}")
         h, w = self.image_size

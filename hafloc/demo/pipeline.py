@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import TYPE_CHECKING, Any, Callable, TextIO
 
 import numpy as np
 
@@ -26,12 +26,15 @@ from ..datasets.synthetic import generate_city, read_meta
 from ..descriptors.modelfile import load_model, save_model
 from ..errors import HaflocError
 from ..fileio import write_json_atomic
+from ..heads import LABELS
 from .config import DemoConfig, digest
+
+if TYPE_CHECKING:
+    from ..metrics.evaluate import EvalResult
 
 log = logging.getLogger(__name__)
 
 MARK = "demo-stage.json"
-LABELS = {"haf": "HAF", "netvlad": "NetVLAD", "crn": "CRN", "gem": "GeM", "superpoint": "SuperPoint"}
 TOP_STORED = 10  # retrievals kept per query in the result files
 
 
@@ -236,13 +239,13 @@ def _rel(ds: Dataset, rel: str, root: Path) -> str:
     return Path(ds.root, rel).resolve().relative_to(root.resolve()).as_posix()
 
 
-def per_query(result: dict[str, Any], ds: Dataset, root: Path, queries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def per_query(result: EvalResult, ds: Dataset, root: Path, queries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """One record per test query: its top retrievals (files relative to ``root``), right/wrong,
     distance, and the 0-based rank of the first right one (None: not in the stored top)."""
-    ds_ok: Dataset = result["_dataset"]
-    ranks = np.asarray(result["_ranks"])
+    ds_ok: Dataset = result.dataset
+    ranks = np.asarray(result.ranks)
     positives = ds_ok.query_positives()
-    by_row = {int(q): i for i, q in enumerate(result["_q_index"])}
+    by_row = {int(q): i for i, q in enumerate(result.q_index)}
     out = []
     for qi, rel in enumerate(ds.q_images):
         qrel = _rel(ds, rel, root)

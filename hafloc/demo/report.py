@@ -12,9 +12,12 @@ import numpy as np
 
 from ..datasets.synthetic import SIZE_CLASSES
 from ..fileio import atomic_path
+from ..heads import METHODS
 from ..reports import (ReportImage, Section, Table, plot_attention, plot_recall_curves, plot_retrievals,
                        plot_weights_table, write_report)
 from .config import DemoConfig
+
+BASELINES = tuple(m for m in METHODS if m != "haf")  # registry order
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +48,7 @@ def pick_examples(records: list[dict[str, Any]], count: int, seed: int) -> list[
 
 
 def _baseline_for_examples(results: dict[str, Any], order: list[str]) -> str | None:
-    for name in ("netvlad", "crn", "gem", "superpoint"):
+    for name in BASELINES:
         if name in results:
             return name
     return next((n for n in order if n != "haf" and not n.startswith("haf-")), None)
@@ -59,7 +62,7 @@ def _findings(summary: dict[str, Any], results: dict[str, Any]) -> list[str]:
     """Plain statements from the numbers (whoever wins): what the demo shows."""
     if "haf" not in results:
         return ["HAF was not among the methods run, so there is no comparison to draw."]
-    base = [n for n in ("netvlad", "crn", "gem", "superpoint") if n in results]
+    base = [n for n in BASELINES if n in results]
     if not base:
         return []
     out = []

@@ -1,19 +1,15 @@
 """Batched, resumable descriptor extraction from image files.
 
-Images keep their aspect ratio (longest side ``max_side``, both sides multiples of 32), so a
-batch holds images of one size: we bucket by size and run a bucket when it is full. Decoding
-runs in a small thread pool ahead of the network (PIL releases the GIL while decoding).
+Images keep their aspect ratio (longest side ``max_side``, both sides multiples of 32); the
+batching (decode ahead in a small thread pool, group by size) is ``runtime.run_batches``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -25,10 +21,9 @@ from ..fileio import atomic_path
 from ..hloc_h5 import write_h5_groups
 from ..images.io import list_images, load_image, to_tensor
 from .network import GeoLocNet
+from .runtime import Batch, Runner, make_runner, run_batches
 
 log = logging.getLogger(__name__)
-
-Runner = Callable[[torch.Tensor], dict]
 
 
 @dataclass
@@ -38,23 +33,6 @@ class ExtractResult:
     failures: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
 
 
-def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
-
-
-def torch_runner(model: GeoLocNet) -> Runner:
-    # channels_last: 1.35-1.5x faster eager convolutions on CPU (benchmarks/extract.py)
-    model.eval().to(memory_format=torch.channels_last)
-
-    def run(batch: torch.Tensor) -> dict:
-        with torch.inference_mode():
-            out = model(batch.contiguous(memory_format=torch.channels_last))
-        return {"descriptor": out["descriptor"].numpy(),
-                "attention": {lv: a[:, 0].numpy() for lv, a in out["attention"].items()}}
-
-    return run
-
-
 class Extractor:
     """Turns images into global descriptors with one model.
 
@@ -62,6 +40,12 @@ class Extractor:
     ``exif_transpose``: apply EXIF orientation when loading files (INRIA Holidays "orig" must not).
     ``max_size``: (w, h) bound a file is first downscaled into, either orientation (Holidays:
     1024x768), before the usual ``max_side`` resizing.
+    ``num_threads``: ONNX Runtime's thread pool; torch's process-wide thread count is the
+    application's to set (``runtime.apply_threads``; the CLI does it from ``--threads``).
+
+    The Extractor owns ``model`` while it uses it: eager torch keeps its weights in channels_last
+    memory layout (values unchanged). Each forward pass runs in evaluation mode and leaves the
+    model's training flag as it found it.
     """
 
     def __init__(self, model: GeoLocNet, batch_size: int = 8, max_side: int | None = None,
@@ -73,22 +57,9 @@ class Extractor:
         self.image_size = image_size  # fixed (H, W) instead of aspect-kept resizing
         self.exif_transpose = exif_transpose
         self.max_size = tuple(max_size) if max_size else None
-        torch.set_num_threads(num_threads or default_threads())
         self.backend = backend
-        self.run = self._make_runner(backend)
-
-    def _make_runner(self, backend: str) -> Runner:
-        if backend == "torch":
-            return torch_runner(self.model)
-        try:
-            from .onnx_backend import onnx_runner
-        except ImportError as err:
-            if backend == "auto":
-                return torch_runner(self.model)
-            raise HaflocError(f"ONNX backend unavailable: {err}") from None
-        if backend in ("onnx", "auto"):
-            return onnx_runner(self.model, fallback_ok=backend == "auto")
-        raise HaflocError(f"unknown backend {backend!r}; choose torch, onnx or auto")
+        # channels_last: 1.35-1.5x faster eager convolutions on CPU (benchmarks/extract.py)
+        self.run: Runner = make_runner(model, backend, num_threads, channels_last=True)
 
     def prepare(self, img: Image.Image) -> torch.Tensor:
         return to_tensor(img, size=self.image_size, max_side=self.max_side)
@@ -138,62 +109,29 @@ class Extractor:
             results.update(prev)
             failures.update(prev_fail)
         todo = [i for i, n in enumerate(names) if n not in results and n not in failures]
-        buckets: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
         last_save = time.monotonic()
-
-        def flush(key: tuple[int, int]) -> None:
-            items = buckets.pop(key)
-            batch = torch.stack([t for _, t in items])
-            desc = self.run(batch)["descriptor"]
-            for (i, _), d in zip(items, desc):
-                results[names[i]] = d.astype(np.float32)
 
         def load(i: int) -> torch.Tensor:
             return self.prepare(self.load(paths[i], crop_boxes.get(i) if crop_boxes else None))
 
         bar = tqdm(total=len(names), initial=len(names) - len(todo), disable=not progress,
                    desc="extract", unit="img", dynamic_ncols=True)
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            for i, fut in _ahead(pool, load, todo, window=2 * self.batch_size):
-                try:
-                    t = fut.result()
-                except InputError as err:
-                    failures[names[i]] = err.cause
-                    log.warning("skipped %s", err)
-                    bar.update(1)
-                    continue
-                key = tuple(t.shape[-2:])
-                buckets.setdefault(key, []).append((i, t))
-                if len(buckets[key]) >= self.batch_size:
-                    n = len(buckets[key])
-                    flush(key)
-                    bar.update(n)
-                if checkpoint is not None and time.monotonic() - last_save > checkpoint_every:
-                    _save_checkpoint(checkpoint, fingerprint, results, failures)
-                    last_save = time.monotonic()
-            for key in list(buckets):
-                n = len(buckets[key])
-                flush(key)
-                bar.update(n)
+        for ev in run_batches(self.run, todo, load, self.batch_size):
+            if isinstance(ev, Batch):
+                for i, d in zip(ev.items, ev.outputs["descriptor"]):
+                    results[names[i]] = d.astype(np.float32)
+                bar.update(len(ev.items))
+            else:
+                failures[names[ev.item]] = ev.error.cause
+                log.warning("skipped %s", ev.error)
+                bar.update(1)
+            if checkpoint is not None and time.monotonic() - last_save > checkpoint_every:
+                _save_checkpoint(checkpoint, fingerprint, results, failures)
+                last_save = time.monotonic()
         bar.close()
         ok = [n for n in names if n in results]
         desc = np.stack([results[n] for n in ok]) if ok else np.zeros((0, self.model.out_dim), np.float32)
         return ExtractResult(ok, desc, [(n, failures[n]) for n in names if n in failures])
-
-
-def _ahead(pool: ThreadPoolExecutor, fn, items: list[int], window: int) -> Iterable:
-    """Yield (item, future) in order, keeping ``window`` loads in flight."""
-    futures: list = []
-    it = iter(items)
-    for i in it:
-        futures.append((i, pool.submit(fn, i)))
-        if len(futures) >= window:
-            break
-    while futures:
-        yield futures.pop(0)
-        nxt = next(it, None)
-        if nxt is not None:
-            futures.append((nxt, pool.submit(fn, nxt)))
 
 
 def _save_checkpoint(path: Path, fingerprint: str, results: dict, failures: dict) -> None:

@@ -11,23 +11,30 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..errors import HaflocError, InputError
+from ..errors import HaflocError
 from ..images.io import load_image, to_tensor
+from .extract import Extractor
 from .network import GeoLocNet
+from .runtime import Skipped, TorchRunner, run_batches
+from .whitening import fit_pca_whitening
 
 log = logging.getLogger(__name__)
 
 
 def _iter_taps(model: GeoLocNet, paths: list[Path], max_side: int, progress: bool, desc: str):
-    for p in tqdm(paths, desc=desc, unit="img", disable=not progress, dynamic_ncols=True):
-        try:
-            x = to_tensor(load_image(p), max_side=max_side).unsqueeze(0)
-        except InputError as err:
-            log.warning("skipped %s", err)
-            continue
-        with torch.inference_mode():
-            taps = model.backbone(x)
-        yield taps
+    """The backbone's taps of each readable image, one image at a time and in order (the column
+    sampling draws from one random stream, so the order fixes the result)."""
+    def load(p: Path) -> torch.Tensor:
+        return to_tensor(load_image(p), max_side=max_side)
+
+    runner = TorchRunner(model, outputs=("taps",))
+    with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for ev in run_batches(runner, paths, load, batch_size=1):
+            bar.update(1)
+            if isinstance(ev, Skipped):
+                log.warning("skipped %s", ev.error)
+                continue
+            yield ev.outputs["taps"]
 
 
 def _sample_columns(feats: torch.Tensor, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -86,8 +93,6 @@ def fit_clusters(model: GeoLocNet, paths: list[Path], samples_per_image: int = 1
 def fit_whitening(model: GeoLocNet, paths: list[Path], dim: int, max_images: int = 10_000, seed: int = 0,
                   progress: bool = True, batch_size: int = 8) -> dict:
     """Fit PCA whitening to ``dim`` on pre-whitening descriptors of (at most ``max_images``) images."""
-    from .extract import Extractor  # local: extract imports this module's siblings only
-
     rng = np.random.default_rng(seed)
     if len(paths) > max_images:
         paths = [paths[i] for i in sorted(rng.choice(len(paths), max_images, replace=False))]
@@ -96,8 +101,6 @@ def fit_whitening(model: GeoLocNet, paths: list[Path], dim: int, max_images: int
         res = Extractor(model, batch_size=batch_size).extract_paths(paths, progress=progress)
     finally:
         model.whitening.dim = saved
-    from .whitening import fit_pca_whitening
-
     mean, proj = fit_pca_whitening(res.descriptors, dim)
     model.whitening.set(mean, proj)
     model.config.whiten_dim = dim

@@ -1,8 +1,8 @@
-"""ONNX export of a GeoLocNet and an ONNX Runtime runner (fast CPU inference).
+"""ONNX export of a GeoLocNet and its cache (the runner is ``runtime.OnnxRunner``).
 
 The exported graph takes ``image`` (B,3,H,W) float32 RGB in [0,1] (B, H and W dynamic; H and W
 multiples of 32) and returns ``descriptor`` (B,D) plus ``attention_<level>`` (B,h,w) for every
-level that has an attention map: the same contract as the eager ``torch_runner``.
+level that has an attention map: the same contract as the eager ``runtime.TorchRunner``.
 
 Exports are cached next to the model file as ``MODEL.<fingerprint>.onnx`` (or under
 ``$XDG_CACHE_HOME/hafloc/onnx`` when that folder is not writable or the model has no file), so
@@ -17,16 +17,13 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 
 from .. import __version__
-from ..errors import HaflocError
+from ..errors import HaflocError, InputError
 from ..fileio import atomic_path
 from .network import GeoLocNet
 
@@ -38,13 +35,15 @@ OPSET = 17
 EXPORT_VERSION = "2"  # 2: preprocessing metadata in metadata_props
 _SAMPLE_SIZE = (224, 320)  # tracing input; every size is dynamic in the graph
 
-Runner = Callable[[torch.Tensor], dict]
-
 
 def output_names(model: GeoLocNet) -> list[str]:
     """``descriptor`` then ``attention_<level>`` for each level with an attention map."""
-    with torch.inference_mode():
-        att = model.eval()(torch.zeros(1, 3, 64, 64))["attention"]
+    was_training = model.training
+    try:
+        with torch.inference_mode():
+            att = model.eval()(torch.zeros(1, 3, 64, 64))["attention"]
+    finally:
+        model.train(was_training)
     return ["descriptor"] + [f"attention_{lv}" for lv in att]
 
 
@@ -126,8 +125,6 @@ def preprocessing_metadata(model: GeoLocNet, outputs: list[str] | None = None) -
 
 def onnx_info(path: str | Path) -> dict:
     """What an exported ONNX file says about itself: inputs, outputs, opset and its metadata_props."""
-    from ..errors import InputError
-
     path = Path(path)
     try:
         proto = onnx.load(str(path), load_external_data=False)
@@ -206,82 +203,3 @@ def _remove_stale_siblings(path: Path, fp: str) -> None:
                 other.unlink()
             except OSError:
                 pass
-
-
-def session_options(num_threads: int | None = None) -> ort.SessionOptions:
-    """One intra-op pool over the cores (a model is one sequential chain of big ops)."""
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = max(1, num_threads or torch.get_num_threads())
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Threads sleep between ops instead of spinning: extraction decodes images on other threads
-    # at the same time, and on a shared machine spinning threads starve each other (measured 2-3x
-    # slower under load; see BENCHMARKS.md).
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are noise
-    return so
-
-
-class OnnxRunner:
-    """Callable (B,3,H,W) tensor in [0,1] -> {"descriptor": (B,D), "attention": {level: (B,h,w)}}.
-
-    With ``fallback`` (a torch runner), a runtime failure logs one warning and switches to it for
-    good; without, the error is raised as a :class:`HaflocError`.
-    """
-
-    def __init__(self, path: Path, num_threads: int | None = None, fallback: Runner | None = None):
-        self.path = Path(path)
-        self.session = ort.InferenceSession(str(self.path), session_options(num_threads),
-                                            providers=["CPUExecutionProvider"])
-        self.names = [o.name for o in self.session.get_outputs()]
-        self.fallback = fallback
-        self.failed = False
-
-    def __call__(self, batch: torch.Tensor) -> dict:
-        if self.failed and self.fallback is not None:
-            return self.fallback(batch)
-        x = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)
-        try:
-            outs = self.session.run(self.names, {"image": x})
-        except Exception as err:
-            if self.fallback is None:
-                raise HaflocError(f"ONNX Runtime failed on a {tuple(x.shape)} batch ({_first_line(err)}); "
-                                  "use --backend torch") from None
-            log.warning("ONNX Runtime failed on a %s batch (%s); using eager torch from now on",
-                        tuple(x.shape), _first_line(err))
-            self.failed = True
-            return self.fallback(batch)
-        res = dict(zip(self.names, outs))
-        return {"descriptor": res.pop("descriptor"),
-                "attention": {k.removeprefix("attention_"): v for k, v in res.items()}}
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-
-
-def onnx_runner(model: GeoLocNet, fallback_ok: bool = False, num_threads: int | None = None) -> Runner:
-    """An ONNX Runtime runner for ``model`` (exported once, cached by fingerprint).
-
-    ``fallback_ok``: on any export or runtime failure, log one warning and use eager torch
-    instead of raising.
-    """
-    from .extract import torch_runner  # extract imports this module lazily: no cycle at import time
-
-    device = next(model.parameters()).device
-    if device.type != "cpu":
-        if fallback_ok:  # "auto" means ONNX Runtime for CPU inference; a GPU model stays in torch
-            return torch_runner(model)
-        raise HaflocError(f"the ONNX backend runs on CPU; this model is on {device} (use --backend torch)")
-    try:
-        path = cached_export(model)
-        return OnnxRunner(path, num_threads, fallback=torch_runner(model) if fallback_ok else None)
-    except Exception as err:
-        if not fallback_ok:
-            if isinstance(err, HaflocError):
-                raise
-            raise HaflocError(f"ONNX export/runtime unavailable for this model ({_first_line(err)}); "
-                              "use --backend torch") from None
-        log.warning("ONNX Runtime unavailable for this model (%s); using eager torch", _first_line(err))
-        return torch_runner(model)

@@ -11,7 +11,9 @@ from .multilevel import MultiLevelVLAD
 from .superpoint import SuperPointVLAD
 
 HEADS = {"haf": MultiLevelVLAD, "netvlad": MultiLevelVLAD, "crn": MultiLevelVLAD, "gem": GeM, "superpoint": SuperPointVLAD}
-METHODS = tuple(HEADS)
+METHODS = tuple(HEADS)  # the one list of method names: CLI choices, configs and the demo read it
+LABELS = {"haf": "HAF", "netvlad": "NetVLAD", "crn": "CRN", "gem": "GeM", "superpoint": "SuperPoint"}  # for tables
+assert set(LABELS) == set(HEADS), "every registered head needs its display label"
 
 
 def head_config(method: str, **overrides) -> HeadConfig:
@@ -26,4 +28,4 @@ def create_head(method: str, channels: dict[str, int], conf: HeadConfig | None =
     return HEADS[method](channels, conf)
 
 
-__all__ = ["HEADS", "METHODS", "Head", "HeadConfig", "create_head", "head_config"]
+__all__ = ["HEADS", "LABELS", "METHODS", "Head", "HeadConfig", "create_head", "head_config"]

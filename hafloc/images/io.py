@@ -7,6 +7,7 @@ skip the file and report it.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import InputError
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 # Refuse decompression bombs before decoding; a 120 MP photo is far beyond what we resize to.
 # The cap is checked per call (``max_pixels``) from the header; Pillow's process-wide
 # ``Image.MAX_IMAGE_PIXELS`` is left as the application set it (library code must not change
@@ -111,19 +112,33 @@ def to_tensor(img: Image.Image, size: tuple[int, int] | None = None, max_side: i
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
-def list_images(paths: list[str | Path], recursive: bool = True) -> list[tuple[Path, Path]]:
-    """Expand files and folders into ``(file, root)`` pairs, sorted, root = the folder given.
+def natural_key(s: str) -> list:
+    """Sort key: digit runs compare as numbers, the rest case-insensitively ("img2" < "img10")."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", s)]
 
-    Names reported to users are ``file`` relative to ``root`` (keeps sub-folders). A file given
+
+def image_files(folder: str | Path, recursive: bool = True) -> list[Path]:
+    """The image files under ``folder`` (by extension, ``IMAGE_EXTENSIONS``; hidden names skipped),
+    in natural order (``natural_key``) of their path relative to ``folder``: the one ordering of
+    a folder's images, for dataset readers, extraction and indexing alike."""
+    folder = Path(folder)
+    it = folder.rglob("*") if recursive else folder.iterdir()
+    files = [p for p in it if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()]
+    return sorted(files, key=lambda p: natural_key(p.relative_to(folder).as_posix()))
+
+
+def list_images(paths: list[str | Path], recursive: bool = True) -> list[tuple[Path, Path]]:
+    """Expand files and folders into ``(file, root)`` pairs, root = the folder given.
+
+    Each folder's images come in ``image_files`` order; the inputs keep the order given. Names
+    reported to users are ``file`` relative to ``root`` (keeps sub-folders). A file given
     directly has its own parent as root. Non-image files inside folders are ignored; a file
     given explicitly is kept whatever its extension (it will fail to load with a clear reason).
     """
     out: list[tuple[Path, Path]] = []
     for p in map(Path, paths):
         if p.is_dir():
-            it = p.rglob("*") if recursive else p.glob("*")
-            files = sorted(f for f in it if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
-            out.extend((f, p) for f in files)
+            out.extend((f, p) for f in image_files(p, recursive))
         elif p.exists():
             out.append((p, p.parent))
         else:

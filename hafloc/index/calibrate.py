@@ -36,9 +36,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from hafloc.datasets.geo import EARTH_RADIUS_M, haversine_m
 from hafloc.errors import HaflocError, InputError
 from hafloc.fileio import write_json_atomic
-from hafloc.index.locate import EARTH_RADIUS_M, Estimate, estimate_position, haversine_m
+from hafloc.index.locate import Estimate, estimate_position
 from hafloc.index.store import IndexStore, Match
 
 CALIBRATION_FILE = "calibration.json"

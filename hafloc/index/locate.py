@@ -16,19 +16,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from hafloc.index.positions import latlon_to_utm, utm_to_latlon
+from hafloc.datasets.geo import haversine_m, latlon_to_utm, utm_to_latlon
 from hafloc.index.store import IndexStore, Match
-
-EARTH_RADIUS_M = 6_371_008.8
-
-
-def haversine_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
-    """Great-circle distance in metres (exact enough at any scale, unlike one UTM zone)."""
-    p1, p2 = math.radians(lat1), math.radians(lat2)
-    dp, dl = p2 - p1, math.radians(lon2 - lon1)
-    a = math.sin(dp / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(dl / 2) ** 2
-    return 2 * EARTH_RADIUS_M * math.asin(min(1.0, math.sqrt(a)))
-
 
 @dataclass
 class Estimate:

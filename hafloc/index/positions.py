@@ -12,10 +12,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from hafloc.datasets import geo as _geo
 from hafloc.datasets.atfolders import parse_at_name
+from hafloc.datasets.geo import latlon_to_utm, utm_to_latlon
 from hafloc.errors import InputError
 from hafloc.images.gps import read_gps
 
@@ -35,17 +33,6 @@ class Position:
     zone: int | None
     letter: str | None
     source: str
-
-
-def latlon_to_utm(lat: float, lon: float, zone: int | tuple[int, str] | None = None) -> tuple[float, float, int, str]:
-    """UTM of one point (its own zone, or forced into ``zone``)."""
-    e, n, zn, zl = _geo.latlon_to_utm(lat, lon, zone)
-    return float(np.ravel(e)[0]), float(np.ravel(n)[0]), int(zn), str(zl)
-
-
-def utm_to_latlon(easting: float, northing: float, zone: int, letter: str) -> tuple[float, float]:
-    lat, lon = _geo.utm_to_latlon(easting, northing, zone, letter)
-    return float(np.ravel(lat)[0]), float(np.ravel(lon)[0])
 
 
 def make_position(lat: float, lon: float, source: str) -> Position:

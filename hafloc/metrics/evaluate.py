@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -308,14 +308,14 @@ def score_descriptors(ds: Dataset, d: DatasetDescriptors, ns: Sequence[int] = (1
 
 def evaluate(model, ds: Dataset, settings: ExtractionSettings | None = None, *, cache_dir: str | Path | None | bool = None,
              progress: bool = True, ns: Sequence[int] = (1, 5, 10), extractor=None,
-             rerank: "RerankSettings | None" = None) -> dict[str, Any]:
+             rerank: "RerankSettings | None" = None) -> EvalResult:
     """Extract and score ``ds`` with its protocol; percent numbers like :func:`protocols.score`.
 
     Oxford/Paris (original) are scored with full AND cropped queries: ``mAP_full``, ``mAP_crop``
-    (``mAP`` = the dataset's own choice). Adds ``timing`` (seconds), ``cache`` ({"extracted",
-    "reused", "file"}), ``failures`` ([(path, reason)]), ``num_queries_failed``, ``num_db_failed``,
-    ``descriptor_dim``, ``fingerprint`` and ``dataset`` (summary). Private ``_ranks``,
-    ``_dataset``, ``_q_index`` serve reports (drop with :func:`protocols.jsonable`).
+    (``mAP`` = the dataset's own choice). The metrics add ``timing`` (seconds), ``cache``
+    ({"extracted", "reused", "file"}), ``failures`` ([(path, reason)]), ``num_queries_failed``,
+    ``num_db_failed``, ``descriptor_dim``, ``fingerprint`` and ``dataset`` (summary); the ranks,
+    the scored subset and the query rows are the :class:`EvalResult`'s fields.
     ``rerank``: re-rank each query's top K by verified local matches (``hafloc.metrics.verified``);
     the scores are then the re-ranked ones and ``global_<key>`` the global-only ones.
     """
@@ -362,7 +362,47 @@ def evaluate(model, ds: Dataset, settings: ExtractionSettings | None = None, *, 
                    "images_per_s": round(extracted / ex_seconds, 2) if extracted and ex_seconds > 0 else None,
                    "num_images": n_images},
     })
-    return result
+    return EvalResult(metrics={k: v for k, v in result.items() if not k.startswith("_")}, ranks=result["_ranks"],
+                      dataset=result["_dataset"], q_index=result["_q_index"],
+                      global_ranks=result.get("_global_ranks"))
+
+
+@dataclass(eq=False)
+class EvalResult(Mapping[str, Any]):
+    """One evaluation. ``metrics``: the public, JSON-ready numbers and notes (percent scores by
+    protocol key, ``global_<key>`` before re-ranking, ``protocol``, ``timing``, ``cache``,
+    ``failures``, ``dataset`` summary, ...); reading the result as a mapping reads them.
+    ``ranks``: per scored query, database indices into ``dataset`` (the scored subset: failed
+    images removed), best first; ``global_ranks``: the same before re-ranking (None without);
+    ``q_index``: row i of ``ranks`` is query ``q_index[i]`` of the dataset evaluated.
+    """
+
+    metrics: dict[str, Any]
+    ranks: np.ndarray
+    dataset: Dataset
+    q_index: np.ndarray
+    global_ranks: np.ndarray | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        return self.metrics[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.metrics)
+
+    def __len__(self) -> int:
+        return len(self.metrics)
+
+    @property
+    def protocol(self) -> str:
+        return str(self.metrics.get("protocol", ""))
+
+    @property
+    def timing(self) -> dict[str, Any]:
+        return dict(self.metrics.get("timing", {}))
+
+    def to_json(self) -> dict[str, Any]:
+        """The metrics as a plain dict (``json.dump`` ready)."""
+        return {k: v for k, v in self.metrics.items() if not k.startswith("_")}
 
 
 def _reranker_factory(rerank: "RerankSettings", extractor, crop: bool, cache_folder: Path | None, progress: bool):

@@ -11,11 +11,11 @@ from typing import Any
 
 from ..errors import HaflocError, InputError
 from ..fileio import write_json_atomic
+from ..heads import METHODS
 from ..images.io import target_size
 
 log = logging.getLogger(__name__)
 
-METHODS = ("haf", "netvlad", "crn", "gem", "superpoint")
 SUPERVISIONS = ("auto", "gps", "labels")
 OPTIMIZERS = ("adam", "sgd")
 

@@ -35,7 +35,8 @@ class ImageStore:
         self._cache: dict[int, torch.Tensor] = {}
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers))
 
-    def _load(self, i: int) -> torch.Tensor:
+    def load(self, i: int) -> torch.Tensor:
+        """Image ``i`` as a float (3, H, W) tensor in [0, 1] (from the cache when kept)."""
         t = self._cache.get(i)
         if t is not None:
             return t.float().div_(255.0)
@@ -48,7 +49,7 @@ class ImageStore:
     def batch(self, ids: list[int] | np.ndarray) -> torch.Tensor:
         """(n, 3, H, W) for the given indices (decoded in parallel)."""
         ids = [int(i) for i in ids]
-        return torch.stack(list(self._pool.map(self._load, ids))) if ids else torch.zeros(0, 3, *self.size)
+        return torch.stack(list(self._pool.map(self.load, ids))) if ids else torch.zeros(0, 3, *self.size)
 
     def check(self, ids: list[int], progress: bool = True) -> dict[int, str]:
         """Decode every image once (filling the cache); returns {index: reason} for unreadable ones."""
@@ -56,7 +57,7 @@ class ImageStore:
 
         def try_load(i: int) -> str | None:
             try:
-                self._load(i)
+                self.load(i)
             except InputError as err:
                 return err.cause
             return None

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from ..descriptors.fit import fit_clusters, fit_whitening
 from ..descriptors.modelfile import save_model
 from ..descriptors.network import GeoLocNet, ModelConfig
+from ..descriptors.runtime import Batch, TorchRunner, run_batches
 from ..errors import HaflocError, InputError
 from ..fileio import atomic_path, write_text_atomic
 from ..metrics.protocols import score
@@ -253,6 +254,7 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=True)
+        self._runner = TorchRunner(self.model, outputs=("descriptor",))
         self._memo: dict[int, np.ndarray] = {}  # store index -> descriptor under the current weights
         self._sec_per_image = 0.05
         self._last_ckpt_iter = self.prog.iteration
@@ -274,16 +276,17 @@ class Trainer:
         if len(todo):
             mine = todo[self.dist.rank::self.dist.world_size]
             self.model.eval()
-            bs = self.cfg.eval_batch_size
             chunks = []
             t0 = time.monotonic()
             bar = tqdm(total=len(todo), desc="train: descriptors", unit="img", leave=False,
                        disable=not self.progress_bars or len(todo) < 64, dynamic_ncols=True)
-            with torch.inference_mode():
-                for s in range(0, len(mine), bs):
-                    x = self.data.store.batch(mine[s:s + bs]).to(self.device, non_blocking=True)
-                    chunks.append(self.model(x)["descriptor"].float().cpu().numpy())
-                    bar.update(len(x) * self.dist.world_size)
+            # one image size: batches run in order, in chunks of eval_batch_size
+            for ev in run_batches(self._runner, mine.tolist(), self.data.store.load, self.cfg.eval_batch_size,
+                                  workers=self.cfg.workers):
+                if not isinstance(ev, Batch):  # the store checked every image up front
+                    raise ev.error
+                chunks.append(ev.outputs["descriptor"])
+                bar.update(len(ev.items) * self.dist.world_size)
             bar.close()
             dim = self.model.out_dim
             local = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)

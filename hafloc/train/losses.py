@@ -23,6 +23,8 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor
 
+from ..heads import METHODS
+
 __all__ = [
     "LOSSES",
     "LossSpec",
@@ -244,16 +246,11 @@ LOSSES: dict[str, LossSpec] = {
     "sare_ind": LossSpec(_sare_outputs("ind"), ("descriptor",), None),
 }
 
-_DEFAULT_LOSS = {"haf": "dd", "netvlad": "triplet", "crn": "triplet", "gem": "triplet",
-                 "superpoint": "triplet"}
-
-
 def default_loss_for(method: str) -> str:
     """The loss a method trains with by default: HAF -> 'dd', the baselines -> 'triplet'."""
-    try:
-        return _DEFAULT_LOSS[method.lower()]
-    except KeyError:
-        raise ValueError(f"unknown method {method!r}; expected one of {sorted(_DEFAULT_LOSS)}") from None
+    if method.lower() not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {sorted(METHODS)}")
+    return "dd" if method.lower() == "haf" else "triplet"
 
 
 def compute_loss(

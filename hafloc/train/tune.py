@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from ..datasets.base import Dataset
 from ..descriptors.network import GeoLocNet
+from ..descriptors.runtime import Skipped, TorchRunner, run_batches
 from ..errors import HaflocError, InputError
 from ..fileio import write_json_atomic, write_text_atomic
 from ..images.io import load_image, to_tensor
@@ -47,39 +48,28 @@ def simplex_grid(levels: int, step: float) -> list[tuple[float, ...]]:
 def extract_levels(model: GeoLocNet, paths: Sequence[Path], image_size: tuple[int, int] | None = None,
                    max_side: int | None = None, batch_size: int = 8, progress: bool = True,
                    desc: str = "levels") -> tuple[list[np.ndarray], list[int]]:
-    """Per-level L2-normalised VLADs of ``paths``: ([(N_ok, D_l) per level], failed indices)."""
+    """Per-level L2-normalised VLADs of ``paths``: ([(N_ok, D_l) per level] in path order, failed indices)."""
     model.eval()
     max_side = max_side or model.config.max_side
-    per_level: list[list[np.ndarray]] = []
+    def load(i: int) -> torch.Tensor:
+        return to_tensor(load_image(paths[i]), size=image_size, max_side=max_side)
+
+    rows: dict[int, list[np.ndarray]] = {}
     failed: list[int] = []
-    pending: list[torch.Tensor] = []
-
-    def flush() -> None:
-        if not pending:
-            return
-        with torch.inference_mode():
-            out = model(torch.stack(pending))
-        levels = out.get("level_descriptors")
-        if not levels:
-            raise HaflocError(f"method {model.config.method!r} has no per-level descriptors to weight")
-        while len(per_level) < len(levels):
-            per_level.append([])
-        for acc, v in zip(per_level, levels):
-            acc.append(v.float().numpy())
-        pending.clear()
-
-    for i, p in enumerate(tqdm(paths, desc=desc, unit="img", disable=not progress, dynamic_ncols=True)):
-        try:
-            t = to_tensor(load_image(p), size=image_size, max_side=max_side)
-        except InputError as err:
-            log.warning("skipped %s", err)
-            failed.append(i)
-            continue
-        if pending and (t.shape != pending[0].shape or len(pending) >= batch_size):
-            flush()
-        pending.append(t)
-    flush()
-    return [np.concatenate(a) for a in per_level], failed
+    runner = TorchRunner(model, outputs=("level_descriptors",))
+    with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for ev in run_batches(runner, range(len(paths)), load, batch_size):
+            if isinstance(ev, Skipped):
+                log.warning("skipped %s", ev.error)
+                failed.append(ev.item)
+                bar.update(1)
+                continue
+            for j, i in enumerate(ev.items):
+                rows[i] = [v[j] for v in ev.outputs["level_descriptors"]]
+            bar.update(len(ev.items))
+    ok = sorted(rows)
+    per_level = [np.stack([rows[i][lv] for i in ok]) for lv in range(len(rows[ok[0]]))] if ok else []
+    return per_level, sorted(failed)
 
 
 def _fast_recall(ds: Dataset) -> bool:

@@ -387,7 +387,7 @@ def test_browser_map_unknown_estimate_and_tiles(served, unpositioned_index, tmp_
         page.set_input_files("#file", str(served["db"] / name))
         page.wait_for_function("document.querySelectorAll('#matches li').length === 10")
         message = page.locator("#map-message")
-        assert message.is_visible() and message.inner_text() == "no estimate: none of the matches has a position"
+        assert message.is_visible() and message.inner_text() == "no estimate: no match has a position"
         assert page.locator("#map-estimate").count() == 0 and page.locator("#map .hafloc-match").count() == 0
         assert page.locator("#map path.hafloc-radius").count() == 0
         # an "unknown" answer whose matches do have positions (a refused low confidence): its reason, and the

@@ -53,7 +53,7 @@ async function setThumb(img, id) {
 // The confidence in words: a calibrated index gives P(within radius_m); otherwise it is a heuristic score.
 function confidenceWords(res) {
   if (!res.estimate) {
-    const u = res.unknown || { reason: "none of the matches has a position" };
+    const u = res.unknown || { reason: "no match has a position" };
     return `unknown: ${u.reason}`;
   }
   const p = res.estimate.confidence, pct = `${(100 * p).toFixed(0)} %`;

@@ -180,7 +180,7 @@ const haflocMap = (() => {
     }
     if (res && !est) {
       const why = (res.unknown && res.unknown.reason) ||
-        (positioned.length ? "the matches do not agree on a place" : "none of the matches has a position");
+        (positioned.length ? "the matches do not agree on a place" : "no match has a position");
       showMessage("no estimate: " + why);
     } else if (!points.length && !res) {
       showMessage("no positioned photos in the index");

@@ -68,8 +68,11 @@ def write_h5_groups(path: str | Path, groups: Iterable[tuple[str, Mapping[str, n
         with h5py.File(tmp, mode, libver="latest") as fd:
             for name, datasets in groups:
                 key = h5_name(name)
-                if key in fd:
-                    del fd[key]
+                if mode == "a":  # a group written again replaces the old one
+                    try:
+                        del fd[key]
+                    except KeyError:
+                        pass
                 grp = fd.create_group(key)
                 for dname, data in datasets.items():
                     grp.create_dataset(dname, data=data)

@@ -95,9 +95,10 @@ def fit_fusion(similarities: np.ndarray, inliers: np.ndarray, correct: np.ndarra
 
 
 # Matchers re-ranking uses per extractor when none is named. XFeat: mutual nearest neighbours at
-# cosine >= 0.82 (XFeat's own matching rule) match a query against 10 candidates in milliseconds
-# on a CPU, where LighterGlue takes about a second, and separate same from different places as
-# well (GardensPoint/SFU triplets: different places <= 14 inliers, same places median 60).
+# cosine >= 0.82 (XFeat's own matching rule) match a query against 10 candidates in about 0.1 s on
+# 2 cores, where LighterGlue takes about 1 s (0.1 s per pair at 1024 keypoints), and separate same
+# from different places well (GardensPoint/SFU triplets: different places <= 14 inliers, same
+# places median 60; AUC 0.998).
 RERANK_MATCHERS: dict[str, tuple[str, dict[str, Any]]] = {"xfeat": ("mnn", {"distance_threshold": 0.6})}
 
 

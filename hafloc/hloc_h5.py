@@ -6,11 +6,12 @@ the names as the parents of datasets. Pairs live in a match file under
 ``names_to_pair(q, db) = q.replace('/', '-') + '/' + db.replace('/', '-')``.
 
 Every write replaces the file atomically (a killed writer leaves the old file intact, never a
-damaged one), and concurrent writers of the same file are serialised by a lock beside it.
+damaged one), and concurrent appenders of the same file are serialised by a lock beside it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -59,7 +60,9 @@ def write_h5_groups(path: str | Path, groups: Iterable[tuple[str, Mapping[str, n
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _lock(path), atomic_path(path) as tmp:
+    # Appending reads the old file: concurrent appenders take turns. A replacement needs no lock
+    # (the rename is atomic; the last writer wins) and leaves no lock file beside the target.
+    with (_lock(path) if append else contextlib.nullcontext()), atomic_path(path) as tmp:
         if append and path.exists():
             shutil.copyfile(path, tmp)
             mode = "a"

@@ -57,6 +57,8 @@ def test_index_stores_local_features_in_hloc_layout(lund, capsys):
     assert 0 < info["local"]["bytes_per_image"] <= 300 * 1024
     files = sorted((lund["index"] / "chunks").glob("local_*.h5"))
     assert len(files) == 3  # 12 images in chunks of 5
+    # a finished build leaves nothing else behind (no temp or lock files of the chunk writes)
+    assert not [p.name for p in (lund["index"] / "chunks").iterdir() if p.name.startswith(".")]
     names = []
     with h5py.File(files[0], "r") as f:
         for name, grp in f.items():

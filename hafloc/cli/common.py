@@ -15,6 +15,25 @@ def add_backend_args(p) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
 
 
+def add_answer_args(p) -> None:
+    """How ``locate`` and ``serve`` answer: re-ranking depth and the confidence below which they say "unknown"."""
+    p.add_argument("--rerank", type=int, default=None, metavar="K",
+                   help="re-rank the top K matches by geometrically verified local matches (default 10 when the "
+                        "index stores local features, see 'index build --local'; 0 = global similarity only)")
+    p.add_argument("--min-confidence", type=float, default=None, metavar="P",
+                   help="answer 'unknown' (JSON: estimate null, unknown.reason) when the confidence is below P")
+
+
+def check_answer_args(args) -> None:
+    """``add_answer_args`` values, checked before anything loads (a typo should cost nothing)."""
+    from ..errors import HaflocError
+
+    if args.min_confidence is not None and not 0.0 <= args.min_confidence <= 1.0:
+        raise HaflocError(f"--min-confidence must lie in [0, 1], got {args.min_confidence}")
+    if args.rerank is not None and args.rerank < 0:
+        raise HaflocError(f"--rerank must be 0 or more, got {args.rerank}")
+
+
 def make_extractor(model, args):
     from ..descriptors.extract import Extractor
 

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from ..index.export_formats import FORMATS
-from .common import add_backend_args, report_failures
+from .common import add_answer_args, add_backend_args, check_answer_args, report_failures
 
 
 def register(sub) -> None:
@@ -32,11 +32,7 @@ def register(sub) -> None:
     p.add_argument("--agree-m", type=float, default=None,
                    help="matches within this many metres of the best one vote for its place (default: the "
                         "calibration's radius, 25 m; another value makes the confidence uncalibrated)")
-    p.add_argument("--min-confidence", type=float, default=None, metavar="P",
-                   help="answer 'unknown' (JSON: estimate null, unknown.reason) when the confidence is below P")
-    p.add_argument("--rerank", type=int, default=None, metavar="K",
-                   help="re-rank the top K matches by geometrically verified local matches (default 10 when the "
-                        "index stores local features, see 'index build --local'; 0 = global similarity only)")
+    add_answer_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_backend_args(p)
     p.set_defaults(func=run)
@@ -50,8 +46,7 @@ def run(args) -> int:
 
     if args.top_k < 1:
         raise HaflocError(f"--top-k must be at least 1, got {args.top_k}")
-    if args.min_confidence is not None and not 0.0 <= args.min_confidence <= 1.0:
-        raise HaflocError(f"--min-confidence must lie in [0, 1], got {args.min_confidence}")
+    check_answer_args(args)
     if args.agree_m is not None and not args.agree_m > 0:
         raise HaflocError(f"--agree-m must be positive, got {args.agree_m}")
     paths: list[Path] = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .common import add_backend_args
+from .common import add_answer_args, add_backend_args, check_answer_args
 
 
 def register(sub) -> None:
@@ -23,8 +23,7 @@ def register(sub) -> None:
     p.add_argument("--token", default=os.environ.get("HAFLOC_TOKEN"),
                    help="require 'Authorization: Bearer TOKEN' on the API (default: env HAFLOC_TOKEN, else none)")
     p.add_argument("--top-k", type=int, default=10, help="matches per photo (default 10)")
-    p.add_argument("--min-confidence", type=float, default=None, metavar="P",
-                   help="answer 'unknown' when the confidence is below P (as 'hafloc locate --min-confidence')")
+    add_answer_args(p)
     p.add_argument("--workers", type=int, default=1, help="inference threads (default 1; each uses all cores)")
     p.add_argument("--tiles", metavar="URL",
                    help="map tiles under the page's map, as a URL template the browser fetches, e.g. "
@@ -47,13 +46,12 @@ def run(args) -> int:
         raise HaflocError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
     if args.max_megapixels <= 0:
         raise HaflocError(f"--max-megapixels must be positive, got {args.max_megapixels}")
-    if args.min_confidence is not None and not 0.0 <= args.min_confidence <= 1.0:
-        raise HaflocError(f"--min-confidence must lie in [0, 1], got {args.min_confidence}")
+    check_answer_args(args)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:
         print("warning: serving on a public address without --token: anyone who can reach it may use it")
     if args.tiles:
         check_tile_url(args.tiles)  # before the model loads: a typo should cost nothing
-    lc = LocatorConfig(backend=args.backend, batch_size=args.batch_size, max_side=args.max_side,
+    lc = LocatorConfig(backend=args.backend, batch_size=args.batch_size, max_side=args.max_side, rerank=args.rerank,
                        num_threads=args.threads, min_confidence=args.min_confidence)
     app = create_app(args.index, max_upload_mb=args.max_upload_mb, token=args.token, model_path=args.model,
                      top_k=args.top_k, locator_config=lc, workers=args.workers,

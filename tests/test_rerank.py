@@ -229,3 +229,29 @@ def test_browser_shows_the_verified_match_lines(lund, tmp_path):
         assert f"{best['inliers']} inliers" in page.locator("#matches li").first.inner_text()
         browser.screenshot(page, tmp_path / "verify.png")
         assert not errors and not _offsite(requests, url)
+
+
+def test_add_to_a_local_index_stores_local_features_and_verifies(lund, shared_data, tmp_path, capsys):
+    index = tmp_path / "index"
+    shutil.copytree(lund["index"], index)
+    more = tmp_path / "more"
+    more.mkdir()
+    for p in sorted((shared_data / "gardenspoint_mini" / "vprtutorial_first10" / "query").glob("*.jpg"))[:3]:
+        shutil.copy(p, more / p.name)
+    code, out, err = run_cli(capsys, "index", "add", more, "--index", index, "--model", lund["model"], *FAST)
+    assert code == 0 and "added 3" in out, err
+    with IndexStore.open(index) as store:
+        ids = [r["id"] for r in store.images() if r["root"] == str(more.resolve())]
+        feats = store.local_features(ids)
+    assert len(feats) == 3 and all(len(f) > 0 and f.image_size == (960, 540) for f in feats.values())
+    code, out, err = run_cli(capsys, "index", "verify", "--index", index, "--no-model")
+    assert code == 0, out + err
+    # a removed photo's local features go with its descriptor when the chunk is compacted
+    assert run_cli(capsys, "index", "remove", "--index", index, more / "0.jpg")[0] == 0
+    assert run_cli(capsys, "index", "compact", "--index", index)[0] == 0
+    code, out, err = run_cli(capsys, "index", "verify", "--index", index, "--no-model")
+    assert code == 0, out + err
+    with IndexStore.open(index) as store:
+        rows = {r["path"]: r["id"] for r in store.images() if r["root"] == str(more.resolve())}
+        assert set(rows) == {"1.jpg", "2.jpg"}
+        assert set(store.local_features(list(rows.values()))) == set(rows.values())

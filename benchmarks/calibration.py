@@ -48,7 +48,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from mdsection import update_section
 from PIL import Image
 
 from hafloc.datasets.geo import haversine_m
@@ -61,6 +60,7 @@ from hafloc.index.locate import estimate_position, fallback_confidence
 from hafloc.index.positions import resolve_position
 from hafloc.index.store import Extracted, IndexStore
 from hafloc.reports import markdown_table
+from mdsection import update_section
 
 REPO = Path(__file__).resolve().parents[1]
 M_PER_DEG = 111_195.0

@@ -20,21 +20,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from mdsection import update_section
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from layouts import gardens_at, landmarks_oxford, tower_subset  # noqa: E402
-
 from hafloc.cli import main as cli  # noqa: E402
 from hafloc.datasets.detect import load_dataset  # noqa: E402
 from hafloc.descriptors.modelfile import load_model  # noqa: E402
-from hafloc.local import write_local_features  # noqa: E402
 from hafloc.index.rerank import Reranker  # noqa: E402
+from hafloc.local import write_local_features  # noqa: E402
 from hafloc.metrics.evaluate import ExtractionSettings, extract_dataset, headline, score_descriptors  # noqa: E402
 from hafloc.metrics.verified import RankReranker, RerankSettings  # noqa: E402
+from layouts import gardens_at, landmarks_oxford, tower_subset  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 KS = (10, 50, 5, 20)  # 10 first: its timing is the table's; the others reuse verified pairs

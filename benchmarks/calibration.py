@@ -291,7 +291,8 @@ def main() -> None:
     section = f"""## Calibrated confidence (issue 11)
 
 `python benchmarks/calibration.py` ({time.time() - t0:.0f} s with the descriptors cached in `--out`; a first run
-also extracts ~3,300 images, about 7 minutes on 2 cores; untrained default HAF model, longest side {args.max_side} px). Per dataset an index of the database images is calibrated by leave-one-out over itself
+also extracts ~3,300 images, about 7 minutes on 2 cores; untrained default HAF model, longest side {args.max_side} px).
+Per dataset an index of the database images is calibrated by leave-one-out over itself
 (`hafloc index calibrate --exclude-m R`), then the held-out queries are located (top 10, 25 m radius).
 ECE (10 bins) of the old heuristic (agreement x margin), the uncalibrated fallback (heuristic x
 best-similarity ramp) and the calibrated probability on the queries; accuracy of the most confident 90 % /

@@ -150,7 +150,8 @@ def main() -> None:
         update_section("rerank", "## Re-ranking by verified local matches (`benchmarks/rerank.py`)\n\n"
                        f"Machine: {platform.processor() or platform.machine()}, torch threads = all cores. Untrained "
                        "HAF (global, 480 px) then the default fusion rule over xfeat (1024 keypoints, 640 px) matched "
-                       "by mutual nearest neighbours at cosine >= 0.82 (disk: LightGlue) with MAGSAC verification; landmarks row = mAP (Oxford protocol, full queries). "
+                       "by mutual nearest neighbours at cosine >= 0.82 (disk: LightGlue) with MAGSAC verification; "
+                       "landmarks row = mAP (Oxford protocol, full queries). "
                        "Query features and matching are seconds per query; database features are computed once "
                        "per image (at index build time in `hafloc index build --local`). Seconds measured while other jobs "
                        "shared the 2 cores: read them as upper bounds.\n\n" + table + "\n")

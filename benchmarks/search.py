@@ -142,7 +142,8 @@ def main() -> None:
         f"{cpus} CPU cores (shared with other jobs while measured, so times are upper bounds), "
         f"faiss {faiss.__version__}.\n"
         f"Database: {args.dim}-D unit vectors around 2,000 Gaussian cluster centres; {args.queries} queries = "
-        f"database vectors + noise ({args.noise} x the cluster spread, re-normalised); k = {args.k}. Single-query latency with one faiss thread; "
+        f"database vectors + noise ({args.noise} x the cluster spread, re-normalised); k = {args.k}. "
+        "Single-query latency with one faiss thread; "
         f"build and batch throughput with {args.threads} faiss thread(s), batches of 1000; top-1 agreement against exact search. "
         "IVF-PQ is trained on the database (64 vectors per cell) and re-ranks a shortlist of "
         "refine x k PQ candidates with exact distances.\n\n" + tab)

@@ -1,6 +1,6 @@
 # The two commands of the README. Both do all set-up first (idempotent).
 # `make docs` builds the documentation site into site/ (open site/index.html; works offline).
-.PHONY: setup demo test docs docs-strict docs-serve
+.PHONY: setup demo test lint docs docs-strict docs-serve
 SETUP ?= scripts/setup.sh
 PYTHON ?= .venv/bin/python
 MKDOCS ?= .venv/bin/mkdocs
@@ -12,6 +12,10 @@ demo: setup
 test:
 	scripts/setup.sh --test
 	.venv/bin/python -m pytest -q -rs
+# ruff (pinned in the test extra; its rules are [tool.ruff] in pyproject.toml). Fix imports: ruff check --fix
+lint:
+	scripts/setup.sh --test
+	.venv/bin/ruff check hafloc tests benchmarks scripts docs
 # docs/cli.md is generated from the argparse parsers on every build, so it cannot drift from --help.
 docs:
 	$(SETUP) --docs

@@ -48,7 +48,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from mdsection import update_section
 from PIL import Image
 
 from hafloc.datasets.geo import haversine_m
@@ -61,6 +60,7 @@ from hafloc.index.locate import estimate_position, fallback_confidence
 from hafloc.index.positions import resolve_position
 from hafloc.index.store import Extracted, IndexStore
 from hafloc.reports import markdown_table
+from mdsection import update_section
 
 REPO = Path(__file__).resolve().parents[1]
 M_PER_DEG = 111_195.0
@@ -291,7 +291,8 @@ def main() -> None:
     section = f"""## Calibrated confidence (issue 11)
 
 `python benchmarks/calibration.py` ({time.time() - t0:.0f} s with the descriptors cached in `--out`; a first run
-also extracts ~3,300 images, about 7 minutes on 2 cores; untrained default HAF model, longest side {args.max_side} px). Per dataset an index of the database images is calibrated by leave-one-out over itself
+also extracts ~3,300 images, about 7 minutes on 2 cores; untrained default HAF model, longest side {args.max_side} px).
+Per dataset an index of the database images is calibrated by leave-one-out over itself
 (`hafloc index calibrate --exclude-m R`), then the held-out queries are located (top 10, 25 m radius).
 ECE (10 bins) of the old heuristic (agreement x margin), the uncalibrated fallback (heuristic x
 best-similarity ramp) and the calibrated probability on the queries; accuracy of the most confident 90 % /

@@ -6,7 +6,8 @@ extraction s/image (median over the 11 photos, after one warm-up), matching s/pa
 verification s/pair (medians over the 10 pairs), top-10 s/query = query extraction +
 ``match_many`` against the 10 candidates + 10 verifications, timed end to end (median of
 ``--rounds``; also its process CPU time, which on an idle machine with all threads busy is
-about threads x wall time: a loaded machine inflates wall time, not CPU time), keypoints per image, KB per image as stored in hloc's features.h5 (float16
+about threads x wall time: a loaded machine inflates wall time, not CPU time), keypoints per image,
+KB per image as stored in hloc's features.h5 (float16
 descriptors), and mean verified inliers of the 10 same-building pairs against a different place
 (GardensPoint). Torch runs with ``--threads`` threads (default 2, the target machine).
 

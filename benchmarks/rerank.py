@@ -20,21 +20,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from mdsection import update_section
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from layouts import gardens_at, landmarks_oxford, tower_subset  # noqa: E402
-
 from hafloc.cli import main as cli  # noqa: E402
 from hafloc.datasets.detect import load_dataset  # noqa: E402
 from hafloc.descriptors.modelfile import load_model  # noqa: E402
-from hafloc.local import write_local_features  # noqa: E402
 from hafloc.index.rerank import Reranker  # noqa: E402
+from hafloc.local import write_local_features  # noqa: E402
 from hafloc.metrics.evaluate import ExtractionSettings, extract_dataset, headline, score_descriptors  # noqa: E402
 from hafloc.metrics.verified import RankReranker, RerankSettings  # noqa: E402
+from layouts import gardens_at, landmarks_oxford, tower_subset  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 KS = (10, 50, 5, 20)  # 10 first: its timing is the table's; the others reuse verified pairs
@@ -152,7 +150,8 @@ def main() -> None:
         update_section("rerank", "## Re-ranking by verified local matches (`benchmarks/rerank.py`)\n\n"
                        f"Machine: {platform.processor() or platform.machine()}, torch threads = all cores. Untrained "
                        "HAF (global, 480 px) then the default fusion rule over xfeat (1024 keypoints, 640 px) matched "
-                       "by mutual nearest neighbours at cosine >= 0.82 (disk: LightGlue) with MAGSAC verification; landmarks row = mAP (Oxford protocol, full queries). "
+                       "by mutual nearest neighbours at cosine >= 0.82 (disk: LightGlue) with MAGSAC verification; "
+                       "landmarks row = mAP (Oxford protocol, full queries). "
                        "Query features and matching are seconds per query; database features are computed once "
                        "per image (at index build time in `hafloc index build --local`). Seconds measured while other jobs "
                        "shared the 2 cores: read them as upper bounds.\n\n" + table + "\n")

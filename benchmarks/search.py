@@ -20,8 +20,9 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-from mdsection import update_section
+
 from hafloc.index.search import SearchConfig, build_search_index, search
+from mdsection import update_section
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,8 +105,8 @@ def run_size(n: int, dim: int, nq: int, k: int, n_single_flat: int, seed: int, n
 
 
 def table(rows: list[dict], dim: int, k: int) -> str:
-    head = (f"| database | index | parameters | build (s) | single query p50 (ms) | p95 (ms) | "
-            f"batch queries/s | top-1 = exact |\n|---|---|---|---|---|---|---|---|\n")
+    head = ("| database | index | parameters | build (s) | single query p50 (ms) | p95 (ms) | "
+            "batch queries/s | top-1 = exact |\n|---|---|---|---|---|---|---|---|\n")
     body = "".join(
         f"| {r['n']:,} x {dim} | {r['kind']} | {r['params']} | {r['build_s']:.1f} | {r['p50']:.2f} | "
         f"{r['p95']:.2f} | {r['qps']:,.0f} | {r['agree']:.3f} |\n" for r in rows)
@@ -141,7 +142,8 @@ def main() -> None:
         f"{cpus} CPU cores (shared with other jobs while measured, so times are upper bounds), "
         f"faiss {faiss.__version__}.\n"
         f"Database: {args.dim}-D unit vectors around 2,000 Gaussian cluster centres; {args.queries} queries = "
-        f"database vectors + noise ({args.noise} x the cluster spread, re-normalised); k = {args.k}. Single-query latency with one faiss thread; "
+        f"database vectors + noise ({args.noise} x the cluster spread, re-normalised); k = {args.k}. "
+        "Single-query latency with one faiss thread; "
         f"build and batch throughput with {args.threads} faiss thread(s), batches of 1000; top-1 agreement against exact search. "
         "IVF-PQ is trained on the database (64 vectors per cell) and re-ranks a shortlist of "
         "refine x k PQ candidates with exact distances.\n\n" + tab)

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from mdsection import update_section
 from hafloc.images.io import load_image, to_tensor
 from hafloc.train.config import TrainConfig, parse_image_size
-from hafloc.train.losses import default_loss_for
 from hafloc.train.loop import build_model, build_optimizer, freeze_backbone, set_train_mode, tuple_loss
+from hafloc.train.losses import default_loss_for
+from mdsection import update_section
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,10 +17,17 @@ from PIL import Image
 
 from hafloc.cli import main
 from hafloc.datasets.geo import haversine_m
-from hafloc.index.calibrate import (CALIBRATION_FILE, FEATURES, INLIER_FEATURE, Calibrator, calibrate_index,
-                                    expected_calibration_error, leave_one_out, load_calibrator)
+from hafloc.index.calibrate import (
+    CALIBRATION_FILE,
+    FEATURES,
+    INLIER_FEATURE,
+    Calibrator,
+    calibrate_index,
+    expected_calibration_error,
+    leave_one_out,
+    load_calibrator,
+)
 from hafloc.index.store import Extracted, IndexStore
-
 from test_cli_index import make_small_model, run_cli
 
 FAST = ("--backend", "torch", "--no-progress")

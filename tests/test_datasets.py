@@ -12,10 +12,10 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from hafloc.datasets.base import Dataset, split_database
-from hafloc.datasets.detect import FORMATS, detect_format, load_dataset
 from hafloc.datasets.atfolders import parse_at_name
+from hafloc.datasets.base import Dataset, split_database
 from hafloc.datasets.dbstruct import load_dbstruct
+from hafloc.datasets.detect import FORMATS, detect_format, load_dataset
 from hafloc.datasets.geo import haversine_m, latlon_to_utm, utm_to_latlon
 from hafloc.datasets.holidays import holidays_from_names
 from hafloc.errors import InputError

@@ -7,8 +7,13 @@ import numpy as np
 import pytest
 
 from hafloc.errors import InputError
-from hafloc.index.hloc_export import (list_h5_names, read_global_descriptors, retrieval_pairs,
-                                      write_global_descriptors, write_pairs)
+from hafloc.index.hloc_export import (
+    list_h5_names,
+    read_global_descriptors,
+    retrieval_pairs,
+    write_global_descriptors,
+    write_pairs,
+)
 
 
 def test_h5_layout_nested_groups(tmp_path):

@@ -23,7 +23,6 @@ from hafloc.errors import InputError
 from hafloc.index.positions import read_positions_csv
 from hafloc.index.search import SearchConfig
 from hafloc.index.store import IndexStore
-
 from test_cli_index import make_small_model
 from test_index_store import DIM, FP, standin_descriptor, standin_extract
 

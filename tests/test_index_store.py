@@ -340,7 +340,8 @@ def test_positions_csv_repeats_and_unusable_at_names(tmp_path, caplog):
         assert read_positions_csv(csv_file) == {"a.jpg": (55.7, 13.19), "b.jpg": (55.8, 13.2)}
     assert "1 row(s) repeat an image already listed with the same position (ignored)" in caplog.text
     csv_file.write_text("image,lat,lon\na.jpg,55.7,13.19\na.jpg,55.9,13.19\n")  # the last one no longer wins
-    with pytest.raises(InputError, match=r"pos\.csv: line 3: 'a\.jpg' has position \(55\.9, 13\.19\) but line 2 gives it \(55\.7, 13\.19\)"):
+    with pytest.raises(InputError, match=r"pos\.csv: line 3: 'a\.jpg' has position \(55\.9, 13\.19\) "
+                                         r"but line 2 gives it \(55\.7, 13\.19\)"):
         read_positions_csv(csv_file)
     # '@' names with unusable positions: a ValueError the store reports (image indexed unpositioned)
     with pytest.raises(ValueError, match="not a WGS84 position"):

@@ -12,9 +12,21 @@ import pytest
 from PIL import Image
 
 from hafloc.errors import HaflocError, InputError
-from hafloc.local import (EXTRACTORS, MATCHERS, LocalFeatures, MatchResult, create_extractor, create_matcher,
-                          list_feature_names, names_to_pair, read_local_features, read_matches, verify,
-                          write_local_features, write_matches)
+from hafloc.local import (
+    EXTRACTORS,
+    MATCHERS,
+    LocalFeatures,
+    MatchResult,
+    create_extractor,
+    create_matcher,
+    list_feature_names,
+    names_to_pair,
+    read_local_features,
+    read_matches,
+    verify,
+    write_local_features,
+    write_matches,
+)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import pytest
 
 from hafloc.cli import main
 from hafloc.index.export_formats import render, summary_row
-
 from test_cli_index import N_DB, N_POSITIONED, make_photo_db, make_small_model, run_cli
 
 REPO = Path(__file__).resolve().parents[1]

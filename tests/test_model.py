@@ -153,7 +153,7 @@ def test_fused_cosine_is_weighted_sum_of_level_cosines(fitted, photos):
         for i in range(4):
             for j in range(4):
                 fused = float(d[i] @ d[j])
-                parts = sum(float(w[l].detach()) * float(levels[l][i] @ levels[l][j]) for l in range(3))
+                parts = sum(float(w[lv].detach()) * float(levels[lv][i] @ levels[lv][j]) for lv in range(3))
                 assert abs(fused - parts) < 1e-5
         assert torch.allclose(w, torch.tensor([0.1, 0.4, 0.5]), atol=1e-5)
     finally:

@@ -11,8 +11,20 @@ import pytest
 from PIL import Image
 
 from hafloc.errors import InputError
-from hafloc.reports import (ReportImage, Section, Table, html_table, markdown_table, plot_attention, plot_history,
-                            plot_recall_curves, plot_retrievals, plot_weights_table, render_report, write_report)
+from hafloc.reports import (
+    ReportImage,
+    Section,
+    Table,
+    html_table,
+    markdown_table,
+    plot_attention,
+    plot_history,
+    plot_recall_curves,
+    plot_retrievals,
+    plot_weights_table,
+    render_report,
+    write_report,
+)
 
 try:
     from browser import browser_available, images_loaded, open_page, screenshot

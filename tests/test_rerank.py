@@ -18,8 +18,8 @@ import pytest
 
 from hafloc.cli import main
 from hafloc.datasets.geo import haversine_m
-from hafloc.index.store import Extracted, IndexStore
 from hafloc.images.gps import read_gps
+from hafloc.index.store import Extracted, IndexStore
 from hafloc.local import create_extractor
 from hafloc.serve.locator import Locator, LocatorConfig
 from test_cli_index import _committed, make_small_model, run_cli

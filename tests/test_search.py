@@ -8,8 +8,15 @@ import faiss
 import numpy as np
 import pytest
 
-from hafloc.index.search import (SearchConfig, build_search_index, knn, load_search_index, resolve_params,
-                                 save_search_index, search)
+from hafloc.index.search import (
+    SearchConfig,
+    build_search_index,
+    knn,
+    load_search_index,
+    resolve_params,
+    save_search_index,
+    search,
+)
 
 
 def clustered(n: int, dim: int, clusters: int, spread: float, seed: int) -> np.ndarray:

@@ -23,7 +23,6 @@ from PIL import Image
 
 from hafloc.cli import main
 from hafloc.datasets.geo import haversine_m
-
 from test_cli_index import make_photo_db, make_small_model
 
 REPO = Path(__file__).resolve().parents[1]

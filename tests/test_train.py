@@ -19,8 +19,15 @@ import torch
 from hafloc.descriptors.extract import Extractor
 from hafloc.descriptors.modelfile import load_model
 from hafloc.train.config import TrainConfig
-from hafloc.train.loop import (build_model, build_optimizer, freeze_backbone, load_checkpoint, set_train_mode,
-                               train, tuple_loss)
+from hafloc.train.loop import (
+    build_model,
+    build_optimizer,
+    freeze_backbone,
+    load_checkpoint,
+    set_train_mode,
+    train,
+    tuple_loss,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = "64x96"

@@ -5,8 +5,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .eval import (add_dataset_args, cache_from_args, load_dataset_from_args, model_summary,
-                   print_failures, run_config, settings_from_args, table_rows, write_json)
+from .eval import (
+    add_dataset_args,
+    cache_from_args,
+    load_dataset_from_args,
+    model_summary,
+    print_failures,
+    run_config,
+    settings_from_args,
+    table_rows,
+    write_json,
+)
 
 
 def register(sub) -> None:

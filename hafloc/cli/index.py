@@ -252,7 +252,7 @@ def run_info(args) -> int:
     c = info["counts"]
     print(f"index      {info['index']}")
     print(f"images     {c['images']} ({c['positioned']} with a position, {c['unpositioned']} without)")
-    print(f"positions  " + ", ".join(f"{k}: {v}" for k, v in info["position_sources"].items()))
+    print("positions  " + ", ".join(f"{k}: {v}" for k, v in info["position_sources"].items()))
     print(f"model      {info.get('model_path')} (fingerprint {str(info['model_fingerprint'])[:12]})")
     print(f"descriptor {info['dim']}-D; search {info['search'].get('kind')}")
     if info.get("local"):

@@ -11,7 +11,8 @@ from .common import print_json
 
 def register(sub) -> None:
     p = sub.add_parser("model", help="build (init) a model or inspect (info) a model file",
-                       description="Build a model on a pretrained backbone and fit its clusters / whitening, or print what a model file holds.")
+                       description="Build a model on a pretrained backbone and fit its clusters / whitening, "
+                                   "or print what a model file holds.")
     msub = p.add_subparsers(dest="model_command", metavar="ACTION")
     pi = msub.add_parser("init", help="build a model and fit its clusters (and whitening) on images",
                          description="Builds METHOD on the pretrained backbone, initialises projections by PCA and "
@@ -23,7 +24,8 @@ def register(sub) -> None:
     pi.add_argument("--output", required=True, help="model file to write (e.g. haf.model)")
     pi.add_argument("--backbone", default=None, help="efficientnet-lite0 (default), efficientnet-lite2 or vgg16")
     pi.add_argument("--backbone-weights", default=None,
-                    help="state-dict file for the backbone (required for vgg16: torchvision format; optional for superpoint: the released superpoint_v1.pth)")
+                    help="state-dict file for the backbone (required for vgg16: torchvision format; "
+                         "optional for superpoint: the released superpoint_v1.pth)")
     pi.add_argument("--dim", default="none", help="PCA-whitened output dimension, e.g. 256 or 4096, or 'none' (default)")
     pi.add_argument("--clusters", type=int, default=None, help="VLAD clusters per level (default 64)")
     pi.add_argument("--proj-dim", type=int, default=None, help="HAF: channels per level after the 1x1 projection (default 128)")
@@ -62,7 +64,8 @@ def run_init(args) -> int:
     if not paths:
         raise HaflocError("no images found in " + ", ".join(args.images))
     rng = np.random.default_rng(args.seed)
-    fit_paths = paths if len(paths) <= args.fit_images else [paths[i] for i in sorted(rng.choice(len(paths), args.fit_images, replace=False))]
+    fit_paths = (paths if len(paths) <= args.fit_images
+                 else [paths[i] for i in sorted(rng.choice(len(paths), args.fit_images, replace=False))])
     meta = {"fit": fit_clusters(model, fit_paths, seed=args.seed), "fit_images": [str(p) for p in fit_paths[:5]]}
     if dim:
         meta["whitening"] = fit_whitening(model, paths, dim, seed=args.seed)

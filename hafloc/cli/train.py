@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..heads import METHODS
+
+if TYPE_CHECKING:  # the training stack loads when the command runs, not when the parser is built
+    from ..train.config import TrainConfig
 
 # flag -> (TrainConfig field, type, help)
 _FLAGS: list[tuple[str, str, type, str]] = [
@@ -61,7 +65,7 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def config_from_args(args) -> tuple["TrainConfig", bool]:
+def config_from_args(args) -> tuple[TrainConfig, bool]:
     from ..errors import HaflocError
     from ..train.config import TrainConfig
 

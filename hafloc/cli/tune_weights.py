@@ -18,7 +18,8 @@ def register(sub) -> None:
     p.add_argument("--format", default=None, help="dataset layout (default: detected)")
     p.add_argument("--split", default="val", choices=["train", "val", "test"], help="split to tune on (default val)")
     p.add_argument("--step", type=float, default=0.1, help="grid step on the simplex (default 0.1)")
-    p.add_argument("--image-size", default=None, help="fixed HxW (default: the training size stored in the model, else the model's max side, aspect kept)")
+    p.add_argument("--image-size", default=None,
+                   help="fixed HxW (default: the training size stored in the model, else the model's max side, aspect kept)")
     p.add_argument("--max-side", type=int, default=None, help="longest image side (default: the model's)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--output", default=None, metavar="TABLE_DIR",

@@ -11,6 +11,7 @@ import numpy as np
 from hafloc.errors import InputError
 from hafloc.images.io import image_files
 
+
 def list_images(folder: Path, root: Path | None = None, recursive: bool = True) -> list[str]:
     """Image files under ``folder`` as posix paths relative to ``root`` (default: folder), in
     ``images.io.image_files`` order (natural order, hidden names skipped)."""

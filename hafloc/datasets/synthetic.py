@@ -491,7 +491,8 @@ def _render(place: _Place, cam: _Camera, assets: _Assets, H: int, W: int,
         ppm = f / z_t
         trunk_w = max(ppm * 0.3, 1)
         vb, vt = v_of(0, z_t), v_of(2.5, z_t)
-        img[max(int(vt), 0):max(min(int(vb), H), 0), max(int(ut - trunk_w / 2), 0):max(min(int(ut + trunk_w / 2) + 1, W), 0)] = (0.25, 0.18, 0.12)
+        img[max(int(vt), 0):max(min(int(vb), H), 0),
+            max(int(ut - trunk_w / 2), 0):max(min(int(ut + trunk_w / 2) + 1, W), 0)] = (0.25, 0.18, 0.12)
         if i % 2 == 0:  # crown
             r = 2.2 * ppm
             cy = v_of(4.3, z_t)
@@ -503,7 +504,8 @@ def _render(place: _Place, cam: _Camera, assets: _Assets, H: int, W: int,
                 emit[m] = 0
         else:  # lamp post
             vt = v_of(5.0, z_t)
-            img[max(int(vt), 0):max(min(int(vb), H), 0), max(int(ut - trunk_w / 3), 0):max(min(int(ut + trunk_w / 3) + 1, W), 0)] = (0.15, 0.15, 0.16)
+            img[max(int(vt), 0):max(min(int(vb), H), 0),
+                max(int(ut - trunk_w / 3), 0):max(min(int(ut + trunk_w / 3) + 1, W), 0)] = (0.15, 0.15, 0.16)
             if night or dusk:
                 d2 = (uu - ut) ** 2 + (vv - vt) ** 2
                 glow = np.exp(-d2 / (2 * (0.6 * ppm) ** 2)).astype(np.float32)
@@ -592,8 +594,10 @@ def _perspective_coeffs(src_quad: np.ndarray, w: int, h: int) -> list[float]:
     dst = np.array([[0, 0], [w, 0], [w, h], [0, h]], float)
     A, b = [], []
     for (x, y), (X, Y) in zip(dst, src_quad):
-        A.append([x, y, 1, 0, 0, 0, -X * x, -X * y]); b.append(X)
-        A.append([0, 0, 0, x, y, 1, -Y * x, -Y * y]); b.append(Y)
+        A.append([x, y, 1, 0, 0, 0, -X * x, -X * y])
+        b.append(X)
+        A.append([0, 0, 0, x, y, 1, -Y * x, -Y * y])
+        b.append(Y)
     return [float(c) for c in np.linalg.solve(np.array(A), np.array(b))]
 
 

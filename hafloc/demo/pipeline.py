@@ -299,7 +299,8 @@ def stage_evaluate(cfg: DemoConfig, name: str, model_path: Path, ds: Dataset, ro
         pass
     res = evaluate(model, ds, settings, cache_dir=out_dir / "cache", progress=cfg.progress)
     records = per_query(res, ds, root, query_table(root))
-    out = {"key": key, "name": name, "model": str(model_path.relative_to(out_dir)) if model_path.is_relative_to(out_dir) else str(model_path),
+    out = {"key": key, "name": name,
+           "model": str(model_path.relative_to(out_dir)) if model_path.is_relative_to(out_dir) else str(model_path),
            "fingerprint": res["fingerprint"], "descriptor_dim": res["descriptor_dim"],
            **{k: float(res[k]) for k in ("recall@1", "recall@5", "recall@10")},
            "recall_curve": res["recall_curve"], "by_size": recall_by_group(records),

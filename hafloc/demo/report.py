@@ -13,8 +13,16 @@ import numpy as np
 from ..datasets.synthetic import SIZE_CLASSES
 from ..fileio import atomic_path
 from ..heads import METHODS
-from ..reports import (ReportImage, Section, Table, plot_attention, plot_recall_curves, plot_retrievals,
-                       plot_weights_table, write_report)
+from ..reports import (
+    ReportImage,
+    Section,
+    Table,
+    plot_attention,
+    plot_recall_curves,
+    plot_retrievals,
+    plot_weights_table,
+    write_report,
+)
 from .config import DemoConfig
 
 BASELINES = tuple(m for m in METHODS if m != "haf")  # registry order

@@ -12,8 +12,8 @@ from torch import nn
 
 from ..backbones import create_backbone
 from ..backbones.superpoint import SuperPointNet
-from ..heads import METHODS, HeadConfig, create_head, head_config
 from ..errors import HaflocError
+from ..heads import METHODS, HeadConfig, create_head, head_config
 from .whitening import Whitening
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from hafloc.datasets.geo import haversine_m, latlon_to_utm, utm_to_latlon
 from hafloc.index.store import IndexStore, Match
 
+
 @dataclass
 class Estimate:
     lat: float

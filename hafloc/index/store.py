@@ -50,8 +50,15 @@ from tqdm import tqdm
 from hafloc.errors import HaflocError, InputError, ModelMismatchError, printable
 from hafloc.fileio import atomic_path, write_json_atomic
 from hafloc.index.positions import Position, make_position, resolve_position
-from hafloc.index.search import (SearchConfig, SearchIndex, build_search_index, load_search_index,
-                                 params_path, save_search_index, search)
+from hafloc.index.search import (
+    SearchConfig,
+    SearchIndex,
+    build_search_index,
+    load_search_index,
+    params_path,
+    save_search_index,
+    search,
+)
 
 if TYPE_CHECKING:
     from hafloc.local import LocalFeatures

@@ -13,8 +13,15 @@ v = verify(f0.keypoints, f1.keypoints, r.matches)                  # Verificatio
 from ..hloc_h5 import names_to_pair
 from .extractors import EXTRACTORS, LocalExtractor, create_extractor
 from .features import LocalFeatures, MatchResult
-from .hloc_io import (feature_datasets, list_feature_names, read_local_features, read_matches, stored_bytes,
-                      write_local_features, write_matches)
+from .hloc_io import (
+    feature_datasets,
+    list_feature_names,
+    read_local_features,
+    read_matches,
+    stored_bytes,
+    write_local_features,
+    write_matches,
+)
 from .matchers import MATCHERS, Matcher, create_matcher
 from .verify import Verification, verify
 

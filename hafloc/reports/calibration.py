@@ -8,11 +8,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from hafloc.errors import InputError
-from hafloc.index.calibrate import (accuracy_at_coverage, coverage_curve, expected_calibration_error,
-                                    reliability_bins)
+from hafloc.index.calibrate import accuracy_at_coverage, coverage_curve, expected_calibration_error, reliability_bins
 from hafloc.reports.html import ReportImage, Section, Table, write_report
 from hafloc.reports.plots import _save  # also selects the headless Agg backend
 
+# isort: split
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 

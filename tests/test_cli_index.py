@@ -217,6 +217,19 @@ def _committed(index: Path) -> int:
         return 0
 
 
+def kill_midway(cmd: list[str], idx: Path, env: dict, commits: int = 2, timeout: float = 120) -> int:
+    """Run ``cmd`` (an index build into ``idx``), SIGKILL it once ``commits`` images are committed;
+    returns how many are committed then."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    deadline = time.monotonic() + timeout
+    while _committed(idx) < commits and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, f"build ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    return _committed(idx)
+
+
 def test_cli_build_killed_midway_then_rerun_equals_uninterrupted(work, shared_data, tmp_path, capsys):
     # more and bigger images than the fixture, so the build lasts long enough to be killed inside it
     photos = tmp_path / "photos"
@@ -229,14 +242,7 @@ def test_cli_build_killed_midway_then_rerun_equals_uninterrupted(work, shared_da
                        "--max-side", "384", *FAST]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     idx = tmp_path / "killed"
-    proc = subprocess.Popen(cmd(idx), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    deadline = time.monotonic() + 90
-    while _committed(idx) < 2 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert proc.poll() is None, f"build ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    partial = _committed(idx)
+    partial = kill_midway(cmd(idx), idx, env)
     assert 2 <= partial < total, partial
     rerun = subprocess.run(cmd(idx), capture_output=True, timeout=120, env=env)
     assert rerun.returncode == 0, rerun.stderr.decode()[-2000:]

@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -22,7 +20,7 @@ from hafloc.images.gps import read_gps
 from hafloc.index.store import Extracted, IndexStore
 from hafloc.local import create_extractor
 from hafloc.serve.locator import Locator, LocatorConfig
-from test_cli_index import _committed, make_small_model, run_cli
+from test_cli_index import kill_midway, make_small_model, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ("--backend", "torch", "--no-progress")
@@ -152,14 +150,7 @@ def test_build_local_killed_midway_then_rerun_equals_uninterrupted(lund, shared_
                        "--index", str(idx), "--chunk-size", "2", "--batch-size", "1", *LOCAL, *FAST]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     idx = tmp_path / "killed"
-    proc = subprocess.Popen(cmd(idx), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    deadline = time.monotonic() + 120
-    while _committed(idx) < 2 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert proc.poll() is None, f"build ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert 2 <= _committed(idx) < total
+    assert 2 <= kill_midway(cmd(idx), idx, env) < total
     rerun = subprocess.run(cmd(idx), capture_output=True, timeout=300, env=env)
     assert rerun.returncode == 0, rerun.stderr.decode()[-2000:]
     ref = tmp_path / "reference"

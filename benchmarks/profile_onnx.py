@@ -3,7 +3,10 @@
 Exports the default model of ``--method`` (as benchmarks/extract.py does), runs it under ONNX
 Runtime's profiler (``SessionOptions.enable_profiling``) and aggregates the per-node kernel times
 by op type and by the node's scope: ``backbone``, ``head.<part>`` (from the exporter's node
-names, e.g. ``/model/head/vlad.mid/...``) or ``whitening`` / ``other``. Prints the tables.
+names) or ``whitening`` / ``other``. The exporter names a level's modules by their key with a
+suffix in call order: ``head.low`` is the level's attention, ``head.low_1`` its projection and
+``head.low_2`` its VLAD; unsuffixed ``head`` nodes are the fusion. Each node's time is its median
+over the profiled calls. Prints the tables.
 
     python benchmarks/profile_onnx.py                       # HAF, 480x640, batch 1
     python benchmarks/profile_onnx.py --size 240x320 --batch 8 --top 30
@@ -29,6 +32,8 @@ def scope_of(node: str, depth: int) -> str:
     parts = [p for p in node.split("/") if p]
     if parts and parts[0] == "model":
         parts = parts[1:]
+    if parts and parts[0] == "b":  # extract.py's backbone-only wrapper
+        parts[0] = "backbone"
     if not parts or parts[0] not in ("backbone", "head", "whitening"):
         return "other"
     if parts[0] != "head":
@@ -38,7 +43,7 @@ def scope_of(node: str, depth: int) -> str:
 
 
 def profile(onnx_path: Path, size: str, batch: int, runs: int, threads: int) -> list[dict]:
-    """Kernel events (name, op, microseconds summed over ``runs``) of ``runs`` timed calls after one warm-up."""
+    """Kernel events (name, op, median microseconds per call) of ``runs`` profiled calls after one warm-up."""
     import numpy as np
     import onnxruntime as ort
 
@@ -55,7 +60,7 @@ def profile(onnx_path: Path, size: str, batch: int, runs: int, threads: int) -> 
         for _ in range(runs):
             sess.run(None, {"image": x})
         events = json.loads(Path(sess.end_profiling()).read_text())
-    totals: dict[str, dict] = {}
+    times: dict[tuple[str, str], list[float]] = {}
     seen_runs = 0
     for ev in events:
         if ev.get("cat") == "Session" and ev.get("name") == "model_run":
@@ -64,10 +69,11 @@ def profile(onnx_path: Path, size: str, batch: int, runs: int, threads: int) -> 
             continue
         if seen_runs == 0:  # the warm-up call
             continue
-        name = ev["name"][: -len("_kernel_time")]
-        t = totals.setdefault(name, {"name": name, "op": ev["args"].get("op_name", "?"), "us": 0.0})
-        t["us"] += ev["dur"] / runs
-    return sorted(totals.values(), key=lambda t: -t["us"])
+        key = (ev["name"][: -len("_kernel_time")], ev["args"].get("op_name", "?"))
+        times.setdefault(key, []).append(ev["dur"])
+    # the median call of each node: robust to the other jobs of a shared machine
+    nodes = [{"name": k[0], "op": k[1], "us": float(np.median(v))} for k, v in times.items()]
+    return sorted(nodes, key=lambda t: -t["us"])
 
 
 def table(rows: list[tuple], total: float, head: str) -> str:

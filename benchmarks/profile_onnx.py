@@ -10,6 +10,7 @@ over the profiled calls. Prints the tables.
 
     python benchmarks/profile_onnx.py                       # HAF, 480x640, batch 1
     python benchmarks/profile_onnx.py --size 240x320 --batch 8 --top 30
+    python benchmarks/profile_onnx.py --write      # also record the tables in BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ import os
 import re
 import sys
 import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from extract import SIZES, export_for  # noqa: E402
+from mdsection import BENCHMARKS_MD, update_section  # noqa: E402
 
 
 def scope_of(node: str, depth: int) -> str:
@@ -91,7 +94,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=20, help="profiled calls (after one warm-up)")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     ap.add_argument("--top", type=int, default=20, help="slowest nodes to list")
-    ap.add_argument("--depth", type=int, default=2, help="head scope depth, e.g. 2 = head.vlad.mid")
+    ap.add_argument("--depth", type=int, default=1, help="head scope depth: 1 = head.low (attention), head.low_1 "
+                    "(projection), head.low_2 (VLAD); 2 adds the submodule")
+    ap.add_argument("--write", action="store_true", help="record the tables in BENCHMARKS.md (section onnx_profile)")
     args = ap.parse_args()
     threads = args.threads or len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,14 +113,25 @@ def main() -> None:
     for n in nodes:
         if n["scope"].startswith("head"):
             head_ops[n["op"]] += n["us"]
-    print(f"{args.method} {args.size} batch {args.batch}, {threads} threads, {args.runs} profiled calls: "
-          f"{total / 1000:.2f} ms of kernels per call, head {head_us / 1000:.2f} ms = {100 * head_us / total:.1f}%\n")
-    print(table(sorted(by_scope.items(), key=lambda kv: -kv[1]), total, "scope") + "\n")
-    print(table(sorted(by_op.items(), key=lambda kv: -kv[1])[: args.top], total, "op type (all)") + "\n")
-    print(table(sorted(head_ops.items(), key=lambda kv: -kv[1]), total, "op type (head only)") + "\n")
+    import onnxruntime
+
     rows = [(f"{re.sub(r'^/model', '', n['name'])} ({n['op']})", n["us"]) for n in nodes
             if n["scope"].startswith("head")][: args.top]
-    print(table(rows, total, "slowest head nodes"))
+    text = "\n\n".join([
+        f"`python benchmarks/profile_onnx.py --method {args.method} --size {args.size} --batch {args.batch}` on "
+        f"{time.strftime('%Y-%m-%d')}: onnxruntime {onnxruntime.__version__}, {threads} threads, per-node kernel "
+        f"times (median of {args.runs} profiled calls) on a machine shared with other jobs. {args.method} at "
+        f"{args.size} batch {args.batch}: {total / 1000:.2f} ms of kernels per call, of which the head "
+        f"{head_us / 1000:.2f} ms = {100 * head_us / total:.1f}%.",
+        table(sorted(by_scope.items(), key=lambda kv: -kv[1]), total, "scope"),
+        table(sorted(by_op.items(), key=lambda kv: -kv[1])[: args.top], total, "op type (all)"),
+        table(sorted(head_ops.items(), key=lambda kv: -kv[1]), total, "op type (head only)"),
+        table(rows, total, "slowest head nodes")]) + "\n"
+    print(text)
+    if args.write:
+        update_section("onnx_profile", "## Where ONNX Runtime spends its time (per-node profile)\n\n" + text,
+                       BENCHMARKS_MD)
+        print(f"updated {BENCHMARKS_MD}")
 
 
 if __name__ == "__main__":

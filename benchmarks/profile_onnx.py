@@ -5,7 +5,8 @@ Runtime's profiler (``SessionOptions.enable_profiling``) and aggregates the per-
 by op type and by the node's scope: ``backbone``, ``head.<part>`` (from the exporter's node
 names) or ``whitening`` / ``other``. The exporter names a level's modules by their key with a
 suffix in call order: ``head.low`` is the level's attention, ``head.low_1`` its projection and
-``head.low_2`` its VLAD; unsuffixed ``head`` nodes are the fusion. Each node's time is its median
+``head.low_2`` its VLAD; unsuffixed ``head`` nodes are ops of the head's own forward (the
+projected features' L2 normalisation and the fusion). Each node's time is its median
 over the profiled calls. Prints the tables.
 
     python benchmarks/profile_onnx.py                       # HAF, 480x640, batch 1

@@ -9,7 +9,6 @@ level, 1x1 projection and fusion with adaptive weights w_l:
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 import torch.nn.functional as F

@@ -8,6 +8,11 @@
    stride 4, concatenation, one NetVLAD with K=64 that materialises the (B,K,C,H,W) residual
    tensor), same backbone and input, eager torch, side by side in one run.
 
+3. ``ratio``: HAF vs backbone only under ONNX Runtime, the issue-14 target (>= 0.90x): both
+   sessions in one process with the same threads, calls alternated one by one (so the two see the
+   same machine load, which on a shared machine swings more than the head costs), per-model medians.
+   ``--extra NAME=FILE.onnx`` adds another exported graph to the alternation (e.g. an older head).
+
 Every configuration runs in a fresh subprocess: peak memory is that process's peak RSS
 (``ru_maxrss``) minus its RSS once the model is loaded and the input batch is built, divided
 by the batch size. Configurations are run round-robin ``--rounds`` times (so a change in the
@@ -16,6 +21,7 @@ the extraction sections of BENCHMARKS.md (other sections are kept).
 
     python benchmarks/extract.py                    # both suites, 3 rounds
     python benchmarks/extract.py --only reference --rounds 2 --no-write
+    python benchmarks/extract.py --only ratio --rounds 3 --extra haf_before=/tmp/haf_old.onnx
 """
 
 from __future__ import annotations
@@ -188,6 +194,63 @@ def child(spec: dict) -> dict:
             "iters": len(times), "base_mb": base}
 
 
+def child_ratio(spec: dict) -> dict:
+    """Alternate single calls of several ORT sessions (same threads) for ``min_time`` s; medians in s/call."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from hafloc.descriptors.runtime import session_options
+
+    h, w = SIZES[spec["size"]]
+    x = np.random.default_rng(0).random((spec["batch"], 3, h, w), dtype=np.float32)
+    sessions = {name: ort.InferenceSession(path, session_options(spec["threads"]), providers=["CPUExecutionProvider"])
+                for name, path in spec["files"].items()}
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for s in sessions.values():
+        s.run(None, {"image": x})
+    t_end = time.perf_counter() + spec["min_time"]
+    while time.perf_counter() < t_end or len(times["backbone"]) < spec["min_iters"]:
+        for name, s in sessions.items():
+            t0 = time.perf_counter()
+            s.run(None, {"image": x})
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(v)) for name, v in times.items()} | {"calls": len(times["backbone"])}
+
+
+def run_ratio(files: dict[str, Path], common: dict, rounds: int) -> dict[tuple, dict]:
+    """Per (size, batch): images/s of each graph and its ratio to the backbone, medians over rounds."""
+    import numpy as np
+    from tqdm import tqdm
+
+    configs = [("480x640", 1), ("480x640", 8), ("240x320", 1), ("240x320", 8)]
+    out: dict[tuple, list[dict]] = {}
+    bar = tqdm(total=rounds * len(configs), desc="ratio", unit="run", dynamic_ncols=True)
+    for _ in range(rounds):
+        for size, batch in configs:
+            spec = dict(common, size=size, batch=batch, files={k: str(v) for k, v in files.items()}, mode="ratio")
+            out.setdefault((size, batch), []).append(run_child(spec))
+            bar.update(1)
+    bar.close()
+    res = {}
+    for (size, batch), rs in out.items():
+        res[(size, batch)] = {name: {"ips": float(np.median([batch / r[name] for r in rs])),
+                                     "ratio": float(np.median([r["backbone"] / r[name] for r in rs])),
+                                     "ratios": [round(r["backbone"] / r[name], 3) for r in rs]}
+                              for name in files}
+    return res
+
+
+def ratio_table(res: dict[tuple, dict]) -> str:
+    names = [n for n in next(iter(res.values())) if n != "backbone"]
+    out = ["| input | batch | backbone img/s | " + " | ".join(f"{n} img/s | {n} / backbone (per round)" for n in names) + " |",
+           "|---|---|---|" + "---|---|" * len(names)]
+    for (size, batch), r in res.items():
+        cells = [f"{r[n]['ips']:.1f} | **{r[n]['ratio']:.2f}x** ({', '.join(f'{v:.2f}' for v in r[n]['ratios'])})"
+                 for n in names]
+        out.append(f"| {size} | {batch} | {r['backbone']['ips']:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
 # --------------------------------------------------------------------------- orchestration
 
 def run_child(spec: dict) -> dict:
@@ -296,7 +359,9 @@ def machine_line(threads: int, load_before: tuple, load_after: tuple, rounds: in
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", choices=["extract", "reference"], default=None, help="run one suite")
+    ap.add_argument("--only", choices=["extract", "reference", "ratio"], default=None, help="run one suite")
+    ap.add_argument("--extra", action="append", default=[], metavar="NAME=FILE",
+                    help="ratio suite: also alternate this exported ONNX graph (repeatable)")
     ap.add_argument("--rounds", type=int, default=3, help="fresh-process rounds per configuration (median)")
     ap.add_argument("--min-time", type=float, default=2.0, help="seconds of timed calls per round")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
@@ -305,7 +370,8 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(json.loads(args.child))))
+        spec = json.loads(args.child)
+        print(json.dumps(child_ratio(spec) if spec.get("mode") == "ratio" else child(spec)))
         return
 
     threads = args.threads or len(os.sched_getaffinity(0))
@@ -313,7 +379,14 @@ def main() -> None:
     suites = [args.only] if args.only else ["reference", "extract"]
     for suite in suites:
         load0 = os.getloadavg()
-        if suite == "extract":
+        if suite == "ratio":
+            with tempfile.TemporaryDirectory() as tmp:
+                files = {m: export_for(m, Path(tmp)) for m in ("backbone", "haf")}
+                files.update(dict(e.split("=", 1) for e in args.extra))
+                res = run_ratio(files, common, args.rounds)
+            tab = ratio_table(res)
+            title = "## HAF vs backbone only under ONNX Runtime, alternated in one process\n\n"
+        elif suite == "extract":
             with tempfile.TemporaryDirectory() as tmp:
                 files = {m: export_for(m, Path(tmp)) for m in ("backbone", "haf", "netvlad", "crn", "gem", "superpoint")}
                 res = run_suite(extract_specs(files, common), args.rounds, "extract")
@@ -324,6 +397,10 @@ def main() -> None:
             tab = reference_table(res)
             title = "## HAF vs the official code's design\n\n"
         text = title + machine_line(threads, load0, os.getloadavg(), args.rounds)
+        if suite == "ratio":
+            text += ("\nBoth graphs (and any --extra) run in one process, one call each in turn, for "
+                     f"{args.min_time:g} s per round; a ratio is the backbone's median time per call over the "
+                     "model's, so it is not affected by load that changes between processes.\n")
         if suite == "reference":
             text += ("\nThe official design runs the trunk three times and builds the (B, K=64, C=384, H/4 x W/4) "
                      "residual tensor (1.9 GB at 480x640); ours runs the trunk once and computes VLAD "

@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import HaflocError
 from .attention import ContextAttention
 from .base import Head, HeadConfig
-from .vlad import NetVLAD
+from .vlad import NetVLAD, l2_normalize
 
 
 class MultiLevelVLAD(Head):
@@ -54,7 +54,7 @@ class MultiLevelVLAD(Head):
     def _project(self, lv: str, x: torch.Tensor) -> torch.Tensor:
         if lv in self.proj:
             x = self.proj[lv](x)
-        return F.normalize(x, p=2, dim=1).flatten(2)
+        return l2_normalize(x, dim=1).flatten(2)
 
     def local_features(self, taps):
         return {lv: self._project(lv, taps[lv]) for lv in self.levels}
@@ -81,7 +81,7 @@ class MultiLevelVLAD(Head):
             intras.append(s * out["intra"])
             masses.append(out["mass"])
         # each V_l is unit-norm and sum w_l = 1, so this normalisation only guards empty images
-        descriptor = F.normalize(torch.cat(vlads, dim=1), p=2, dim=1)
+        descriptor = l2_normalize(torch.cat(vlads, dim=1), dim=1)
         return {
             "descriptor": descriptor,
             "attention": attention,

@@ -5,7 +5,10 @@ assignments A (B,K,N) (already multiplied by any attention) and L2-normalised fe
 
     V[b,k] = sum_i A[b,k,i] (x_i - c_k) = (A X^T)[b,k] - (sum_i A[b,k,i]) c_k
 
-so memory is O(B K (C + N)), independent of K x C x H x W.
+so memory is O(B K (C + N)), independent of K x C x H x W. Internally the features are used
+position-major, (B, N, C): the assignment softmax then runs over the last axis and both products
+are plain (transposed-operand) MatMuls, which ONNX Runtime runs much faster than a channel-axis
+softmax and an Einsum (benchmarks/profile_onnx.py).
 """
 
 from __future__ import annotations
@@ -18,25 +21,31 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def l2_normalize(x: torch.Tensor, dim: int, eps: float = 1e-12) -> torch.Tensor:
+    """``F.normalize(x, p=2, dim=dim)``, same arithmetic, but exported as a broadcasting Div: F.normalize
+    expands the norm to x's full shape first, a copy of the whole map in the ONNX graph."""
+    return x / torch.linalg.vector_norm(x, 2, dim=dim, keepdim=True).clamp_min(eps)
+
+
 def vlad_residuals(features: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Aggregate local features into per-cluster residual sums.
 
     Args:
-        features: (B, C, N) local features.
-        assign: (B, K, N) non-negative soft assignments (times attention, if any).
+        features: (B, N, C) local features, position-major.
+        assign: (B, N, K) non-negative soft assignments (times attention, if any).
         centroids: (K, C).
     Returns:
         (residuals (B, K, C) un-normalised, mass (B, K) = sum_i assign).
     """
-    mass = assign.sum(dim=2)
-    residuals = torch.bmm(assign, features.transpose(1, 2)) - mass.unsqueeze(2) * centroids.unsqueeze(0)
+    mass = assign.sum(dim=1)
+    residuals = torch.matmul(assign.transpose(1, 2), features) - mass.unsqueeze(2) * centroids.unsqueeze(0)
     return residuals, mass
 
 
 def normalize_vlad(residuals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Intra-normalise per cluster, then L2 the flattened vector. Returns (intra (B,K,C), flat (B,K*C))."""
-    intra = F.normalize(residuals, p=2, dim=2)
-    flat = F.normalize(intra.flatten(1), p=2, dim=1)
+    intra = l2_normalize(residuals, dim=2)
+    flat = l2_normalize(intra.flatten(1), dim=1)
     return intra, flat
 
 
@@ -73,15 +82,18 @@ class NetVLAD(nn.Module):
         return alpha
 
     def soft_assign(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, C, N) -> (B, K, N) softmax over clusters."""
-        logits = torch.einsum("kc,bcn->bkn", self.assign.weight, features) + self.assign.bias.view(1, -1, 1)
-        return logits.softmax(dim=1)
+        """(B, N, C) position-major -> (B, N, K) softmax over clusters."""
+        return F.linear(features, self.assign.weight, self.assign.bias).softmax(dim=2)
 
     def forward(self, features: torch.Tensor, weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Returns ``vlad`` (B, K*C), ``intra`` (B, K, C), ``mass`` (B, K)."""
+        """(B, C, N) features, optional (B, 1, N) attention or (B, K, N) per-cluster weights.
+
+        Returns ``vlad`` (B, K*C), ``intra`` (B, K, C), ``mass`` (B, K).
+        """
+        features = features.transpose(1, 2)  # a view; the graph folds it into the MatMuls
         assign = self.soft_assign(features)
         if weights is not None:
-            assign = assign * weights  # (B,1,N) attention, or (B,K,N) per-cluster weights
+            assign = assign * weights.transpose(1, 2)
         residuals, mass = vlad_residuals(features, assign, self.centroids)
         intra, flat = normalize_vlad(residuals)
         return {"vlad": flat, "intra": intra, "mass": mass}

@@ -15,8 +15,15 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 from typing import Iterator
+
+REPO = Path(__file__).resolve().parents[1]
 
 CHROMIUM = os.environ.get("HAFLOC_CHROMIUM", "/usr/bin/chromium")
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -99,3 +106,44 @@ def screenshot(page, path: str | Path, full_page: bool = True) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(path), full_page=full_page)
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def hafloc_server(index: str | Path, *extra: str, port: int | None = None, timeout: float = 60) -> Iterator[str]:
+    """``hafloc serve --index INDEX`` as a real uvicorn process on a loopback port: yields its base URL.
+
+    RuntimeError when it exits or does not answer /health within ``timeout`` seconds; the process
+    is stopped on the way out.
+    """
+    port = port or free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "hafloc", "serve", "--index", str(index), "--port", str(port),
+                             "--backend", "torch", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {proc.stdout.read().decode()[-2000:]}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"server did not start within {timeout:g} s") from None
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

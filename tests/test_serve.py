@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import fnmatch
 import io
-import os
 import shutil
-import socket
 import sqlite3
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -235,41 +229,13 @@ def test_bearer_token(served):
         assert c.get("/api/positions", headers=ok).status_code == 200
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
 def _serve(index: Path, *extra: str, port: int | None = None):
-    """``hafloc serve`` as a real uvicorn process on a free loopback port: yields its base URL."""
-    port = port or _free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "hafloc", "serve", "--index", str(index), "--port",
-                             str(port), "--backend", "torch", *extra], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
+    """``hafloc serve`` as a real process on a free loopback port (the shared harness): yields its URL."""
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited: {proc.stdout.read().decode()[-2000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        else:
-            pytest.fail("server did not start within 60 s")
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        from browser import hafloc_server
+    except ImportError:  # run from the repo root as a package
+        from tests.browser import hafloc_server
+    return hafloc_server(index, *extra, port=port)
 
 
 @pytest.fixture(scope="module")
@@ -372,7 +338,7 @@ def unpositioned_index(served) -> Path:
 def test_browser_map_unknown_estimate_and_tiles(served, unpositioned_index, tmp_path):
     browser = _browser()
     name, _ = _photo(served)
-    port = _free_port()
+    port = browser.free_port()
     base = f"http://127.0.0.1:{port}"
     # a tile server the test controls: this server's own static PNG, one per {z}/{x}/{y}
     tiles = base + "/static/vendor/leaflet/images/marker-icon.png?z={z}&x={x}&y={y}"

@@ -11,63 +11,29 @@ Uses the test harness tests/browser.py (Chromium at /usr/bin/chromium through pl
 from __future__ import annotations
 
 import argparse
-import os
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
-from browser import browser_available, open_page, screenshot  # noqa: E402
+from browser import browser_available, hafloc_server, open_page, screenshot  # noqa: E402
 
 OUT = Path(__file__).resolve().parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve_page(index: Path, photo: Path, out: Path) -> Path:
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "hafloc", "serve", "--index", str(index), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"hafloc serve exited with status {proc.returncode}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise SystemExit("hafloc serve did not start within 120 s") from None
-                time.sleep(0.3)
-        with open_page(url, viewport=(1280, 900), timeout_ms=120000) as (page, errors, failed):
-            page.wait_for_selector("#status")
-            page.set_input_files("#file", str(photo))
-            page.wait_for_selector("#result:not([hidden])", timeout=120000)
-            page.wait_for_function("document.querySelectorAll('#matches li img').length > 0", timeout=120000)
-            time.sleep(1.0)  # let the map's fit animation settle
-            shot = screenshot(page, out)
-        if errors or failed:
-            print(f"warning: console errors {errors}, failed requests {failed}", file=sys.stderr)
-        return shot
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with hafloc_server(index, timeout=120) as url, \
+            open_page(url, viewport=(1280, 900), timeout_ms=120000) as (page, errors, failed):
+        page.wait_for_selector("#status")
+        page.set_input_files("#file", str(photo))
+        page.wait_for_selector("#result:not([hidden])", timeout=120000)
+        page.wait_for_function("document.querySelectorAll('#matches li img').length > 0", timeout=120000)
+        time.sleep(1.0)  # let the map's fit animation settle
+        shot = screenshot(page, out)
+    if errors or failed:
+        print(f"warning: console errors {errors}, failed requests {failed}", file=sys.stderr)
+    return shot
 
 
 def demo_report(demo: Path, out: Path) -> Path:

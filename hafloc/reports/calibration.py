@@ -23,6 +23,19 @@ def _check(p: Sequence[float], y: Sequence[int], path: str | Path) -> tuple[np.n
     return p_arr, y_arr
 
 
+def _finish(fig, ax, path: str | Path, xlabel: str, ylabel: str, ymax: float, legend: str, title: str) -> Path:
+    """The axes both plots share (unit square, grid, legend, title), then save."""
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, ymax)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, linestyle="--", alpha=0.5)
+    ax.legend(loc=legend, fontsize=8)
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
+
+
 def plot_reliability(curves: Mapping[str, tuple[Sequence[float], Sequence[int]]], path: str | Path,
                      title: str = "") -> Path:
     """Reliability diagram: accuracy per confidence bin against the diagonal, one line per curve."""
@@ -34,15 +47,7 @@ def plot_reliability(curves: Mapping[str, tuple[Sequence[float], Sequence[int]]]
         ece = expected_calibration_error(p_arr, y_arr)
         ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o",
                 label=f"{name} (ECE {ece:.3f}, n={len(p_arr)})")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("share of estimates within the radius")
-    ax.grid(True, linestyle="--", alpha=0.5)
-    ax.legend(loc="upper left", fontsize=8)
-    if title:
-        ax.set_title(title)
-    return _save(fig, path)
+    return _finish(fig, ax, path, "confidence", "share of estimates within the radius", 1.0, "upper left", title)
 
 
 def plot_coverage(curves: Mapping[str, tuple[Sequence[float], Sequence[int]]], path: str | Path,
@@ -52,15 +57,8 @@ def plot_coverage(curves: Mapping[str, tuple[Sequence[float], Sequence[int]]], p
     for name, (p, y) in curves.items():
         cov, acc = coverage_curve(*_check(p, y, path))
         ax.plot(cov, acc, label=name)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("coverage (share of queries answered, most confident first)")
-    ax.set_ylabel("accuracy of the answered")
-    ax.grid(True, linestyle="--", alpha=0.5)
-    ax.legend(loc="lower left", fontsize=8)
-    if title:
-        ax.set_title(title)
-    return _save(fig, path)
+    return _finish(fig, ax, path, "coverage (share of queries answered, most confident first)",
+                   "accuracy of the answered", 1.02, "lower left", title)
 
 
 def write_calibration_report(meta: Mapping[str, Any], out_dir: str | Path, title: str) -> Path:

@@ -15,6 +15,37 @@ def add_backend_args(p) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
 
 
+def add_ray_args(p) -> None:
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="describe the images on a Ray cluster: ADDRESS = HOST:PORT of 'ray start --head' (or "
+                        "ray://HOST:PORT, or auto: the cluster started on this machine); without ADDRESS a local Ray "
+                        "instance with one CPU per core of this machine. One actor per --threads CPUs (default 1), "
+                        "each loading the model once; the results are committed here as without --ray. Images and the "
+                        "model must be at the same path on every node (a shared filesystem). Needs the 'ray' extra "
+                        "(pip install 'hafloc[ray]'). Put it after the positional arguments, or write --ray=ADDRESS")
+    p.add_argument("--ray-actors", type=int, default=None, metavar="N",
+                   help="with --ray: number of actors (default: the cluster's CPUs / --threads)")
+
+
+def ray_pool(args, model, paths, local=None):
+    """The ``--ray`` actor pool for ``model`` (loaded here from its file, so its path is known), checked
+    against ``paths``; close it (a context manager) when done."""
+    from pathlib import Path
+
+    from ..errors import HaflocError
+    from ..index.distributed import DescribeSpec, start_pool, warm_onnx_cache
+
+    src = getattr(model, "source_path", None)
+    if not src:
+        raise HaflocError("--ray needs a model file the workers can load")
+    if args.threads is not None and args.threads < 1:
+        raise HaflocError(f"--threads must be at least 1, got {args.threads}")
+    warm_onnx_cache(model, args.backend)
+    spec = DescribeSpec(str(Path(src).resolve()), model.fingerprint(), batch_size=args.batch_size,
+                        max_side=args.max_side, backend=args.backend, threads=args.threads or 1, local=local)
+    return start_pool(spec, paths, args.ray, args.ray_actors, quiet=getattr(args, "no_progress", False))
+
+
 def add_answer_args(p) -> None:
     """How ``locate`` and ``serve`` answer: re-ranking depth and the confidence below which they say "unknown"."""
     p.add_argument("--rerank", type=int, default=None, metavar="K",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .common import add_backend_args, make_extractor, report_failures
+from .common import add_backend_args, add_ray_args, make_extractor, ray_pool, report_failures
 
 
 def register(sub) -> None:
@@ -18,6 +18,7 @@ def register(sub) -> None:
     p.add_argument("paths", nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("--output", required=True, help="OUT.npz or OUT.h5")
     add_backend_args(p)
+    add_ray_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--checkpoint-every", type=float, default=30.0, metavar="SECONDS",
                    help="save finished descriptors this often, so a killed run resumes (default 30)")
@@ -33,8 +34,16 @@ def run(args) -> int:
     if out.suffix not in (".npz", ".h5", ".hdf5"):
         raise HaflocError(f"{out}: --output must end in .npz or .h5")
     model = load_model(args.model)
-    res = extract_to_file(make_extractor(model, args), args.paths, out, progress=not args.no_progress,
-                         checkpoint_every=args.checkpoint_every)
+    if args.ray:
+        from ..images.io import list_images
+        from ..index.distributed import RayExtractor
+
+        with ray_pool(args, model, [p for p, _ in list_images(args.paths)]) as pool:
+            res = extract_to_file(RayExtractor(pool, model), args.paths, out, progress=not args.no_progress,
+                                  checkpoint_every=args.checkpoint_every)
+    else:
+        res = extract_to_file(make_extractor(model, args), args.paths, out, progress=not args.no_progress,
+                              checkpoint_every=args.checkpoint_every)
     total = len(res.names) + len(res.failures)
     report_failures(res.failures, total)
     if not res.names:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
 
-from .common import add_backend_args, make_extractor, print_json, report_failures
+from .common import add_backend_args, add_ray_args, make_extractor, print_json, ray_pool, report_failures
 from .index_calibrate import auto_calibrate, calibration_info, register_calibrate, write_report
 
 
@@ -30,6 +31,7 @@ def register(sub) -> None:
         q.add_argument("--no-progress", action="store_true", help="no progress bar")
         add_lock_arg(q)
         add_backend_args(q)
+        add_ray_args(q)
         if model_required:  # build: the index's local features are chosen once, add follows them
             q.add_argument("--local", metavar="EXTRACTOR",
                            help="also store local features for re-ranking by verified matches "
@@ -144,15 +146,18 @@ def _index_folder(args, store_factory) -> int:
     if not pairs:
         raise HaflocError(f"{folder}: no images found")
     store, model = store_factory()
-    with store:
-        local = None
-        if store.local_config:
-            from ..local import create_extractor
+    with store, ExitStack() as stack:
+        if args.ray:  # an actor pool describes the chunks; they are committed here all the same
+            extract = stack.enter_context(ray_pool(args, model, [p for p, _ in pairs], store.local_config)).extract_fn()
+        else:
+            local = None
+            if store.local_config:
+                from ..local import create_extractor
 
-            local = create_extractor(store.local_config["extractor"], **store.local_config.get("conf", {}))
+                local = create_extractor(store.local_config["extractor"], **store.local_config.get("conf", {}))
+            extract = extractor_fn(make_extractor(model, args), local)
         # relative to the folder: the store resolves them against the root it records
-        report = store.add([p.relative_to(folder) for p, _ in pairs], folder,
-                           extractor_fn(make_extractor(model, args), local),
+        report = store.add([p.relative_to(folder) for p, _ in pairs], folder, extract,
                            positions=positions, chunk_size=args.chunk_size, progress=not args.no_progress)
         total, positioned = len(store), store.info["counts"]["positioned"]
     report_failures(report.failed, len(pairs))

@@ -205,7 +205,9 @@ def local_of(result: Any) -> "dict[str, LocalFeatures]":
     return dict(getattr(result, "local", None) or {})
 
 
-# extract_fn(paths, names) -> result with .names / .descriptors (N, D) / .failures [(name, reason)]
+# extract_fn(paths, names) -> result with .names / .descriptors (N, D) / .failures [(name, reason)].
+# It may also have ``prefetch([(paths, names), ...])``: ``add`` then announces every chunk it will ask
+# for, in order, before asking (``hafloc.index.distributed`` describes them ahead on a cluster).
 ExtractFn = Callable[[list[Path], list[str]], ExtractResultLike]
 
 
@@ -671,6 +673,10 @@ class IndexStore:
         (self.folder / "chunks").mkdir(exist_ok=True)
         self._remove_orphan_chunks()
 
+        prefetch = getattr(extract_fn, "prefetch", None)
+        if prefetch is not None:  # e.g. a Ray actor pool: describes chunks ahead, in parallel; committed below in order
+            prefetch([([a for a, _ in todo[s:s + chunk_size]], [r for _, r in todo[s:s + chunk_size]])
+                      for s in range(0, len(todo), chunk_size)])
         bar = tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress or not todo)
         for start in range(0, len(todo), chunk_size):
             batch = todo[start:start + chunk_size]

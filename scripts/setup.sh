@@ -3,6 +3,7 @@
 #   scripts/setup.sh          runtime only
 #   scripts/setup.sh --test   plus test tools and Debian's chromium for the browser tests
 #   scripts/setup.sh --docs   plus mkdocs-material and mkdocstrings (the `docs` extra) for `make docs`
+#   scripts/setup.sh --ray    plus Ray (the `ray` extra) for `--ray` (the `test` extra has it too)
 #   (flags combine: scripts/setup.sh --test --docs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +14,8 @@ for arg in "$@"; do
   case "$arg" in
     --test) test=1; extras+=(test) ;;
     --docs) extras+=(docs) ;;
-    *) echo "setup.sh: unknown option $arg (use --test and/or --docs)" >&2; exit 2 ;;
+    --ray) extras+=(ray) ;;
+    *) echo "setup.sh: unknown option $arg (use --test, --docs and/or --ray)" >&2; exit 2 ;;
   esac
 done
 extra=""

@@ -38,7 +38,10 @@ def run(args) -> int:
         from ..images.io import list_images
         from ..index.distributed import RayExtractor
 
-        with ray_pool(args, model, [p for p, _ in list_images(args.paths)]) as pool:
+        pairs = list_images(args.paths)
+        if not pairs:  # before starting a cluster
+            raise HaflocError("no images found in " + ", ".join(map(str, args.paths)))
+        with ray_pool(args, model, [p for p, _ in pairs]) as pool:
             res = extract_to_file(RayExtractor(pool, model), args.paths, out, progress=not args.no_progress,
                                   checkpoint_every=args.checkpoint_every)
     else:

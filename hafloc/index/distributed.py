@@ -147,6 +147,7 @@ class RayPool:
             self._temp = tempfile.mkdtemp(prefix="hafloc-ray-")  # never another user's /tmp/ray session
             kw.update(num_cpus=num_cpus or default_threads(), include_dashboard=False, _temp_dir=self._temp)
         else:
+            resolved: str | None = self.address
             if self.address == "auto":
                 try:
                     from ray._private.services import canonicalize_bootstrap_address
@@ -156,18 +157,24 @@ class RayPool:
                     raise HaflocError(f"--ray auto: {_first_line(err)}") from None
                 if resolved is None:
                     raise HaflocError("--ray auto: no Ray cluster started on this machine ('ray start --head')")
-            _probe(self.address if self.address != "auto" else resolved)
+            _probe(str(resolved))
         try:
             self.ray.init(address=self.address, **kw)
         except Exception as err:
             self._cleanup()
             raise HaflocError(f"--ray {self.address}: cannot connect to Ray ({_first_line(err)})") from None
-        cpus = int(self.ray.cluster_resources().get("CPU", 1))
+        cpus = int(self.ray.cluster_resources().get("CPU", 0))
+        nodes = [nd for nd in self.ray.nodes() if nd.get("Alive")]
+        biggest = max((int(nd.get("Resources", {}).get("CPU", 0)) for nd in nodes), default=0)
         n = actors or max(1, cpus // max(1, spec.threads))
+        if spec.threads > biggest or n * spec.threads > cpus:  # Ray would wait for ever for the CPUs
+            self.close()
+            raise HaflocError(f"--ray {self.address}: {n} actor(s) x {spec.threads} CPU(s) (--threads) do not fit the "
+                              f"cluster ({cpus} CPU(s), at most {biggest} on one node); lower --ray-actors or --threads")
         cls = self.ray.remote(Describer).options(num_cpus=spec.threads, max_restarts=RETRIES,
                                                  max_task_retries=RETRIES)
         self.actors = [cls.remote(spec) for _ in range(n)]
-        self.nodes = len([nd for nd in self.ray.nodes() if nd.get("Alive")])
+        self.nodes = len(nodes)
         self.cpus = cpus
 
     def check(self, paths: Sequence[str | Path]) -> list[dict[str, Any]]:
@@ -194,7 +201,7 @@ class RayPool:
             if isinstance(cause, HaflocError):
                 raise HaflocError(str(cause)) from None
             raise HaflocError(f"a Ray worker failed: {_first_line(cause or err)}") from None
-        except (exc.RayActorError, exc.WorkerCrashedError) as err:
+        except exc.RayError as err:  # an actor dead for good (RayActorError), a crashed worker, a lost node
             raise HaflocError(f"a Ray worker died {RETRIES + 1} times ({_first_line(err)}); rerun to resume "
                               "(what was committed is kept)") from None
 
@@ -307,7 +314,7 @@ class RayExtractor:
         self.chunk_size = max(1, chunk_size)
 
     def extract_paths(self, paths: list[Path], names: list[str] | None = None, progress: bool = True,
-                      checkpoint: Path | None = None, checkpoint_every: float = 30.0, **_: Any) -> Any:
+                      checkpoint: Path | None = None, checkpoint_every: float = 30.0, **_ignored: Any) -> Any:
         import time
 
         from tqdm import tqdm
@@ -318,8 +325,8 @@ class RayExtractor:
         fingerprint = self.model.fingerprint() if checkpoint is not None else ""
         results, failures = _load_checkpoint(checkpoint, fingerprint) if checkpoint is not None else ({}, {})
         todo = [i for i, n in enumerate(names) if n not in results and n not in failures]
-        chunks = [([paths[i] for i in todo[s:s + self.chunk_size]], [names[i] for i in todo[s:s + self.chunk_size]])
-                  for s in range(0, len(todo), self.chunk_size)]
+        cs = self.chunk_size
+        chunks = [([paths[i] for i in todo[s:s + cs]], [names[i] for i in todo[s:s + cs]]) for s in range(0, len(todo), cs)]
         bar = tqdm(total=len(names), initial=len(names) - len(todo), disable=not progress, desc="extract",
                    unit="img", dynamic_ncols=True)
         last_save = time.monotonic()

@@ -251,7 +251,7 @@ def create_app(index_path: str | Path, max_upload_mb: float = 20, token: str | N
     @app.get("/health")
     async def health() -> dict[str, Any]:
         # pid: which process answered (``serve --workers N`` runs N behind one port)
-        return {"status": "ok", "pid": os.getpid(), "images": len(locator.store), "token_required": config.token is not None,
+        return {"status": "ok", "pid": os.getpid(), "images": locator.store.image_count(), "token_required": config.token is not None,
                 "max_upload_mb": config.max_upload_mb, "max_pixels": config.max_pixels, "top_k": config.top_k,
                 "calibrated": locator.calibrator is not None, "radius_m": locator.agree_m,
                 "map": {"tiles": config.tiles, "attribution": config.tiles_attribution, "radius_m": locator.agree_m}}

@@ -26,7 +26,7 @@ def register(sub) -> None:
     add_answer_args(p)
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="server processes behind the one port (default 1). Memory: each worker loads its own copy "
-                        "of the model (the default model: a few hundred MB), while the index's search structure is "
+                        "of the model (the default model: about 0.5 GB), while the index's search structure is "
                         "memory-mapped read-only and shared by all of them; --threads defaults to the cores divided "
                         "by N. A worker that dies is restarted; SIGHUP to the parent restarts them one by one "
                         "(how to pick up a new calibration)")

@@ -203,8 +203,9 @@ def params_path(path: str | Path) -> Path:
 def load_search_index(path: str | Path, mmap: bool = False) -> SearchIndex:
     """Read an index written by ``save_search_index`` and re-apply its query-time parameters.
 
-    ``mmap``: map the file read-only instead of copying it (faiss >= 1.10, zero-copy for flat, IVF-PQ
-    + refine and HNSW): processes serving one index then share its pages through the page cache.
+    ``mmap``: map the file read-only instead of copying it (where faiss has ``IO_FLAG_MMAP_IFC``:
+    zero-copy for flat, IVF-PQ + refine and HNSW), so processes serving one index share its pages
+    through the page cache; the file must then only ever be replaced by rename (``atomic_path``).
     """
     path = Path(path)
     params = json.loads(params_path(path).read_text())

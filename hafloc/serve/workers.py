@@ -9,8 +9,8 @@ settings travel in the environment variable ``HAFLOC_SERVE_SETTINGS`` (JSON; chi
 parent's environment, and nothing is written to disk). SO_REUSEPORT with one ``uvicorn.Server`` per
 process would balance as well, but needs its own supervisor, signal handling and restart logic.
 
-What N processes cost: each holds its own model and decode buffers (the default model is a few
-hundred MB in RAM); the index's search structure is memory-mapped read-only
+What N processes cost: each holds its own model and decode buffers (the default model: ~520 MB
+resident with ONNX Runtime, docs/SCALING.md); the index's search structure is memory-mapped read-only
 (``IndexStore.open(read_only=True)``), so its pages are shared through the page cache.
 """
 

@@ -160,6 +160,15 @@ def test_concurrent_index_add_neither_blocks_nor_breaks_the_workers(workers, dat
         assert r.status_code == 200 and r.json()["matches"][0]["image"] == added.name
 
 
+def test_workers_option_is_checked_and_explained(data, capsys):
+    assert main(["serve", "--index", str(data["index"]), "--workers", "0"]) == 2
+    assert "--workers must be 1 or more" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = " ".join(capsys.readouterr().out.split()).replace("- ", "-")  # argparse wraps at hyphens
+    assert "each worker loads its own copy of the model" in out and "memory-mapped" in out
+
+
 def test_a_killed_worker_is_replaced_and_the_others_keep_serving(workers, data, reference):
     """uvicorn's supervisor (>= 0.30) restarts a worker that dies; meanwhile the others answer."""
     before = browser.wait_for_pids(workers, 2, timeout=30)
@@ -196,10 +205,25 @@ def test_read_only_store_never_takes_the_lock_nor_writes(data, tmp_path):
     assert (index / (LOCK_NAME + ".owner")).read_bytes() == owner
 
 
-def test_workers_option_is_checked_and_explained(data, capsys):
-    assert main(["serve", "--index", str(data["index"]), "--workers", "0"]) == 2
-    assert "--workers must be 1 or more" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["serve", "--help"])
-    out = " ".join(capsys.readouterr().out.split()).replace("- ", "-")  # argparse wraps at hyphens
-    assert "each worker loads its own copy of the model" in out and "memory-mapped" in out
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_workers_stop_when_their_supervisor_is_killed(workers):
+    """No orphan keeps serving (and holding the port) after ``kill -9`` of the parent. Runs last."""
+    pids = browser.wait_for_pids(workers, 2, timeout=60)
+    parents = {_parent(p) for p in pids}
+    assert len(parents) == 1 and os.getpid() not in parents
+    os.kill(parents.pop(), signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while any(_running(p) for p in pids):
+        assert time.monotonic() < deadline, f"workers {[p for p in pids if _running(p)]} outlived their parent"
+        time.sleep(0.1)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
 from typing import Any
 
@@ -53,6 +54,7 @@ def app_from_env() -> FastAPI:
         sys.exit(STARTUP_FAILURE)
     from ..descriptors.runtime import apply_threads
 
+    _die_with_parent()
     apply_threads(settings["threads"])  # process-wide: each worker sets its own share of the cores
     try:
         return create_app(settings["index"], locator_config=LocatorConfig(**settings["locator_config"]),
@@ -60,6 +62,21 @@ def app_from_env() -> FastAPI:
     except HaflocError as err:
         print(f"hafloc: error: worker {os.getpid()}: {err}", file=sys.stderr, flush=True)
         sys.exit(STARTUP_FAILURE)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM (a graceful stop) to this worker when its supervisor dies, even by SIGKILL;
+    otherwise the orphaned workers would keep the port and a restarted service could not bind it."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the supervisor died before the call above
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def threads_per_worker(workers: int, threads: int | None) -> int | None:
@@ -76,4 +93,7 @@ def run_workers(settings: str, host: str, port: int, workers: int) -> None:
     import uvicorn
 
     os.environ[ENV] = settings  # inherited by the spawned workers
+    # uvicorn's worker health-check timeout stays at its default (5 s): raising it (so that a SIGHUP
+    # restart waits longer for a new worker's model) delayed the replacement of a killed worker by as
+    # much, in uvicorn 0.54
     uvicorn.run(FACTORY, factory=True, host=host, port=port, workers=workers, log_level="warning")

@@ -28,8 +28,7 @@ def register(sub) -> None:
                    help="server processes behind the one port (default 1). Memory: each worker loads its own copy "
                         "of the model (the default model: about 0.5 GB), while the index's search structure is "
                         "memory-mapped read-only and shared by all of them; --threads defaults to the cores divided "
-                        "by N. A worker that dies is restarted; SIGHUP to the parent restarts them one by one "
-                        "(how to pick up a new calibration)")
+                        "by N. A worker that dies is restarted. See docs/SCALING.md")
     p.add_argument("--inference-threads", type=int, default=1, metavar="T",
                    help="photos described at once per process (default 1; each already uses --threads cores)")
     p.add_argument("--tiles", metavar="URL",

@@ -3,8 +3,8 @@
 Why uvicorn's own workers (``uvicorn.run(IMPORT_STRING, factory=True, workers=N)``): the parent binds
 the port once and hands the socket to N spawned children, each of which calls ``app_from_env`` and
 so loads the model once and opens the index read-only; uvicorn's supervisor (>= 0.30) restarts a
-worker that dies and does a rolling restart of all of them on SIGHUP, which is how servers pick up a
-new calibration or model. A spawned child cannot receive Python objects from the CLI, so the
+worker that dies (and tries a rolling restart on SIGHUP: abandoned, old workers kept, when a new
+one takes over 5 s to load its model). A spawned child cannot receive Python objects from the CLI, so the
 settings travel in the environment variable ``HAFLOC_SERVE_SETTINGS`` (JSON; children inherit the
 parent's environment, and nothing is written to disk). SO_REUSEPORT with one ``uvicorn.Server`` per
 process would balance as well, but needs its own supervisor, signal handling and restart logic.

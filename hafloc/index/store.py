@@ -1011,7 +1011,8 @@ class IndexStore:
         if self._search_is_fresh():
             index_p, ids_p = self._search_paths()
             try:
-                self._search, self._search_ids = load_search_index(index_p, mmap=self.read_only), np.load(ids_p)
+                self._search = load_search_index(index_p, mmap=self.read_only)
+                self._search_ids = np.load(ids_p, mmap_mode="r" if self.read_only else None)
                 if len(self._search_ids) == self._search.ntotal:
                     self._search_key = key
                     return self._search
@@ -1057,7 +1058,7 @@ class IndexStore:
                 return False
             if self._search is not None and self._published == published:
                 return True  # already mapped
-            index, ids = load_search_index(index_p, mmap=True), np.load(ids_p)
+            index, ids = load_search_index(index_p, mmap=True), np.load(ids_p, mmap_mode="r")
         except (OSError, ValueError, KeyError, TypeError, RuntimeError):
             return False
         if len(ids) != index.ntotal:

@@ -114,15 +114,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def health(url: str, timeout: float = 5) -> dict:
+    """GET URL/health on a new connection (so any of several worker processes may answer it)."""
+    import json
+
+    req = urllib.request.Request(url + "/health", headers={"Connection": "close"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def wait_for_pids(url: str, n: int, timeout: float = 60, exclude: "set[int] | frozenset[int]" = frozenset()) -> set[int]:
+    """The pids answering URL/health, polled on new connections until ``n`` distinct ones (not in
+    ``exclude``) have answered; RuntimeError after ``timeout`` seconds."""
+    seen: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while len(seen - set(exclude)) < n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only pids {sorted(seen)} answered {url}/health within {timeout:g} s")
+        try:
+            seen.add(int(health(url, timeout=2)["pid"]))
+        except OSError:
+            time.sleep(0.1)
+    return seen - set(exclude)
+
+
 @contextlib.contextmanager
-def hafloc_server(index: str | Path, *extra: str, port: int | None = None, timeout: float = 60) -> Iterator[str]:
+def hafloc_server(index: str | Path, *extra: str, port: int | None = None, timeout: float = 60,
+                  workers: int = 1) -> Iterator[str]:
     """``hafloc serve --index INDEX`` as a real uvicorn process on a loopback port: yields its base URL.
 
+    ``workers`` > 1: ``--workers N``, and waits until N distinct worker pids have answered /health.
     RuntimeError when it exits or does not answer /health within ``timeout`` seconds; the process
-    is stopped on the way out.
+    (and so its workers) is stopped on the way out.
     """
     port = port or free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if workers > 1:
+        extra = ("--workers", str(workers), *extra)
     proc = subprocess.Popen([sys.executable, "-m", "hafloc", "serve", "--index", str(index), "--port", str(port),
                              "--backend", "torch", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -139,6 +167,8 @@ def hafloc_server(index: str | Path, *extra: str, port: int | None = None, timeo
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"server did not start within {timeout:g} s") from None
                 time.sleep(0.2)
+        if workers > 1:
+            wait_for_pids(url, workers, timeout=max(1.0, deadline - time.monotonic()))
         yield url
     finally:
         proc.terminate()

@@ -24,7 +24,13 @@ def register(sub) -> None:
                    help="require 'Authorization: Bearer TOKEN' on the API (default: env HAFLOC_TOKEN, else none)")
     p.add_argument("--top-k", type=int, default=10, help="matches per photo (default 10)")
     add_answer_args(p)
-    p.add_argument("--workers", type=int, default=1, help="inference threads (default 1; each uses all cores)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="server processes behind the one port (default 1). Memory: each worker loads its own copy "
+                        "of the model (the default model: about 0.5 GB), while the index's search structure is "
+                        "memory-mapped read-only and shared by all of them; --threads defaults to the cores divided "
+                        "by N. A worker that dies is restarted. See docs/SCALING.md")
+    p.add_argument("--inference-threads", type=int, default=1, metavar="T",
+                   help="photos described at once per process (default 1; each already uses --threads cores)")
     p.add_argument("--tiles", metavar="URL",
                    help="map tiles under the page's map, as a URL template the browser fetches, e.g. "
                         "https://tile.openstreetmap.org/{z}/{x}/{y}.png (default: none, a plain coordinate grid; "
@@ -40,10 +46,15 @@ def run(args) -> int:
 
     from ..errors import HaflocError
     from ..serve.app import check_tile_url, create_app
-    from ..serve.locator import LocatorConfig
+    from ..serve.locator import Locator, LocatorConfig
+    from ..serve.workers import run_workers, settings_json, threads_per_worker
 
     if args.max_upload_mb <= 0:
         raise HaflocError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+    if args.workers < 1:
+        raise HaflocError(f"--workers must be 1 or more (server processes), got {args.workers}")
+    if args.inference_threads < 1:
+        raise HaflocError(f"--inference-threads must be 1 or more, got {args.inference_threads}")
     if args.max_megapixels <= 0:
         raise HaflocError(f"--max-megapixels must be positive, got {args.max_megapixels}")
     check_answer_args(args)
@@ -51,12 +62,23 @@ def run(args) -> int:
         print("warning: serving on a public address without --token: anyone who can reach it may use it")
     if args.tiles:
         check_tile_url(args.tiles)  # before the model loads: a typo should cost nothing
+    threads = threads_per_worker(args.workers, args.threads)
     lc = LocatorConfig(backend=args.backend, batch_size=args.batch_size, max_side=args.max_side, rerank=args.rerank,
-                       num_threads=args.threads, min_confidence=args.min_confidence)
-    app = create_app(args.index, max_upload_mb=args.max_upload_mb, token=args.token, model_path=args.model,
-                     top_k=args.top_k, locator_config=lc, workers=args.workers,
-                     tiles=args.tiles, tiles_attribution=args.tiles_attribution,
-                     max_pixels=int(args.max_megapixels * 1e6))
-    print(f"hafloc: serving {args.index} on http://{args.host}:{args.port}/ (Ctrl-C to stop)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+                       num_threads=threads, min_confidence=args.min_confidence)
+    app_kwargs = dict(max_upload_mb=args.max_upload_mb, token=args.token,
+                      model_path=str(args.model) if args.model else None, top_k=args.top_k,
+                      inference_threads=args.inference_threads, tiles=args.tiles,
+                      tiles_attribution=args.tiles_attribution, max_pixels=int(args.max_megapixels * 1e6))
+    where = f"http://{args.host}:{args.port}/"
+    if args.workers == 1:
+        app = create_app(args.index, locator_config=lc, **app_kwargs)
+        print(f"hafloc: serving {args.index} on {where} (Ctrl-C to stop)", flush=True)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        return 0
+    # everything a worker will load, checked once here: a wrong model or a damaged index is one clear
+    # error now rather than N workers failing (the model is freed again before the workers start)
+    Locator(args.index, args.model, lc, read_only=True).close()
+    print(f"hafloc: serving {args.index} on {where} with {args.workers} worker processes, {threads} threads each "
+          "(Ctrl-C to stop)", flush=True)
+    run_workers(settings_json(args.index, lc, threads, **app_kwargs), args.host, args.port, args.workers)
     return 0

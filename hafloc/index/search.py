@@ -200,11 +200,17 @@ def params_path(path: str | Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def load_search_index(path: str | Path) -> SearchIndex:
-    """Read an index written by ``save_search_index`` and re-apply its query-time parameters."""
+def load_search_index(path: str | Path, mmap: bool = False) -> SearchIndex:
+    """Read an index written by ``save_search_index`` and re-apply its query-time parameters.
+
+    ``mmap``: map the file read-only instead of copying it (where faiss has ``IO_FLAG_MMAP_IFC``:
+    zero-copy for flat, IVF-PQ + refine and HNSW), so processes serving one index share its pages
+    through the page cache; the file must then only ever be replaced by rename (``atomic_path``).
+    """
     path = Path(path)
     params = json.loads(params_path(path).read_text())
-    index = faiss.read_index(str(path))
+    flag = getattr(faiss, "IO_FLAG_MMAP_IFC", None) if mmap else None
+    index = faiss.read_index(str(path), flag) if flag is not None else faiss.read_index(str(path))
     if int(index.ntotal) != int(params["n"]):
         raise ValueError(f"{path}: index holds {index.ntotal} vectors, its parameters say {params['n']}")
     _apply_runtime(index, params)

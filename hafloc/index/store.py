@@ -11,7 +11,10 @@ Layout of a folder::
 One writer at a time: every write (add, remove, set-position, compact, saving the search files)
 holds an OS file lock on ``.write.lock`` (released by the OS when its process dies, so a kill
 never blocks the next writer); a second writer waits up to ``lock_timeout`` seconds, then fails
-with a one-line error. Readers never take it: they only read committed rows.
+with a one-line error. Readers never take it: they only read committed rows. A store opened
+``read_only`` (what a server opens) never takes it either, not even briefly to save a rebuilt search
+structure; it memory-maps the saved one (shared by every process serving the index) and keeps
+using it until a writer saves the next (see ``_load_published_search``).
 
 The chunk commit protocol (``_commit_chunk``, the one place that writes chunk data): under the
 lock a chunk id is allocated, each per-chunk file is written (temp + rename) *before* the
@@ -334,9 +337,13 @@ def _os_lock(path: Path) -> filelock.BaseFileLock:
 class IndexStore:
     """A persistent, resumable image index. Use ``create``/``open``/``open_or_create``."""
 
-    def __init__(self, folder: Path, info: dict[str, Any], lock_timeout: float | None = None):
+    def __init__(self, folder: Path, info: dict[str, Any], lock_timeout: float | None = None,
+                 read_only: bool = False):
         if not hasattr(self, "_flock"):  # ``create`` sets the lock up first, and holds it while we run
-            self._init_lock_only(folder, lock_timeout)
+            self._init_lock_only(folder, lock_timeout, read_only)
+        self._published: tuple[int, int] | None = None  # (n, max_id) of the saved search we mapped
+        self._stamp: tuple[int, int, int] | None = None  # read-only: ``_change_stamp`` at the last check
+        self._counted: tuple[int, int] = (-1, 0)  # (data_version, images) for ``image_count``
         self.info = info
         self._search: SearchIndex | None = None
         self._search_ids: np.ndarray | None = None
@@ -346,7 +353,7 @@ class IndexStore:
             # one connection shared by a server's worker threads, serialised by self._lock
             self._db = sqlite3.connect(str(db_path), timeout=60.0, check_same_thread=False)
             self._schema = self._read_schema()
-            if self._schema == 0:
+            if self._schema == 0 and not self.read_only:
                 self._db.executescript(_SCHEMA)
                 self._schema = 2
         except sqlite3.DatabaseError as err:
@@ -395,20 +402,22 @@ class IndexStore:
             write_json_atomic(folder / "index.json", info)
         return store
 
-    def _init_lock_only(self, folder: Path, lock_timeout: float | None) -> None:
+    def _init_lock_only(self, folder: Path, lock_timeout: float | None, read_only: bool = False) -> None:
         self.folder = folder
+        self.read_only = read_only
         self.lock_timeout = DEFAULT_LOCK_TIMEOUT if lock_timeout is None else float(lock_timeout)
         self._lock = threading.RLock()  # a server's worker threads share this object
         self._flock = _os_lock(folder / LOCK_NAME)
         self._write_depth = 0
 
     @classmethod
-    def open(cls, folder: str | Path, lock_timeout: float | None = None) -> "IndexStore":
+    def open(cls, folder: str | Path, lock_timeout: float | None = None, read_only: bool = False) -> "IndexStore":
+        """An existing index; ``read_only``: for servers, never takes the write lock (writes raise)."""
         folder = Path(folder)
         info = read_index_json(folder)
         if not (folder / "meta.sqlite").is_file():
             raise InputError(folder, "index is missing meta.sqlite")
-        return cls(folder, info, lock_timeout)
+        return cls(folder, info, lock_timeout, read_only)
 
     @classmethod
     def open_or_create(cls, folder: str | Path, fingerprint: str, dim: int,
@@ -461,6 +470,8 @@ class IndexStore:
     @contextmanager
     def _writing(self, refresh: bool = True) -> Iterator[None]:
         """Hold the index's write lock (re-entrant); on first entry re-read index.json and migrate."""
+        if self.read_only:
+            raise HaflocError(f"{self.folder}: opened read-only (as a server opens it); it cannot be changed here")
         with self._lock:
             if self._write_depth:
                 self._write_depth += 1
@@ -513,6 +524,9 @@ class IndexStore:
     @contextmanager
     def _try_writing(self) -> Iterator[bool]:
         """The write lock if it is free right now (True), else nothing (False); never waits."""
+        if self.read_only:
+            yield False
+            return
         with self._lock:
             if self._write_depth:
                 yield True
@@ -572,6 +586,14 @@ class IndexStore:
 
     def __len__(self) -> int:
         return int(self._query("SELECT COUNT(*) FROM images")[0][0])
+
+    def image_count(self) -> int:
+        """``len(self)``, counted again only when a writer has committed since (a server's /health)."""
+        with self._lock:
+            version = int(self._query("PRAGMA data_version")[0][0])
+            if self._counted[0] != version:
+                self._counted = (version, len(self))
+            return self._counted[1]
 
     def check_model(self, fingerprint: str, model_path: str | Path | None = None) -> None:
         """Refuse a model other than the one the index was built with."""
@@ -995,14 +1017,61 @@ class IndexStore:
         if self._search_is_fresh():
             index_p, ids_p = self._search_paths()
             try:
-                self._search, self._search_ids = load_search_index(index_p), np.load(ids_p)
+                self._search = load_search_index(index_p, mmap=self.read_only)
+                self._search_ids = np.load(ids_p, mmap_mode="r" if self.read_only else None)
                 if len(self._search_ids) == self._search.ntotal:
                     self._search_key = key
                     return self._search
             except (OSError, ValueError, RuntimeError):
                 pass
+        if self.read_only and self._load_published_search():
+            return self._search
         self.rebuild_search(force=True)
         return self._search
+
+    def _change_stamp(self) -> tuple[int, int, int]:
+        """What changes when a writer commits rows (SQLite's per-connection ``data_version``) or saves
+        a search structure (its JSON is replaced last): O(1), where the rows' key is a COUNT(*) that
+        costs ~40 ms per 200k rows."""
+        try:
+            st = params_path(self._search_paths()[0]).stat()
+            saved = (st.st_ino, st.st_mtime_ns)
+        except OSError:
+            saved = (0, 0)
+        return (int(self._query("PRAGMA data_version")[0][0]), *saved)
+
+    def _searchable(self) -> SearchIndex | None:
+        """``_ensure_search``, skipped by read-only stores while nothing changed since the last query."""
+        if not self.read_only:
+            return self._ensure_search()
+        stamp = self._change_stamp()
+        if self._search is None or stamp != self._stamp:
+            self._stamp = None
+            self._ensure_search()
+            self._stamp = stamp
+        return self._search
+
+    def _load_published_search(self) -> bool:
+        """Read-only stores (servers): map the search structure the last writer saved even if rows were
+        added since (a writer still running, or killed before saving): rebuilding it in every server
+        process on each committed chunk would cost N x the descriptors in RAM. The saved files are
+        replaced by rename, so the mapping stays valid; rows removed since are skipped by ``search``."""
+        index_p, ids_p = self._search_paths()
+        try:
+            params = json.loads(params_path(index_p).read_text())
+            published = (int(params["n"]), int(params["max_id"]))
+            if params.get("config") != self.info.get("search"):
+                return False
+            if self._search is not None and self._published == published:
+                return True  # already mapped
+            index, ids = load_search_index(index_p, mmap=True), np.load(ids_p, mmap_mode="r")
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError):
+            return False
+        if len(ids) != index.ntotal:
+            return False
+        self._search, self._search_ids, self._published = index, ids, published
+        self._search_key = None  # not the rows' key: checked again (cheaply) on the next search
+        return True
 
     def search(self, query_desc: np.ndarray, k: int = 10) -> list[Match] | list[list[Match]]:
         """Top-k matches with metadata: a list for one (D,) query, a list of lists for (Nq, D)."""
@@ -1012,7 +1081,7 @@ class IndexStore:
         if q2.shape[1] != self.dim:
             raise ModelMismatchError(f"{self.folder}: query descriptors are {q2.shape[1]}-D, the index holds {self.dim}-D")
         with self._lock:
-            index = self._ensure_search()
+            index = self._searchable()
             if index is None:
                 results: list[list[Match]] = [[] for _ in q2]
             else:

@@ -47,7 +47,7 @@ class ServeConfig:
     max_upload_mb: float = 20.0
     token: str | None = None
     top_k: int = 10
-    workers: int = 1  # inference threads; each already uses all cores through torch/ORT
+    inference_threads: int = 1  # photos described at once per process; each already uses --threads cores
     thumb_cache: int = 512
     tiles: str | None = None  # map tile URL template ({z}/{x}/{y}); None: a plain coordinate grid, offline
     tiles_attribution: str | None = None
@@ -205,21 +205,25 @@ class _ThumbCache:
 
 def create_app(index_path: str | Path, max_upload_mb: float = 20, token: str | None = None, backend: str = "auto",
                model_path: str | Path | None = None, top_k: int = 10, locator_config: LocatorConfig | None = None,
-               workers: int = 1, tiles: str | None = None, tiles_attribution: str | None = None,
+               inference_threads: int = 1, tiles: str | None = None, tiles_attribution: str | None = None,
                max_pixels: int = ServeConfig.max_pixels) -> FastAPI:
-    """The FastAPI app over one index; the model is loaded here, once.
+    """The FastAPI app over one index; the model is loaded here, once (per process).
+
+    The index is opened read-only: the server never takes its write lock, so ``hafloc index add``
+    runs beside it; new images are answered once that writer has saved its search structure.
 
     ``tiles``: a tile URL template the page's map draws under the positions (the browser fetches
     them, not the server); default none: a coordinate grid, so the page works offline.
     """
-    config = ServeConfig(max_upload_mb=max_upload_mb, token=token or None, top_k=top_k, workers=workers,
+    config = ServeConfig(max_upload_mb=max_upload_mb, token=token or None, top_k=top_k,
+                         inference_threads=inference_threads,
                          tiles=check_tile_url(tiles) if tiles else None, tiles_attribution=tiles_attribution,
                          max_pixels=int(max_pixels))
     if config.tiles and not config.tiles_attribution:  # tile servers ask for credit: at least name the source
         config.tiles_attribution = "tiles: " + (urlsplit(config.tiles).hostname or config.tiles).removeprefix("{s}.")
     lc = locator_config or LocatorConfig(backend=backend)
-    locator = Locator(index_path, model_path, lc)
-    pool = ThreadPoolExecutor(max_workers=max(1, config.workers), thread_name_prefix="hafloc-infer")
+    locator = Locator(index_path, model_path, lc, read_only=True)
+    pool = ThreadPoolExecutor(max_workers=max(1, config.inference_threads), thread_name_prefix="hafloc-infer")
     thumbs = _ThumbCache(config.thumb_cache)
 
     @asynccontextmanager
@@ -246,7 +250,8 @@ def create_app(index_path: str | Path, max_upload_mb: float = 20, token: str | N
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "images": len(locator.store), "token_required": config.token is not None,
+        # pid: which process answered (``serve --workers N`` runs N behind one port)
+        return {"status": "ok", "pid": os.getpid(), "images": locator.store.image_count(), "token_required": config.token is not None,
                 "max_upload_mb": config.max_upload_mb, "max_pixels": config.max_pixels, "top_k": config.top_k,
                 "calibrated": locator.calibrator is not None, "radius_m": locator.agree_m,
                 "map": {"tiles": config.tiles, "attribution": config.tiles_attribution, "radius_m": locator.agree_m}}

@@ -55,9 +55,10 @@ class Locator:
     """An open index, its model and an extractor; thread-safe for concurrent ``locate_image`` calls."""
 
     def __init__(self, index: str | Path, model_path: str | Path | None = None,
-                 config: LocatorConfig | None = None):
+                 config: LocatorConfig | None = None, read_only: bool = False):
+        """``read_only``: servers: never take the index's write lock (``IndexStore.open``)."""
         self.config = config or LocatorConfig()
-        self.store = IndexStore.open(index)
+        self.store = IndexStore.open(index, read_only=read_only)
         self.model = open_model_for(self.store, model_path)
         c = self.config
         self.calibrator = load_calibrator(self.store)

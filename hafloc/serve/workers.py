@@ -1,0 +1,99 @@
+"""``hafloc serve --workers N``: N server processes behind one port, one app factory.
+
+Why uvicorn's own workers (``uvicorn.run(IMPORT_STRING, factory=True, workers=N)``): the parent binds
+the port once and hands the socket to N spawned children, each of which calls ``app_from_env`` and
+so loads the model once and opens the index read-only; uvicorn's supervisor (>= 0.30) restarts a
+worker that dies (and tries a rolling restart on SIGHUP: abandoned, old workers kept, when a new
+one takes over 5 s to load its model). A spawned child cannot receive Python objects from the CLI, so the
+settings travel in the environment variable ``HAFLOC_SERVE_SETTINGS`` (JSON; children inherit the
+parent's environment, and nothing is written to disk). SO_REUSEPORT with one ``uvicorn.Server`` per
+process would balance as well, but needs its own supervisor, signal handling and restart logic.
+
+What N processes cost: each holds its own model and decode buffers (the default model: ~520 MB
+resident with ONNX Runtime, docs/SCALING.md); the index's search structure is memory-mapped read-only
+(``IndexStore.open(read_only=True)``), so its pages are shared through the page cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+from fastapi import FastAPI
+
+from ..errors import HaflocError
+from .app import create_app
+from .locator import LocatorConfig
+
+ENV = "HAFLOC_SERVE_SETTINGS"
+FACTORY = "hafloc.serve.workers:app_from_env"
+STARTUP_FAILURE = 3  # uvicorn's exit status for "failed before serving": its supervisor stops, never restarts
+
+
+def settings_json(index: str, locator_config: LocatorConfig, threads: int | None, **app_kwargs: Any) -> str:
+    """What each worker needs to build its app: ``create_app``'s arguments, JSON."""
+    return json.dumps({"index": str(index), "locator_config": dataclasses.asdict(locator_config),
+                       "threads": threads, "app": app_kwargs})
+
+
+def app_from_env() -> FastAPI:
+    """The uvicorn app factory each worker process calls: ``create_app`` from ``HAFLOC_SERVE_SETTINGS``.
+
+    A startup error (index or model gone since the parent checked) prints one line and exits with
+    uvicorn's startup-failure status, so the supervisor stops instead of restarting it forever.
+    """
+    try:
+        settings = json.loads(os.environ[ENV])
+    except (KeyError, ValueError):
+        print(f"hafloc: error: {FACTORY} is started by 'hafloc serve --workers N' ({ENV} missing or not JSON)",
+              file=sys.stderr, flush=True)
+        sys.exit(STARTUP_FAILURE)
+    from ..descriptors.runtime import apply_threads
+
+    _die_with_parent()
+    apply_threads(settings["threads"])  # process-wide: each worker sets its own share of the cores
+    try:
+        return create_app(settings["index"], locator_config=LocatorConfig(**settings["locator_config"]),
+                          **settings["app"])
+    except HaflocError as err:
+        print(f"hafloc: error: worker {os.getpid()}: {err}", file=sys.stderr, flush=True)
+        sys.exit(STARTUP_FAILURE)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM (a graceful stop) to this worker when its supervisor dies, even by SIGKILL;
+    otherwise the orphaned workers would keep the port and a restarted service could not bind it."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the supervisor died before the call above
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def threads_per_worker(workers: int, threads: int | None) -> int | None:
+    """``--threads`` if given, else the cores shared out between the workers (None for one worker: all)."""
+    from ..descriptors.runtime import default_threads
+
+    if threads or workers == 1:
+        return threads
+    return max(1, default_threads() // workers)
+
+
+def run_workers(settings: str, host: str, port: int, workers: int) -> None:
+    """Serve with ``workers`` processes until interrupted (blocks)."""
+    import uvicorn
+
+    os.environ[ENV] = settings  # inherited by the spawned workers
+    # uvicorn's worker health-check timeout stays at its default (5 s): raising it (so that a SIGHUP
+    # restart waits longer for a new worker's model) delayed the replacement of a killed worker by as
+    # much, in uvicorn 0.54
+    uvicorn.run(FACTORY, factory=True, host=host, port=port, workers=workers, log_level="warning")

@@ -120,16 +120,17 @@ class TrunkCache:
     # -- what is stored --------------------------------------------------------------------
     def _frozen_state(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         bb = self.model.backbone
-        groups = bb.trainable_groups()[: self.stop]
-        modes = [g.training for g in groups]
-        for g in groups:
-            g.eval()  # as in training: frozen groups keep their BatchNorm statistics
+        # as in training, frozen groups run in eval mode (BatchNorm keeps its statistics); each
+        # module's own mode is restored after (the groups are fresh containers without one)
+        modes = [(m, m.training) for g in bb.trainable_groups()[: self.stop] for m in g.modules()]
+        for m, _ in modes:
+            m.training = False
         try:
             with torch.inference_mode():
                 state = bb.forward_until(x, self.stop)
         finally:
-            for g, m in zip(groups, modes):
-                g.train(m)
+            for m, mode in modes:
+                m.training = mode
         used = set(self.model.head.levels)
         return {k: v for k, v in state.items() if k == "carry" or k not in LEVELS or k in used}
 

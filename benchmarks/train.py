@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import tempfile
 import platform
+import tempfile
 import time
 from pathlib import Path
 

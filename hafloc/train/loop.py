@@ -11,6 +11,10 @@ cache is a pure function of the saved weights, so ``--resume`` recomputes it and
 exactly as the uninterrupted run would (same weights, same history). ``checkpoint_every``
 iterations are therefore rounded up to the next round start.
 
+Frozen-trunk cache (``trunk_cache.py``, on by default): the frozen backbone groups run once per
+image before training starts; steps, refreshes and validation then start from their stored
+output and run only the trainable groups and the head.
+
 Distributed (torchrun): every rank mines the same global batch (same cache, same miner state)
 and trains on its shard of the tuples under DistributedDataParallel; descriptor extraction is
 split across ranks and gathered; rank 0 writes every file.

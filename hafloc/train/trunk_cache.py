@@ -211,7 +211,7 @@ class TrunkCache:
                 chunk = todo_keys[s:s + self.shard_rows]
                 rows = np.empty((len(chunk), self.row_len), self.dtype)
                 pos = 0
-                for ev in run_batches(self._runner, [first[k] for k in chunk], load, batch_size, workers=workers):
+                for ev in run_batches(_Rows(self), [first[k] for k in chunk], load, batch_size, workers=workers):
                     if not isinstance(ev, Batch):
                         raise InputError(paths[ev.item], ev.error.cause)
                     rows[pos:pos + len(ev.items)] = ev.outputs["rows"]
@@ -230,10 +230,11 @@ class TrunkCache:
             log.info("trunk cache: %d image(s) computed in %.1f s (%s)", len(todo_keys), seconds, self.folder)
         return {"images": len(keys), "computed": len(todo_keys), "seconds": round(seconds, 2), "folder": str(self.folder)}
 
-    def _runner(self, x: torch.Tensor) -> dict[str, np.ndarray]:
+    def rows(self, x: torch.Tensor) -> np.ndarray:
+        """Cache rows (B, row_len) of an image batch (B,3,H,W) in [0, 1] at the cache's size."""
         state = self._frozen_state(x.to(next(self.model.parameters()).device))
         flat = [state[k].reshape(len(x), -1).float().cpu().numpy() for k, _ in self.fields]
-        return {"rows": np.concatenate(flat, axis=1).astype(self.dtype)}
+        return np.concatenate(flat, axis=1).astype(self.dtype)
 
     def _shard(self, n: int) -> np.ndarray:
         m = self._maps.get(n)
@@ -274,3 +275,15 @@ class TrunkCache:
 
     def close(self) -> None:
         self._maps.clear()
+
+
+class _Rows:
+    """The cache's frozen pass as a ``runtime.Runner`` (so ``run_batches`` decodes ahead)."""
+
+    outputs: tuple[str, ...] = ("rows",)
+
+    def __init__(self, cache: TrunkCache):
+        self.cache = cache
+
+    def __call__(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
+        return {"rows": self.cache.rows(batch)}

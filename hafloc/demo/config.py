@@ -21,10 +21,11 @@ class DemoConfig:
     """What the demo builds. ``create(quick=...)`` gives the two sizes the README promises.
 
     Budgets are in epochs (the same training on any machine, for any seed), sized for a 2-core
-    CPU with the frozen-trunk cache (train/trunk_cache.py: 3-6x faster epochs than the whole
-    backbone per step): the full run (15 epochs at the synthetic city's native 256x320: about
-    the 2 min per method in which the former time budget bought 4-5 epochs) stays under 15
-    minutes, ``--quick`` (128x160, 10 epochs, about the former 15 s per method) under 3.
+    CPU with the frozen-trunk cache (train/trunk_cache.py; measured epochs 2.1x (HAF) to 3.1x
+    (NetVLAD) faster at 128x160, about 6x for HAF at 256x320): the full run (12 epochs at the
+    synthetic city's native 256x320, about the 2 min per method in which the former time budget
+    bought 4-5) stays under 15 minutes, ``--quick`` (128x160, 10 epochs instead of 4, about the
+    former 10-15 s per method) under 3.
     """
 
     output: str = "hafloc-demo"
@@ -36,7 +37,7 @@ class DemoConfig:
     proj_dim: int = 128  # HAF: channels per level after the 1x1 projection
     train_minutes: float | None = None  # optional wall-clock cap per method (None: the epochs alone)
     fit_images: int = 60  # images whose local features initialise the clusters (k-means): enough for 32
-    epochs: int = 15  # the training budget per method (--quick: 10)
+    epochs: int = 12  # the training budget per method (--quick: 10)
     batch_size: int = 4
     num_negatives: int = 5
     cache_refresh: int = 60  # one descriptor refresh per epoch of the demo's 60 training queries

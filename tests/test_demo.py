@@ -197,7 +197,8 @@ def test_config_presets_and_validation(tmp_path):
     q = DemoConfig.create(tmp_path, quick=True)
     f = DemoConfig.create(tmp_path)
     assert q.city_config().places_per_split["test"] < f.city_config().places_per_split["test"]
-    assert q.train_minutes * len(q.methods) < 1.5 and f.train_minutes * len(f.methods) <= 10
+    # budgets in epochs, never wall clock: a run trains the same on any machine
+    assert q.train_minutes is None and f.train_minutes is None and 1 <= q.epochs <= f.epochs
     for cfg in (q, f):
         assert all(v % 32 == 0 for v in cfg.image_size)
     with pytest.raises(HaflocError, match="unknown method"):

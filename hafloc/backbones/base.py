@@ -33,3 +33,14 @@ class Backbone(nn.Module):
     def trainable_groups(self) -> list[nn.Module]:
         """Stages from input to output; training unfreezes the last ``n`` of them."""
         raise NotImplementedError
+
+    # A split pass: ``forward_from(forward_until(x, k), k)`` equals ``forward(x)`` for every
+    # 0 <= k <= len(trainable_groups()). The training trunk cache stores the first half once.
+    def forward_until(self, x: torch.Tensor, stop: int) -> dict[str, torch.Tensor]:
+        """Run the first ``stop`` groups: the taps they complete, and under ``"carry"`` the map
+        entering group ``stop`` (possibly the same tensor as a tap)."""
+        raise NotImplementedError(f"{self.name} cannot split its forward pass")
+
+    def forward_from(self, state: dict[str, torch.Tensor], stop: int) -> dict[str, torch.Tensor]:
+        """Continue :meth:`forward_until`'s ``state`` through the groups from ``stop`` on: every tap."""
+        raise NotImplementedError(f"{self.name} cannot split its forward pass")

@@ -124,6 +124,34 @@ class EfficientNetLite(Backbone):
                 break
         return out
 
+    def _group_ends(self) -> list[int]:
+        """Blocks run after each group (group 0 is the stem: none)."""
+        return [0] + [self._tap_blocks[level] + 1 for level in ("low", "mid", "high")]
+
+    def forward_until(self, x: torch.Tensor, stop: int) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        if stop >= 1:
+            x = self.act(self._bn0(self._conv_stem(self.normalize(x))))
+            taps = {i: level for level, i in self._tap_blocks.items()}
+            for i in range(self._group_ends()[min(stop, 4) - 1]):
+                x = self._blocks[i](x)
+                if i in taps:
+                    out[taps[i]] = x
+        out["carry"] = x
+        return out
+
+    def forward_from(self, state: dict[str, torch.Tensor], stop: int) -> dict[str, torch.Tensor]:
+        out = {k: v for k, v in state.items() if k != "carry"}
+        x = state["carry"]
+        if stop < 1:
+            x = self.act(self._bn0(self._conv_stem(self.normalize(x))))
+        taps = {i: level for level, i in self._tap_blocks.items()}
+        for i in range(self._group_ends()[min(stop, 4) - 1] if stop >= 1 else 0, self._tap_blocks["high"] + 1):
+            x = self._blocks[i](x)
+            if i in taps:
+                out[taps[i]] = x
+        return out
+
     def trainable_groups(self) -> list[nn.Module]:
         groups: list[nn.Module] = [nn.ModuleList([self._conv_stem, self._bn0])]
         start = 0

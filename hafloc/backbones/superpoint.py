@@ -50,6 +50,31 @@ class SuperPointNet(Backbone):
         desc = F.normalize(self.convDb(F.relu(self.convDa(x))), p=2, dim=1)
         return {"high": desc, "semi": semi}
 
+    def _stages(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Groups ``start`` .. ``stop - 1`` of the encoder (0: conv1-2, 1: conv3-4)."""
+        if start <= 0 < stop:
+            x = (x * self.gray).sum(dim=1, keepdim=True)
+            for a, b in ((self.conv1a, self.conv1b), (self.conv2a, self.conv2b)):
+                x = F.max_pool2d(F.relu(b(F.relu(a(x)))), 2, 2)
+        if start <= 1 < stop:
+            x = F.max_pool2d(F.relu(self.conv3b(F.relu(self.conv3a(x)))), 2, 2)
+            x = F.relu(self.conv4b(F.relu(self.conv4a(x))))
+        return x
+
+    def _heads(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        semi = self.convPb(F.relu(self.convPa(x)))
+        desc = F.normalize(self.convDb(F.relu(self.convDa(x))), p=2, dim=1)
+        return {"high": desc, "semi": semi}
+
+    def forward_until(self, x: torch.Tensor, stop: int) -> dict[str, torch.Tensor]:
+        x = self._stages(x, 0, min(stop, 2))
+        return {**(self._heads(x) if stop >= 3 else {}), "carry": x}
+
+    def forward_from(self, state: dict[str, torch.Tensor], stop: int) -> dict[str, torch.Tensor]:
+        if stop >= 3:
+            return {k: v for k, v in state.items() if k != "carry"}
+        return self._heads(self._stages(state["carry"], stop, 2))
+
     def trainable_groups(self) -> list[nn.Module]:
         return [
             nn.ModuleList([self.conv1a, self.conv1b, self.conv2a, self.conv2b]),

@@ -13,6 +13,7 @@ from .base import Backbone
 _CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 # index in torchvision's ``features`` of the ReLU after conv3_3, conv4_3, conv5_3
 _TAPS = {"low": 15, "mid": 22, "high": 29}
+_GROUP_ENDS = (16, 23, 30)  # layers run after each of trainable_groups()
 
 
 class VGG16(Backbone):
@@ -41,6 +42,28 @@ class VGG16(Backbone):
             if i in taps:
                 # clone: the next in-place ReLU would not touch it, but training code may
                 out[taps[i]] = x
+        return out
+
+    def _run(self, x: torch.Tensor, start: int, end: int, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        taps = {i: level for level, i in _TAPS.items()}
+        for i in range(start, end):
+            x = self.features[i](x)
+            if i in taps:
+                out[taps[i]] = x
+        return x
+
+    def forward_until(self, x: torch.Tensor, stop: int) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        if stop >= 1:
+            x = self._run(self.normalize(x), 0, _GROUP_ENDS[min(stop, 3) - 1], out)
+        out["carry"] = x
+        return out
+
+    def forward_from(self, state: dict[str, torch.Tensor], stop: int) -> dict[str, torch.Tensor]:
+        out = {k: v for k, v in state.items() if k != "carry"}
+        x = state["carry"]
+        start = _GROUP_ENDS[min(stop, 3) - 1] if stop >= 1 else 0
+        self._run(x if stop >= 1 else self.normalize(x), start, len(self.features), out)
         return out
 
     def trainable_groups(self) -> list[nn.Module]:

@@ -19,13 +19,13 @@ def register(sub) -> None:
                     "DIR/results.json. About 15 minutes on a 2-core CPU (--quick: under 3). Rerunning reuses "
                     "every finished stage; an interrupted run resumes.",
     )
-    p.add_argument("--quick", action="store_true", help="small city, small images, 15 s of training per method")
+    p.add_argument("--quick", action="store_true", help="small city, small images, fewer training epochs per method")
     p.add_argument("--output", default="hafloc-demo", help="output folder: data, models, figures, index.html (default hafloc-demo)")
     p.add_argument("--seed", type=int, default=0, help="seed of the city and of training (default 0)")
     p.add_argument("--methods", type=_methods, default=None,
                    help=f"comma-separated methods of {','.join(METHODS)} (default {','.join(DEMO_METHODS)})")
     p.add_argument("--train-minutes", type=float, default=None,
-                   help="training budget per method in minutes (default 2; --quick 0.25)")
+                   help="cap on the training time per method in minutes (default: none; the budget is in epochs)")
     p.add_argument("--backend", choices=["auto", "torch", "onnx"], default=None,
                    help="extraction engine (default auto: ONNX Runtime when installed; --quick: torch)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (stage lines only)")

@@ -46,6 +46,9 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ("--time-budget", "time_budget", float, "wall-clock budget in minutes; stops cleanly when spent"),
     ("--workers", "workers", int, "image decoding threads (default 2)"),
     ("--cache-images", "cache_images", str, "keep decoded images in memory: auto (default), yes, no"),
+    ("--trunk-cache", "trunk_cache", str, "store the frozen backbone groups' output once per image and train only "
+     "the rest: float16 (default), float32 (bit-exact) or no"),
+    ("--cache", "cache", str, "trunk cache folder (default OUTPUT/.trunk_cache); runs may share one"),
 ]
 
 
@@ -72,11 +75,11 @@ def config_from_args(args) -> tuple[TrainConfig, bool]:
     given = {dest: getattr(args, dest) for _, dest, _, _ in _FLAGS if getattr(args, dest, None) is not None}
     if args.resume:
         cfg = TrainConfig.load(Path(args.resume) / "config.json")
-        changed = sorted(k for k in given if k not in ("epochs", "time_budget", "workers", "output")
+        changed = sorted(k for k in given if k not in ("epochs", "time_budget", "workers", "output", "cache")
                          and getattr(cfg, k) != TrainConfig(**{k: given[k]}).__dict__[k])
         if changed:
             raise HaflocError(f"--resume keeps the run's settings; cannot change {', '.join(changed)}")
-        for k in ("epochs", "time_budget", "workers"):
+        for k in ("epochs", "time_budget", "workers", "cache"):
             if k in given:
                 setattr(cfg, k, given[k])
         cfg.output = str(args.resume)

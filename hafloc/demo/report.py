@@ -252,10 +252,11 @@ def write_demo_report(out: Path, cfg: DemoConfig, summary: dict[str, Any], resul
                                     f"{s.get('best_epoch')} (epoch 0 = before training)."))
     sections.append(Section(
         "Training",
-        paragraphs=[f"Each method trained for about {cfg.train_minutes:g} min of wall clock on the training split "
-                    f"with GPS supervision (positives within 10 m, hard negatives beyond 25 m), validated on val after "
-                    f"every epoch; the model with the best val recall@5 is kept (that may be epoch 0, before any "
-                    f"training, when a brief run does not help)."] if hist else
+        paragraphs=[f"Each method trained for {cfg.epochs} epochs"
+                    + (f" (at most {cfg.train_minutes:g} min)" if cfg.train_minutes else "")
+                    + " on the training split with GPS supervision (positives within 10 m, hard negatives beyond "
+                    "25 m), validated on val after every epoch; the model with the best val recall@5 is kept (that "
+                    "may be epoch 0, before any training, when a brief run does not help)."] if hist else
         ["No training curves: training did not run in this build."],
         images=hist))
 

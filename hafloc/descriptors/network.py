@@ -74,7 +74,11 @@ class GeoLocNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict:
         """(B,3,H,W) RGB in [0,1] -> head outputs + ``raw`` (pre-whitening) + whitened ``descriptor``."""
-        out = self.head(self.backbone(x))
+        return self.forward_taps(self.backbone(x))
+
+    def forward_taps(self, taps: dict[str, torch.Tensor]) -> dict:
+        """The head and whitening on backbone taps (``forward`` without the backbone)."""
+        out = self.head(taps)
         out["raw"] = out["descriptor"]
         out["descriptor"] = self.whitening(out["raw"])
         return out

@@ -69,6 +69,11 @@ class ImageStore:
                 log.warning("skipped %s: %s", self.paths[i], reason)
         return bad
 
+    def drop_cache(self) -> None:
+        """Forget the decoded images (the trunk cache holds what training needs of them)."""
+        self.cache_enabled = False
+        self._cache.clear()
+
     def close(self) -> None:
         self._pool.shutdown(wait=False)
 

@@ -11,6 +11,10 @@ cache is a pure function of the saved weights, so ``--resume`` recomputes it and
 exactly as the uninterrupted run would (same weights, same history). ``checkpoint_every``
 iterations are therefore rounded up to the next round start.
 
+Frozen-trunk cache (``trunk_cache.py``, on by default): the frozen backbone groups run once per
+image before training starts; steps, refreshes and validation then start from their stored
+output and run only the trainable groups and the head.
+
 Distributed (torchrun): every rank mines the same global batch (same cache, same miner state)
 and trains on its shard of the tuples under DistributedDataParallel; descriptor extraction is
 split across ranks and gathered; rank 0 writes every file.
@@ -44,6 +48,7 @@ from .config import TrainConfig
 from .data import TrainData, load_train_data
 from .losses import LOSSES, compute_loss, default_loss_for
 from .mining import HardNegativeMiner
+from .trunk_cache import CachedTrunkNet, TrunkCache, frozen_groups, why_not_cacheable
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +100,12 @@ def build_optimizer(model: GeoLocNet, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def tuple_loss(net: nn.Module, images: torch.Tensor, num_tuples: int, num_negatives: int, loss: str,
-               margin: float | None, neg_mask: torch.Tensor | None = None) -> torch.Tensor:
+def tuple_loss(net: nn.Module, images: torch.Tensor | dict[str, torch.Tensor], num_tuples: int, num_negatives: int,
+               loss: str, margin: float | None, neg_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Loss of ``num_tuples`` tuples laid out as [queries; positives; negatives (tuple-major)].
 
-    One forward pass for all images of the batch; ``net`` is the model or its DDP wrapper.
+    One forward pass for all images of the batch; ``net`` is the model or its DDP wrapper, or a
+    ``CachedTrunkNet`` (then ``images`` is its trunk state, laid out the same way).
     """
     out = net(images)
     b, n = num_tuples, num_negatives
@@ -248,12 +254,15 @@ class Trainer:
                      len(d.positives))
         if len(self.miner.valid_queries) == 0:
             raise HaflocError(f"{d.train.name}: no training query has a positive; nothing to train on")
-        self.net: nn.Module = self.model
+        self.trunk, self.trunk_info = self._open_trunk_cache()
+        # with the trunk cache, steps and descriptors start from the cached frozen groups' output
+        self._body: nn.Module = CachedTrunkNet(self.model, self.trunk.stop) if self.trunk else self.model
+        self.net: nn.Module = self._body
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=True)
+            self.net = DistributedDataParallel(self._body, device_ids=ids, find_unused_parameters=True)
         self._runner = TorchRunner(self.model, outputs=("descriptor",))
         self._memo: dict[int, np.ndarray] = {}  # store index -> descriptor under the current weights
         self._sec_per_image = 0.05
@@ -261,6 +270,22 @@ class Trainer:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out / "config.json")
+
+    def _open_trunk_cache(self) -> tuple[TrunkCache | None, dict]:
+        """The frozen-trunk cache, built over every image training and validation use (or None)."""
+        cfg, d = self.cfg, self.data
+        why = "--trunk-cache no" if cfg.trunk_cache == "no" else why_not_cacheable(self.model, cfg.train_stages)
+        if why is not None:
+            log.info("trunk cache off: %s", why)
+            return None, {"enabled": False, "reason": why}
+        root = Path(cfg.cache) if cfg.cache else self.out / ".trunk_cache"
+        cache = TrunkCache(root, self.model, frozen_groups(self.model, cfg.train_stages), cfg.image_size,
+                           dtype=cfg.trunk_cache)
+        used = np.unique(np.concatenate([d.db_ids, d.q_ids, d.val_db_ids, d.val_q_ids]))
+        info = cache.build(d.store.paths, d.store.load, ids=used, batch_size=cfg.eval_batch_size,
+                           workers=cfg.workers, progress=self.progress_bars)
+        d.store.drop_cache()  # the decoded images are no longer read
+        return cache, {"enabled": True, **info}
 
     def _probe_keys(self) -> set[str]:
         h, w = self.cfg.image_size
@@ -280,13 +305,21 @@ class Trainer:
             t0 = time.monotonic()
             bar = tqdm(total=len(todo), desc="train: descriptors", unit="img", leave=False,
                        disable=not self.progress_bars or len(todo) < 64, dynamic_ncols=True)
-            # one image size: batches run in order, in chunks of eval_batch_size
-            for ev in run_batches(self._runner, mine.tolist(), self.data.store.load, self.cfg.eval_batch_size,
-                                  workers=self.cfg.workers):
-                if not isinstance(ev, Batch):  # the store checked every image up front
-                    raise ev.error
-                chunks.append(ev.outputs["descriptor"])
-                bar.update(len(ev.items) * self.dist.world_size)
+            if self.trunk is not None:
+                bs = self.cfg.eval_batch_size
+                for s in range(0, len(mine), bs):
+                    state = {k: v.to(self.device) for k, v in self.trunk.batch(mine[s:s + bs]).items()}
+                    with torch.inference_mode():
+                        chunks.append(self._body(state)["descriptor"].float().cpu().numpy())
+                    bar.update(len(mine[s:s + bs]) * self.dist.world_size)
+            else:
+                # one image size: batches run in order, in chunks of eval_batch_size
+                for ev in run_batches(self._runner, mine.tolist(), self.data.store.load, self.cfg.eval_batch_size,
+                                      workers=self.cfg.workers):
+                    if not isinstance(ev, Batch):  # the store checked every image up front
+                        raise ev.error
+                    chunks.append(ev.outputs["descriptor"])
+                    bar.update(len(ev.items) * self.dist.world_size)
             bar.close()
             dim = self.model.out_dim
             local = np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)
@@ -353,7 +386,12 @@ class Trainer:
             mask[j, :k] = True
             padded = list(negs) + [negs[0]] * (n - k)  # padding is masked out of the loss
             neg_ids.extend(int(d.db_ids[x]) for x in padded)
-        x = d.store.batch(q_ids + p_ids + neg_ids).to(self.device, non_blocking=True)
+        ids = q_ids + p_ids + neg_ids
+        x: torch.Tensor | dict[str, torch.Tensor]
+        if self.trunk is not None:
+            x = {k: v.to(self.device, non_blocking=True) for k, v in self.trunk.batch(ids).items()}
+        else:
+            x = d.store.batch(ids).to(self.device, non_blocking=True)
         mask = mask.to(self.device)
         set_train_mode(self.model, self.frozen)
         self.optimizer.zero_grad(set_to_none=True)
@@ -452,6 +490,7 @@ class Trainer:
                    "epochs_done": self.prog.epoch, "stopped_for_time": stopped_for_time,
                    "supervision": d.supervision, "loss": self.loss_name,
                    "dropped_queries": self.prog.dropped_queries, "skipped_images": d.skipped,
+                   "trunk_cache": self.trunk_info,
                    "history": self.prog.history, "seconds": round(self.elapsed(), 1),
                    "rank": self.dist.rank}
         if self.main and cfg.dim and (self.out / "best.model").exists():
@@ -465,6 +504,8 @@ class Trainer:
             save_model(best, self.out / "best.model", meta=meta)
         D.barrier(self.dist)
         d.store.close()
+        if self.trunk is not None:
+            self.trunk.close()
         D.teardown(self.dist)
         return summary
 

@@ -251,10 +251,9 @@ def split_database(ds: Dataset, val_fraction: float = 0.2, seed: int = 0) -> tup
                                quirks={k: v for k, v in ds.quirks.items()
                                        if k not in Q_QUIRKS and k not in PAIRED_QUIRKS and k != "revisited"})
     train = base.subset(db_idx=keep, name=f"{ds.name}-train")
-    if ds.db_labels is not None:
-        q_labels, q_utm = ds.db_labels[held_arr], None
-    else:
-        q_labels, q_utm = None, ds.db_utm[held_arr]
+    # the held-out images query by what the set has: labels, else positions (checked above)
+    q_labels = ds.db_labels[held_arr] if ds.db_labels is not None else None
+    q_utm = ds.db_utm[held_arr] if q_labels is None and ds.db_utm is not None else None
     val = dataclasses.replace(train, name=f"{ds.name}-val", q_images=[ds.db_images[i] for i in held_arr],
                               q_labels=q_labels, q_utm=q_utm)
     val.quirks = dict(val.quirks, split_from_database={"val_fraction": val_fraction, "seed": seed,

@@ -28,7 +28,7 @@ _TOKYO_CUTOUT = re.compile(r"^(?P<pano>.+)_(?P<pitch>\d{3})_(?P<yaw>\d{3})\.\w+$
 
 def _strings(path: Path, v: Any, field: str) -> list[str]:
     arr = np.asarray(v, dtype=object).ravel()
-    out = []
+    out: list[str] = []
     for x in arr:
         while isinstance(x, np.ndarray):
             if x.size != 1:

@@ -91,7 +91,8 @@ def read_position_csv(path: Path) -> tuple[dict[str, tuple[str, float, float, An
         for i, r in enumerate(rows, start=2):
             split = SPLIT_ALIASES.get(r.get("split", "").lower(), r.get("split", "").lower())
             if kind == "latlon":
-                entry = (split, parse_float(path, r["lat"], "lat", i), parse_float(path, r["lon"], "lon", i), None)
+                entry: tuple[str, float, float, str | None] = (
+                    split, parse_float(path, r["lat"], "lat", i), parse_float(path, r["lon"], "lon", i), None)
             else:
                 entry = (split, parse_float(path, r["easting"], "easting", i),
                          parse_float(path, r["northing"], "northing", i), r.get("zone") or None)

@@ -78,7 +78,7 @@ def load_labels(path: str | Path, split: str = "test", val_fraction: float = 0.2
     ``quirks['split_from_database']``).
     """
     p = csv_path(Path(path))
-    _, rows = read_csv_rows(p, required=("image", "label", "split"))
+    _header, rows = read_csv_rows(p, required=("image", "label", "split"))
     if not rows:
         raise InputError(p, "no rows")
     by_split: dict[str, list[dict[str, str]]] = {}

@@ -79,17 +79,17 @@ def load_sf0(path: str | Path, split: str = "test", protocol: str | None = None,
                                "q_building_ids": [sorted(gt[k]) for k in sorted(gt)]})
     if protocol != "posed":
         raise ValueError("protocol must be 'building' or 'posed'")
-    _, rows = read_csv_rows(root / POSES, required=("image", "lat", "lon"))
+    _header, rows = read_csv_rows(root / POSES, required=("image", "lat", "lon"))
     q = [r["image"] if "/" in r["image"] else f"queries/{r['image']}" for r in rows]
     q_ll = np.array([[parse_float(root / POSES, r["lat"], "lat", i), parse_float(root / POSES, r["lon"], "lon", i)]
                      for i, r in enumerate(rows, start=2)]).reshape(-1, 2)
-    db_ll = []
+    db_pts: list[tuple[float, float]] = []
     for n in db:
         ll = pci_latlon(n)
         if ll is None:
             raise InputError(root / n, "database name does not carry a position (PCI_sp_<id>_<lat>_<lon>_...)")
-        db_ll.append(ll)
-    db_ll = np.asarray(db_ll)
+        db_pts.append(ll)
+    db_ll = np.asarray(db_pts)
     e, nn, zn, zl = latlon_to_utm(np.r_[db_ll[:, 0], q_ll[:, 0]], np.r_[db_ll[:, 1], q_ll[:, 1]])
     pos = np.stack([e, nn], 1)
     return Dataset(name="sf0-posed", format="sf0", root=root, db_images=db, q_images=q, db_utm=pos[: len(db)],

@@ -77,7 +77,7 @@ class Extractor:
             scale = min(1.0, long_b / max(img.size), short_b / min(img.size))
             if scale < 1.0:
                 img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
-                                 Image.BILINEAR, reducing_gap=3.0)
+                                 Image.Resampling.BILINEAR, reducing_gap=3.0)
         if crop_box is not None:
             x1, y1, x2, y2 = (int(round(v * scale)) for v in crop_box)
             x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, img.width), min(y2, img.height)

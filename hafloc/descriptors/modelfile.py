@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -18,7 +19,7 @@ VERSION = 1
 
 
 def save_model(model: GeoLocNet, path: str | Path, meta: dict | None = None) -> Path:
-    payload = {
+    payload: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
         "hafloc": __version__,

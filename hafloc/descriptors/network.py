@@ -6,11 +6,12 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..backbones import create_backbone
+from ..backbones import Backbone, create_backbone
 from ..backbones.superpoint import SuperPointNet
 from ..errors import HaflocError
 from ..heads import METHODS, HeadConfig, create_head, head_config
@@ -52,9 +53,15 @@ class ModelConfig:
 
 
 class GeoLocNet(nn.Module):
+    """``meta`` (what the model file recorded: fitting, training, tuning) and ``source_path`` (the
+    file it was loaded from) are set by ``modelfile.load_model``; a model built here has neither."""
+
     def __init__(self, config: ModelConfig, pretrained: bool = True, backbone_weights: str | None = None):
         super().__init__()
         self.config = config
+        self.meta: dict[str, Any] = {}
+        self.source_path: str | None = None
+        self.backbone: Backbone
         if config.backbone == "superpoint":
             self.backbone = SuperPointNet()
             if pretrained:

@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -41,6 +41,13 @@ def default_cache_dir() -> Path | None:
     if env is not None:
         return None if env.strip().lower() in _CACHE_OFF else Path(env).expanduser()
     return Path.home() / ".cache" / "hafloc" / "descriptors"
+
+
+def _cache_folder(cache_dir: str | Path | Literal[False] | None) -> Path | None:
+    """The descriptor cache folder: ``cache_dir``, :func:`default_cache_dir` for None, none for False."""
+    if cache_dir is None:
+        return default_cache_dir()
+    return None if cache_dir is False else Path(cache_dir)
 
 
 @dataclass
@@ -180,7 +187,7 @@ def _query_boxes(ds: Dataset, crop: bool) -> list | None:
 
 
 def extract_modes(model, ds: Dataset, settings: ExtractionSettings | None = None, *, crops: Sequence[bool] = (False,),
-                  cache_dir: str | Path | None | bool = None, progress: bool = True,
+                  cache_dir: str | Path | Literal[False] | None = None, progress: bool = True,
                   extractor=None) -> list[DatasetDescriptors]:
     """Like :func:`extract_dataset` for several query modes (full / cropped) sharing one database pass.
 
@@ -188,7 +195,7 @@ def extract_modes(model, ds: Dataset, settings: ExtractionSettings | None = None
     """
     settings = settings or ExtractionSettings()
     extractor = extractor or settings.extractor_for(model, ds)
-    folder = default_cache_dir() if cache_dir is None else (Path(cache_dir) if cache_dir is not False else None)
+    folder = _cache_folder(cache_dir)
     cache = DescriptorCache(folder, model.fingerprint(), settings_key(extractor)) if folder is not None else None
     memo: dict[str, np.ndarray] = {}  # Holidays/Oxford queries are database images: extract them once
     t0 = time.perf_counter()
@@ -206,7 +213,7 @@ def extract_modes(model, ds: Dataset, settings: ExtractionSettings | None = None
 
 
 def extract_dataset(model, ds: Dataset, settings: ExtractionSettings | None = None, *,
-                    crop_queries: bool | None = None, cache_dir: str | Path | None | bool = None,
+                    crop_queries: bool | None = None, cache_dir: str | Path | Literal[False] | None = None,
                     progress: bool = True, extractor=None) -> DatasetDescriptors:
     """Descriptors of a dataset's database and query images (cached; unreadable images skipped).
 
@@ -306,7 +313,7 @@ def score_descriptors(ds: Dataset, d: DatasetDescriptors, ns: Sequence[int] = (1
     return result
 
 
-def evaluate(model, ds: Dataset, settings: ExtractionSettings | None = None, *, cache_dir: str | Path | None | bool = None,
+def evaluate(model, ds: Dataset, settings: ExtractionSettings | None = None, *, cache_dir: str | Path | Literal[False] | None = None,
              progress: bool = True, ns: Sequence[int] = (1, 5, 10), extractor=None,
              rerank: "RerankSettings | None" = None) -> EvalResult:
     """Extract and score ``ds`` with its protocol; percent numbers like :func:`protocols.score`.
@@ -332,7 +339,7 @@ def evaluate(model, ds: Dataset, settings: ExtractionSettings | None = None, *, 
     parts = extract_modes(model, ds, settings, crops=crops, cache_dir=cache_dir, progress=progress,
                           extractor=extractor)
     t_scoring = time.perf_counter()
-    folder = default_cache_dir() if cache_dir is None else (Path(cache_dir) if cache_dir is not False else None)
+    folder = _cache_folder(cache_dir)
     scored = [score_descriptors(dataclasses.replace(ds, quirks=dict(ds.quirks, crop_queries=c)), d, ns,
                                 None if rerank is None else _reranker_factory(rerank, extractor, c, folder, progress))
               for c, d in zip(crops, parts)]
@@ -422,9 +429,9 @@ def _reranker_factory(rerank: "RerankSettings", extractor, crop: bool, cache_fol
     return make
 
 
-def headline(result: dict[str, Any]) -> dict[str, Any]:
+def headline(result: Mapping[str, Any]) -> dict[str, Any]:
     """The numbers a results table shows for one evaluation (percent), by protocol."""
-    keys = [k for k in ("recall@1", "recall@5", "recall@10", "mAP_full", "mAP_crop", "mAP_E", "mAP_M", "mAP_H")
+    keys: list[str] = [k for k in ("recall@1", "recall@5", "recall@10", "mAP_full", "mAP_crop", "mAP_E", "mAP_M", "mAP_H")
             if k in result]
     if "mAP" in result and not any(k.startswith("mAP_") for k in keys):
         keys.append("mAP")

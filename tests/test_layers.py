@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("hafloc",),  # the package root: __version__ only
     ("hafloc.errors", "hafloc.fileio", "hafloc.hloc_h5"),
     ("hafloc.images",),
-    ("hafloc.datasets",),
+    ("hafloc.datasets", "hafloc.synth"),  # synth writes the '@' layout that datasets reads
     ("hafloc.backbones",),
     ("hafloc.heads",),
     ("hafloc.local",),

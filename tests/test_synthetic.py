@@ -12,6 +12,7 @@ import utm
 from PIL import Image
 
 import hafloc.datasets.synthetic as synth
+import hafloc.synth.write as synth_write
 from hafloc.datasets.synthetic import SyntheticCityConfig, generate_city, size_classes
 from hafloc.errors import HaflocError
 
@@ -168,7 +169,7 @@ def test_refuses_foreign_folder_and_leaves_nothing_after_a_crash(tmp_path: Path,
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
 
     calls = {"n": 0}
-    real = synth._emit_image
+    real = synth_write._emit_image
 
     def crash_after_three(*args, **kwargs):  # a failure half-way through writing images
         calls["n"] += 1
@@ -176,7 +177,7 @@ def test_refuses_foreign_folder_and_leaves_nothing_after_a_crash(tmp_path: Path,
             raise RuntimeError("disk full")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(synth, "_emit_image", crash_after_three)
+    monkeypatch.setattr(synth_write, "_emit_image", crash_after_three)
     with pytest.raises(RuntimeError, match="disk full"):
         generate_city(tmp_path / "crashed", SMALL, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]

@@ -13,12 +13,26 @@ import numpy as np
 
 from hafloc.datasets.base import Dataset
 from hafloc.datasets.common import list_images
+from hafloc.datasets.geo import utm_to_latlon
 from hafloc.errors import InputError
 
 AT_FIELDS = ("east", "north", "zone", "letter", "lat", "lon", "pano", "tile", "heading", "pitch",
              "roll", "height", "timestamp", "note")
 _FLOATS = {"east", "north", "lat", "lon", "heading", "pitch", "roll", "height"}
 SPLITS = ("train", "val", "test")
+
+
+def at_name(easting: float, northing: float, zone: int, letter: str, pano: str = "", heading: float | None = None,
+            pitch: float | None = None, height: float | None = None, timestamp: str = "", note: str = "") -> str:
+    """A file name in the '@' layout (the inverse of :func:`parse_at_name`), lat/lon filled from the UTM position."""
+    lat, lon = utm_to_latlon(easting, northing, zone, letter)
+    fields = [f"{easting:.2f}", f"{northing:.2f}", str(zone), letter, f"{lat:.6f}", f"{lon:.6f}", pano, "",
+              "" if heading is None else f"{heading:.1f}", "" if pitch is None else f"{pitch:.1f}", "",
+              "" if height is None else f"{height:.1f}", timestamp, note]
+    for v in fields:
+        if "@" in v or "/" in v:
+            raise ValueError(f"'@' field may not contain '@' or '/': {v!r}")
+    return "@" + "@".join(fields) + "@.jpg"
 
 
 def parse_at_name(name: str) -> dict[str, Any]:

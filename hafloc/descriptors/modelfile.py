@@ -55,7 +55,7 @@ def read_model_file(path: str | Path) -> dict:
 def load_model(path: str | Path) -> GeoLocNet:
     """Rebuild the network from a model file (no backbone weights are read from elsewhere)."""
     payload = read_model_file(path)
-    config = ModelConfig.from_dict(payload["config"])
+    config = ModelConfig.from_dict(payload["config"], source=path)
     model = GeoLocNet(config, pretrained=False)
     try:
         model.load_state_dict(payload["state_dict"])

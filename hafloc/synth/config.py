@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from hafloc.configs import from_mapping
 from hafloc.datasets.atfolders import SPLITS
 
 SIZE_CLASSES = ("small", "medium", "large")
@@ -73,6 +74,6 @@ class SyntheticCityConfig:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "SyntheticCityConfig":
-        cfg = cls(**data)
+        cfg = from_mapping(cls, data, what="synthetic city setting")
         h, w = cfg.image_size  # JSON gives a list
         return replace(cfg, image_size=(h, w))

@@ -81,7 +81,8 @@ class LocalExtractor:
         raise NotImplementedError
 
     def _detect(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (1,3,h,w) RGB in [0,1] -> keypoints (N,2) (x,y) in x's pixels (centre convention), descriptors (N,D), scores (N,)."""
+        """x (1,3,h,w) RGB in [0,1] -> keypoints (N,2) (x,y) in x's pixels (centre convention),
+        descriptors (N,D), scores (N,)."""
         raise NotImplementedError
 
     def extract_path(self, path: str | Path) -> LocalFeatures:

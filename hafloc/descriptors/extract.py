@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,16 +20,10 @@ from ..fileio import atomic_path
 from ..hloc_h5 import write_h5_groups
 from ..images.io import list_images, load_image, to_tensor
 from .network import GeoLocNet
+from .result import ExtractResult
 from .runtime import Batch, Runner, make_runner, run_batches
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ExtractResult:
-    names: list[str]
-    descriptors: np.ndarray  # (N, D) float32, L2-normalised
-    failures: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
 
 
 class Extractor:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from hafloc.datasets.base import Dataset
+from hafloc.datasets.base import Dataset, Quirks
 from hafloc.datasets.common import list_images
 from hafloc.datasets.geo import utm_to_latlon
 from hafloc.errors import InputError
@@ -151,13 +151,13 @@ def load_at_folders(path: str | Path, split: str = "test", **_: Any) -> Dataset:
     if not db:
         raise InputError(db_dir, "no images")
     zones = {(f["zone"], f["letter"]) for f in db_f + q_f if f["zone"] is not None}
-    quirks: dict[str, Any] = {"db_notes": [f["note"] for f in db_f], "q_notes": [f["note"] for f in q_f]}
+    quirks = Quirks(db_notes=[f["note"] for f in db_f], q_notes=[f["note"] for f in q_f])
     if len(zones) > 1:
-        quirks["mixed_utm_zones"] = sorted(map(str, zones))
+        quirks.mixed_utm_zones = sorted(map(str, zones))
     zone = next(iter(zones)) if len(zones) == 1 else None
     ts = [f["timestamp"] for f in db_f + q_f]
     if ts and all(t is not None for t in ts):
-        quirks["capture_times"] = {"db": [f["timestamp"] for f in db_f], "q": [f["timestamp"] for f in q_f]}
+        quirks.capture_times = {"db": [f["timestamp"] for f in db_f], "q": [f["timestamp"] for f in q_f]}
     name = path.name if path.name not in SPLITS + ("images",) else path.parent.name
     return Dataset(name=f"{name}-{split_dir.name}" if split_dir != path else name, format="at",
                    root=split_dir, db_images=db, q_images=q, db_utm=db_utm, q_utm=q_utm,

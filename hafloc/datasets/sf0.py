@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from hafloc.datasets.base import Dataset
+from hafloc.datasets.base import Dataset, Quirks
 from hafloc.datasets.common import list_images, parse_float, read_csv_rows
 from hafloc.datasets.geo import latlon_to_utm
 from hafloc.errors import InputError
@@ -75,8 +75,8 @@ def load_sf0(path: str | Path, split: str = "test", protocol: str | None = None,
                      for k in sorted(gt)]
         return Dataset(name="sf0-building", format="sf0", root=root, db_images=db, q_images=q, positives=positives,
                        pos_threshold=0.0, metric="recall",
-                       quirks={"protocol": "SF-0 building-ID ground truth",
-                               "q_building_ids": [sorted(gt[k]) for k in sorted(gt)]})
+                       quirks=Quirks(protocol="SF-0 building-ID ground truth",
+                                     q_building_ids=[sorted(gt[k]) for k in sorted(gt)]))
     if protocol != "posed":
         raise ValueError("protocol must be 'building' or 'posed'")
     _header, rows = read_csv_rows(root / POSES, required=("image", "lat", "lon"))
@@ -94,4 +94,4 @@ def load_sf0(path: str | Path, split: str = "test", protocol: str | None = None,
     pos = np.stack([e, nn], 1)
     return Dataset(name="sf0-posed", format="sf0", root=root, db_images=db, q_images=q, db_utm=pos[: len(db)],
                    q_utm=pos[len(db):], pos_threshold=25.0, metric="recall", utm_zone=(zn, zl),
-                   quirks={"protocol": "SF-0 posed queries at 25 m"})
+                   quirks=Quirks(protocol="SF-0 posed queries at 25 m"))

@@ -66,8 +66,8 @@ class ExtractionSettings:
 
         return Extractor(model, batch_size=self.batch_size, max_side=self.max_side, backend=self.backend,
                          num_threads=self.num_threads, image_size=self.image_size,
-                         exif_transpose=bool(ds.quirks.get("apply_exif_orientation", True)),
-                         max_size=ds.quirks.get("max_size"))
+                         exif_transpose=bool(ds.quirks.apply_exif_orientation),
+                         max_size=ds.quirks.max_size)
 
 
 @dataclass
@@ -181,9 +181,9 @@ def _extract_side(extractor, paths: list[Path], boxes: list | None, cache: Descr
 def _query_boxes(ds: Dataset, crop: bool) -> list | None:
     if not crop:
         return None
-    if ds.quirks.get("crop_boxes") is None:
+    if ds.quirks.crop_boxes is None:
         raise HaflocError(f"{ds.name}: crop queries asked for but the dataset has no query boxes")
-    return [tuple(float(v) for v in b) for b in np.asarray(ds.quirks["crop_boxes"])]
+    return [tuple(float(v) for v in b) for b in np.asarray(ds.quirks.crop_boxes)]
 
 
 def extract_modes(model, ds: Dataset, settings: ExtractionSettings | None = None, *, crops: Sequence[bool] = (False,),
@@ -217,12 +217,12 @@ def extract_dataset(model, ds: Dataset, settings: ExtractionSettings | None = No
                     progress: bool = True, extractor=None) -> DatasetDescriptors:
     """Descriptors of a dataset's database and query images (cached; unreadable images skipped).
 
-    ``crop_queries``: crop queries to ``quirks['crop_boxes']`` (default: ``quirks['crop_queries']``).
+    ``crop_queries``: crop queries to ``quirks.crop_boxes`` (default: ``quirks.crop_queries``).
     ``cache_dir``: a folder, ``None`` for :func:`default_cache_dir`, ``False`` for no cache.
     ``extractor``: a ready :class:`~hafloc.descriptors.extract.Extractor` (else built from ``settings``).
     Use ``result.dataset(ds)`` for the dataset the descriptors belong to (failed images removed).
     """
-    crop = bool(ds.quirks.get("crop_queries")) if crop_queries is None else bool(crop_queries)
+    crop = bool(ds.quirks.crop_queries) if crop_queries is None else bool(crop_queries)
     return extract_modes(model, ds, settings, crops=(crop,), cache_dir=cache_dir, progress=progress,
                          extractor=extractor)[0]
 
@@ -239,7 +239,8 @@ def _account_failed_queries(result: dict[str, Any], ds_db: Dataset, failed: np.n
     n_ok = n_total - len(failed)
     fds = ds_db.subset(q_idx=failed)
     if ds_db.metric == "revisited":
-        rv = fds.quirks["revisited"]
+        rv = fds.quirks.revisited
+        assert rv is not None  # Dataset refuses metric "revisited" without it
         has = {"E": [len(e) > 0 for e in rv["easy"]], "M": [len(e) + len(h) > 0 for e, h in zip(rv["easy"], rv["hard"])],
                "H": [len(h) > 0 for h in rv["hard"]]}
         for proto, flags in has.items():
@@ -333,14 +334,14 @@ def evaluate(model, ds: Dataset, settings: ExtractionSettings | None = None, *, 
     settings = settings or ExtractionSettings()
     extractor = extractor or settings.extractor_for(model, ds)
     t0 = time.perf_counter()
-    both = ds.metric == "map" and ds.quirks.get("crop_boxes") is not None
-    primary = bool(ds.quirks.get("crop_queries"))
+    both = ds.metric == "map" and ds.quirks.crop_boxes is not None
+    primary = bool(ds.quirks.crop_queries)
     crops = (primary, not primary) if both else (primary,)
     parts = extract_modes(model, ds, settings, crops=crops, cache_dir=cache_dir, progress=progress,
                           extractor=extractor)
     t_scoring = time.perf_counter()
     folder = _cache_folder(cache_dir)
-    scored = [score_descriptors(dataclasses.replace(ds, quirks=dict(ds.quirks, crop_queries=c)), d, ns,
+    scored = [score_descriptors(dataclasses.replace(ds, quirks=dataclasses.replace(ds.quirks, crop_queries=c)), d, ns,
                                 None if rerank is None else _reranker_factory(rerank, extractor, c, folder, progress))
               for c, d in zip(crops, parts)]
     scoring = time.perf_counter() - t_scoring

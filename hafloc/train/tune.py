@@ -75,7 +75,7 @@ def extract_levels(model: GeoLocNet, paths: Sequence[Path], image_size: tuple[in
 
 def _fast_recall(ds: Dataset) -> bool:
     # plain recall sets can be ranked from a similarity matrix; protocol quirks go through score()
-    return ds.metric == "recall" and "tokyo_nms" not in ds.quirks and "timestamps" not in ds.quirks
+    return ds.metric == "recall" and ds.quirks.tokyo_nms is None and ds.quirks.timestamps is None
 
 
 def _grid_scores(ds: Dataset, db_levels: list[np.ndarray], q_levels: list[np.ndarray],

@@ -314,8 +314,8 @@ database makes it under-confident (ie_tower, 5 m). The unrelated-photo target fa
 model: outdoor photos against the indoor index all retrieve one floor's frames (high agreement) and a
 dark flat grey frame matches dark stairwell frames at cosine 0.9 with a large margin; on the city the
 fitted model leans on the margin alone and indoor frames reach 0.3 (the heuristic gave them 0.19). The
-fallback keeps noise/grey at 0 on the outdoor indexes, but is badly calibrated. The unit test (a calibrated outdoor index
-of real photos: noise, grey, indoor frames <= 0.2) holds; an input check for degenerate images (flat or
+fallback keeps noise/grey at 0 on the outdoor indexes, but is badly calibrated. The unit test (a
+calibrated outdoor index of real photos: noise, grey, indoor frames <= 0.2) holds; an input check for degenerate images (flat or
 noise) would be the next step for the rest.
 """
     update_section("calibration", section)

@@ -92,8 +92,9 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    header = ("| extractor | matcher | extract s/img | match s/pair | verify s/pair | top-10 s/query | top-10 CPU s/query | keypoints "
-              "| KB/image (float16) | inliers same building / other place |\n|---|---|---|---|---|---|---|---|---|---|")
+    header = ("| extractor | matcher | extract s/img | match s/pair | verify s/pair | top-10 s/query "
+              "| top-10 CPU s/query | keypoints | KB/image (float16) | inliers same building / other place |\n"
+              "|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     print(header, flush=True)
     for ex_name, ex_conf, m_name, m_conf, note in CONFIGS:
@@ -102,7 +103,8 @@ def main() -> None:
         r = run_config(ex_name, ex_conf, m_name, m_conf, args.rounds)
         label = lambda name, c: name + (f" ({', '.join(f'{k}={v}' for k, v in c.items())})" if c else "")  # noqa: E731
         row = (f"| {label(ex_name, ex_conf)} | {label(m_name, m_conf)}{' - ' + note if note else ''} | {r['extract']:.3f} "
-               f"| {r['match']:.3f} | {r['verify']:.4f} | {r['top10']:.2f} | {r['top10_cpu']:.2f} | {r['keypoints']:.0f} | {r['kb']:.0f} "
+               f"| {r['match']:.3f} | {r['verify']:.4f} | {r['top10']:.2f} | {r['top10_cpu']:.2f} "
+               f"| {r['keypoints']:.0f} | {r['kb']:.0f} "
                f"| {r['inliers_same']:.0f} / {r['inliers_other']} |")
         rows.append(row)
         print(row, flush=True)

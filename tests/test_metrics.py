@@ -169,7 +169,7 @@ def test_tokyo247_panorama_nms(tmp_path):
         "qImageFns": _cells(q_names), "utmQ": np.array([[381505.0, 3946003.0], [382001.0, 3946000.0]]).T,
         "numImages": len(db_names), "numQueries": 2, "posDistThr": 25, "posDistSqThr": 625, "nonTrivPosDistSqThr": 100}})
     ds = load_dataset(tmp_path / "tokyo247.mat")
-    assert len(set(ds.quirks["tokyo_nms"])) == 3 and all(p.is_file() for p in ds.db_paths())
+    assert len(set(ds.quirks.tokyo_nms)) == 3 and all(p.is_file() for p in ds.db_paths())
     # similarity = decreasing with index inside a designed order: WRONG(12) > RIGHT(12) > OTHER(12) for q0
     order0 = list(range(12)) + list(range(12, 24)) + list(range(24, 36))
     order1 = list(range(24, 36)) + list(range(0, 24))  # q1's own panorama first
@@ -184,7 +184,7 @@ def test_tokyo247_panorama_nms(tmp_path):
     # NMS ranks: one cutout per panorama, best first
     assert res["_ranks"][0, :3].tolist() == [0, 12, 24] and res["_ranks"][1, :3].tolist() == [24, 0, 12]
     assert "panorama NMS" in res["protocol"]
-    ds.quirks.pop("tokyo_nms")
+    ds.quirks.tokyo_nms = None
     no_nms = score(ds, db, q, ns=(1, 5, 13))
     assert no_nms["recall@5"] == 50.0 and no_nms["recall@13"] == 100.0
 
@@ -216,7 +216,7 @@ def test_tokyotm_same_timestamp_excluded(tmp_path):
         "qImageFns": _cells(["q/0.jpg"]), "utmQ": q_utm.T, "qTimeStamp": np.array([[2012]]),
         "numImages": n, "numQueries": 1, "posDistThr": 25, "posDistSqThr": 625, "nonTrivPosDistSqThr": 100}})
     ds = load_dataset(tmp_path / "tokyoTM_val.mat")
-    assert "tokyo_nms" not in ds.quirks  # timestamps present -> TokyoTM, no NMS
+    assert ds.quirks.tokyo_nms is None  # timestamps present -> TokyoTM, no NMS
     db = unit(np.eye(n) + 0.01)
     q = np.zeros((1, n), np.float32)
     q[0, [0, 1, 5, 3, 4, 2]] = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]  # same-date positives first, then negatives
@@ -225,7 +225,7 @@ def test_tokyotm_same_timestamp_excluded(tmp_path):
     assert res["_ranks"][0, :3].tolist() == [3, 4, 2]
     assert (res["recall@1"], res["recall@2"], res["recall@3"]) == (0.0, 0.0, 100.0)
     assert "timestamp excluded" in res["protocol"]
-    ds.quirks.pop("timestamps")
+    ds.quirks.timestamps = None
     assert score(ds, db, unit(q), ns=(1,))["recall@1"] == 100.0  # without the rule it is trivially found
 
 

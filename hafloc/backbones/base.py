@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -18,11 +20,17 @@ class Backbone(nn.Module):
     name: str = "backbone"
     channels: dict[str, int]
     strides: dict[str, int]
+    mean: torch.Tensor  # buffers (register_buffer): declared for the type checker
+    std: torch.Tensor
 
     def __init__(self, mean: tuple[float, float, float], std: tuple[float, float, float]):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def load_pretrained(self, path: str | Path | None = None) -> None:
+        """Load ImageNet (or the method's published) weights: ``path`` or the packaged ones."""
+        raise NotImplementedError
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std

@@ -29,9 +29,9 @@ _TAP_STAGES = {"low": 2, "mid": 4, "high": 6}
 
 
 def _round_filters(filters: int, width: float, divisor: int = 8) -> int:
-    filters *= width
-    new = max(divisor, int(filters + divisor / 2) // divisor * divisor)
-    if new < 0.9 * filters:
+    scaled = filters * width
+    new = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    if new < 0.9 * scaled:
         new += divisor
     return int(new)
 
@@ -47,6 +47,7 @@ class _Conv(nn.Conv2d):
     def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, bias: bool = False):
         super().__init__(cin, cout, kernel, stride=stride, groups=groups, bias=bias,
                          padding=(kernel - 1) // 2 if stride == 1 else 0)
+        self.pad: nn.Module
         if stride == 1:
             self.pad = nn.Identity()
         else:

@@ -24,6 +24,8 @@ class SuperPointNet(Backbone):
     (B,65,H/8,W/8)}``; the superpoint head turns those into keypoints and one global VLAD.
     """
 
+    gray: torch.Tensor  # buffer: RGB -> luminance weights
+
     name = "superpoint"
 
     def __init__(self):

@@ -10,7 +10,7 @@ from torch import nn
 from ..errors import HaflocError, InputError
 from .base import Backbone
 
-_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+_CFG: list[int | str] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 # index in torchvision's ``features`` of the ReLU after conv3_3, conv4_3, conv5_3
 _TAPS = {"low": 15, "mid": 22, "high": 29}
 _GROUP_ENDS = (16, 23, 30)  # layers run after each of trainable_groups()
@@ -24,7 +24,7 @@ class VGG16(Backbone):
         layers: list[nn.Module] = []
         cin = 3
         for v in _CFG[:-1]:  # the last max-pool is never used
-            if v == "M":
+            if isinstance(v, str):  # "M"
                 layers.append(nn.MaxPool2d(2, 2))
             else:
                 layers += [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU(inplace=True)]

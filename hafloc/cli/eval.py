@@ -222,7 +222,7 @@ def _query_image(ds, extractor, qi: int, crop: bool):
     """Query ``qi`` as the model saw it (EXIF per protocol, crop box when cropped)."""
     import numpy as np
 
-    box = tuple(np.asarray(ds.quirks["crop_boxes"])[qi]) if crop and ds.quirks.get("crop_boxes") is not None else None
+    box = tuple(np.asarray(ds.quirks.crop_boxes)[qi]) if crop and ds.quirks.crop_boxes is not None else None
     return extractor.load(ds.q_paths()[qi], box)
 
 
@@ -245,7 +245,7 @@ def write_retrieval_examples(out_dir: Path, ds, result: EvalResult, extractor, c
     wrong = [i for i, r in enumerate(rows) if not (r and r[0] in positives[i])]
     picks = right[: (count + 1) // 2] + wrong[: count // 2]
     picks += [i for i in right + wrong if i not in picks][: count - len(picks)]
-    crop = bool(sub.quirks.get("crop_queries"))
+    crop = bool(sub.quirks.crop_queries)
     images = []
     for n, qi in enumerate(picks):
         row = rows[qi]
@@ -300,7 +300,7 @@ def write_eval_report(out_dir: Path, model, ds, result: EvalResult, out: dict[st
         from ..errors import InputError
 
         try:
-            img = _query_image(sub, extractor, 0, bool(sub.quirks.get("crop_queries")))
+            img = _query_image(sub, extractor, 0, bool(sub.quirks.crop_queries))
             att = extractor.describe_image(img)["attention"]
         except InputError:
             att = {}

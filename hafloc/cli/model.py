@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 from ..heads import METHODS
 from .common import print_json
@@ -66,7 +67,7 @@ def run_init(args) -> int:
     rng = np.random.default_rng(args.seed)
     fit_paths = (paths if len(paths) <= args.fit_images
                  else [paths[i] for i in sorted(rng.choice(len(paths), args.fit_images, replace=False))])
-    meta = {"fit": fit_clusters(model, fit_paths, seed=args.seed), "fit_images": [str(p) for p in fit_paths[:5]]}
+    meta: dict[str, Any] = {"fit": fit_clusters(model, fit_paths, seed=args.seed), "fit_images": [str(p) for p in fit_paths[:5]]}
     if dim:
         meta["whitening"] = fit_whitening(model, paths, dim, seed=args.seed)
     meta["seconds"] = round(time.time() - t0, 1)

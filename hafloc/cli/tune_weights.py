@@ -45,9 +45,10 @@ def run(args) -> int:
             whitening_paths = load_dataset(args.dataset, args.format, split="train").db_paths()[:10_000]
         except (HaflocError, InputError, ValueError):
             whitening_paths = None
-    trained_size = (getattr(model, "meta", {}) or {}).get("trained", {}).get("image_size")
+    trained_size = (model.meta.get("trained") or {}).get("image_size")
     # a trained model is tuned at the size it was trained and validated at, unless told otherwise
-    size = parse_image_size(args.image_size or trained_size) if (args.image_size or trained_size) and not args.max_side else None
+    asked = args.image_size or trained_size
+    size = parse_image_size(asked) if asked and not args.max_side else None
     res = tune_fusion_weights(model, ds, step=args.step, image_size=size, max_side=args.max_side,
                               batch_size=args.batch_size, apply=not args.no_save, whitening_paths=whitening_paths)
     if not args.no_save:

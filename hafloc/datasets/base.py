@@ -13,11 +13,55 @@ from hafloc.errors import InputError
 
 METRICS = ("recall", "map", "revisited", "holidays")
 
-# Quirks that hold one entry per database / per query image: subset() must index them.
-DB_QUIRKS = ("tokyo_nms", "db_notes", "db_building_ids")
-Q_QUIRKS = ("crop_boxes", "q_notes", "q_building_ids", "q_conditions")
-# Quirks that are {"db": per-db array, "q": per-query array}.
-PAIRED_QUIRKS = ("timestamps", "latlon", "capture_times")
+_DB, _Q, _PAIRED = {"per": "db"}, {"per": "q"}, {"per": "paired"}
+
+
+@dataclass
+class Quirks:
+    """What a dataset's format adds to the plain database/query lists (every field optional).
+
+    Fields marked per database image / per query hold one entry per image: ``Dataset.subset``
+    indexes them; paired ones are ``{"db": per-db array, "q": per-query array}``.
+    """
+
+    protocol: str | None = None  # free text naming the ground truth used (e.g. SF-0 variant)
+    # per database image
+    tokyo_nms: np.ndarray | None = field(default=None, metadata=_DB)  # panorama id -> Tokyo 24/7 spatial NMS
+    db_notes: list[str] | None = field(default=None, metadata=_DB)  # the '@' note field
+    db_building_ids: list[Any] | None = field(default=None, metadata=_DB)
+    # per query
+    crop_boxes: np.ndarray | None = field(default=None, metadata=_Q)  # (Nq, 4) x1 y1 x2 y2 (Oxford/Paris)
+    q_notes: list[str] | None = field(default=None, metadata=_Q)
+    q_building_ids: list[Any] | None = field(default=None, metadata=_Q)  # SF-0 building ids
+    q_conditions: list[str] | None = field(default=None, metadata=_Q)  # Tokyo 24/7 day/sunset/night
+    # per database image and per query
+    timestamps: dict[str, Any] | None = field(default=None, metadata=_PAIRED)  # TokyoTM same-time exclusion
+    latlon: dict[str, Any] | None = field(default=None, metadata=_PAIRED)  # (N, 2) degrees, geotagged photos
+    capture_times: dict[str, Any] | None = field(default=None, metadata=_PAIRED)  # the '@' timestamp field
+    # {"easy", "hard", "junk": per-query db-index arrays} of the revisited Oxford/Paris protocol
+    revisited: dict[str, list[np.ndarray]] | None = None
+    # how to load and score
+    crop_queries: bool = False  # extract queries cropped to their box
+    max_size: tuple[int, int] | None = None  # (w, h) downscale bound (Holidays: 1024x768)
+    apply_exif_orientation: bool = True  # INRIA Holidays "orig" must not
+    q_db_index: np.ndarray | None = None  # Holidays: each query's own database index
+    query_ids: list[str] | None = None  # Oxford/Paris query names
+    # how the files were read (reported, not used for scoring)
+    northing_first: bool = False
+    index_coordinates: bool = False  # positions are frame indices along a track, not metres
+    non_trivial_pos_dist_sq_thr: float | None = None
+    which_set: str | None = None
+    mixed_utm_zones: list[str] | None = None
+    true_negative_queries: int | None = None  # queries without any positive (VPR-Bench)
+    images_missing: bool = False
+    dropped: list[str] | None = None  # unreadable database files left out
+    skipped: list[str] | None = None  # images without a position left out
+    position_source: str | None = None
+    split_from_database: dict[str, Any] | None = None  # see split_database
+
+    def per(self, kind: str) -> list[str]:
+        """Names of the fields held per image of ``kind`` ("db", "q" or "paired")."""
+        return [f.name for f in dataclasses.fields(self) if f.metadata.get("per") == kind]
 
 
 def check_positions(src: str | Path, names: Sequence[str], utm: np.ndarray | None, side: str) -> None:
@@ -43,16 +87,7 @@ class Dataset:
     (index lists from the file), UTM positions (radius ``pos_threshold`` metres), or labels
     (same label = same place). ``junk`` lists database indices removed from a query's ranking.
 
-    Known ``quirks`` (all optional):
-      - ``tokyo_nms``: (Ndb,) panorama id per database image -> Tokyo 24/7 spatial NMS.
-      - ``timestamps``: {"db": (Ndb,), "q": (Nq,)} -> TokyoTM same-timestamp exclusion.
-      - ``crop_boxes``: (Nq, 4) x1 y1 x2 y2 query boxes (Oxford/Paris); ``crop_queries``: bool,
-        extract queries cropped to their box.
-      - ``revisited``: {"easy", "hard", "junk": list of per-query db-index arrays}.
-      - ``q_conditions``: Tokyo 24/7 day/sunset/night per query.
-      - ``q_notes`` / ``db_notes``: the '@' note field; ``max_size``: (w, h) downscale bound.
-      - ``protocol``: free text naming the ground truth used (e.g. SF-0 variant).
-      - ``northing_first`` / ``index_coordinates``: how positions were read.
+    ``quirks``: what the format adds (crop boxes, Tokyo panoramas, timestamps...): :class:`Quirks`.
     """
 
     name: str
@@ -68,7 +103,7 @@ class Dataset:
     positives: list[np.ndarray] | None = None
     junk: list[np.ndarray] | None = None
     metric: str = "recall"
-    quirks: dict[str, Any] = field(default_factory=dict)
+    quirks: Quirks = field(default_factory=Quirks)
     utm_zone: tuple[int, str] | None = None
 
     def __post_init__(self) -> None:
@@ -77,6 +112,8 @@ class Dataset:
         self.q_images = [str(x) for x in self.q_images]
         if self.metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
+        if self.metric == "revisited" and self.quirks.revisited is None:
+            raise ValueError("metric 'revisited' needs quirks.revisited (easy/hard/junk lists)")
         for arr_name, n in (("db_utm", self.num_db), ("q_utm", self.num_q)):
             arr = getattr(self, arr_name)
             if arr is not None:
@@ -176,18 +213,17 @@ class Dataset:
                 return arr[idx]
             return [arr[i] for i in idx]
 
-        quirks = dict(self.quirks)
-        for k in DB_QUIRKS:
-            if k in quirks:
-                quirks[k] = take(quirks[k], db_idx)
-        for k in Q_QUIRKS:
-            if k in quirks:
-                quirks[k] = take(quirks[k], q_idx)
-        for k in PAIRED_QUIRKS:
-            if k in quirks:
-                quirks[k] = {"db": take(quirks[k]["db"], db_idx), "q": take(quirks[k]["q"], q_idx)}
-        if "revisited" in quirks:
-            quirks["revisited"] = {k: relist(v) for k, v in quirks["revisited"].items()}
+        quirks = dataclasses.replace(self.quirks)
+        for k in quirks.per("db"):
+            setattr(quirks, k, take(getattr(quirks, k), db_idx))
+        for k in quirks.per("q"):
+            setattr(quirks, k, take(getattr(quirks, k), q_idx))
+        for k in quirks.per("paired"):
+            pair = getattr(quirks, k)
+            if pair is not None:
+                setattr(quirks, k, {"db": take(pair["db"], db_idx), "q": take(pair["q"], q_idx)})
+        if quirks.revisited is not None:
+            quirks.revisited = {k: relist(v) or [] for k, v in quirks.revisited.items()}
         return dataclasses.replace(
             self,
             name=name or self.name,
@@ -208,7 +244,7 @@ class Dataset:
               else "labels" if self.db_labels is not None else "none")
         return {"name": self.name, "format": self.format, "root": str(self.root), "num_db": self.num_db,
                 "num_q": self.num_q, "metric": self.metric, "ground_truth": gt,
-                "pos_threshold": self.pos_threshold, "protocol": self.quirks.get("protocol")}
+                "pos_threshold": self.pos_threshold, "protocol": self.quirks.protocol}
 
 
 def split_database(ds: Dataset, val_fraction: float = 0.2, seed: int = 0) -> tuple[Dataset, Dataset]:
@@ -247,17 +283,18 @@ def split_database(ds: Dataset, val_fraction: float = 0.2, seed: int = 0) -> tup
         raise ValueError(f"{ds.name}: no labels or positions to split on")
     held_arr = np.array(sorted(held), dtype=np.int64)
     keep = np.setdiff1d(np.arange(ds.num_db), held_arr)
+    no_queries = dataclasses.replace(ds.quirks, revisited=None)
+    for name in no_queries.per("q") + no_queries.per("paired"):
+        setattr(no_queries, name, None)
     base = dataclasses.replace(ds, positives=None, junk=None, q_images=[], q_utm=None, q_labels=None,
-                               quirks={k: v for k, v in ds.quirks.items()
-                                       if k not in Q_QUIRKS and k not in PAIRED_QUIRKS and k != "revisited"})
+                               quirks=no_queries)
     train = base.subset(db_idx=keep, name=f"{ds.name}-train")
-    if ds.db_labels is not None:
-        q_labels, q_utm = ds.db_labels[held_arr], None
-    else:
-        q_labels, q_utm = None, ds.db_utm[held_arr]
+    # the held-out images query by what the set has: labels, else positions (checked above)
+    q_labels = ds.db_labels[held_arr] if ds.db_labels is not None else None
+    q_utm = ds.db_utm[held_arr] if q_labels is None and ds.db_utm is not None else None
     val = dataclasses.replace(train, name=f"{ds.name}-val", q_images=[ds.db_images[i] for i in held_arr],
                               q_labels=q_labels, q_utm=q_utm)
-    val.quirks = dict(val.quirks, split_from_database={"val_fraction": val_fraction, "seed": seed,
-                                                       "val_query_db_indices": held_arr.tolist()})
-    train.quirks = dict(train.quirks, split_from_database={"val_fraction": val_fraction, "seed": seed})
+    val.quirks = dataclasses.replace(val.quirks, split_from_database={
+        "val_fraction": val_fraction, "seed": seed, "val_query_db_indices": held_arr.tolist()})
+    train.quirks = dataclasses.replace(train.quirks, split_from_database={"val_fraction": val_fraction, "seed": seed})
     return train, val

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import scipy.io
 
-from hafloc.datasets.base import Dataset, check_positions
+from hafloc.datasets.base import Dataset, Quirks, check_positions
 from hafloc.datasets.common import swap_missing_ext
 from hafloc.errors import InputError
 
@@ -28,7 +28,7 @@ _TOKYO_CUTOUT = re.compile(r"^(?P<pano>.+)_(?P<pitch>\d{3})_(?P<yaw>\d{3})\.\w+$
 
 def _strings(path: Path, v: Any, field: str) -> list[str]:
     arr = np.asarray(v, dtype=object).ravel()
-    out = []
+    out: list[str] = []
     for x in arr:
         while isinstance(x, np.ndarray):
             if x.size != 1:
@@ -112,7 +112,7 @@ def load_dbstruct(path: str | Path, split: str = "test", image_root: str | Path 
     frame-index tracks become (index, 0)). Pittsburgh query names get 'queries_real/'. Tokyo 24/7
     cutout names give panorama ids for NMS (``tokyo_nms`` forces it on/off; default: on when the
     names follow the cutout pattern and there are no timestamps). TokyoTM timestamps go to
-    ``quirks['timestamps']``. ``split`` is ignored (a dbStruct file is one split).
+    ``quirks.timestamps``. ``split`` is ignored (a dbStruct file is one split).
     """
     path = Path(path)
     try:
@@ -137,7 +137,7 @@ def load_dbstruct(path: str | Path, split: str = "test", image_root: str | Path 
     q_utm = _positions(path, f["utmQ"], len(q_names), "utmQ")
     check_positions(path, db_names, db_utm, "database")  # NaN/inf: refused here, before any extraction
     check_positions(path, q_names, q_utm, "query")
-    quirks: dict[str, Any] = {}
+    quirks = Quirks()
     if "posDistThr" in f:
         thr = _scalar(path, f["posDistThr"], "posDistThr")
     elif "posDistSqThr" in f:
@@ -145,14 +145,14 @@ def load_dbstruct(path: str | Path, split: str = "test", image_root: str | Path 
     else:
         raise InputError(path, "dbStruct has neither posDistThr nor posDistSqThr")
     if "nonTrivPosDistSqThr" in f:
-        quirks["non_trivial_pos_dist_sq_thr"] = _scalar(path, f["nonTrivPosDistSqThr"], "nonTrivPosDistSqThr")
+        quirks.non_trivial_pos_dist_sq_thr = _scalar(path, f["nonTrivPosDistSqThr"], "nonTrivPosDistSqThr")
     both = np.concatenate([db_utm, q_utm])
     if len(both) and np.all(both[:, 1] == 0) and np.all(both[:, 0] == np.round(both[:, 0])):
-        quirks["index_coordinates"] = True  # positions are frame indices along a track, not metres
+        quirks.index_coordinates = True  # positions are frame indices along a track, not metres
     elif len(both) and np.median(both[:, 0]) > 1e6 and 1e5 <= np.median(both[:, 1]) < 1e6:
         # easting is always within 100-900 km of the zone's false origin; northing-first files exist
         db_utm, q_utm = db_utm[:, ::-1].copy(), q_utm[:, ::-1].copy()
-        quirks["northing_first"] = True
+        quirks.northing_first = True
     if "dbTimeStamp" in f or "qTimeStamp" in f:
         if not ("dbTimeStamp" in f and "qTimeStamp" in f):
             raise InputError(path, "dbStruct has only one of dbTimeStamp / qTimeStamp")
@@ -160,7 +160,7 @@ def load_dbstruct(path: str | Path, split: str = "test", image_root: str | Path 
         q_ts = np.asarray(f["qTimeStamp"]).ravel()
         if len(db_ts) != len(db_names) or len(q_ts) != len(q_names):
             raise InputError(path, "timestamp counts do not match the image counts")
-        quirks["timestamps"] = {"db": db_ts, "q": q_ts}
+        quirks.timestamps = {"db": db_ts, "q": q_ts}
     root = Path(image_root) if image_root is not None else default_image_root(path)
     if q_names and not q_names[0].startswith("queries_real") and _PITTS_QUERY.match(Path(q_names[0]).name):
         q_names = [f"queries_real/{n}" for n in q_names]
@@ -168,16 +168,16 @@ def load_dbstruct(path: str | Path, split: str = "test", image_root: str | Path 
     q_names = swap_missing_ext(root, q_names)
     panos = tokyo_panorama_ids(db_names)
     if tokyo_nms is None:
-        tokyo_nms = panos is not None and "timestamps" not in quirks
+        tokyo_nms = panos is not None and quirks.timestamps is None
     if tokyo_nms:
         if panos is None:
             raise InputError(path, "tokyo_nms asked for but database names are not '<pano>_<pitch>_<yaw>' cutouts")
-        quirks["tokyo_nms"] = panos
+        quirks.tokyo_nms = panos
         if len(q_names) == 315:
-            quirks["q_conditions"] = tokyo_query_conditions(len(q_names))
+            quirks.q_conditions = tokyo_query_conditions(len(q_names))
     which = _strings(path, f["whichSet"], "whichSet")[0] if "whichSet" in f else None
     dataset_name = _strings(path, f["dataset"], "dataset")[0] if "dataset" in f else None
-    quirks["which_set"] = which
+    quirks.which_set = which
     return Dataset(name=dataset_name or path.stem, format="dbstruct", root=root, db_images=db_names,
                    q_images=q_names, db_utm=db_utm, q_utm=q_utm, pos_threshold=thr, metric="recall",
                    quirks=quirks)

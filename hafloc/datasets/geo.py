@@ -84,9 +84,9 @@ def haversine_m(lat1, lon1, lat2, lon2) -> Any:
     Floats in, a float out (plain ``math``: per-pair loops stay fast); arrays broadcast to an array.
     """
     if _scalar(lat1, lon1, lat2, lon2):
-        p1, p2 = math.radians(lat1), math.radians(lat2)
-        dp, dl = p2 - p1, math.radians(lon2 - lon1)
-        a = math.sin(dp / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(dl / 2) ** 2
+        f1, f2 = math.radians(lat1), math.radians(lat2)
+        dp, dl = f2 - f1, math.radians(lon2 - lon1)
+        a = math.sin(dp / 2) ** 2 + math.cos(f1) * math.cos(f2) * math.sin(dl / 2) ** 2
         return 2 * EARTH_RADIUS_M * math.asin(min(1.0, math.sqrt(a)))
     p1, p2 = np.radians(np.asarray(lat1, np.float64)), np.radians(np.asarray(lat2, np.float64))
     dphi = p2 - p1

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from hafloc.datasets.base import Dataset
+from hafloc.datasets.base import Dataset, Quirks
 from hafloc.datasets.common import in_both, list_images, parse_float, read_csv_rows, read_text
 from hafloc.datasets.geo import latlon_to_utm
 from hafloc.datasets.labels import SPLIT_ALIASES
@@ -91,7 +91,8 @@ def read_position_csv(path: Path) -> tuple[dict[str, tuple[str, float, float, An
         for i, r in enumerate(rows, start=2):
             split = SPLIT_ALIASES.get(r.get("split", "").lower(), r.get("split", "").lower())
             if kind == "latlon":
-                entry = (split, parse_float(path, r["lat"], "lat", i), parse_float(path, r["lon"], "lon", i), None)
+                entry: tuple[str, float, float, str | None] = (
+                    split, parse_float(path, r["lat"], "lat", i), parse_float(path, r["lon"], "lon", i), None)
             else:
                 entry = (split, parse_float(path, r["easting"], "easting", i),
                          parse_float(path, r["northing"], "northing", i), r.get("zone") or None)
@@ -131,7 +132,7 @@ def load_geotagged(path: str | Path, split: str = "test", csv: str | Path | None
     CSV beside them (``csv=`` or the first ``*.csv`` with image + lat/lon or easting/northing)
     or from EXIF GPS. Daejeon520-style ``database.csv`` + ``query.csv`` (name,lat,lon) work too.
     All positions go into one UTM zone. Photos without a position are left out and listed in
-    ``quirks['skipped']``."""
+    ``quirks.skipped``."""
     root = Path(path)
     if not root.is_dir():
         raise InputError(root, "not a folder")
@@ -181,9 +182,9 @@ def load_geotagged(path: str | Path, split: str = "test", csv: str | Path | None
     xs = np.array([table[n][1] for n in names], dtype=np.float64)
     ys = np.array([table[n][2] for n in names], dtype=np.float64)
     pos, zone = _to_utm(src, kind, xs, ys, [table[n][3] for n in names], names)
-    quirks: dict[str, Any] = {"skipped": skipped, "position_source": "exif" if src == root else str(src)}
+    quirks = Quirks(skipped=skipped, position_source="exif" if src == root else str(src))
     if kind == "latlon":
-        quirks["latlon"] = {"db": np.stack([xs[: len(db)], ys[: len(db)]], 1), "q": np.stack([xs[len(db):], ys[len(db):]], 1)}
+        quirks.latlon = {"db": np.stack([xs[: len(db)], ys[: len(db)]], 1), "q": np.stack([xs[len(db):], ys[len(db):]], 1)}
     return Dataset(name=root.name, format="geotagged", root=root, db_images=db, q_images=q,
                    db_utm=pos[: len(db)], q_utm=pos[len(db):], pos_threshold=float(pos_threshold),
                    metric="recall", quirks=quirks, utm_zone=zone)

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from hafloc.datasets.base import Dataset
+from hafloc.datasets.base import Dataset, Quirks
 from hafloc.datasets.vprbench import load_gt_object_array
 from hafloc.errors import InputError
 
@@ -69,4 +69,4 @@ def load_gsv_npy(path: str | Path, split: str = "test", image_root: str | Path |
             raise InputError(f["_gt.npy"], f"database index {int(p.max())} outside 0..{len(db) - 1}")
     root = Path(image_root) if image_root is not None else folder
     return Dataset(name=name, format="gsv_npy", root=root, db_images=db, q_images=q, positives=positives,
-                   pos_threshold=0.0, metric="recall", quirks={"protocol": "index ground truth (.npy)"})
+                   pos_threshold=0.0, metric="recall", quirks=Quirks(protocol="index ground truth (.npy)"))

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from hafloc.datasets.base import Dataset
+from hafloc.datasets.base import Dataset, Quirks
 from hafloc.datasets.common import list_images
 from hafloc.errors import InputError
 
@@ -45,8 +45,8 @@ def holidays_from_names(names: list[str], root: Path, name: str = "holidays") ->
     return Dataset(name=name, format="holidays", root=root, db_images=names,
                    q_images=[names[i] for i in q_db], positives=positives,
                    junk=[np.asarray([i], dtype=np.int64) for i in q_db], pos_threshold=0.0, metric="holidays",
-                   quirks={"q_db_index": np.asarray(q_db), "max_size": (1024, 768),
-                           "protocol": "INRIA Holidays mAP (query ignored)"})
+                   quirks=Quirks(q_db_index=np.asarray(q_db), max_size=(1024, 768),
+                                 protocol="INRIA Holidays mAP (query ignored)"))
 
 
 def is_holidays_layout(root: Path) -> bool:
@@ -69,5 +69,5 @@ def load_holidays(path: str | Path, split: str = "test", variant: str | None = N
     if not names:
         raise InputError(folder, "no images")
     ds = holidays_from_names(names, root, name=f"holidays-{variant or 'orig'}")
-    ds.quirks["apply_exif_orientation"] = False
+    ds.quirks.apply_exif_orientation = False
     return ds

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from hafloc.datasets.base import Dataset, split_database
+from hafloc.datasets.base import Dataset, Quirks, split_database
 from hafloc.datasets.common import in_both, read_csv_rows
 from hafloc.errors import InputError
 
@@ -75,10 +75,10 @@ def load_labels(path: str | Path, split: str = "test", val_fraction: float = 0.2
     split 'test' -> database/gallery + query rows; 'val' -> val_database + val_query; 'train' ->
     train rows as the database (no queries). A set without train/val rows (e.g. ie_tower_floors)
     gets them from ``split_database(test set, val_fraction, seed)`` (recorded in
-    ``quirks['split_from_database']``).
+    ``quirks.split_from_database``).
     """
     p = csv_path(Path(path))
-    _, rows = read_csv_rows(p, required=("image", "label", "split"))
+    _header, rows = read_csv_rows(p, required=("image", "label", "split"))
     if not rows:
         raise InputError(p, "no rows")
     by_split: dict[str, list[dict[str, str]]] = {}
@@ -99,7 +99,7 @@ def load_labels(path: str | Path, split: str = "test", val_fraction: float = 0.2
                        q_images=[r["image"] for r in q_rows],
                        db_labels=np.asarray([r["label"] for r in db_rows], dtype=object),
                        q_labels=np.asarray([r["label"] for r in q_rows], dtype=object), pos_threshold=0.0,
-                       metric="recall", quirks={"protocol": "same label = same place"})
+                       metric="recall", quirks=Quirks(protocol="same label = same place"))
 
     base = p.parent.name
     if split == "test":

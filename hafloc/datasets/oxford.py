@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from hafloc.datasets.base import Dataset
+from hafloc.datasets.base import Dataset, Quirks
 from hafloc.errors import InputError
 from hafloc.images.io import image_files
 
@@ -57,9 +57,9 @@ def load_oxford(path: str | Path, split: str = "test", queries: str = "full", ch
     """Oxford5k / Paris6k as distributed: images in ``jpg/`` (any depth) and ``gt/<q>_{good,ok,junk,query}.txt``.
 
     Positives = good + ok, junk = junk (removed from the ranking), boxes from query.txt
-    (``oxc1_<name> x1 y1 x2 y2``; Paris names lack the prefix) in ``quirks['crop_boxes']``;
-    ``queries='crop'`` sets ``quirks['crop_queries']``. Unreadable database files (Paris's 20
-    corrupt ones) are dropped and listed in ``quirks['dropped']``.
+    (``oxc1_<name> x1 y1 x2 y2``; Paris names lack the prefix) in ``quirks.crop_boxes``;
+    ``queries='crop'`` sets ``quirks.crop_queries``. Unreadable database files (Paris's 20
+    corrupt ones) are dropped and listed in ``quirks.dropped``.
     """
     root = Path(path)
     if queries not in ("full", "crop"):
@@ -102,8 +102,8 @@ def load_oxford(path: str | Path, split: str = "test", queries: str = "full", ch
         positives.append(np.array(sorted(set(lists["good"] + lists["ok"])), dtype=np.int64))
         junk.append(np.array(sorted(set(lists["junk"])), dtype=np.int64))
     db = [f"{prefix}/{stems[n]}" if prefix != "." else stems[n] for n in names]
-    quirks = {"crop_boxes": np.asarray(boxes), "crop_queries": queries == "crop", "dropped": dropped,
-              "query_ids": q_ids, "protocol": f"original Oxford/Paris mAP ({queries} queries)"}
+    quirks = Quirks(crop_boxes=np.asarray(boxes), crop_queries=queries == "crop", dropped=dropped,
+                    query_ids=q_ids, protocol=f"original Oxford/Paris mAP ({queries} queries)")
     name = "paris6k" if any(q.startswith(("defense", "eiffel", "invalides", "louvre", "moulinrouge", "museedorsay",
                                           "notredame", "pantheon", "pompidou", "sacrecoeur", "triomphe"))
                             for q in q_ids) else ("oxford5k" if q_ids and q_ids[0].startswith(("all_souls", "ashmolean"))
@@ -122,7 +122,7 @@ def find_revisited_pkl(path: Path) -> Path | None:
 def load_revisited(path: str | Path, split: str = "test", **_: Any) -> Dataset:
     """Revisited Oxford / Paris: ``gnd_r{oxford5k,paris6k}.pkl`` with images in ``jpg/<name>.jpg``.
 
-    Positives/junk are the Medium protocol; ``quirks['revisited']`` holds easy/hard/junk for E/M/H.
+    Positives/junk are the Medium protocol; ``quirks.revisited`` holds easy/hard/junk for E/M/H.
     Queries are always cropped (``crop_boxes``, ``crop_queries=True``).
     """
     path = Path(path)
@@ -157,5 +157,5 @@ def load_revisited(path: str | Path, split: str = "test", **_: Any) -> Dataset:
     return Dataset(name=name, format="revisited", root=root, db_images=[rel(n) for n in cfg["imlist"]],
                    q_images=[rel(n) for n in cfg["qimlist"]], positives=positives, junk=junk, pos_threshold=0.0,
                    metric="revisited",
-                   quirks={"revisited": {"easy": easy, "hard": hard, "junk": junk}, "crop_boxes": np.asarray(boxes),
-                           "crop_queries": True, "protocol": "revisited E/M/H"})
+                   quirks=Quirks(revisited={"easy": easy, "hard": hard, "junk": junk}, crop_boxes=np.asarray(boxes),
+                                 crop_queries=True, protocol="revisited E/M/H"))

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from hafloc.datasets.base import Dataset, check_positions
+from hafloc.datasets.base import Dataset, Quirks, check_positions
 from hafloc.datasets.common import swap_missing_ext
 from hafloc.datasets.dbstruct import tokyo_panorama_ids, tokyo_query_conditions
 from hafloc.errors import InputError
@@ -72,16 +72,16 @@ def load_patchnetvlad(path: str | Path, split: str = "test", index_list: str | P
     check_positions(path, q, q_utm, "query")
     root = Path(image_root) if image_root is not None else path.parent.parent
     db, q = swap_missing_ext(root, db), swap_missing_ext(root, q)
-    quirks: dict[str, Any] = {}
+    quirks = Quirks()
     panos = tokyo_panorama_ids(db)
     if tokyo_nms or (tokyo_nms is None and panos is not None):
         if panos is None:
             raise InputError(path, "tokyo_nms asked for but database names are not Tokyo cutouts")
-        quirks["tokyo_nms"] = panos
+        quirks.tokyo_nms = panos
         if len(q) == 315:
-            quirks["q_conditions"] = tokyo_query_conditions(len(q))
+            quirks.q_conditions = tokyo_query_conditions(len(q))
     if np.all(db_utm[:, 1] == db_utm[:, 1].astype(np.int64)) and np.issubdtype(data["utmDb"].dtype, np.integer):
-        quirks["index_coordinates"] = True
+        quirks.index_coordinates = True
     return Dataset(name=path.stem, format="patchnetvlad", root=root, db_images=db, q_images=q,
                    db_utm=db_utm, q_utm=q_utm, pos_threshold=float(np.asarray(data["posDistThr"]).ravel()[0]),
                    metric="recall", quirks=quirks)

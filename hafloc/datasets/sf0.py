@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from hafloc.datasets.base import Dataset
+from hafloc.datasets.base import Dataset, Quirks
 from hafloc.datasets.common import list_images, parse_float, read_csv_rows
 from hafloc.datasets.geo import latlon_to_utm
 from hafloc.errors import InputError
@@ -75,23 +75,23 @@ def load_sf0(path: str | Path, split: str = "test", protocol: str | None = None,
                      for k in sorted(gt)]
         return Dataset(name="sf0-building", format="sf0", root=root, db_images=db, q_images=q, positives=positives,
                        pos_threshold=0.0, metric="recall",
-                       quirks={"protocol": "SF-0 building-ID ground truth",
-                               "q_building_ids": [sorted(gt[k]) for k in sorted(gt)]})
+                       quirks=Quirks(protocol="SF-0 building-ID ground truth",
+                                     q_building_ids=[sorted(gt[k]) for k in sorted(gt)]))
     if protocol != "posed":
         raise ValueError("protocol must be 'building' or 'posed'")
-    _, rows = read_csv_rows(root / POSES, required=("image", "lat", "lon"))
+    _header, rows = read_csv_rows(root / POSES, required=("image", "lat", "lon"))
     q = [r["image"] if "/" in r["image"] else f"queries/{r['image']}" for r in rows]
     q_ll = np.array([[parse_float(root / POSES, r["lat"], "lat", i), parse_float(root / POSES, r["lon"], "lon", i)]
                      for i, r in enumerate(rows, start=2)]).reshape(-1, 2)
-    db_ll = []
+    db_pts: list[tuple[float, float]] = []
     for n in db:
         ll = pci_latlon(n)
         if ll is None:
             raise InputError(root / n, "database name does not carry a position (PCI_sp_<id>_<lat>_<lon>_...)")
-        db_ll.append(ll)
-    db_ll = np.asarray(db_ll)
+        db_pts.append(ll)
+    db_ll = np.asarray(db_pts)
     e, nn, zn, zl = latlon_to_utm(np.r_[db_ll[:, 0], q_ll[:, 0]], np.r_[db_ll[:, 1], q_ll[:, 1]])
     pos = np.stack([e, nn], 1)
     return Dataset(name="sf0-posed", format="sf0", root=root, db_images=db, q_images=q, db_utm=pos[: len(db)],
                    q_utm=pos[len(db):], pos_threshold=25.0, metric="recall", utm_zone=(zn, zl),
-                   quirks={"protocol": "SF-0 posed queries at 25 m"})
+                   quirks=Quirks(protocol="SF-0 posed queries at 25 m"))

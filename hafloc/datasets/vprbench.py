@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from hafloc.datasets.base import Dataset
+from hafloc.datasets.base import Dataset, Quirks
 from hafloc.datasets.common import list_images
 from hafloc.errors import InputError
 
@@ -27,7 +27,7 @@ def load_vprbench(path: str | Path, split: str = "test", **_: Any) -> Dataset:
     A reference list of [-1] marks a query without a true match (kept, with no positives).
     Images are the sorted files of query/ and ref/; when those folders are absent (ground truth
     only) names ``query/%07d.jpg`` / ``ref/%07d.jpg`` are made up, the database sized by the
-    largest referenced index, and ``quirks['images_missing']`` is set.
+    largest referenced index, and ``quirks.images_missing`` is set.
     """
     path = Path(path)
     gt_path = path / "ground_truth_new.npy" if path.is_dir() else path
@@ -47,14 +47,15 @@ def load_vprbench(path: str | Path, split: str = "test", **_: Any) -> Dataset:
     order = np.argsort(q_index, kind="stable")
     q_index = [q_index[i] for i in order]
     positives = [positives[i] for i in order]
-    quirks: dict[str, Any] = {"true_negative_queries": int(sum(len(p) == 0 for p in positives))}
+    quirks = Quirks(protocol="VPR-Bench index ground truth",
+                    true_negative_queries=int(sum(len(p) == 0 for p in positives)))
     if (root / "query").is_dir() and (root / "ref").is_dir():
         q_all, db = list_images(root / "query", root), list_images(root / "ref", root)
         if q_index and max(q_index) >= len(q_all):
             raise InputError(gt_path, f"query index {max(q_index)} but only {len(q_all)} images in query/")
         q = [q_all[i] for i in q_index]
     else:
-        quirks["images_missing"] = True
+        quirks.images_missing = True
         n_db = 1 + max((int(p.max()) for p in positives if len(p)), default=-1)
         db = [f"ref/{i:07d}.jpg" for i in range(n_db)]
         q = [f"query/{i:07d}.jpg" for i in q_index]
@@ -63,4 +64,4 @@ def load_vprbench(path: str | Path, split: str = "test", **_: Any) -> Dataset:
             raise InputError(gt_path, f"reference index {int(p.max())} outside 0..{len(db) - 1}")
     return Dataset(name=root.name, format="vprbench", root=root, db_images=db, q_images=q,
                    positives=positives, pos_threshold=0.0, metric="recall",
-                   quirks=dict(quirks, protocol="VPR-Bench index ground truth"))
+                   quirks=quirks)

@@ -52,6 +52,12 @@ class DemoConfig:
     city: dict[str, Any] = field(default_factory=lambda: SyntheticCityConfig().to_json())
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        # JSON and the command line hand lists: keep the declared tuples
+        h, w = self.image_size
+        self.image_size = (int(h), int(w))
+        self.methods = tuple(self.methods)
+
     @classmethod
     def create(cls, output: str = "hafloc-demo", quick: bool = False, seed: int = 0,
                methods: tuple[str, ...] | list[str] | None = None, **overrides: Any) -> "DemoConfig":

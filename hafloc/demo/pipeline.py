@@ -9,6 +9,7 @@ its last checkpoint.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -140,26 +141,15 @@ def stage_train(cfg: DemoConfig, method: str, data_root: Path, run_dir: Path,
     """Train ``method`` into ``run_dir`` (best.model, history.csv/png); resume a crashed run.
 
     ``init_path``: also save the model as initialised, before any training step (the untrained
-    reference row costs no second fit). Without the training package the method is only
-    initialised, and marked untrained.
+    reference row costs no second fit).
     """
-    try:
-        from ..train.loop import Trainer
-    except ImportError as err:  # the seam: a build without training still runs the demo
-        log.warning("training unavailable (%s): %s stays untrained", err, method)
-        Trainer = None  # noqa: N806
-    train = Trainer
+    from ..train.loop import Trainer
+
     tcfg = train_config(cfg, method, data_root, run_dir)
-    key = _train_key(tcfg, cfg) + ("" if train else "-untrained")
+    key = _train_key(tcfg, cfg)
     mark = read_mark(run_dir, key)
     if mark and (run_dir / "best.model").is_file():
         return mark, True
-    if train is None:
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        model, info = fit_fresh_model(cfg, method, data_root)
-        save_model(model, run_dir / "best.model", meta={"fit": info, "trained": None})
-        return write_mark(run_dir, key, {"method": method, "trained": False, "summary": {}}), False
     resume = False
     if (run_dir / "last.ckpt").is_file():
         try:
@@ -223,7 +213,7 @@ def stage_tune(cfg: DemoConfig, model_path: Path, data_root: Path, out_path: Pat
     val = load_dataset(data_root, "at", split="val")
     res = tune_fusion_weights(model, val, step=cfg.tune_step, image_size=cfg.image_size, progress=cfg.progress)
     res = {"key": key, "model": str(model_path), **res}
-    save_model(model, out_path, meta={**getattr(model, "meta", {}),
+    save_model(model, out_path, meta={**model.meta,
                                       "tuned": {k: v for k, v in res.items() if k != "grid"}})
     write_json_atomic(json_path, res)  # after the model: its presence means the stage finished
     return res, False
@@ -287,7 +277,7 @@ def stage_evaluate(cfg: DemoConfig, name: str, model_path: Path, ds: Dataset, ro
     from ..metrics.evaluate import ExtractionSettings, evaluate
 
     model = load_model(model_path)
-    settings = ExtractionSettings(batch_size=8, backend=cfg.backend, image_size=tuple(cfg.image_size))
+    settings = ExtractionSettings(batch_size=8, backend=cfg.backend, image_size=cfg.image_size)
     key = digest({"model": model.fingerprint(), "image_size": cfg.image_size, "backend": cfg.backend,
                   "city": cfg.city, "ds": ds.summary(), "extra": extra})
     path = out_dir / "results" / f"{name}.json"
@@ -306,7 +296,7 @@ def stage_evaluate(cfg: DemoConfig, name: str, model_path: Path, ds: Dataset, ro
            "recall_curve": res["recall_curve"], "by_size": recall_by_group(records),
            "by_condition": recall_by_group(records, "condition"),
            "fusion_weights": [round(float(w), 4) for w in model.head.fusion_weights().detach()]
-           if len(getattr(model.head, "levels", ())) > 1 else None,
+           if len(model.head.levels) > 1 else None,
            "timing": res["timing"], "failures": res["failures"], **extra, "queries": records}
     write_json_atomic(path, out)
     return out, False
@@ -346,8 +336,8 @@ def run_demo(cfg: DemoConfig, stream: TextIO | None = None) -> dict[str, Any]:
     trained: dict[str, dict[str, Any]] = {}
     untrained_path = out / "models" / "haf-untrained.model"
     for m in cfg.methods:
-        trained[m] = stages.run(f"training {m}", lambda m=m: stage_train(
-            cfg, m, data_root, runs / m, init_path=untrained_path if m == "haf" else None))
+        trained[m] = stages.run(f"training {m}", functools.partial(
+            stage_train, cfg, m, data_root, runs / m, init_path=untrained_path if m == "haf" else None))
     tuned = None
     if has_haf:
         stages.run("haf untrained (reference)",
@@ -378,9 +368,8 @@ def run_demo(cfg: DemoConfig, stream: TextIO | None = None) -> dict[str, Any]:
     results: dict[str, dict[str, Any]] = {}
     for ev in evals:
         extra = {"label": ev.label, "method": ev.method, "trained": ev.trained, "note": ev.note}
-        results[ev.name] = stages.run(f"evaluating {ev.name} on test",
-                                      lambda ev=ev, extra=extra: stage_evaluate(cfg, ev.name, ev.model, test, data_root,
-                                                                                out, extra))
+        results[ev.name] = stages.run(f"evaluating {ev.name} on test", functools.partial(
+            stage_evaluate, cfg, ev.name, ev.model, test, data_root, out, extra))
 
     summary = {
         "dataset": {"name": "synthetic city", "root": "data", "test": test.summary(),

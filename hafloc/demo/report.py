@@ -287,7 +287,7 @@ def _attention_figures(out: Path, cfg: DemoConfig, records: list[dict[str, Any]]
     except Exception as err:  # the report must not fail for a figure
         log.warning("no attention figure: %s", err)
         return []
-    ex = Extractor(model, batch_size=1, backend="torch", image_size=tuple(cfg.image_size))
+    ex = Extractor(model, batch_size=1, backend="torch", image_size=cfg.image_size)
     picks = pick_examples(records, len(records), cfg.seed)
     images = []
     for size in ("small", "large"):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,16 +20,10 @@ from ..fileio import atomic_path
 from ..hloc_h5 import write_h5_groups
 from ..images.io import list_images, load_image, to_tensor
 from .network import GeoLocNet
+from .result import ExtractResult
 from .runtime import Batch, Runner, make_runner, run_batches
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ExtractResult:
-    names: list[str]
-    descriptors: np.ndarray  # (N, D) float32, L2-normalised
-    failures: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
 
 
 class Extractor:
@@ -77,7 +70,7 @@ class Extractor:
             scale = min(1.0, long_b / max(img.size), short_b / min(img.size))
             if scale < 1.0:
                 img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
-                                 Image.BILINEAR, reducing_gap=3.0)
+                                 Image.Resampling.BILINEAR, reducing_gap=3.0)
         if crop_box is not None:
             x1, y1, x2, y2 = (int(round(v * scale)) for v in crop_box)
             x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, img.width), min(y2, img.height)

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import cast
 
 import faiss
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from ..errors import HaflocError
+from ..heads.multilevel import MultiLevelVLAD
+from ..heads.vlad import NetVLAD
 from ..images.io import load_image, to_tensor
 from .extract import Extractor
 from .network import GeoLocNet
@@ -49,12 +53,12 @@ def fit_clusters(model: GeoLocNet, paths: list[Path], samples_per_image: int = 1
                  max_side: int | None = None, progress: bool = True) -> dict:
     """Initialise projections (PCA) and VLAD clusters (k-means) of ``model.head`` from ``paths``."""
     head = model.head
-    if not getattr(head, "uses_clusters", False):
+    if not isinstance(head, MultiLevelVLAD):  # the heads with clusters (uses_clusters)
         return {}
     model.eval()
     rng = np.random.default_rng(seed)
     max_side = max_side or model.config.max_side
-    has_proj = getattr(head, "proj", None) is not None and len(head.proj) > 0
+    has_proj = len(head.proj) > 0
     # Keep only sampled columns, never whole maps: memory stays small for many images.
     samples: dict[str, list[np.ndarray]] = {lv: [] for lv in head.levels}
     n_images = 0
@@ -68,25 +72,27 @@ def fit_clusters(model: GeoLocNet, paths: list[Path], samples_per_image: int = 1
         raise HaflocError("none of the images given for fitting could be read")
     info: dict = {"images": n_images, "levels": {}}
     for lv in head.levels:
-        feats = np.concatenate(samples[lv]).astype(np.float32)
+        x = np.concatenate(samples[lv]).astype(np.float32)
         if has_proj:
-            mean = feats.mean(axis=0)
-            _, _, vt = np.linalg.svd(feats - mean, full_matrices=False)
-            d_out = head.proj[lv].out_channels
-            comps = np.zeros((d_out, feats.shape[1]), np.float32)
+            mean = x.mean(axis=0)
+            _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+            d_out = cast(nn.Conv2d, head.proj[lv]).out_channels
+            comps = np.zeros((d_out, x.shape[1]), np.float32)
             k = min(d_out, vt.shape[0])
             comps[:k] = vt[:k]  # fewer input channels than outputs: the rest start at zero
             head.set_projection(lv, comps, mean)
-            feats = (feats - mean) @ comps.T  # the 1x1 projection applied to the sampled columns
-            feats /= np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
-        feats = np.ascontiguousarray(feats, dtype=np.float32)
-        k = head.vlad[lv].num_clusters
-        if len(feats) < k:
-            raise HaflocError(f"only {len(feats)} local features for {k} clusters: give more images")
-        km = faiss.Kmeans(feats.shape[1], k, niter=30, seed=seed, verbose=False, max_points_per_centroid=1000)
-        km.train(feats)
-        alpha = head.vlad[lv].init_from_kmeans(km.centroids, feats)
-        info["levels"][lv] = {"features": len(feats), "clusters": k, "alpha": round(alpha, 3)}
+            x = (x - mean) @ comps.T  # the 1x1 projection applied to the sampled columns
+            x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        vlad = cast(NetVLAD, head.vlad[lv])
+        k = vlad.num_clusters
+        if len(x) < k:
+            raise HaflocError(f"only {len(x)} local features for {k} clusters: give more images")
+        km = faiss.Kmeans(x.shape[1], k, niter=30, seed=seed, verbose=False, max_points_per_centroid=1000)
+        km.train(x)
+        assert km.centroids is not None  # set by train(); faiss's stubs keep it optional
+        alpha = vlad.init_from_kmeans(km.centroids, x)
+        info["levels"][lv] = {"features": len(x), "clusters": k, "alpha": round(alpha, 3)}
     return info
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -18,7 +19,7 @@ VERSION = 1
 
 
 def save_model(model: GeoLocNet, path: str | Path, meta: dict | None = None) -> Path:
-    payload = {
+    payload: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
         "hafloc": __version__,
@@ -54,7 +55,7 @@ def read_model_file(path: str | Path) -> dict:
 def load_model(path: str | Path) -> GeoLocNet:
     """Rebuild the network from a model file (no backbone weights are read from elsewhere)."""
     payload = read_model_file(path)
-    config = ModelConfig.from_dict(payload["config"])
+    config = ModelConfig.from_dict(payload["config"], source=path)
     model = GeoLocNet(config, pretrained=False)
     try:
         model.load_state_dict(payload["state_dict"])

@@ -6,15 +6,23 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..backbones import create_backbone
+from ..backbones import Backbone, create_backbone
 from ..backbones.superpoint import SuperPointNet
+from ..configs import from_mapping
 from ..errors import HaflocError
 from ..heads import METHODS, HeadConfig, create_head, head_config
 from .whitening import Whitening
+
+# Settings that model files of older versions may hold but ModelConfig / HeadConfig no longer have:
+# such files still load (the value is ignored). Add a key here when removing a field.
+LEGACY_KEYS: frozenset[str] = frozenset()
+LEGACY_HEAD_KEYS: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -31,14 +39,16 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict, source: str | Path | None = None) -> "ModelConfig":
+        """Strict: an unknown key (of the model or its head) is an error naming it and ``source``
+        (the model file); keys of older files listed in ``LEGACY_KEYS`` are ignored."""
         d = dict(d)
         h = dict(d.pop("head", {}))
         for key in ("levels", "init_weights"):
             if key in h:
                 h[key] = tuple(h[key])
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(head=HeadConfig(**h), **{k: v for k, v in d.items() if k in known})
+        head = from_mapping(HeadConfig, h, source=source, what="head setting", legacy=LEGACY_HEAD_KEYS)
+        return from_mapping(cls, {**d, "head": head}, source=source, what="model setting", legacy=LEGACY_KEYS)
 
     @classmethod
     def for_method(cls, method: str, backbone: str | None = None, **head_overrides) -> "ModelConfig":
@@ -52,9 +62,15 @@ class ModelConfig:
 
 
 class GeoLocNet(nn.Module):
+    """``meta`` (what the model file recorded: fitting, training, tuning) and ``source_path`` (the
+    file it was loaded from) are set by ``modelfile.load_model``; a model built here has neither."""
+
     def __init__(self, config: ModelConfig, pretrained: bool = True, backbone_weights: str | None = None):
         super().__init__()
         self.config = config
+        self.meta: dict[str, Any] = {}
+        self.source_path: str | None = None
+        self.backbone: Backbone
         if config.backbone == "superpoint":
             self.backbone = SuperPointNet()
             if pretrained:

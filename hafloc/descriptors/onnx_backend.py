@@ -159,9 +159,8 @@ def cache_dir() -> Path:
 def cache_path(model: GeoLocNet, fingerprint: str | None = None) -> Path:
     """Where the export of ``model`` lives: beside its model file when possible, else the cache dir."""
     fp = fingerprint or model.fingerprint()
-    src = getattr(model, "source_path", None)
-    if src:
-        src = Path(src)
+    if model.source_path:
+        src = Path(model.source_path)
         if _writable_dir(src.parent):
             return src.parent / f"{src.name}.{fp}.onnx"
         return cache_dir() / f"{src.name}.{fp}.onnx"

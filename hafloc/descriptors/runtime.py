@@ -96,7 +96,8 @@ class TorchRunner:
         self.outputs = _check_outputs(outputs)
         self.channels_last = channels_last
         if channels_last:
-            model.to(memory_format=torch.channels_last)
+            # torch's stubs omit Module.to(memory_format=...), which torch accepts and documents
+            model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     def __call__(self, batch: torch.Tensor) -> dict[str, Any]:
         model = self.model

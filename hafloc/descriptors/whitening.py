@@ -33,6 +33,11 @@ def fit_pca_whitening(x: np.ndarray, dim: int, eps: float = 1e-6) -> tuple[np.nd
 class Whitening(nn.Module):
     """y = normalize(P (x - m)); identity until fitted (``dim`` None)."""
 
+    # buffers (register_buffer): declared for the type checker
+    mean: torch.Tensor
+    proj: torch.Tensor
+    fitted: torch.Tensor
+
     def __init__(self, in_dim: int, dim: int | None):
         super().__init__()
         self.dim = dim

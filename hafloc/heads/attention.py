@@ -29,6 +29,7 @@ class ContextAttention(nn.Module):
         )
         self.combine = nn.Conv2d(sum(widths), 1, 1)
         nn.init.zeros_(self.combine.weight)
+        assert self.combine.bias is not None  # Conv2d(bias=True), for the type checker
         nn.init.constant_(self.combine.bias, math.log(math.e - 1.0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,8 @@ level, 1x1 projection and fusion with adaptive weights w_l:
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -62,7 +64,8 @@ class MultiLevelVLAD(Head):
     @torch.no_grad()
     def set_projection(self, level: str, components: np.ndarray, mean: np.ndarray) -> None:
         """Initialise the 1x1 projection as PCA: y = P (x - m)."""
-        conv = self.proj[level]
+        conv = cast(nn.Conv2d, self.proj[level])
+        assert conv.bias is not None  # the projections are Conv2d(bias=True)
         p = torch.from_numpy(components.astype(np.float32))
         conv.weight.copy_(p.view(*conv.weight.shape))
         conv.bias.copy_(-(p @ torch.from_numpy(mean.astype(np.float32))))

@@ -107,7 +107,7 @@ def to_tensor(img: Image.Image, size: tuple[int, int] | None = None, max_side: i
     """RGB float tensor (3, H, W) in [0, 1]; resized to ``size`` (H, W) or by ``max_side``."""
     h, w = size if size is not None else target_size(img.width, img.height, max_side)
     if (img.height, img.width) != (h, w):
-        img = img.resize((w, h), Image.BILINEAR, reducing_gap=3.0)
+        img = img.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=3.0)
     arr = np.asarray(img, dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 

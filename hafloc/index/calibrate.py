@@ -31,7 +31,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import numpy as np
 from tqdm import tqdm
@@ -71,7 +71,7 @@ def query_features(matches: Sequence[Match], estimate: Estimate | None, agree_m:
         return None
     best = max(positioned, key=lambda m: m.similarity)
     far = [m.similarity for m in positioned
-           if haversine_m(best.lat, best.lon, m.lat, m.lon) > agree_m]  # type: ignore[arg-type]
+           if haversine_m(best.lat, best.lon, m.lat, m.lon) > agree_m]
     other = max(far) if far else min(m.similarity for m in matches)
     feats = {"best_similarity": float(best.similarity), "margin": float(best.similarity - other),
              "agreement": float(estimate.agreement), "log_agreeing": math.log1p(estimate.n_agreeing)}
@@ -354,7 +354,7 @@ def leave_one_out(store: IndexStore, agree_m: float = DEFAULT_AGREE_M, exclude_m
         part = sample[s:s + batch]
         depth = min(len(desc), k + max(len(h) for h in hidden[s:s + batch]))
         # the index's own search structure: what `locate` will use (exact for flat indexes)
-        found: list[list[Match]] = store.search(np.ascontiguousarray(desc[part], np.float32), depth)  # type: ignore[assignment]
+        found = cast(list[list[Match]], store.search(np.ascontiguousarray(desc[part], np.float32), depth))
         for j, qi in enumerate(part):
             hide = {int(ids[r]) for r in hidden[s + j]}
             ms = [m for m in found[j] if m.id not in hide][:k]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import numpy as np
 
@@ -53,14 +53,14 @@ def estimate_position(matches: Sequence[Match], agree_m: float = 25.0, margin_sc
         return None
     best = max(positioned, key=rank_score)
     assert best.lat is not None and best.lon is not None
-    agree = [m for m in positioned if haversine_m(best.lat, best.lon, m.lat, m.lon) <= agree_m]  # type: ignore[arg-type]
+    agree = [m for m in positioned if haversine_m(best.lat, best.lon, m.lat, m.lon) <= agree_m]
     agree_ids = {id(m) for m in agree}
     others = [m for m in positioned if id(m) not in agree_ids]
     weight = {id(m): math.exp((rank_score(m) - rank_score(best)) / temperature) for m in positioned}
     w = np.array([weight[id(m)] for m in agree])
     try:
         _, _, zone, letter = latlon_to_utm(best.lat, best.lon)
-        xy = np.array([latlon_to_utm(m.lat, m.lon, (zone, letter))[:2] for m in agree])  # type: ignore[arg-type]
+        xy = np.array([latlon_to_utm(m.lat, m.lon, (zone, letter))[:2] for m in agree])
         e, n = (xy * w[:, None]).sum(0) / w.sum()
         lat, lon = utm_to_latlon(float(e), float(n), zone, letter)
     except ValueError:  # beyond UTM's latitudes; over <= agree_m, averaging degrees is as good
@@ -70,7 +70,7 @@ def estimate_position(matches: Sequence[Match], agree_m: float = 25.0, margin_sc
     margin = 1.0 if not others else max(map(rank_score, agree)) - max(map(rank_score, others))
     confidence = agreement * (0.5 + 0.5 * min(1.0, max(0.0, margin) / margin_scale))
     with_dist = [dataclasses.replace(m, distance_m=haversine_m(lat, lon, m.lat, m.lon) if m.positioned else None)
-                 for m in matches]  # type: ignore[arg-type]
+                 for m in matches]
     verified = min_inliers is not None and best.inliers is not None and best.inliers > min_inliers
     return Estimate(lat=lat, lon=lon, confidence=float(min(1.0, max(0.0, confidence))), agreement=agreement,
                     margin=float(margin), n_agreeing=len(agree), matches=with_dist, verified=verified)
@@ -146,7 +146,7 @@ def locate_descriptors(store: IndexStore, descs: np.ndarray, names: Sequence[str
     if len(names) == 0:
         return []
     depth = max(k, calibrator.k) if calibrator is not None else k
-    all_matches = store.search(descs, depth)
+    all_matches = cast(list[list[Match]], store.search(descs, depth))  # (Nq, D) in: one list per query
     return [answer(name, ms, k, agree_m, calibrator, min_confidence) for name, ms in zip(names, all_matches)]
 
 
@@ -166,7 +166,7 @@ def answer(name: str, matches: Sequence[Match], k: int, agree_m: float = 25.0, c
     shown = list(matches)[:k]
     if est is not None:
         shown = [dataclasses.replace(m, distance_m=haversine_m(est.lat, est.lon, m.lat, m.lon) if m.positioned else None)
-                 for m in shown]  # type: ignore[arg-type]
+                 for m in shown]
         est = dataclasses.replace(est, matches=shown)
     return result_json(name, shown, est, confidence=conf, calibrated=True, radius_m=calibrator.agree_m,
                        min_confidence=min_confidence)

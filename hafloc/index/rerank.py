@@ -203,7 +203,7 @@ class LooReranker:
                 self.pairs[(qid, mid)] = v.inliers
         inl = [self.pairs[(qid, m.id)] for m in top]
         lat, lon = self.row_pos[row]
-        right = [m.positioned and haversine_m(lat, lon, m.lat, m.lon) <= self.agree_m for m in top]  # type: ignore[arg-type]
+        right = [m.positioned and haversine_m(lat, lon, m.lat, m.lon) <= self.agree_m for m in top]
         self.records[row] = (np.array([m.similarity for m in top]), np.array(inl), np.array(right, bool))
         empty = np.zeros((0, 2), np.float32)
         return rerank_matches(matches, [Verified(n, empty, empty) for n in inl], self.reranker.rule)

@@ -109,9 +109,10 @@ def _apply_runtime(index: faiss.Index, params: dict[str, Any]) -> None:
     """Query-time knobs are not all serialised by faiss; set them from our JSON every time."""
     if params["kind"] == "ivfpq":
         faiss.extract_index_ivf(index).nprobe = int(params["nprobe"])
-        faiss.downcast_index(index).k_factor = float(params["refine_factor"])
+        # faiss's stubs type downcast_index as the base Index; it returns the concrete class
+        faiss.downcast_index(index).k_factor = float(params["refine_factor"])  # type: ignore[attr-defined]
     elif params["kind"] == "hnsw":
-        faiss.downcast_index(index).hnsw.efSearch = int(params["ef_search"])
+        faiss.downcast_index(index).hnsw.efSearch = int(params["ef_search"])  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -142,6 +143,7 @@ def build_search_index(descriptors: np.ndarray, config: SearchConfig | None = No
         raise ValueError(f"descriptors must be (N, D), got shape {x.shape}")
     n, dim = x.shape
     params = resolve_params(n, dim, config, exact=exact)
+    index: faiss.Index
     if params["kind"] == "flat":
         index = faiss.IndexFlatIP(dim)
     elif params["kind"] == "hnsw":
@@ -152,7 +154,8 @@ def build_search_index(descriptors: np.ndarray, config: SearchConfig | None = No
         index = faiss.index_factory(dim, f"IVF{params['nlist']},PQ{params['m']}x{params['nbits']},RFlat")
         # polysemous codes are for Hamming pre-filtering, which we do not use; training them
         # costs 30x the rest of the training
-        faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+        ivf.do_polysemous_training = False  # type: ignore[attr-defined]  # an IndexIVFPQ; faiss's stubs say Index
         ntrain = min(n, train_size or 64 * int(params["nlist"]))
         rng = np.random.default_rng(seed)
         sample = x if ntrain == n else x[np.sort(rng.choice(n, ntrain, replace=False))]

@@ -44,12 +44,13 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import filelock
 import numpy as np
 from tqdm import tqdm
 
+from hafloc.descriptors.result import ExtractResult
 from hafloc.errors import HaflocError, InputError, ModelMismatchError, printable
 from hafloc.fileio import atomic_path, write_json_atomic
 from hafloc.index.positions import Position, make_position, resolve_position
@@ -197,12 +198,6 @@ def file_sha1(path: Path) -> str:
     return h.hexdigest()
 
 
-class ExtractResultLike(Protocol):
-    names: list[str]
-    descriptors: np.ndarray
-    failures: list[tuple[str, str]]
-
-
 def local_of(result: Any) -> "dict[str, LocalFeatures]":
     """The local features an extraction result carries ({} for a global-only extractor)."""
     return dict(getattr(result, "local", None) or {})
@@ -211,17 +206,9 @@ def local_of(result: Any) -> "dict[str, LocalFeatures]":
 # extract_fn(paths, names) -> result with .names / .descriptors (N, D) / .failures [(name, reason)].
 # It may also have ``prefetch([(paths, names), ...])``: ``add`` then announces every chunk it will ask
 # for, in order, before asking (``hafloc.index.distributed`` describes them ahead on a cluster).
-ExtractFn = Callable[[list[Path], list[str]], ExtractResultLike]
-
-
-@dataclass
-class Extracted:
-    """A plain ExtractResult for extraction callbacks that are not the model Extractor."""
-
-    names: list[str]
-    descriptors: np.ndarray
-    failures: list[tuple[str, str]] = field(default_factory=list)
-    local: "dict[str, LocalFeatures]" = field(default_factory=dict)  # name -> local features
+ExtractFn = Callable[[list[Path], list[str]], ExtractResult]
+# The extraction result of callbacks that are not the model Extractor: the same record.
+Extracted = ExtractResult
 
 
 def extractor_fn(extractor: Any, local: Any = None) -> ExtractFn:

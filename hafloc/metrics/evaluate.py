@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -43,6 +43,13 @@ def default_cache_dir() -> Path | None:
     return Path.home() / ".cache" / "hafloc" / "descriptors"
 
 
+def _cache_folder(cache_dir: str | Path | Literal[False] | None) -> Path | None:
+    """The descriptor cache folder: ``cache_dir``, :func:`default_cache_dir` for None, none for False."""
+    if cache_dir is None:
+        return default_cache_dir()
+    return None if cache_dir is False else Path(cache_dir)
+
+
 @dataclass
 class ExtractionSettings:
     """How images become descriptors; everything here except batch size/threads keys the cache."""
@@ -59,8 +66,8 @@ class ExtractionSettings:
 
         return Extractor(model, batch_size=self.batch_size, max_side=self.max_side, backend=self.backend,
                          num_threads=self.num_threads, image_size=self.image_size,
-                         exif_transpose=bool(ds.quirks.get("apply_exif_orientation", True)),
-                         max_size=ds.quirks.get("max_size"))
+                         exif_transpose=bool(ds.quirks.apply_exif_orientation),
+                         max_size=ds.quirks.max_size)
 
 
 @dataclass
@@ -174,13 +181,13 @@ def _extract_side(extractor, paths: list[Path], boxes: list | None, cache: Descr
 def _query_boxes(ds: Dataset, crop: bool) -> list | None:
     if not crop:
         return None
-    if ds.quirks.get("crop_boxes") is None:
+    if ds.quirks.crop_boxes is None:
         raise HaflocError(f"{ds.name}: crop queries asked for but the dataset has no query boxes")
-    return [tuple(float(v) for v in b) for b in np.asarray(ds.quirks["crop_boxes"])]
+    return [tuple(float(v) for v in b) for b in np.asarray(ds.quirks.crop_boxes)]
 
 
 def extract_modes(model, ds: Dataset, settings: ExtractionSettings | None = None, *, crops: Sequence[bool] = (False,),
-                  cache_dir: str | Path | None | bool = None, progress: bool = True,
+                  cache_dir: str | Path | Literal[False] | None = None, progress: bool = True,
                   extractor=None) -> list[DatasetDescriptors]:
     """Like :func:`extract_dataset` for several query modes (full / cropped) sharing one database pass.
 
@@ -188,7 +195,7 @@ def extract_modes(model, ds: Dataset, settings: ExtractionSettings | None = None
     """
     settings = settings or ExtractionSettings()
     extractor = extractor or settings.extractor_for(model, ds)
-    folder = default_cache_dir() if cache_dir is None else (Path(cache_dir) if cache_dir is not False else None)
+    folder = _cache_folder(cache_dir)
     cache = DescriptorCache(folder, model.fingerprint(), settings_key(extractor)) if folder is not None else None
     memo: dict[str, np.ndarray] = {}  # Holidays/Oxford queries are database images: extract them once
     t0 = time.perf_counter()
@@ -206,16 +213,16 @@ def extract_modes(model, ds: Dataset, settings: ExtractionSettings | None = None
 
 
 def extract_dataset(model, ds: Dataset, settings: ExtractionSettings | None = None, *,
-                    crop_queries: bool | None = None, cache_dir: str | Path | None | bool = None,
+                    crop_queries: bool | None = None, cache_dir: str | Path | Literal[False] | None = None,
                     progress: bool = True, extractor=None) -> DatasetDescriptors:
     """Descriptors of a dataset's database and query images (cached; unreadable images skipped).
 
-    ``crop_queries``: crop queries to ``quirks['crop_boxes']`` (default: ``quirks['crop_queries']``).
+    ``crop_queries``: crop queries to ``quirks.crop_boxes`` (default: ``quirks.crop_queries``).
     ``cache_dir``: a folder, ``None`` for :func:`default_cache_dir`, ``False`` for no cache.
     ``extractor``: a ready :class:`~hafloc.descriptors.extract.Extractor` (else built from ``settings``).
     Use ``result.dataset(ds)`` for the dataset the descriptors belong to (failed images removed).
     """
-    crop = bool(ds.quirks.get("crop_queries")) if crop_queries is None else bool(crop_queries)
+    crop = bool(ds.quirks.crop_queries) if crop_queries is None else bool(crop_queries)
     return extract_modes(model, ds, settings, crops=(crop,), cache_dir=cache_dir, progress=progress,
                          extractor=extractor)[0]
 
@@ -232,7 +239,8 @@ def _account_failed_queries(result: dict[str, Any], ds_db: Dataset, failed: np.n
     n_ok = n_total - len(failed)
     fds = ds_db.subset(q_idx=failed)
     if ds_db.metric == "revisited":
-        rv = fds.quirks["revisited"]
+        rv = fds.quirks.revisited
+        assert rv is not None  # Dataset refuses metric "revisited" without it
         has = {"E": [len(e) > 0 for e in rv["easy"]], "M": [len(e) + len(h) > 0 for e, h in zip(rv["easy"], rv["hard"])],
                "H": [len(h) > 0 for h in rv["hard"]]}
         for proto, flags in has.items():
@@ -306,7 +314,7 @@ def score_descriptors(ds: Dataset, d: DatasetDescriptors, ns: Sequence[int] = (1
     return result
 
 
-def evaluate(model, ds: Dataset, settings: ExtractionSettings | None = None, *, cache_dir: str | Path | None | bool = None,
+def evaluate(model, ds: Dataset, settings: ExtractionSettings | None = None, *, cache_dir: str | Path | Literal[False] | None = None,
              progress: bool = True, ns: Sequence[int] = (1, 5, 10), extractor=None,
              rerank: "RerankSettings | None" = None) -> EvalResult:
     """Extract and score ``ds`` with its protocol; percent numbers like :func:`protocols.score`.
@@ -326,14 +334,14 @@ def evaluate(model, ds: Dataset, settings: ExtractionSettings | None = None, *, 
     settings = settings or ExtractionSettings()
     extractor = extractor or settings.extractor_for(model, ds)
     t0 = time.perf_counter()
-    both = ds.metric == "map" and ds.quirks.get("crop_boxes") is not None
-    primary = bool(ds.quirks.get("crop_queries"))
+    both = ds.metric == "map" and ds.quirks.crop_boxes is not None
+    primary = bool(ds.quirks.crop_queries)
     crops = (primary, not primary) if both else (primary,)
     parts = extract_modes(model, ds, settings, crops=crops, cache_dir=cache_dir, progress=progress,
                           extractor=extractor)
     t_scoring = time.perf_counter()
-    folder = default_cache_dir() if cache_dir is None else (Path(cache_dir) if cache_dir is not False else None)
-    scored = [score_descriptors(dataclasses.replace(ds, quirks=dict(ds.quirks, crop_queries=c)), d, ns,
+    folder = _cache_folder(cache_dir)
+    scored = [score_descriptors(dataclasses.replace(ds, quirks=dataclasses.replace(ds.quirks, crop_queries=c)), d, ns,
                                 None if rerank is None else _reranker_factory(rerank, extractor, c, folder, progress))
               for c, d in zip(crops, parts)]
     scoring = time.perf_counter() - t_scoring
@@ -422,9 +430,9 @@ def _reranker_factory(rerank: "RerankSettings", extractor, crop: bool, cache_fol
     return make
 
 
-def headline(result: dict[str, Any]) -> dict[str, Any]:
+def headline(result: Mapping[str, Any]) -> dict[str, Any]:
     """The numbers a results table shows for one evaluation (percent), by protocol."""
-    keys = [k for k in ("recall@1", "recall@5", "recall@10", "mAP_full", "mAP_crop", "mAP_E", "mAP_M", "mAP_H")
+    keys: list[str] = [k for k in ("recall@1", "recall@5", "recall@10", "mAP_full", "mAP_crop", "mAP_E", "mAP_M", "mAP_H")
             if k in result]
     if "mAP" in result and not any(k.startswith("mAP_") for k in keys):
         keys.append("mAP")

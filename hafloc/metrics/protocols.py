@@ -18,7 +18,7 @@ Rerank = Callable[[np.ndarray], np.ndarray]
 
 
 def _same_timestamp(ds: Dataset) -> tuple[np.ndarray, np.ndarray] | None:
-    ts = ds.quirks.get("timestamps")
+    ts = ds.quirks.timestamps
     if ts is None:
         return None
     return np.asarray(ts["db"]).ravel(), np.asarray(ts["q"]).ravel()
@@ -40,7 +40,7 @@ def _score_recall(ds: Dataset, db_desc: np.ndarray, q_desc: np.ndarray, ns: Sequ
         protocol.append(f"recall@N at {ds.pos_threshold:g} m (UTM radius)")
     else:
         protocol.append("recall@N by label")
-    pano = ds.quirks.get("tokyo_nms")
+    pano = ds.quirks.tokyo_nms
     ts = _same_timestamp(ds)
     k_get = k
     if pano is not None:
@@ -71,8 +71,8 @@ def _score_recall(ds: Dataset, db_desc: np.ndarray, q_desc: np.ndarray, ns: Sequ
         if rerank is not None:
             full = rerank(full)
         out["mAP"] = mean_average_precision(full, positives)["mAP"]
-    if ds.quirks.get("protocol") and ds.quirks["protocol"] not in protocol:
-        protocol.insert(0, ds.quirks["protocol"])
+    if ds.quirks.protocol and ds.quirks.protocol not in protocol:
+        protocol.insert(0, ds.quirks.protocol)
     out["protocol"] = "; ".join(protocol)
     out["_ranks"] = ranks
     return out
@@ -106,7 +106,8 @@ def score(ds: Dataset, db_desc: np.ndarray, q_desc: np.ndarray, ns: Sequence[int
         full = rerank(full)
     out: dict[str, Any] = {"num_queries": ds.num_q}
     if ds.metric == "revisited":
-        rv = ds.quirks["revisited"]
+        rv = ds.quirks.revisited
+        assert rv is not None  # Dataset refuses metric "revisited" without it
         res = revisited_map(full, rv["easy"], rv["hard"], rv["junk"], kappas=(1, 5, 10))
         for proto, r in res.items():
             out[f"mAP_{proto}"] = r["mAP"]
@@ -122,7 +123,7 @@ def score(ds: Dataset, db_desc: np.ndarray, q_desc: np.ndarray, ns: Sequence[int
         if ds.metric == "holidays":
             out["protocol"] = "INRIA Holidays mAP (query itself ignored)"
         else:
-            crop = "crop" if ds.quirks.get("crop_queries") else "full"
+            crop = "crop" if ds.quirks.crop_queries else "full"
             out["protocol"] = f"Oxford/Paris mAP, junk removed ({crop} queries)"
     out["_ranks"] = full[:, :CURVE_N]
     return out

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from hafloc.errors import InputError
 from hafloc.index.calibrate import accuracy_at_coverage, coverage_curve, expected_calibration_error, reliability_bins
@@ -16,7 +17,7 @@ from hafloc.reports.plots import _save  # also selects the headless Agg backend
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 
-def _check(p: Sequence[float], y: Sequence[int], path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+def _check(p: ArrayLike, y: ArrayLike, path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     p_arr, y_arr = np.asarray(p, np.float64), np.asarray(y, np.float64)
     if len(p_arr) == 0 or p_arr.shape != y_arr.shape:
         raise InputError(path, "need equally many (>0) probabilities and labels")
@@ -36,7 +37,7 @@ def _finish(fig, ax, path: str | Path, xlabel: str, ylabel: str, ymax: float, le
     return _save(fig, path)
 
 
-def plot_reliability(curves: Mapping[str, tuple[Sequence[float], Sequence[int]]], path: str | Path,
+def plot_reliability(curves: Mapping[str, tuple[ArrayLike, ArrayLike]], path: str | Path,
                      title: str = "") -> Path:
     """Reliability diagram: accuracy per confidence bin against the diagonal, one line per curve."""
     fig, ax = plt.subplots(figsize=(5.2, 5.0))
@@ -50,7 +51,7 @@ def plot_reliability(curves: Mapping[str, tuple[Sequence[float], Sequence[int]]]
     return _finish(fig, ax, path, "confidence", "share of estimates within the radius", 1.0, "upper left", title)
 
 
-def plot_coverage(curves: Mapping[str, tuple[Sequence[float], Sequence[int]]], path: str | Path,
+def plot_coverage(curves: Mapping[str, tuple[ArrayLike, ArrayLike]], path: str | Path,
                   title: str = "") -> Path:
     """Accuracy of the answers kept when only the most confident share of queries is answered."""
     fig, ax = plt.subplots(figsize=(5.6, 4.2))

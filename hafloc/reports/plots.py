@@ -20,6 +20,7 @@ import matplotlib.colors  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.transforms import Bbox  # noqa: E402
 from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: E402
 
 from hafloc.errors import InputError  # noqa: E402
@@ -187,7 +188,7 @@ def plot_retrievals(query: str | Path | Image.Image, retrieved: Sequence[str | P
     # same height for every panel, widths by aspect ratio, so the row reads as one strip
     images = [_open_rgb(query)] + [_open_rgb(p) for p in retrieved]
     height = 240
-    images = [im.resize((max(1, round(im.width * height / im.height)), height), Image.BILINEAR) for im in images]
+    images = [im.resize((max(1, round(im.width * height / im.height)), height), Image.Resampling.BILINEAR) for im in images]
     ratios = [im.width / im.height for im in images]
     n = len(images)
     fig, axes = plt.subplots(1, n, figsize=(2.5 * sum(ratios) + 0.2 * n, 2.9), squeeze=False,
@@ -223,7 +224,7 @@ def _overlay_map(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         raise ValueError("attention map has non-finite values")
     lo, hi = float(m.min()), float(m.max())
     m = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
-    up = Image.fromarray(m, mode="F").resize(size, Image.BILINEAR)
+    up = Image.fromarray(m, mode="F").resize(size, Image.Resampling.BILINEAR)
     return np.clip(np.asarray(up), 0.0, 1.0)
 
 
@@ -296,16 +297,16 @@ def plot_weights_table(rows: Sequence[Mapping[str, object]], path: str | Path,
     fig, ax = plt.subplots(figsize=(0.11 * sum(widths) + 0.4, 0.36 * (len(rows) + 1) + 0.1))
     ax.axis("off")
     # bbox fills the axes, so the figure size alone sets the row height (no stray margins)
-    table = ax.table(cellText=cells, colLabels=headers, cellLoc="center", bbox=[0, 0, 1, 1],
+    table = ax.table(cellText=cells, colLabels=headers, cellLoc="center", bbox=Bbox.from_bounds(0, 0, 1, 1),
                      colWidths=[w / sum(widths) for w in widths])
     table.auto_set_font_size(False)
     table.set_fontsize(10)
-    for (r, _c), cell in table.get_celld().items():
+    for (row, _col), cell in table.get_celld().items():
         cell.set_edgecolor("#888888")
-        if r == 0:
+        if row == 0:
             cell.set_facecolor("#e8edf5")
             cell.set_text_props(fontweight="bold")
-        elif r % 2 == 0:
+        elif row % 2 == 0:
             cell.set_facecolor("#f7f7f7")
     if title:
         ax.set_title(title, fontsize=11, pad=6)

@@ -133,13 +133,13 @@ def _jet(x: np.ndarray) -> np.ndarray:
 def overlay_png(img: Image.Image, att: np.ndarray, side: int = OVERLAY_SIDE, alpha: float = 0.5) -> str:
     """``img`` with ``att`` (h, w) min-max normalised, upsampled and blended as a heat map: a data URL."""
     base = img.copy()
-    base.thumbnail((side, side), Image.BILINEAR)
+    base.thumbnail((side, side), Image.Resampling.BILINEAR)
     a = np.asarray(att, dtype=np.float32)
     lo, hi = float(a.min()), float(a.max())
     if not hi - lo > 1e-6 * max(1.0, abs(hi)):  # uniform (e.g. untrained attention): nothing to highlight
         return _png_data_url(base.convert("RGB"))
     a = (a - lo) / (hi - lo)
-    heat = Image.fromarray((a * 255).astype(np.uint8)).resize(base.size, Image.BILINEAR)
+    heat = Image.fromarray((a * 255).astype(np.uint8)).resize(base.size, Image.Resampling.BILINEAR)
     colour = Image.fromarray(_jet(np.asarray(heat, dtype=np.float32) / 255.0))
     return _png_data_url(Image.blend(base.convert("RGB"), colour, alpha))
 
@@ -187,7 +187,8 @@ class _ThumbCache:
     """Small LRU of thumbnail JPEG bytes by database id."""
 
     def __init__(self, size: int):
-        self.size, self._d, self._lock = size, OrderedDict(), threading.Lock()
+        self.size, self._lock = size, threading.Lock()
+        self._d: OrderedDict[int, bytes] = OrderedDict()
 
     def get(self, key: int) -> bytes | None:
         with self._lock:
@@ -283,7 +284,7 @@ def create_app(index_path: str | Path, max_upload_mb: float = 20, token: str | N
             img = load_image(path, max_side=THUMB_SIDE * DRAFT_FACTOR)
         except InputError:
             raise HTTPException(404, "image file not readable") from None
-        img.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.BILINEAR)
+        img.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BILINEAR)
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=85)
         return buf.getvalue()

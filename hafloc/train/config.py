@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..configs import from_mapping, setting
 from ..errors import HaflocError, InputError
 from ..fileio import write_json_atomic
 from ..heads import METHODS
@@ -43,55 +44,63 @@ def parse_image_size(text: str | tuple[int, int] | list[int]) -> tuple[int, int]
 class TrainConfig:
     """A training run. Defaults follow NetVLAD's weakly supervised recipe, scaled for CPU."""
 
-    method: str = "haf"
-    dataset: str = ""
-    output: str = ""
-    format: str | None = None  # dataset layout (None: detected)
-    epochs: int = 5
-    image_size: tuple[int, int] = (224, 320)  # (H, W), fixed for training, caching and validation
+    # Fields with a help text are also flags of `hafloc train` (cli/train.py builds them from here;
+    # the default is appended to the help unless it is None, in which case the help says what None means).
+    method: str = setting("haf", "haf (the paper) or a baseline: " + ", ".join(m for m in METHODS if m != "haf"))
+    dataset: str = setting("", "dataset folder or ground-truth file (any layout 'hafloc eval' reads)")
+    output: str = setting("", "output folder: best.model, last.ckpt, history.csv/png, config.json")
+    format: str | None = setting(None, "dataset layout (default: detected)")
+    epochs: int = setting(5, "epochs")
+    # (H, W), fixed for training, caching and validation
+    image_size: tuple[int, int] = setting((224, 320), "training image size HxW; rounded to multiples of 32")
     # model
-    backbone: str | None = None
-    backbone_weights: str | None = None
-    clusters: int | None = None  # VLAD clusters per level (None: the method's default, 64)
-    proj_dim: int | None = None
-    fit_images: int = 300  # at most this many training images for k-means / PCA init
-    train_stages: int = 1  # last n backbone stages trainable; the rest frozen (BN in eval)
-    dim: int | None = None  # PCA whitening fitted at the end (None: none)
+    backbone: str | None = setting(None, "efficientnet-lite0 (default), efficientnet-lite2 or vgg16")
+    backbone_weights: str | None = setting(None, "backbone state-dict file (vgg16, superpoint)")
+    clusters: int | None = setting(None, "VLAD clusters per level (default: the method's, 64)")
+    proj_dim: int | None = setting(None, "HAF: channels per level after the 1x1 projection (default 128)")
+    fit_images: int = setting(300, "at most this many training images for the cluster init (k-means / PCA)")
+    # last n backbone stages trainable; the rest frozen (BN in eval)
+    train_stages: int = setting(1, "trainable backbone stages, counted from the top")
+    dim: int | None = setting(None, "fit PCA whitening to this dimension at the end (default: none)")
     whitening_images: int = 10_000
     # supervision and mining
-    supervision: str = "auto"  # gps | labels | auto (what the dataset has; positions first)
+    supervision: str = setting("auto", "auto (what the dataset has; positions first), gps (10 m / 25 m) or labels")
     pos_radius: float = 10.0
     neg_radius: float = 25.0
-    num_negatives: int = 5
-    neg_pool: int = 1000  # random negatives per query per round (plus last round's hardest)
-    cache_refresh: int = 250  # queries between refreshes of the cached descriptors
-    max_queries_per_epoch: int | None = None
-    val_fraction: float = 0.2  # for label/position sets without a val split
+    num_negatives: int = setting(5, "negatives per tuple")
+    # random negatives per query per round (plus last round's hardest)
+    neg_pool: int = setting(1000, "random negatives scored per query and round")
+    cache_refresh: int = setting(250, "queries between refreshes of the cached descriptors")
+    max_queries_per_epoch: int | None = setting(None, "cap on training queries per epoch (default: none)")
+    val_fraction: float = setting(0.2, "held-out part of the database for sets without a val split")
     # optimisation
-    loss: str | None = None  # None: dd for haf, triplet for the baselines
-    margin: float | None = None  # None: the loss's default (0.1)
-    optimizer: str = "adam"
-    lr: float = 1e-4
-    head_lr: float | None = None  # None: lr; VLAD heads often like 10x the backbone's
+    loss: str | None = setting(None, "dd (HAF default), triplet (baselines' default), sare_joint, sare_ind")
+    margin: float | None = setting(None, "loss margin (default: the loss's, 0.1)")
+    optimizer: str = setting("adam", "adam or sgd")
+    lr: float = setting(1e-4, "learning rate")
+    # VLAD heads often like 10x the backbone's
+    head_lr: float | None = setting(None, "learning rate of the head (default: --lr)")
     momentum: float = 0.9
-    weight_decay: float = 0.0
-    batch_size: int = 4  # tuples per iteration (across all ranks)
-    patience: int = 5  # epochs without val recall@5 improvement before stopping (0: never)
-    seed: int = 0
-    checkpoint_every: int = 100  # iterations (rounded up to a cache refresh, see loop.py)
-    time_budget: float | None = None  # minutes of wall clock for the whole run
+    weight_decay: float = setting(0.0, "weight decay")
+    batch_size: int = setting(4, "tuples per iteration (across all ranks)")
+    patience: int = setting(5, "stop after this many epochs without val recall@5 gain (0: never)")
+    seed: int = setting(0, "random seed")
+    # rounded up to a cache refresh, see loop.py
+    checkpoint_every: int = setting(100, "iterations between checkpoints")
+    time_budget: float | None = setting(None, "wall-clock budget in minutes for the whole run; stops cleanly when spent")
     # data loading
-    workers: int = 2
-    cache_images: str = "auto"  # auto | yes | no: keep decoded images in memory
+    workers: int = setting(2, "image decoding threads")
+    cache_images: str = setting("auto", "keep decoded images in memory: auto, yes or no")
     cache_limit: int = 3000  # 'auto' caches when the set has at most this many images (at 224x320)
     # Frozen-trunk cache (train/trunk_cache.py): the frozen backbone groups run once per image and
     # are stored on disk; steps and mining refreshes run only the trainable groups + head.
     # float16 (default; losses within ~1e-5 of the uncached run) | float32 (bit-exact) | no.
     # On whenever some backbone group is frozen (training has no random augmentation to defeat it).
-    trunk_cache: str = "float16"
-    cache: str | None = None  # trunk cache folder (None: OUTPUT/.trunk_cache); runs may share one
+    trunk_cache: str = setting("float16", "store the frozen backbone groups' output once per image and train only "
+                               "the rest: float16, float32 (bit-exact) or no")
+    cache: str | None = setting(None, "trunk cache folder (default OUTPUT/.trunk_cache); runs may share one")
     eval_batch_size: int = 16
-    max_val_queries: int | None = None
+    max_val_queries: int | None = setting(None, "cap on validation queries (random, fixed by the seed)")
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -125,12 +134,9 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise HaflocError(f"unknown training setting(s): {', '.join(unknown)}")
-        return cls(**d)
+    def from_dict(cls, d: dict[str, Any], source: str | Path | None = None) -> "TrainConfig":
+        """Strict: an unknown key is an error naming it (and ``source``, the file, when given)."""
+        return from_mapping(cls, d, source=source, what="training setting")
 
     def save(self, path: str | Path) -> None:
         write_json_atomic(path, self.to_dict())
@@ -144,9 +150,4 @@ class TrainConfig:
             raise InputError(path, "config file not found") from None
         except (OSError, ValueError) as err:
             raise InputError(path, f"not a readable JSON config ({err})") from None
-        if not isinstance(data, dict):
-            raise InputError(path, "config must be a JSON object")
-        try:
-            return cls.from_dict(data)
-        except (HaflocError, TypeError) as err:
-            raise InputError(path, str(err)) from None
+        return cls.from_dict(data, source=path)

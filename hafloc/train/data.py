@@ -30,7 +30,8 @@ class ImageStore:
 
     def __init__(self, paths: list[Path], size: tuple[int, int], cache: bool, workers: int = 2):
         self.paths = list(paths)
-        self.size = tuple(size)
+        h, w = size
+        self.size = (h, w)
         self.cache_enabled = cache
         self._cache: dict[int, torch.Tensor] = {}
         self._pool = ThreadPoolExecutor(max_workers=max(1, workers))
@@ -127,9 +128,13 @@ def supervision_lists(ds: Dataset, kind: str, cfg: TrainConfig) -> tuple[list[np
     self_q = ds.num_q == 0
     if kind == "gps":
         q_utm = ds.db_utm if self_q else ds.q_utm
+        if ds.db_utm is None or q_utm is None:
+            raise HaflocError(f"{ds.name}: GPS supervision needs the position of every image")
         pos, nonneg = gps_candidates(ds.db_utm, q_utm, cfg.pos_radius, cfg.neg_radius)
     else:
         q_lab = ds.db_labels if self_q else ds.q_labels
+        if ds.db_labels is None or q_lab is None:
+            raise HaflocError(f"{ds.name}: label supervision needs the label of every image")
         pos, nonneg = label_candidates(ds.db_labels, q_lab)
     if self_q:
         pos = [p[p != i] for i, p in enumerate(pos)]
@@ -147,8 +152,8 @@ def load_train_data(cfg: TrainConfig, progress: bool = True) -> TrainData:
     if val.num_q == 0 or val.num_db == 0:
         raise HaflocError(f"{val.name}: the validation split has no queries or no database")
     if cfg.max_val_queries and val.num_q > cfg.max_val_queries:
-        keep = np.sort(np.random.default_rng(cfg.seed).choice(val.num_q, cfg.max_val_queries, replace=False))
-        val = val.subset(q_idx=keep)
+        picked = np.sort(np.random.default_rng(cfg.seed).choice(val.num_q, cfg.max_val_queries, replace=False))
+        val = val.subset(q_idx=picked)
 
     index: dict[str, int] = {}
     paths: list[Path] = []

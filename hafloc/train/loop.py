@@ -30,6 +30,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -127,7 +128,8 @@ def seed_everything(seed: int) -> None:
 
 def rng_state() -> dict:
     """Python, numpy and torch RNG states as tensors / plain types (loadable with weights_only)."""
-    np_state = np.random.get_state()
+    # legacy=True (the default) gives the tuple form; numpy's stubs return it as a union with a dict
+    np_state = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     py = random.getstate()
     return {"python": [py[0], list(py[1]), py[2]],
             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
@@ -151,7 +153,7 @@ class Progress:
     position: int = 0  # queries of this epoch already trained on
     iteration: int = 0  # optimizer steps so far
     best_recall5: float = -1.0
-    best_epoch: int = -1
+    best_epoch: float = -1  # fractional: validation can run mid-epoch
     bad_epochs: int = 0
     history: list[dict] = field(default_factory=list)
     epoch_losses: list[float] = field(default_factory=list)
@@ -380,7 +382,8 @@ class Trainer:
             local, weight = tuples[:1], 0.0
         q_ids = [int(d.q_ids[qi]) for qi, _, _ in local]
         p_ids = [int(d.db_ids[p]) for _, p, _ in local]
-        neg_ids, mask = [], torch.zeros(len(local), n, dtype=torch.bool)
+        neg_ids: list[int] = []
+        mask = torch.zeros(len(local), n, dtype=torch.bool)
         for j, (_, _, negs) in enumerate(local):
             k = len(negs)
             mask[j, :k] = True

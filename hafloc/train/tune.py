@@ -23,6 +23,7 @@ from ..descriptors.network import GeoLocNet
 from ..descriptors.runtime import Skipped, TorchRunner, run_batches
 from ..errors import HaflocError, InputError
 from ..fileio import write_json_atomic, write_text_atomic
+from ..heads.multilevel import MultiLevelVLAD
 from ..images.io import load_image, to_tensor
 from ..metrics.protocols import score
 from ..metrics.recall import recall_at_n
@@ -74,7 +75,7 @@ def extract_levels(model: GeoLocNet, paths: Sequence[Path], image_size: tuple[in
 
 def _fast_recall(ds: Dataset) -> bool:
     # plain recall sets can be ranked from a similarity matrix; protocol quirks go through score()
-    return ds.metric == "recall" and "tokyo_nms" not in ds.quirks and "timestamps" not in ds.quirks
+    return ds.metric == "recall" and ds.quirks.tokyo_nms is None and ds.quirks.timestamps is None
 
 
 def _grid_scores(ds: Dataset, db_levels: list[np.ndarray], q_levels: list[np.ndarray],
@@ -93,9 +94,9 @@ def _grid_scores(ds: Dataset, db_levels: list[np.ndarray], q_levels: list[np.nda
         for w in tqdm(grid, desc="weights grid", disable=not progress, dynamic_ncols=True):
             fused_db = np.concatenate([math.sqrt(wl) * d for wl, d in zip(w, db_levels)], axis=1)
             fused_q = np.concatenate([math.sqrt(wl) * q for wl, q in zip(w, q_levels)], axis=1)
-            r = score(ds, fused_db, fused_q, ns=NS)
-            key = [k for k in ("recall@1", "recall@5", "recall@10", "mAP") if k in r]
-            results.append({k: float(r[k]) for k in key})
+            scored = score(ds, fused_db, fused_q, ns=NS)
+            key = [k for k in ("recall@1", "recall@5", "recall@10", "mAP") if k in scored]
+            results.append({k: float(scored[k]) for k in key})
     return results
 
 
@@ -124,7 +125,7 @@ def tune_fusion_weights(model: GeoLocNet, ds: Dataset, step: float = 0.1, image_
     left as is and reported as ``"whitening": "stale"`` (a warning is logged).
     """
     head = model.head
-    if len(getattr(head, "levels", ())) < 2 or not hasattr(head, "set_fusion_weights"):
+    if not isinstance(head, MultiLevelVLAD) or len(head.levels) < 2:
         raise HaflocError(f"method {model.config.method!r} has a single level: no fusion weights to tune")
     if ds.num_q == 0 or ds.num_db == 0:
         raise HaflocError(f"{ds.name}: nothing to tune on ({ds.num_db} database, {ds.num_q} query images)")

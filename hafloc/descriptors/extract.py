@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -24,6 +25,13 @@ from .result import ExtractResult
 from .runtime import Batch, Runner, make_runner, run_batches
 
 log = logging.getLogger(__name__)
+
+
+class PathExtractor(Protocol):
+    """What ``extract_to_file`` needs: the model Extractor, or a cluster's (``index.distributed``)."""
+
+    def extract_paths(self, paths: list[Path], names: list[str] | None = None, progress: bool = True,
+                      checkpoint: Path | None = None, checkpoint_every: float = 30.0) -> ExtractResult: ...
 
 
 class Extractor:
@@ -167,7 +175,7 @@ def write_descriptors(path: Path, names: list[str], descriptors: np.ndarray) -> 
     return path
 
 
-def extract_to_file(extractor: Extractor, inputs: list[str | Path], output: Path, progress: bool = True,
+def extract_to_file(extractor: PathExtractor, inputs: list[str | Path], output: Path, progress: bool = True,
                     checkpoint_every: float = 30.0) -> ExtractResult:
     """Files/folders -> descriptor file; names relative to the folder given (sub-folders kept).
 

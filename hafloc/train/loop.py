@@ -284,7 +284,7 @@ class Trainer:
         cache = TrunkCache(root, self.model, frozen_groups(self.model, cfg.train_stages), cfg.image_size,
                            dtype=cfg.trunk_cache)
         used = np.unique(np.concatenate([d.db_ids, d.q_ids, d.val_db_ids, d.val_q_ids]))
-        info = cache.build(d.store.paths, d.store.load, ids=used, batch_size=cfg.eval_batch_size,
+        info = cache.build(d.store.paths, d.store.load, ids=used.tolist(), batch_size=cfg.eval_batch_size,
                            workers=cfg.workers, progress=self.progress_bars)
         d.store.drop_cache()  # the decoded images are no longer read
         return cache, {"enabled": True, **info}

@@ -21,6 +21,7 @@ from hafloc.fileio import atomic_path
 DTYPES = ("float32", "float16")
 PROJECTION_FILE = "projection.npz"
 COMPACT_THRESHOLD = 100_000  # images above which `index build` picks the compact representation
+COMPACT_BUDGET = 8 << 30  # ... or float32 descriptor bytes above which it does
 COMPACT_DEFAULT = {"dim": 256, "dtype": "float16"}
 MAX_FIT_BYTES = 2 << 30  # float32 sample held for the fit
 
@@ -87,16 +88,6 @@ def check_compact(info: dict[str, Any], where: Path) -> None:
                                      for k in ("input_dim", "dim"))
     if not ok or p["dim"] != info.get("dim") or p["dim"] >= p["input_dim"]:
         raise InputError(where, f"field 'projection' is invalid ({p!r})")
-
-
-def same_compact(have: dict[str, Any], dim: int | None, dtype: str | None) -> str | None:
-    """Why an existing index's representation differs from the one asked for (None: it does not)."""
-    stored = (have.get("projection") or {}).get("dim")
-    if dim is not None and dim != (stored or have.get("input_dim")):
-        return f"index stores {'%d-D projected' % stored if stored else 'full'} descriptors, you asked for --dim {dim}"
-    if dtype is not None and dtype != have.get("dtype", "float32"):
-        return f"index stores {have.get('dtype', 'float32')} descriptors, you asked for --dtype {dtype}"
-    return None
 
 
 def mismatch(folder: Path, got: int, input_dim: int, dim: int) -> ModelMismatchError:

@@ -71,6 +71,7 @@ FORMAT = "hafloc-index"
 VERSION = 2  # 2: images unique by (root, path), sha1 column. Version 1 indexes are read as they are
 #              and migrated in place by their first writer.
 LOCK_NAME = ".write.lock"
+IN_MEMORY_FALLBACK_BYTES = 2 << 30  # a reader may search exactly in RAM while a writer rebuilds the on-disk search
 
 
 def _env_seconds(name: str, default: float) -> float:
@@ -448,10 +449,11 @@ class IndexStore:
             if local and have is not None and local != have:
                 raise ModelMismatchError(f"{folder}: index holds local features {have}, you asked for {local}; "
                                          "use the same --local options or build a new index")
-            if compact:
-                want = (compact.get("dim") or dim, compact.get("dtype") or "float32")
-                if want != (store.dim, store.dtype):
-                    raise HaflocError(f"{folder}: index stores {store.dim}-D {store.dtype} descriptors, you asked for "
+            if compact:  # the fields asked for (a missing one: whatever the index has)
+                have = (store.dim, store.dtype)
+                want = (compact["dim"] or dim if "dim" in compact else have[0], compact.get("dtype") or have[1])
+                if want != have:
+                    raise HaflocError(f"{folder}: index stores {have[0]}-D {have[1]} descriptors, you asked for "
                                       f"{want[0]}-D {want[1]}; use the same --dim/--dtype or build a new index")
         except BaseException:
             store.close()
@@ -1062,9 +1064,13 @@ class IndexStore:
             n, max_id = self._row_set_key()
             if resolve_params(n, self.dim, self.search_config)["kind"] == "ondisk":
                 with self._try_writing() as writing:
-                    if writing:  # else a writer is busy: search exactly in memory meanwhile
+                    if writing:
                         self._build_ondisk()
                         return
+                # a writer is busy: search exactly in memory meanwhile, if that fits
+                if n * self.dim * 4 > IN_MEMORY_FALLBACK_BYTES:
+                    raise HaflocError(f"{self.folder}: the on-disk search is being rebuilt by {self.lock_owner()}; "
+                                      "try again when it has finished")
             ids, _, desc = self.descriptors()
             key = (len(ids), int(ids.max()) if len(ids) else 0)  # exactly the rows read (see _row_set_key)
             self._search = None

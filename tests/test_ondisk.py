@@ -199,3 +199,58 @@ def test_float16_storage_within_tolerance_of_float32(tower, tmp_path):
         assert na == nb and b.dtype == "float16" and b.input_dim == b.dim == DIM
         np.testing.assert_allclose(db, da, atol=1e-3)  # float16: 11-bit mantissa on unit-norm components
         assert [h[0].image for h in a.search(tower["queries"], k=1)] == [h[0].image for h in b.search(tower["queries"], k=1)]
+
+
+FIT_KILL_SCRIPT = """
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import hafloc.index.compact as compact
+from hafloc.index.search import SearchConfig
+from test_ondisk import build, thumb_extract, tower_dict
+import test_ondisk
+compact.MAX_FIT_BYTES = 4 * 192 * 150  # fit on the first 150 images: 2 chunks of 100
+kill_at = int(sys.argv[2])
+calls = []
+def extract(paths, names):
+    calls.append(1)
+    if len(calls) == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return thumb_extract(paths, names)
+test_ondisk.thumb_extract = extract
+t = tower_dict()
+t["gallery"] = t["gallery"][:400]
+build(Path(sys.argv[1]), t, SearchConfig(kind="flat"), compact={{"dim": 32, "dtype": "float16"}}).close()
+"""
+
+
+def test_projection_fit_survives_kills_before_and_after_it(tower, tmp_path, monkeypatch):
+    script = tmp_path / "build.py"
+    script.write_text(FIT_KILL_SCRIPT.format(tests=str(Path(__file__).parent)))
+    run = lambda folder, kill_at: subprocess.run([sys.executable, str(script), str(folder), str(kill_at)],  # noqa: E731
+                                                 capture_output=True, timeout=300)
+    ref = tmp_path / "ref"  # uninterrupted, in this process, with the same fit sample size
+    monkeypatch.setattr("hafloc.index.compact.MAX_FIT_BYTES", 4 * 192 * 150)
+    build(ref, tower, SearchConfig(kind="flat"), compact={"dim": 32, "dtype": "float16"},
+          images=tower["gallery"][:400]).close()
+    # killed while describing the fit sample: nothing stored yet, the rerun fits afresh
+    before = tmp_path / "before"
+    assert run(before, 2).returncode == -9
+    assert not (before / "projection.npz").exists() and json.loads((before / "index.json").read_text())["projection"]["fitted_on"] == 0
+    # killed after the fit (projection stored, sample committed): the rerun keeps that projection
+    after = tmp_path / "after"
+    assert run(after, 3).returncode == -9
+    fitted = (after / "projection.npz").read_bytes()
+    with IndexStore.open(after) as store:
+        assert len(store) == 200 and store.info["projection"]["fitted_on"] == 200
+    for folder in (before, after):
+        rerun = run(folder, 0)
+        assert rerun.returncode == 0, rerun.stderr.decode()[-2000:]
+    assert (after / "projection.npz").read_bytes() == fitted == (ref / "projection.npz").read_bytes()
+    with IndexStore.open(ref) as r:
+        _, names, desc = r.descriptors()
+        for folder in (before, after):
+            with IndexStore.open(folder) as s:
+                _, n2, d2 = s.descriptors()
+                assert len(n2) == len(set(n2)) == 400 and sorted(n2) == sorted(names)
+                np.testing.assert_array_equal(d2[[n2.index(n) for n in names]], desc)

@@ -111,10 +111,9 @@ def peak_rss_mb(field: str = "VmHWM") -> float:
 # -- subprocess roles: build, serve (each reports its own peak RSS) ---------------------------
 
 def role_build(work: Path, n: int, dim: int, threads: int) -> dict:
-    from hafloc.index.ondisk import ChunkVectors, build_ondisk
-    from hafloc.index.search import SearchConfig, resolve_params
     from hafloc.fileio import write_json_atomic
-    from hafloc.index.search import params_path
+    from hafloc.index.ondisk import ChunkVectors, build_ondisk
+    from hafloc.index.search import SearchConfig, params_path, resolve_params
 
     faiss.omp_set_num_threads(threads)
     params = resolve_params(n, dim, SearchConfig(kind="ondisk"))
@@ -186,7 +185,8 @@ def run_size(root: Path, n: int, dim: int, nq: int, k: int, seed: int, noise: fl
     row = {"n": n, "dim": dim, "build_s": built["build_s"], "build_peak_mb": built["build_peak_mb"],
            "search_disk_gb": disk_usage(work / "search.faiss") / 1e9,
            "vectors_disk_gb": dir_bytes(work / "chunks") / 1e9,
-           "serve_peak_mb": served["serve_peak_mb"], "anon_mb": served["anon_mb"], "loaded_mb": served["loaded_mb"], "load_s": served["load_s"],
+           "serve_peak_mb": served["serve_peak_mb"], "anon_mb": served["anon_mb"], "loaded_mb": served["loaded_mb"],
+           "load_s": served["load_s"],
            "p50": served["p50"], "p95": served["p95"],
            "agree": float(np.mean(np.asarray(served["top1"]) == truth)),
            "params": f"IVF{p['nlist']},PQ{p['m']}x{p['nbits']}, nprobe {p['nprobe']}, re-rank {p['refine_factor']}k"}

@@ -236,7 +236,7 @@ def compact_choice(dim: int | str | None, dtype: str | None, n_images: int, mode
                    new: bool) -> dict | None:
     """The index's representation: what --dim/--dtype ask for; for a new index without them, the
     compact default above COMPACT_THRESHOLD images (or COMPACT_BUDGET bytes of float32), said on stderr."""
-    from ..index.compact import COMPACT_BUDGET, COMPACT_DEFAULT, COMPACT_THRESHOLD
+    from ..index.compact import COMPACT_BUDGET, COMPACT_DIM, COMPACT_DTYPE, COMPACT_THRESHOLD
 
     if dim is not None or dtype is not None:  # only what was asked is checked against an existing index
         asked: dict = {} if dim is None else {"dim": None if dim == "full" or dim == model_dim else dim}
@@ -244,11 +244,11 @@ def compact_choice(dim: int | str | None, dtype: str | None, n_images: int, mode
     floats = n_images * model_dim * 4
     if not new or (n_images <= COMPACT_THRESHOLD and floats <= COMPACT_BUDGET):
         return None
-    out = COMPACT_DEFAULT["dim"] if model_dim > COMPACT_DEFAULT["dim"] else None
+    out = COMPACT_DIM if model_dim > COMPACT_DIM else None
     print(f"note: {n_images:,} images x {model_dim:,}-D float32 would take {floats / 1e9:.1f} GB: storing "
-          + (f"{out}-D PCA-whitened" if out else f"{model_dim}-D") + f" {COMPACT_DEFAULT['dtype']} descriptors "
+          + (f"{out}-D PCA-whitened" if out else f"{model_dim}-D") + f" {COMPACT_DTYPE} descriptors "
           "instead (--dim full --dtype float32 keeps them as they are)", file=sys.stderr)
-    return {"dim": out, "dtype": COMPACT_DEFAULT["dtype"]}
+    return {"dim": out, "dtype": COMPACT_DTYPE}
 
 
 def run_add(args) -> int:

@@ -22,7 +22,7 @@ DTYPES = ("float32", "float16")
 PROJECTION_FILE = "projection.npz"
 COMPACT_THRESHOLD = 100_000  # images above which `index build` picks the compact representation
 COMPACT_BUDGET = 8 << 30  # ... or float32 descriptor bytes above which it does
-COMPACT_DEFAULT = {"dim": 256, "dtype": "float16"}
+COMPACT_DIM, COMPACT_DTYPE = 256, "float16"  # what it picks (the paper's Table 1 size)
 MAX_FIT_BYTES = 2 << 30  # float32 sample held for the fit
 
 

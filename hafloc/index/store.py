@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 from hafloc.errors import HaflocError, InputError, ModelMismatchError, printable
 from hafloc.fileio import atomic_path, write_json_atomic
-from hafloc.index.compact import PROJECTION_FILE, Projection, check_compact, fit_sample_size, mismatch
+from hafloc.index.compact import DTYPES, PROJECTION_FILE, Projection, check_compact, fit_sample_size, mismatch
 from hafloc.index.positions import Position, make_position, resolve_position
 from hafloc.index.search import (
     SearchConfig,
@@ -383,6 +383,8 @@ class IndexStore:
         compact = compact or {}
         dtype = compact.get("dtype") or "float32"
         out_dim = compact.get("dim")
+        if dtype not in DTYPES:
+            raise HaflocError(f"descriptor storage must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if out_dim is not None and not 0 < int(out_dim) < int(dim):
             raise HaflocError(f"--dim {out_dim}: choose a size below the model's {dim}-D descriptor (or 'full')")
         folder = Path(folder)
@@ -450,10 +452,10 @@ class IndexStore:
                 raise ModelMismatchError(f"{folder}: index holds local features {have}, you asked for {local}; "
                                          "use the same --local options or build a new index")
             if compact:  # the fields asked for (a missing one: whatever the index has)
-                have = (store.dim, store.dtype)
-                want = (compact["dim"] or dim if "dim" in compact else have[0], compact.get("dtype") or have[1])
-                if want != have:
-                    raise HaflocError(f"{folder}: index stores {have[0]}-D {have[1]} descriptors, you asked for "
+                stored = (store.dim, store.dtype)
+                want = (compact["dim"] or dim if "dim" in compact else stored[0], compact.get("dtype") or stored[1])
+                if want != stored:
+                    raise HaflocError(f"{folder}: index stores {stored[0]}-D {stored[1]} descriptors, you asked for "
                                       f"{want[0]}-D {want[1]}; use the same --dim/--dtype or build a new index")
         except BaseException:
             store.close()
@@ -774,8 +776,8 @@ class IndexStore:
         self.info["projection"] = dict(p, fitted_on=int(len(sample)))
         write_json_atomic(self.folder / "index.json", self.info)  # under the write lock (see _writing)
         self._projection = proj
-        for batch, res in done:
-            self._add_chunk(batch, root, extract_fn, positions, report, result=res)
+        for sample_batch, res in done:
+            self._add_chunk(sample_batch, root, extract_fn, positions, report, result=res)
         return pos
 
     def _add_chunk(self, batch: Sequence[tuple[Path, str]], root: Path, extract_fn: ExtractFn,

@@ -52,6 +52,7 @@ def verify_index(folder: str | Path, check_model: bool = True, check_files: bool
         _check_chunks(folder, int(info["dim"]), rows, report, local=isinstance(info.get("local"), dict),
                       dtype=str(info.get("dtype", "float32")))
         _check_search(folder, info, rows, report)
+        _check_projection(folder, info, rows, report)
         if check_files:
             missing = [r for r in rows if not os.path.exists(os.path.join(r["root"], r["path"]))]
             if missing:
@@ -114,6 +115,24 @@ def _check_positions(rows: list[dict[str, Any]], report) -> None:
                                       f"({bad[0]['lat']}, {bad[0]['lon']})")
     else:
         report("positions", "ok", "every position is a valid WGS84 lat/lon")
+
+
+def _check_projection(folder: Path, info: dict[str, Any], rows: list[dict[str, Any]], report) -> None:
+    """The index's PCA-whitening (compact.py), when it stores projected descriptors."""
+    from hafloc.index.compact import PROJECTION_FILE, Projection
+
+    p = info.get("projection")
+    if not p:
+        return
+    if not p.get("fitted_on"):
+        report("projection", "damage" if rows else "ok",
+               "not fitted, yet rows are indexed" if rows else "fitted on the first images added")
+        return
+    try:
+        Projection.load(folder / PROJECTION_FILE, p)
+        report("projection", "ok", f"{p['input_dim']} -> {p['dim']} PCA-whitening fitted on {p['fitted_on']} images")
+    except InputError as err:
+        report("projection", "damage", str(err))
 
 
 def _check_chunks(folder: Path, dim: int, rows: list[dict[str, Any]], report, local: bool = False,

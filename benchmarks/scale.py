@@ -1,4 +1,4 @@
-"""Scale benchmark: search past RAM (on-disk IVF-PQ + exact re-ranking from memory-mapped float16 chunks).
+"""Scale benchmark: search past RAM (on-disk IVF-PQ + exact re-ranking from float16 chunk files).
 
 Database: N synthetic 256-D unit vectors around 10,000 Gaussian cluster centres, generated in
 chunks of 1M with a fixed seed and written as float16 ``.npy`` chunk files, exactly the files an
@@ -11,6 +11,7 @@ included). Ground truth: a chunked brute-force scan of the same float16 vectors.
 
     python benchmarks/scale.py --sizes 1e5            # smoke run, ~1 min
     python benchmarks/scale.py --sizes 1e6,1e7        # the BENCHMARKS.md table (10M: ~1 h on 2 cores)
+    python benchmarks/scale.py --sizes 1e6,1e7 --reuse   # table again, rerunning only sizes not in WORK/rows.jsonl
 
 The Ray extraction rows (single process vs Ray actors) come from ``benchmarks/scale_ray.py``'s
 ``measure()`` when that file exists (see ``ray_rows``); ``--no-ray`` skips them.
@@ -237,6 +238,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="faiss threads for building (default 1: on a shared machine OpenMP spin-waiting makes "
                          "2 threads slower than 1)")
+    ap.add_argument("--reuse", action="store_true", help="take sizes already measured from WORK/rows.jsonl")
     ap.add_argument("--keep", action="store_true", help="keep the scratch files")
     ap.add_argument("--no-ray", action="store_true", help="skip the Ray extraction rows")
     ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
@@ -254,8 +256,19 @@ def main() -> None:
         return
 
     sizes = [int(float(s)) for s in args.sizes.split(",") if s.strip()]
-    rows = [run_size(args.work, n, args.dim, args.queries, args.k, args.seed, args.noise, args.keep,
-                     args.threads) for n in sizes]
+    log = args.work / "rows.jsonl"  # every finished size, appended: --reuse takes the latest one per size
+    done = {}
+    if args.reuse and log.is_file():
+        done = {r["n"]: r for r in map(json.loads, log.read_text().splitlines())}
+    rows = []
+    for n in sizes:
+        if n in done:
+            rows.append(done[n])
+            continue
+        rows.append(run_size(args.work, n, args.dim, args.queries, args.k, args.seed, args.noise, args.keep,
+                             args.threads))
+        with open(log, "a") as f:
+            f.write(json.dumps(rows[-1]) + "\n")
     tab = table(rows, args.k)
     print(tab)
     ray = None if args.no_ray else ray_rows()
@@ -271,7 +284,7 @@ def main() -> None:
         f"files of {CHUNK:,} rows; {args.queries} queries = database vectors + noise ({args.noise} x the cluster "
         f"spread); k = {args.k}. On-disk IVF-PQ (faiss OnDiskInvertedLists, memory-mapped) trained on a sample, "
         "encoded in blocks; its PQ shortlist of re-rank x k candidates is re-ranked with the exact float16 vectors "
-        "read from the memory-mapped chunks. Serving: a fresh process opens the index and answers the queries one "
+        "read from the chunk files (positioned reads). Serving: a fresh process opens the index and answers the queries one "
         "at a time with one faiss thread; its peak RSS (VmHWM) counts every page it touched, mapped files "
         "included (those pages are the kernel's page cache, shared and evictable; the anonymous column is the "
         "process's own memory). Top-1 agreement against a brute-force scan of the same vectors. Targets at 10M: serving peak "

@@ -1,4 +1,4 @@
-"""Search past RAM (on-disk IVF-PQ, exact re-ranking from memory-mapped chunks) and the index's
+"""Search past RAM (on-disk IVF-PQ, exact re-ranking from the chunk files) and the index's
 compact representation (PCA-whitening + float16), on descriptors of real photos."""
 
 from __future__ import annotations

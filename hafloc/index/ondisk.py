@@ -12,13 +12,15 @@ Building reads ``block_rows`` vectors at a time (bounded memory). Each block is 
 and named by a digest of the rows it covers, so a killed build resumes from its last block, and a
 rebuild after an append re-encodes only the new rows' blocks. Serving needs the quantizer, the PQ
 tables and the pages of the lists a query probes; the shortlist is re-ranked with exact vectors
-read from the memory-mapped chunk files (``ChunkVectors``).
+read from the chunk files by positioned reads (``ChunkVectors``: the page cache holds them, not
+the process).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
@@ -44,41 +46,77 @@ def ondisk_paths(index_p: Path) -> dict[str, Path]:
 
 
 class ChunkVectors:
-    """Float32 rows of many ``.npy`` chunk files (float16 or float32), memory-mapped on demand.
+    """Float32 rows of many ``.npy`` chunk files (float16 or float32), read on demand.
 
-    ``locator[i] = (chunk, row)`` places search row i; ``path_of(chunk)`` names its file. At most
-    ``max_open`` files stay mapped (least recently used dropped), so a server's RAM holds only the
-    pages it has touched.
+    ``locator[i] = (chunk, row)`` places search row i; ``path_of(chunk)`` names its file. Rows are
+    read with positioned reads (``os.pread``) rather than through a memory map: the kernel's page
+    cache holds the file either way, but pages of a map count in the process's resident set (and
+    a fault maps its neighbours too), so a server re-ranking random rows of a 5 GB file would look
+    5 GB big. At most ``max_open`` files stay open (least recently used closed).
     """
 
     def __init__(self, locator: np.ndarray, path_of: Callable[[int], Path], max_open: int = 256):
         self.locator = locator
         self.path_of = path_of
         self.max_open = max_open
-        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._files: OrderedDict[int, tuple[int, int, np.dtype, int]] = OrderedDict()  # fd, offset, dtype, dim
 
-    def _map(self, chunk: int) -> np.ndarray:
-        a = self._maps.get(chunk)
-        if a is None:
-            a = np.load(self.path_of(chunk), mmap_mode="r", allow_pickle=False)
-            self._maps[chunk] = a
-            if len(self._maps) > self.max_open:
-                self._maps.popitem(last=False)
-        else:
-            self._maps.move_to_end(chunk)
-        return a
+    def _open(self, chunk: int) -> tuple[int, int, np.dtype, int]:
+        f = self._files.get(chunk)
+        if f is not None:
+            self._files.move_to_end(chunk)
+            return f
+        path = self.path_of(chunk)
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(fh)
+            offset = fh.tell()
+        if len(shape) != 2 or fortran:
+            raise ValueError(f"{path}: not a (N, D) C-order descriptor chunk")
+        f = (os.open(path, os.O_RDONLY), offset, np.dtype(dtype), int(shape[1]))
+        self._files[chunk] = f
+        if len(self._files) > self.max_open:
+            os.close(self._files.popitem(last=False)[1][0])
+        return f
+
+    def close(self) -> None:
+        while self._files:
+            os.close(self._files.popitem()[1][0])
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except (OSError, AttributeError, TypeError):
+            pass
+
+    def _rows(self, chunk: int, rows: np.ndarray) -> np.ndarray:
+        """Rows of one chunk (ascending), runs of consecutive rows read at once."""
+        fd, offset, dtype, dim = self._open(chunk)
+        size = dim * dtype.itemsize
+        out = np.empty((len(rows), dim), dtype)
+        breaks = np.nonzero(np.diff(rows) != 1)[0] + 1
+        for run in np.split(np.arange(len(rows)), breaks):
+            first, n = int(rows[run[0]]), len(run)
+            buf = os.pread(fd, n * size, offset + first * size)
+            if len(buf) != n * size:
+                raise ValueError(f"{self.path_of(chunk)}: holds fewer rows than the search expects")
+            out[run] = np.frombuffer(buf, dtype).reshape(n, dim)
+        return out
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
         """Vectors of search rows ``rows`` (any order), float32 (len(rows), D)."""
         loc = np.asarray(self.locator[np.asarray(rows, np.int64)])
-        chunks = loc[:, 0]
         out: np.ndarray | None = None
-        for c in np.unique(chunks):
-            sel = np.nonzero(chunks == c)[0]
-            a = self._map(int(c))
+        order = np.lexsort((loc[:, 1], loc[:, 0]))  # by chunk, then row: sequential reads
+        chunks = loc[order, 0]
+        starts = np.r_[0, np.nonzero(np.diff(chunks))[0] + 1, len(order)]
+        for a, b in zip(starts[:-1], starts[1:]):
+            sel = order[a:b]
+            v = self._rows(int(chunks[a]), loc[sel, 1])
             if out is None:
-                out = np.empty((len(loc), a.shape[1]), np.float32)
-            out[sel] = a[loc[sel, 1]]
+                out = np.empty((len(loc), v.shape[1]), np.float32)
+            out[sel] = v
         return out if out is not None else np.zeros((0, 0), np.float32)
 
     def range(self, start: int, stop: int) -> np.ndarray:

@@ -7,7 +7,7 @@ metric the structure uses internally.
 
 Past RAM, kind "ondisk" (built by ``hafloc.index.ondisk``): IVF-PQ whose inverted lists live in a
 memory-mapped file (faiss ``OnDiskInvertedLists``); its PQ shortlist is re-ranked exactly with
-vectors read through ``SearchIndex.vectors`` (memory-mapped descriptor chunks), so RAM holds the
+vectors read through ``SearchIndex.vectors`` (from the descriptor chunk files), so RAM holds the
 coarse quantizer and PQ tables, not N x D floats.
 """
 

@@ -1135,7 +1135,7 @@ class IndexStore:
             return index, np.load(ids_p)
         from hafloc.index.ondisk import ChunkVectors, ondisk_paths
 
-        # memory-mapped: a server's RAM holds only the pages its queries touch
+        # ids memory-mapped, vectors read on demand: a server's RAM holds only what its queries touch
         index.vectors = ChunkVectors(np.load(ondisk_paths(index_p)["rows"], mmap_mode="r"), self._chunk_path)
         return index, np.load(ids_p, mmap_mode="r")
 

@@ -89,15 +89,16 @@ def main() -> None:
 
     rows = []
     for size in SIZES:
+        proj = None
+        if size != "full" and size < len(t_db):
+            t = time.time()
+            n_fit = min(len(t_db), fit_sample_size(t_db.shape[1], size))
+            proj = Projection.fit(t_db[:n_fit], size)
+            print(f"{size}-D projection fitted on {n_fit} images in {time.time() - t:.0f} s", flush=True)
         for dtype in ("float32", "float16"):
-            if size == "full":
-                proj = None
-            elif size >= len(t_db):
+            if size != "full" and proj is None:
                 rows.append({"size": size, "dtype": dtype, "na": True})
                 continue
-            else:
-                n_fit = min(len(t_db), fit_sample_size(t_db.shape[1], size))
-                proj = Projection.fit(t_db[:n_fit], size)
             db = proj(t_db) if proj else t_db
             q = proj(t_q) if proj else t_q
             db = db.astype(dtype).astype(np.float32)

@@ -238,6 +238,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="faiss threads for building (default 1: on a shared machine OpenMP spin-waiting makes "
                          "2 threads slower than 1)")
+    ap.add_argument("--note", default="", help="a sentence appended to the BENCHMARKS.md section")
     ap.add_argument("--reuse", action="store_true", help="take sizes already measured from WORK/rows.jsonl")
     ap.add_argument("--keep", action="store_true", help="keep the scratch files")
     ap.add_argument("--no-ray", action="store_true", help="skip the Ray extraction rows")
@@ -288,7 +289,7 @@ def main() -> None:
         "at a time with one faiss thread; its peak RSS (VmHWM) counts every page it touched, mapped files "
         "included (those pages are the kernel's page cache, shared and evictable; the anonymous column is the "
         "process's own memory). Top-1 agreement against a brute-force scan of the same vectors. Targets at 10M: serving peak "
-        "RAM <= 1.5 GB, p50 <= 10 ms, agreement >= 0.9.\n\n" + tab
+        "RAM <= 1.5 GB, p50 <= 10 ms, agreement >= 0.9." + (f" {args.note}" if args.note else "") + "\n\n" + tab
         + ("\n" + ray_table(ray) if ray else ""))
     if not args.no_write:
         from mdsection import update_section

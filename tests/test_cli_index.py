@@ -283,7 +283,7 @@ def test_build_compact_dim_dtype_then_locate_and_info(work, tmp_path, capsys):
     assert fp["search"] == "flat" and fp["actual"]["descriptor_bytes"] > 0
     assert fp["estimated"]["disk_bytes"] == N_DB * 8 * 2  # 8-D float16 per image
     code, out, _ = run_cli(capsys, "index", "info", idx)
-    assert "8-D float16 (the model's" in out and "footprint  RAM to serve" in out
+    assert "8-D float16 (the model's" in out and "footprint  search RAM" in out
     # the same index asked for another representation: one clear line
     code, out, err = run_cli(capsys, "index", "build", work["db"], "--model", work["model"], "--index", idx,
                              "--dim", "4", *FAST)

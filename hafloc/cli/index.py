@@ -332,7 +332,7 @@ def run_info(args) -> int:
           + (f" (the model's {proj['input_dim']}-D PCA-whitened, fitted on {proj['fitted_on']} images)" if proj else "")
           + f"; search {info['search'].get('kind')} ({info['footprint']['search']} now)")
     fp = info["footprint"]
-    print(f"footprint  RAM to serve ~{_size(fp['estimated']['ram_bytes'])} (search files now {_size(fp['actual']['ram_bytes'])}); "
+    print(f"footprint  search RAM ~{_size(fp['estimated']['ram_bytes'])} (files it loads now {_size(fp['actual']['ram_bytes'])}); "
           f"disk ~{_size(fp['estimated']['disk_bytes'])} (now {_size(fp['actual']['disk_bytes'])})")
     if info.get("local"):
         loc = info["local"]

@@ -261,3 +261,44 @@ def test_cli_build_killed_midway_then_rerun_equals_uninterrupted(work, shared_da
         # the search structure covers every image after the rerun
         assert a.search(desc_a[0], k=total)[0].image == names_a[0]
         assert len(a.search(desc_a[0], k=total)) == total
+
+
+def test_build_compact_dim_dtype_then_locate_and_info(work, tmp_path, capsys):
+    idx = tmp_path / "compact"
+    code, out, err = run_cli(capsys, "index", "build", work["db"], "--model", work["model"], "--index", idx,
+                             "--positions", work["csv"], "--dim", "8", "--dtype", "float16", "--no-calibrate", *FAST)
+    assert code == 0, err
+    info = json.loads((idx / "index.json").read_text())
+    model_dim = load_model(work["model"]).out_dim
+    assert (info["dim"], info["dtype"], info["projection"]) == (8, "float16", {"input_dim": model_dim, "dim": 8,
+                                                                                "fitted_on": N_DB})
+    # a database photo as a query is projected like the database: it finds itself
+    name = next(n for n in work["names"] if n in work["positions"])
+    code, out, err = run_cli(capsys, "locate", work["db"] / name, "--index", idx, "--top-k", "2", "--json", *FAST)
+    assert code == 0, err
+    top = json.loads(out)["results"][0]["matches"][0]
+    assert top["image"] == name and top["similarity"] > 0.999
+    code, out, _ = run_cli(capsys, "index", "info", idx, "--json")
+    fp = json.loads(out)["footprint"]
+    assert fp["search"] == "flat" and fp["actual"]["descriptor_bytes"] > 0
+    assert fp["estimated"]["disk_bytes"] == N_DB * 8 * 2  # 8-D float16 per image
+    code, out, _ = run_cli(capsys, "index", "info", idx)
+    assert "8-D float16 (the model's" in out and "footprint  search RAM" in out
+    # the same index asked for another representation: one clear line
+    code, out, err = run_cli(capsys, "index", "build", work["db"], "--model", work["model"], "--index", idx,
+                             "--dim", "4", *FAST)
+    assert code != 0 and "index stores 8-D float16 descriptors, you asked for 4-D float16" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_compact_default_above_the_threshold_says_so(capsys):
+    from hafloc.cli.index import compact_choice
+    from hafloc.index.compact import COMPACT_THRESHOLD
+
+    assert compact_choice(None, None, 1000, 24576, new=True) is None  # small: as the model gives it
+    assert compact_choice(None, None, COMPACT_THRESHOLD + 1, 24576, new=False) is None  # existing: as it is
+    assert compact_choice(None, None, COMPACT_THRESHOLD + 1, 24576, new=True) == {"dim": 256, "dtype": "float16"}
+    assert "storing 256-D PCA-whitened float16 descriptors" in capsys.readouterr().err
+    assert compact_choice(None, None, 90_000, 24576, new=True)  # 8.8 GB of float32: over the budget too
+    assert compact_choice(None, None, COMPACT_THRESHOLD + 1, 128, new=True) == {"dim": None, "dtype": "float16"}
+    assert compact_choice("full", "float32", 10**7, 24576, new=True) == {"dim": None, "dtype": "float32"}

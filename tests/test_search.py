@@ -96,7 +96,9 @@ def test_hnsw_and_flat(data):
 def test_auto_choice_and_fallback():
     cfg = SearchConfig()
     assert resolve_params(100_000, 256, cfg)["kind"] == "flat"
-    p = resolve_params(1_000_000, 256, cfg)
+    p = resolve_params(1_000_000, 256, cfg)  # above the threshold: IVF-PQ on disk, cells capped
+    assert (p["kind"], p["nlist"], p["m"], p["nprobe"]) == ("ondisk", 1024, 32, 16)
+    p = resolve_params(1_000_000, 256, SearchConfig(kind="ivfpq"))
     assert (p["kind"], p["nlist"], p["m"]) == ("ivfpq", 4000, 32)
     assert resolve_params(500, 64, SearchConfig(kind="ivfpq"))["kind"] == "flat"  # too few to train
     with pytest.raises(ValueError):

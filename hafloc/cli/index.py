@@ -46,8 +46,16 @@ def register(sub) -> None:
                                     "an interruption finishes the job without duplicates.")
     building(b, model_required=True)
     b.add_argument("--exact", action="store_true", help="exact (flat) search whatever the database size")
-    b.add_argument("--search", choices=["auto", "flat", "ivfpq", "hnsw"], default="auto",
-                   help="search structure (auto: flat up to 100k images, IVF-PQ above)")
+    b.add_argument("--search", choices=["auto", "flat", "ivfpq", "hnsw", "ondisk"], default="auto",
+                   help="search structure (auto: exact up to 100k images, ondisk above: IVF-PQ with memory-mapped "
+                        "lists, re-ranked exactly; ivfpq/hnsw: in RAM)")
+    b.add_argument("--dim", metavar="N|full", type=_dim_arg, default=None,
+                   help="store descriptors PCA-whitened to N dimensions (e.g. 256, 1024, 4096; fitted on the first "
+                        "images; queries are projected the same way) or 'full' as the model gives them. Default: "
+                        "full, and 256 above 100k images or 8 GB of float32 descriptors")
+    b.add_argument("--dtype", choices=["float16", "float32"], default=None,
+                   help="storage of the descriptors used for exact search and re-ranking (default float32; float16 "
+                        "above the size where --dim turns compact)")
     b.add_argument("--no-calibrate", action="store_true",
                    help="skip the confidence calibration run at the end (from 50 positioned photos)")
     b.set_defaults(func=run_build)
@@ -125,6 +133,20 @@ def register(sub) -> None:
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
+def _dim_arg(v: str) -> int | str:
+    import argparse
+
+    if v.lower() == "full":
+        return "full"
+    try:
+        n = int(v)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of dimensions or 'full', got {v!r}")
+    return n
+
+
 def add_lock_arg(q) -> None:
     q.add_argument("--lock-timeout", type=float, default=None, metavar="SECONDS",
                    help="how long to wait for another process writing the index (default 600, env HAFLOC_LOCK_TIMEOUT)")
@@ -145,7 +167,7 @@ def _index_folder(args, store_factory) -> int:
     pairs = list_images([folder])
     if not pairs:
         raise HaflocError(f"{folder}: no images found")
-    store, model = store_factory()
+    store, model = store_factory(len(pairs))
     with store, ExitStack() as stack:
         if args.ray:  # an actor pool describes the chunks; they are committed here all the same
             extract = stack.enter_context(ray_pool(args, model, [p for p, _ in pairs], store.local_config)).extract_fn()
@@ -199,12 +221,14 @@ def run_build(args) -> int:
             raise HaflocError("--max-keypoints must be at least 1 and --local-max-side at least 32")
         local = {"extractor": args.local, "conf": {"max_keypoints": args.max_keypoints, "max_side": args.local_max_side}}
 
-    def factory():
+    def factory(n_images: int):
         model = load_model(args.model)
         kind = "flat" if args.exact else args.search
+        compact = compact_choice(args.dim, args.dtype, n_images, model.out_dim,
+                                 new=not (Path(args.index) / "index.json").exists())
         store = IndexStore.open_or_create(args.index, model.fingerprint(), model.out_dim,
                                           SearchConfig(kind=kind), model_path=args.model, local=local,
-                                          lock_timeout=args.lock_timeout)
+                                          lock_timeout=args.lock_timeout, compact=compact)
         return store, model
 
     code = _index_folder(args, factory)
@@ -213,11 +237,30 @@ def run_build(args) -> int:
     return code
 
 
+def compact_choice(dim: int | str | None, dtype: str | None, n_images: int, model_dim: int,
+                   new: bool) -> dict | None:
+    """The index's representation: what --dim/--dtype ask for; for a new index without them, the
+    compact default above COMPACT_THRESHOLD images (or COMPACT_BUDGET bytes of float32), said on stderr."""
+    from ..index.compact import COMPACT_BUDGET, COMPACT_DIM, COMPACT_DTYPE, COMPACT_THRESHOLD
+
+    if dim is not None or dtype is not None:  # only what was asked is checked against an existing index
+        asked: dict = {} if dim is None else {"dim": None if dim == "full" or dim == model_dim else dim}
+        return asked | ({} if dtype is None else {"dtype": dtype})
+    floats = n_images * model_dim * 4
+    if not new or (n_images <= COMPACT_THRESHOLD and floats <= COMPACT_BUDGET):
+        return None
+    out = COMPACT_DIM if model_dim > COMPACT_DIM else None
+    print(f"note: {n_images:,} images x {model_dim:,}-D float32 would take {floats / 1e9:.1f} GB: storing "
+          + (f"{out}-D PCA-whitened" if out else f"{model_dim}-D") + f" {COMPACT_DTYPE} descriptors "
+          "instead (--dim full --dtype float32 keeps them as they are)", file=sys.stderr)
+    return {"dim": out, "dtype": COMPACT_DTYPE}
+
+
 def run_add(args) -> int:
     from ..index.store import IndexStore
     from ..serve.locator import open_model_for
 
-    def factory():
+    def factory(_n_images: int):
         store = IndexStore.open(args.index, lock_timeout=args.lock_timeout)
         try:
             return store, open_model_for(store, args.model)
@@ -244,7 +287,37 @@ def index_info(index: str | Path) -> dict:
     info["roots"] = sorted({r["root"] for r in rows})
     info["index"] = str(Path(index))
     info["calibration"] = calibration_info(index)
+    info["footprint"] = footprint_info(Path(index), info)
     return info
+
+
+def footprint_info(folder: Path, info: dict) -> dict:
+    """RAM and disk the index needs to serve: estimated from its size and search parameters, and
+    actual (files on disk; RAM = what opening the search reads into memory or maps)."""
+    from ..index.ondisk import disk_usage, footprint, ondisk_paths
+    from ..index.search import SearchConfig, resolve_params
+
+    n, dim = info["counts"]["images"], int(info["dim"])
+    params = resolve_params(n, dim, SearchConfig.from_dict(info.get("search", {})))
+    vec_bytes = 2 if info.get("dtype") == "float16" else 4
+    est = footprint(n, dim, params, vec_bytes)
+    est["disk_bytes"] = max(est["disk_bytes"], n * dim * vec_bytes)
+    chunks = sum(p.stat().st_size for p in (folder / "chunks").glob("chunk_*.npy")) if (folder / "chunks").is_dir() else 0
+    index_p = folder / "search.faiss"
+    search_files = [index_p, folder / "search.ids.npy", ondisk_paths(index_p)["rows"]]
+    ram = sum(p.stat().st_size for p in search_files if p.is_file())
+    return {"search": params["kind"], "estimated": est,
+            "actual": {"ram_bytes": ram, "disk_bytes": chunks + disk_usage(index_p) + sum(
+                p.stat().st_size for p in (folder / "search.ids.npy", folder / "meta.sqlite") if p.is_file()),
+                "descriptor_bytes": chunks}}
+
+
+def _size(b: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if b < 1000 or unit == "TB":
+            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
+        b /= 1000
+    return f"{b:.1f} TB"
 
 
 def run_info(args) -> int:
@@ -259,7 +332,13 @@ def run_info(args) -> int:
     print(f"images     {c['images']} ({c['positioned']} with a position, {c['unpositioned']} without)")
     print("positions  " + ", ".join(f"{k}: {v}" for k, v in info["position_sources"].items()))
     print(f"model      {info.get('model_path')} (fingerprint {str(info['model_fingerprint'])[:12]})")
-    print(f"descriptor {info['dim']}-D; search {info['search'].get('kind')}")
+    proj = info.get("projection")
+    print(f"descriptor {info['dim']}-D {info.get('dtype', 'float32')}"
+          + (f" (the model's {proj['input_dim']}-D PCA-whitened, fitted on {proj['fitted_on']} images)" if proj else "")
+          + f"; search {info['search'].get('kind')} ({info['footprint']['search']} now)")
+    fp = info["footprint"]
+    print(f"footprint  search RAM ~{_size(fp['estimated']['ram_bytes'])} (files it loads now {_size(fp['actual']['ram_bytes'])}); "
+          f"disk ~{_size(fp['estimated']['disk_bytes'])} (now {_size(fp['actual']['disk_bytes'])})")
     if info.get("local"):
         loc = info["local"]
         conf = ", ".join(f"{k} {v}" for k, v in sorted(loc.get("conf", {}).items()))
@@ -303,6 +382,9 @@ def run_export(args) -> int:
         if len(set(db_names)) != len(db_names):  # one relative name under two roots: use full paths
             db_names = [(Path(r["root"]) / r["path"]).as_posix() for r in rows]
         db_paths = {n: (Path(r["root"]) / r["path"]).resolve() for n, r in zip(db_names, rows)}
+        project = store.project  # queries go into the index's space (its projection, if any)
+        if len(db_names):
+            store.projection()  # loaded while the store is open
     res = make_extractor(model, args).extract_paths([p for p, _ in qpairs],
                                                      names=[p.relative_to(root).as_posix() for p, root in qpairs],
                                                      progress=not args.no_progress)
@@ -310,6 +392,7 @@ def run_export(args) -> int:
     if not res.names:
         print("hafloc: error: no query image could be read", file=sys.stderr)
         return 1
+    res.descriptors = project(res.descriptors)
     # hloc keeps database and queries in one feature file keyed by name: a name may be shared
     # only by the very same file (queries taken from the database folder).
     qpath = {p.relative_to(root).as_posix(): p.resolve() for p, root in qpairs}

@@ -6,6 +6,8 @@ Layout of a folder::
     meta.sqlite           table images: one row per indexed image, unique by (root, path)
     chunks/chunk_NNNNNN.npy   descriptors, one file per committed chunk (see CHUNK_KINDS)
     search.faiss (+ .json, search.ids.npy)   the search structure, rebuilt from the chunks
+                          (on disk: + search.ivfdata, search.rows.npy, ... see hafloc.index.ondisk)
+    projection.npz        the index's PCA-whitening, when it stores projected descriptors (compact.py)
     .write.lock (+ .owner)    the writers' lock and who holds it
 
 One writer at a time: every write (add, remove, set-position, compact, saving the search files)
@@ -53,6 +55,7 @@ from tqdm import tqdm
 from hafloc.descriptors.result import ExtractResult
 from hafloc.errors import HaflocError, InputError, ModelMismatchError, printable
 from hafloc.fileio import atomic_path, write_json_atomic
+from hafloc.index.compact import DTYPES, PROJECTION_FILE, Projection, check_compact, fit_sample_size, mismatch
 from hafloc.index.positions import Position, make_position, resolve_position
 from hafloc.index.search import (
     SearchConfig,
@@ -60,6 +63,7 @@ from hafloc.index.search import (
     build_search_index,
     load_search_index,
     params_path,
+    resolve_params,
     save_search_index,
     search,
 )
@@ -71,6 +75,7 @@ FORMAT = "hafloc-index"
 VERSION = 2  # 2: images unique by (root, path), sha1 column. Version 1 indexes are read as they are
 #              and migrated in place by their first writer.
 LOCK_NAME = ".write.lock"
+IN_MEMORY_FALLBACK_BYTES = 2 << 30  # a reader may search exactly in RAM while a writer rebuilds the on-disk search
 
 
 def _env_seconds(name: str, default: float) -> float:
@@ -116,7 +121,8 @@ class ChunkKind:
 
 
 def _save_npy(path: Path, a: Any) -> None:
-    np.save(path, np.ascontiguousarray(a, dtype=np.float32))
+    # float16 when the index stores float16 (index.json "dtype"), else float32
+    np.save(path, np.ascontiguousarray(a, dtype=np.float16 if np.asarray(a).dtype == np.float16 else np.float32))
 
 
 ROWS_ATTR = "hafloc_rows"  # root attribute of a local-feature chunk: its image names in row order (JSON)
@@ -309,6 +315,7 @@ def read_index_json(folder: Path) -> dict[str, Any]:
         SearchConfig.from_dict(search_conf)
     except (TypeError, ValueError) as err:
         raise InputError(meta, f"field 'search' is invalid ({err})") from None
+    check_compact(info, meta)
     return info
 
 
@@ -332,6 +339,7 @@ class IndexStore:
         self._stamp: tuple[int, int, int] | None = None  # read-only: ``_change_stamp`` at the last check
         self._counted: tuple[int, int] = (-1, 0)  # (data_version, images) for ``image_count``
         self.info = info
+        self._projection: Projection | None = None
         self._search: SearchIndex | None = None
         self._search_ids: np.ndarray | None = None
         self._search_key: tuple[int, int] | None = None
@@ -361,24 +369,36 @@ class IndexStore:
     @classmethod
     def create(cls, folder: str | Path, fingerprint: str, dim: int, search_config: SearchConfig | None = None,
                model_path: str | Path | None = None, lock_timeout: float | None = None,
-               local: dict[str, Any] | None = None) -> "IndexStore":
+               local: dict[str, Any] | None = None, compact: dict[str, Any] | None = None) -> "IndexStore":
         """Start an empty index in ``folder`` (which must not already hold one).
 
         ``local``: {"extractor": name, "conf": {...}} when the index stores local features.
+        ``compact``: {"dim": D' or None, "dtype": "float16"|"float32"}: store ``dim``-D model
+        descriptors PCA-whitened to D' < dim (fitted on the first images added) and/or as float16.
         """
+        compact = compact or {}
+        dtype = compact.get("dtype") or "float32"
+        out_dim = compact.get("dim")
+        if dtype not in DTYPES:
+            raise HaflocError(f"descriptor storage must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if out_dim is not None and not 0 < int(out_dim) < int(dim):
+            raise HaflocError(f"--dim {out_dim}: choose a size below the model's {dim}-D descriptor (or 'full')")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         info = {
             "format": FORMAT, "version": VERSION,
             "model_fingerprint": fingerprint,
             "model_path": str(Path(model_path).resolve()) if model_path else None,
-            "dim": int(dim),
+            "dim": int(out_dim or dim),
+            "dtype": dtype,
             "search": (search_config or SearchConfig()).to_dict(),
             "counts": {"images": 0, "positioned": 0},
             "created_at": _now(),
         }
         if local:
             info["local"] = dict(local)
+        if out_dim:
+            info["projection"] = {"input_dim": int(dim), "dim": int(out_dim), "fitted_on": 0}
         store = cls.__new__(cls)
         store._init_lock_only(folder, lock_timeout)
         with store._writing(refresh=False):
@@ -409,11 +429,13 @@ class IndexStore:
     @classmethod
     def open_or_create(cls, folder: str | Path, fingerprint: str, dim: int,
                        search_config: SearchConfig | None = None, model_path: str | Path | None = None,
-                       lock_timeout: float | None = None, local: dict[str, Any] | None = None) -> "IndexStore":
-        """Resume an existing index built with the same model (and local features), or start a new one."""
+                       lock_timeout: float | None = None, local: dict[str, Any] | None = None,
+                       compact: dict[str, Any] | None = None) -> "IndexStore":
+        """Resume an existing index built with the same model (and local features, and compact
+        representation when one is given), or start a new one."""
         folder = Path(folder)
         try:
-            return cls.create(folder, fingerprint, dim, search_config, model_path, lock_timeout, local)
+            return cls.create(folder, fingerprint, dim, search_config, model_path, lock_timeout, local, compact)
         except HaflocError:
             if not (folder / "index.json").exists():
                 raise
@@ -427,6 +449,12 @@ class IndexStore:
             if local and have is not None and local != have:
                 raise ModelMismatchError(f"{folder}: index holds local features {have}, you asked for {local}; "
                                          "use the same --local options or build a new index")
+            if compact:  # the fields asked for (a missing one: whatever the index has)
+                stored = (store.dim, store.dtype)
+                want = (compact["dim"] or dim if "dim" in compact else stored[0], compact.get("dtype") or stored[1])
+                if want != stored:
+                    raise HaflocError(f"{folder}: index stores {stored[0]}-D {stored[1]} descriptors, you asked for "
+                                      f"{want[0]}-D {want[1]}; use the same --dim/--dtype or build a new index")
         except BaseException:
             store.close()
             raise
@@ -559,6 +587,41 @@ class IndexStore:
         return int(self.info["dim"])
 
     @property
+    def dtype(self) -> str:
+        """How descriptors are stored: "float32" or "float16" (searched as float32 either way)."""
+        return str(self.info.get("dtype", "float32"))
+
+    @property
+    def input_dim(self) -> int:
+        """Size of the model descriptors the index takes (before its projection, if any)."""
+        p = self.info.get("projection")
+        return int(p["input_dim"]) if p else self.dim
+
+    def projection(self) -> Projection | None:
+        """The index's PCA-whitening (None when it stores the model's descriptors as they are)."""
+        p = self.info.get("projection")
+        if not p:
+            return None
+        if self._projection is None:
+            path = self.folder / PROJECTION_FILE
+            if not p.get("fitted_on"):
+                raise HaflocError(f"{self.folder}: the index's projection is fitted on its first images; add some first")
+            self._projection = Projection.load(path, p)
+        return self._projection
+
+    def project(self, desc: np.ndarray) -> np.ndarray:
+        """Model descriptors (N, input_dim) -> the index's space (N, dim), as the database was
+        projected; descriptors already in the index's space (N, dim) pass through."""
+        x = np.atleast_2d(np.asarray(desc, dtype=np.float32))
+        if x.shape[1] == self.dim:
+            return x
+        if x.shape[1] != self.input_dim:
+            raise mismatch(self.folder, x.shape[1], self.input_dim, self.dim)
+        proj = self.projection()
+        assert proj is not None
+        return proj(x)
+
+    @property
     def search_config(self) -> SearchConfig:
         return SearchConfig.from_dict(self.info.get("search", {}))
 
@@ -687,29 +750,69 @@ class IndexStore:
             prefetch([([a for a, _ in todo[s:s + chunk_size]], [r for _, r in todo[s:s + chunk_size]])
                       for s in range(0, len(todo), chunk_size)])
         bar = tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress or not todo)
-        for start in range(0, len(todo), chunk_size):
+        first = 0
+        if todo and self.info.get("projection") and not self.info["projection"].get("fitted_on"):
+            first = self._fit_projection(todo, root, extract_fn, positions, report, chunk_size, bar)
+        for start in range(first, len(todo), chunk_size):
             batch = todo[start:start + chunk_size]
             self._add_chunk(batch, root, extract_fn, positions, report)
             bar.update(len(batch))
         bar.close()
         self._write_info()
         if rebuild:
+            self._progress = progress  # an on-disk search build shows its progress too
             self.rebuild_search()
         return report
 
+    def _fit_projection(self, todo: list[tuple[Path, str]], root: Path, extract_fn: ExtractFn,
+                        positions: dict[str, tuple[float, float]] | None, report: AddReport, chunk_size: int,
+                        bar: tqdm) -> int:
+        """Describe the first images (the fit sample), fit the index's PCA-whitening on them and
+        store it (atomically, before any row: a rerun reuses it), then commit those images.
+        Returns how many of ``todo`` were handled."""
+        p = self.info["projection"]
+        want = fit_sample_size(int(p["input_dim"]), int(p["dim"]))
+        done: list[tuple[Sequence[tuple[Path, str]], ExtractResult]] = []
+        got = pos = 0
+        while pos < len(todo) and got < want:
+            batch = todo[pos:pos + chunk_size]
+            res = extract_fn([abs_p for abs_p, _ in batch], [rel for _, rel in batch])
+            done.append((batch, res))
+            got += len(res.names)
+            pos += len(batch)
+            bar.update(len(batch))
+        parts = [np.asarray(r.descriptors, np.float32) for _, r in done if len(r.names)]
+        sample = np.concatenate(parts) if parts else np.zeros((0, self.input_dim), np.float32)
+        if sample.ndim != 2 or sample.shape[1] != self.input_dim:
+            raise ModelMismatchError(f"{self.folder}: extraction gave {sample.shape[-1]}-D descriptors, the index takes "
+                                     f"{self.input_dim}-D ones")
+        proj = Projection.fit(sample, int(p["dim"]))
+        proj.save(self.folder / PROJECTION_FILE)
+        self.info["projection"] = dict(p, fitted_on=int(len(sample)))
+        write_json_atomic(self.folder / "index.json", self.info)  # under the write lock (see _writing)
+        self._projection = proj
+        for sample_batch, res in done:
+            self._add_chunk(sample_batch, root, extract_fn, positions, report, result=res)
+        return pos
+
     def _add_chunk(self, batch: Sequence[tuple[Path, str]], root: Path, extract_fn: ExtractFn,
-                   positions: dict[str, tuple[float, float]] | None, report: AddReport) -> None:
+                   positions: dict[str, tuple[float, float]] | None, report: AddReport,
+                   result: ExtractResult | None = None) -> None:
         by_name = {rel: abs_p for abs_p, rel in batch}
-        result = extract_fn([abs_p for abs_p, _ in batch], [rel for _, rel in batch])
+        if result is None:
+            result = extract_fn([abs_p for abs_p, _ in batch], [rel for _, rel in batch])
         report.failed.extend((str(by_name.get(n, n)), reason) for n, reason in result.failures)
         names = list(result.names)
         if not names:
             return
         desc = np.ascontiguousarray(result.descriptors, dtype=np.float32)
-        if desc.ndim != 2 or desc.shape != (len(names), self.dim):
+        if desc.ndim != 2 or desc.shape != (len(names), self.input_dim):
             raise ModelMismatchError(
                 f"{self.folder}: extraction gave descriptors of shape {desc.shape} for {len(names)} images, "
-                f"the index holds {self.dim}-D descriptors")
+                f"the index holds {self.input_dim}-D descriptors")
+        if self.input_dim != self.dim:
+            desc = self.project(desc)
+        desc = desc.astype(self.dtype)
         rows: list[dict[str, Any]] = []
         keep: list[int] = []
         added_at = _now()
@@ -851,7 +954,8 @@ class IndexStore:
                 self._db.executemany("UPDATE images SET chunk = ?, row = ? WHERE id = ?", updates)
             self._remove_orphan_chunks()
             self._write_info()
-            self.rebuild_search()
+            # the rows keep their ids, but an on-disk search reads their vectors by chunk and row
+            self.rebuild_search(force=bool(rewritten))
         return {"chunks_rewritten": rewritten, "stale_rows_dropped": dropped, "orphan_chunks_deleted": orphans,
                 "images": len(self)}
 
@@ -974,12 +1078,22 @@ class IndexStore:
         with self._lock:
             if not force and self._search_is_fresh():
                 return
+            n, max_id = self._row_set_key()
+            if resolve_params(n, self.dim, self.search_config)["kind"] == "ondisk":
+                with self._try_writing() as writing:
+                    if writing:
+                        self._build_ondisk()
+                        return
+                # a writer is busy: search exactly in memory meanwhile, if that fits
+                if n * self.dim * 4 > IN_MEMORY_FALLBACK_BYTES:
+                    raise HaflocError(f"{self.folder}: the on-disk search is being rebuilt by {self.lock_owner()}; "
+                                      "try again when it has finished")
             ids, _, desc = self.descriptors()
             key = (len(ids), int(ids.max()) if len(ids) else 0)  # exactly the rows read (see _row_set_key)
             self._search = None
             index = None
             if len(ids):
-                index = build_search_index(desc, self.search_config)
+                index = build_search_index(desc, self.search_config, exact=self.search_config.kind in ("auto", "ondisk"))
                 index.params.update(max_id=int(ids.max()), config=self.info.get("search"))
             with self._try_writing() as writing:
                 if writing:
@@ -997,15 +1111,57 @@ class IndexStore:
             self._search, self._search_ids = index, (ids if index is not None else None)
             self._search_key = key
 
+    def _id_locator(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids (N,) int64, (chunk, row) (N, 2) int32) of every row in id order, read in batches."""
+        ids, loc = [], []
+        with self._lock:
+            cur = self._db.execute("SELECT id, chunk, row FROM images ORDER BY id")
+            while part := cur.fetchmany(100_000):
+                a = np.asarray(part, np.int64)
+                ids.append(a[:, 0])
+                loc.append(a[:, 1:].astype(np.int32))
+        if not ids:
+            return np.zeros(0, np.int64), np.zeros((0, 2), np.int32)
+        return np.concatenate(ids), np.concatenate(loc)
+
+    def _build_ondisk(self) -> None:
+        """Build (or resume building) the on-disk IVF-PQ over the committed rows; under the write lock."""
+        from hafloc.index.ondisk import ChunkVectors, build_ondisk, ondisk_paths
+
+        assert self._write_depth
+        index_p, ids_p = self._search_paths()
+        params_path(index_p).unlink(missing_ok=True)  # the files are incomplete until the JSON is back
+        ids, loc = self._id_locator()
+        params = resolve_params(len(ids), self.dim, self.search_config)
+        index = build_ondisk(index_p, ChunkVectors(loc, self._chunk_path), params,
+                             progress=getattr(self, "_progress", False))
+        index.params.update(max_id=int(ids.max()), config=self.info.get("search"))
+        with atomic_path(ondisk_paths(index_p)["rows"]) as tmp:
+            np.save(tmp, loc)
+        with atomic_path(ids_p) as tmp:
+            np.save(tmp, ids)
+        write_json_atomic(params_path(index_p), index.params)  # last: marks the files complete
+        self._search, self._search_ids, self._search_key = index, ids, (len(ids), int(ids.max()))
+
+    def _load_search(self, mmap: bool = False) -> tuple[SearchIndex, np.ndarray]:
+        """The saved search structure and its ids; ``mmap``: shared read-only pages (servers)."""
+        index_p, ids_p = self._search_paths()
+        index = load_search_index(index_p, mmap=mmap)
+        if index.kind != "ondisk":
+            return index, np.load(ids_p, mmap_mode="r" if mmap else None)
+        from hafloc.index.ondisk import ChunkVectors, ondisk_paths
+
+        # ids memory-mapped, vectors read on demand: a server's RAM holds only what its queries touch
+        index.vectors = ChunkVectors(np.load(ondisk_paths(index_p)["rows"], mmap_mode="r"), self._chunk_path)
+        return index, np.load(ids_p, mmap_mode="r")
+
     def _ensure_search(self) -> SearchIndex | None:
         key = self._row_set_key()
         if self._search is not None and self._search_key == key:
             return self._search  # built or loaded for exactly these rows (saved or not)
         if self._search_is_fresh():
-            index_p, ids_p = self._search_paths()
             try:
-                self._search = load_search_index(index_p, mmap=self.read_only)
-                self._search_ids = np.load(ids_p, mmap_mode="r" if self.read_only else None)
+                self._search, self._search_ids = self._load_search(mmap=self.read_only)
                 if len(self._search_ids) == self._search.ntotal:
                     self._search_key = key
                     return self._search
@@ -1051,7 +1207,7 @@ class IndexStore:
                 return False
             if self._search is not None and self._published == published:
                 return True  # already mapped
-            index, ids = load_search_index(index_p, mmap=True), np.load(ids_p, mmap_mode="r")
+            index, ids = self._load_search(mmap=True)
         except (OSError, ValueError, KeyError, TypeError, RuntimeError):
             return False
         if len(ids) != index.ntotal:
@@ -1064,17 +1220,21 @@ class IndexStore:
         """Top-k matches with metadata: a list for one (D,) query, a list of lists for (Nq, D)."""
         q = np.asarray(query_desc, dtype=np.float32)
         single = q.ndim == 1
-        q2 = np.atleast_2d(q)
-        if q2.shape[1] != self.dim:
-            raise ModelMismatchError(f"{self.folder}: query descriptors are {q2.shape[1]}-D, the index holds {self.dim}-D")
+        q2 = self.project(q)  # model descriptors go through the index's projection, if it has one
         with self._lock:
             index = self._searchable()
             if index is None:
                 results: list[list[Match]] = [[] for _ in q2]
             else:
+                try:
+                    sims, rows = search(index, q2, k)
+                except FileNotFoundError:  # a compact moved the chunks the on-disk search reads: reload
+                    self._search = None
+                    index = self._ensure_search()
+                    assert index is not None
+                    sims, rows = search(index, q2, k)
                 assert self._search_ids is not None
                 ids_map = self._search_ids
-                sims, rows = search(index, q2, k)
                 meta = self._rows_by_id(sorted({int(ids_map[r]) for r in rows.ravel() if r >= 0}))
                 # an id removed since the search was built has no row: skip it
                 results = [[Match(similarity=float(s), **meta[int(ids_map[r])])

@@ -49,8 +49,10 @@ def verify_index(folder: str | Path, check_model: bool = True, check_files: bool
             report("counts", "warning", f"index.json says {counts}, the database holds {n} images, {npos} with a "
                                         "position (rewritten by the next write)")
         _check_positions(rows, report)
-        _check_chunks(folder, int(info["dim"]), rows, report, local=isinstance(info.get("local"), dict))
+        _check_chunks(folder, int(info["dim"]), rows, report, local=isinstance(info.get("local"), dict),
+                      dtype=str(info.get("dtype", "float32")))
         _check_search(folder, info, rows, report)
+        _check_projection(folder, info, rows, report)
         if check_files:
             missing = [r for r in rows if not os.path.exists(os.path.join(r["root"], r["path"]))]
             if missing:
@@ -115,7 +117,26 @@ def _check_positions(rows: list[dict[str, Any]], report) -> None:
         report("positions", "ok", "every position is a valid WGS84 lat/lon")
 
 
-def _check_chunks(folder: Path, dim: int, rows: list[dict[str, Any]], report, local: bool = False) -> None:
+def _check_projection(folder: Path, info: dict[str, Any], rows: list[dict[str, Any]], report) -> None:
+    """The index's PCA-whitening (compact.py), when it stores projected descriptors."""
+    from hafloc.index.compact import PROJECTION_FILE, Projection
+
+    p = info.get("projection")
+    if not p:
+        return
+    if not p.get("fitted_on"):
+        report("projection", "damage" if rows else "ok",
+               "not fitted, yet rows are indexed" if rows else "fitted on the first images added")
+        return
+    try:
+        Projection.load(folder / PROJECTION_FILE, p)
+        report("projection", "ok", f"{p['input_dim']} -> {p['dim']} PCA-whitening fitted on {p['fitted_on']} images")
+    except InputError as err:
+        report("projection", "damage", str(err))
+
+
+def _check_chunks(folder: Path, dim: int, rows: list[dict[str, Any]], report, local: bool = False,
+                  dtype: str = "float32") -> None:
     """Every chunk a row points at has each file kind (local features only in a --local index)."""
     by_chunk: dict[int, list[int]] = {}
     for r in rows:
@@ -139,8 +160,8 @@ def _check_chunks(folder: Path, dim: int, rows: list[dict[str, Any]], report, lo
                 continue
             n_rows = k.rows(data)
             if kind == "descriptors":
-                if data.ndim != 2 or data.shape[1] != dim or data.dtype != np.float32:
-                    problems.append(f"{p.name} is {data.dtype} {data.shape}, expected float32 (N, {dim})")
+                if data.ndim != 2 or data.shape[1] != dim or data.dtype != np.dtype(dtype):
+                    problems.append(f"{p.name} is {data.dtype} {data.shape}, expected {dtype} (N, {dim})")
                     continue
                 if not np.isfinite(np.asarray(data)[used if max(used) < n_rows else []]).all():
                     problems.append(f"{p.name} holds non-finite descriptors")

@@ -148,7 +148,7 @@ def _train(paths: dict[str, Path], vectors: ChunkVectors, n: int, params: dict[s
     index = faiss.index_factory(dim, f"IVF{nlist},PQ{m}x{nbits}")
     ivf = faiss.extract_index_ivf(index)
     ivf.cp.niter = 10  # coarse k-means: 10 rounds reach the plateau of 25 at 2.5x less cost
-    faiss.downcast_index(ivf).do_polysemous_training = False
+    faiss.downcast_index(ivf).do_polysemous_training = False  # type: ignore[attr-defined]  # stubs: base Index
     if progress:
         print(f"training IVF{nlist},PQ{m}x{nbits} on {ntrain:,} vectors", flush=True)
     index.train(sample)
@@ -195,7 +195,7 @@ def build_ondisk(index_p: Path, vectors: ChunkVectors, params: dict[str, Any], s
 
     # merge the blocks' lists into one memory-mapped file (each list contiguous)
     blocks = [faiss.read_index(str(p), faiss.IO_FLAG_MMAP) for _, _, p in plan]
-    lists = faiss.InvertedListsPtrVector()
+    lists = faiss.InvertedListsPtrVector()  # type: ignore[attr-defined]  # SWIG class missing from the stubs
     for b in blocks:
         lists.push_back(faiss.extract_index_ivf(b).invlists)
     final = paths["ivfdata"].resolve()
@@ -206,7 +206,7 @@ def build_ondisk(index_p: Path, vectors: ChunkVectors, params: dict[str, Any], s
         ntotal = ondisk.merge_from_multiple(lists.data(), lists.size(), False) if plan else 0
         ondisk.filename = str(final)  # what the header records: the name it has once renamed
         ivf.replace_invlists(ondisk, True)
-        ondisk.this.disown()
+        ondisk.this.disown()  # type: ignore[attr-defined]  # SWIG: the index owns the lists now
         trained.ntotal = ivf.ntotal = ntotal
         with atomic_path(index_p) as tmp_index:
             faiss.write_index(trained, str(tmp_index))

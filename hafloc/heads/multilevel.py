@@ -75,7 +75,13 @@ class MultiLevelVLAD(Head):
             a = self.attn[lv](x) if lv in self.attn else None
             if a is not None:
                 attention[lv] = a
-            out = self.vlad[lv](self._project(lv, x), a.flatten(2) if a is not None else None)
+            weights = a.flatten(2) if a is not None else None
+            conv = self.proj[lv] if lv in self.proj else None
+            if conv is not None and conv.in_channels < conv.out_channels:
+                # same result, without forming the projected map (NetVLAD.forward_projected)
+                out = self.vlad[lv].forward_projected(x.flatten(2), conv.weight, conv.bias, weights)
+            else:
+                out = self.vlad[lv](self._project(lv, x), weights)
             s = w[i].sqrt()
             vlads.append(s * out["vlad"])
             intras.append(s * out["intra"])

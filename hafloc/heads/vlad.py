@@ -97,3 +97,39 @@ class NetVLAD(nn.Module):
         residuals, mass = vlad_residuals(features, assign, self.centroids)
         intra, flat = normalize_vlad(residuals)
         return {"vlad": flat, "intra": intra, "mass": mass}
+
+    def forward_projected(self, x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
+                          weights: torch.Tensor | None = None, eps: float = 1e-12) -> dict[str, torch.Tensor]:
+        """``forward(l2_normalize(P x + p, dim=1), weights)`` for (B, Cin, N) ``x`` and a 1x1 projection
+        (P (D, Cin) or (D, Cin, 1, 1), p (D,)), computed in x's space: cheaper when Cin < D.
+
+        With x' = [x; 1], Q = [P p] (so y = P x + p = Q x') and n = |y| (clamped at eps), every use
+        of y / n is linear in x' / n:
+
+            n^2                 = x'^T (Q^T Q) x'
+            logits              = (W Q) (x' / n) + b
+            sum_i a_i y_i / n_i = Q sum_i a_i (x'_i / n_i)
+
+        so the (B, D, N) projected map is never formed and the two big MatMuls shrink from D to
+        Cin + 1 (41 instead of 128 on Lite0's stride-8 level; benchmarks/profile_onnx.py).
+        """
+        q = torch.cat([proj_weight.flatten(1), proj_bias.unsqueeze(1)], dim=1)  # (D, Cin + 1)
+        xa = F.pad(x, (0, 0, 0, 1), value=1.0)  # (B, Cin + 1, N)
+        n2 = (xa * torch.matmul(q.T @ q, xa)).sum(dim=1, keepdim=True)
+        xh = xa / n2.clamp_min(eps * eps).sqrt()  # max(|y|, eps); n2 < 0 only by rounding
+        assign = self.soft_assign_t(xh, self.assign.weight @ q)  # (B, N, K)
+        if weights is None:
+            mass = assign.sum(dim=1)
+        elif weights.shape[1] == 1:
+            mass = torch.matmul(weights, assign).squeeze(1)  # sum_i a_i as a product: no (B, N, K) pass
+            assign = assign * weights.transpose(1, 2)
+        else:
+            assign = assign * weights.transpose(1, 2)
+            mass = assign.sum(dim=1)
+        residuals = torch.matmul(torch.matmul(xh, assign).transpose(1, 2), q.T) - mass.unsqueeze(2) * self.centroids
+        intra, flat = normalize_vlad(residuals)
+        return {"vlad": flat, "intra": intra, "mass": mass}
+
+    def soft_assign_t(self, features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """(B, C, N) channel-major features and a (K, C) assignment weight -> (B, N, K) softmax over clusters."""
+        return (torch.matmul(features.transpose(1, 2), weight.T) + self.assign.bias).softmax(dim=2)

@@ -121,7 +121,7 @@ class NetVLAD(nn.Module):
         if weights is None:
             mass = assign.sum(dim=1)
         elif weights.shape[1] == 1:
-            mass = torch.matmul(weights, assign).squeeze(1)  # sum_i a_i as a product: no (B, N, K) pass
+            mass = torch.matmul(weights, assign).flatten(1)  # sum_i a_i as a product: no (B, N, K) pass
             assign = assign * weights.transpose(1, 2)
         else:
             assign = assign * weights.transpose(1, 2)

@@ -8,31 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class _CeilAvgPool2(torch.autograd.Function):
-    """``avg_pool2d(x, 2, ceil_mode=True)`` exported as the AveragePool ONNX Runtime runs fast.
-
-    ORT's AveragePool with ``ceil_mode=1`` takes a slow generic path (3-4x a plain pool at batch 1,
-    10x at batch 8; benchmarks/profile_onnx.py). Padding the bottom/right by one with padded cells
-    excluded from the divisor (``count_include_pad=0``) gives the same windows and divisors for
-    even and odd sizes, on the fast path. Used only while exporting (no backward needed).
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return F.avg_pool2d(x, 2, ceil_mode=True)
-
-    @staticmethod
-    def symbolic(g, x):  # noqa: D102
-        return g.op("AveragePool", x, kernel_shape_i=[2, 2], strides_i=[2, 2], pads_i=[0, 0, 1, 1],
-                    count_include_pad_i=0)
-
-
-def ceil_avg_pool2(x: torch.Tensor) -> torch.Tensor:
-    """2x2 average pooling, stride 2, ceil mode (a partial last row/column averages what it covers)."""
-    if torch.onnx.is_in_onnx_export():
-        return _CeilAvgPool2.apply(x)
-    return F.avg_pool2d(x, 2, ceil_mode=True)
+from .export_ops import ceil_avg_pool2, resize_like
 
 
 class ContextAttention(nn.Module):
@@ -63,6 +39,4 @@ class ContextAttention(nn.Module):
         y = ceil_avg_pool2(x) if min(h, w) >= 4 else x
         y = torch.cat([F.relu(conv(y)) for conv in self.context], dim=1)
         a = F.softplus(self.combine(y))
-        if a.shape[-2:] != (h, w):
-            a = F.interpolate(a, size=(h, w), mode="bilinear", align_corners=False)
-        return a
+        return resize_like(a, x) if a.shape[-2:] != (h, w) else a

@@ -34,7 +34,7 @@ from mdsection import BENCHMARKS_MD, update_section  # noqa: E402
 
 def scope_of(node: str, depth: int) -> str:
     """``/model/head/vlad.mid/Softmax`` -> ``head.vlad.mid`` (depth 2); untraced nodes -> ``other``."""
-    parts = [p for p in node.split("/") if p]
+    parts = [p for p in node.split("/") if p and not p.endswith("Fusion")]  # ORT's fused-node suffixes
     if parts and parts[0] == "model":
         parts = parts[1:]
     if parts and parts[0] == "b":  # extract.py's backbone-only wrapper

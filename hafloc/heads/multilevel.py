@@ -87,7 +87,8 @@ class MultiLevelVLAD(Head):
             masses.append(m)
         # Levels share K and D, so all are normalised at once (fewer graph nodes than one pass per level):
         # intra-normalise each cluster, L2 each level's flattened vector, scale it by sqrt(w_l).
-        n_lv, k, d = len(self.levels), residuals[0].shape[1], residuals[0].shape[2]
+        first = self.vlad[self.levels[0]]
+        n_lv, k, d = len(self.levels), first.num_clusters, first.dim  # Python ints: constant reshapes
         intra = l2_normalize(torch.cat(residuals, dim=1), dim=2)  # (B, L*K, D)
         s = w.sqrt()
         vlads = l2_normalize(intra.reshape(-1, n_lv, k * d), dim=2) * s.unsqueeze(1)  # (B, L, K*D)

@@ -9,6 +9,8 @@ level, 1x1 projection and fusion with adaptive weights w_l:
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -77,17 +79,18 @@ class MultiLevelVLAD(Head):
             if a is not None:
                 attention[lv] = a
             weights = flatten_spatial(a) if a is not None else None
-            conv = self.proj[lv] if lv in self.proj else None
-            if conv is not None and conv.in_channels < conv.out_channels:
+            conv = cast(nn.Conv2d, self.proj[lv]) if lv in self.proj else None
+            vlad = cast(NetVLAD, self.vlad[lv])
+            if conv is not None and conv.bias is not None and conv.in_channels < conv.out_channels:
                 # same result, without forming the projected map (NetVLAD.aggregate_projected)
-                r, m = self.vlad[lv].aggregate_projected(flatten_spatial(x), conv.weight, conv.bias, weights)
+                r, m = vlad.aggregate_projected(flatten_spatial(x), conv.weight, conv.bias, weights)
             else:
-                r, m = self.vlad[lv].aggregate(self._project(lv, x), weights)
+                r, m = vlad.aggregate(self._project(lv, x), weights)
             residuals.append(r)
             masses.append(m)
         # Levels share K and D, so all are normalised at once (fewer graph nodes than one pass per level):
         # intra-normalise each cluster, L2 each level's flattened vector, scale it by sqrt(w_l).
-        first = self.vlad[self.levels[0]]
+        first = cast(NetVLAD, self.vlad[self.levels[0]])
         n_lv, k, d = len(self.levels), first.num_clusters, first.dim  # Python ints: constant reshapes
         intra = l2_normalize(torch.cat(residuals, dim=1), dim=2)  # (B, L*K, D)
         s = w.sqrt()

@@ -12,6 +12,7 @@ over the profiled calls. Prints the tables.
     python benchmarks/profile_onnx.py                       # HAF, 480x640, batch 1
     python benchmarks/profile_onnx.py --size 240x320 --batch 8 --top 30
     python benchmarks/profile_onnx.py --write      # also record the tables in BENCHMARKS.md
+    python benchmarks/profile_onnx.py --before /tmp/haf_old.onnx   # and a before/after table
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from mdsection import BENCHMARKS_MD, update_section  # noqa: E402
 
 def scope_of(node: str, depth: int) -> str:
     """``/model/head/vlad.mid/Softmax`` -> ``head.vlad.mid`` (depth 2); untraced nodes -> ``other``."""
-    parts = [p for p in node.split("/") if p]
+    parts = [p for p in node.split("/") if p and not p.endswith("Fusion")]  # ORT's fused-node suffixes
     if parts and parts[0] == "model":
         parts = parts[1:]
     if parts and parts[0] == "b":  # extract.py's backbone-only wrapper
@@ -48,22 +49,36 @@ def scope_of(node: str, depth: int) -> str:
 
 def profile(onnx_path: Path, size: str, batch: int, runs: int, threads: int) -> list[dict]:
     """Kernel events (name, op, median microseconds per call) of ``runs`` profiled calls after one warm-up."""
+    return profile_many([onnx_path], size, batch, runs, threads)[0]
+
+
+def profile_many(paths: list[Path], size: str, batch: int, runs: int, threads: int) -> list[list[dict]]:
+    """``profile`` of several graphs in one process, their calls alternated (so they see the same load)."""
     import numpy as np
     import onnxruntime as ort
 
     from hafloc.descriptors.runtime import session_options
 
-    so = session_options(threads)
-    so.enable_profiling = True
     with tempfile.TemporaryDirectory() as tmp:
-        so.profile_file_prefix = os.path.join(tmp, "ort")
-        sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+        sessions = []
+        for i, path in enumerate(paths):
+            so = session_options(threads)
+            so.enable_profiling = True
+            so.profile_file_prefix = os.path.join(tmp, f"ort{i}")
+            sessions.append(ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]))
         h, w = SIZES[size]
         x = np.random.default_rng(0).random((batch, 3, h, w), dtype=np.float32)
-        sess.run(None, {"image": x})
-        for _ in range(runs):
+        for sess in sessions:
             sess.run(None, {"image": x})
-        events = json.loads(Path(sess.end_profiling()).read_text())
+        for _ in range(runs):
+            for sess in sessions:
+                sess.run(None, {"image": x})
+        return [_node_times(json.loads(Path(sess.end_profiling()).read_text())) for sess in sessions]
+
+
+def _node_times(events: list[dict]) -> list[dict]:
+    import numpy as np
+
     times: dict[tuple[str, str], list[float]] = {}
     seen_runs = 0
     for ev in events:
@@ -86,6 +101,29 @@ def table(rows: list[tuple], total: float, head: str) -> str:
     return "\n".join(out)
 
 
+def compare(before: list[dict], after: list[dict], depth: int) -> str:
+    """Before/after: kernel ms per call of the whole graph, the backbone and the head, the head's node
+    count, and the head's ms per op type."""
+    def summary(nodes):
+        head = [n for n in nodes if scope_of(n["name"], depth).startswith("head")]
+        ops = defaultdict(float)
+        for n in head:
+            ops[n["op"]] += n["us"]
+        return {"all": sum(n["us"] for n in nodes), "backbone": sum(n["us"] for n in nodes if scope_of(n["name"], depth) == "backbone"),
+                "head": sum(n["us"] for n in head), "count": len(head), "ops": ops}
+
+    b, a = summary(before), summary(after)
+    out = ["| per call (calls alternated) | before | after |", "|---|---|---|",
+           f"| all kernels, ms | {b['all'] / 1000:.2f} | {a['all'] / 1000:.2f} |",
+           f"| backbone kernels, ms | {b['backbone'] / 1000:.2f} | {a['backbone'] / 1000:.2f} |",
+           f"| head kernels, ms | {b['head'] / 1000:.2f} | {a['head'] / 1000:.2f} |",
+           f"| head share of kernel time | {100 * b['head'] / b['all']:.1f}% | {100 * a['head'] / a['all']:.1f}% |",
+           f"| head nodes (after ORT's fusions) | {b['count']} | {a['count']} |"]
+    for op in sorted(set(b["ops"]) | set(a["ops"]), key=lambda o: -max(b["ops"].get(o, 0), a["ops"].get(o, 0)))[:12]:
+        out.append(f"| head {op}, ms | {b['ops'].get(op, 0) / 1000:.2f} | {a['ops'].get(op, 0) / 1000:.2f} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--method", default="haf")
@@ -97,12 +135,15 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=20, help="slowest nodes to list")
     ap.add_argument("--depth", type=int, default=1, help="head scope depth: 1 = head.low (attention), head.low_1 "
                     "(projection), head.low_2 (VLAD); 2 adds the submodule")
+    ap.add_argument("--before", type=Path, help="also profile this graph (e.g. the head before a change), calls "
+                    "alternated with the profiled one, and add a before/after table")
     ap.add_argument("--write", action="store_true", help="record the tables in BENCHMARKS.md (section onnx_profile)")
     args = ap.parse_args()
     threads = args.threads or len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
         path = args.onnx or export_for(args.method, Path(tmp))
-        nodes = profile(path, args.size, args.batch, args.runs, threads)
+        runs = profile_many([path] + ([args.before] if args.before else []), args.size, args.batch, args.runs, threads)
+    nodes = runs[0]
     total = sum(n["us"] for n in nodes)
     by_op, by_scope = defaultdict(float), defaultdict(float)
     for n in nodes:
@@ -119,7 +160,8 @@ def main() -> None:
     rows = [(f"{re.sub(r'^/model', '', n['name'])} ({n['op']})", n["us"]) for n in nodes
             if n["scope"].startswith("head")][: args.top]
     text = "\n\n".join([
-        f"`python benchmarks/profile_onnx.py --method {args.method} --size {args.size} --batch {args.batch}` on "
+        f"`python benchmarks/profile_onnx.py --method {args.method} --size {args.size} --batch {args.batch}"
+        f"{' --before OLD.onnx' if args.before else ''}` on "
         f"{time.strftime('%Y-%m-%d')}: onnxruntime {onnxruntime.__version__}, {threads} threads, per-node kernel "
         f"times (median of {args.runs} profiled calls) on a machine shared with other jobs. {args.method} at "
         f"{args.size} batch {args.batch}: {total / 1000:.2f} ms of kernels per call, of which the head "
@@ -127,7 +169,7 @@ def main() -> None:
         table(sorted(by_scope.items(), key=lambda kv: -kv[1]), total, "scope"),
         table(sorted(by_op.items(), key=lambda kv: -kv[1])[: args.top], total, "op type (all)"),
         table(sorted(head_ops.items(), key=lambda kv: -kv[1]), total, "op type (head only)"),
-        table(rows, total, "slowest head nodes")]) + "\n"
+        table(rows, total, "slowest head nodes")] + ([compare(runs[1], nodes, args.depth)] if args.before else [])) + "\n"
     print(text)
     if args.write:
         update_section("onnx_profile", "## Where ONNX Runtime spends its time (per-node profile)\n\n" + text,

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 OPSET = 17
 # Bump when the exported graph changes for an unchanged model (fingerprints cover weights and
 # configuration, not code).
-EXPORT_VERSION = "2"  # 2: preprocessing metadata in metadata_props
+EXPORT_VERSION = "3"  # 2: preprocessing metadata in metadata_props; 3: leaner HAF head graph (issue 14)
 _SAMPLE_SIZE = (224, 320)  # tracing input; every size is dynamic in the graph
 
 

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .export_ops import ceil_avg_pool2, resize_like
+
 
 class ContextAttention(nn.Module):
     """Non-negative spatial map a(x) from a feature map, with context filters of growing size.
@@ -35,9 +37,7 @@ class ContextAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, 1, H, W) >= 0."""
         h, w = x.shape[-2:]
-        y = F.avg_pool2d(x, 2, ceil_mode=True) if min(h, w) >= 4 else x
+        y = ceil_avg_pool2(x) if min(h, w) >= 4 else x
         y = torch.cat([F.relu(conv(y)) for conv in self.context], dim=1)
         a = F.softplus(self.combine(y))
-        if a.shape[-2:] != (h, w):
-            a = F.interpolate(a, size=(h, w), mode="bilinear", align_corners=False)
-        return a
+        return resize_like(a, x) if a.shape[-2:] != (h, w) else a

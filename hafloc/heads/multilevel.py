@@ -19,6 +19,7 @@ from torch import nn
 from ..errors import HaflocError
 from .attention import ContextAttention
 from .base import Head, HeadConfig
+from .export_ops import flatten_spatial
 from .vlad import NetVLAD, l2_normalize
 
 
@@ -56,7 +57,7 @@ class MultiLevelVLAD(Head):
     def _project(self, lv: str, x: torch.Tensor) -> torch.Tensor:
         if lv in self.proj:
             x = self.proj[lv](x)
-        return l2_normalize(x, dim=1).flatten(2)
+        return flatten_spatial(l2_normalize(x, dim=1))
 
     def local_features(self, taps):
         return {lv: self._project(lv, taps[lv]) for lv in self.levels}
@@ -72,23 +73,35 @@ class MultiLevelVLAD(Head):
 
     def forward(self, taps: dict[str, torch.Tensor]) -> dict:
         w = self.fusion_weights()
-        vlads, intras, masses, attention = [], [], [], {}
-        for i, lv in enumerate(self.levels):
+        residuals, masses, attention = [], [], {}
+        for lv in self.levels:
             x = taps[lv]
             a = self.attn[lv](x) if lv in self.attn else None
             if a is not None:
                 attention[lv] = a
-            out = self.vlad[lv](self._project(lv, x), a.flatten(2) if a is not None else None)
-            s = w[i].sqrt()
-            vlads.append(s * out["vlad"])
-            intras.append(s * out["intra"])
-            masses.append(out["mass"])
+            weights = flatten_spatial(a) if a is not None else None
+            conv = cast(nn.Conv2d, self.proj[lv]) if lv in self.proj else None
+            vlad = cast(NetVLAD, self.vlad[lv])
+            if conv is not None and conv.bias is not None and conv.in_channels < conv.out_channels:
+                # same result, without forming the projected map (NetVLAD.aggregate_projected)
+                r, m = vlad.aggregate_projected(flatten_spatial(x), conv.weight, conv.bias, weights)
+            else:
+                r, m = vlad.aggregate(self._project(lv, x), weights)
+            residuals.append(r)
+            masses.append(m)
+        # Levels share K and D, so all are normalised at once (fewer graph nodes than one pass per level):
+        # intra-normalise each cluster, L2 each level's flattened vector, scale it by sqrt(w_l).
+        first = cast(NetVLAD, self.vlad[self.levels[0]])
+        n_lv, k, d = len(self.levels), first.num_clusters, first.dim  # Python ints: constant reshapes
+        intra = l2_normalize(torch.cat(residuals, dim=1), dim=2)  # (B, L*K, D)
+        s = w.sqrt()
+        vlads = l2_normalize(intra.reshape(-1, n_lv, k * d), dim=2) * s.unsqueeze(1)  # (B, L, K*D)
         # each V_l is unit-norm and sum w_l = 1, so this normalisation only guards empty images
-        descriptor = l2_normalize(torch.cat(vlads, dim=1), dim=1)
+        descriptor = l2_normalize(vlads.reshape(-1, n_lv * k * d), dim=1)
         return {
             "descriptor": descriptor,
             "attention": attention,
             "scores": torch.cat(masses, dim=1),
-            "residuals": torch.cat(intras, dim=1),
-            "level_descriptors": [F.normalize(v, dim=1) for v in vlads],
+            "residuals": (intra.reshape(-1, n_lv, k, d) * s.view(1, n_lv, 1, 1)).reshape(-1, n_lv * k, d),
+            "level_descriptors": [F.normalize(vlads[:, i], dim=1) for i in range(n_lv)],
         }

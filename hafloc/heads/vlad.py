@@ -90,10 +90,46 @@ class NetVLAD(nn.Module):
 
         Returns ``vlad`` (B, K*C), ``intra`` (B, K, C), ``mass`` (B, K).
         """
+        residuals, mass = self.aggregate(features, weights)
+        intra, flat = normalize_vlad(residuals)
+        return {"vlad": flat, "intra": intra, "mass": mass}
+
+    def aggregate(self, features: torch.Tensor, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, N) features and optional weights (as ``forward``) -> un-normalised residuals (B, K, C), mass (B, K)."""
         features = features.transpose(1, 2)  # a view; the graph folds it into the MatMuls
         assign = self.soft_assign(features)
         if weights is not None:
             assign = assign * weights.transpose(1, 2)
-        residuals, mass = vlad_residuals(features, assign, self.centroids)
-        intra, flat = normalize_vlad(residuals)
-        return {"vlad": flat, "intra": intra, "mass": mass}
+        return vlad_residuals(features, assign, self.centroids)
+
+    def aggregate_projected(self, x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
+                            weights: torch.Tensor | None = None, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+        """``aggregate(l2_normalize(P x + p, dim=1), weights)`` for (B, Cin, N) ``x`` and a 1x1 projection
+        (P (D, Cin) or (D, Cin, 1, 1), p (D,)), computed in x's space: cheaper when Cin < D.
+
+        With x' = [x; 1], Q = [P p] (so y = P x + p = Q x') and n = |y| (clamped at eps), every use
+        of y / n is linear in x' / n:
+
+            n^2                 = x'^T (Q^T Q) x'
+            logits              = (W Q) (x' / n) + b
+            sum_i a_i y_i / n_i = Q sum_i a_i (x'_i / n_i)
+
+        so the (B, D, N) projected map is never formed and the two big MatMuls shrink from D to
+        Cin + 1 (41 instead of 128 on Lite0's stride-8 level; benchmarks/profile_onnx.py).
+        """
+        q = torch.cat([proj_weight.flatten(1), proj_bias.unsqueeze(1)], dim=1)  # (D, Cin + 1)
+        xa = F.pad(x, (0, 0, 0, 1), value=1.0)  # (B, Cin + 1, N)
+        n2 = (xa * torch.matmul(q.T @ q, xa)).sum(dim=1, keepdim=True)
+        xh = xa / n2.clamp_min(eps * eps).sqrt()  # max(|y|, eps); n2 < 0 only by rounding
+        # softmax over clusters, position-major (B, N, K): a softmax over the last axis
+        assign = (torch.matmul(xh.transpose(1, 2), (self.assign.weight @ q).T) + self.assign.bias).softmax(dim=2)
+        if weights is not None and weights.shape[1] == 1:
+            # an attention map weighs positions: apply it to the (Cin + 1)-row features, not the K-column assignment
+            mass = torch.matmul(weights, assign).flatten(1)
+            xh = xh * weights
+        else:
+            if weights is not None:
+                assign = assign * weights.transpose(1, 2)
+            mass = assign.sum(dim=1)
+        residuals = torch.matmul(torch.matmul(xh, assign).transpose(1, 2), q.T) - mass.unsqueeze(2) * self.centroids
+        return residuals, mass

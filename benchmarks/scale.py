@@ -14,7 +14,7 @@ included). Ground truth: a chunked brute-force scan of the same float16 vectors.
     python benchmarks/scale.py --sizes 1e6,1e7 --reuse   # table again, rerunning only sizes not in WORK/rows.jsonl
 
 The Ray extraction rows (single process vs Ray actors) come from ``benchmarks/scale_ray.py``'s
-``measure()`` when that file exists (see ``ray_rows``); ``--no-ray`` skips them.
+``measure()``; ``--no-ray`` skips them.
 """
 
 from __future__ import annotations
@@ -200,19 +200,16 @@ def run_size(root: Path, n: int, dim: int, nq: int, k: int, seed: int, noise: fl
 # -- Ray extraction rows ----------------------------------------------------------------------
 
 def ray_rows() -> list[dict] | None:
-    """HOOK (Ray extraction): ``benchmarks/scale_ray.py`` provides ``measure() -> list[dict]`` rows
-    {"setup", "images_per_s", "ratio", "note"}; None when that file is not there."""
-    try:
-        import scale_ray  # type: ignore[import-not-found]
-    except ImportError:
-        return None
+    """Single process vs Ray actors on real photos: ``benchmarks/scale_ray.py``'s ``measure()``."""
+    import scale_ray  # type: ignore[import-not-found]
+
     return scale_ray.measure()
 
 
 def ray_table(rows: list[dict]) -> str:
-    head = "| extraction | images/s | vs single process | note |\n|---|---|---|---|\n"
-    return head + "".join(f"| {r['setup']} | {r['images_per_s']:.1f} | {r.get('ratio', float('nan')):.2f}x | "
-                          f"{r.get('note', '')} |\n" for r in rows)
+    import scale_ray  # type: ignore[import-not-found]
+
+    return scale_ray.table(rows) + "\n"
 
 
 def table(rows: list[dict], k: int) -> str:

@@ -122,15 +122,23 @@ def main() -> int:
     ap.add_argument("--backend", default="auto", choices=["auto", "onnx", "torch"])
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--address", default=None, help="an existing Ray cluster (default: a local instance)")
+    ap.add_argument("--no-write", action="store_true", help="print only; do not update BENCHMARKS.md")
     args = ap.parse_args()
     if not args.data.is_dir():
         print(f"{args.data}: not found (the shared real data)", file=sys.stderr)
         return 2
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     rows = measure(args.images, args.rounds, args.actors, args.chunk_size, args.backend, args.data, args.address)
-    print(f"Index build, {rows[0]['images']} ie_tower_floors photos, HAF (Lite0, 24,576-D), backend {args.backend}; "
-          f"Ray: {rows[1]['where']}")
+    head = (f"Index build, {rows[0]['images']} ie_tower_floors photos, HAF (Lite0, 24,576-D), backend {args.backend}; "
+            f"Ray: {rows[1]['where']}")
+    print(head)
     print(table(rows))
+    if not args.no_write:
+        from mdsection import update_section
+
+        cmd = f"python benchmarks/scale_ray.py --images {args.images} --rounds {args.rounds}"
+        update_section("scale_ray", f"## Index building on Ray vs one process\n\n`{cmd}` on "
+                       f"{time.strftime('%Y-%m-%d')}, runs alternated. {head}.\n\n{table(rows)}")
     return 0
 
 

@@ -11,6 +11,19 @@ from ..heads import METHODS
 if TYPE_CHECKING:  # the training stack loads when the command runs, not when the parser is built
     from ..train.config import TrainConfig
 
+def _levels(text: str) -> tuple[str, ...]:
+    return tuple(v.strip().lower() for v in text.split(",") if v.strip())
+
+
+def _on_off(text: str) -> bool:
+    v = text.strip().lower()
+    if v not in ("on", "off"):
+        raise ValueError(text)
+    return v == "on"
+
+
+_on_off.__name__ = "on/off"  # argparse's message: "invalid on/off value"
+
 # flag -> (TrainConfig field, type, help)
 _FLAGS: list[tuple[str, str, type, str]] = [
     ("--method", "method", str, "haf (the paper) or a baseline: " + ", ".join(m for m in METHODS if m != "haf")),
@@ -23,6 +36,9 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ("--backbone-weights", "backbone_weights", str, "backbone state-dict file (vgg16, superpoint)"),
     ("--clusters", "clusters", int, "VLAD clusters per level (default 64)"),
     ("--proj-dim", "proj_dim", int, "HAF: channels per level after the 1x1 projection (default 128)"),
+    ("--levels", "levels", _levels, "VLAD heads: comma-separated levels of low,mid,high (default: the method's; "
+     "HAF all three)"),
+    ("--attention", "attention", _on_off, "VLAD heads: attention masks on or off (default: the method's)"),
     ("--fit-images", "fit_images", int, "at most this many images for the cluster init (default 300)"),
     ("--train-stages", "train_stages", int, "trainable backbone stages, counted from the top (default 1)"),
     ("--dim", "dim", int, "fit PCA whitening to this dimension at the end (default: none)"),

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import HaflocError, InputError
 from ..fileio import write_json_atomic
-from ..heads import METHODS
+from ..heads import METHODS, head_config
 from ..images.io import target_size
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,8 @@ class TrainConfig:
     backbone_weights: str | None = None
     clusters: int | None = None  # VLAD clusters per level (None: the method's default, 64)
     proj_dim: int | None = None
+    levels: tuple[str, ...] | None = None  # VLAD heads: backbone levels to use (None: the method's)
+    attention: bool | None = None  # VLAD heads: attention masks on/off (None: the method's)
     fit_images: int = 300  # at most this many training images for k-means / PCA init
     train_stages: int = 1  # last n backbone stages trainable; the rest frozen (BN in eval)
     dim: int | None = None  # PCA whitening fitted at the end (None: none)
@@ -89,6 +91,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.image_size = parse_image_size(self.image_size)
+        if self.levels is not None:
+            self.levels = tuple(self.levels)
+
+    def head_overrides(self) -> dict[str, Any]:
+        """The head settings this run changes (``ModelConfig.for_method`` keywords)."""
+        return {"num_clusters": self.clusters, "proj_dim": self.proj_dim, "levels": self.levels,
+                "attention": self.attention}
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -105,6 +114,7 @@ class TrainConfig:
                 raise HaflocError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.train_stages < 0:
             raise HaflocError("train_stages must be >= 0")
+        head_config(self.method, **self.head_overrides())  # levels / attention the method cannot take
         if not self.dataset:
             raise HaflocError("no dataset given")
         if not self.output:
@@ -113,6 +123,8 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["image_size"] = list(self.image_size)
+        if self.levels is not None:
+            d["levels"] = list(self.levels)
         return d
 
     @classmethod

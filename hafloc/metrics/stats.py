@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
 
 import numpy as np
+
+Scores = Union[Sequence[float], Sequence[Sequence[float]], np.ndarray]  # (Q,) or (runs, Q)
 
 __all__ = ["BootstrapInterval", "MeanStd", "hits_at", "mean_std", "paired_bootstrap", "pool_runs"]
 
@@ -76,7 +78,7 @@ def hits_at(first_hits: Sequence[int] | np.ndarray, n: int) -> np.ndarray:
     return ((fh >= 0) & (fh < n)).astype(np.float64)
 
 
-def pool_runs(scores: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:
+def pool_runs(scores: Scores) -> np.ndarray:
     """(Q,) per-query scores from a (Q,) array or a (runs, Q) stack (mean over the runs)."""
     s = np.asarray(scores, dtype=np.float64)
     if s.ndim == 2:
@@ -88,7 +90,7 @@ def pool_runs(scores: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:
     return s
 
 
-def paired_bootstrap(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, n_boot: int = 10_000,
+def paired_bootstrap(a: Scores, b: Scores, n_boot: int = 10_000,
                      seed: int = 0, ci: float = 0.95) -> BootstrapInterval:
     """Percentile bootstrap interval of mean(a - b), resampling queries with replacement.
 

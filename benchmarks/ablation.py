@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 
 from hafloc.datasets.base import Dataset
 from hafloc.datasets.detect import load_dataset
@@ -216,8 +217,21 @@ def score_run(model, ds: DataSet, progress: bool) -> dict[str, Any]:
     return out
 
 
+def run_lock(out: Path, set_name: str, name: str, seed: int) -> FileLock:
+    """The lock of one run: two ablation processes on one OUT never train the same run at once."""
+    path = out / "runs" / set_name / name / f"seed{seed}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(path)
+
+
 def do_run(ds: DataSet, name: str, seed: int, out: Path, progress: bool) -> dict[str, Any]:
-    """Train (or resume) and score one configuration; returns its record (also saved)."""
+    """Train (or resume) and score one configuration; returns its record (also saved). Waits for
+    another process that holds the run."""
+    with run_lock(out, ds.name, name, seed):
+        return _do_run(ds, name, seed, out, progress)
+
+
+def _do_run(ds: DataSet, name: str, seed: int, out: Path, progress: bool) -> dict[str, Any]:
     v = VARIANTS[name]
     run_dir = out / "runs" / ds.name / name / f"seed{seed}"
     res_path = run_dir / "result.json"
@@ -423,6 +437,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny sets and budgets: a smoke run of a few minutes")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a shared, oversubscribed machine more threads run slower)")
+    ap.add_argument("--reverse", action="store_true",
+                    help="run the schedule backwards: a second process on the same --out works from the other end")
     ap.add_argument("--report", action="store_true", help="only rebuild the tables from the finished runs")
     ap.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md / docs/img")
     ap.add_argument("--no-progress", action="store_true")
@@ -441,14 +457,23 @@ def main() -> None:
             print(f"{s}: test {d.test.num_q} queries vs {d.test.num_db} images; budget {d.budget.epochs} epochs x "
                   f"{d.budget.queries_per_epoch} queries = {d.budget.steps()} steps of 4 tuples at "
                   f"{d.budget.image_size[0]}x{d.budget.image_size[1]}", flush=True)
-        for seed, c in schedule(args.configs, args.seeds):
-            for s in args.sets:
-                t0 = time.perf_counter()
-                r = do_run(data[s], c, seed, args.out, progress)
-                print(f"[{time.perf_counter() - t_start:7.0f} s] {s} {c} seed {seed}: R@1 {r['recall@1']:.1f} "
-                      f"R@5 {r['recall@5']:.1f} ({r['train'].get('iterations')} steps, best epoch "
-                      f"{r['train'].get('best_epoch')}; {time.perf_counter() - t0:.0f} s)", flush=True)
-                write_json_atomic(args.out / "results.json", {"runs": collect(args.out)})
+        todo = [(seed, c, s) for seed, c in schedule(args.configs, args.seeds) for s in args.sets]
+        if args.reverse:
+            todo.reverse()
+        busy = []
+        for seed, c, s in todo:  # runs another process holds now come last (then they are usually done)
+            try:
+                run_lock(args.out, s, c, seed).acquire(timeout=0).lock.release()
+            except Timeout:
+                busy.append((seed, c, s))
+        todo = [t for t in todo if t not in busy] + busy
+        for seed, c, s in todo:
+            t0 = time.perf_counter()
+            r = do_run(data[s], c, seed, args.out, progress)
+            print(f"[{time.perf_counter() - t_start:7.0f} s] {s} {c} seed {seed}: R@1 {r['recall@1']:.1f} "
+                  f"R@5 {r['recall@5']:.1f} ({r['train'].get('iterations')} steps, best epoch "
+                  f"{r['train'].get('best_epoch')}; {time.perf_counter() - t0:.0f} s)", flush=True)
+            write_json_atomic(args.out / "results.json", {"runs": collect(args.out)})
     runs = [r for r in collect(args.out) if r["set"] in args.sets and r["config"] in args.configs]
     if not runs:
         raise SystemExit("no finished runs yet")

@@ -211,3 +211,53 @@ def test_cli_rejects_unknown_method(tmp_path, capsys):
     assert cli_main(["demo", "--quick", "--methods", "haf,bogus", "--output", str(tmp_path / "o")]) == 2
     assert "unknown method" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_demo_with_two_seeds_reports_spread_and_interval(tmp_path):
+    """--seeds 2 in the demo's fastest configuration: a tiny city, two methods, seconds of training
+    (about 10 s on an idle 2-core machine)."""
+    import io
+
+    from hafloc.datasets.synthetic import SyntheticCityConfig
+    from hafloc.demo import run_demo
+
+    city = SyntheticCityConfig(seed=0, places_per_split={"train": 8, "val": 4, "test": 8}, image_size=(64, 96))
+    cfg = DemoConfig.create(tmp_path / "out", quick=True, methods=["haf", "gem"], seeds=2, city=city.to_json(),
+                            image_size=(64, 96), clusters=4, proj_dim=16, fit_images=8, train_minutes=0.05, epochs=1,
+                            cache_refresh=8, neg_pool=10, num_examples=2, progress=False)
+    log = io.StringIO()
+    summary = run_demo(cfg, stream=log)
+    out = tmp_path / "out"
+    lines = re.findall(r"^\[(\d+)/(\d+)\] (.*?) \.\.\. \d+ s", log.getvalue(), re.M)
+    assert lines and all(int(t) == int(lines[-1][0]) for _, t, _ in lines), "stage numbering must add up"
+    assert {"training haf (seed 1)", "training gem (seed 1)", "tuning haf fusion weights on val (seed 1)",
+            "evaluating haf (seed 1) on test"} <= {n for _, _, n in lines}
+    seeds = json.loads((out / "results.json").read_text())["seeds"]
+    assert seeds == json.loads(json.dumps(summary["seeds"])) and seeds["seeds"] == [0, 1]
+    per_run = {m: [json.loads((out / "results" / f).read_text()) for f in (f"{m}.json", f"{m}-seed1.json")]
+               for m in ("haf", "gem")}
+    for m, runs in per_run.items():
+        r1 = [r["recall@1"] for r in runs]
+        e = seeds["methods"][m]
+        assert [p["recall@1"] for p in e["per_seed"]] == r1
+        assert e["recall@1"]["n"] == 2 and e["recall@1"]["mean"] == pytest.approx(sum(r1) / 2)
+        assert e["recall@1"]["std"] == pytest.approx(abs(r1[0] - r1[1]) / 2 ** 0.5)
+    # the seed-1 models are other models (another training seed), evaluated on the same queries
+    assert per_run["haf"][0]["fingerprint"] != per_run["haf"][1]["fingerprint"]
+    assert [q["query"] for q in per_run["haf"][0]["queries"]] == [q["query"] for q in per_run["gem"][1]["queries"]]
+    # the pooled paired difference is the mean over seeds of the recall@1 differences
+    iv = seeds["haf_vs_best_baseline"]
+    assert iv["baseline"] == "gem"
+    diff = sum(per_run["haf"][i]["recall@1"] - per_run["gem"][i]["recall@1"] for i in range(2)) / 2
+    assert 100 * iv["recall@1"]["mean_diff"] == pytest.approx(diff)
+    assert iv["recall@1"]["low"] <= iv["recall@1"]["mean_diff"] <= iv["recall@1"]["high"]
+    html = (out / "index.html").read_text(encoding="utf-8")
+    assert "Seeds: spread and HAF against the best baseline" in html and "figures/seeds.png" in html
+    assert (out / "figures" / "seeds.png").stat().st_size > 5_000
+
+
+def test_seeds_setting_defaults_to_one(tmp_path):
+    assert DemoConfig.create(tmp_path).seeds == 1
+    assert DemoConfig.create(tmp_path, seeds=3).seeds == 3
+    with pytest.raises(HaflocError, match="seeds must be >= 1"):
+        DemoConfig.create(tmp_path, seeds=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -237,3 +239,58 @@ def test_whitening_reduces_dimension_and_keeps_unit_norm(tmp_path, fitted, photo
     assert loaded.out_dim == 8
     with pytest.raises(HaflocError, match="whitening"):
         fit_whitening(model, photos[:5], dim=64, progress=False)
+
+
+def test_haf_without_attention_is_plain_multilevel_vlad(fitted, photos, tmp_path):
+    # the ablation's "HAF without attention": same clusters and projections, no masks
+    full = fitted["haf"]
+    cfg = ModelConfig.for_method("haf", num_clusters=16, attention=False)
+    plain = GeoLocNet(cfg, pretrained=True).eval()
+    plain.load_state_dict({k: v for k, v in full.state_dict().items() if ".attn." not in k})
+    assert not any(".attn." in k for k in plain.state_dict())
+    x = _batch(photos[:2])
+    with torch.inference_mode():
+        out = plain(x)
+        ref = full(x)
+    assert out["attention"] == {} and out["descriptor"].shape == ref["descriptor"].shape
+    # each level's VLAD equals the NetVLAD of the projected features with no mask
+    taps = full.backbone(x)
+    with torch.inference_mode():
+        v_low = full.head.vlad["low"](full.head._project("low", taps["low"]))["vlad"]
+    assert torch.allclose(out["level_descriptors"][0], F.normalize(v_low, dim=1), atol=1e-5)
+    # an untrained mask is uniform (ContextAttention starts at softplus(b) = 1): the two agree ...
+    assert torch.allclose(out["descriptor"], ref["descriptor"], atol=1e-5)
+    # ... and a trained (non-uniform) mask is what tells them apart
+    masked = copy.deepcopy(full)
+    with torch.no_grad():
+        for att in masked.head.attn.values():
+            att.combine.weight.normal_(0, 0.5)
+        assert float((masked(x)["descriptor"] - out["descriptor"]).abs().max()) > 1e-3
+    save_model(plain, tmp_path / "m.model")
+    assert load_model(tmp_path / "m.model").config.head.attention is False
+
+
+@pytest.mark.parametrize("level,stride", [("low", 8), ("mid", 16), ("high", 32)])
+def test_haf_on_one_level(photos, level, stride):
+    model = GeoLocNet(ModelConfig.for_method("haf", num_clusters=8, levels=(level,)), pretrained=True).eval()
+    with torch.inference_mode():
+        out = model(_batch(photos[:2], size=(224, 320)))
+    assert model.levels == (level,) and model.out_dim == 8 * 128 == out["descriptor"].shape[1]
+    assert {k: tuple(v.shape) for k, v in out["attention"].items()} == {level: (2, 1, 224 // stride, 320 // stride)}
+    assert len(out["level_descriptors"]) == 1 and out["scores"].shape == (2, 8)
+    assert not model.head.fusion_logits.requires_grad  # one level: nothing to fuse
+
+
+def test_level_and_attention_settings_are_checked():
+    with pytest.raises(HaflocError, match="levels must be distinct names"):
+        ModelConfig.for_method("haf", levels=("low", "top"))
+    with pytest.raises(HaflocError, match="levels must be distinct names"):
+        ModelConfig.for_method("haf", levels=("low", "low"))
+    with pytest.raises(HaflocError, match="no levels setting"):
+        ModelConfig.for_method("gem", levels=("low",))
+    with pytest.raises(HaflocError, match="no attention setting"):
+        ModelConfig.for_method("gem", attention=True)
+    with pytest.raises(HaflocError, match="projection dimension"):
+        ModelConfig.for_method("netvlad", levels=("mid", "high"))
+    assert ModelConfig.for_method("gem", attention=False).head.attention is False  # its own setting: fine
+    assert ModelConfig.for_method("netvlad", levels=["mid"]).head.levels == ("mid",)

@@ -21,6 +21,7 @@ from hafloc.reports import (
     plot_history,
     plot_recall_curves,
     plot_retrievals,
+    plot_seed_spread,
     plot_weights_table,
     render_report,
     write_report,
@@ -193,6 +194,19 @@ def test_weights_table_png(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="lacks column"):
         plot_weights_table([{"dataset": "x", "w1": 1.0}], tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_seed_spread_png(tmp_path: Path) -> None:
+    panels = {"ie_tower": {"HAF": [60.0, 62.5, 65.0], "GeM": [58.0, 59.0]}, "synthetic": {"HAF": [40.0]}}
+    out = plot_seed_spread(panels, tmp_path / "spread.png")
+    im = _png(out)
+    assert im.height > im.width * 0.8  # one panel per group, stacked
+    assert _count_color(im, (209, 73, 91)) > 20  # the seeds' dots are drawn
+    with pytest.raises(InputError, match="finite"):
+        plot_seed_spread({"a": {"HAF": [float("nan")]}}, tmp_path / "bad.png")
+    with pytest.raises(InputError, match="no values"):
+        plot_seed_spread({"a": {"HAF": []}}, tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists() and _no_partials(tmp_path)
 
 
 def test_markdown_table_exact() -> None:

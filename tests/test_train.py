@@ -286,3 +286,27 @@ def test_time_budget_stops_cleanly_with_outputs(floors, tmp_path):
     assert summary["stopped_for_time"] and summary["epochs_done"] == 0
     assert (tmp_path / "o" / "best.model").is_file() and (tmp_path / "o" / "history.csv").is_file()
     assert not load_checkpoint(tmp_path / "o" / "last.ckpt")["progress"]["done"]  # resumable
+
+
+def test_head_variant_settings_reach_the_trained_model(floors, tmp_path):
+    """--levels / --attention (the ablation's HAF variants) go through config.json into best.model."""
+    from hafloc.cli import build_parser
+    from hafloc.cli.train import config_from_args
+    from hafloc.errors import HaflocError
+
+    out = tmp_path / "o"
+    argv = ["train", "--dataset", str(floors), "--output", str(out), "--levels", "low,high", "--attention", "off",
+            "--epochs", "1", "--image-size", SIZE, "--clusters", "8", "--proj-dim", "32", "--fit-images", "20",
+            "--num-negatives", "3", "--cache-refresh", "16", "--neg-pool", "50", "--no-progress"]
+    cfg, _ = config_from_args(build_parser().parse_args(argv))
+    assert (cfg.levels, cfg.attention) == (("low", "high"), False)
+    train(cfg)
+    assert TrainConfig.load(out / "config.json").levels == ("low", "high")
+    model = load_model(out / "best.model")
+    assert model.config.head.levels == ("low", "high") and model.config.head.attention is False
+    assert len(model.head.attn) == 0 and model.out_dim == 2 * 8 * 32
+    assert model.head.fusion_weights().shape == (2,)
+    with pytest.raises(HaflocError, match="no levels setting"):
+        TrainConfig(method="gem", dataset="d", output="o", levels=("low",)).validate()
+    with pytest.raises(SystemExit):  # argparse: "invalid on/off value"
+        build_parser().parse_args(["train", "--attention", "maybe"])

@@ -22,6 +22,9 @@ def register(sub) -> None:
     p.add_argument("--quick", action="store_true", help="small city, small images, fewer training epochs per method")
     p.add_argument("--output", default="hafloc-demo", help="output folder: data, models, figures, index.html (default hafloc-demo)")
     p.add_argument("--seed", type=int, default=0, help="seed of the city and of training (default 0)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="train every method with N seeds (--seed, --seed+1, ...); the report adds their spread "
+                        "(mean +- std) and HAF's paired bootstrap interval against the best baseline (default 1)")
     p.add_argument("--methods", type=_methods, default=None,
                    help=f"comma-separated methods of {','.join(METHODS)} (default {','.join(DEMO_METHODS)})")
     p.add_argument("--train-minutes", type=float, default=None,
@@ -36,7 +39,7 @@ def run(args) -> int:
     from ..demo import DemoConfig, run_demo
 
     cfg = DemoConfig.create(args.output, quick=args.quick, seed=args.seed, methods=args.methods,
-                            train_minutes=args.train_minutes, backend=args.backend,
+                            seeds=args.seeds, train_minutes=args.train_minutes, backend=args.backend,
                             progress=not args.no_progress)
     run_demo(cfg)
     return 0

@@ -31,6 +31,7 @@ class DemoConfig:
     output: str = "hafloc-demo"
     quick: bool = False
     seed: int = 0
+    seeds: int = 1  # training runs per method (seeds seed, seed+1, ...): the report shows their spread
     methods: tuple[str, ...] = DEMO_METHODS
     image_size: tuple[int, int] = (256, 320)  # (H, W) for training, tuning and extraction
     clusters: int = 32  # VLAD clusters per level
@@ -86,6 +87,8 @@ class DemoConfig:
         h, w = self.image_size
         if h % 32 or w % 32:
             raise HaflocError(f"image size must be multiples of 32, got {h}x{w}")
+        if self.seeds < 1:
+            raise HaflocError(f"seeds must be >= 1, got {self.seeds}")
         if (self.train_minutes is not None and self.train_minutes <= 0) or self.epochs < 1:
             raise HaflocError("train_minutes must be > 0 (or none) and epochs >= 1")
         n = round(1 / self.tune_step)

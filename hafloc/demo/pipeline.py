@@ -98,8 +98,9 @@ def stage_data(cfg: DemoConfig, root: Path) -> tuple[Path, bool]:
     return root, reused
 
 
-def train_config(cfg: DemoConfig, method: str, data_root: Path, run_dir: Path):
-    """The TrainConfig of one method in the demo (GPS supervision on the city's '@' folders)."""
+def train_config(cfg: DemoConfig, method: str, data_root: Path, run_dir: Path, seed: int | None = None):
+    """The TrainConfig of one method in the demo (GPS supervision on the city's '@' folders);
+    ``seed``: the training seed (default ``cfg.seed``, the city's)."""
     from ..train.config import TrainConfig
 
     return TrainConfig(
@@ -107,7 +108,7 @@ def train_config(cfg: DemoConfig, method: str, data_root: Path, run_dir: Path):
         image_size=cfg.image_size, clusters=cfg.clusters, proj_dim=cfg.proj_dim if method == "haf" else None,
         fit_images=cfg.fit_images, train_stages=cfg.train_stages, supervision="gps", num_negatives=cfg.num_negatives,
         neg_pool=cfg.neg_pool, cache_refresh=cfg.cache_refresh, lr=cfg.lr, head_lr=cfg.head_lr,
-        batch_size=cfg.batch_size, patience=0, seed=cfg.seed, time_budget=cfg.train_minutes,
+        batch_size=cfg.batch_size, patience=0, seed=cfg.seed if seed is None else seed, time_budget=cfg.train_minutes,
         cache_images="yes", progress=cfg.progress)
 
 
@@ -137,7 +138,7 @@ def fit_fresh_model(cfg: DemoConfig, method: str, data_root: Path):
 
 
 def stage_train(cfg: DemoConfig, method: str, data_root: Path, run_dir: Path,
-                init_path: Path | None = None) -> tuple[dict[str, Any], bool]:
+                init_path: Path | None = None, seed: int | None = None) -> tuple[dict[str, Any], bool]:
     """Train ``method`` into ``run_dir`` (best.model, history.csv/png); resume a crashed run.
 
     ``init_path``: also save the model as initialised, before any training step (the untrained
@@ -145,7 +146,7 @@ def stage_train(cfg: DemoConfig, method: str, data_root: Path, run_dir: Path,
     """
     from ..train.loop import Trainer
 
-    tcfg = train_config(cfg, method, data_root, run_dir)
+    tcfg = train_config(cfg, method, data_root, run_dir, seed=seed)
     key = _train_key(tcfg, cfg)
     mark = read_mark(run_dir, key)
     if mark and (run_dir / "best.model").is_file():
@@ -302,6 +303,34 @@ def stage_evaluate(cfg: DemoConfig, name: str, model_path: Path, ds: Dataset, ro
     return out, False
 
 
+def seed_summary(cfg: DemoConfig, seed_results: dict[str, list[dict[str, Any]]], n_boot: int = 10_000) -> dict[str, Any]:
+    """Per method: recall@1/@5 (overall and by landmark size) as mean +- std over the seeds; and
+    HAF (as reported: tuned w when tuned) minus the best baseline (by mean recall@1) as a paired
+    bootstrap interval over the test queries, each method's seeds pooled per query."""
+    from ..datasets.synthetic import SIZE_CLASSES
+    from ..metrics.stats import hits_at, mean_std, paired_bootstrap
+
+    out: dict[str, Any] = {"seeds": [cfg.seed + i for i in range(cfg.seeds)], "methods": {}}
+    for m, rs in seed_results.items():
+        e: dict[str, Any] = {"label": rs[0]["label"], **{k: mean_std([r[k] for r in rs]).to_json()
+                                                        for k in ("recall@1", "recall@5")},
+                             "per_seed": [{k: r[k] for k in ("recall@1", "recall@5")} for r in rs]}
+        e["by_size"] = {z: mean_std([r["by_size"][z]["recall@1"] for r in rs if z in r["by_size"]]).to_json()
+                        for z in SIZE_CLASSES if any(z in r["by_size"] for r in rs)}
+        out["methods"][m] = e
+    base = [m for m in seed_results if m != "haf"]
+    if "haf" in seed_results and base:
+        best = max(base, key=lambda m: (out["methods"][m]["recall@1"]["mean"], out["methods"][m]["recall@5"]["mean"]))
+
+        def hits(m: str, n: int) -> np.ndarray:
+            return np.stack([hits_at([q["first_hit"] for q in r["queries"]], n) for r in seed_results[m]])
+
+        out["haf_vs_best_baseline"] = {"baseline": best, **{
+            f"recall@{n}": paired_bootstrap(hits("haf", n), hits(best, n), n_boot=n_boot, seed=cfg.seed).to_json()
+            for n in (1, 5)}}
+    return out
+
+
 # ----------------------------------------------------------------------------- the run
 
 @dataclass
@@ -328,7 +357,8 @@ def run_demo(cfg: DemoConfig, stream: TextIO | None = None) -> dict[str, Any]:
     data_root, runs = out / "data", out / "runs"
     has_haf = "haf" in cfg.methods
     n_eval = len(cfg.methods) + (2 if has_haf else 0)
-    total = 1 + len(cfg.methods) + (2 if has_haf else 0) + n_eval + 1
+    per_seed = 2 * len(cfg.methods) + (1 if has_haf else 0)  # train + evaluate each method, tune HAF
+    total = 1 + len(cfg.methods) + (2 if has_haf else 0) + n_eval + (cfg.seeds - 1) * per_seed + 1
     stages = StageLog(total, stream or sys.stderr)
     write_json_atomic(out / "config.json", {"demo": cfg.to_dict(), "status": "running"})
 
@@ -370,6 +400,23 @@ def run_demo(cfg: DemoConfig, stream: TextIO | None = None) -> dict[str, Any]:
         extra = {"label": ev.label, "method": ev.method, "trained": ev.trained, "note": ev.note}
         results[ev.name] = stages.run(f"evaluating {ev.name} on test", functools.partial(
             stage_evaluate, cfg, ev.name, ev.model, test, data_root, out, extra))
+    # more seeds: the same methods trained again (runs/METHOD-seedN), tuned and scored the same way
+    seed_results: dict[str, list[dict[str, Any]]] = {m: [results[m]] for m in cfg.methods}
+    for i in range(1, cfg.seeds):
+        s = cfg.seed + i
+        for m in cfg.methods:
+            run_i = runs / f"{m}-seed{i}"
+            trained_i = stages.run(f"training {m} (seed {s})",
+                                   functools.partial(stage_train, cfg, m, data_root, run_i, seed=s))
+            path = run_i / "best.model"
+            if m == "haf" and tuned is not None:
+                stages.run(f"tuning haf fusion weights on val (seed {s})",
+                           functools.partial(stage_tune, cfg, run_i / "best.model", data_root, run_i / "tuned.model"))
+                path = run_i / "tuned.model"
+            extra = {"label": results[m]["label"], "method": m, "trained": bool(trained_i.get("trained")),
+                     "note": f"seed {s}"}
+            seed_results[m].append(stages.run(f"evaluating {m} (seed {s}) on test", functools.partial(
+                stage_evaluate, cfg, f"{m}-seed{i}", path, test, data_root, out, extra)))
 
     summary = {
         "dataset": {"name": "synthetic city", "root": "data", "test": test.summary(),
@@ -382,6 +429,8 @@ def run_demo(cfg: DemoConfig, stream: TextIO | None = None) -> dict[str, Any]:
                          ("best_epoch", "best_val_recall@5", "iterations", "epochs_done", "stopped_for_time",
                           "loss", "seconds")}} for m, t in trained.items()},
     }
+    if cfg.seeds > 1:
+        summary["seeds"] = seed_summary(cfg, seed_results)
     if tuned is not None:
         w = [float(x) for x in tuned["weights"]]
         summary["tuned_weights"] = {**{f"w{i + 1}": x for i, x in enumerate(w)}, "weights": w,

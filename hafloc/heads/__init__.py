@@ -16,11 +16,33 @@ LABELS = {"haf": "HAF", "netvlad": "NetVLAD", "crn": "CRN", "gem": "GeM", "super
 assert set(LABELS) == set(HEADS), "every registered head needs its display label"
 
 
+LEVELS = ("low", "mid", "high")  # the backbone taps a head can read (strides 8, 16, 32)
+# methods whose levels and attention are settings (the ablation's variants: HAF without attention,
+# HAF on one level); GeM and SuperPoint read one fixed map
+CONFIGURABLE_LEVELS = ("haf", "netvlad", "crn")
+
+
 def head_config(method: str, **overrides) -> HeadConfig:
-    """The method's default configuration with ``overrides`` (None values ignored)."""
+    """The method's default configuration with ``overrides`` (None values ignored).
+
+    ``levels`` (a non-empty subset of ``LEVELS``, in fusion order) and ``attention`` may be
+    changed for the VLAD heads only (``CONFIGURABLE_LEVELS``).
+    """
     if method not in HEADS:
         raise HaflocError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    return dataclasses.replace(METHOD_DEFAULTS[method], **{k: v for k, v in overrides.items() if v is not None})
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    base = METHOD_DEFAULTS[method]
+    if "levels" in overrides:
+        levels = tuple(overrides["levels"])
+        if not levels or len(set(levels)) != len(levels) or set(levels) - set(LEVELS):
+            raise HaflocError(f"levels must be distinct names among {', '.join(LEVELS)}, got {list(levels)}")
+        overrides["levels"] = levels
+    for key in ("levels", "attention"):
+        if key in overrides and overrides[key] != getattr(base, key) and method not in CONFIGURABLE_LEVELS:
+            raise HaflocError(f"method {method!r} has no {key} setting (only {', '.join(CONFIGURABLE_LEVELS)})")
+    if "levels" in overrides and len(overrides["levels"]) > 1 and overrides.get("proj_dim", base.proj_dim) is None:
+        raise HaflocError("several levels need a projection dimension (proj_dim): levels must share one dimension")
+    return dataclasses.replace(base, **overrides)
 
 
 def create_head(method: str, channels: dict[str, int], conf: HeadConfig | None = None) -> Head:
@@ -28,4 +50,4 @@ def create_head(method: str, channels: dict[str, int], conf: HeadConfig | None =
     return HEADS[method](channels, conf)
 
 
-__all__ = ["HEADS", "LABELS", "METHODS", "Head", "HeadConfig", "create_head", "head_config"]
+__all__ = ["CONFIGURABLE_LEVELS", "HEADS", "LABELS", "LEVELS", "METHODS", "Head", "HeadConfig", "create_head", "head_config"]

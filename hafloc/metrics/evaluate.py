@@ -24,7 +24,7 @@ from hafloc.datasets.base import Dataset
 from hafloc.errors import HaflocError
 from hafloc.fileio import atomic_path
 from hafloc.metrics.protocols import score
-from hafloc.metrics.recall import exclude_from_ranks, recall_curve
+from hafloc.metrics.recall import exclude_from_ranks, first_hit, recall_curve
 
 if TYPE_CHECKING:
     from hafloc.metrics.verified import RerankSettings
@@ -411,6 +411,15 @@ class EvalResult(Mapping[str, Any]):
     def to_json(self) -> dict[str, Any]:
         """The metrics as a plain dict (``json.dump`` ready)."""
         return {k: v for k, v in self.metrics.items() if not k.startswith("_")}
+
+    def query_first_hits(self, num_queries: int | None = None) -> np.ndarray:
+        """(Q,) 0-based rank of each query's first right answer, for every query of the dataset
+        evaluated (``num_queries``, default: the metrics' ``num_queries``), -1 for a miss or a failed query;
+        the per-query scores of ``hafloc.metrics.stats`` (``hits_at``)."""
+        n = int(num_queries if num_queries is not None else self.metrics.get("num_queries", len(self.q_index)))
+        out = np.full(n, -1, dtype=np.int64)
+        out[np.asarray(self.q_index, dtype=np.int64)] = first_hit(self.ranks, self.dataset.query_positives())
+        return out
 
 
 def _reranker_factory(rerank: "RerankSettings", extractor, crop: bool, cache_folder: Path | None, progress: bool):

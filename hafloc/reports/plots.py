@@ -311,3 +311,44 @@ def plot_weights_table(rows: Sequence[Mapping[str, object]], path: str | Path,
     if title:
         ax.set_title(title, fontsize=11, pad=6)
     return _save(fig, path)
+
+
+def plot_seed_spread(panels: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path,
+                     metric: str = "recall@1 (%)", title: str = "") -> Path:
+    """One panel per group (e.g. dataset): per configuration, each seed's value as a dot and the
+    mean +- sample std as a dash with whiskers. ``panels[group][config] = [value per seed]``."""
+    groups = {g: {c: [float(v) for v in vals] for c, vals in cfgs.items() if len(vals)} for g, cfgs in panels.items()}
+    groups = {g: c for g, c in groups.items() if c}
+    if not groups:
+        raise InputError(path, "no values to plot")
+    for g, cfgs in groups.items():
+        for c, vals in cfgs.items():
+            if not all(math.isfinite(v) for v in vals):
+                raise InputError(path, f"{g}/{c}: values must be finite")
+    widest = max(len(c) for c in groups.values())
+    fig, axes = plt.subplots(len(groups), 1, figsize=(max(6.0, 0.75 * widest + 2), 3.2 * len(groups)), squeeze=False)
+    for ax, (group, cfgs) in zip(axes[:, 0], groups.items()):
+        names = list(cfgs)
+        x = np.arange(len(names))
+        means = np.array([np.mean(cfgs[n]) for n in names])
+        stds = np.array([np.std(cfgs[n], ddof=1) if len(cfgs[n]) > 1 else 0.0 for n in names])
+        # no bars: the axis does not start at 0, and a bar's length would overstate the gaps
+        ax.errorbar(x, means, yerr=stds, fmt="_", markersize=22, mew=2.5, color="#1f3b57", ecolor="#1f3b57",
+                    capsize=5, zorder=3, label="mean ± std")
+        for i, n in enumerate(names):
+            vals = cfgs[n]
+            jitter = np.linspace(-0.12, 0.12, len(vals)) if len(vals) > 1 else np.zeros(1)
+            ax.scatter(i + jitter, vals, s=16, color="#d1495b", zorder=4)
+        ax.set_xticks(x)
+        ax.set_xticklabels(names, rotation=30, ha="right")
+        ax.set_xlim(-0.6, len(names) - 0.4)
+        ax.set_ylabel(metric)
+        lo = min(min(v) for v in cfgs.values())
+        hi = max(max(v) for v in cfgs.values())
+        ax.set_ylim(max(0.0, lo - 0.15 * max(hi - lo, 5.0) - 5.0), min(100.0, hi + 0.15 * max(hi - lo, 5.0) + 2.0))
+        ax.set_title(group, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)

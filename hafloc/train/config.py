@@ -12,7 +12,7 @@ from typing import Any
 from ..configs import from_mapping, setting
 from ..errors import HaflocError, InputError
 from ..fileio import write_json_atomic
-from ..heads import METHODS
+from ..heads import METHODS, head_config
 from ..images.io import target_size
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,9 @@ class TrainConfig:
     backbone_weights: str | None = setting(None, "backbone state-dict file (vgg16, superpoint)")
     clusters: int | None = setting(None, "VLAD clusters per level (default: the method's, 64)")
     proj_dim: int | None = setting(None, "HAF: channels per level after the 1x1 projection (default 128)")
+    levels: tuple[str, ...] | None = setting(None, "VLAD heads: comma-separated levels of low,mid,high (default: the "
+                                             "method's; HAF all three)")
+    attention: bool | None = setting(None, "VLAD heads: attention masks on or off (default: the method's)")
     fit_images: int = setting(300, "at most this many training images for the cluster init (k-means / PCA)")
     # last n backbone stages trainable; the rest frozen (BN in eval)
     train_stages: int = setting(1, "trainable backbone stages, counted from the top")
@@ -105,6 +108,19 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.image_size = parse_image_size(self.image_size)
+        if isinstance(self.levels, str):  # the command line's "low,high"
+            self.levels = tuple(v.strip().lower() for v in self.levels.split(",") if v.strip())
+        elif self.levels is not None:
+            self.levels = tuple(self.levels)
+        if isinstance(self.attention, str):  # the command line's on / off
+            if self.attention.strip().lower() not in ("on", "off"):
+                raise HaflocError(f"attention must be on or off, got {self.attention!r}")
+            self.attention = self.attention.strip().lower() == "on"
+
+    def head_overrides(self) -> dict[str, Any]:
+        """The head settings this run changes (``ModelConfig.for_method`` keywords)."""
+        return {"num_clusters": self.clusters, "proj_dim": self.proj_dim, "levels": self.levels,
+                "attention": self.attention}
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -123,6 +139,7 @@ class TrainConfig:
                 raise HaflocError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.train_stages < 0:
             raise HaflocError("train_stages must be >= 0")
+        head_config(self.method, **self.head_overrides())  # levels / attention the method cannot take
         if not self.dataset:
             raise HaflocError("no dataset given")
         if not self.output:
@@ -131,6 +148,8 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["image_size"] = list(self.image_size)
+        if self.levels is not None:
+            d["levels"] = list(self.levels)
         return d
 
     @classmethod

@@ -61,7 +61,7 @@ HISTORY_FIELDS = ("epoch", "loss", "val_recall@1", "val_recall@5", "val_recall@1
 
 def build_model(cfg: TrainConfig, fit_paths: list[Path] | None, progress: bool = True) -> tuple[GeoLocNet, dict]:
     """The method on its pretrained backbone, clusters/projections fitted on ``fit_paths``."""
-    mcfg = ModelConfig.for_method(cfg.method, cfg.backbone, num_clusters=cfg.clusters, proj_dim=cfg.proj_dim)
+    mcfg = ModelConfig.for_method(cfg.method, cfg.backbone, **cfg.head_overrides())
     mcfg.max_side = max(cfg.image_size)
     model = GeoLocNet(mcfg, pretrained=True, backbone_weights=cfg.backbone_weights)
     info: dict = {}

@@ -14,7 +14,7 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Collection, Mapping, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping, TypeVar, Union
 
 from hafloc.errors import HaflocError, InputError
 
@@ -50,24 +50,32 @@ def _fail(source: str | Path | None, message: str) -> typing.NoReturn:
     raise HaflocError(message)
 
 
-def setting(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
-    """A dataclass field with its command-line help (``help=""``: file-only, no flag)."""
+def setting(default: Any = dataclasses.MISSING, help: str = "", parse: Callable[[str], Any] | None = None,
+            **kwargs: Any) -> Any:
+    """A dataclass field with its command-line help (``help=""``: file-only, no flag); ``parse``:
+    the flag's argparse type when the annotation is not int/float/str (its ``__name__`` is what
+    argparse's "invalid ... value" message shows)."""
     metadata = dict(kwargs.pop("metadata", {}) or {})
     if help:
         metadata["help"] = help
+    if parse is not None:
+        metadata["parse"] = parse
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
-def flag_fields(cls: type) -> list[tuple[dataclasses.Field, type]]:
+def flag_fields(cls: type) -> list[tuple[dataclasses.Field, Callable[[str], Any]]]:
     """(field, argparse type) of each field of dataclass ``cls`` declared with a help text.
 
     The type is the field's annotation without ``None`` (int, float, str); anything else (tuples,
     e.g. an image size) is read as a string and parsed by the class itself.
     """
     hints = typing.get_type_hints(cls)
-    out = []
+    out: list[tuple[dataclasses.Field, Callable[[str], Any]]] = []
     for f in dataclasses.fields(cls):
         if not f.metadata.get("help"):
+            continue
+        if f.metadata.get("parse"):
+            out.append((f, f.metadata["parse"]))
             continue
         t = hints[f.name]
         if typing.get_origin(t) in (Union, types.UnionType):
@@ -75,6 +83,25 @@ def flag_fields(cls: type) -> list[tuple[dataclasses.Field, type]]:
             t = args[0] if len(args) == 1 else str
         out.append((f, t if t in (int, float, str) else str))
     return out
+
+
+def on_off(text: str) -> bool:
+    """``on`` / ``off`` (any case) as a bool."""
+    v = text.strip().lower()
+    if v not in ("on", "off"):
+        raise ValueError(text)
+    return v == "on"
+
+
+on_off.__name__ = "on/off"  # argparse: "invalid on/off value"
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    """``"low, High"`` -> ``("low", "high")``."""
+    return tuple(v.strip().lower() for v in text.split(",") if v.strip())
+
+
+comma_list.__name__ = "comma-separated"
 
 
 def flag_help(f: dataclasses.Field) -> str:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, Callable
 
 from ..configs import flag_fields, flag_help
 from ..train.config import TrainConfig
 
 
-def _flags() -> list[tuple[str, str, type, str]]:
+def _flags() -> list[tuple[str, str, Callable[[str], Any], str]]:
     """(flag, TrainConfig field, type, help) for every field that declares a help text."""
     return [("--" + f.name.replace("_", "-"), f.name, typ, flag_help(f)) for f, typ in flag_fields(TrainConfig)]
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..configs import from_mapping, setting
+from ..configs import comma_list, from_mapping, on_off, setting
 from ..errors import HaflocError, InputError
 from ..fileio import write_json_atomic
 from ..heads import METHODS, head_config
@@ -59,8 +59,9 @@ class TrainConfig:
     clusters: int | None = setting(None, "VLAD clusters per level (default: the method's, 64)")
     proj_dim: int | None = setting(None, "HAF: channels per level after the 1x1 projection (default 128)")
     levels: tuple[str, ...] | None = setting(None, "VLAD heads: comma-separated levels of low,mid,high (default: the "
-                                             "method's; HAF all three)")
-    attention: bool | None = setting(None, "VLAD heads: attention masks on or off (default: the method's)")
+                                             "method's; HAF all three)", parse=comma_list)
+    attention: bool | None = setting(None, "VLAD heads: attention masks on or off (default: the method's)",
+                                     parse=on_off)
     fit_images: int = setting(300, "at most this many training images for the cluster init (k-means / PCA)")
     # last n backbone stages trainable; the rest frozen (BN in eval)
     train_stages: int = setting(1, "trainable backbone stages, counted from the top")
@@ -108,14 +109,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.image_size = parse_image_size(self.image_size)
-        if isinstance(self.levels, str):  # the command line's "low,high"
-            self.levels = tuple(v.strip().lower() for v in self.levels.split(",") if v.strip())
-        elif self.levels is not None:
+        if self.levels is not None:
             self.levels = tuple(self.levels)
-        if isinstance(self.attention, str):  # the command line's on / off
-            if self.attention.strip().lower() not in ("on", "off"):
-                raise HaflocError(f"attention must be on or off, got {self.attention!r}")
-            self.attention = self.attention.strip().lower() == "on"
 
     def head_overrides(self) -> dict[str, Any]:
         """The head settings this run changes (``ModelConfig.for_method`` keywords)."""

@@ -117,13 +117,18 @@ class Budget:
 
 # Sized for the machine as it is: 2 cores shared by several jobs (load 5-14 while this ran), no
 # trunk cache yet. An ie_tower run then costs ~4 s per step and ~11 images/s of inference.
-FULL = {"ie_tower": Budget((224, 128), epochs=2, queries_per_epoch=80, fit_images=60),
-        "synthetic": Budget((128, 160), epochs=2, queries_per_epoch=60, fit_images=60)}
-QUICK = {"ie_tower": Budget((224, 128), epochs=1, queries_per_epoch=16, clusters=8, fit_images=20, neg_pool=50),
-         "synthetic": Budget((128, 160), epochs=1, queries_per_epoch=16, clusters=8, fit_images=20, neg_pool=50)}
+FULL = {
+    "ie_tower": Budget((224, 128), epochs=2, queries_per_epoch=80, fit_images=60),
+    "synthetic": Budget((128, 160), epochs=2, queries_per_epoch=60, fit_images=60),
+}
+QUICK = {
+    "ie_tower": Budget((224, 128), epochs=1, queries_per_epoch=16, clusters=8, fit_images=20, neg_pool=50),
+    "synthetic": Budget((128, 160), epochs=1, queries_per_epoch=16, clusters=8, fit_images=20, neg_pool=50),
+}
 
 
 # ----------------------------------------------------------------------------- data
+
 
 def thinned_ie_tower(out: Path, every: int, query_every: int = 1) -> Path:
     """ie_tower_floors with every ``every``-th gallery frame per floor (and query frame per
@@ -151,8 +156,11 @@ def thinned_ie_tower(out: Path, every: int, query_every: int = 1) -> Path:
 
 
 def synthetic_city(out: Path, quick: bool, progress: bool) -> Path:
-    cfg = SyntheticCityConfig.quick(seed=0) if quick else SyntheticCityConfig(
-        seed=0, places_per_split={"train": 60, "val": 20, "test": 80}, queries_per_place=2)
+    cfg = (
+        SyntheticCityConfig.quick(seed=0)
+        if quick
+        else SyntheticCityConfig(seed=0, places_per_split={"train": 60, "val": 20, "test": 80}, queries_per_place=2)
+    )
     return generate_city(out, cfg, progress=progress)
 
 
@@ -182,14 +190,33 @@ def prepare(name: str, data_dir: Path, quick: bool, progress: bool = True) -> Da
 
 # ----------------------------------------------------------------------------- one run
 
+
 def train_config(ds: DataSet, variant: Variant, seed: int, run_dir: Path, progress: bool) -> TrainConfig:
     b = ds.budget
-    return TrainConfig(method=variant.method, dataset=str(ds.root), output=str(run_dir), format=ds.fmt,
-                       epochs=b.epochs, image_size=b.image_size, clusters=b.clusters, fit_images=b.fit_images,
-                       supervision=ds.supervision, num_negatives=5, neg_pool=b.neg_pool,
-                       cache_refresh=b.queries_per_epoch, max_queries_per_epoch=b.queries_per_epoch, lr=b.lr,
-                       head_lr=b.head_lr, batch_size=4, patience=0, seed=seed, cache_images="yes", workers=1,
-                       progress=progress, **variant.train)
+    return TrainConfig(
+        method=variant.method,
+        dataset=str(ds.root),
+        output=str(run_dir),
+        format=ds.fmt,
+        epochs=b.epochs,
+        image_size=b.image_size,
+        clusters=b.clusters,
+        fit_images=b.fit_images,
+        supervision=ds.supervision,
+        num_negatives=5,
+        neg_pool=b.neg_pool,
+        cache_refresh=b.queries_per_epoch,
+        max_queries_per_epoch=b.queries_per_epoch,
+        lr=b.lr,
+        head_lr=b.head_lr,
+        batch_size=4,
+        patience=0,
+        seed=seed,
+        cache_images="yes",
+        workers=1,
+        progress=progress,
+        **variant.train,
+    )
 
 
 def run_key(cfg: TrainConfig) -> dict[str, Any]:
@@ -201,19 +228,36 @@ def run_key(cfg: TrainConfig) -> dict[str, Any]:
 
 def score_run(model, ds: DataSet, progress: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
-    res = evaluate(model, ds.test, ExtractionSettings(batch_size=16, backend="torch", image_size=ds.budget.image_size),
-                   cache_dir=False, progress=progress)
+    res = evaluate(
+        model,
+        ds.test,
+        ExtractionSettings(batch_size=16, backend="torch", image_size=ds.budget.image_size),
+        cache_dir=False,
+        progress=progress,
+    )
     fh = res.query_first_hits(ds.test.num_q)
     out: dict[str, Any] = {k: float(res[k]) for k in ("recall@1", "recall@5", "recall@10")}
-    out.update(num_queries=int(ds.test.num_q), num_db=int(ds.test.num_db), descriptor_dim=int(res["descriptor_dim"]),
-               first_hits=fh.tolist(), eval_seconds=round(time.perf_counter() - t0, 1))
+    out.update(
+        num_queries=int(ds.test.num_q),
+        num_db=int(ds.test.num_db),
+        descriptor_dim=int(res["descriptor_dim"]),
+        first_hits=fh.tolist(),
+        eval_seconds=round(time.perf_counter() - t0, 1),
+    )
     if ds.sizes is not None:
-        out["by_size"] = {s: {f"recall@{n}": 100.0 * float(hits_at(fh[[i for i, z in enumerate(ds.sizes) if z == s]], n)
-                                                              .mean()) for n in (1, 5)}
-                          | {"num_queries": sum(z == s for z in ds.sizes)} for s in SIZE_CLASSES if s in ds.sizes}
+        out["by_size"] = {
+            s: {
+                f"recall@{n}": 100.0 * float(hits_at(fh[[i for i, z in enumerate(ds.sizes) if z == s]], n).mean())
+                for n in (1, 5)
+            }
+            | {"num_queries": sum(z == s for z in ds.sizes)}
+            for s in SIZE_CLASSES
+            if s in ds.sizes
+        }
     head = model.head
-    out["fusion_weights"] = [round(float(w), 4) for w in head.fusion_weights().detach()] \
-        if len(getattr(head, "levels", ())) > 1 else None
+    out["fusion_weights"] = (
+        [round(float(w), 4) for w in head.fusion_weights().detach()] if len(getattr(head, "levels", ())) > 1 else None
+    )
     return out
 
 
@@ -235,8 +279,13 @@ def _do_run(ds: DataSet, name: str, seed: int, out: Path, progress: bool) -> dic
     v = VARIANTS[name]
     run_dir = out / "runs" / ds.name / name / f"seed{seed}"
     res_path = run_dir / "result.json"
-    src_cfg = train_config(ds, VARIANTS[v.source] if v.source else v, seed,
-                           out / "runs" / ds.name / (v.source or name) / f"seed{seed}", progress)
+    src_cfg = train_config(
+        ds,
+        VARIANTS[v.source] if v.source else v,
+        seed,
+        out / "runs" / ds.name / (v.source or name) / f"seed{seed}",
+        progress,
+    )
     key = {"train": run_key(src_cfg), "fusion": v.fusion, "test": ds.test.summary()}
     try:
         done = json.loads(res_path.read_text())
@@ -245,8 +294,14 @@ def _do_run(ds: DataSet, name: str, seed: int, out: Path, progress: bool) -> dic
     except (OSError, ValueError):
         pass
     t0 = time.perf_counter()
-    record: dict[str, Any] = {"key": key, "set": ds.name, "config": name, "seed": seed, "label": v.label,
-                              "method": v.method}
+    record: dict[str, Any] = {
+        "key": key,
+        "set": ds.name,
+        "config": name,
+        "seed": seed,
+        "label": v.label,
+        "method": v.method,
+    }
     if v.source:
         src = do_run(ds, v.source, seed, out, progress)  # the trained model this one re-weights
         model = load_model(Path(src_cfg.output) / "best.model")
@@ -260,13 +315,18 @@ def _do_run(ds: DataSet, name: str, seed: int, out: Path, progress: bool) -> dic
         record["train"] = src["train"]
     else:
         cfg = src_cfg
-        resume = (run_dir / "last.ckpt").is_file() and (run_dir / "config.json").is_file() and \
-            run_key(TrainConfig.load(run_dir / "config.json")) == run_key(cfg)
+        resume = (
+            (run_dir / "last.ckpt").is_file()
+            and (run_dir / "config.json").is_file()
+            and run_key(TrainConfig.load(run_dir / "config.json")) == run_key(cfg)
+        )
         if not resume and run_dir.exists():
             shutil.rmtree(run_dir)
         summary = train(cfg, resume=resume)
-        record["train"] = {k: summary[k] for k in ("iterations", "epochs_done", "best_epoch", "best_val_recall@5",
-                                                    "loss", "seconds", "supervision")}
+        record["train"] = {
+            k: summary[k]
+            for k in ("iterations", "epochs_done", "best_epoch", "best_val_recall@5", "loss", "seconds", "supervision")
+        }
         record["train"]["resumed"] = resume
         model = load_model(run_dir / "best.model")
     record.update(score_run(model, ds, progress))
@@ -278,6 +338,7 @@ def _do_run(ds: DataSet, name: str, seed: int, out: Path, progress: bool) -> dic
 
 
 # ----------------------------------------------------------------------------- the report
+
 
 def collect(out: Path) -> list[dict[str, Any]]:
     runs = []
@@ -293,8 +354,9 @@ def _hits(runs: list[dict[str, Any]], n: int) -> np.ndarray:
     return np.stack([hits_at(r["first_hits"], n) for r in runs])
 
 
-def summarize(runs: list[dict[str, Any]], n_boot: int = 10_000,
-              sizes: dict[str, list[str]] | None = None) -> dict[str, Any]:
+def summarize(
+    runs: list[dict[str, Any]], n_boot: int = 10_000, sizes: dict[str, list[str]] | None = None
+) -> dict[str, Any]:
     """Mean +- std per (set, config) and the paired bootstrap intervals per set (and per landmark
     size where ``sizes[set]`` gives each test query's class)."""
     by: dict[str, dict[str, list[dict[str, Any]]]] = {}
@@ -306,11 +368,15 @@ def summarize(runs: list[dict[str, Any]], n_boot: int = 10_000,
         table[s] = {}
         for c, rs in cfgs.items():
             rs.sort(key=lambda r: r["seed"])
-            e: dict[str, Any] = {"seeds": [r["seed"] for r in rs],
-                                 **{k: mean_std([r[k] for r in rs]).to_json() for k in ("recall@1", "recall@5")}}
+            e: dict[str, Any] = {
+                "seeds": [r["seed"] for r in rs],
+                **{k: mean_std([r[k] for r in rs]).to_json() for k in ("recall@1", "recall@5")},
+            }
             if all("by_size" in r for r in rs):
-                e["by_size"] = {z: mean_std([r["by_size"][z]["recall@1"] for r in rs if z in r["by_size"]]).to_json()
-                                for z in SIZE_CLASSES}
+                e["by_size"] = {
+                    z: mean_std([r["by_size"][z]["recall@1"] for r in rs if z in r["by_size"]]).to_json()
+                    for z in SIZE_CLASSES
+                }
             e["steps"] = rs[0]["train"].get("iterations")
             table[s][c] = e
         intervals[s] = {}
@@ -327,14 +393,22 @@ def summarize(runs: list[dict[str, Any]], n_boot: int = 10_000,
             rb = [r for r in cfgs[b] if r["seed"] in seeds]
             if not seeds:
                 continue
-            intervals[s][tag] = {"a": a, "b": b, "seeds": seeds, **{
-                f"recall@{n}": paired_bootstrap(_hits(ra, n), _hits(rb, n), n_boot=n_boot).to_json() for n in (1, 5)}}
+            intervals[s][tag] = {
+                "a": a,
+                "b": b,
+                "seeds": seeds,
+                **{
+                    f"recall@{n}": paired_bootstrap(_hits(ra, n), _hits(rb, n), n_boot=n_boot).to_json() for n in (1, 5)
+                },
+            }
             zs = (sizes or {}).get(s)
             if zs is not None and len(zs) == len(ra[0]["first_hits"]):
                 ha, hb = _hits(ra, 1), _hits(rb, 1)
                 intervals[s][tag]["by_size_recall@1"] = {
                     z: paired_bootstrap(ha[:, m], hb[:, m], n_boot=n_boot).to_json()
-                    for z in SIZE_CLASSES if (m := np.asarray(zs) == z).any()}
+                    for z in SIZE_CLASSES
+                    if (m := np.asarray(zs) == z).any()
+                }
     return {"table": table, "intervals": intervals}
 
 
@@ -363,19 +437,34 @@ def render(summary: dict[str, Any], runs: list[dict[str, Any]], sets: list[str])
     cols = ["configuration"] + [k for k in rows[0] if k != "configuration"] if rows else ["configuration"]
     lines = [markdown_table(rows, cols)]
     for s in sets:
-        for tag, what in (("haf_vs_best_baseline", "HAF full - best baseline ({b})"), ("dd_vs_triplet", "dD - triplet (HAF)")):
+        for tag, what in (
+            ("haf_vs_best_baseline", "HAF full - best baseline ({b})"),
+            ("dd_vs_triplet", "dD - triplet (HAF)"),
+        ):
             iv = intervals.get(s, {}).get(tag)
             if not iv:
                 continue
             r1, r5 = iv["recall@1"], iv["recall@5"]
             by = iv.get("by_size_recall@1", {})
-            size_text = ("; R@1 by landmark size: " + ", ".join(f"{z} ({v['n_queries']} q) {_pp(v)}" for z, v in by.items())
-                         if by else "")
-            lines.append(f"- {s}, {what.format(b=LABELS.get(iv['b'], iv['b']))}, seeds {iv['seeds']} pooled per query, "
-                         f"{r1['n_queries']} queries: R@1 {_pp(r1)}, R@5 {_pp(r5)} points{size_text} "
-                         "(95 % paired bootstrap)")
-    spread = {s: {c: [r["recall@1"] for r in sorted(runs, key=lambda r: r["seed"]) if r["set"] == s and r["config"] == c]
-                  for c in VARIANTS if c in table.get(s, {})} for s in sets if s in table}
+            size_text = (
+                "; R@1 by landmark size: " + ", ".join(f"{z} ({v['n_queries']} q) {_pp(v)}" for z, v in by.items())
+                if by
+                else ""
+            )
+            lines.append(
+                f"- {s}, {what.format(b=LABELS.get(iv['b'], iv['b']))}, seeds {iv['seeds']} pooled per query, "
+                f"{r1['n_queries']} queries: R@1 {_pp(r1)}, R@5 {_pp(r5)} points{size_text} "
+                "(95 % paired bootstrap)"
+            )
+    spread = {
+        s: {
+            c: [r["recall@1"] for r in sorted(runs, key=lambda r: r["seed"]) if r["set"] == s and r["config"] == c]
+            for c in VARIANTS
+            if c in table.get(s, {})
+        }
+        for s in sets
+        if s in table
+    }
     return "\n".join(lines), spread
 
 
@@ -390,13 +479,17 @@ def _sets_text(runs: list[dict[str, Any]]) -> str:
     size = {r["set"]: (r["num_db"], r["num_queries"]) for r in runs}
     parts = []
     if "ie_tower" in size:
-        parts.append("ie_tower = ie_tower_floors with every 8th gallery and every 2nd query frame per floor "
-                     f"(test: {size['ie_tower'][1]} queries vs {size['ie_tower'][0]} gallery images; label "
-                     "supervision, train/val split from the gallery per seed).")
+        parts.append(
+            "ie_tower = ie_tower_floors with every 8th gallery and every 2nd query frame per floor "
+            f"(test: {size['ie_tower'][1]} queries vs {size['ie_tower'][0]} gallery images; label "
+            "supervision, train/val split from the gallery per seed)."
+        )
     if "synthetic" in size:
-        parts.append(f"synthetic = the synthetic city, 60/20/80 places for train/val/test, 2 queries per place (test: "
-                     f"{size['synthetic'][1]} queries vs {size['synthetic'][0]} images; GPS supervision); small/medium/"
-                     "large = the landmark's size in the query.")
+        parts.append(
+            f"synthetic = the synthetic city, 60/20/80 places for train/val/test, 2 queries per place (test: "
+            f"{size['synthetic'][1]} queries vs {size['synthetic'][0]} images; GPS supervision); small/medium/"
+            "large = the landmark's size in the query."
+        )
     return " ".join(parts)
 
 
@@ -427,18 +520,31 @@ def schedule(configs: list[str], seeds: int) -> list[tuple[int, str]]:
 
 # ----------------------------------------------------------------------------- main
 
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("ablation"))
     ap.add_argument("--sets", nargs="+", choices=list(FULL), default=list(FULL))
-    ap.add_argument("--configs", nargs="+", choices=list(VARIANTS), default=None,
-                    help="configurations, in this order (default: all; --quick: haf gem haf-uniform haf-tuned)")
+    ap.add_argument(
+        "--configs",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=None,
+        help="configurations, in this order (default: all; --quick: haf gem haf-uniform haf-tuned)",
+    )
     ap.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 per configuration (default 3; --quick 2)")
     ap.add_argument("--quick", action="store_true", help="tiny sets and budgets: a smoke run of a few minutes")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (default 1: on a shared, oversubscribed machine more threads run slower)")
-    ap.add_argument("--reverse", action="store_true",
-                    help="run the schedule backwards: a second process on the same --out works from the other end")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared, oversubscribed machine more threads run slower)",
+    )
+    ap.add_argument(
+        "--reverse",
+        action="store_true",
+        help="run the schedule backwards: a second process on the same --out works from the other end",
+    )
     ap.add_argument("--report", action="store_true", help="only rebuild the tables from the finished runs")
     ap.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md / docs/img")
     ap.add_argument("--no-progress", action="store_true")
@@ -454,9 +560,12 @@ def main() -> None:
     if not args.report:
         data = {s: prepare(s, args.out / "data", args.quick, progress) for s in args.sets}
         for s, d in data.items():
-            print(f"{s}: test {d.test.num_q} queries vs {d.test.num_db} images; budget {d.budget.epochs} epochs x "
-                  f"{d.budget.queries_per_epoch} queries = {d.budget.steps()} steps of 4 tuples at "
-                  f"{d.budget.image_size[0]}x{d.budget.image_size[1]}", flush=True)
+            print(
+                f"{s}: test {d.test.num_q} queries vs {d.test.num_db} images; budget {d.budget.epochs} epochs x "
+                f"{d.budget.queries_per_epoch} queries = {d.budget.steps()} steps of 4 tuples at "
+                f"{d.budget.image_size[0]}x{d.budget.image_size[1]}",
+                flush=True,
+            )
         todo = [(seed, c, s) for seed, c in schedule(args.configs, args.seeds) for s in args.sets]
         if args.reverse:
             todo.reverse()
@@ -470,9 +579,12 @@ def main() -> None:
         for seed, c, s in todo:
             t0 = time.perf_counter()
             r = do_run(data[s], c, seed, args.out, progress)
-            print(f"[{time.perf_counter() - t_start:7.0f} s] {s} {c} seed {seed}: R@1 {r['recall@1']:.1f} "
-                  f"R@5 {r['recall@5']:.1f} ({r['train'].get('iterations')} steps, best epoch "
-                  f"{r['train'].get('best_epoch')}; {time.perf_counter() - t0:.0f} s)", flush=True)
+            print(
+                f"[{time.perf_counter() - t_start:7.0f} s] {s} {c} seed {seed}: R@1 {r['recall@1']:.1f} "
+                f"R@5 {r['recall@5']:.1f} ({r['train'].get('iterations')} steps, best epoch "
+                f"{r['train'].get('best_epoch')}; {time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
             write_json_atomic(args.out / "results.json", {"runs": collect(args.out)})
     runs = [r for r in collect(args.out) if r["set"] in args.sets and r["config"] in args.configs]
     if not runs:
@@ -485,8 +597,11 @@ def main() -> None:
     text, spread = render(summary, runs, [s for s in args.sets if s in summary["table"]])
     write_text_atomic(args.out / "table.md", text + "\n")
     print(text)
-    plot_seed_spread({s: {VARIANTS[c].label: v for c, v in cfgs.items()} for s, cfgs in spread.items()},
-                     args.out / "ablation.png", title="test recall@1 per configuration: seeds (dots), mean ± std")
+    plot_seed_spread(
+        {s: {VARIANTS[c].label: v for c, v in cfgs.items()} for s, cfgs in spread.items()},
+        args.out / "ablation.png",
+        title="test recall@1 per configuration: seeds (dots), mean ± std",
+    )
     if args.quick or args.no_write:
         return
     shutil.copyfile(args.out / "ablation.png", FIGURE)
@@ -496,30 +611,38 @@ def main() -> None:
         f"{s}: {FULL[s].epochs} epochs x {FULL[s].queries_per_epoch} queries = {FULL[s].steps()} steps, "
         f"{FULL[s].epochs * FULL[s].queries_per_epoch / train_queries(s, args.out / 'data'):.2f} passes over the "
         f"{train_queries(s, args.out / 'data')} training queries, at {FULL[s].image_size[0]}x{FULL[s].image_size[1]}"
-        for s in present)
+        for s in present
+    )
     timing = "; ".join(
         f"{s} {np.median([r['seconds'] for r in runs if r['set'] == s and not VARIANTS[r['config']].source]):.0f} s"
-        for s in present)
-    section = "\n".join([
-        "## Ablation with seeds (issue 14)",
-        "",
-        f"`python benchmarks/ablation.py` (finished {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC), "
-        f"{os.cpu_count()} shared CPU cores, {args.threads} torch thread(s). Every configuration trained with the same "
-        f"budget in optimizer steps of 4 tuples ({budgets}), K=32 clusters, last backbone stage trainable, best val "
-        "R@5 model (epoch 0 = untrained included) scored on test. " + _sets_text(runs) +
-        " Cells: mean ± std over seeds (percent). Intervals: "
-        "paired bootstrap over queries, each configuration's seeds pooled per query (mean hit), 10,000 resamples. "
-        "'uniform w' / 'w tuned on val' re-weight the trained HAF full model (no extra training). All per-run "
-        "results, with per-query first-hit ranks: `benchmarks/ablation_results.json`. Median wall time of a trained "
-        f"run here (set-up, training, validation and test included): {timing}, with the machine's load average at "
-        "15-20 from other jobs; the seeds columns say how many seeds of each configuration finished before the "
-        "deadline (runs are ordered so the headline comparisons come first).",
-        "",
-        text,
-        "",
-        # raw HTML: a Markdown link would break the docs build (--strict), which includes this file from docs/
-        '<img src="docs/img/ablation.png" alt="test recall@1 per configuration and seed" width="720">',
-    ])
+        for s in present
+    )
+    section = "\n".join(
+        [
+            "## Ablation with seeds (issue 14)",
+            "",
+            f"`python benchmarks/ablation.py` (finished {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC), "
+            f"{os.cpu_count()} shared CPU cores, {args.threads} torch thread(s). Every configuration trained with "
+            "the same "
+            f"budget in optimizer steps of 4 tuples ({budgets}), K=32 clusters, last backbone stage trainable, best "
+            "val "
+            "R@5 model (epoch 0 = untrained included) scored on test. "
+            + _sets_text(runs)
+            + " Cells: mean ± std over seeds (percent). Intervals: "
+            "paired bootstrap over queries, each configuration's seeds pooled per query (mean hit), 10,000 resamples. "
+            "'uniform w' / 'w tuned on val' re-weight the trained HAF full model (no extra training). All per-run "
+            "results, with per-query first-hit ranks: `benchmarks/ablation_results.json`. Median wall time of a "
+            "trained "
+            f"run here (set-up, training, validation and test included): {timing}, with the machine's load average at "
+            "15-20 from other jobs; the seeds columns say how many seeds of each configuration finished before the "
+            "deadline (runs are ordered so the headline comparisons come first).",
+            "",
+            text,
+            "",
+            # raw HTML: a Markdown link would break the docs build (--strict), which includes this file from docs/
+            '<img src="docs/img/ablation.png" alt="test recall@1 per configuration and seed" width="720">',
+        ]
+    )
     update_section("ablation", section)
 
 

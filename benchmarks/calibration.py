@@ -73,6 +73,7 @@ def offset(lat: float, lon: float, north_m: float, east_m: float) -> tuple[float
 
 # -- datasets: (db [(root, rel, lat, lon)], queries [(path, lat, lon)], unrelated [path]) ----------
 
+
 def ie_tower(data: Path, out: Path) -> tuple[list, list, list]:
     import csv
     import re
@@ -159,12 +160,17 @@ def synthetic_unrelated(out: Path) -> list[Path]:
     return paths
 
 
-DATASETS = {"ie_tower": ie_tower, "gardenspoint": gardenspoint,
-            "gardenspoint+lund": lambda data, out: gardenspoint(data, out, with_lund=True),
-            "synthetic": synthetic, "synthetic-2views": lambda data, out: synthetic(data, out, db_per_place=2)}
+DATASETS = {
+    "ie_tower": ie_tower,
+    "gardenspoint": gardenspoint,
+    "gardenspoint+lund": lambda data, out: gardenspoint(data, out, with_lund=True),
+    "synthetic": synthetic,
+    "synthetic-2views": lambda data, out: synthetic(data, out, db_per_place=2),
+}
 
 
 # -- the run -----------------------------------------------------------------------------------
+
 
 def default_model(fit_paths: list[Path], max_side: int) -> GeoLocNet:
     torch.manual_seed(0)
@@ -175,16 +181,17 @@ def default_model(fit_paths: list[Path], max_side: int) -> GeoLocNet:
     return model.eval()
 
 
-def answers(store: IndexStore, descs: np.ndarray, truth: list[tuple[float, float]] | None, cal,
-            k: int = 10) -> dict[str, np.ndarray]:
+def answers(
+    store: IndexStore, descs: np.ndarray, truth: list[tuple[float, float]] | None, cal, k: int = 10
+) -> dict[str, np.ndarray]:
     """Per query: heuristic, fallback and calibrated confidence, and (with ``truth``) the label."""
     out: dict[str, list[float]] = {"heuristic": [], "fallback": [], "calibrated": [], "label": []}
     for i, ms in enumerate(store.search(descs, max(k, cal.k))):
         est = estimate_position(ms[:k], AGREE_M)
         out["heuristic"].append(0.0 if est is None else est.confidence)
         out["fallback"].append(fallback_confidence(est))
-        cest = estimate_position(ms[:cal.k], cal.agree_m)
-        out["calibrated"].append(cal.confidence(ms[:cal.k], cest))
+        cest = estimate_position(ms[: cal.k], cal.agree_m)
+        out["calibrated"].append(cal.confidence(ms[: cal.k], cest))
         if truth is not None:
             out["label"].append(float(cest is not None and haversine_m(cest.lat, cest.lon, *truth[i]) <= AGREE_M))
     return {key: np.asarray(v) for key, v in out.items()}
@@ -195,8 +202,11 @@ def run_dataset(name: str, data: Path, out: Path, max_side: int, excludes: list[
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     db, qs, unrelated = DATASETS[name](data, work)
-    key = hashlib.sha256(json.dumps([[str(r), rel] for r, rel, _, _ in db] + [str(p) for p, _, _ in qs]
-                                    + [str(p) for p in unrelated]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(
+        json.dumps(
+            [[str(r), rel] for r, rel, _, _ in db] + [str(p) for p, _, _ in qs] + [str(p) for p in unrelated]
+        ).encode()
+    ).hexdigest()[:12]
     cache = work / f"descriptors_{max_side}_{key}.npz"
     if cache.is_file():
         z = np.load(cache)
@@ -217,8 +227,11 @@ def run_dataset(name: str, data: Path, out: Path, max_side: int, excludes: list[
         d_q = extract([p for p, _, _ in qs])
         d_un = extract(list(unrelated))
         np.savez(cache, db=d_db, q=d_q, un=d_un)
-    print(f"[{name}] {len(db)} database, {len(qs)} queries, {len(unrelated)} unrelated; "
-          f"descriptors in {time.time() - t0:.0f} s", flush=True)
+    print(
+        f"[{name}] {len(db)} database, {len(qs)} queries, {len(unrelated)} unrelated; "
+        f"descriptors in {time.time() - t0:.0f} s",
+        flush=True,
+    )
     index = work / "index"
     shutil.rmtree(index, ignore_errors=True)
     store = IndexStore.create(index, f"calibration-benchmark-{name}", d_db.shape[1])
@@ -229,8 +242,9 @@ def run_dataset(name: str, data: Path, out: Path, max_side: int, excludes: list[
         def fn(paths, names, root=root):
             return Extracted(list(names), np.stack([desc_by[(root, n)] for n in names]))
 
-        store.add([rel for rel, _, _ in part], root, fn, positions={rel: (lat, lon) for rel, lat, lon in part},
-                  progress=False)
+        store.add(
+            [rel for rel, _, _ in part], root, fn, positions={rel: (lat, lon) for rel, lat, lon in part}, progress=False
+        )
     rows = []
     truth = [(lat, lon) for _, lat, lon in qs]
     for ex_m in excludes:
@@ -239,41 +253,70 @@ def run_dataset(name: str, data: Path, out: Path, max_side: int, excludes: list[
             cal = calibrate_index(store, agree_m=AGREE_M, exclude_m=ex_m, progress=False, write=False)
         except HaflocError as err:
             counts = re.search(r"(\d+) right and (\d+) wrong", str(err))
-            rows.append({"dataset": name, "db / queries": f"{len(db)} / {len(qs)}", "exclude m": f"{ex_m:g}",
-                         "LOO n (right %)": "not calibrated: " + (f"{counts[1]} right, {counts[2]} wrong"
-                                                                  if counts else str(err))})
+            rows.append(
+                {
+                    "dataset": name,
+                    "db / queries": f"{len(db)} / {len(qs)}",
+                    "exclude m": f"{ex_m:g}",
+                    "LOO n (right %)": "not calibrated: "
+                    + (f"{counts[1]} right, {counts[2]} wrong" if counts else str(err)),
+                }
+            )
             print(f"[{name}] exclude {ex_m:g} m: {err}", flush=True)
             continue
         q = answers(store, d_q, truth, cal)
         un = answers(store, d_un, None, cal)
         y = q["label"]
-        rows.append({
-            "dataset": name, "db / queries": f"{len(db)} / {len(qs)}", "exclude m": f"{ex_m:g}",
-            "LOO n (right %)": f"{cal.meta['n_samples']} ({100 * cal.meta['positives_rate']:.0f} %)",
-            "LOO held-out ECE": cal.meta["ece_heldout"], "model": cal.meta["method"],
-            "query acc": float(y.mean()),
-            "ECE heuristic": expected_calibration_error(q["heuristic"], y),
-            "ECE fallback": expected_calibration_error(q["fallback"], y),
-            "ECE calibrated": expected_calibration_error(q["calibrated"], y),
-            "acc@90% cov": accuracy_at_coverage(q["calibrated"], y, 0.9),
-            "acc@50% cov": accuracy_at_coverage(q["calibrated"], y, 0.5),
-            "acc@50% (heuristic)": accuracy_at_coverage(q["heuristic"], y, 0.5),
-            "unrelated max: heuristic": float(un["heuristic"].max()),
-            "fallback": float(un["fallback"].max()), "calibrated": float(un["calibrated"].max()),
-        })
+        rows.append(
+            {
+                "dataset": name,
+                "db / queries": f"{len(db)} / {len(qs)}",
+                "exclude m": f"{ex_m:g}",
+                "LOO n (right %)": f"{cal.meta['n_samples']} ({100 * cal.meta['positives_rate']:.0f} %)",
+                "LOO held-out ECE": cal.meta["ece_heldout"],
+                "model": cal.meta["method"],
+                "query acc": float(y.mean()),
+                "ECE heuristic": expected_calibration_error(q["heuristic"], y),
+                "ECE fallback": expected_calibration_error(q["fallback"], y),
+                "ECE calibrated": expected_calibration_error(q["calibrated"], y),
+                "acc@90% cov": accuracy_at_coverage(q["calibrated"], y, 0.9),
+                "acc@50% cov": accuracy_at_coverage(q["calibrated"], y, 0.5),
+                "acc@50% (heuristic)": accuracy_at_coverage(q["heuristic"], y, 0.5),
+                "unrelated max: heuristic": float(un["heuristic"].max()),
+                "fallback": float(un["fallback"].max()),
+                "calibrated": float(un["calibrated"].max()),
+            }
+        )
         print(f"[{name}] exclude {ex_m:g} m: {rows[-1]} ({time.time() - t:.1f} s)", flush=True)
     store.close()
     return rows
 
 
-COLUMNS = ["dataset", "db / queries", "exclude m", "LOO n (right %)", "LOO held-out ECE", "model", "query acc",
-           "ECE heuristic", "ECE fallback", "ECE calibrated", "acc@90% cov", "acc@50% cov", "acc@50% (heuristic)",
-           "unrelated max: heuristic", "fallback", "calibrated"]
+COLUMNS = [
+    "dataset",
+    "db / queries",
+    "exclude m",
+    "LOO n (right %)",
+    "LOO held-out ECE",
+    "model",
+    "query acc",
+    "ECE heuristic",
+    "ECE fallback",
+    "ECE calibrated",
+    "acc@90% cov",
+    "acc@50% cov",
+    "acc@50% (heuristic)",
+    "unrelated max: heuristic",
+    "fallback",
+    "calibrated",
+]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=Path(os.environ.get("HAFLOC_SHARED_DATA", REPO.parent / "shared" / "data")))
+    ap.add_argument(
+        "--data", type=Path, default=Path(os.environ.get("HAFLOC_SHARED_DATA", REPO.parent / "shared" / "data"))
+    )
     ap.add_argument("--out", type=Path, default=Path("/tmp/hafloc-calibration-bench"))
     ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     ap.add_argument("--max-side", type=int, default=192, help="longest image side for extraction (default 192)")
@@ -315,8 +358,8 @@ model: outdoor photos against the indoor index all retrieve one floor's frames (
 dark flat grey frame matches dark stairwell frames at cosine 0.9 with a large margin; on the city the
 fitted model leans on the margin alone and indoor frames reach 0.3 (the heuristic gave them 0.19). The
 fallback keeps noise/grey at 0 on the outdoor indexes, but is badly calibrated. The unit test (a
-calibrated outdoor index of real photos: noise, grey, indoor frames <= 0.2) holds; an input check for degenerate images (flat or
-noise) would be the next step for the rest.
+calibrated outdoor index of real photos: noise, grey, indoor frames <= 0.2) holds; an input check for
+degenerate images (flat or noise) would be the next step for the rest.
 """
     update_section("calibration", section)
 

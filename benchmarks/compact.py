@@ -59,7 +59,9 @@ def gardens(data: Path) -> tuple[list[Path], list[str], list[Path], list[str]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=Path(os.environ.get("HAFLOC_SHARED_DATA", REPO.parent / "shared" / "data")))
+    ap.add_argument(
+        "--data", type=Path, default=Path(os.environ.get("HAFLOC_SHARED_DATA", REPO.parent / "shared" / "data"))
+    )
     ap.add_argument("--out", type=Path, default=Path("/tmp/hafloc-compact-bench"))
     ap.add_argument("--max-side", type=int, default=192)
     ap.add_argument("--no-write", action="store_true")
@@ -107,32 +109,52 @@ def main() -> None:
             _, top = knn(gdb, proj(gq) if proj else gq, 1)
             g1 = 100.0 * np.mean([g_dbl[t[0]] == lab for t, lab in zip(top, g_ql)])
             dim = t_db.shape[1] if size == "full" else size
-            rows.append({"size": size, "dtype": dtype, "dim": dim, "bytes": dim * (2 if dtype == "float16" else 4),
-                         "r1": r["recall@1"], "r5": r["recall@5"], "r10": r["recall@10"], "g1": g1})
+            rows.append(
+                {
+                    "size": size,
+                    "dtype": dtype,
+                    "dim": dim,
+                    "bytes": dim * (2 if dtype == "float16" else 4),
+                    "r1": r["recall@1"],
+                    "r5": r["recall@5"],
+                    "r10": r["recall@10"],
+                    "g1": g1,
+                }
+            )
             print(rows[-1], flush=True)
     base = next(r for r in rows if r["size"] == "full" and r["dtype"] == "float32")
-    head = ("| stored descriptor | bytes / image | ie_tower R@1 | R@5 | R@10 | R@1 change | gardenspoint_mini R@1 |\n"
-            "|---|---:|---:|---:|---:|---:|---:|\n")
+    head = (
+        "| stored descriptor | bytes / image | ie_tower R@1 | R@5 | R@10 | R@1 change | gardenspoint_mini R@1 |\n"
+        "|---|---:|---:|---:|---:|---:|---:|\n"
+    )
     body = ""
     for r in rows:
         name = (f"{r['dim']:,}-D (full)" if r["size"] == "full" else f"{r['size']:,}-D PCA-whitened") + f" {r['dtype']}"
         if r.get("na"):
-            body += f"| {r['size']:,}-D PCA-whitened {r['dtype']} | {r['size'] * (2 if r['dtype'] == 'float16' else 4):,} | " \
-                    f"n/a: needs more than {r['size']:,} database images | | | | |\n"
+            body += (
+                f"| {r['size']:,}-D PCA-whitened {r['dtype']} | "
+                f"{r['size'] * (2 if r['dtype'] == 'float16' else 4):,} | "
+                f"n/a: needs more than {r['size']:,} database images | | | | |\n"
+            )
             continue
-        body += (f"| {name} | {r['bytes']:,} | {r['r1']:.2f} | {r['r5']:.2f} | {r['r10']:.2f} | "
-                 f"{r['r1'] - base['r1']:+.2f} | {r['g1']:.0f} |\n")
+        body += (
+            f"| {name} | {r['bytes']:,} | {r['r1']:.2f} | {r['r5']:.2f} | {r['r10']:.2f} | "
+            f"{r['r1'] - base['r1']:+.2f} | {r['g1']:.0f} |\n"
+        )
     tab = head + body
     print(tab)
     section = (
         "## Compact index representation (recall cost)\n\n"
-        f"`python benchmarks/compact.py` on {time.strftime('%Y-%m-%d')}: untrained default HAF model (EfficientNet-Lite0 "
-        f"ImageNet weights, K=64, 3 x 128-D levels: {t_db.shape[1]:,}-D), longest side {args.max_side} px. Each row is what "
+        f"`python benchmarks/compact.py` on {time.strftime('%Y-%m-%d')}: untrained default HAF model "
+        "(EfficientNet-Lite0 "
+        f"ImageNet weights, K=64, 3 x 128-D levels: {t_db.shape[1]:,}-D), longest side {args.max_side} px. Each row "
+        "is what "
         "`hafloc index build --dim N --dtype T` stores: PCA-whitening fitted on the database (the first images "
         "added), database stored as T, queries projected the same way. ie_tower_floors: 504 queries vs the "
         "2,373-image gallery (recall@N by label). gardenspoint_mini: 20 queries (day vs night, and place triplets) "
         "vs 30 images; its projection is fitted on the ie_tower gallery (its own database is too small), and with "
-        "20 queries one query is 5 points.\n\n" + tab)
+        "20 queries one query is 5 points.\n\n" + tab
+    )
     if not args.no_write:
         update_section("compact", section, args.output)
         print(f"updated {args.output}")

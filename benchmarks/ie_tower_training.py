@@ -73,15 +73,27 @@ def main() -> None:
     test = load_dataset(args.dataset, split="test")
     val = load_dataset(args.dataset, split="val", seed=args.seed)
     train_db = load_dataset(args.dataset, split="train", seed=args.seed).db_paths()
-    print(f"test: {test.num_q} queries vs {test.num_db} gallery; train {len(train_db)} images; "
-          f"val {val.num_q} queries", flush=True)
+    print(
+        f"test: {test.num_q} queries vs {test.num_db} gallery; train {len(train_db)} images; val {val.num_q} queries",
+        flush=True,
+    )
     for method in args.methods:
         if method in results and "trained" in results[method]:
             continue
         run_dir = args.out / method
-        cfg = TrainConfig(method=method, dataset=str(args.dataset), output=str(run_dir), epochs=args.epochs,
-                          image_size=size, time_budget=args.budget, lr=args.lr, head_lr=args.head_lr,
-                          cache_refresh=args.cache_refresh, seed=args.seed, patience=0)
+        cfg = TrainConfig(
+            method=method,
+            dataset=str(args.dataset),
+            output=str(run_dir),
+            epochs=args.epochs,
+            image_size=size,
+            time_budget=args.budget,
+            lr=args.lr,
+            head_lr=args.head_lr,
+            cache_refresh=args.cache_refresh,
+            seed=args.seed,
+            patience=0,
+        )
         entry: dict = {"budget_min": args.budget, "image_size": list(size)}
         # the untrained model, built exactly as the trainer builds it (same seed, same 300 images)
         rng = np.random.default_rng(cfg.seed)
@@ -98,12 +110,18 @@ def main() -> None:
         entry["val_history"] = summary["history"]
         best = load_model(run_dir / "best.model")
         entry["trained"] = evaluate(best, test, size)
-        print(f"{method} trained test: {entry['trained']} ({summary['iterations']} iterations, "
-              f"best epoch {summary['best_epoch']})", flush=True)
+        print(
+            f"{method} trained test: {entry['trained']} ({summary['iterations']} iterations, "
+            f"best epoch {summary['best_epoch']})",
+            flush=True,
+        )
         if method == "haf":
             tuned = tune_fusion_weights(best, val, step=0.1, image_size=size)
-            save_model(best, run_dir / "tuned.model", meta={"fusion_tuning": {k: tuned[k] for k in (
-                "weights", "recall@1", "recall@5")}})
+            save_model(
+                best,
+                run_dir / "tuned.model",
+                meta={"fusion_tuning": {k: tuned[k] for k in ("weights", "recall@1", "recall@5")}},
+            )
             write_weights_table(tuned, args.out / "weights")
             entry["tuned_weights"] = tuned["weights"]
             entry["tuned_val"] = {k: tuned[k] for k in ("recall@1", "recall@5")}
@@ -115,11 +133,19 @@ def main() -> None:
     for method, e in results.items():
         for stage in ("untrained", "trained", "tuned"):
             if stage in e:
-                rows.append({"method": method, "model": stage if stage != "tuned" else
-                             f"trained + tuned w={'/'.join(f'{w:g}' for w in e['tuned_weights'])}",
-                             "R@1": e[stage]["recall@1"], "R@5": e[stage]["recall@5"], "R@10": e[stage]["recall@10"],
-                             "iterations": e.get("iterations", "") if stage != "untrained" else "",
-                             "budget (min)": e["budget_min"] if stage != "untrained" else ""})
+                rows.append(
+                    {
+                        "method": method,
+                        "model": stage
+                        if stage != "tuned"
+                        else f"trained + tuned w={'/'.join(f'{w:g}' for w in e['tuned_weights'])}",
+                        "R@1": e[stage]["recall@1"],
+                        "R@5": e[stage]["recall@5"],
+                        "R@10": e[stage]["recall@10"],
+                        "iterations": e.get("iterations", "") if stage != "untrained" else "",
+                        "budget (min)": e["budget_min"] if stage != "untrained" else "",
+                    }
+                )
     tab = markdown_table(rows, ["method", "model", "R@1", "R@5", "R@10", "iterations", "budget (min)"])
     write_text_atomic(args.out / "table.md", tab + "\n")
     print(tab)

@@ -76,12 +76,17 @@ def run_config(ex_name, ex_conf, m_name, m_conf, rounds: int) -> dict:
             verify(fq.keypoints, f.keypoints, r.matches)
         top10.append(time.perf_counter() - t)
         top10_cpu.append(time.process_time() - c)
-    return {"extract": statistics.median(ext_times), "match": statistics.median(match_times),
-            "verify": statistics.median(verify_times), "top10": statistics.median(top10),
-            "top10_cpu": statistics.median(top10_cpu),
-            "keypoints": statistics.mean(len(f) for f in feats),
-            "kb": statistics.mean(stored_bytes(f) for f in feats) / 1024,
-            "inliers_same": statistics.mean(inl), "inliers_other": other_inl}
+    return {
+        "extract": statistics.median(ext_times),
+        "match": statistics.median(match_times),
+        "verify": statistics.median(verify_times),
+        "top10": statistics.median(top10),
+        "top10_cpu": statistics.median(top10_cpu),
+        "keypoints": statistics.mean(len(f) for f in feats),
+        "kb": statistics.mean(stored_bytes(f) for f in feats) / 1024,
+        "inliers_same": statistics.mean(inl),
+        "inliers_other": other_inl,
+    }
 
 
 def main() -> None:
@@ -92,9 +97,11 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    header = ("| extractor | matcher | extract s/img | match s/pair | verify s/pair | top-10 s/query "
-              "| top-10 CPU s/query | keypoints | KB/image (float16) | inliers same building / other place |\n"
-              "|---|---|---|---|---|---|---|---|---|---|")
+    header = (
+        "| extractor | matcher | extract s/img | match s/pair | verify s/pair | top-10 s/query "
+        "| top-10 CPU s/query | keypoints | KB/image (float16) | inliers same building / other place |\n"
+        "|---|---|---|---|---|---|---|---|---|---|"
+    )
     rows = []
     print(header, flush=True)
     for ex_name, ex_conf, m_name, m_conf, note in CONFIGS:
@@ -102,22 +109,25 @@ def main() -> None:
             continue
         r = run_config(ex_name, ex_conf, m_name, m_conf, args.rounds)
         label = lambda name, c: name + (f" ({', '.join(f'{k}={v}' for k, v in c.items())})" if c else "")  # noqa: E731
-        row = (f"| {label(ex_name, ex_conf)} | {label(m_name, m_conf)}{' - ' + note if note else ''} | {r['extract']:.3f} "
-               f"| {r['match']:.3f} | {r['verify']:.4f} | {r['top10']:.2f} | {r['top10_cpu']:.2f} "
-               f"| {r['keypoints']:.0f} | {r['kb']:.0f} "
-               f"| {r['inliers_same']:.0f} / {r['inliers_other']} |")
+        row = (
+            f"| {label(ex_name, ex_conf)} | {label(m_name, m_conf)}{' - ' + note if note else ''} | {r['extract']:.3f} "
+            f"| {r['match']:.3f} | {r['verify']:.4f} | {r['top10']:.2f} | {r['top10_cpu']:.2f} "
+            f"| {r['keypoints']:.0f} | {r['kb']:.0f} "
+            f"| {r['inliers_same']:.0f} / {r['inliers_other']} |"
+        )
         rows.append(row)
         print(row, flush=True)
-    section = (f"## Local features (re-ranking cost)\n\n`python benchmarks/local.py` on {date.today()}: "
-               f"{platform.machine()}, {os.cpu_count()} CPU cores (shared with other jobs while measured, so times "
-               f"are upper bounds), torch {torch.__version__} with {args.threads} threads.\n"
-               "Query lund_gps/01.jpg against 02..11.jpg (1024x768, resized to 640 px for the networks, "
-               "default 1024 keypoints); top-10 = query features + matching + MAGSAC verification of 10 candidates. "
-               "Inliers: mean over the 10 same-building pairs / one GardensPoint photo. "
-               "On a loaded machine read the CPU column with `--threads 1`: it is the work per query, and an idle "
-               "2-core machine with 2 threads does it in a bit over half (LighterGlue at 1024 keypoints: 0.1 s wall "
-               "per pair with 2 threads on a quiet machine, 0.2 CPU s with 1).\n\n"
-               + header + "\n" + "\n".join(rows) + "\n")
+    section = (
+        f"## Local features (re-ranking cost)\n\n`python benchmarks/local.py` on {date.today()}: "
+        f"{platform.machine()}, {os.cpu_count()} CPU cores (shared with other jobs while measured, so times "
+        f"are upper bounds), torch {torch.__version__} with {args.threads} threads.\n"
+        "Query lund_gps/01.jpg against 02..11.jpg (1024x768, resized to 640 px for the networks, "
+        "default 1024 keypoints); top-10 = query features + matching + MAGSAC verification of 10 candidates. "
+        "Inliers: mean over the 10 same-building pairs / one GardensPoint photo. "
+        "On a loaded machine read the CPU column with `--threads 1`: it is the work per query, and an idle "
+        "2-core machine with 2 threads does it in a bit over half (LighterGlue at 1024 keypoints: 0.1 s wall "
+        "per pair with 2 threads on a quiet machine, 0.2 CPU s with 1).\n\n" + header + "\n" + "\n".join(rows) + "\n"
+    )
     if not args.no_write and not args.only:
         update_section("local", section)
 

@@ -43,7 +43,7 @@ def scope_of(node: str, depth: int) -> str:
         return "other"
     if parts[0] != "head":
         return parts[0]
-    inner = [p for p in parts[1:-1]][: depth]
+    inner = [p for p in parts[1:-1]][:depth]
     return ".".join(["head"] + inner)
 
 
@@ -104,21 +104,30 @@ def table(rows: list[tuple], total: float, head: str) -> str:
 def compare(before: list[dict], after: list[dict], depth: int) -> str:
     """Before/after: kernel ms per call of the whole graph, the backbone and the head, the head's node
     count, and the head's ms per op type."""
+
     def summary(nodes):
         head = [n for n in nodes if scope_of(n["name"], depth).startswith("head")]
         ops = defaultdict(float)
         for n in head:
             ops[n["op"]] += n["us"]
-        return {"all": sum(n["us"] for n in nodes), "backbone": sum(n["us"] for n in nodes if scope_of(n["name"], depth) == "backbone"),
-                "head": sum(n["us"] for n in head), "count": len(head), "ops": ops}
+        return {
+            "all": sum(n["us"] for n in nodes),
+            "backbone": sum(n["us"] for n in nodes if scope_of(n["name"], depth) == "backbone"),
+            "head": sum(n["us"] for n in head),
+            "count": len(head),
+            "ops": ops,
+        }
 
     b, a = summary(before), summary(after)
-    out = ["| per call (calls alternated) | before | after |", "|---|---|---|",
-           f"| all kernels, ms | {b['all'] / 1000:.2f} | {a['all'] / 1000:.2f} |",
-           f"| backbone kernels, ms | {b['backbone'] / 1000:.2f} | {a['backbone'] / 1000:.2f} |",
-           f"| head kernels, ms | {b['head'] / 1000:.2f} | {a['head'] / 1000:.2f} |",
-           f"| head share of kernel time | {100 * b['head'] / b['all']:.1f}% | {100 * a['head'] / a['all']:.1f}% |",
-           f"| head nodes (after ORT's fusions) | {b['count']} | {a['count']} |"]
+    out = [
+        "| per call (calls alternated) | before | after |",
+        "|---|---|---|",
+        f"| all kernels, ms | {b['all'] / 1000:.2f} | {a['all'] / 1000:.2f} |",
+        f"| backbone kernels, ms | {b['backbone'] / 1000:.2f} | {a['backbone'] / 1000:.2f} |",
+        f"| head kernels, ms | {b['head'] / 1000:.2f} | {a['head'] / 1000:.2f} |",
+        f"| head share of kernel time | {100 * b['head'] / b['all']:.1f}% | {100 * a['head'] / a['all']:.1f}% |",
+        f"| head nodes (after ORT's fusions) | {b['count']} | {a['count']} |",
+    ]
     for op in sorted(set(b["ops"]) | set(a["ops"]), key=lambda o: -max(b["ops"].get(o, 0), a["ops"].get(o, 0)))[:12]:
         out.append(f"| head {op}, ms | {b['ops'].get(op, 0) / 1000:.2f} | {a['ops'].get(op, 0) / 1000:.2f} |")
     return "\n".join(out)
@@ -133,10 +142,19 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=20, help="profiled calls (after one warm-up)")
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     ap.add_argument("--top", type=int, default=20, help="slowest nodes to list")
-    ap.add_argument("--depth", type=int, default=1, help="head scope depth: 1 = head.low (attention), head.low_1 "
-                    "(projection), head.low_2 (VLAD); 2 adds the submodule")
-    ap.add_argument("--before", type=Path, help="also profile this graph (e.g. the head before a change), calls "
-                    "alternated with the profiled one, and add a before/after table")
+    ap.add_argument(
+        "--depth",
+        type=int,
+        default=1,
+        help="head scope depth: 1 = head.low (attention), head.low_1 "
+        "(projection), head.low_2 (VLAD); 2 adds the submodule",
+    )
+    ap.add_argument(
+        "--before",
+        type=Path,
+        help="also profile this graph (e.g. the head before a change), calls "
+        "alternated with the profiled one, and add a before/after table",
+    )
     ap.add_argument("--write", action="store_true", help="record the tables in BENCHMARKS.md (section onnx_profile)")
     args = ap.parse_args()
     threads = args.threads or len(os.sched_getaffinity(0))
@@ -157,23 +175,33 @@ def main() -> None:
             head_ops[n["op"]] += n["us"]
     import onnxruntime
 
-    rows = [(f"{re.sub(r'^/model', '', n['name'])} ({n['op']})", n["us"]) for n in nodes
-            if n["scope"].startswith("head")][: args.top]
-    text = "\n\n".join([
-        f"`python benchmarks/profile_onnx.py --method {args.method} --size {args.size} --batch {args.batch}"
-        f"{' --before OLD.onnx' if args.before else ''}` on "
-        f"{time.strftime('%Y-%m-%d')}: onnxruntime {onnxruntime.__version__}, {threads} threads, per-node kernel "
-        f"times (median of {args.runs} profiled calls) on a machine shared with other jobs. {args.method} at "
-        f"{args.size} batch {args.batch}: {total / 1000:.2f} ms of kernels per call, of which the head "
-        f"{head_us / 1000:.2f} ms = {100 * head_us / total:.1f}%.",
-        table(sorted(by_scope.items(), key=lambda kv: -kv[1]), total, "scope"),
-        table(sorted(by_op.items(), key=lambda kv: -kv[1])[: args.top], total, "op type (all)"),
-        table(sorted(head_ops.items(), key=lambda kv: -kv[1]), total, "op type (head only)"),
-        table(rows, total, "slowest head nodes")] + ([compare(runs[1], nodes, args.depth)] if args.before else [])) + "\n"
+    rows = [
+        (f"{re.sub(r'^/model', '', n['name'])} ({n['op']})", n["us"]) for n in nodes if n["scope"].startswith("head")
+    ][: args.top]
+    text = (
+        "\n\n".join(
+            [
+                f"`python benchmarks/profile_onnx.py --method {args.method} --size {args.size} --batch {args.batch}"
+                f"{' --before OLD.onnx' if args.before else ''}` on "
+                f"{time.strftime('%Y-%m-%d')}: onnxruntime {onnxruntime.__version__}, {threads} threads, per-node "
+                "kernel "
+                f"times (median of {args.runs} profiled calls) on a machine shared with other jobs. {args.method} at "
+                f"{args.size} batch {args.batch}: {total / 1000:.2f} ms of kernels per call, of which the head "
+                f"{head_us / 1000:.2f} ms = {100 * head_us / total:.1f}%.",
+                table(sorted(by_scope.items(), key=lambda kv: -kv[1]), total, "scope"),
+                table(sorted(by_op.items(), key=lambda kv: -kv[1])[: args.top], total, "op type (all)"),
+                table(sorted(head_ops.items(), key=lambda kv: -kv[1]), total, "op type (head only)"),
+                table(rows, total, "slowest head nodes"),
+            ]
+            + ([compare(runs[1], nodes, args.depth)] if args.before else [])
+        )
+        + "\n"
+    )
     print(text)
     if args.write:
-        update_section("onnx_profile", "## Where ONNX Runtime spends its time (per-node profile)\n\n" + text,
-                       BENCHMARKS_MD)
+        update_section(
+            "onnx_profile", "## Where ONNX Runtime spends its time (per-node profile)\n\n" + text, BENCHMARKS_MD
+        )
         print(f"updated {BENCHMARKS_MD}")
 
 

@@ -88,8 +88,18 @@ def run_set(name: str, root: Path, work: Path, extractor: str) -> dict:
         if "rr" not in holder:
             from hafloc.metrics.evaluate import image_key
 
-            holder["rr"] = RankReranker(rr_settings, reranker, ds_ok.db_paths(), ds_ok.q_paths(), db, q,
-                                        load=ex.load, key=image_key, cache=None, progress=False)
+            holder["rr"] = RankReranker(
+                rr_settings,
+                reranker,
+                ds_ok.db_paths(),
+                ds_ok.q_paths(),
+                db,
+                q,
+                load=ex.load,
+                key=image_key,
+                cache=None,
+                progress=False,
+            )
         return holder["rr"]
 
     by_k = {}
@@ -108,9 +118,17 @@ def run_set(name: str, root: Path, work: Path, extractor: str) -> dict:
     write_local_features(h5, {str(i): f for i, f in enumerate(feats)}, append=False)
     kb = h5.stat().st_size / max(len(feats), 1) / 1024
     g1, g5 = primary(by_k[10], "global_")
-    return {"name": name, "ds": ds, "extractor": extractor, "global": (g1, g5),
-            "rerank": {k: primary(r) for k, r in by_k.items()}, "timing": timing, "kb": kb,
-            "queries": ds.num_q, "db": ds.num_db}
+    return {
+        "name": name,
+        "ds": ds,
+        "extractor": extractor,
+        "global": (g1, g5),
+        "rerank": {k: primary(r) for k, r in by_k.items()},
+        "timing": timing,
+        "kb": kb,
+        "queries": ds.num_q,
+        "db": ds.num_db,
+    }
 
 
 def fmt(v: tuple[float, float | None]) -> str:
@@ -134,27 +152,34 @@ def main() -> None:
         print(rows[-1]["name"], rows[-1]["global"], rows[-1]["rerank"], flush=True)
     if args.second and "gardens" in sets:
         rows.append(run_set("gardens", sets["gardens"], work, args.second))
-    head = ("| dataset | queries / db | local | global R@1 / R@5 | re-ranked R@1 / R@5 (top 10) | re-ranked R@1 at "
-            "K = 5 / 20 / 50 | query features s | matching s/query (top 10) | KB per db image |")
+    head = (
+        "| dataset | queries / db | local | global R@1 / R@5 | re-ranked R@1 / R@5 (top 10) | re-ranked R@1 at "
+        "K = 5 / 20 / 50 | query features s | matching s/query (top 10) | KB per db image |"
+    )
     lines = [head, "|" + "---|" * 9]
     for r in rows:
         t = r["timing"]
         ks = " / ".join(f"{r['rerank'][k][0]:.1f}" for k in (5, 20, 50))
-        lines.append(f"| {r['name']} | {r['queries']} / {r['db']} | {r['extractor']} | {fmt(r['global'])} | "
-                     f"{fmt(r['rerank'][10])} | {ks} | {t['query_features']:.3f} | {t['matching']:.3f} | "
-                     f"{r['kb']:.0f} |")
+        lines.append(
+            f"| {r['name']} | {r['queries']} / {r['db']} | {r['extractor']} | {fmt(r['global'])} | "
+            f"{fmt(r['rerank'][10])} | {ks} | {t['query_features']:.3f} | {t['matching']:.3f} | "
+            f"{r['kb']:.0f} |"
+        )
     table = "\n".join(lines)
     print(table)
     print(f"total {time.perf_counter() - t0:.0f} s")
     if not args.no_write:
-        update_section("rerank", "## Re-ranking by verified local matches (`benchmarks/rerank.py`)\n\n"
-                       f"Machine: {platform.processor() or platform.machine()}, torch threads = all cores. Untrained "
-                       "HAF (global, 480 px) then the default fusion rule over xfeat (1024 keypoints, 640 px) matched "
-                       "by mutual nearest neighbours at cosine >= 0.82 (disk: LightGlue) with MAGSAC verification; "
-                       "landmarks row = mAP (Oxford protocol, full queries). "
-                       "Query features and matching are seconds per query; database features are computed once "
-                       "per image (at index build time in `hafloc index build --local`). Seconds measured while other jobs "
-                       "shared the 2 cores: read them as upper bounds.\n\n" + table + "\n")
+        update_section(
+            "rerank",
+            "## Re-ranking by verified local matches (`benchmarks/rerank.py`)\n\n"
+            f"Machine: {platform.processor() or platform.machine()}, torch threads = all cores. Untrained "
+            "HAF (global, 480 px) then the default fusion rule over xfeat (1024 keypoints, 640 px) matched "
+            "by mutual nearest neighbours at cosine >= 0.82 (disk: LightGlue) with MAGSAC verification; "
+            "landmarks row = mAP (Oxford protocol, full queries). "
+            "Query features and matching are seconds per query; database features are computed once "
+            "per image (at index build time in `hafloc index build --local`). Seconds measured while other jobs "
+            "shared the 2 cores: read them as upper bounds.\n\n" + table + "\n",
+        )
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def exact_top1(work: Path, n: int, q: np.ndarray) -> np.ndarray:
         a = np.load(chunk_file(work, j), mmap_mode="r")
         for s in range(0, len(a), 100_000):
             flat = faiss.IndexFlatIP(q.shape[1])
-            flat.add(np.ascontiguousarray(a[s:s + 100_000], dtype=np.float32))
+            flat.add(np.ascontiguousarray(a[s : s + 100_000], dtype=np.float32))
             d, i = flat.search(q, 1)
             better = d[:, 0] > best
             best[better], arg[better] = d[better, 0], start + s + i[better, 0]
@@ -111,6 +111,7 @@ def peak_rss_mb(field: str = "VmHWM") -> float:
 
 # -- subprocess roles: build, serve (each reports its own peak RSS) ---------------------------
 
+
 def role_build(work: Path, n: int, dim: int, threads: int) -> dict:
     from hafloc.fileio import write_json_atomic
     from hafloc.index.ondisk import ChunkVectors, build_ondisk
@@ -121,8 +122,7 @@ def role_build(work: Path, n: int, dim: int, threads: int) -> dict:
     loc = locator(n)
     np.save(work / "search.rows.npy", loc)
     t = time.perf_counter()
-    index = build_ondisk(work / "search.faiss", ChunkVectors(loc, lambda c: chunk_file(work, c)), params,
-                         progress=True)
+    index = build_ondisk(work / "search.faiss", ChunkVectors(loc, lambda c: chunk_file(work, c)), params, progress=True)
     build_s = time.perf_counter() - t
     write_json_atomic(params_path(work / "search.faiss"), index.params)
     return {"build_s": build_s, "build_peak_mb": peak_rss_mb(), "params": index.params}
@@ -146,13 +146,21 @@ def role_serve(work: Path, k: int) -> dict:
         _, ids = search(index, x[None], k)
         times.append((time.perf_counter() - t) * 1e3)
         top1.append(int(ids[0, 0]))
-    return {"load_s": load_s, "loaded_mb": loaded_mb, "serve_peak_mb": peak_rss_mb(), "anon_mb": peak_rss_mb("RssAnon"),
-            "p50": float(np.percentile(times, 50)), "p95": float(np.percentile(times, 95)), "top1": top1}
+    return {
+        "load_s": load_s,
+        "loaded_mb": loaded_mb,
+        "serve_peak_mb": peak_rss_mb(),
+        "anon_mb": peak_rss_mb("RssAnon"),
+        "p50": float(np.percentile(times, 50)),
+        "p95": float(np.percentile(times, 95)),
+        "top1": top1,
+    }
 
 
 def subprocess_role(role: str, *args: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--role", role, *args], stdout=subprocess.PIPE, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--role", role, *args], stdout=subprocess.PIPE, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -166,8 +174,7 @@ def dir_bytes(*paths: Path) -> int:
     return total
 
 
-def run_size(root: Path, n: int, dim: int, nq: int, k: int, seed: int, noise: float, keep: bool,
-             threads: int) -> dict:
+def run_size(root: Path, n: int, dim: int, nq: int, k: int, seed: int, noise: float, keep: bool, threads: int) -> dict:
     from hafloc.index.ondisk import disk_usage
 
     work = root / f"n{n}"
@@ -183,14 +190,22 @@ def run_size(root: Path, n: int, dim: int, nq: int, k: int, seed: int, noise: fl
     print(f"[{n:,}] built in {built['build_s']:.0f}s", flush=True)
     served = subprocess_role("serve", str(work), str(k))
     p = built["params"]
-    row = {"n": n, "dim": dim, "build_s": built["build_s"], "build_peak_mb": built["build_peak_mb"],
-           "search_disk_gb": disk_usage(work / "search.faiss") / 1e9,
-           "vectors_disk_gb": dir_bytes(work / "chunks") / 1e9,
-           "serve_peak_mb": served["serve_peak_mb"], "anon_mb": served["anon_mb"], "loaded_mb": served["loaded_mb"],
-           "load_s": served["load_s"],
-           "p50": served["p50"], "p95": served["p95"],
-           "agree": float(np.mean(np.asarray(served["top1"]) == truth)),
-           "params": f"IVF{p['nlist']},PQ{p['m']}x{p['nbits']}, nprobe {p['nprobe']}, re-rank {p['refine_factor']}k"}
+    row = {
+        "n": n,
+        "dim": dim,
+        "build_s": built["build_s"],
+        "build_peak_mb": built["build_peak_mb"],
+        "search_disk_gb": disk_usage(work / "search.faiss") / 1e9,
+        "vectors_disk_gb": dir_bytes(work / "chunks") / 1e9,
+        "serve_peak_mb": served["serve_peak_mb"],
+        "anon_mb": served["anon_mb"],
+        "loaded_mb": served["loaded_mb"],
+        "load_s": served["load_s"],
+        "p50": served["p50"],
+        "p95": served["p95"],
+        "agree": float(np.mean(np.asarray(served["top1"]) == truth)),
+        "params": f"IVF{p['nlist']},PQ{p['m']}x{p['nbits']}, nprobe {p['nprobe']}, re-rank {p['refine_factor']}k",
+    }
     print(json.dumps(row), flush=True)
     if not keep:
         shutil.rmtree(work, ignore_errors=True)
@@ -198,6 +213,7 @@ def run_size(root: Path, n: int, dim: int, nq: int, k: int, seed: int, noise: fl
 
 
 # -- Ray extraction rows ----------------------------------------------------------------------
+
 
 def ray_rows() -> list[dict] | None:
     """Single process vs Ray actors on real photos: ``benchmarks/scale_ray.py``'s ``measure()``."""
@@ -213,13 +229,18 @@ def ray_table(rows: list[dict]) -> str:
 
 
 def table(rows: list[dict], k: int) -> str:
-    head = ("| database | parameters | build (s) | build peak RAM (MB) | search files (GB) | float16 vectors (GB) | "
-            "serving peak RSS (MB) | of which anonymous (MB) | single query p50 (ms) | p95 (ms) | top-1 = exact |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|\n")
+    head = (
+        "| database | parameters | build (s) | build peak RAM (MB) | search files (GB) | float16 vectors (GB) | "
+        "serving peak RSS (MB) | of which anonymous (MB) | single query p50 (ms) | p95 (ms) | top-1 = exact |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
     return head + "".join(
         f"| {r['n']:,} x {r['dim']} | {r['params']} | {r['build_s']:.0f} | {r['build_peak_mb']:.0f} | "
-        f"{r['search_disk_gb']:.2f} | {r['vectors_disk_gb']:.2f} | {r['serve_peak_mb']:.0f} | {r['anon_mb']:.0f} | {r['p50']:.2f} | "
-        f"{r['p95']:.2f} | {r['agree']:.3f} |\n" for r in rows)
+        f"{r['search_disk_gb']:.2f} | {r['vectors_disk_gb']:.2f} | {r['serve_peak_mb']:.0f} | {r['anon_mb']:.0f} | "
+        f"{r['p50']:.2f} | "
+        f"{r['p95']:.2f} | {r['agree']:.3f} |\n"
+        for r in rows
+    )
 
 
 def main() -> None:
@@ -230,11 +251,19 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--noise", type=float, default=0.5, help="query noise, relative to the cluster spread (1.0)")
-    ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "hafloc-scale",
-                    help="scratch folder for the generated database and index (deleted afterwards)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="faiss threads for building (default 1: on a shared machine OpenMP spin-waiting makes "
-                         "2 threads slower than 1)")
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=Path(os.environ.get("TMPDIR", "/tmp")) / "hafloc-scale",
+        help="scratch folder for the generated database and index (deleted afterwards)",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="faiss threads for building (default 1: on a shared machine OpenMP spin-waiting makes "
+        "2 threads slower than 1)",
+    )
     ap.add_argument("--note", default="", help="a sentence appended to the BENCHMARKS.md section")
     ap.add_argument("--reuse", action="store_true", help="take sizes already measured from WORK/rows.jsonl")
     ap.add_argument("--keep", action="store_true", help="keep the scratch files")
@@ -263,8 +292,9 @@ def main() -> None:
         if n in done:
             rows.append(done[n])
             continue
-        rows.append(run_size(args.work, n, args.dim, args.queries, args.k, args.seed, args.noise, args.keep,
-                             args.threads))
+        rows.append(
+            run_size(args.work, n, args.dim, args.queries, args.k, args.seed, args.noise, args.keep, args.threads)
+        )
         with open(log, "a") as f:
             f.write(json.dumps(rows[-1]) + "\n")
     tab = table(rows, args.k)
@@ -282,12 +312,18 @@ def main() -> None:
         f"files of {CHUNK:,} rows; {args.queries} queries = database vectors + noise ({args.noise} x the cluster "
         f"spread); k = {args.k}. On-disk IVF-PQ (faiss OnDiskInvertedLists, memory-mapped) trained on a sample, "
         "encoded in blocks; its PQ shortlist of re-rank x k candidates is re-ranked with the exact float16 vectors "
-        "read from the chunk files (positioned reads). Serving: a fresh process opens the index and answers the queries one "
+        "read from the chunk files (positioned reads). Serving: a fresh process opens the index and answers the "
+        "queries one "
         "at a time with one faiss thread; its peak RSS (VmHWM) counts every page it touched, mapped files "
         "included (those pages are the kernel's page cache, shared and evictable; the anonymous column is the "
-        "process's own memory). Top-1 agreement against a brute-force scan of the same vectors. Targets at 10M: serving peak "
-        "RAM <= 1.5 GB, p50 <= 10 ms, agreement >= 0.9." + (f" {args.note}" if args.note else "") + "\n\n" + tab
-        + ("\n" + ray_table(ray) if ray else ""))
+        "process's own memory). Top-1 agreement against a brute-force scan of the same vectors. Targets at 10M: "
+        "serving peak "
+        "RAM <= 1.5 GB, p50 <= 10 ms, agreement >= 0.9."
+        + (f" {args.note}" if args.note else "")
+        + "\n\n"
+        + tab
+        + ("\n" + ray_table(ray) if ray else "")
+    )
     if not args.no_write:
         from mdsection import update_section
 

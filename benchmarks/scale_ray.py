@@ -54,8 +54,15 @@ def _build(paths: list[Path], root: Path, model, folder: Path, extract, chunk_si
     return dt
 
 
-def measure(n_images: int = 240, rounds: int = 3, actors: int | None = None, chunk_size: int = 32,
-            backend: str = "auto", data: Path = DATA, address: str | None = None) -> list[dict]:
+def measure(
+    n_images: int = 240,
+    rounds: int = 3,
+    actors: int | None = None,
+    chunk_size: int = 32,
+    backend: str = "auto",
+    data: Path = DATA,
+    address: str | None = None,
+) -> list[dict]:
     """Rows {mode, images, seconds (median), images_per_s, ratio (to one process), startup_s, runs}."""
     from hafloc.descriptors.extract import Extractor
     from hafloc.descriptors.runtime import apply_threads, default_threads
@@ -82,7 +89,7 @@ def measure(n_images: int = 240, rounds: int = 3, actors: int | None = None, chu
         try:
             # warm-up (first ONNX Runtime runs, page cache) in both modes, not timed
             _build(paths[:chunk_size], data, model, work / "warm_single", single, chunk_size)
-            _build(paths[:chunk_size * actors], data, model, work / "warm_ray", pool.extract_fn(), chunk_size)
+            _build(paths[: chunk_size * actors], data, model, work / "warm_ray", pool.extract_fn(), chunk_size)
             for r in range(rounds):
                 for mode in ("single", "ray") if r % 2 == 0 else ("ray", "single"):
                     fn = single if mode == "single" else pool.extract_fn()
@@ -96,20 +103,38 @@ def measure(n_images: int = 240, rounds: int = 3, actors: int | None = None, chu
     med = {m: statistics.median(v) for m, v in times.items()}
     rate = {m: len(paths) / med[m] for m in med}
     return [
-        {"mode": f"one process, {cores} threads", "images": len(paths), "seconds": med["single"],
-         "images_per_s": rate["single"], "ratio": 1.0, "startup_s": 0.0, "runs": times["single"]},
-        {"mode": f"Ray, {actors} actors x 1 thread", "images": len(paths), "seconds": med["ray"],
-         "images_per_s": rate["ray"], "ratio": rate["ray"] / rate["single"], "startup_s": startup,
-         "runs": times["ray"], "where": where},
+        {
+            "mode": f"one process, {cores} threads",
+            "images": len(paths),
+            "seconds": med["single"],
+            "images_per_s": rate["single"],
+            "ratio": 1.0,
+            "startup_s": 0.0,
+            "runs": times["single"],
+        },
+        {
+            "mode": f"Ray, {actors} actors x 1 thread",
+            "images": len(paths),
+            "seconds": med["ray"],
+            "images_per_s": rate["ray"],
+            "ratio": rate["ray"] / rate["single"],
+            "startup_s": startup,
+            "runs": times["ray"],
+            "where": where,
+        },
     ]
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| mode | images | s (median) | images/s | vs one process | start-up s | runs (s) |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        "| mode | images | s (median) | images/s | vs one process | start-up s | runs (s) |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['mode']} | {r['images']} | {r['seconds']:.1f} | {r['images_per_s']:.1f} | "
-                     f"{r['ratio']:.2f}x | {r['startup_s']:.1f} | {', '.join(f'{t:.1f}' for t in r['runs'])} |")
+        lines.append(
+            f"| {r['mode']} | {r['images']} | {r['seconds']:.1f} | {r['images_per_s']:.1f} | "
+            f"{r['ratio']:.2f}x | {r['startup_s']:.1f} | {', '.join(f'{t:.1f}' for t in r['runs'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -129,16 +154,21 @@ def main() -> int:
         return 2
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     rows = measure(args.images, args.rounds, args.actors, args.chunk_size, args.backend, args.data, args.address)
-    head = (f"Index build, {rows[0]['images']} ie_tower_floors photos, HAF (Lite0, 24,576-D), backend {args.backend}; "
-            f"Ray: {rows[1]['where']}")
+    head = (
+        f"Index build, {rows[0]['images']} ie_tower_floors photos, HAF (Lite0, 24,576-D), backend {args.backend}; "
+        f"Ray: {rows[1]['where']}"
+    )
     print(head)
     print(table(rows))
     if not args.no_write:
         from mdsection import update_section
 
         cmd = f"python benchmarks/scale_ray.py --images {args.images} --rounds {args.rounds}"
-        update_section("scale_ray", f"## Index building on Ray vs one process\n\n`{cmd}` on "
-                       f"{time.strftime('%Y-%m-%d')}, runs alternated. {head}.\n\n{table(rows)}")
+        update_section(
+            "scale_ray",
+            f"## Index building on Ray vs one process\n\n`{cmd}` on "
+            f"{time.strftime('%Y-%m-%d')}, runs alternated. {head}.\n\n{table(rows)}",
+        )
     return 0
 
 

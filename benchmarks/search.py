@@ -67,7 +67,7 @@ def single_latencies(index, queries: np.ndarray, k: int) -> np.ndarray:
 def batch_qps(index, queries: np.ndarray, k: int, batch: int = 1000) -> float:
     t = time.perf_counter()
     for s in range(0, len(queries), batch):
-        search(index, queries[s:s + batch], k)
+        search(index, queries[s : s + batch], k)
     return len(queries) / (time.perf_counter() - t)
 
 
@@ -84,8 +84,19 @@ def run_size(n: int, dim: int, nq: int, k: int, n_single_flat: int, seed: int, n
     qps = batch_qps(flat, queries, k)
     exact_ids = search(flat, queries, k)[1]
     lat = single_latencies(flat, queries[:n_single_flat], k)
-    rows.append(dict(n=n, kind="flat (exact)", params="IndexFlatIP", build_s=build_s, p50=np.percentile(lat, 50),
-                     p95=np.percentile(lat, 95), qps=qps, agree=1.0, n_single=len(lat)))
+    rows.append(
+        dict(
+            n=n,
+            kind="flat (exact)",
+            params="IndexFlatIP",
+            build_s=build_s,
+            p50=np.percentile(lat, 50),
+            p95=np.percentile(lat, 95),
+            qps=qps,
+            agree=1.0,
+            n_single=len(lat),
+        )
+    )
     print(f"[{n:,}] flat done", flush=True)
     del flat
 
@@ -97,19 +108,32 @@ def run_size(n: int, dim: int, nq: int, k: int, n_single_flat: int, seed: int, n
     ids = search(ivf, queries, k)[1]
     lat = single_latencies(ivf, queries, k)
     p = ivf.params
-    rows.append(dict(n=n, kind="IVF-PQ + exact re-rank", build_s=build_s, p50=np.percentile(lat, 50),
-                     p95=np.percentile(lat, 95), qps=qps, agree=float((ids[:, 0] == exact_ids[:, 0]).mean()),
-                     params=f"IVF{p['nlist']},PQ{p['m']}x{p['nbits']},nprobe={p['nprobe']},refine={p['refine_factor']}k",
-                     n_single=len(lat)))
+    rows.append(
+        dict(
+            n=n,
+            kind="IVF-PQ + exact re-rank",
+            build_s=build_s,
+            p50=np.percentile(lat, 50),
+            p95=np.percentile(lat, 95),
+            qps=qps,
+            agree=float((ids[:, 0] == exact_ids[:, 0]).mean()),
+            params=f"IVF{p['nlist']},PQ{p['m']}x{p['nbits']},nprobe={p['nprobe']},refine={p['refine_factor']}k",
+            n_single=len(lat),
+        )
+    )
     return rows
 
 
 def table(rows: list[dict], dim: int, k: int) -> str:
-    head = ("| database | index | parameters | build (s) | single query p50 (ms) | p95 (ms) | "
-            "batch queries/s | top-1 = exact |\n|---|---|---|---|---|---|---|---|\n")
+    head = (
+        "| database | index | parameters | build (s) | single query p50 (ms) | p95 (ms) | "
+        "batch queries/s | top-1 = exact |\n|---|---|---|---|---|---|---|---|\n"
+    )
     body = "".join(
         f"| {r['n']:,} x {dim} | {r['kind']} | {r['params']} | {r['build_s']:.1f} | {r['p50']:.2f} | "
-        f"{r['p95']:.2f} | {r['qps']:,.0f} | {r['agree']:.3f} |\n" for r in rows)
+        f"{r['p95']:.2f} | {r['qps']:,.0f} | {r['agree']:.3f} |\n"
+        for r in rows
+    )
     return head + body
 
 
@@ -122,9 +146,13 @@ def main() -> None:
     ap.add_argument("--flat-single", type=int, default=100, help="single queries timed for flat (slow at 1M)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--noise", type=float, default=0.5, help="query noise, relative to the cluster spread (1.0)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="faiss threads for building and batches (default 1: on a shared machine OpenMP "
-                         "spin-waiting makes 2 threads slower than 1)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="faiss threads for building and batches (default 1: on a shared machine OpenMP "
+        "spin-waiting makes 2 threads slower than 1)",
+    )
     ap.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     ap.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md")
     args = ap.parse_args()
@@ -144,9 +172,11 @@ def main() -> None:
         f"Database: {args.dim}-D unit vectors around 2,000 Gaussian cluster centres; {args.queries} queries = "
         f"database vectors + noise ({args.noise} x the cluster spread, re-normalised); k = {args.k}. "
         "Single-query latency with one faiss thread; "
-        f"build and batch throughput with {args.threads} faiss thread(s), batches of 1000; top-1 agreement against exact search. "
+        f"build and batch throughput with {args.threads} faiss thread(s), batches of 1000; top-1 agreement against "
+        "exact search. "
         "IVF-PQ is trained on the database (64 vectors per cell) and re-ranks a shortlist of "
-        "refine x k PQ candidates with exact distances.\n\n" + tab)
+        "refine x k PQ candidates with exact distances.\n\n" + tab
+    )
     if not args.no_write:
         update_section("search", section, args.output)
         print(f"updated {args.output}")

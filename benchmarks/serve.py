@@ -71,8 +71,18 @@ def build(work: Path, photos: list[Path], max_side: int, clusters: int) -> tuple
     fit_clusters(model, sorted(db.iterdir())[::3], samples_per_image=100, progress=False)
     model_path = save_model(model, work / "haf.model")
     index = work / "index"
-    argv = ["index", "build", str(db), "--model", str(model_path), "--index", str(index),
-            "--positions", str(work / "positions.csv"), "--no-progress"]
+    argv = [
+        "index",
+        "build",
+        str(db),
+        "--model",
+        str(model_path),
+        "--index",
+        str(index),
+        "--positions",
+        str(work / "positions.csv"),
+        "--no-progress",
+    ]
     if cli(argv) != 0:
         sys.exit("index build failed")
     return model_path, index
@@ -86,8 +96,11 @@ def free_port() -> int:
 
 def start_server(index: Path, backend: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "hafloc", "serve", "--index", str(index), "--port", str(port),
-                             "--backend", backend], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hafloc", "serve", "--index", str(index), "--port", str(port), "--backend", backend],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300  # a first ONNX export can take a while
     while time.monotonic() < deadline:
@@ -144,18 +157,28 @@ def run_load(url: str, photos: list[Path], clients: int, requests: int) -> dict:
     poller.join()
     ms = np.array(lat) * 1000
     hms = np.array(health) * 1000
-    return {"clients": clients, "requests": clients * requests, "errors": len(errors), "error_samples": errors[:3],
-            "p50": float(np.percentile(ms, 50)) if len(ms) else float("nan"),
-            "p95": float(np.percentile(ms, 95)) if len(ms) else float("nan"),
-            "mean": float(ms.mean()) if len(ms) else float("nan"), "rps": len(ms) / wall, "wall": wall,
-            "health_p50": float(np.percentile(hms, 50)), "health_p95": float(np.percentile(hms, 95))}
+    return {
+        "clients": clients,
+        "requests": clients * requests,
+        "errors": len(errors),
+        "error_samples": errors[:3],
+        "p50": float(np.percentile(ms, 50)) if len(ms) else float("nan"),
+        "p95": float(np.percentile(ms, 95)) if len(ms) else float("nan"),
+        "mean": float(ms.mean()) if len(ms) else float("nan"),
+        "rps": len(ms) / wall,
+        "wall": wall,
+        "health_p50": float(np.percentile(hms, 50)),
+        "health_p95": float(np.percentile(hms, 95)),
+    }
 
 
 def table(r: dict) -> str:
-    return ("| clients x requests | errors | p50 (ms) | p95 (ms) | mean (ms) | requests/s | /health p95 under load (ms) |\n"
-            "|---|---|---|---|---|---|---|\n"
-            f"| {r['clients']} x {r['requests'] // r['clients']} | {r['errors']} | {r['p50']:.0f} | {r['p95']:.0f} | "
-            f"{r['mean']:.0f} | {r['rps']:.2f} | {r['health_p95']:.1f} |\n")
+    return (
+        "| clients x requests | errors | p50 (ms) | p95 (ms) | mean (ms) | requests/s | /health p95 under load (ms) |\n"
+        "|---|---|---|---|---|---|---|\n"
+        f"| {r['clients']} x {r['requests'] // r['clients']} | {r['errors']} | {r['p50']:.0f} | {r['p95']:.0f} | "
+        f"{r['mean']:.0f} | {r['rps']:.2f} | {r['health_p95']:.1f} |\n"
+    )
 
 
 def main() -> None:
@@ -193,13 +216,16 @@ def main() -> None:
     section = (
         "## Serve (`hafloc serve`, concurrent /locate)\n\n"
         f"`python benchmarks/serve.py` on {time.strftime('%Y-%m-%d')}: {platform.processor() or platform.machine()}, "
-        f"{cpus} CPU cores (shared with other jobs while measured, so times are upper bounds), backend {args.backend}.\n"
+        f"{cpus} CPU cores (shared with other jobs while measured, so times are upper bounds), backend "
+        f"{args.backend}.\n"
         f"A real uvicorn process on loopback; index of {len(photos)} real photos (landmarks_mini + gardenspoint_mini), "
-        f"HAF with EfficientNet-Lite0 (ImageNet weights, {args.clusters} clusters per level), max side {args.max_side}. "
+        f"HAF with EfficientNet-Lite0 (ImageNet weights, {args.clusters} clusters per level), max side "
+        f"{args.max_side}. "
         f"{args.clients} client threads x {args.requests} sequential requests, each uploading one real photo "
         "(multipart) and receiving estimate, top-10 matches and three attention overlays (PNG data URLs). "
         "Inference runs in one worker thread using all cores, so requests queue: latency ~ clients x service time. "
-        "/health is polled every 0.2 s during the load to show that the event loop stays responsive.\n\n" + tab)
+        "/health is polled every 0.2 s during the load to show that the event loop stays responsive.\n\n" + tab
+    )
     if not args.no_write:
         update_section("serve", section, args.output)
         print(f"updated {args.output}")

@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def real_images(n: int) -> list[Path]:
     data = Path(os.environ.get("HAFLOC_SHARED_DATA", REPO.parent / "shared" / "data")) / "ie_tower_floors" / "images"
-    return sorted(data.rglob("*.jpg"))[:: 37][:n] if data.is_dir() else []
+    return sorted(data.rglob("*.jpg"))[::37][:n] if data.is_dir() else []
 
 
 def _step(model, frozen, opt, net, batch, tuples: int, negatives: int, loss_name: str) -> float:
@@ -52,8 +52,16 @@ def _step(model, frozen, opt, net, batch, tuples: int, negatives: int, loss_name
     return time.perf_counter() - t0
 
 
-def measure(method: str, size: tuple[int, int], tuples: int, negatives: int, iters: int, fit: list[Path],
-            cache_root: Path, dtype: str) -> dict:
+def measure(
+    method: str,
+    size: tuple[int, int],
+    tuples: int,
+    negatives: int,
+    iters: int,
+    fit: list[Path],
+    cache_root: Path,
+    dtype: str,
+) -> dict:
     """Uncached and trunk-cached training steps of one method, alternated (same start, same images)."""
     cfg = TrainConfig(method=method, dataset="-", output="-", image_size=size, fit_images=len(fit))
     torch.manual_seed(0)
@@ -80,28 +88,44 @@ def measure(method: str, size: tuple[int, int], tuples: int, negatives: int, ite
         for name in names:
             r = runs[name]
             if name == "cached":
-                dt = _step(r["model"], r["frozen"], r["opt"], net, lambda: cache.batch(ids), tuples, negatives, loss_name)
+                dt = _step(
+                    r["model"], r["frozen"], r["opt"], net, lambda: cache.batch(ids), tuples, negatives, loss_name
+                )
             else:
                 dt = _step(r["model"], r["frozen"], r["opt"], r["model"], x, tuples, negatives, loss_name)
             if i:
                 r["times"].append(dt)
     sec = {name: sorted(r["times"])[len(r["times"]) // 2] for name, r in runs.items()}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"method": method, "loss": loss_name, "sec_uncached": sec["uncached"], "sec_cached": sec["cached"],
-            "tuples_uncached": tuples / sec["uncached"], "tuples_cached": tuples / sec["cached"],
-            "speedup": sec["uncached"] / sec["cached"], "images_per_s_cached": n_img / sec["cached"],
-            "trainable_params": trainable, "build_images": info["computed"], "build_s": build_s,
-            "bytes_per_image": cache.row_len * np.dtype(DTYPES[dtype]).itemsize}
+    return {
+        "method": method,
+        "loss": loss_name,
+        "sec_uncached": sec["uncached"],
+        "sec_cached": sec["cached"],
+        "tuples_uncached": tuples / sec["uncached"],
+        "tuples_cached": tuples / sec["cached"],
+        "speedup": sec["uncached"] / sec["cached"],
+        "images_per_s_cached": n_img / sec["cached"],
+        "trainable_params": trainable,
+        "build_images": info["computed"],
+        "build_s": build_s,
+        "bytes_per_image": cache.row_len * np.dtype(DTYPES[dtype]).itemsize,
+    }
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| method | loss | s / iteration before | after (trunk cache) | tuples / s before | after | speed-up | "
-            "cache build, ms / image | cache, KiB / image | trainable params |\n"
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    head = (
+        "| method | loss | s / iteration before | after (trunk cache) | tuples / s before | after | speed-up | "
+        "cache build, ms / image | cache, KiB / image | trainable params |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
     return head + "".join(
-        f"| {r['method']} | {r['loss']} | {r['sec_uncached']:.2f} | {r['sec_cached']:.2f} | {r['tuples_uncached']:.2f} | "
+        f"| {r['method']} | {r['loss']} | {r['sec_uncached']:.2f} | {r['sec_cached']:.2f} | "
+        f"{r['tuples_uncached']:.2f} | "
         f"{r['tuples_cached']:.2f} | {r['speedup']:.2f}x | {1000 * r['build_s'] / max(r['build_images'], 1):.0f} | "
-        f"{r['bytes_per_image'] / 1024:.0f} | {r['trainable_params']:,} |\n" for r in rows)
+        f"{r['bytes_per_image'] / 1024:.0f} | {r['trainable_params']:,} |\n"
+        for r in rows
+    )
 
 
 def main() -> None:
@@ -127,7 +151,10 @@ def main() -> None:
         for m in args.methods:
             rows.append(measure(m, size, args.tuples, args.negatives, args.iters, fit, Path(tmp), args.dtype))
             r = rows[-1]
-            print(f"{m}: {r['tuples_uncached']:.2f} -> {r['tuples_cached']:.2f} tuples/s ({r['speedup']:.2f}x)", flush=True)
+            print(
+                f"{m}: {r['tuples_uncached']:.2f} -> {r['tuples_cached']:.2f} tuples/s ({r['speedup']:.2f}x)",
+                flush=True,
+            )
     tab = table(rows)
     print(tab)
     if args.no_write:
@@ -151,7 +178,8 @@ def main() -> None:
         "one process. Mining refreshes (inference on the training database every --cache-refresh queries) speed "
         "up alike and come on top. The cache build is one pass of the frozen groups per image, counted apart: "
         f"{ms:.0f} ms per image for HAF here, so about {ms * 2877 / 1000 / 60:.1f} min for all 2,877 "
-        "ie_tower_floors images, once per backbone, training size and frozen-stage count.\n\n" + tab)
+        "ie_tower_floors images, once per backbone, training size and frozen-stage count.\n\n" + tab
+    )
     update_section("train", section, args.output)
 
 

@@ -24,8 +24,14 @@ if TYPE_CHECKING:
 T = TypeVar("T", bound="DataclassInstance")
 
 
-def from_mapping(cls: type[T], data: Mapping[str, Any], *, source: str | Path | None = None,
-                 what: str = "setting", legacy: Collection[str] = ()) -> T:
+def from_mapping(
+    cls: type[T],
+    data: Mapping[str, Any],
+    *,
+    source: str | Path | None = None,
+    what: str = "setting",
+    legacy: Collection[str] = (),
+) -> T:
     """``cls(**data)`` for a dataclass, refusing unknown keys (``legacy`` ones are dropped).
 
     Raises InputError(source, ...) when ``source`` (the file) is given, else HaflocError; also when
@@ -50,8 +56,9 @@ def _fail(source: str | Path | None, message: str) -> typing.NoReturn:
     raise HaflocError(message)
 
 
-def setting(default: Any = dataclasses.MISSING, help: str = "", parse: Callable[[str], Any] | None = None,
-            **kwargs: Any) -> Any:
+def setting(
+    default: Any = dataclasses.MISSING, help: str = "", parse: Callable[[str], Any] | None = None, **kwargs: Any
+) -> Any:
     """A dataclass field with its command-line help (``help=""``: file-only, no flag); ``parse``:
     the flag's argparse type when the annotation is not int/float/str (its ``__name__`` is what
     argparse's "invalid ... value" message shows)."""

@@ -50,8 +50,9 @@ def _lock(path: Path) -> FileLock:
     return FileLock(str(path.with_name(f".{path.name}.lock")))
 
 
-def write_h5_groups(path: str | Path, groups: Iterable[tuple[str, Mapping[str, np.ndarray]]],
-                    append: bool = False) -> None:
+def write_h5_groups(
+    path: str | Path, groups: Iterable[tuple[str, Mapping[str, np.ndarray]]], append: bool = False
+) -> None:
     """Write ``(name, {dataset: array})`` groups in hloc's layout.
 
     ``append=False`` replaces the file; ``append=True`` keeps the groups already in it (a group
@@ -62,7 +63,7 @@ def write_h5_groups(path: str | Path, groups: Iterable[tuple[str, Mapping[str, n
     path.parent.mkdir(parents=True, exist_ok=True)
     # Appending reads the old file: concurrent appenders take turns. A replacement needs no lock
     # (the rename is atomic; the last writer wins) and leaves no lock file beside the target.
-    with (_lock(path) if append else contextlib.nullcontext()), atomic_path(path) as tmp:
+    with _lock(path) if append else contextlib.nullcontext(), atomic_path(path) as tmp:
         if append and path.exists():
             shutil.copyfile(path, tmp)
             mode = "a"
@@ -86,7 +87,9 @@ def list_h5_names(path: str | Path) -> list[str]:
     names: list[str] = []
     try:
         with h5py.File(path, "r") as fd:
-            fd.visititems(lambda _, obj: names.append(obj.parent.name.strip("/")) if isinstance(obj, h5py.Dataset) else None)
+            fd.visititems(
+                lambda _, obj: names.append(obj.parent.name.strip("/")) if isinstance(obj, h5py.Dataset) else None
+            )
     except OSError as err:
         raise InputError(path, f"not a readable HDF5 file ({err})") from None
     return list(dict.fromkeys(names))

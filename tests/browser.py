@@ -26,9 +26,16 @@ from typing import Iterator
 REPO = Path(__file__).resolve().parents[1]
 
 CHROMIUM = os.environ.get("HAFLOC_CHROMIUM", "/usr/bin/chromium")
-LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               "--disable-dev-shm-usage"]
+LAUNCH_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
 
 
 def browser_available() -> str | None:
@@ -51,9 +58,13 @@ def to_url(target: str | Path) -> str:
 
 
 @contextlib.contextmanager
-def open_page(url: str | Path, viewport: tuple[int, int] = (1280, 900), timeout_ms: int = 20000,
-              wait_until: str = "load", requests: list[str] | None = None
-              ) -> Iterator[tuple[object, list[str], list[str]]]:
+def open_page(
+    url: str | Path,
+    viewport: tuple[int, int] = (1280, 900),
+    timeout_ms: int = 20000,
+    wait_until: str = "load",
+    requests: list[str] | None = None,
+) -> Iterator[tuple[object, list[str], list[str]]]:
     """Open ``url`` (or a local path) in headless Chromium; yield ``(page, console_errors, failed_requests)``.
 
     ``console_errors`` collects console messages of type "error" and uncaught page exceptions;
@@ -72,8 +83,9 @@ def open_page(url: str | Path, viewport: tuple[int, int] = (1280, 900), timeout_
             context = browser.new_context(viewport={"width": viewport[0], "height": viewport[1]})
             page = context.new_page()
             page.set_default_timeout(timeout_ms)
-            page.on("console", lambda m: console_errors.append(f"console.{m.type}: {m.text}")
-                    if m.type == "error" else None)
+            page.on(
+                "console", lambda m: console_errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None
+            )
             if requests is not None:
                 page.on("request", lambda r: requests.append(r.url))
             page.on("pageerror", lambda exc: console_errors.append(f"pageerror: {exc}"))
@@ -92,8 +104,7 @@ def images_loaded(page) -> list[str]:
     images first so a slow decode is not reported as broken.
     """
     page.wait_for_function("Array.from(document.images).every(i => i.complete)")
-    return page.evaluate(
-        "Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)")
+    return page.evaluate("Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.src)")
 
 
 def image_count(page) -> int:
@@ -123,7 +134,9 @@ def health(url: str, timeout: float = 5) -> dict:
         return json.loads(r.read())
 
 
-def wait_for_pids(url: str, n: int, timeout: float = 60, exclude: "set[int] | frozenset[int]" = frozenset()) -> set[int]:
+def wait_for_pids(
+    url: str, n: int, timeout: float = 60, exclude: "set[int] | frozenset[int]" = frozenset()
+) -> set[int]:
     """The pids answering URL/health, polled on new connections until ``n`` distinct ones (not in
     ``exclude``) have answered; RuntimeError after ``timeout`` seconds."""
     seen: set[int] = set()
@@ -139,8 +152,9 @@ def wait_for_pids(url: str, n: int, timeout: float = 60, exclude: "set[int] | fr
 
 
 @contextlib.contextmanager
-def hafloc_server(index: str | Path, *extra: str, port: int | None = None, timeout: float = 60,
-                  workers: int = 1) -> Iterator[str]:
+def hafloc_server(
+    index: str | Path, *extra: str, port: int | None = None, timeout: float = 60, workers: int = 1
+) -> Iterator[str]:
     """``hafloc serve --index INDEX`` as a real uvicorn process on a loopback port: yields its base URL.
 
     ``workers`` > 1: ``--workers N``, and waits until N distinct worker pids have answered /health.
@@ -151,8 +165,24 @@ def hafloc_server(index: str | Path, *extra: str, port: int | None = None, timeo
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     if workers > 1:
         extra = ("--workers", str(workers), *extra)
-    proc = subprocess.Popen([sys.executable, "-m", "hafloc", "serve", "--index", str(index), "--port", str(port),
-                             "--backend", "torch", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hafloc",
+            "serve",
+            "--index",
+            str(index),
+            "--port",
+            str(port),
+            "--backend",
+            "torch",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout

@@ -81,7 +81,7 @@ def landmarks_oxford(shared: Path, root: Path) -> Path:
         others = [Path(r["image"]).stem for r in mine[1:]]
         junk = [stem] + (others[-1:] if lm == "sacre_coeur" else [])
         rest = [o for o in others if o not in junk]
-        good, ok = rest[: (len(rest) + 1) // 2], rest[(len(rest) + 1) // 2:]
+        good, ok = rest[: (len(rest) + 1) // 2], rest[(len(rest) + 1) // 2 :]
         qid = f"{lm}_1"
         (gt / f"{qid}_query.txt").write_text(f"oxc1_{stem} {0.1 * w:.1f} {0.1 * h:.1f} {0.9 * w:.1f} {0.9 * h:.1f}\n")
         for kind, names in (("good", good), ("ok", ok), ("junk", junk)):

@@ -66,15 +66,31 @@ def outdoor(tmp_path_factory, shared_data) -> dict:
     build = ["index", "build", db, "--model", model, "--index", index, "--positions", root / "positions.csv", *FAST]
     code = main([str(a) for a in build])
     assert code == 0
-    return {"root": root, "db": db, "model": model, "index": index, "unrelated": unrelated, "photos": photos,
-            "n": len(photos)}
+    return {
+        "root": root,
+        "db": db,
+        "model": model,
+        "index": index,
+        "unrelated": unrelated,
+        "photos": photos,
+        "n": len(photos),
+    }
 
 
 def test_build_calibrates_and_the_file_is_json_that_survives_reopen(outdoor):
     path = outdoor["index"] / CALIBRATION_FILE
     doc = json.loads(path.read_text())  # JSON, not pickle
-    for key in ("features_version", "agree_m", "exclude_m", "n_samples", "positives_rate", "ece_heldout",
-                "created_at", "method", "model_fingerprint"):
+    for key in (
+        "features_version",
+        "agree_m",
+        "exclude_m",
+        "n_samples",
+        "positives_rate",
+        "ece_heldout",
+        "created_at",
+        "method",
+        "model_fingerprint",
+    ):
         assert key in doc
     assert doc["n_samples"] == outdoor["n"] and doc["agree_m"] == 25.0 and doc["exclude_m"] == 5.0
     assert 0.0 < doc["positives_rate"] < 1.0 and 0.0 <= doc["ece_heldout"] <= 1.0
@@ -86,8 +102,12 @@ def test_build_calibrates_and_the_file_is_json_that_survives_reopen(outdoor):
         fresh = calibrate_index(store, progress=False, write=False)  # same data, same seed: same fit
     rng = np.random.default_rng(1)
     for _ in range(20):
-        f = {"best_similarity": rng.uniform(0.3, 1), "margin": rng.uniform(0, 0.3), "agreement": rng.uniform(0, 1),
-             "log_agreeing": np.log1p(rng.integers(1, 10))}
+        f = {
+            "best_similarity": rng.uniform(0.3, 1),
+            "margin": rng.uniform(0, 0.3),
+            "agreement": rng.uniform(0, 1),
+            "log_agreeing": np.log1p(rng.integers(1, 10)),
+        }
         p = cal.probability(f)
         assert 0.0 <= p <= 1.0
         assert again.probability(f) == pytest.approx(p, abs=1e-12)
@@ -98,10 +118,16 @@ def test_probability_never_falls_with_more_similarity_margin_or_agreement(outdoo
     with IndexStore.open(outdoor["index"]) as store:
         cal = load_calibrator(store)
     grid = np.linspace(0.0, 1.0, 101)
-    for base in ({"best_similarity": 0.6, "margin": 0.02, "agreement": 0.3, "log_agreeing": np.log(2)},
-                 {"best_similarity": 0.8, "margin": 0.10, "agreement": 0.9, "log_agreeing": np.log(5)}):
-        for name, values in (("best_similarity", grid), ("margin", grid * 0.5), ("agreement", grid),
-                             ("log_agreeing", np.log1p(np.arange(1, 11)))):
+    for base in (
+        {"best_similarity": 0.6, "margin": 0.02, "agreement": 0.3, "log_agreeing": np.log(2)},
+        {"best_similarity": 0.8, "margin": 0.10, "agreement": 0.9, "log_agreeing": np.log(5)},
+    ):
+        for name, values in (
+            ("best_similarity", grid),
+            ("margin", grid * 0.5),
+            ("agreement", grid),
+            ("log_agreeing", np.log1p(np.arange(1, 11))),
+        ):
             ps = [cal.probability({**base, name: float(v)}) for v in values]
             assert all(0.0 <= p <= 1.0 for p in ps)
             assert np.all(np.diff(ps) >= -1e-12), name
@@ -126,16 +152,18 @@ def test_unrelated_photos_get_low_calibrated_confidence(outdoor, capsys):
 
 def test_min_confidence_answers_unknown_with_a_reason(outdoor, capsys):
     noise = outdoor["unrelated"] / "noise.png"
-    code, out, _ = run_cli(capsys, "locate", noise, "--index", outdoor["index"], "--min-confidence", "0.5", "--json",
-                           *FAST)
+    code, out, _ = run_cli(
+        capsys, "locate", noise, "--index", outdoor["index"], "--min-confidence", "0.5", "--json", *FAST
+    )
     res = json.loads(out)["results"][0]
     assert code == 0 and res["estimate"] is None
     assert "below the minimum 0.5" in res["unknown"]["reason"] and 0.0 <= res["unknown"]["confidence"] <= 0.2
     assert res["matches"]  # the matches are still shown
     code, out, _ = run_cli(capsys, "locate", noise, "--index", outdoor["index"], "--min-confidence", "0.5", *FAST)
     assert f"{noise}: unknown (confidence " in out
-    code, out, _ = run_cli(capsys, "locate", noise, "--index", outdoor["index"], "--min-confidence", "0", "--json",
-                           *FAST)
+    code, out, _ = run_cli(
+        capsys, "locate", noise, "--index", outdoor["index"], "--min-confidence", "0", "--json", *FAST
+    )
     assert json.loads(out)["results"][0]["estimate"] is not None
     code, _, err = run_cli(capsys, "locate", noise, "--index", outdoor["index"], "--min-confidence", "1.5", *FAST)
     assert code != 0 and "--min-confidence must lie in [0, 1]" in err
@@ -145,22 +173,40 @@ def test_uncalibrated_fallback_also_looks_at_similarity(outdoor, tmp_path, capsy
     index = tmp_path / "index"
     shutil.copytree(outdoor["index"], index)
     (index / CALIBRATION_FILE).unlink()
-    code, out, err = run_cli(capsys, "locate", outdoor["unrelated"] / "noise.png", outdoor["unrelated"] / "grey.png",
-                             "--index", index, "--json", *FAST)
+    code, out, err = run_cli(
+        capsys,
+        "locate",
+        outdoor["unrelated"] / "noise.png",
+        outdoor["unrelated"] / "grey.png",
+        "--index",
+        index,
+        "--json",
+        *FAST,
+    )
     assert code == 0, err
     for res in json.loads(out)["results"]:
         assert res["calibrated"] is False and res["estimate"]["confidence"] <= 0.25
     # another radius than the calibration's: said, and the confidence falls back
-    code, out, err = run_cli(capsys, "locate", outdoor["unrelated"] / "noise.png", "--index", outdoor["index"],
-                             "--agree-m", "50", "--json", *FAST)
+    code, out, err = run_cli(
+        capsys,
+        "locate",
+        outdoor["unrelated"] / "noise.png",
+        "--index",
+        outdoor["index"],
+        "--agree-m",
+        "50",
+        "--json",
+        *FAST,
+    )
     assert json.loads(out)["results"][0]["calibrated"] is False and "calibrated for 25 m, not 50 m" in err
 
 
 def test_calibrate_command_info_and_report(outdoor, tmp_path, capsys):
     index = tmp_path / "index"
     shutil.copytree(outdoor["index"], index)
-    code, out, _ = run_cli(capsys, "index", "calibrate", "--index", index, "--exclude-m", "0", "--json",
-                           "--no-progress")
+    code, out, _ = run_cli(
+        capsys, "index", "calibrate", "--index", index, "--exclude-m", "0", "--json", "--no-progress"
+    )
     doc = json.loads(out)["calibration"]
     assert code == 0 and doc["exclude_m"] == 0.0 and doc["n_samples"] == outdoor["n"] and "heldout" not in doc
     code, out, _ = run_cli(capsys, "index", "info", index, "--json", "--report", tmp_path / "report")
@@ -183,8 +229,9 @@ def test_server_passes_calibration_and_unknown_through(outdoor):
     from hafloc.serve.app import create_app
     from hafloc.serve.locator import LocatorConfig
 
-    app = create_app(outdoor["index"], backend="torch",
-                     locator_config=LocatorConfig(backend="torch", min_confidence=0.5))
+    app = create_app(
+        outdoor["index"], backend="torch", locator_config=LocatorConfig(backend="torch", min_confidence=0.5)
+    )
     with TestClient(app) as client:
         health = client.get("/health").json()
         assert health["calibrated"] is True and health["radius_m"] == 25.0
@@ -212,8 +259,12 @@ def _constructed(tmp_path: Path) -> IndexStore:
 
     e = np.eye(dim, dtype=np.float32)
     a = e[0]
-    descs = {"a.jpg": a, "b.jpg": unit(0.99 * a + np.sqrt(1 - 0.99 ** 2) * e[1]),
-             "c.jpg": unit(0.8 * a + 0.6 * e[2]), "d.jpg": unit(0.9 * a + np.sqrt(1 - 0.81) * e[3])}
+    descs = {
+        "a.jpg": a,
+        "b.jpg": unit(0.99 * a + np.sqrt(1 - 0.99**2) * e[1]),
+        "c.jpg": unit(0.8 * a + 0.6 * e[2]),
+        "d.jpg": unit(0.9 * a + np.sqrt(1 - 0.81) * e[3]),
+    }
     north = {"a.jpg": 0.0, "b.jpg": 3.0, "c.jpg": 20.0, "d.jpg": 1000.0}
     for i in range(6):
         descs[f"f{i}.jpg"] = unit(rng.standard_normal(dim) * 0.1 + e[4 + i])
@@ -242,8 +293,11 @@ def test_leave_one_out_hides_the_image_and_its_neighbours(tmp_path):
             seen[row] = [m.image for m in matches]
             return matches
 
-        for exclude, label, best, hidden in ((0.0, 1, 0.99, {"a.jpg"}), (5.0, 0, 0.9, {"a.jpg", "b.jpg"}),
-                                             (25.0, 0, 0.9, {"a.jpg", "b.jpg", "c.jpg"})):
+        for exclude, label, best, hidden in (
+            (0.0, 1, 0.99, {"a.jpg"}),
+            (5.0, 0, 0.9, {"a.jpg", "b.jpg"}),
+            (25.0, 0, 0.9, {"a.jpg", "b.jpg", "c.jpg"}),
+        ):
             s = leave_one_out(store, agree_m=25.0, exclude_m=exclude, k=3, progress=False, rerank=rerank)
             i = s.rows.index(row_a)
             assert s.labels[i] == label, exclude
@@ -331,8 +385,13 @@ def test_default_exclusion_falls_back_to_zero_when_places_share_one_position(tmp
     for n in descs:
         Image.new("RGB", (8, 8)).save(root / n)
     with IndexStore.create(tmp_path / "idx", "e" * 16, dim) as store:
-        store.add(sorted(descs), root, lambda paths, names: Extracted(list(names), np.stack([descs[n] for n in names])),
-                  positions=positions, progress=False)
+        store.add(
+            sorted(descs),
+            root,
+            lambda paths, names: Extracted(list(names), np.stack([descs[n] for n in names])),
+            positions=positions,
+            progress=False,
+        )
         cal = calibrate_index(store, progress=False)
         assert cal.meta["exclude_m"] == 0.0 and cal.meta["exclude_auto"] is True
         assert cal.meta["positives_rate"] == pytest.approx(40 / 60, abs=0.05)
@@ -343,9 +402,25 @@ def test_default_exclusion_falls_back_to_zero_when_places_share_one_position(tmp
 
 def test_index_with_local_features_fits_its_rerank_rule_and_calibrates_reranked(outdoor, tmp_path, capsys):
     index = tmp_path / "local_index"
-    code, out, err = run_cli(capsys, "index", "build", outdoor["db"], "--model", outdoor["model"], "--index", index,
-                             "--positions", outdoor["root"] / "positions.csv", "--local", "xfeat",
-                             "--max-keypoints", "512", "--local-max-side", "480", *FAST)
+    code, out, err = run_cli(
+        capsys,
+        "index",
+        "build",
+        outdoor["db"],
+        "--model",
+        outdoor["model"],
+        "--index",
+        index,
+        "--positions",
+        outdoor["root"] / "positions.csv",
+        "--local",
+        "xfeat",
+        "--max-keypoints",
+        "512",
+        "--local-max-side",
+        "480",
+        *FAST,
+    )
     assert code == 0, err
     info = json.loads((index / "index.json").read_text())
     rule, fitted = info["rerank"], info["rerank"]["fitted"]
@@ -355,8 +430,9 @@ def test_index_with_local_features_fits_its_rerank_rule_and_calibrates_reranked(
     doc = json.loads((index / CALIBRATION_FILE).read_text())
     assert doc["reranked"] is True and doc["inliers"] is not None  # the inliers model exists
     photo = outdoor["photos"][3]
-    code, out, err = run_cli(capsys, "locate", photo, outdoor["unrelated"] / "noise.png", "--index", index,
-                             "--json", *FAST)
+    code, out, err = run_cli(
+        capsys, "locate", photo, outdoor["unrelated"] / "noise.png", "--index", index, "--json", *FAST
+    )
     assert code == 0, err
     res, noise = json.loads(out)["results"]
     assert res["calibrated"] is True and res["estimate"]["verified"] is True

@@ -24,14 +24,23 @@ def test_closed_pipe_ends_quietly(gem_model):
     r, w = os.pipe()
     os.close(r)  # any write to w now fails with EPIPE, whatever the pipe's buffer size
     try:
-        proc = subprocess.run([sys.executable, "-m", "hafloc", "model", "info", str(gem_model), "--json"],
-                              stdout=w, stderr=subprocess.PIPE, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "hafloc", "model", "info", str(gem_model), "--json"],
+            stdout=w,
+            stderr=subprocess.PIPE,
+            timeout=120,
+        )
     finally:
         os.close(w)
     assert proc.stderr.decode() == "" and proc.returncode == 141  # 128 + SIGPIPE, as a shell reports it
 
 
 def test_pipe_into_head_keeps_the_first_line(gem_model):
-    proc = subprocess.run(f"'{sys.executable}' -m hafloc model info '{gem_model}' | head -1", shell=True,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        f"'{sys.executable}' -m hafloc model info '{gem_model}' | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.stdout.split(":")[0].strip() == "file" and proc.stderr == "", proc.stderr

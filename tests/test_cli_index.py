@@ -25,9 +25,13 @@ from hafloc.index.hloc_export import list_h5_names, read_global_descriptors
 from hafloc.index.store import IndexStore
 
 REPO = Path(__file__).resolve().parents[1]
-LANDMARKS = {"london_bridge": (51.5079, -0.0877), "piazza_san_marco": (45.4341, 12.3388),
-             "sacre_coeur": (48.8867, 2.3431), "st_pauls_cathedral": (51.5138, -0.0984),
-             "united_states_capitol": (38.8899, -77.0091)}
+LANDMARKS = {
+    "london_bridge": (51.5079, -0.0877),
+    "piazza_san_marco": (45.4341, 12.3388),
+    "sacre_coeur": (48.8867, 2.3431),
+    "st_pauls_cathedral": (51.5138, -0.0984),
+    "united_states_capitol": (38.8899, -77.0091),
+}
 N_DB, N_POSITIONED = 12, 10
 
 
@@ -77,8 +81,22 @@ def work(tmp_path_factory, shared_data) -> dict:
         next(p for n, p in other.named_parameters() if "centroid" in n or "cluster" in n).add_(0.5)
     data["other_model"] = save_model(other, root / "other.model")
     data["index"] = root / "index"
-    code = main(["index", "build", str(data["db"]), "--model", str(data["model"]), "--index", str(data["index"]),
-                 "--positions", str(data["csv"]), "--chunk-size", "5", *FAST])
+    code = main(
+        [
+            "index",
+            "build",
+            str(data["db"]),
+            "--model",
+            str(data["model"]),
+            "--index",
+            str(data["index"]),
+            "--positions",
+            str(data["csv"]),
+            "--chunk-size",
+            "5",
+            *FAST,
+        ]
+    )
     assert code == 0
     data["root"] = root
     return data
@@ -86,8 +104,19 @@ def work(tmp_path_factory, shared_data) -> dict:
 
 def test_build_indexes_everything_and_reports_unpositioned(work, tmp_path, capsys):
     # rebuilding into a fresh folder shows the report (the fixture's output is not captured per test)
-    code, out, err = run_cli(capsys, "index", "build", work["db"], "--model", work["model"], "--index",
-                             tmp_path / "idx", "--positions", work["csv"], *FAST)
+    code, out, err = run_cli(
+        capsys,
+        "index",
+        "build",
+        work["db"],
+        "--model",
+        work["model"],
+        "--index",
+        tmp_path / "idx",
+        "--positions",
+        work["csv"],
+        *FAST,
+    )
     assert code == 0
     assert f"added {N_DB}" in out
     unpositioned = [n for n in work["names"] if n not in work["positions"]]
@@ -108,8 +137,19 @@ def test_locate_database_photos_finds_their_own_position(work, tmp_path, capsys)
     bad = tmp_path / "broken.jpg"
     bad.write_text("not a photo")
     names = [n for n in work["names"] if n in work["positions"]][:3]
-    code, out, err = run_cli(capsys, "locate", *[work["db"] / n for n in names], bad, tmp_path / "missing.jpg",
-                             "--index", work["index"], "--top-k", "4", "--json", *FAST)
+    code, out, err = run_cli(
+        capsys,
+        "locate",
+        *[work["db"] / n for n in names],
+        bad,
+        tmp_path / "missing.jpg",
+        "--index",
+        work["index"],
+        "--top-k",
+        "4",
+        "--json",
+        *FAST,
+    )
     assert code == 0, err
     doc = json.loads(out)
     assert [Path(r["image"]).name for r in doc["results"]] == names
@@ -149,8 +189,10 @@ def test_locate_nothing_readable_fails(work, tmp_path, capsys):
 
 
 def test_mismatched_model_is_refused_with_one_line(work, capsys):
-    for argv in (["index", "add", work["db"], "--index", work["index"], "--model", work["other_model"]],
-                 ["locate", work["db"] / work["names"][0], "--index", work["index"], "--model", work["other_model"]]):
+    for argv in (
+        ["index", "add", work["db"], "--index", work["index"], "--model", work["other_model"]],
+        ["locate", work["db"] / work["names"][0], "--index", work["index"], "--model", work["other_model"]],
+    ):
         code, out, err = run_cli(capsys, *argv, *FAST)
         assert code == 2
         lines = err.strip().splitlines()
@@ -166,8 +208,22 @@ def test_add_appends_without_duplicates(work, tmp_path, capsys):
     for n in work["names"][:7]:
         shutil.copy(work["db"] / n, folder / n)
     idx = tmp_path / "idx"
-    assert run_cli(capsys, "index", "build", folder, "--model", work["model"], "--index", idx,
-                   "--positions", work["csv"], *FAST)[0] == 0
+    assert (
+        run_cli(
+            capsys,
+            "index",
+            "build",
+            folder,
+            "--model",
+            work["model"],
+            "--index",
+            idx,
+            "--positions",
+            work["csv"],
+            *FAST,
+        )[0]
+        == 0
+    )
     for n in work["names"][7:]:
         shutil.copy(work["db"] / n, folder / n)
     code, out, _ = run_cli(capsys, "index", "add", folder, "--index", idx, "--positions", work["csv"], *FAST)
@@ -189,8 +245,20 @@ def test_export_hloc_layout(work, tmp_path, capsys):
     for i, n in enumerate(picked):
         shutil.copy(work["db"] / n, queries / f"query_{i}.jpg")
     out_dir = tmp_path / "hloc"
-    code, out, err = run_cli(capsys, "index", "export-hloc", "--index", work["index"], "--queries", queries,
-                             "--output", out_dir, "--top-k", "5", *FAST)
+    code, out, err = run_cli(
+        capsys,
+        "index",
+        "export-hloc",
+        "--index",
+        work["index"],
+        "--queries",
+        queries,
+        "--output",
+        out_dir,
+        "--top-k",
+        "5",
+        *FAST,
+    )
     assert code == 0, err
     feats = out_dir / "global-feats-hafloc.h5"
     q_names = [f"query_{i}.jpg" for i in range(3)]
@@ -237,9 +305,27 @@ def test_cli_build_killed_midway_then_rerun_equals_uninterrupted(work, shared_da
     for p in sorted((shared_data / "landmarks_mini" / "images").glob("*.jpg")):
         shutil.copy(p, photos / p.name)
     total = len(list(photos.glob("*.jpg")))
-    cmd = lambda idx: [sys.executable, "-m", "hafloc", "index", "build", str(photos), "--model", str(work["model"]),  # noqa: E731
-                       "--index", str(idx), "--positions", str(work["csv"]), "--chunk-size", "2", "--batch-size", "1",
-                       "--max-side", "384", *FAST]
+    cmd = lambda idx: [  # noqa: E731
+        sys.executable,
+        "-m",
+        "hafloc",
+        "index",
+        "build",
+        str(photos),
+        "--model",
+        str(work["model"]),
+        "--index",
+        str(idx),
+        "--positions",
+        str(work["csv"]),
+        "--chunk-size",
+        "2",
+        "--batch-size",
+        "1",
+        "--max-side",
+        "384",
+        *FAST,
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     idx = tmp_path / "killed"
     partial = kill_midway(cmd(idx), idx, env)
@@ -265,13 +351,32 @@ def test_cli_build_killed_midway_then_rerun_equals_uninterrupted(work, shared_da
 
 def test_build_compact_dim_dtype_then_locate_and_info(work, tmp_path, capsys):
     idx = tmp_path / "compact"
-    code, out, err = run_cli(capsys, "index", "build", work["db"], "--model", work["model"], "--index", idx,
-                             "--positions", work["csv"], "--dim", "8", "--dtype", "float16", "--no-calibrate", *FAST)
+    code, out, err = run_cli(
+        capsys,
+        "index",
+        "build",
+        work["db"],
+        "--model",
+        work["model"],
+        "--index",
+        idx,
+        "--positions",
+        work["csv"],
+        "--dim",
+        "8",
+        "--dtype",
+        "float16",
+        "--no-calibrate",
+        *FAST,
+    )
     assert code == 0, err
     info = json.loads((idx / "index.json").read_text())
     model_dim = load_model(work["model"]).out_dim
-    assert (info["dim"], info["dtype"], info["projection"]) == (8, "float16", {"input_dim": model_dim, "dim": 8,
-                                                                                "fitted_on": N_DB})
+    assert (info["dim"], info["dtype"], info["projection"]) == (
+        8,
+        "float16",
+        {"input_dim": model_dim, "dim": 8, "fitted_on": N_DB},
+    )
     # a database photo as a query is projected like the database: it finds itself
     name = next(n for n in work["names"] if n in work["positions"])
     code, out, err = run_cli(capsys, "locate", work["db"] / name, "--index", idx, "--top-k", "2", "--json", *FAST)
@@ -285,8 +390,9 @@ def test_build_compact_dim_dtype_then_locate_and_info(work, tmp_path, capsys):
     code, out, _ = run_cli(capsys, "index", "info", idx)
     assert "8-D float16 (the model's" in out and "footprint  search RAM" in out
     # the same index asked for another representation: one clear line
-    code, out, err = run_cli(capsys, "index", "build", work["db"], "--model", work["model"], "--index", idx,
-                             "--dim", "4", *FAST)
+    code, out, err = run_cli(
+        capsys, "index", "build", work["db"], "--model", work["model"], "--index", idx, "--dim", "4", *FAST
+    )
     assert code != 0 and "index stores 8-D float16 descriptors, you asked for 4-D float16" in err
     assert len(err.strip().splitlines()) == 1
 

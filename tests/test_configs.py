@@ -18,12 +18,41 @@ from hafloc.errors import InputError
 from hafloc.train.config import TrainConfig
 
 # The flags `hafloc train` had when they were a hand-kept table: none may disappear.
-OLD_FLAGS = ["--method", "--dataset", "--format", "--output", "--epochs", "--image-size", "--backbone",
-             "--backbone-weights", "--clusters", "--proj-dim", "--fit-images", "--train-stages", "--dim",
-             "--supervision", "--loss", "--margin", "--num-negatives", "--neg-pool", "--cache-refresh",
-             "--max-queries-per-epoch", "--max-val-queries", "--val-fraction", "--optimizer", "--lr", "--head-lr",
-             "--weight-decay", "--batch-size", "--patience", "--seed", "--checkpoint-every", "--time-budget",
-             "--workers", "--cache-images"]
+OLD_FLAGS = [
+    "--method",
+    "--dataset",
+    "--format",
+    "--output",
+    "--epochs",
+    "--image-size",
+    "--backbone",
+    "--backbone-weights",
+    "--clusters",
+    "--proj-dim",
+    "--fit-images",
+    "--train-stages",
+    "--dim",
+    "--supervision",
+    "--loss",
+    "--margin",
+    "--num-negatives",
+    "--neg-pool",
+    "--cache-refresh",
+    "--max-queries-per-epoch",
+    "--max-val-queries",
+    "--val-fraction",
+    "--optimizer",
+    "--lr",
+    "--head-lr",
+    "--weight-decay",
+    "--batch-size",
+    "--patience",
+    "--seed",
+    "--checkpoint-every",
+    "--time-budget",
+    "--workers",
+    "--cache-images",
+]
 
 
 def _train_parser():
@@ -43,8 +72,23 @@ def test_train_flags_are_the_config_fields_with_help_and_defaults() -> None:
     text = p.format_help()
     assert "haf (the paper) or a baseline" in text and "--resume" in text
 
-    args = build_parser().parse_args(["train", "--dataset", "d", "--output", "o", "--epochs", "3",
-                                      "--image-size", "192x288", "--head-lr", "0.01", "--max-val-queries", "7"])
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--dataset",
+            "d",
+            "--output",
+            "o",
+            "--epochs",
+            "3",
+            "--image-size",
+            "192x288",
+            "--head-lr",
+            "0.01",
+            "--max-val-queries",
+            "7",
+        ]
+    )
     cfg, resume = config_from_args(args)
     assert (cfg.epochs, cfg.image_size, cfg.head_lr, cfg.max_val_queries, resume) == (3, (192, 288), 0.01, 7, False)
     assert (cfg.lr, cfg.momentum) == (TrainConfig().lr, TrainConfig().momentum)  # untouched defaults

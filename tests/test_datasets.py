@@ -41,16 +41,41 @@ DBSTRUCT = {
     "seqnet_structfiles/structFiles/nordland_test_d-1_d2-1.db": (3000, 3000, 1, False, True),
     "seqnet_structfiles/structFiles/nordland_val_d-1_d2-1.db": (3000, 3000, 1, False, True),
     "seqnet_structfiles/structFiles/nordland_train_d-40_d2-10.db": (15000, 15000, 40, False, True),
-    "seqnet_structfiles/structFiles/oxford-pnv_2015-03-17-11-08-44_2014-12-16-18-44-24_test_d-25_d2-5.db": (1570, 1579, 25, True, False),
-    "seqnet_structfiles/structFiles/oxford-pnv_2015-03-17-11-08-44_2014-12-16-18-44-24_train_d-20_d2-5.db": (3029, 2971, 20, True, False),
-    "seqnet_structfiles/structFiles/oxford-v1.0_2015-03-17-11-08-44_2014-12-16-18-44-24_test_d-10_d2-5.db": (1574, 1576, 10, True, False),
-    "seqnet_structfiles/structFiles/oxford-v1.0_2015-03-17-11-08-44_2014-12-16-18-44-24_train_d-20_d2-5.db": (2981, 2931, 20, True, False),
+    "seqnet_structfiles/structFiles/oxford-pnv_2015-03-17-11-08-44_2014-12-16-18-44-24_test_d-25_d2-5.db": (
+        1570,
+        1579,
+        25,
+        True,
+        False,
+    ),
+    "seqnet_structfiles/structFiles/oxford-pnv_2015-03-17-11-08-44_2014-12-16-18-44-24_train_d-20_d2-5.db": (
+        3029,
+        2971,
+        20,
+        True,
+        False,
+    ),
+    "seqnet_structfiles/structFiles/oxford-v1.0_2015-03-17-11-08-44_2014-12-16-18-44-24_test_d-10_d2-5.db": (
+        1574,
+        1576,
+        10,
+        True,
+        False,
+    ),
+    "seqnet_structfiles/structFiles/oxford-v1.0_2015-03-17-11-08-44_2014-12-16-18-44-24_train_d-20_d2-5.db": (
+        2981,
+        2931,
+        20,
+        True,
+        False,
+    ),
 }
 
 
 def test_every_real_dbstruct_file_is_covered(shared_data):
-    found = {p.relative_to(shared_data / GT).as_posix() for p in (shared_data / GT).rglob("*")
-             if p.suffix in (".mat", ".db")}
+    found = {
+        p.relative_to(shared_data / GT).as_posix() for p in (shared_data / GT).rglob("*") if p.suffix in (".mat", ".db")
+    }
     assert found == set(DBSTRUCT)
 
 
@@ -111,11 +136,21 @@ def test_patchnetvlad_nordland(shared_data):
 
 
 # ---------------------------------------------------------------- VPR-Bench / gsv .npy
-VPRBENCH = {"17places": (408, 406), "CrossSeason_CoHOG_Dataset": (191, 191), "ESSEX3IN1_dataset": (210, 210),
-            "GardensPointWalking": (202, 200), "GardensPoint_TN": (200, 400), "Living": (32, 32),
-            "Nordland": (27592, 2760), "Pittsburgh": (23000, 1000), "SPEDTEST": (607, 607),
-            "Synthia-NightToFall": (911, 813), "Tokyo247": (4104, 315), "corridor": (111, 111),
-            "inria_holidays": (512, 300)}
+VPRBENCH = {
+    "17places": (408, 406),
+    "CrossSeason_CoHOG_Dataset": (191, 191),
+    "ESSEX3IN1_dataset": (210, 210),
+    "GardensPointWalking": (202, 200),
+    "GardensPoint_TN": (200, 400),
+    "Living": (32, 32),
+    "Nordland": (27592, 2760),
+    "Pittsburgh": (23000, 1000),
+    "SPEDTEST": (607, 607),
+    "Synthia-NightToFall": (911, 813),
+    "Tokyo247": (4104, 315),
+    "corridor": (111, 111),
+    "inria_holidays": (512, 300),
+}
 
 
 @pytest.mark.parametrize("name", sorted(VPRBENCH))
@@ -140,9 +175,13 @@ def test_vprbench_inconsistent_folder_is_a_clear_error(shared_data):
         load_dataset(shared_data / "vprbench/datasets/oneimage")
 
 
-GSV = {"CrossSeason/CrossSeason_gt.npy": (191, 191), "ESSEX/ESSEX_gt.npy": (210, 210),
-       "InriaHolidays/Inria_gt.npy": (512, 300), "Nordland/Nordland_gt.npy": (27592, 2760),
-       "SPED/SPED_gt.npy": (607, 607)}
+GSV = {
+    "CrossSeason/CrossSeason_gt.npy": (191, 191),
+    "ESSEX/ESSEX_gt.npy": (210, 210),
+    "InriaHolidays/Inria_gt.npy": (512, 300),
+    "Nordland/Nordland_gt.npy": (27592, 2760),
+    "SPED/SPED_gt.npy": (607, 607),
+}
 
 
 @pytest.mark.parametrize("rel", sorted(GSV))
@@ -152,9 +191,16 @@ def test_gsv_npy(shared_data, rel):
     assert all(len(p) > 0 for p in ds.positives)
 
 
-@pytest.mark.parametrize("rel", ["Pittsburgh/pitts30k_test_qImages.npy", "Pittsburgh/pitts30k_val_dbImages.npy",
-                                 "msls_test/msls_test_qImages.npy", "msls_val/msls_val_qIdx.npy",
-                                 "Pittsburgh/pitts250k_test_qImages.npy"])
+@pytest.mark.parametrize(
+    "rel",
+    [
+        "Pittsburgh/pitts30k_test_qImages.npy",
+        "Pittsburgh/pitts30k_val_dbImages.npy",
+        "msls_test/msls_test_qImages.npy",
+        "msls_val/msls_val_qIdx.npy",
+        "Pittsburgh/pitts250k_test_qImages.npy",
+    ],
+)
 def test_gsv_npy_partial_sets_say_what_is_missing(shared_data, rel):
     with pytest.raises(InputError, match="missing"):
         load_dataset(shared_data / GT / "vpr_gt_npy/datasets" / rel)
@@ -240,21 +286,31 @@ def test_label_csv_repeats_are_warned_and_counted_once(shared_data, tmp_path, ca
     clean = load_dataset(root)
     assert (clean.num_db, clean.num_q) == (6, 3) and not caplog.records
     # two gallery rows repeated, one twice; one query also listed in the gallery
-    (root / "dataset.csv").write_text("\n".join(
-        [(shared_data / "ie_tower_floors/dataset.csv").read_text().splitlines()[0]] + rows
-        + [gallery[0], gallery[0], gallery[3], queries[1].replace(",query,", ",gallery,")]) + "\n")
+    (root / "dataset.csv").write_text(
+        "\n".join(
+            [(shared_data / "ie_tower_floors/dataset.csv").read_text().splitlines()[0]]
+            + rows
+            + [gallery[0], gallery[0], gallery[3], queries[1].replace(",query,", ",gallery,")]
+        )
+        + "\n"
+    )
     with caplog.at_level("WARNING", logger="hafloc.datasets.labels"):
         ds = load_dataset(root)
     assert ds.db_images == clean.db_images and ds.q_images == clean.q_images  # the database does not grow
     msgs = [r.getMessage() for r in caplog.records]
     assert any("3 repeated row(s) (same image, label and split) ignored" in m for m in msgs), msgs
-    assert any("1 image(s) listed as both gallery and query" in m and "kept as queries, removed from the gallery" in m
-               for m in msgs), msgs
+    assert any(
+        "1 image(s) listed as both gallery and query" in m and "kept as queries, removed from the gallery" in m
+        for m in msgs
+    ), msgs
     # the same image under two labels is an error: which place is it?
     img, label = gallery[1].split(",")[:2]
     (root / "dataset.csv").write_text((root / "dataset.csv").read_text() + f"{img},other_floor,query,x,y\n")
-    with pytest.raises(InputError, match=rf"dataset\.csv: image '{img}' has label '{label}' on line 3 and "
-                                         r"'other_floor' on line 15"):
+    with pytest.raises(
+        InputError,
+        match=rf"dataset\.csv: image '{img}' has label '{label}' on line 3 and "
+        r"'other_floor' on line 15",
+    ):
         load_dataset(root)
 
 
@@ -298,7 +354,9 @@ def test_gardenspoint_day_night_as_at_folders(shared_data, tmp_path):
 
 
 def test_parse_at_name():
-    f = parse_at_name("images/test/queries/@0584744.97@4476709.92@17@T@40.44@-79.99@pano1@03@90.5@@@@20110101@a note@.jpg")
+    f = parse_at_name(
+        "images/test/queries/@0584744.97@4476709.92@17@T@40.44@-79.99@pano1@03@90.5@@@@20110101@a note@.jpg"
+    )
     assert f["east"] == 584744.97 and f["north"] == 4476709.92 and f["zone"] == 17 and f["letter"] == "T"
     assert f["lat"] == 40.44 and f["pano"] == "pano1" and f["tile"] == "03" and f["heading"] == 90.5
     assert f["pitch"] is None and f["timestamp"] == "20110101" and f["note"] == "a note"
@@ -311,9 +369,11 @@ def test_parse_at_name():
 
 def test_at_names_with_unusable_positions_are_refused(tmp_path):
     good = "@500000.00@6960000.00@56@J@-27.47@153.03@@@@@@@@q@.jpg"
-    cases = {"@inf@6960000.00@56@J@@@@@@@@@@@.jpg": "east inf is not a finite number",
-             "@500000.00@6960000.00@56@J@999@153.03@@@@@@@@@.jpg": "lat 999.0 is out of range",
-             "@500000.00@6960000.00@56@J@-27.47@-181@@@@@@@@@.jpg": "lon -181.0 is out of range"}
+    cases = {
+        "@inf@6960000.00@56@J@@@@@@@@@@@.jpg": "east inf is not a finite number",
+        "@500000.00@6960000.00@56@J@999@153.03@@@@@@@@@.jpg": "lat 999.0 is out of range",
+        "@500000.00@6960000.00@56@J@-27.47@-181@@@@@@@@@.jpg": "lon -181.0 is out of range",
+    }
     for k, (name, cause) in enumerate(cases.items()):
         root = tmp_path / str(k)
         _img(root / "images/test/queries" / good)
@@ -328,8 +388,11 @@ def test_at_names_with_unusable_positions_are_refused(tmp_path):
 
 def test_nonfinite_positions_are_refused_by_every_reader(tmp_path):
     write_pitts_dbstruct(tmp_path / "p.mat", ["a.jpg", "b.jpg"], ["c.jpg"], [[1, 2], [np.nan, 3]], [[1, 2]])
-    with pytest.raises(InputError, match=r"p\.mat: database image 'b\.jpg' \(#2\) has position \(nan, 3\.0\), "
-                                         r"not finite \(1 of 2 database positions are bad\)"):
+    with pytest.raises(
+        InputError,
+        match=r"p\.mat: database image 'b\.jpg' \(#2\) has position \(nan, 3\.0\), "
+        r"not finite \(1 of 2 database positions are bad\)",
+    ):
         load_dataset(tmp_path / "p.mat")
     with pytest.raises(InputError, match=r"query image 'q\.jpg' \(#1\)"):  # the safety net for any reader
         Dataset("x", "at", tmp_path, ["a.jpg"], ["q.jpg"], db_utm=[[0, 0]], q_utm=[[np.inf, 0]])
@@ -343,9 +406,11 @@ def test_nonfinite_positions_are_refused_by_every_reader(tmp_path):
 
 
 def test_position_csv_repeats(tmp_path, caplog):
-    (tmp_path / "pos.csv").write_text("image,easting,northing,zone,split\na.jpg,100,0,17T,database\n"
-                                      "b.jpg,200,0,17T,database\na.jpg,100,0,17T,database\nb.jpg,200,0,17T,query\n"
-                                      "c.jpg,190,10,17T,query\n")
+    (tmp_path / "pos.csv").write_text(
+        "image,easting,northing,zone,split\na.jpg,100,0,17T,database\n"
+        "b.jpg,200,0,17T,database\na.jpg,100,0,17T,database\nb.jpg,200,0,17T,query\n"
+        "c.jpg,190,10,17T,query\n"
+    )
     with caplog.at_level("WARNING", logger="hafloc.datasets.geotagged"):
         ds = load_dataset(tmp_path)
     assert (ds.db_images, ds.q_images) == (["a.jpg"], ["b.jpg", "c.jpg"])
@@ -353,8 +418,11 @@ def test_position_csv_repeats(tmp_path, caplog):
     assert "1 repeated row(s) (same image and position) ignored" in msgs
     assert "1 image(s) listed as both database and query (e.g. b.jpg): kept as queries" in msgs
     (tmp_path / "pos.csv").write_text("image,easting,northing,zone\na.jpg,100,0,17T\na.jpg,150,0,17T\n")
-    with pytest.raises(InputError, match=r"a\.jpg has two positions: \(100\.0, 0\.0\) on line 2 and "
-                                         r"\(150\.0, 0\.0\) on line 3"):
+    with pytest.raises(
+        InputError,
+        match=r"a\.jpg has two positions: \(100\.0, 0\.0\) on line 2 and "
+        r"\(150\.0, 0\.0\) on line 3",
+    ):
         load_dataset(tmp_path, format="geotagged")
     # Daejeon520-style database.csv + query.csv naming the same photo
     d = tmp_path / "dj"
@@ -382,9 +450,18 @@ def _cells(names: list[str]) -> np.ndarray:
 
 
 def write_pitts_dbstruct(path: Path, db: list[str], q: list[str], utm_db, utm_q, **extra) -> None:
-    s = {"whichSet": "test", "dbImageFns": _cells(db), "utmDb": np.asarray(utm_db, float).T,
-         "qImageFns": _cells(q), "utmQ": np.asarray(utm_q, float).T, "numImages": len(db),
-         "numQueries": len(q), "posDistThr": 25, "posDistSqThr": 625, "nonTrivPosDistSqThr": 100}
+    s = {
+        "whichSet": "test",
+        "dbImageFns": _cells(db),
+        "utmDb": np.asarray(utm_db, float).T,
+        "qImageFns": _cells(q),
+        "utmQ": np.asarray(utm_q, float).T,
+        "numImages": len(db),
+        "numQueries": len(q),
+        "posDistThr": 25,
+        "posDistSqThr": 625,
+        "nonTrivPosDistSqThr": 100,
+    }
     s.update(extra)
     scipy.io.savemat(str(path), {"dbStruct": s})
 
@@ -397,8 +474,9 @@ def test_pittsburgh_layout_queries_real(tmp_path):
         _img(root / n)
     _img(root / "queries_real" / q[0])
     (root / "datasets").mkdir()
-    write_pitts_dbstruct(root / "datasets/pitts30k_test.mat", db, q, [[584000, 4476000]] * 2 + [[584100, 4476000]],
-                         [[584010, 4476005]])
+    write_pitts_dbstruct(
+        root / "datasets/pitts30k_test.mat", db, q, [[584000, 4476000]] * 2 + [[584100, 4476000]], [[584010, 4476005]]
+    )
     ds = load_dataset(root, split="test")  # finds datasets/pitts30k_test.mat, images under root
     assert ds.root == root and ds.q_images == ["queries_real/000/000500_pitch1_yaw1.jpg"]
     assert all(p.is_file() for p in ds.db_paths() + ds.q_paths())
@@ -422,8 +500,20 @@ def test_tokyo_layout_png_files_and_panoramas(tmp_path):
 def test_tokyotm_layout_timestamps(tmp_path):
     db = [f"d/{i}.jpg" for i in range(4)]
     cells = np.empty((1, 12), dtype=object)
-    fields = ["train", _cells(db), np.zeros((2, 4)) + [[380000], [3940000]], np.array([[2009, 2009, 2012, 2012]]),
-              _cells(["q/0.jpg"]), np.array([[380000.0], [3940000.0]]), np.array([[2012]]), 4, 1, 25, 625, 100]
+    fields = [
+        "train",
+        _cells(db),
+        np.zeros((2, 4)) + [[380000], [3940000]],
+        np.array([[2009, 2009, 2012, 2012]]),
+        _cells(["q/0.jpg"]),
+        np.array([[380000.0], [3940000.0]]),
+        np.array([[2012]]),
+        4,
+        1,
+        25,
+        625,
+        100,
+    ]
     for i, v in enumerate(fields):
         cells[0, i] = v
     scipy.io.savemat(str(tmp_path / "tokyoTM_val.mat"), {"dbStruct": cells})  # unnamed 12-field cell
@@ -476,7 +566,12 @@ def test_broken_csv_and_npz(shared_data, tmp_path):
     (tmp_path / "dataset_gt_files/pitts30k_test.npz").write_bytes(raw[:1000])
     with pytest.raises(InputError, match="not a readable .npz"):
         load_dataset(tmp_path / "dataset_gt_files/pitts30k_test.npz")
-    np.savez(tmp_path / "dataset_gt_files/pitts30k_test.npz", utmQ=np.zeros((6816, 2)), utmDb=np.zeros((10, 2)), posDistThr=25)
+    np.savez(
+        tmp_path / "dataset_gt_files/pitts30k_test.npz",
+        utmQ=np.zeros((6816, 2)),
+        utmDb=np.zeros((10, 2)),
+        posDistThr=25,
+    )
     with pytest.raises(InputError, match="10000 names but 10 database positions"):
         load_dataset(tmp_path / "dataset_gt_files/pitts30k_test.npz")
     np.savez(tmp_path / "dataset_gt_files/pitts30k_test.npz", utmQ=np.zeros((6816, 2)))
@@ -540,8 +635,11 @@ def test_revisited_layout(tmp_path):
     for i in range(5):
         _img(tmp_path / "jpg" / f"im{i}.jpg")
     _img(tmp_path / "jpg" / "q0.jpg")
-    gnd = {"imlist": [f"im{i}" for i in range(5)], "qimlist": ["q0"],
-           "gnd": [{"easy": [0], "hard": [2, 3], "junk": [4], "bbx": [0, 0, 5, 5]}]}
+    gnd = {
+        "imlist": [f"im{i}" for i in range(5)],
+        "qimlist": ["q0"],
+        "gnd": [{"easy": [0], "hard": [2, 3], "junk": [4], "bbx": [0, 0, 5, 5]}],
+    }
     with open(tmp_path / "gnd_roxford5k.pkl", "wb") as f:
         pickle.dump(gnd, f)
     ds = load_dataset(tmp_path)
@@ -606,8 +704,10 @@ def test_geotagged_exif_folders(tmp_path):
 
 
 def test_geotagged_csv_with_split_column(tmp_path):
-    (tmp_path / "pos.csv").write_text("image,easting,northing,zone,split\na.jpg,100,0,17T,database\n"
-                                      "b.jpg,200,0,17T,database\nc.jpg,190,10,17T,query\n")
+    (tmp_path / "pos.csv").write_text(
+        "image,easting,northing,zone,split\na.jpg,100,0,17T,database\n"
+        "b.jpg,200,0,17T,database\nc.jpg,190,10,17T,query\n"
+    )
     ds = load_dataset(tmp_path)
     assert (ds.db_images, ds.q_images, ds.utm_zone) == (["a.jpg", "b.jpg"], ["c.jpg"], (17, "T"))
     assert [list(p) for p in ds.query_positives()] == [[1]]
@@ -637,8 +737,15 @@ def test_latlon_to_utm_known_points_and_forced_zone():
 
 
 def test_subset_reindexes_positives_and_quirks():
-    ds = Dataset("s", "vprbench", Path("/x"), ["a", "b", "c", "d"], ["q0", "q1"], positives=[[1, 3], [0]],
-                 quirks=Quirks(tokyo_nms=np.array(["p", "p", "r", "r"]), timestamps={"db": np.arange(4), "q": np.arange(2)}))
+    ds = Dataset(
+        "s",
+        "vprbench",
+        Path("/x"),
+        ["a", "b", "c", "d"],
+        ["q0", "q1"],
+        positives=[[1, 3], [0]],
+        quirks=Quirks(tokyo_nms=np.array(["p", "p", "r", "r"]), timestamps={"db": np.arange(4), "q": np.arange(2)}),
+    )
     sub = ds.subset(db_idx=[3, 0, 1], q_idx=[1, 0])
     assert sub.db_images == ["d", "a", "b"] and sub.q_images == ["q1", "q0"]
     assert [list(p) for p in sub.positives] == [[1], [0, 2]]
@@ -647,9 +754,18 @@ def test_subset_reindexes_positives_and_quirks():
 
 
 def test_split_database_drops_query_quirks_and_revisited_needs_its_lists():
-    ds = Dataset("s", "at", Path("/x"), [f"{i}.jpg" for i in range(10)], ["q0"], db_utm=np.c_[np.arange(10) * 100.0, np.zeros(10)],
-                 q_utm=[[0.0, 0.0]], quirks=Quirks(db_notes=[str(i) for i in range(10)], q_notes=["n"],
-                                                   capture_times={"db": list(range(10)), "q": [0]}))
+    ds = Dataset(
+        "s",
+        "at",
+        Path("/x"),
+        [f"{i}.jpg" for i in range(10)],
+        ["q0"],
+        db_utm=np.c_[np.arange(10) * 100.0, np.zeros(10)],
+        q_utm=[[0.0, 0.0]],
+        quirks=Quirks(
+            db_notes=[str(i) for i in range(10)], q_notes=["n"], capture_times={"db": list(range(10)), "q": [0]}
+        ),
+    )
     train, val = split_database(ds, val_fraction=0.2, seed=0)
     assert train.quirks.q_notes is None and train.quirks.capture_times is None
     assert train.quirks.db_notes == [Path(n).stem for n in train.db_images]  # indexed with the database
@@ -659,14 +775,27 @@ def test_split_database_drops_query_quirks_and_revisited_needs_its_lists():
 
 
 def test_formats_registry():
-    assert {"at", "dbstruct", "patchnetvlad", "vprbench", "gsv_npy", "oxford", "revisited", "holidays", "sf0",
-            "labels", "geotagged"} == set(FORMATS)
+    assert {
+        "at",
+        "dbstruct",
+        "patchnetvlad",
+        "vprbench",
+        "gsv_npy",
+        "oxford",
+        "revisited",
+        "holidays",
+        "sf0",
+        "labels",
+        "geotagged",
+    } == set(FORMATS)
 
 
 def test_sf0_both_protocols(tmp_path):
-    db = ["PCI_sp_11841_37.789727_-122.386935_937762214_0_727224067_246.264_-37.8198.jpg",
-          "PCI_sp_11842_37.789800_-122.386935_937762215_0_727224068_246.264_-37.8198.jpg",
-          "PCI_sp_11843_37.795000_-122.386935_937762216_0_727224069_246.264_-37.8198.jpg"]
+    db = [
+        "PCI_sp_11841_37.789727_-122.386935_937762214_0_727224067_246.264_-37.8198.jpg",
+        "PCI_sp_11842_37.789800_-122.386935_937762215_0_727224068_246.264_-37.8198.jpg",
+        "PCI_sp_11843_37.795000_-122.386935_937762216_0_727224069_246.264_-37.8198.jpg",
+    ]
     for n in db:
         _img(tmp_path / "database" / n)
     _img(tmp_path / "queries" / "0001.jpg")
@@ -676,7 +805,9 @@ def test_sf0_both_protocols(tmp_path):
     ds = load_dataset(tmp_path)
     assert ds.format == "sf0" and [list(p) for p in ds.positives] == [[1, 2]] and "building" in ds.quirks.protocol
     ds = load_dataset(tmp_path, protocol="posed")
-    assert ds.utm_zone == (10, "S") and [list(p) for p in ds.query_positives()] == [[0, 1]]  # 8 m north is in, 586 m is out
+    assert ds.utm_zone == (10, "S") and [list(p) for p in ds.query_positives()] == [
+        [0, 1]
+    ]  # 8 m north is in, 586 m is out
 
 
 def test_one_image_listing_for_readers_and_extraction(tmp_path):

@@ -60,8 +60,12 @@ def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
     load = _load_factor()
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "hafloc", "demo", "--quick", "--no-progress", "--output", str(out)],
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "hafloc", "demo", "--quick", "--no-progress", "--output", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     seconds = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the budget holds on an idle machine; on a shared, oversubscribed one it stretches with the load
@@ -86,7 +90,9 @@ def test_quick_demo_end_to_end(quick_demo):
             assert 0.0 <= r[f"recall@{n}"] <= 100.0
         assert r["recall@1"] <= r["recall@5"] <= r["recall@10"]
         # per-size splits cover every test query, and recombine into the overall recall
-        assert {s: b["num_queries"] for s, b in r["by_size"].items()} == {s: test_sizes.count(s) for s in set(test_sizes)}
+        assert {s: b["num_queries"] for s, b in r["by_size"].items()} == {
+            s: test_sizes.count(s) for s in set(test_sizes)
+        }
         for n in (1, 5, 10):
             recombined = sum(b[f"recall@{n}"] * b["num_queries"] for b in r["by_size"].values()) / len(test_sizes)
             assert recombined == pytest.approx(r[f"recall@{n}"], abs=1e-6), (name, n)
@@ -134,8 +140,12 @@ def test_quick_demo_rerun_reuses_stages(quick_demo):
     # a run that died after evaluating gem but before writing its result: only that stage reruns
     (out / "results" / "gem.json").unlink()
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "hafloc", "demo", "--quick", "--no-progress", "--output", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "hafloc", "demo", "--quick", "--no-progress", "--output", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     seconds = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
     after = json.loads((out / "results.json").read_text())
@@ -173,8 +183,12 @@ def test_quick_demo_report_in_browser(quick_demo, tmp_path):
 
 
 def test_recall_by_group_counts_misses():
-    recs = [{"size": "small", "first_hit": 0}, {"size": "small", "first_hit": 6}, {"size": "small", "first_hit": None},
-            {"size": "large", "first_hit": 4}]
+    recs = [
+        {"size": "small", "first_hit": 0},
+        {"size": "small", "first_hit": 6},
+        {"size": "small", "first_hit": None},
+        {"size": "large", "first_hit": 4},
+    ]
     r = recall_by_group(recs)
     assert r["small"]["num_queries"] == 3
     assert r["small"]["recall@1"] == pytest.approx(100 / 3)
@@ -222,26 +236,46 @@ def test_demo_with_two_seeds_reports_spread_and_interval(tmp_path):
     from hafloc.demo import run_demo
 
     city = SyntheticCityConfig(seed=0, places_per_split={"train": 8, "val": 4, "test": 8}, image_size=(64, 96))
-    cfg = DemoConfig.create(tmp_path / "out", quick=True, methods=["haf", "gem"], seeds=2, city=city.to_json(),
-                            image_size=(64, 96), clusters=4, proj_dim=16, fit_images=8, train_minutes=0.05, epochs=1,
-                            cache_refresh=8, neg_pool=10, num_examples=2, progress=False)
+    cfg = DemoConfig.create(
+        tmp_path / "out",
+        quick=True,
+        methods=["haf", "gem"],
+        seeds=2,
+        city=city.to_json(),
+        image_size=(64, 96),
+        clusters=4,
+        proj_dim=16,
+        fit_images=8,
+        train_minutes=0.05,
+        epochs=1,
+        cache_refresh=8,
+        neg_pool=10,
+        num_examples=2,
+        progress=False,
+    )
     log = io.StringIO()
     summary = run_demo(cfg, stream=log)
     out = tmp_path / "out"
     lines = re.findall(r"^\[(\d+)/(\d+)\] (.*?) \.\.\. \d+ s", log.getvalue(), re.M)
     assert lines and all(int(t) == int(lines[-1][0]) for _, t, _ in lines), "stage numbering must add up"
-    assert {"training haf (seed 1)", "training gem (seed 1)", "tuning haf fusion weights on val (seed 1)",
-            "evaluating haf (seed 1) on test"} <= {n for _, _, n in lines}
+    assert {
+        "training haf (seed 1)",
+        "training gem (seed 1)",
+        "tuning haf fusion weights on val (seed 1)",
+        "evaluating haf (seed 1) on test",
+    } <= {n for _, _, n in lines}
     seeds = json.loads((out / "results.json").read_text())["seeds"]
     assert seeds == json.loads(json.dumps(summary["seeds"])) and seeds["seeds"] == [0, 1]
-    per_run = {m: [json.loads((out / "results" / f).read_text()) for f in (f"{m}.json", f"{m}-seed1.json")]
-               for m in ("haf", "gem")}
+    per_run = {
+        m: [json.loads((out / "results" / f).read_text()) for f in (f"{m}.json", f"{m}-seed1.json")]
+        for m in ("haf", "gem")
+    }
     for m, runs in per_run.items():
         r1 = [r["recall@1"] for r in runs]
         e = seeds["methods"][m]
         assert [p["recall@1"] for p in e["per_seed"]] == r1
         assert e["recall@1"]["n"] == 2 and e["recall@1"]["mean"] == pytest.approx(sum(r1) / 2)
-        assert e["recall@1"]["std"] == pytest.approx(abs(r1[0] - r1[1]) / 2 ** 0.5)
+        assert e["recall@1"]["std"] == pytest.approx(abs(r1[0] - r1[1]) / 2**0.5)
     # the seed-1 models are other models (another training seed), evaluated on the same queries
     assert per_run["haf"][0]["fingerprint"] != per_run["haf"][1]["fingerprint"]
     assert [q["query"] for q in per_run["haf"][0]["queries"]] == [q["query"] for q in per_run["gem"][1]["queries"]]

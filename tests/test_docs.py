@@ -36,7 +36,7 @@ def runnable_blocks(page: Path) -> list[tuple[int, str]]:
         end = next((j for j in range(i + 2, len(lines)) if lines[j].strip() == "```"), None)
         if end is None:
             raise AssertionError(f"{page.name}:{i + 2}: unclosed code block")
-        blocks.append((i + 2, "\n".join(lines[i + 2:end]) + "\n"))
+        blocks.append((i + 2, "\n".join(lines[i + 2 : end]) + "\n"))
     return blocks
 
 
@@ -67,14 +67,25 @@ def test_page_blocks_run(page: Path, tmp_path: Path, shared_data: Path, hafloc_b
     for p in lund[:4]:
         shutil.copy(p, tmp_path / "photos" / p.name)
     shutil.copy(lund[4], tmp_path / "query.jpg")
-    env = dict(os.environ, PATH=f"{hafloc_bin}{os.pathsep}{os.environ.get('PATH', '')}",
-               HAFLOC_CACHE=str(tmp_path / ".cache"), PYTHONPATH=str(REPO))
+    env = dict(
+        os.environ,
+        PATH=f"{hafloc_bin}{os.pathsep}{os.environ.get('PATH', '')}",
+        HAFLOC_CACHE=str(tmp_path / ".cache"),
+        PYTHONPATH=str(REPO),
+    )
     for line, script in runnable_blocks(page):
-        proc = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, (
             f"{page.name}:{line}: block exited {proc.returncode}\n--- block\n{script}"
-            f"--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}")
+            f"--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
+        )
 
 
 def _load_gen_cli_docs():

@@ -32,11 +32,13 @@ def _run(argv: list[str], capsys) -> tuple[int, str, str]:
 
 # ---------------------------------------------------------------- fixtures in published layouts
 
+
 @pytest.fixture(scope="module")
 def tower(shared_data, tmp_path_factory) -> Path:
     """ie_tower_floors subset in its own layout: dataset.csv (image,label,split,...) + images/."""
-    return tower_subset(shared_data, tmp_path_factory.mktemp("ie_tower_subset"), FLOORS, GALLERY_PER_FLOOR,
-                        QUERIES_PER_FLOOR)
+    return tower_subset(
+        shared_data, tmp_path_factory.mktemp("ie_tower_subset"), FLOORS, GALLERY_PER_FLOOR, QUERIES_PER_FLOOR
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +54,24 @@ def landmarks(shared_data, tmp_path_factory) -> Path:
 
 
 def _init_model(method: str, images: list[Path], out: Path) -> Path:
-    rc = main(["model", "init", "--method", method, "--images", *map(str, images), "--output", str(out),
-               "--clusters", "16", "--max-side", SIDE, "--fit-images", "24"])
+    rc = main(
+        [
+            "model",
+            "init",
+            "--method",
+            method,
+            "--images",
+            *map(str, images),
+            "--output",
+            str(out),
+            "--clusters",
+            "16",
+            "--max-side",
+            SIDE,
+            "--fit-images",
+            "24",
+        ]
+    )
     assert rc == 0 and out.is_file()
     return out
 
@@ -74,8 +92,9 @@ def netvlad_model(tower, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def landmark_model(landmarks, tmp_path_factory) -> Path:
     """HAF with clusters fitted on the landmark database images (no labels used), as for Oxford."""
-    return _init_model("haf", sorted((landmarks / "jpg").glob("*.jpg")),
-                       tmp_path_factory.mktemp("models") / "haf_landmarks.model")
+    return _init_model(
+        "haf", sorted((landmarks / "jpg").glob("*.jpg")), tmp_path_factory.mktemp("models") / "haf_landmarks.model"
+    )
 
 
 def _common(cache: Path) -> list[str]:
@@ -84,10 +103,24 @@ def _common(cache: Path) -> list[str]:
 
 # ---------------------------------------------------------------- tests
 
+
 def test_eval_label_set_report_and_json(tower, haf_model, tmp_path, capsys):
     out_json, report = tmp_path / "res" / "tower.json", tmp_path / "report"
-    rc, out, err = _run(["eval", "--model", str(haf_model), "--dataset", str(tower), "--json", str(out_json),
-                         "--report", str(report), *_common(tmp_path / "cache")], capsys)
+    rc, out, err = _run(
+        [
+            "eval",
+            "--model",
+            str(haf_model),
+            "--dataset",
+            str(tower),
+            "--json",
+            str(out_json),
+            "--report",
+            str(report),
+            *_common(tmp_path / "cache"),
+        ],
+        capsys,
+    )
     assert rc == 0, err
     res = json.loads(out_json.read_text())
     n_q = FLOORS * QUERIES_PER_FLOOR
@@ -114,8 +147,10 @@ def test_eval_label_set_report_and_json(tower, haf_model, tmp_path, capsys):
         assert im.format == "PNG" and im.width > 300
     html = (report / "index.html").read_text()
     assert "recall_curve.png" in html and "attention.png" in html and res["fingerprint"] in html
-    print(f"\nie_tower subset ({FLOORS} floors, {n_q} q / {FLOORS * GALLERY_PER_FLOOR} db): "
-          f"R@1/5/10 = {r1:.1f}/{r5:.1f}/{r10:.1f}")
+    print(
+        f"\nie_tower subset ({FLOORS} floors, {n_q} q / {FLOORS * GALLERY_PER_FLOOR} db): "
+        f"R@1/5/10 = {r1:.1f}/{r5:.1f}/{r10:.1f}"
+    )
 
 
 def test_eval_at_folders_day_night_cache_and_compare(gardens, haf_model, netvlad_model, tmp_path, capsys):
@@ -123,8 +158,9 @@ def test_eval_at_folders_day_night_cache_and_compare(gardens, haf_model, netvlad
     runs = []
     for k in range(2):
         j = tmp_path / f"gp{k}.json"
-        rc, out, err = _run(["eval", "--model", str(haf_model), "--dataset", str(gardens), "--json", str(j),
-                             *_common(cache)], capsys)
+        rc, out, err = _run(
+            ["eval", "--model", str(haf_model), "--dataset", str(gardens), "--json", str(j), *_common(cache)], capsys
+        )
         assert rc == 0, err
         runs.append(json.loads(j.read_text()))
     first, second = runs
@@ -140,8 +176,23 @@ def test_eval_at_folders_day_night_cache_and_compare(gardens, haf_model, netvlad
 
     # another model must not read the first one's descriptors
     out_dir = tmp_path / "cmp"
-    rc, out, err = _run(["compare", "--models", str(haf_model), str(netvlad_model), "--names", "HAF", "NetVLAD",
-                         "--dataset", str(gardens), "--output", str(out_dir), *_common(cache)], capsys)
+    rc, out, err = _run(
+        [
+            "compare",
+            "--models",
+            str(haf_model),
+            str(netvlad_model),
+            "--names",
+            "HAF",
+            "NetVLAD",
+            "--dataset",
+            str(gardens),
+            "--output",
+            str(out_dir),
+            *_common(cache),
+        ],
+        capsys,
+    )
     assert rc == 0, err
     res = json.loads((out_dir / "results.json").read_text())
     assert res["results"]["HAF"]["cache"]["extracted"] == 0
@@ -155,16 +206,31 @@ def test_eval_at_folders_day_night_cache_and_compare(gardens, haf_model, netvlad
     assert "recall_curves.png" in (out_dir / "index.html").read_text()
     cfg = json.loads((out_dir / "config.json").read_text())
     assert [m["method"] for m in cfg["models"]] == ["haf", "netvlad"]
-    print(f"\nGardensPoint day->night (10 q / 10 db): HAF R@1/5/10 = "
-          f"{first['recall@1']:.1f}/{first['recall@5']:.1f}/{first['recall@10']:.1f}")
-    print(f"NetVLAD (untrained) GardensPoint R@1/5/10 = {res['results']['NetVLAD']['recall@1']:.1f}/"
-          f"{res['results']['NetVLAD']['recall@5']:.1f}/{res['results']['NetVLAD']['recall@10']:.1f}")
+    print(
+        f"\nGardensPoint day->night (10 q / 10 db): HAF R@1/5/10 = "
+        f"{first['recall@1']:.1f}/{first['recall@5']:.1f}/{first['recall@10']:.1f}"
+    )
+    print(
+        f"NetVLAD (untrained) GardensPoint R@1/5/10 = {res['results']['NetVLAD']['recall@1']:.1f}/"
+        f"{res['results']['NetVLAD']['recall@5']:.1f}/{res['results']['NetVLAD']['recall@10']:.1f}"
+    )
 
 
 def test_eval_oxford_layout_full_and_crop(landmarks, landmark_model, tmp_path, capsys):
     j = tmp_path / "ox.json"
-    rc, out, err = _run(["eval", "--model", str(landmark_model), "--dataset", str(landmarks), "--json", str(j),
-                         *_common(tmp_path / "cache")], capsys)
+    rc, out, err = _run(
+        [
+            "eval",
+            "--model",
+            str(landmark_model),
+            "--dataset",
+            str(landmarks),
+            "--json",
+            str(j),
+            *_common(tmp_path / "cache"),
+        ],
+        capsys,
+    )
     assert rc == 0, err
     res = json.loads(j.read_text())
     assert res["dataset"]["format"] == "oxford" and res["num_queries"] == 5
@@ -204,13 +270,21 @@ def test_eval_revisited_and_holidays_layouts(shared_data, landmark_model, tmp_pa
         qimlist.append(Path(q["image"]).stem)
         mine = [imlist.index(Path(r["image"]).stem) for r in rows[1:]]
         w, h = int(q["width"]), int(q["height"])
-        gnd.append({"easy": mine[: (len(mine) + 1) // 2], "hard": mine[(len(mine) + 1) // 2:], "junk": [],
-                    "bbx": [0.1 * w, 0.1 * h, 0.9 * w, 0.9 * h]})
+        gnd.append(
+            {
+                "easy": mine[: (len(mine) + 1) // 2],
+                "hard": mine[(len(mine) + 1) // 2 :],
+                "junk": [],
+                "bbx": [0.1 * w, 0.1 * h, 0.9 * w, 0.9 * h],
+            }
+        )
     with open(rv / "gnd_roxford5k.pkl", "wb") as f:
         pickle.dump({"imlist": imlist, "qimlist": qimlist, "gnd": gnd}, f)
     j = tmp_path / "rv.json"
-    rc, out, err = _run(["eval", "--model", str(landmark_model), "--dataset", str(rv), "--json", str(j),
-                         *_common(tmp_path / "cache")], capsys)
+    rc, out, err = _run(
+        ["eval", "--model", str(landmark_model), "--dataset", str(rv), "--json", str(j), *_common(tmp_path / "cache")],
+        capsys,
+    )
     assert rc == 0, err
     res = json.loads(j.read_text())
     assert res["dataset"]["format"] == "revisited" and res["num_queries"] == 5
@@ -228,8 +302,10 @@ def test_eval_revisited_and_holidays_layouts(shared_data, landmark_model, tmp_pa
         for i, r in enumerate(rows):
             link(src / r["image"], hol / "jpg" / f"{100 + k:04d}{i:02d}.jpg")
     j = tmp_path / "hol.json"
-    rc, out, err = _run(["eval", "--model", str(landmark_model), "--dataset", str(hol), "--json", str(j),
-                         *_common(tmp_path / "cache")], capsys)
+    rc, out, err = _run(
+        ["eval", "--model", str(landmark_model), "--dataset", str(hol), "--json", str(j), *_common(tmp_path / "cache")],
+        capsys,
+    )
     assert rc == 0, err
     res_h = json.loads(j.read_text())
     assert res_h["dataset"]["format"] == "holidays" and res_h["num_queries"] == 5
@@ -238,15 +314,19 @@ def test_eval_revisited_and_holidays_layouts(shared_data, landmark_model, tmp_pa
     with np.load(res_h["cache"]["file"]) as z:  # extracted as distributed: no EXIF rotation, 1024x768 bound
         settings = json.loads(str(z["settings"]))
     assert settings["exif_transpose"] is False and settings["max_size"] == [1024, 768]
-    print(f"\nrevisited layout: mAP E/M/H = {res['mAP_E']:.1f}/{res['mAP_M']:.1f}/{res['mAP_H']:.1f}; "
-          f"Holidays layout mAP = {res_h['mAP']:.1f}")
+    print(
+        f"\nrevisited layout: mAP E/M/H = {res['mAP_E']:.1f}/{res['mAP_M']:.1f}/{res['mAP_H']:.1f}; "
+        f"Holidays layout mAP = {res_h['mAP']:.1f}"
+    )
 
 
 def test_without_positive_note_follows_the_protocol():
     from hafloc.cli.eval import without_positive_note
 
     assert without_positive_note({"num_queries_without_positive": 3}, "recall").endswith("(counted as misses)")
-    assert without_positive_note({"num_queries_without_positive": 3}, "holidays").endswith("skipped as the protocol does")
+    assert without_positive_note({"num_queries_without_positive": 3}, "holidays").endswith(
+        "skipped as the protocol does"
+    )
     assert without_positive_note({"num_queries_without_positive": 0}, "recall") is None
     assert without_positive_note({"num_queries_without_positive": {"E": 0, "M": 0, "H": 0}}, "revisited") is None
 
@@ -271,10 +351,16 @@ def test_failed_images_are_skipped_and_reported(gardens, haf_model, tmp_path):
     assert {Path(f[0]).name for f in res["failures"]} == {q_bad.name, db_bad.name}
     # typed result: ranks, the scored subset and the query rows line up; the metrics are JSON-ready
     assert isinstance(res, EvalResult) and res.ranks.shape[0] == len(res.q_index) == res.dataset.num_q == 9
-    assert res.dataset.num_db == 9 and int(res.ranks.max()) < 9 and q_bad.name not in {Path(q).name for q in res.dataset.q_images}
+    assert (
+        res.dataset.num_db == 9
+        and int(res.ranks.max()) < 9
+        and q_bad.name not in {Path(q).name for q in res.dataset.q_images}
+    )
     assert not any(k.startswith("_") for k in res) and json.loads(json.dumps(res.to_json()))["num_queries"] == 10
     # every recall is a whole number of the 10 queries, and the failed query can never be a hit
-    assert res["recall@10"] <= 90.0 and all(abs(res[k] / 10 - round(res[k] / 10)) < 1e-9 for k in ("recall@1", "recall@5"))
+    assert res["recall@10"] <= 90.0 and all(
+        abs(res[k] / 10 - round(res[k] / 10)) < 1e-9 for k in ("recall@1", "recall@5")
+    )
 
 
 def test_cache_location(monkeypatch, tmp_path):
@@ -307,9 +393,22 @@ def test_bad_positions_fail_before_extraction(gardens, haf_model, tmp_path, caps
     utm_q = np.array([[500000.0 + 100 * i, 6960000.0] for i in range(len(q))])
     utm_q[2, 0] = np.inf
     cells = lambda names: np.array([[n] for n in names], dtype=object)  # noqa: E731
-    scipy.io.savemat(str(mat), {"dbStruct": {"whichSet": "test", "dbImageFns": cells(db), "utmDb": np.ones((2, len(db))),
-                                             "qImageFns": cells(q), "utmQ": utm_q.T, "numImages": len(db),
-                                             "numQueries": len(q), "posDistThr": 25, "posDistSqThr": 625}})
+    scipy.io.savemat(
+        str(mat),
+        {
+            "dbStruct": {
+                "whichSet": "test",
+                "dbImageFns": cells(db),
+                "utmDb": np.ones((2, len(db))),
+                "qImageFns": cells(q),
+                "utmQ": utm_q.T,
+                "numImages": len(db),
+                "numQueries": len(q),
+                "posDistThr": 25,
+                "posDistSqThr": 625,
+            }
+        },
+    )
     rc, out, err = _run(["eval", "--model", str(haf_model), "--dataset", str(mat), *_common(cache)], capsys)
     assert rc == 2 and len(err.strip().splitlines()) == 1, err
     assert f"{mat}: query image '{q[2]}' (#3) has position (inf, 6960000.0), not finite (1 of {len(q)}" in err
@@ -329,6 +428,17 @@ def test_broken_inputs_are_one_line_errors(tower, haf_model, tmp_path, capsys):
     junk_model.write_bytes(b"not a model at all")
     rc, out, err = _run(["eval", "--model", str(junk_model), "--dataset", str(tower)], capsys)
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "junk.model" in err
-    rc, out, err = _run(["compare", "--models", str(haf_model), str(junk_model), "--dataset", str(tower),
-                         "--output", str(tmp_path / "o")], capsys)
+    rc, out, err = _run(
+        [
+            "compare",
+            "--models",
+            str(haf_model),
+            str(junk_model),
+            "--dataset",
+            str(tower),
+            "--output",
+            str(tmp_path / "o"),
+        ],
+        capsys,
+    )
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "junk.model" in err

@@ -64,7 +64,19 @@ def _bad_folder(root, photos):
 def test_bad_files_are_skipped_and_named(tmp_path, photos, small_model, capsys):
     folder, bad = _bad_folder(tmp_path, photos)
     out = tmp_path / "d.npz"
-    rc = main(["extract", "--model", str(small_model), str(folder), "--output", str(out), "--no-progress", "--backend", "torch"])
+    rc = main(
+        [
+            "extract",
+            "--model",
+            str(small_model),
+            str(folder),
+            "--output",
+            str(out),
+            "--no-progress",
+            "--backend",
+            "torch",
+        ]
+    )
     assert rc == 0
     err = capsys.readouterr().err
     for name in bad:
@@ -75,8 +87,19 @@ def test_bad_files_are_skipped_and_named(tmp_path, photos, small_model, capsys):
     d = z["descriptors"]
     assert d.dtype == np.float32 and np.allclose(np.linalg.norm(d, axis=1), 1, atol=1e-5)
     # nothing readable at all -> non-zero
-    rc = main(["extract", "--model", str(small_model), *(str(folder / b) for b in bad),
-               "--output", str(tmp_path / "none.npz"), "--no-progress", "--backend", "torch"])
+    rc = main(
+        [
+            "extract",
+            "--model",
+            str(small_model),
+            *(str(folder / b) for b in bad),
+            "--output",
+            str(tmp_path / "none.npz"),
+            "--no-progress",
+            "--backend",
+            "torch",
+        ]
+    )
     assert rc == 1 and not (tmp_path / "none.npz").exists()
 
 
@@ -97,14 +120,20 @@ def _png_header(width: int, height: int) -> bytes:
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_pixel_cap_is_per_call_and_pillow_global_untouched(tmp_path, photos):
-    code = ("from PIL import Image; before = Image.MAX_IMAGE_PIXELS; "
-            "import hafloc.images.io, hafloc.descriptors.extract, hafloc.cli, hafloc.serve.app; "
-            "assert Image.MAX_IMAGE_PIXELS == before, Image.MAX_IMAGE_PIXELS")
+    code = (
+        "from PIL import Image; before = Image.MAX_IMAGE_PIXELS; "
+        "import hafloc.images.io, hafloc.descriptors.extract, hafloc.cli, hafloc.serve.app; "
+        "assert Image.MAX_IMAGE_PIXELS == before, Image.MAX_IMAGE_PIXELS"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     with pytest.raises(InputError, match=r"image too large \(\d+x\d+ = 0\.\d MP; the limit is 0\.001 MP\)"):
@@ -125,6 +154,7 @@ def test_atomic_writes_never_touch_the_umask(tmp_path, monkeypatch):
 
     old = os.umask(0o027)
     try:
+
         def no_umask(*_a):
             raise AssertionError("os.umask called")
 
@@ -162,7 +192,22 @@ def test_h5_output_uses_hloc_layout(tmp_path, photos, small_model):
     for i, p in enumerate(photos[:3]):
         Image.open(p).convert("RGB").resize((160, 120)).save(folder / ("x" if i else "") / f"{i}.jpg")
     out = tmp_path / "g.h5"
-    assert main(["extract", "--model", str(small_model), str(folder), "--output", str(out), "--no-progress", "--backend", "torch"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "--model",
+                str(small_model),
+                str(folder),
+                "--output",
+                str(out),
+                "--no-progress",
+                "--backend",
+                "torch",
+            ]
+        )
+        == 0
+    )
     with h5py.File(out) as f:
         names = []
         f.visit(lambda n: names.append(n) if n.endswith("global_descriptor") else None)
@@ -177,8 +222,24 @@ def test_killed_extraction_resumes(tmp_path, photos, small_model):
     base = [Image.open(p).convert("RGB").resize((160, 120)) for p in photos[:6]]
     for i in range(90):
         base[i % 6].rotate(i * 3).save(folder / f"{i:03d}.jpg")
-    cmd = [sys.executable, "-m", "hafloc", "extract", "--model", str(small_model), str(folder), "--backend", "torch",
-           "--batch-size", "2", "--checkpoint-every", "0", "--no-progress", "--threads", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hafloc",
+        "extract",
+        "--model",
+        str(small_model),
+        str(folder),
+        "--backend",
+        "torch",
+        "--batch-size",
+        "2",
+        "--checkpoint-every",
+        "0",
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
     ref_out = tmp_path / "ref.npz"
     subprocess.run(cmd + ["--output", str(ref_out)], check=True, capture_output=True)
     out = tmp_path / "out.npz"

@@ -71,7 +71,9 @@ def fitted(shared_data, tmp_path_factory):
     """Paper-setting HAF (K=64, 128-D levels) fitted on real photos; attention and biases perturbed so
     that neither is the trivial uniform / zero of an untrained head."""
     root = shared_data / "landmarks_mini" / "images"
-    photos = [p for lm in ("london_bridge", "piazza_san_marco", "sacre_coeur") for p in sorted(root.glob(f"{lm}_*.jpg"))[:2]]
+    photos = [
+        p for lm in ("london_bridge", "piazza_san_marco", "sacre_coeur") for p in sorted(root.glob(f"{lm}_*.jpg"))[:2]
+    ]
     assert len(photos) == 6
     cfg = ModelConfig.for_method("haf")
     cfg.max_side = 320
@@ -105,9 +107,16 @@ def _export_reference(model: GeoLocNet, path):
     """The reference as a graph too: ONNX is compared with ONNX (same backbone kernels), torch with torch."""
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes about constant shapes
-        torch.onnx.export(_Reference(model).eval(), (torch.rand(1, 3, 224, 320),), str(path), input_names=["image"],
-                          output_names=["descriptor", "attention_low", "attention_mid", "attention_high"], opset_version=17, dynamo=False,
-                          dynamic_axes={"image": {0: "b", 2: "h", 3: "w"}})
+        torch.onnx.export(
+            _Reference(model).eval(),
+            (torch.rand(1, 3, 224, 320),),
+            str(path),
+            input_names=["image"],
+            output_names=["descriptor", "attention_low", "attention_mid", "attention_high"],
+            opset_version=17,
+            dynamo=False,
+            dynamic_axes={"image": {0: "b", 2: "h", 3: "w"}},
+        )
     return path
 
 
@@ -165,12 +174,16 @@ def test_projected_vlad_equals_projecting_first(fitted):
             conv, vlad, t = head.proj[lv], head.vlad[lv], taps[lv]
             feats = F.normalize(conv(t), p=2, dim=1).flatten(2)
             att = head.attn[lv](t).flatten(2)
-            per_cluster = torch.rand(t.shape[0], vlad.num_clusters, feats.shape[2], generator=torch.Generator().manual_seed(0))
+            per_cluster = torch.rand(
+                t.shape[0], vlad.num_clusters, feats.shape[2], generator=torch.Generator().manual_seed(0)
+            )
             for weights in (att, None, per_cluster):
                 ref_res, ref_mass = vlad.aggregate(feats, weights)
                 res, mass = vlad.aggregate_projected(t.flatten(2), conv.weight, conv.bias, weights)
                 # raw residuals are differences of sums over ~1000 positions: compare what the descriptor uses
-                pairs = zip(("intra", "vlad", "mass"), normalize_vlad(res) + (mass,), normalize_vlad(ref_res) + (ref_mass,))
+                pairs = zip(
+                    ("intra", "vlad", "mass"), normalize_vlad(res) + (mass,), normalize_vlad(ref_res) + (ref_mass,)
+                )
                 for name, o, r in pairs:
                     assert o.shape == r.shape
                     assert (o - r).abs().max().item() <= TOL * max(1.0, r.abs().max().item()), (lv, name)

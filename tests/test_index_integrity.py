@@ -78,6 +78,7 @@ def standin_store(folder: Path) -> IndexStore:
 
 # -- keys, hashes, positions ------------------------------------------------------------------
 
+
 def test_second_folder_with_the_same_names_is_added_and_shown_with_its_root(photos, tmp_path):
     a = folder_of(photos[:3], tmp_path / "a")
     b = folder_of(photos[3:6], tmp_path / "b", names=[p.name for p in photos[:3]])  # same names, other photos
@@ -103,19 +104,24 @@ def test_true_duplicates_are_reported_and_indexed(photos, tmp_path, model, capsy
     code, out, err = run_cli(capsys, "index", "build", f, "--model", model, "--index", tmp_path / "i", *FAST)
     assert code == 0 and "added 5" in out
     assert "warning: 2 image(s) have the same content as another indexed image (indexed anyway)" in err
-    assert f"{f.resolve() / photos[0].name} = {f.resolve() / 'copy_of_first.jpg'}" in err or \
-        f"{f.resolve() / 'copy_of_first.jpg'} = {f.resolve() / photos[0].name}" in err
+    assert (
+        f"{f.resolve() / photos[0].name} = {f.resolve() / 'copy_of_first.jpg'}" in err
+        or f"{f.resolve() / 'copy_of_first.jpg'} = {f.resolve() / photos[0].name}" in err
+    )
     with IndexStore.open(tmp_path / "i") as store:
         hashes = [r["sha1"] for r in store.images()]
     assert len(hashes) == 5 and len(set(hashes)) == 3 and all(len(h) == 40 for h in hashes)
 
 
-@pytest.mark.parametrize("at_name", [
-    "@0451843.93@5415068.87@31@U@999.0@2.343100@@@@@@@@@.jpg",  # lat 999
-    "@0451843.93@5415068.87@31@U@nan@2.343100@@@@@@@@@.jpg",
-    "@0451843.93@5415068.87@31@U@48.886700@inf@@@@@@@@@.jpg",
-    "@nan@5415068.87@31@U@@@@@@@@@@.jpg",  # no lat/lon, a nan easting in a UTM zone
-])
+@pytest.mark.parametrize(
+    "at_name",
+    [
+        "@0451843.93@5415068.87@31@U@999.0@2.343100@@@@@@@@@.jpg",  # lat 999
+        "@0451843.93@5415068.87@31@U@nan@2.343100@@@@@@@@@.jpg",
+        "@0451843.93@5415068.87@31@U@48.886700@inf@@@@@@@@@.jpg",
+        "@nan@5415068.87@31@U@@@@@@@@@@.jpg",  # no lat/lon, a nan easting in a UTM zone
+    ],
+)
 def test_invalid_at_position_is_indexed_unpositioned_with_a_warning(photos, tmp_path, model, capsys, at_name):
     f = folder_of(photos[:2], tmp_path / "p", names=["good.jpg", at_name])
     argv = ("index", "build", f, "--model", model, "--index", tmp_path / "i", "--chunk-size", "8", *FAST)
@@ -133,8 +139,19 @@ def test_invalid_at_position_is_indexed_unpositioned_with_a_warning(photos, tmp_
 def test_positions_csv_impossible_values(photos, tmp_path, model, capsys, lat, lon):
     f = folder_of(photos[:1], tmp_path / "p", names=["a.jpg"])
     (tmp_path / "pos.csv").write_text(f"image,lat,lon\nother.jpg,1,2\na.jpg,{lat},{lon}\n")
-    code, _, err = run_cli(capsys, "index", "build", f, "--model", model, "--index", tmp_path / "i",
-                           "--positions", tmp_path / "pos.csv", *FAST)
+    code, _, err = run_cli(
+        capsys,
+        "index",
+        "build",
+        f,
+        "--model",
+        model,
+        "--index",
+        tmp_path / "i",
+        "--positions",
+        tmp_path / "pos.csv",
+        *FAST,
+    )
     assert code == 2 and "pos.csv: line 3: lat/lon out of range" in one_line_error(err)
     assert not (tmp_path / "i").exists()  # refused before anything is written
 
@@ -150,6 +167,7 @@ def test_positions_csv_repeated_rows(tmp_path, caplog):
 
 
 # -- non-UTF-8 names ---------------------------------------------------------------------------
+
 
 def test_non_utf8_names_are_indexed_losslessly_and_shown_escaped(photos, tmp_path, model, capsys):
     f = folder_of(photos[:3], tmp_path / "p", names=["plain.jpg", NON_UTF8, "other.jpg"])
@@ -200,6 +218,7 @@ def load_dim(model: Path) -> int:
 
 # -- damaged inputs: one line naming the file ---------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def small_index(photos, model, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("small_index")
@@ -211,22 +230,33 @@ def small_index(photos, model, tmp_path_factory) -> dict:
 def test_empty_model_file(small_index, tmp_path, capsys):
     empty = tmp_path / "empty.model"
     empty.write_bytes(b"")
-    code, _, err = run_cli(capsys, "index", "build", small_index["db"], "--model", empty, "--index", tmp_path / "i", *FAST)
+    code, _, err = run_cli(
+        capsys, "index", "build", small_index["db"], "--model", empty, "--index", tmp_path / "i", *FAST
+    )
     assert code == 2 and one_line_error(err).endswith("empty.model: empty model file (0 bytes)")  # was IndexError
 
 
-@pytest.mark.parametrize("content, cause", [
-    ("[1, 2]", "not a JSON object"),
-    ('{"format": "hafloc-index", "model_fingerprint": "ab", "search": {}}', "field 'dim' is missing"),
-    ('{"format": "hafloc-index", "dim": 8}', "field 'model_fingerprint' is missing"),
-    ('{"format": "hafloc-index", "dim": "8", "model_fingerprint": "ab"}', "field 'dim' is missing or not a positive"),
-])
+@pytest.mark.parametrize(
+    "content, cause",
+    [
+        ("[1, 2]", "not a JSON object"),
+        ('{"format": "hafloc-index", "model_fingerprint": "ab", "search": {}}', "field 'dim' is missing"),
+        ('{"format": "hafloc-index", "dim": 8}', "field 'model_fingerprint' is missing"),
+        (
+            '{"format": "hafloc-index", "dim": "8", "model_fingerprint": "ab"}',
+            "field 'dim' is missing or not a positive",
+        ),
+    ],
+)
 def test_bad_index_json(small_index, tmp_path, capsys, content, cause):
     idx = tmp_path / "index"
     shutil.copytree(small_index["index"], idx)
     (idx / "index.json").write_text(content)
-    for argv in (("index", "info", idx), ("locate", small_index["db"], "--index", idx, *FAST),
-                 ("index", "add", small_index["db"], "--index", idx, *FAST)):
+    for argv in (
+        ("index", "info", idx),
+        ("locate", small_index["db"], "--index", idx, *FAST),
+        ("index", "add", small_index["db"], "--index", idx, *FAST),
+    ):
         code, _, err = run_cli(capsys, *argv)
         line = one_line_error(err)
         assert code == 2 and f"{idx / 'index.json'}: " in line and cause in line
@@ -238,9 +268,12 @@ def test_damaged_meta_sqlite(small_index, tmp_path, capsys):
     idx = tmp_path / "index"
     shutil.copytree(small_index["index"], idx)
     (idx / "meta.sqlite").write_bytes(np.random.default_rng(0).bytes(8192))
-    for argv in (("index", "info", idx), ("locate", small_index["db"], "--index", idx, *FAST),
-                 ("index", "add", small_index["db"], "--index", idx, *FAST),
-                 ("index", "remove", "--missing", "--index", idx)):
+    for argv in (
+        ("index", "info", idx),
+        ("locate", small_index["db"], "--index", idx, *FAST),
+        ("index", "add", small_index["db"], "--index", idx, *FAST),
+        ("index", "remove", "--missing", "--index", idx),
+    ):
         code, _, err = run_cli(capsys, *argv)
         line = one_line_error(err)
         assert code == 2 and f"{idx / 'meta.sqlite'}: damaged index database" in line
@@ -254,8 +287,11 @@ def test_damaged_meta_sqlite(small_index, tmp_path, capsys):
 
 # -- upkeep ------------------------------------------------------------------------------------
 
+
 def test_remove_set_position_compact_verify(photos, tmp_path, capsys):
-    f = folder_of(photos[:6], tmp_path / "p", names=[f"sub/{p.name}" if i % 2 else p.name for i, p in enumerate(photos[:6])])
+    f = folder_of(
+        photos[:6], tmp_path / "p", names=[f"sub/{p.name}" if i % 2 else p.name for i, p in enumerate(photos[:6])]
+    )
     rels = sorted(p.relative_to(f).as_posix() for p in f.rglob("*.jpg"))
     idx = tmp_path / "i"
     with standin_store(idx) as store:
@@ -274,7 +310,10 @@ def test_remove_set_position_compact_verify(photos, tmp_path, capsys):
     code, out, _ = run_cli(capsys, "index", "verify", "--index", idx, "--json", "--no-model")
     checks = {c["check"]: c for c in json.loads(out)["checks"]}
     assert code == 0 and "1 stale row(s)" in checks["chunks"]["detail"]  # the chunk shared with the live image
-    assert checks["orphan files"]["status"] == "warning" and "2 chunk(s) no row points at" in checks["orphan files"]["detail"]
+    assert (
+        checks["orphan files"]["status"] == "warning"
+        and "2 chunk(s) no row points at" in checks["orphan files"]["detail"]
+    )
     # set-position: validated, UTM recomputed
     code, _, err = run_cli(capsys, "index", "set-position", "--index", idx, f / top[2], "91", "2")
     assert code == 2 and "lat must lie in [-90, 90]" in one_line_error(err)
@@ -286,7 +325,13 @@ def test_remove_set_position_compact_verify(photos, tmp_path, capsys):
     assert code == 0
     with IndexStore.open(idx) as store:
         (row,) = store.images()
-    assert (row["lat"], row["lon"], row["position_source"], row["zone"], row["zone_letter"]) == (48.8867, 2.3431, "manual", 31, "U")
+    assert (row["lat"], row["lon"], row["position_source"], row["zone"], row["zone_letter"]) == (
+        48.8867,
+        2.3431,
+        "manual",
+        31,
+        "U",
+    )
     assert abs(row["easting"] - 451843.93) < 1.0
     assert json.loads((idx / "index.json").read_text())["counts"] == {"images": 1, "positioned": 1}
     # compact: only the live row remains on disk, answers unchanged
@@ -334,13 +379,26 @@ def test_v1_index_is_read_and_migrated_by_its_first_writer(photos, tmp_path):
                 lat REAL, lon REAL, easting REAL, northing REAL, zone INTEGER, zone_letter TEXT,
                 position_source TEXT, added_at TEXT NOT NULL, chunk INTEGER NOT NULL, row INTEGER NOT NULL);
             CREATE INDEX IF NOT EXISTS images_chunk ON images(chunk);""")
-        db.executemany("INSERT INTO images (path, root, lat, lon, position_source, added_at, chunk, row) "
-                       "VALUES (?,?,?,?,?,?,?,?)",
-                       [(n, str(f.resolve()), 10.0 + i, 20.0, "csv", "2026-01-01T00:00:00+00:00", 1, i)
-                        for i, n in enumerate(names)])
-    (idx / "index.json").write_text(json.dumps({
-        "format": "hafloc-index", "version": 1, "model_fingerprint": FP, "model_path": None, "dim": DIM,
-        "search": SearchConfig().to_dict(), "counts": {"images": 4, "positioned": 4}}))
+        db.executemany(
+            "INSERT INTO images (path, root, lat, lon, position_source, added_at, chunk, row) VALUES (?,?,?,?,?,?,?,?)",
+            [
+                (n, str(f.resolve()), 10.0 + i, 20.0, "csv", "2026-01-01T00:00:00+00:00", 1, i)
+                for i, n in enumerate(names)
+            ],
+        )
+    (idx / "index.json").write_text(
+        json.dumps(
+            {
+                "format": "hafloc-index",
+                "version": 1,
+                "model_fingerprint": FP,
+                "model_path": None,
+                "dim": DIM,
+                "search": SearchConfig().to_dict(),
+                "counts": {"images": 4, "positioned": 4},
+            }
+        )
+    )
     with IndexStore.open(idx) as store:  # a reader: works on the old schema, changes nothing
         hit = store.search(standin_descriptor(f / names[2]), k=1)[0]
         assert (hit.image, hit.lat) == (names[2], 12.0)
@@ -360,15 +418,20 @@ def test_v1_index_is_read_and_migrated_by_its_first_writer(photos, tmp_path):
 
 # -- the write lock with real processes --------------------------------------------------------
 
+
 def test_second_writer_waits_then_fails_with_one_line(small_index, tmp_path, capsys):
     idx = tmp_path / "index"
     shutil.copytree(small_index["index"], idx)
     holder = IndexStore.open(idx)
     with holder._writing():  # another writer at work (a separate lock, as in another process)
-        code, _, err = run_cli(capsys, "index", "add", small_index["db"], "--index", idx, "--lock-timeout", "0.5", *FAST)
+        code, _, err = run_cli(
+            capsys, "index", "add", small_index["db"], "--index", idx, "--lock-timeout", "0.5", *FAST
+        )
         assert code == 2
         assert f"waiting for the index lock held by pid {os.getpid()}" in err
-        assert f"{idx}: gave up after 0.5 s waiting for the index lock held by pid {os.getpid()}" in err.splitlines()[-1]
+        assert (
+            f"{idx}: gave up after 0.5 s waiting for the index lock held by pid {os.getpid()}" in err.splitlines()[-1]
+        )
         # readers go on while it writes
         assert run_cli(capsys, "index", "info", idx)[0] == 0
         assert run_cli(capsys, "locate", small_index["db"], "--index", idx, *FAST)[0] == 0
@@ -381,19 +444,42 @@ def _single_process_descriptors(model: Path, files: list[Path]) -> dict[str, np.
     from hafloc.descriptors.extract import Extractor
     from hafloc.descriptors.modelfile import load_model
 
-    res = Extractor(load_model(model), backend="torch", batch_size=1).extract_paths(files, [str(p.resolve()) for p in files],
-                                                                      progress=False)
+    res = Extractor(load_model(model), backend="torch", batch_size=1).extract_paths(
+        files, [str(p.resolve()) for p in files], progress=False
+    )
     assert not res.failures
     return dict(zip(res.names, res.descriptors))
 
 
 def test_three_concurrent_builds_of_different_folders(photos, model, tmp_path):
     """Used to leave images holding another image's descriptor (chunk ids taken outside any lock)."""
-    folders = [folder_of(photos[4 * i:4 * i + 4], tmp_path / f"f{i}") for i in range(3)]
+    folders = [folder_of(photos[4 * i : 4 * i + 4], tmp_path / f"f{i}") for i in range(3)]
     idx = tmp_path / "index"
-    procs = [subprocess.Popen([sys.executable, "-m", "hafloc", "index", "build", str(f), "--model", str(model),
-                               "--index", str(idx), "--chunk-size", "1", "--batch-size", "1", *FAST],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV) for f in folders]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "hafloc",
+                "index",
+                "build",
+                str(f),
+                "--model",
+                str(model),
+                "--index",
+                str(idx),
+                "--chunk-size",
+                "1",
+                "--batch-size",
+                "1",
+                *FAST,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=ENV,
+        )
+        for f in folders
+    ]
     outs = [p.communicate(timeout=240) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0 and b"Traceback" not in err, err.decode()[-2000:]
@@ -476,6 +562,7 @@ def _committed(index: Path) -> int:
 
 
 # -- the server: pixels, not bytes --------------------------------------------------------------
+
 
 def test_server_refuses_a_small_png_of_many_pixels_and_drafts_big_jpegs(small_index, photos, tmp_path):
     import io

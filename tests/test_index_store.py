@@ -55,9 +55,13 @@ def standin_extract(paths: list[Path], names: list[str], delay: float = 0.0) -> 
 
 
 # landmark positions; images of one landmark are spread 100 m apart so each has its own place
-LANDMARKS = {"london_bridge": (51.5079, -0.0877), "piazza_san_marco": (45.4341, 12.3388),
-             "sacre_coeur": (48.8867, 2.3431), "st_pauls_cathedral": (51.5138, -0.0984),
-             "united_states_capitol": (38.8899, -77.0091)}
+LANDMARKS = {
+    "london_bridge": (51.5079, -0.0877),
+    "piazza_san_marco": (45.4341, 12.3388),
+    "sacre_coeur": (48.8867, 2.3431),
+    "st_pauls_cathedral": (51.5138, -0.0984),
+    "united_states_capitol": (38.8899, -77.0091),
+}
 AT_NAME = "@0451843.93@5415068.87@31@U@48.886700@2.343100@@@@@@@@@.jpg"
 EXIF_NAME = "exif_gps.jpg"
 
@@ -100,14 +104,25 @@ def photo_root(tmp_path_factory) -> dict:
     rels.append("broken.jpg")
     (root / "positions.csv").write_text("\n".join(csv_rows) + "\n")
     unpositioned = sorted(r for r in rels if r not in expected and r != "broken.jpg")
-    return {"root": root, "rels": rels, "expected": expected, "unpositioned": unpositioned,
-            "csv": root / "positions.csv"}
+    return {
+        "root": root,
+        "rels": rels,
+        "expected": expected,
+        "unpositioned": unpositioned,
+        "csv": root / "positions.csv",
+    }
 
 
 def build(folder: Path, photo_root: dict, chunk_size: int = 4) -> tuple[IndexStore, object]:
     store = IndexStore.open_or_create(folder, FP, DIM, SearchConfig(), model_path="standin.pt")
-    report = store.add(photo_root["rels"], photo_root["root"], standin_extract,
-                       positions=read_positions_csv(photo_root["csv"]), chunk_size=chunk_size, progress=False)
+    report = store.add(
+        photo_root["rels"],
+        photo_root["root"],
+        standin_extract,
+        positions=read_positions_csv(photo_root["csv"]),
+        chunk_size=chunk_size,
+        progress=False,
+    )
     return store, report
 
 
@@ -148,8 +163,9 @@ def test_build_indexes_positions_and_reports(photo_root, reference):
     assert info["model_fingerprint"] == FP and info["dim"] == DIM
     assert info["counts"] == {"images": 22, "positioned": 17}
     with sqlite3.connect(reference["folder"] / "meta.sqlite") as db:
-        (root, zone, letter, east), = db.execute(
-            "SELECT root, zone, zone_letter, easting FROM images WHERE path = ?", (AT_NAME,)).fetchall()
+        ((root, zone, letter, east),) = db.execute(
+            "SELECT root, zone, zone_letter, easting FROM images WHERE path = ?", (AT_NAME,)
+        ).fetchall()
     assert root == str(photo_root["root"].resolve()) and (zone, letter) == (31, "U")
     assert abs(east - 451843.93) < 0.5  # the '@' name's own easting, recomputed from its lat/lon
 
@@ -173,8 +189,7 @@ def test_rerun_adds_nothing(photo_root, reference, tmp_path):
 
 
 def _same(a: dict, b: dict) -> bool:
-    return sorted(a) == sorted(b) and all(
-        np.array_equal(a[k][0], b[k][0]) and a[k][1:] == b[k][1:] for k in a)
+    return sorted(a) == sorted(b) and all(np.array_equal(a[k][0], b[k][0]) and a[k][1:] == b[k][1:] for k in a)
 
 
 KILL_SCRIPT = textwrap.dedent("""
@@ -208,7 +223,14 @@ def test_sigkill_midway_then_rerun_equals_uninterrupted(photo_root, reference, t
     folder = tmp_path / "index"
     script = tmp_path / "build.py"
     script.write_text(KILL_SCRIPT.format(tests=str(Path(__file__).parent)))
-    cmd = [sys.executable, str(script), str(folder), str(photo_root["root"]), str(photo_root["csv"]), *photo_root["rels"]]
+    cmd = [
+        sys.executable,
+        str(script),
+        str(folder),
+        str(photo_root["root"]),
+        str(photo_root["csv"]),
+        *photo_root["rels"],
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while _committed(folder) < 6 and proc.poll() is None and time.monotonic() < deadline:
@@ -220,7 +242,9 @@ def test_sigkill_midway_then_rerun_equals_uninterrupted(photo_root, reference, t
     assert proc.returncode == -signal.SIGKILL
     partial = _committed(folder)
     assert 6 <= partial < 22, partial  # killed midway: some chunks committed, not all
-    assert not (folder / "search.faiss.json").exists() or json.loads((folder / "search.faiss.json").read_text())["n"] != 22
+    assert (
+        not (folder / "search.faiss.json").exists() or json.loads((folder / "search.faiss.json").read_text())["n"] != 22
+    )
 
     # a kill between writing a chunk file and committing its rows leaves an orphan file: plant one
     with sqlite3.connect(folder / "meta.sqlite") as db:
@@ -264,8 +288,17 @@ def test_unpositioned_best_match_gives_no_estimate_when_none_positioned(photo_ro
     with IndexStore.open(reference["folder"]) as store:
         res = locate_descriptors(store, standin_descriptor(photo_root["root"] / rel)[None], [rel], k=1)[0]
     assert res["estimate"] is None
-    assert res["matches"] == [{"image": rel, "root": str(photo_root["root"].resolve()), "lat": None, "lon": None,
-                               "similarity": pytest.approx(1.0, abs=1e-5), "distance_m": None, "inliers": None}]
+    assert res["matches"] == [
+        {
+            "image": rel,
+            "root": str(photo_root["root"].resolve()),
+            "lat": None,
+            "lon": None,
+            "similarity": pytest.approx(1.0, abs=1e-5),
+            "distance_m": None,
+            "inliers": None,
+        }
+    ]
 
 
 def test_model_mismatch_refused(reference):
@@ -316,8 +349,13 @@ def test_real_extractor_end_to_end(photo_root, tmp_path):
     extractor = extract.Extractor(model, batch_size=4, max_side=128)
     rels = [r for r in photo_root["rels"] if r.endswith(".jpg") and not r.startswith(("@", "exif"))][:6]
     with IndexStore.create(tmp_path / "i", model.fingerprint(), model.out_dim) as store:
-        report = store.add(rels + ["broken.jpg"], photo_root["root"], extractor_fn(extractor),
-                           positions=read_positions_csv(photo_root["csv"]), progress=False)
+        report = store.add(
+            rels + ["broken.jpg"],
+            photo_root["root"],
+            extractor_fn(extractor),
+            positions=read_positions_csv(photo_root["csv"]),
+            progress=False,
+        )
         assert report.added == 6 and len(report.failed) == 1 and report.failed[0][0].endswith("broken.jpg")
         query = extractor.describe_image(load_image(photo_root["root"] / rels[3]))["descriptor"]
         hits = store.search(query, k=3)
@@ -340,8 +378,11 @@ def test_positions_csv_repeats_and_unusable_at_names(tmp_path, caplog):
         assert read_positions_csv(csv_file) == {"a.jpg": (55.7, 13.19), "b.jpg": (55.8, 13.2)}
     assert "1 row(s) repeat an image already listed with the same position (ignored)" in caplog.text
     csv_file.write_text("image,lat,lon\na.jpg,55.7,13.19\na.jpg,55.9,13.19\n")  # the last one no longer wins
-    with pytest.raises(InputError, match=r"pos\.csv: line 3: 'a\.jpg' has position \(55\.9, 13\.19\) "
-                                         r"but line 2 gives it \(55\.7, 13\.19\)"):
+    with pytest.raises(
+        InputError,
+        match=r"pos\.csv: line 3: 'a\.jpg' has position \(55\.9, 13\.19\) "
+        r"but line 2 gives it \(55\.7, 13\.19\)",
+    ):
         read_positions_csv(csv_file)
     # '@' names with unusable positions: a ValueError the store reports (image indexed unpositioned)
     with pytest.raises(ValueError, match="not a WGS84 position"):

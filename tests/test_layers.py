@@ -62,7 +62,8 @@ def layer_of(name: str) -> int:
 def _is_type_checking(node: ast.If) -> bool:
     t = node.test
     return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
-        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING"
+    )
 
 
 def imports_of(name: str) -> list[tuple[str, int, bool]]:
@@ -113,8 +114,10 @@ def test_lower_layers_never_import_higher_ones():
     for name in MODULES:
         for target, line, _ in imports_of(name):
             if layer_of(target) > layer_of(name) and (name, target) not in ALLOWED_UPWARD:
-                bad.append(f"{MODULES[name].relative_to(PACKAGE.parent)}:{line}: {name} (layer {layer_of(name)}) "
-                           f"imports {target} (layer {layer_of(target)})")
+                bad.append(
+                    f"{MODULES[name].relative_to(PACKAGE.parent)}:{line}: {name} (layer {layer_of(name)}) "
+                    f"imports {target} (layer {layer_of(target)})"
+                )
     assert not bad, "imports against docs/ARCHITECTURE.md's layer order:\n" + "\n".join(bad)
 
 
@@ -208,10 +211,16 @@ print(json.dumps({"cycles": sorted(seen), "failed": failed}))
 
 def test_every_module_imports_in_a_fresh_interpreter_without_cycles():
     names = sorted(n for n in MODULES if n != "hafloc.__main__")  # importing it runs the command line
-    proc = subprocess.run([sys.executable, "-c", _WATCH, json.dumps(names)], capture_output=True, text=True,
-                          timeout=300, cwd=PACKAGE.parent)
+    proc = subprocess.run(
+        [sys.executable, "-c", _WATCH, json.dumps(names)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=PACKAGE.parent,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not res["failed"], res["failed"]
     assert not res["cycles"], "modules read while still initialising (import cycles): " + "; ".join(
-        f"{a} -> {b}" for a, b in res["cycles"])
+        f"{a} -> {b}" for a, b in res["cycles"]
+    )

@@ -247,8 +247,13 @@ def test_concurrent_appends_keep_every_image(tmp_path):
 
     path = tmp_path / "features.h5"
     rng = np.random.default_rng(5)
-    chunks = [{f"t{t}/img{i}.jpg": LocalFeatures(rng.uniform(0, 9, (4, 2)), rng.normal(size=(4, 8)), np.ones(4), (10, 10))
-               for i in range(5)} for t in range(4)]
+    chunks = [
+        {
+            f"t{t}/img{i}.jpg": LocalFeatures(rng.uniform(0, 9, (4, 2)), rng.normal(size=(4, 8)), np.ones(4), (10, 10))
+            for i in range(5)
+        }
+        for t in range(4)
+    ]
     threads = [threading.Thread(target=write_local_features, args=(path, c)) for c in chunks]
     for t in threads:
         t.start()

@@ -30,8 +30,23 @@ def work(tmp_path_factory, shared_data) -> dict:
     data = make_photo_db(shared_data / "landmarks_mini" / "images", root)
     data["model"] = make_small_model(sorted(data["db"].glob("*.jpg")), root / "small.model")
     data["index"] = root / "index"
-    assert main(["index", "build", str(data["db"]), "--model", str(data["model"]), "--index", str(data["index"]),
-                 "--positions", str(data["csv"]), *FAST]) == 0
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                str(data["db"]),
+                "--model",
+                str(data["model"]),
+                "--index",
+                str(data["index"]),
+                "--positions",
+                str(data["csv"]),
+                *FAST,
+            ]
+        )
+        == 0
+    )
     # queries: every database photo (with --top-k 1 the unpositioned ones match only themselves: no
     # estimate), one under a name that needs CSV quoting, and one file that is not a photo
     q = root / "queries"
@@ -53,8 +68,24 @@ def _locate(work, capsys, *extra: str) -> tuple[int, str, str]:
 def doc(work) -> dict:
     """The JSON document of the query folder (the reference the other formats are checked against)."""
     out = work["queries"].parent / "ref.json"
-    assert main(["locate", str(work["queries"]), "--index", str(work["index"]), "--top-k", "1",
-                 "--format", "json", "--output", str(out), *FAST]) == 0
+    assert (
+        main(
+            [
+                "locate",
+                str(work["queries"]),
+                "--index",
+                str(work["index"]),
+                "--top-k",
+                "1",
+                "--format",
+                "json",
+                "--output",
+                str(out),
+                *FAST,
+            ]
+        )
+        == 0
+    )
     return json.loads(out.read_text())
 
 
@@ -143,8 +174,11 @@ def test_csv_round_trips(work, doc, capsys):
         if est is None:
             assert row["lat"] == row["lon"] == "" and row["confidence"] == "0.0"
         else:
-            assert (float(row["lat"]), float(row["lon"]), float(row["confidence"])) == \
-                (est["lat"], est["lon"], est["confidence"])
+            assert (float(row["lat"]), float(row["lon"]), float(row["confidence"])) == (
+                est["lat"],
+                est["lon"],
+                est["confidence"],
+            )
         assert row["top_image"] == top["image"] and float(row["top_similarity"]) == top["similarity"]
     assert any(Path(r["image"]).name == work["odd_name"] for r in located)  # comma and quotes survived
     assert Path(failed["image"]).name == "broken.jpg" and "not an image" in failed["error"] and failed["lat"] == ""
@@ -162,8 +196,7 @@ def test_fields_added_by_later_stages_pass_through(doc):
     rows = list(csv.DictReader(io.StringIO(render(extended, "csv"), newline="")))
     assert {"calibrated", "estimate_verified"} <= set(rows[0])
     unknown = [r for r, res in zip(rows, extended["results"]) if res["estimate"] is None]
-    assert unknown and all(r["unknown_reason"] == "confidence below 0.5" and r["confidence"] == "0.1"
-                           for r in unknown)
+    assert unknown and all(r["unknown_reason"] == "confidence below 0.5" and r["confidence"] == "0.1" for r in unknown)
     gj = json.loads(render(extended, "geojson"))
     assert all(f["properties"]["calibrated"] is True for f in gj["features"])
     assert summary_row(extended["results"][0])["calibrated"] is True
@@ -177,19 +210,53 @@ def test_output_is_all_or_nothing(work, tmp_path, capsys):
     target = tmp_path / "out.geojson"
     target.write_text("old result\n")
     # nothing locatable: exit 1, the old file is kept as it was
-    code, _, err = run_cli(capsys, "locate", work["queries"] / "broken.jpg", "--index", work["index"],
-                           "--format", "geojson", "--output", target, *FAST)
+    code, _, err = run_cli(
+        capsys,
+        "locate",
+        work["queries"] / "broken.jpg",
+        "--index",
+        work["index"],
+        "--format",
+        "geojson",
+        "--output",
+        target,
+        *FAST,
+    )
     assert code == 1 and "not written" in err and target.read_text() == "old result\n"
     # a folder as the output: one line naming it, nothing created
     code, _, err = _locate(work, capsys, "--format", "csv", "--output", str(tmp_path))
-    assert code == 2 and err.strip().splitlines()[-1] == f"hafloc: error: {tmp_path}: is a folder; --output needs a file name"
+    assert (
+        code == 2
+        and err.strip().splitlines()[-1] == f"hafloc: error: {tmp_path}: is a folder; --output needs a file name"
+    )
     # the write itself fails half-way (file size limit): the old file stays whole, no partial file is left
-    script = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-              "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); from hafloc.cli import main; "
-              "sys.exit(main(sys.argv[1:]))")
-    proc = subprocess.run([sys.executable, "-c", script, "locate", str(work["queries"]), "--index", str(work["index"]),
-                           "--top-k", "10", "--format", "geojson", "--output", str(target), *FAST],
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    script = (
+        "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); from hafloc.cli import main; "
+        "sys.exit(main(sys.argv[1:]))"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            "locate",
+            str(work["queries"]),
+            "--index",
+            str(work["index"]),
+            "--top-k",
+            "10",
+            "--format",
+            "geojson",
+            "--output",
+            str(target),
+            *FAST,
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"hafloc: error: {target}: cannot write") and "Traceback" not in proc.stderr

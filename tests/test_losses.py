@@ -58,7 +58,10 @@ def test_dd_weights_follow_shared_mass_and_ignore_score_scale():
     assert detection_weighted_distance(s_q, K_q, s_r, K_r, eps=0.0).item() == pytest.approx(2.0)
     g = torch.Generator().manual_seed(1)
     s_q, s_r = torch.rand(2, 6, generator=g, dtype=torch.float64), torch.rand(2, 6, generator=g, dtype=torch.float64)
-    K_q, K_r = torch.randn(2, 6, 3, generator=g, dtype=torch.float64), torch.randn(2, 6, 3, generator=g, dtype=torch.float64)
+    K_q, K_r = (
+        torch.randn(2, 6, 3, generator=g, dtype=torch.float64),
+        torch.randn(2, 6, 3, generator=g, dtype=torch.float64),
+    )
     base = detection_weighted_distance(s_q, K_q, s_r, K_r)
     torch.testing.assert_close(detection_weighted_distance(7.0 * s_q, K_q, 0.1 * s_r, K_r), base)
 
@@ -126,9 +129,15 @@ def test_dd_triplet_sums_negatives_and_masks_padding():
     margin = 2.0  # large, so every hinge is active
     total = dd_triplet_loss(q, p, n, margin=margin, reduction="sum")
     looped = sum(
-        dd_triplet_loss({k: v[b:b + 1] for k, v in q.items()}, {k: v[b:b + 1] for k, v in p.items()},
-                        {k: v[b:b + 1, j] for k, v in n.items()}, margin=margin, reduction="sum")
-        for b in range(B) for j in range(N)
+        dd_triplet_loss(
+            {k: v[b : b + 1] for k, v in q.items()},
+            {k: v[b : b + 1] for k, v in p.items()},
+            {k: v[b : b + 1, j] for k, v in n.items()},
+            margin=margin,
+            reduction="sum",
+        )
+        for b in range(B)
+        for j in range(N)
     )
     torch.testing.assert_close(total, looped)
     torch.testing.assert_close(dd_triplet_loss(q, p, n, margin=margin), total / B)
@@ -141,8 +150,13 @@ def test_dd_triplet_sums_negatives_and_masks_padding():
     n_pad["residuals"][0, 3:] = 1e3
     masked = dd_triplet_loss(q, p, n_pad, margin=margin, neg_mask=mask, reduction="sum")
     expected = total - sum(
-        dd_triplet_loss({k: v[:1] for k, v in q.items()}, {k: v[:1] for k, v in p.items()},
-                        {k: v[:1, j] for k, v in n.items()}, margin=margin, reduction="sum")
+        dd_triplet_loss(
+            {k: v[:1] for k, v in q.items()},
+            {k: v[:1] for k, v in p.items()},
+            {k: v[:1, j] for k, v in n.items()},
+            margin=margin,
+            reduction="sum",
+        )
         for j in (3, 4)
     )
     torch.testing.assert_close(masked, expected)
@@ -169,9 +183,9 @@ def test_triplet_loss_unsquared_matches_pytorch_netvlad_convention():
     q = torch.nn.functional.normalize(torch.randn(B, D, generator=g, dtype=torch.float64), dim=1)
     p = torch.nn.functional.normalize(torch.randn(B, D, generator=g, dtype=torch.float64), dim=1)
     n = torch.nn.functional.normalize(torch.randn(B, N, D, generator=g, dtype=torch.float64), dim=2)
-    m = 0.1 ** 0.5
+    m = 0.1**0.5
     ref = torch.nn.TripletMarginLoss(margin=m, p=2, reduction="sum", eps=0.0)
-    expected = sum(ref(q[b:b + 1], p[b:b + 1], n[b:b + 1, j]) for b in range(B) for j in range(N))
+    expected = sum(ref(q[b : b + 1], p[b : b + 1], n[b : b + 1, j]) for b in range(B) for j in range(N))
     got = triplet_loss(q, p, n, margin=m, squared=False, reduction="sum", eps=0.0)
     torch.testing.assert_close(got, expected)
 
@@ -206,8 +220,9 @@ def test_registry_and_defaults():
     q = {"descriptor": torch.randn(B, 7, generator=g)}
     p = {"descriptor": torch.randn(B, 7, generator=g)}
     n = {"descriptor": torch.randn(B, N, 7, generator=g)}
-    torch.testing.assert_close(compute_loss("triplet", q, p, n),
-                               triplet_loss(q["descriptor"], p["descriptor"], n["descriptor"], margin=0.1))
+    torch.testing.assert_close(
+        compute_loss("triplet", q, p, n), triplet_loss(q["descriptor"], p["descriptor"], n["descriptor"], margin=0.1)
+    )
     with pytest.raises(ValueError, match="scores"):
         compute_loss("dd", q, p, n)
     q.update(scores=torch.rand(B, K, generator=g), residuals=torch.randn(B, K, D, generator=g))

@@ -58,12 +58,23 @@ def test_map_matches_brute_force():
     positives = [rng.choice(n_db, rng.integers(1, 8), replace=False) for _ in range(n_q)]
     junk = [np.setdiff1d(rng.choice(n_db, 5, replace=False), p) for p in positives]
     ranking = brute_ranking(db, q)
-    ref = np.mean([brute_ap(ranking[i].tolist(), p.tolist(), j.tolist()) for i, (p, j) in enumerate(zip(positives, junk))])
+    ref = np.mean(
+        [brute_ap(ranking[i].tolist(), p.tolist(), j.tolist()) for i, (p, j) in enumerate(zip(positives, junk))]
+    )
     got = mean_average_precision(ranking, positives, junk)["mAP"]
     assert got == pytest.approx(100 * ref)
     # through score() with faiss ranking, Oxford-style dataset
-    ds = Dataset("ox", "oxford", Path("/x"), [f"{i}" for i in range(n_db)], [f"q{i}" for i in range(n_q)],
-                 positives=positives, junk=junk, metric="map", pos_threshold=0)
+    ds = Dataset(
+        "ox",
+        "oxford",
+        Path("/x"),
+        [f"{i}" for i in range(n_db)],
+        [f"q{i}" for i in range(n_q)],
+        positives=positives,
+        junk=junk,
+        metric="map",
+        pos_threshold=0,
+    )
     assert score(ds, db, q)["mAP"] == pytest.approx(100 * ref, rel=1e-6)
 
 
@@ -88,8 +99,17 @@ def test_holidays_query_itself_ignored():
     # db 0 is the query image itself (junk), its group has db 1, 2
     db = unit(np.array([[1, 0, 0], [0.9, 0.1, 0], [0, 1, 0], [0.5, 0.5, 0.7]]))
     q = db[:1].copy()
-    ds = Dataset("h", "holidays", Path("/x"), ["100000", "100001", "100002", "200000"], ["100000"],
-                 positives=[[1, 2]], junk=[[0]], metric="holidays", pos_threshold=0)
+    ds = Dataset(
+        "h",
+        "holidays",
+        Path("/x"),
+        ["100000", "100001", "100002", "200000"],
+        ["100000"],
+        positives=[[1, 2]],
+        junk=[[0]],
+        metric="holidays",
+        pos_threshold=0,
+    )
     res = score(ds, db, q)
     # ranking [0(self), 1, 3, 2] -> without self [1, 3, 2]: positives at 0 and 2
     assert res["mAP"] == pytest.approx(100 * compute_ap(np.array([0, 2]), 2))
@@ -103,8 +123,16 @@ def test_recall_matches_brute_force_utm():
     db_utm = rng.uniform(0, 400, (n_db, 2))
     q_utm = np.vstack([rng.uniform(0, 400, (n_q - 3, 2)), [[5000, 5000]] * 3])  # 3 queries far from everything
     db, q = unit(rng.normal(size=(n_db, 16))), unit(rng.normal(size=(n_q, 16)))
-    ds = Dataset("u", "at", Path("/x"), [str(i) for i in range(n_db)], [str(i) for i in range(n_q)],
-                 db_utm=db_utm, q_utm=q_utm, pos_threshold=25.0)
+    ds = Dataset(
+        "u",
+        "at",
+        Path("/x"),
+        [str(i) for i in range(n_db)],
+        [str(i) for i in range(n_q)],
+        db_utm=db_utm,
+        q_utm=q_utm,
+        pos_threshold=25.0,
+    )
     res = score(ds, db, q, ns=(1, 5, 10, 20))
     ranking = brute_ranking(db, q)
     dist = np.sqrt(((q_utm[:, None] - db_utm[None]) ** 2).sum(-1))
@@ -126,12 +154,21 @@ def test_recall_hand_worked_and_labels():
     rng = np.random.default_rng(3)
     db_lab, q_lab = rng.integers(0, 4, 50), rng.integers(0, 4, 10)
     db, q = unit(rng.normal(size=(50, 8))), unit(rng.normal(size=(10, 8)))
-    ds = Dataset("l", "labels", Path("/x"), [str(i) for i in range(50)], [str(i) for i in range(10)],
-                 db_labels=db_lab, q_labels=q_lab)
+    ds = Dataset(
+        "l",
+        "labels",
+        Path("/x"),
+        [str(i) for i in range(50)],
+        [str(i) for i in range(10)],
+        db_labels=db_lab,
+        q_labels=q_lab,
+    )
     res = score(ds, db, q)
     ranking = brute_ranking(db, q)
     for n in (1, 5, 10):
-        assert res[f"recall@{n}"] == pytest.approx(100 * np.mean([(db_lab[ranking[i, :n]] == q_lab[i]).any() for i in range(10)]))
+        assert res[f"recall@{n}"] == pytest.approx(
+            100 * np.mean([(db_lab[ranking[i, :n]] == q_lab[i]).any() for i in range(10)])
+        )
     ref_map = np.mean([brute_ap(ranking[i].tolist(), np.flatnonzero(db_lab == q_lab[i]).tolist()) for i in range(10)])
     assert res["mAP"] == pytest.approx(100 * ref_map)
 
@@ -152,9 +189,11 @@ def _cells(names):
 def test_tokyo247_panorama_nms(tmp_path):
     """Three panoramas x 12 cutouts; the query's 12 most similar images are all cutouts of one wrong
     panorama, the right panorama comes 13th. Without NMS R@5 misses; with NMS it is rank 2."""
-    panos = [("00001/381000.000_3946000.000", "WRONG", (381000.0, 3946000.0)),
-             ("00002/381500.000_3946000.000", "RIGHT", (381500.0, 3946000.0)),
-             ("00003/382000.000_3946000.000", "OTHER", (382000.0, 3946000.0))]
+    panos = [
+        ("00001/381000.000_3946000.000", "WRONG", (381000.0, 3946000.0)),
+        ("00002/381500.000_3946000.000", "RIGHT", (381500.0, 3946000.0)),
+        ("00003/382000.000_3946000.000", "OTHER", (382000.0, 3946000.0)),
+    ]
     db_names, utm = [], []
     for folder, pid, pos in panos:
         for yaw in range(0, 360, 30):
@@ -164,10 +203,23 @@ def test_tokyo247_panorama_nms(tmp_path):
     q_names = ["247query_subset_v2/00001.jpg", "247query_subset_v2/00002.jpg"]
     for n in q_names:
         _img(tmp_path / n)
-    scipy.io.savemat(str(tmp_path / "tokyo247.mat"), {"dbStruct": {
-        "whichSet": "test", "dbImageFns": _cells(db_names), "utmDb": np.array(utm).T,
-        "qImageFns": _cells(q_names), "utmQ": np.array([[381505.0, 3946003.0], [382001.0, 3946000.0]]).T,
-        "numImages": len(db_names), "numQueries": 2, "posDistThr": 25, "posDistSqThr": 625, "nonTrivPosDistSqThr": 100}})
+    scipy.io.savemat(
+        str(tmp_path / "tokyo247.mat"),
+        {
+            "dbStruct": {
+                "whichSet": "test",
+                "dbImageFns": _cells(db_names),
+                "utmDb": np.array(utm).T,
+                "qImageFns": _cells(q_names),
+                "utmQ": np.array([[381505.0, 3946003.0], [382001.0, 3946000.0]]).T,
+                "numImages": len(db_names),
+                "numQueries": 2,
+                "posDistThr": 25,
+                "posDistSqThr": 625,
+                "nonTrivPosDistSqThr": 100,
+            }
+        },
+    )
     ds = load_dataset(tmp_path / "tokyo247.mat")
     assert len(set(ds.quirks.tokyo_nms)) == 3 and all(p.is_file() for p in ds.db_paths())
     # similarity = decreasing with index inside a designed order: WRONG(12) > RIGHT(12) > OTHER(12) for q0
@@ -211,10 +263,25 @@ def test_tokyotm_same_timestamp_excluded(tmp_path):
     db_ts = np.array([2012, 2012, 2009, 2009, 2009, 2012])
     db_utm = np.array([[0, 0], [0, 5], [0, 10], [500, 0], [900, 0], [0, 2]], float) + [380000, 3940000]
     q_utm = np.array([[0, 1]], float) + [380000, 3940000]
-    scipy.io.savemat(str(tmp_path / "tokyoTM_val.mat"), {"dbStruct": {
-        "whichSet": "val", "dbImageFns": _cells(db_names), "utmDb": db_utm.T, "dbTimeStamp": db_ts[None],
-        "qImageFns": _cells(["q/0.jpg"]), "utmQ": q_utm.T, "qTimeStamp": np.array([[2012]]),
-        "numImages": n, "numQueries": 1, "posDistThr": 25, "posDistSqThr": 625, "nonTrivPosDistSqThr": 100}})
+    scipy.io.savemat(
+        str(tmp_path / "tokyoTM_val.mat"),
+        {
+            "dbStruct": {
+                "whichSet": "val",
+                "dbImageFns": _cells(db_names),
+                "utmDb": db_utm.T,
+                "dbTimeStamp": db_ts[None],
+                "qImageFns": _cells(["q/0.jpg"]),
+                "utmQ": q_utm.T,
+                "qTimeStamp": np.array([[2012]]),
+                "numImages": n,
+                "numQueries": 1,
+                "posDistThr": 25,
+                "posDistSqThr": 625,
+                "nonTrivPosDistSqThr": 100,
+            }
+        },
+    )
     ds = load_dataset(tmp_path / "tokyoTM_val.mat")
     assert ds.quirks.tokyo_nms is None  # timestamps present -> TokyoTM, no NMS
     db = unit(np.eye(n) + 0.01)

@@ -14,8 +14,7 @@ from hafloc.train.mining import HardNegativeMiner, gps_candidates, label_candida
 
 
 def _shared_data() -> Path:
-    root = Path(os.environ.get("HAFLOC_SHARED_DATA",
-                               Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+    root = Path(os.environ.get("HAFLOC_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
     if not root.is_dir():
         pytest.skip(f"real test data not found at {root} (set HAFLOC_SHARED_DATA)")
     return root
@@ -103,13 +102,13 @@ def _line_descriptors() -> tuple[np.ndarray, np.ndarray]:
     the hardest negatives, in that order; every other negative is far.
     """
     db = np.tile(np.array([0.0, 0.0, 5.0]), (len(DB_X), 1))
-    db[0] = [0.0, 2.0, 0.0]      # positive, distance ~2.24
-    db[1] = [1.0, 0.5, 0.0]      # positive, distance 0.5   <- chosen positive
-    db[2] = [0.0, 0.0, 1.5]      # positive, distance ~1.80
-    db[3] = [1.0, 0.0, 0.0]      # inside 25 m: identical to the query, must never be a negative
-    db[20] = [1.0, 0.0, 0.3]     # hardest negative, distance 0.3
-    db[30] = [1.0, 0.6, 0.0]     # distance 0.6
-    db[35] = [1.0, 0.0, 0.8]     # distance 0.8
+    db[0] = [0.0, 2.0, 0.0]  # positive, distance ~2.24
+    db[1] = [1.0, 0.5, 0.0]  # positive, distance 0.5   <- chosen positive
+    db[2] = [0.0, 0.0, 1.5]  # positive, distance ~1.80
+    db[3] = [1.0, 0.0, 0.0]  # inside 25 m: identical to the query, must never be a negative
+    db[20] = [1.0, 0.0, 0.3]  # hardest negative, distance 0.3
+    db[30] = [1.0, 0.6, 0.0]  # distance 0.6
+    db[35] = [1.0, 0.0, 0.8]  # distance 0.8
     q = np.zeros((len(Q_X), 3))
     q[:, 0] = 1.0
     return q, db

@@ -31,11 +31,14 @@ def _batch(files, size=(224, 320)):
     return torch.stack([to_tensor(load_image(f), size=size) for f in files])
 
 
-@pytest.mark.parametrize("name,channels,strides", [
-    ("efficientnet-lite0", {"low": 40, "mid": 112, "high": 320}, {"low": 8, "mid": 16, "high": 32}),
-    ("efficientnet-lite2", {"low": 48, "mid": 120, "high": 352}, {"low": 8, "mid": 16, "high": 32}),
-    ("vgg16", {"low": 256, "mid": 512, "high": 512}, {"low": 4, "mid": 8, "high": 16}),
-])
+@pytest.mark.parametrize(
+    "name,channels,strides",
+    [
+        ("efficientnet-lite0", {"low": 40, "mid": 112, "high": 320}, {"low": 8, "mid": 16, "high": 32}),
+        ("efficientnet-lite2", {"low": 48, "mid": 120, "high": 352}, {"low": 8, "mid": 16, "high": 32}),
+        ("vgg16", {"low": 256, "mid": 512, "high": 512}, {"low": 4, "mid": 8, "high": 16}),
+    ],
+)
 def test_taps_have_documented_strides_and_channels(name, channels, strides):
     net = create_backbone(name, pretrained=name != "vgg16").eval()
     assert net.channels == channels and net.strides == strides
@@ -87,7 +90,9 @@ def naive_netvlad(x: torch.Tensor, layer: NetVLAD, weights: torch.Tensor | None 
     b, c, n = x.shape
     out = []
     for i in range(b):
-        logits = torch.stack([(layer.assign.weight[k] * x[i].T).sum(1) + layer.assign.bias[k] for k in range(layer.num_clusters)])
+        logits = torch.stack(
+            [(layer.assign.weight[k] * x[i].T).sum(1) + layer.assign.bias[k] for k in range(layer.num_clusters)]
+        )
         a = torch.softmax(logits, dim=0)  # (K, N)
         if weights is not None:
             a = a * weights[i]
@@ -169,16 +174,30 @@ def test_haf_outputs_for_the_loss_and_attention(fitted, photos):
     assert out["scores"].shape == (2, 48) and (out["scores"] >= 0).all()
     assert out["residuals"].shape == (2, 48, 128)
     assert {k: tuple(v.shape) for k, v in out["attention"].items()} == {
-        "low": (2, 1, 60, 80), "mid": (2, 1, 30, 40), "high": (2, 1, 15, 20)}
+        "low": (2, 1, 60, 80),
+        "mid": (2, 1, 30, 40),
+        "high": (2, 1, 15, 20),
+    }
     # residual norms carry sqrt(w_l): each cluster's intra-normalised residual has norm sqrt(1/3) (or 0 if empty)
     norms = out["residuals"].norm(dim=2)
     assert torch.all(((norms - (1 / 3) ** 0.5).abs() < 1e-4) | (norms < 1e-6))
 
 
 def test_superpoint_released_key_names_load(tmp_path, fitted, photos):
-    shapes = {"conv1a": (64, 1), "conv1b": (64, 64), "conv2a": (64, 64), "conv2b": (64, 64), "conv3a": (128, 64),
-              "conv3b": (128, 128), "conv4a": (128, 128), "conv4b": (128, 128), "convPa": (256, 128),
-              "convPb": (65, 256), "convDa": (256, 128), "convDb": (256, 256)}
+    shapes = {
+        "conv1a": (64, 1),
+        "conv1b": (64, 64),
+        "conv2a": (64, 64),
+        "conv2b": (64, 64),
+        "conv3a": (128, 64),
+        "conv3b": (128, 128),
+        "conv4a": (128, 128),
+        "conv4b": (128, 128),
+        "convPa": (256, 128),
+        "convPb": (65, 256),
+        "convDa": (256, 128),
+        "convDb": (256, 256),
+    }
     g = torch.Generator().manual_seed(3)
     state = {}
     for name, (o, i) in shapes.items():

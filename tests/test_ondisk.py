@@ -52,8 +52,13 @@ def tower(shared_data) -> dict:
     return {"root": root, "gallery": gallery, "queries": np.stack([thumb(root / q) for q in query])}
 
 
-def build(folder: Path, tower: dict, config: SearchConfig = ONDISK, compact: dict | None = None,
-          images: list[str] | None = None) -> IndexStore:
+def build(
+    folder: Path,
+    tower: dict,
+    config: SearchConfig = ONDISK,
+    compact: dict | None = None,
+    images: list[str] | None = None,
+) -> IndexStore:
     store = IndexStore.open_or_create(folder, FP, DIM, config, model_path="thumb", compact=compact)
     store.add(images or tower["gallery"], tower["root"], thumb_extract, chunk_size=100, progress=False)
     return store
@@ -98,7 +103,7 @@ def test_reopen_in_a_new_process_moved_and_read_only(tower, ondisk_index, tmp_pa
             import json, numpy as np
             from hafloc.index.store import IndexStore
             with IndexStore.open({str(moved)!r}) as store:
-                hits = store.search(np.load({str(tmp_path / 'q.npy')!r}), k=3)
+                hits = store.search(np.load({str(tmp_path / "q.npy")!r}), k=3)
                 print(json.dumps({{"top1": [h[0].id for h in hits], "kind": store._search.kind}}))
         """)
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -133,7 +138,10 @@ def tower_dict() -> dict:
     """The ``tower`` fixture's data, for the subprocess of the kill test."""
     root = Path(os.environ.get("HAFLOC_SHARED_DATA", REPO.parent / "shared" / "data"))
     rows = [line.split(",") for line in (root / "ie_tower_floors" / "dataset.csv").read_text().splitlines()[1:]]
-    return {"root": root / "ie_tower_floors" / "images", "gallery": [r[0] for r in rows if r[2] == "gallery"][::4][:600]}
+    return {
+        "root": root / "ie_tower_floors" / "images",
+        "gallery": [r[0] for r in rows if r[2] == "gallery"][::4][:600],
+    }
 
 
 def test_kill_during_ondisk_build_then_rerun_completes_without_duplicates(tower, ondisk_index, tmp_path):
@@ -154,10 +162,16 @@ def test_kill_during_ondisk_build_then_rerun_completes_without_duplicates(tower,
         index = store._ensure_search()
         assert index is not None and index.kind == "ondisk" and index.ntotal == len(store) == 594
         ivf = __import__("faiss").extract_index_ivf(index.index)
-        listed = np.concatenate([__import__("faiss").rev_swig_ptr(ivf.invlists.get_ids(i), ivf.invlists.list_size(i))
-                                 for i in range(ivf.nlist)])
+        listed = np.concatenate(
+            [
+                __import__("faiss").rev_swig_ptr(ivf.invlists.get_ids(i), ivf.invlists.list_size(i))
+                for i in range(ivf.nlist)
+            ]
+        )
         assert sorted(listed.tolist()) == list(range(594))  # every row once: no duplicates, none lost
-        assert [h[0].id for h in store.search(tower["queries"], k=3)] == [h[0].id for h in ref.search(tower["queries"], k=3)]
+        assert [h[0].id for h in store.search(tower["queries"], k=3)] == [
+            h[0].id for h in ref.search(tower["queries"], k=3)
+        ]
 
 
 def test_compact_projection_float16_recorded_and_queries_projected_like_the_db(tower, tmp_path):
@@ -166,7 +180,11 @@ def test_compact_projection_float16_recorded_and_queries_projected_like_the_db(t
     store = build(folder, tower, SearchConfig(kind="flat"), compact={"dim": 32, "dtype": "float16"}, images=images)
     with store:
         info = json.loads((folder / "index.json").read_text())
-        assert (info["dim"], info["dtype"], info["projection"]) == (32, "float16", {"input_dim": DIM, "dim": 32, "fitted_on": 300})
+        assert (info["dim"], info["dtype"], info["projection"]) == (
+            32,
+            "float16",
+            {"input_dim": DIM, "dim": 32, "fitted_on": 300},
+        )
         chunk = np.load(next((folder / "chunks").glob("chunk_*.npy")))
         assert chunk.dtype == np.float16 and chunk.shape[1] == 32
         _, names, stored = store.descriptors()
@@ -192,13 +210,17 @@ def test_compact_projection_float16_recorded_and_queries_projected_like_the_db(t
 
 def test_float16_storage_within_tolerance_of_float32(tower, tmp_path):
     images = tower["gallery"][:200]
-    with build(tmp_path / "f32", tower, SearchConfig(kind="flat"), images=images) as a, \
-            build(tmp_path / "f16", tower, SearchConfig(kind="flat"), compact={"dtype": "float16"}, images=images) as b:
+    with (
+        build(tmp_path / "f32", tower, SearchConfig(kind="flat"), images=images) as a,
+        build(tmp_path / "f16", tower, SearchConfig(kind="flat"), compact={"dtype": "float16"}, images=images) as b,
+    ):
         _, na, da = a.descriptors()
         _, nb, db = b.descriptors()
         assert na == nb and b.dtype == "float16" and b.input_dim == b.dim == DIM
         np.testing.assert_allclose(db, da, atol=1e-3)  # float16: 11-bit mantissa on unit-norm components
-        assert [h[0].image for h in a.search(tower["queries"], k=1)] == [h[0].image for h in b.search(tower["queries"], k=1)]
+        assert [h[0].image for h in a.search(tower["queries"], k=1)] == [
+            h[0].image for h in b.search(tower["queries"], k=1)
+        ]
 
 
 FIT_KILL_SCRIPT = """
@@ -227,16 +249,23 @@ build(Path(sys.argv[1]), t, SearchConfig(kind="flat"), compact={{"dim": 32, "dty
 def test_projection_fit_survives_kills_before_and_after_it(tower, tmp_path, monkeypatch):
     script = tmp_path / "build.py"
     script.write_text(FIT_KILL_SCRIPT.format(tests=str(Path(__file__).parent)))
-    run = lambda folder, kill_at: subprocess.run([sys.executable, str(script), str(folder), str(kill_at)],  # noqa: E731
-                                                 capture_output=True, timeout=300)
+    run = lambda folder, kill_at: subprocess.run(  # noqa: E731
+        [sys.executable, str(script), str(folder), str(kill_at)],
+        capture_output=True,
+        timeout=300,
+    )
     ref = tmp_path / "ref"  # uninterrupted, in this process, with the same fit sample size
     monkeypatch.setattr("hafloc.index.compact.MAX_FIT_BYTES", 4 * 192 * 150)
-    build(ref, tower, SearchConfig(kind="flat"), compact={"dim": 32, "dtype": "float16"},
-          images=tower["gallery"][:400]).close()
+    build(
+        ref, tower, SearchConfig(kind="flat"), compact={"dim": 32, "dtype": "float16"}, images=tower["gallery"][:400]
+    ).close()
     # killed while describing the fit sample: nothing stored yet, the rerun fits afresh
     before = tmp_path / "before"
     assert run(before, 2).returncode == -9
-    assert not (before / "projection.npz").exists() and json.loads((before / "index.json").read_text())["projection"]["fitted_on"] == 0
+    assert (
+        not (before / "projection.npz").exists()
+        and json.loads((before / "index.json").read_text())["projection"]["fitted_on"] == 0
+    )
     # killed after the fit (projection stored, sample committed): the rerun keeps that projection
     after = tmp_path / "after"
     assert run(after, 3).returncode == -9

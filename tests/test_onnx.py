@@ -175,8 +175,24 @@ def test_cli_extract_onnx_backend_equals_torch(model_files, photos, tmp_path):
     res = {}
     for backend in ("onnx", "torch"):
         out = tmp_path / f"{backend}.npz"
-        assert main(["extract", "--model", str(model_files["netvlad"]), str(folder), "--output", str(out),
-                     "--backend", backend, "--batch-size", "2", "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "extract",
+                    "--model",
+                    str(model_files["netvlad"]),
+                    str(folder),
+                    "--output",
+                    str(out),
+                    "--backend",
+                    backend,
+                    "--batch-size",
+                    "2",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         with np.load(out) as z:
             res[backend] = (z["names"].tolist(), z["descriptors"])
     assert res["onnx"][0] == res["torch"][0] and len(res["onnx"][0]) == 4

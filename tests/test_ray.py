@@ -47,8 +47,9 @@ def session_pids(sid: int, title: str = "") -> list[int]:
         if not d.name.isdigit():
             continue
         try:
-            if os.getsid(int(d.name)) == sid and \
-                    (d / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace").startswith(title):
+            if os.getsid(int(d.name)) == sid and (d / "cmdline").read_bytes().split(b"\0")[0].decode(
+                errors="replace"
+            ).startswith(title):
                 out.append(int(d.name))
         except (OSError, ProcessLookupError):
             continue
@@ -80,10 +81,17 @@ def cluster():
     common = ("--num-cpus", "1", "--disable-usage-stats", "--include-log-monitor", "false")
     nodes: list[subprocess.Popen] = []
     try:
-        for args in (("--head", "--port", str(port), "--include-dashboard", "false", "--temp-dir", str(temp / "h")),
-                     ("--address", address, "--temp-dir", str(temp / "w"))):
-            p = subprocess.Popen(ray_cmd("start", *args, *common), start_new_session=True, env=ENV,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for args in (
+            ("--head", "--port", str(port), "--include-dashboard", "false", "--temp-dir", str(temp / "h")),
+            ("--address", address, "--temp-dir", str(temp / "w")),
+        ):
+            p = subprocess.Popen(
+                ray_cmd("start", *args, *common),
+                start_new_session=True,
+                env=ENV,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
             nodes.append(p)
             out = p.communicate(timeout=120)[0].decode(errors="replace")
             assert p.returncode == 0, out[-3000:]
@@ -107,8 +115,26 @@ def data(tmp_path_factory, shared_data) -> dict:
 
 
 def build_cmd(d: dict, idx: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "hafloc", "index", "build", str(d["db"]), "--model", str(d["model"]), "--index",
-            str(idx), "--positions", str(d["csv"]), "--chunk-size", "2", "--batch-size", "2", *FAST, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "hafloc",
+        "index",
+        "build",
+        str(d["db"]),
+        "--model",
+        str(d["model"]),
+        "--index",
+        str(idx),
+        "--positions",
+        str(d["csv"]),
+        "--chunk-size",
+        "2",
+        "--batch-size",
+        "2",
+        *FAST,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +148,9 @@ def reference(data) -> Path:
 
 def rows(idx: Path) -> list[tuple]:
     with sqlite3.connect(idx / "meta.sqlite") as db:
-        return db.execute("SELECT id, path, lat, lon, easting, northing, position_source, chunk, row, sha1"
-                          " FROM images ORDER BY id").fetchall()
+        return db.execute(
+            "SELECT id, path, lat, lon, easting, northing, position_source, chunk, row, sha1 FROM images ORDER BY id"
+        ).fetchall()
 
 
 def assert_same_index(idx: Path, ref: Path, layout: bool = True) -> None:
@@ -153,8 +180,9 @@ def test_two_node_build_equals_single_process(cluster, data, reference, tmp_path
 
 def test_worker_killed_midway_is_survived(cluster, data, reference, tmp_path):
     idx = tmp_path / "ray"
-    proc = subprocess.Popen(build_cmd(data, idx, "--ray", cluster["address"]), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env=ENV)
+    proc = subprocess.Popen(
+        build_cmd(data, idx, "--ray", cluster["address"]), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV
+    )
     killed = []
     deadline = time.monotonic() + 240
     while not killed and proc.poll() is None and time.monotonic() < deadline:
@@ -164,7 +192,9 @@ def test_worker_killed_midway_is_survived(cluster, data, reference, tmp_path):
             if killed:
                 os.kill(killed[0], signal.SIGKILL)
         time.sleep(0.01)
-    assert killed, f"no actor process found to kill: {proc.stderr.read().decode()[-2000:] if proc.poll() is not None else ''}"
+    assert killed, (
+        f"no actor process found to kill: {proc.stderr.read().decode()[-2000:] if proc.poll() is not None else ''}"
+    )
     assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-3000:]
     assert_same_index(idx, reference)
 
@@ -188,12 +218,23 @@ def test_driver_killed_then_rerun_completes_without_duplicates(cluster, data, re
 
 
 def test_extract_on_cluster_equals_single_process(cluster, data, tmp_path):
-    base = [sys.executable, "-m", "hafloc", "extract", "--model", str(data["model"]), str(data["db"]),
-            "--backend", "torch", "--no-progress", "--threads", "1"]
+    base = [
+        sys.executable,
+        "-m",
+        "hafloc",
+        "extract",
+        "--model",
+        str(data["model"]),
+        str(data["db"]),
+        "--backend",
+        "torch",
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
     outs = []
     for name, extra in (("one.npz", ()), ("ray.npz", ("--ray", cluster["address"]))):
-        r = subprocess.run([*base, "--output", str(tmp_path / name), *extra], capture_output=True, env=ENV,
-                           timeout=300)
+        r = subprocess.run([*base, "--output", str(tmp_path / name), *extra], capture_output=True, env=ENV, timeout=300)
         assert r.returncode == 0, r.stderr.decode()[-3000:]
         outs.append(np.load(tmp_path / name))
     assert outs[0]["names"].tolist() == outs[1]["names"].tolist() and len(outs[0]["names"]) == len(data["names"])
@@ -201,8 +242,12 @@ def test_extract_on_cluster_equals_single_process(cluster, data, tmp_path):
 
 
 def test_unreachable_cluster_is_one_line_error(data, tmp_path):
-    r = subprocess.run(build_cmd(data, tmp_path / "idx", "--ray", f"127.0.0.1:{free_port()}"), capture_output=True,
-                       env=ENV, timeout=120)
+    r = subprocess.run(
+        build_cmd(data, tmp_path / "idx", "--ray", f"127.0.0.1:{free_port()}"),
+        capture_output=True,
+        env=ENV,
+        timeout=120,
+    )
     err = r.stderr.decode().strip()
     assert r.returncode == 2 and "Traceback" not in err, err
     assert "no Ray cluster reachable" in err and len(err.splitlines()) == 1, err
@@ -239,8 +284,20 @@ def test_images_missing_on_workers_is_one_line_error(cluster, data, tmp_path):
     # the nodes here share this machine's filesystem: a path that exists nowhere stands in for an
     # image the workers cannot see
     missing = str(tmp_path / "elsewhere" / "photo.jpg")
-    r = subprocess.run([sys.executable, "-c", CHECK, cluster["address"], str(data["model"]), missing,
-                        *map(str, sorted(data["db"].glob("*.jpg")))], capture_output=True, env=ENV, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            CHECK,
+            cluster["address"],
+            str(data["model"]),
+            missing,
+            *map(str, sorted(data["db"].glob("*.jpg"))),
+        ],
+        capture_output=True,
+        env=ENV,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     msg = r.stdout.decode().strip()
     assert msg.startswith(missing) and "shared filesystem" in msg and len(msg.splitlines()) == 1, msg
@@ -251,8 +308,7 @@ def test_local_features_go_through_the_cluster(cluster, data, tmp_path):
     idx = {}
     for name, extra in (("one", ()), ("ray", ("--ray", cluster["address"]))):
         idx[name] = tmp_path / name
-        r = subprocess.run(build_cmd(data, idx[name], *local, *extra), capture_output=True, env=ENV,
-                           timeout=300)
+        r = subprocess.run(build_cmd(data, idx[name], *local, *extra), capture_output=True, env=ENV, timeout=300)
         assert r.returncode == 0, r.stderr.decode()[-3000:]
     assert rows(idx["ray"]) == rows(idx["one"])
     from hafloc.index.store import IndexStore
@@ -268,8 +324,10 @@ def test_local_features_go_through_the_cluster(cluster, data, tmp_path):
 
 
 def test_no_ray_import_without_flag(data, tmp_path):
-    code = ("import sys; from hafloc.cli import main; "
-            f"rc = main({[a for a in build_cmd(data, tmp_path / 'idx')[3:]]!r}); "
-            "assert rc == 0, rc; assert 'ray' not in sys.modules, 'ray imported'; print('ok')")
+    code = (
+        "import sys; from hafloc.cli import main; "
+        f"rc = main({[a for a in build_cmd(data, tmp_path / 'idx')[3:]]!r}); "
+        "assert rc == 0, rc; assert 'ray' not in sys.modules, 'ray imported'; print('ok')"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, env=ENV, timeout=300)
     assert r.returncode == 0 and r.stdout.decode().strip().endswith("ok"), r.stderr.decode()[-2000:]

@@ -39,8 +39,9 @@ def landmark_images(request) -> list[Path]:
     try:
         root = Path(request.getfixturevalue("shared_data"))
     except pytest.FixtureLookupError:  # conftest not providing it (yet): same lookup rule, locally
-        root = Path(os.environ.get("HAFLOC_SHARED_DATA",
-                                   Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+        root = Path(
+            os.environ.get("HAFLOC_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")
+        )
         if not root.is_dir():
             pytest.skip(f"real test data not found at {root} (set HAFLOC_SHARED_DATA)")
     images = sorted((root / "landmarks_mini" / "images").glob("*.jpg"))
@@ -67,8 +68,10 @@ def _no_partials(folder: Path) -> bool:
     return not any(".partial" in p.name for p in folder.iterdir())
 
 
-CURVES = {"NetVLAD": {"n": list(range(1, 26)), "recall": [60 + k for k in range(25)]},
-          "HAF": {"n": list(range(1, 26)), "recall": [70 + k for k in range(25)]}}
+CURVES = {
+    "NetVLAD": {"n": list(range(1, 26)), "recall": [60 + k for k in range(25)]},
+    "HAF": {"n": list(range(1, 26)), "recall": [70 + k for k in range(25)]},
+}
 
 
 def test_recall_curves_png(tmp_path: Path) -> None:
@@ -169,8 +172,9 @@ def test_retrievals_frames_on_real_photos(tmp_path: Path, landmark_images: list[
 def test_attention_overlay_on_real_photo(tmp_path: Path, landmark_images: list[Path]) -> None:
     img = landmark_images[5]
     # attention peaked in the top-left corner at every level
-    maps = {lvl: np.pad(np.ones((2, 2)), ((0, s - 2), (0, 2 * s - 2))) for lvl, s in
-            (("low", 16), ("mid", 8), ("high", 4))}
+    maps = {
+        lvl: np.pad(np.ones((2, 2)), ((0, s - 2), (0, 2 * s - 2))) for lvl, s in (("low", 16), ("mid", 8), ("high", 4))
+    }
     out = _png(plot_attention(img, maps, tmp_path / "att.png", strides={"low": 8, "mid": 16, "high": 32}))
     assert out.width > 2.5 * out.height  # image + 3 level panels
     a = np.asarray(out).astype(int)
@@ -186,8 +190,10 @@ def test_attention_overlay_on_real_photo(tmp_path: Path, landmark_images: list[P
 
 
 def test_weights_table_png(tmp_path: Path) -> None:
-    rows = [{"dataset": "Pitts250k-test", "w1": 0.1, "w2": 0.4, "w3": 0.5, "recall@5": 93.1},
-            {"dataset": "Tokyo 24/7", "w1": 0.2, "w2": 0.3, "w3": 0.5, "recall@5": 80.2}]
+    rows = [
+        {"dataset": "Pitts250k-test", "w1": 0.1, "w2": 0.4, "w3": 0.5, "recall@5": 93.1},
+        {"dataset": "Tokyo 24/7", "w1": 0.2, "w2": 0.3, "w3": 0.5, "recall@5": 80.2},
+    ]
     im = _png(plot_weights_table(rows, tmp_path / "w.png"))
     assert im.width > im.height and im.width > 400
     assert _count_color(im, (0xE8, 0xED, 0xF5), 3) > 1000  # header row shading
@@ -212,17 +218,17 @@ def test_seed_spread_png(tmp_path: Path) -> None:
 def test_markdown_table_exact() -> None:
     rows = [{"method": "HAF|v2", "r@1": 70.125, "n": 3}, {"method": "NetVLAD", "r@1": 65.0}]
     assert markdown_table(rows, ["method", "r@1", "n"]) == (
-        "| method | r@1 | n |\n"
-        "|---|---:|---:|\n"
-        "| HAF\\|v2 | 70.12 | 3 |\n"
-        "| NetVLAD | 65.00 |  |\n")
+        "| method | r@1 | n |\n|---|---:|---:|\n| HAF\\|v2 | 70.12 | 3 |\n| NetVLAD | 65.00 |  |\n"
+    )
     assert markdown_table([{"x": 0.5}], ["x"], floatfmt=".1%") == "| x |\n|---:|\n| 50.0% |\n"
 
 
 def test_html_table_escapes_exact() -> None:
-    got = html_table([{"m": "<b>&\"x\"", "v": 0.5}], ["m", "v"], headers={"v": "R<5>"})
-    assert got == ("<table>\n<thead><tr><th>m</th><th>R&lt;5&gt;</th></tr></thead>\n<tbody>\n"
-                   "<tr><td>&lt;b&gt;&amp;&quot;x&quot;</td><td class=\"num\">0.50</td></tr>\n</tbody></table>")
+    got = html_table([{"m": '<b>&"x"', "v": 0.5}], ["m", "v"], headers={"v": "R<5>"})
+    assert got == (
+        "<table>\n<thead><tr><th>m</th><th>R&lt;5&gt;</th></tr></thead>\n<tbody>\n"
+        '<tr><td>&lt;b&gt;&amp;&quot;x&quot;</td><td class="num">0.50</td></tr>\n</tbody></table>'
+    )
 
 
 def _report(tmp_path: Path) -> Path:
@@ -230,13 +236,30 @@ def _report(tmp_path: Path) -> Path:
     plot_recall_curves(CURVES, out / "img" / "recall curves.png", title="demo")  # space: src must be quoted
     plot_weights_table([{"dataset": "d", "w1": 0.2, "w2": 0.3, "w3": 0.5, "recall@5": 88.0}], out / "w.png")
     plot_history(_history(tmp_path / "h.csv"), out / "history.png")
-    return write_report(out, "Eval <HAF> & co", [
-        Section("Results", paragraphs=["<script>alert(1)</script> stays text"],
-                tables=[Table([{"method": "HAF", "recall@1": 71.234}, {"method": "Net<VLAD>", "recall@1": 65.5}],
-                              ["method", "recall@1"], caption="Recall at 25 m")],
-                images=[ReportImage("img/recall curves.png", "Recall@N"), ReportImage(out / "w.png", "weights")]),
-        Section("Training", images=[ReportImage("history.png", "history")], pre='{"lr": 1e-4, "k": "<v>"}',
-                pre_caption="config.json")])
+    return write_report(
+        out,
+        "Eval <HAF> & co",
+        [
+            Section(
+                "Results",
+                paragraphs=["<script>alert(1)</script> stays text"],
+                tables=[
+                    Table(
+                        [{"method": "HAF", "recall@1": 71.234}, {"method": "Net<VLAD>", "recall@1": 65.5}],
+                        ["method", "recall@1"],
+                        caption="Recall at 25 m",
+                    )
+                ],
+                images=[ReportImage("img/recall curves.png", "Recall@N"), ReportImage(out / "w.png", "weights")],
+            ),
+            Section(
+                "Training",
+                images=[ReportImage("history.png", "history")],
+                pre='{"lr": 1e-4, "k": "<v>"}',
+                pre_caption="config.json",
+            ),
+        ],
+    )
 
 
 def test_report_html_self_contained_and_escaped(tmp_path: Path) -> None:
@@ -272,8 +295,10 @@ def test_report_renders_in_chromium(tmp_path: Path) -> None:
         assert page.locator("td.num").first.inner_text() == "71.23"
         assert page.locator("h1").inner_text() == "Eval <HAF> & co"
         # images are scaled to the container, never wider than the page
-        assert page.evaluate("Math.max(...Array.from(document.images).map(i => i.getBoundingClientRect().right))"
-                             ) <= page.viewport_size["width"]
+        assert (
+            page.evaluate("Math.max(...Array.from(document.images).map(i => i.getBoundingClientRect().right))")
+            <= page.viewport_size["width"]
+        )
         shot = screenshot(page, tmp_path / "shot.png")
     assert console_errors == [] and failed_requests == []
     assert _png(shot).height > 900

@@ -37,8 +37,21 @@ def lund(shared_data, tmp_path_factory) -> dict:
         shutil.copy(p, photos / p.name)
     model = make_small_model(sorted(photos.glob("*.jpg")), root / "small.model")
     index = root / "index"
-    code = main(["index", "build", str(photos), "--model", str(model), "--index", str(index), "--chunk-size", "5",
-                 *LOCAL, *FAST])
+    code = main(
+        [
+            "index",
+            "build",
+            str(photos),
+            "--model",
+            str(model),
+            "--index",
+            str(index),
+            "--chunk-size",
+            "5",
+            *LOCAL,
+            *FAST,
+        ]
+    )
     assert code == 0
     return {"root": root, "photos": photos, "model": model, "index": index}
 
@@ -115,10 +128,17 @@ def test_rerank_lifts_the_true_match_from_rank_3_to_1(shared_data, lund, xfeat, 
     index = tmp_path / "crafted"
     with IndexStore.create(index, fp, 16, model_path=lund["model"], local=local) as store:
         feats = {p.name: xfeat.extract_path(p) for p in db}
-        store.add([str(p) for p in db], "/", lambda paths, ns: Extracted(
-            list(ns), np.stack([desc[names.index(Path(n).name)] for n in ns]).astype(np.float32),
-            local={n: feats[Path(n).name] for n in ns}), positions={str(p)[1:]: positions[p.name] for p in db},
-            progress=False)
+        store.add(
+            [str(p) for p in db],
+            "/",
+            lambda paths, ns: Extracted(
+                list(ns),
+                np.stack([desc[names.index(Path(n).name)] for n in ns]).astype(np.float32),
+                local={n: feats[Path(n).name] for n in ns},
+            ),
+            positions={str(p)[1:]: positions[p.name] for p in db},
+            progress=False,
+        )
     loc = Locator(index, lund["model"], LocatorConfig(backend="torch", rerank=5))
     try:
         qf = loc.reranker.features(loc.extractor.load(query))
@@ -146,8 +166,24 @@ def test_build_local_killed_midway_then_rerun_equals_uninterrupted(lund, shared_
     for p in sorted((shared_data / "lund_gps" / "images").glob("*.jpg"))[:10]:
         shutil.copy(p, photos / p.name)
     total = 10
-    cmd = lambda idx: [sys.executable, "-m", "hafloc", "index", "build", str(photos), "--model", str(lund["model"]),  # noqa: E731
-                       "--index", str(idx), "--chunk-size", "2", "--batch-size", "1", *LOCAL, *FAST]
+    cmd = lambda idx: [  # noqa: E731
+        sys.executable,
+        "-m",
+        "hafloc",
+        "index",
+        "build",
+        str(photos),
+        "--model",
+        str(lund["model"]),
+        "--index",
+        str(idx),
+        "--chunk-size",
+        "2",
+        "--batch-size",
+        "1",
+        *LOCAL,
+        *FAST,
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     idx = tmp_path / "killed"
     assert 2 <= kill_midway(cmd(idx), idx, env) < total
@@ -177,8 +213,20 @@ def test_export_hloc_writes_features_and_matches(lund, tmp_path, capsys):
     for p in (photos[2], photos[7]):
         shutil.copy(p, queries / f"q_{p.name}")
     out = tmp_path / "hloc"
-    code, stdout, err = run_cli(capsys, "index", "export-hloc", "--index", lund["index"], "--queries", queries,
-                                "--output", out, "--top-k", "3", *FAST)
+    code, stdout, err = run_cli(
+        capsys,
+        "index",
+        "export-hloc",
+        "--index",
+        lund["index"],
+        "--queries",
+        queries,
+        "--output",
+        out,
+        "--top-k",
+        "3",
+        *FAST,
+    )
     assert code == 0, err
     pairs = [line.split() for line in (out / "pairs-query-hafloc3.txt").read_text().splitlines()]
     with h5py.File(out / "features.h5", "r") as f, h5py.File(out / "matches.h5", "r") as m:

@@ -23,15 +23,36 @@ LOCAL_CONF = {"max_keypoints": 512, "max_side": 480}
 @pytest.fixture(scope="module")
 def sets(shared_data, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("rerank_sets")
-    return {"gardens": gardens_at(shared_data, root / "gardens"),
-            "landmarks": landmarks_oxford(shared_data, root / "landmarks"),
-            "tower": tower_subset(shared_data, root / "tower", floors=6, gallery_per_floor=12, queries_per_floor=4)}
+    return {
+        "gardens": gardens_at(shared_data, root / "gardens"),
+        "landmarks": landmarks_oxford(shared_data, root / "landmarks"),
+        "tower": tower_subset(shared_data, root / "tower", floors=6, gallery_per_floor=12, queries_per_floor=4),
+    }
 
 
 def _model(ds, out: Path) -> Path:
     imgs = [str(p) for p in even(ds.db_paths(), 16)]
-    assert main(["model", "init", "--method", "haf", "--images", *imgs, "--output", str(out), "--clusters", "16",
-                 "--max-side", "256", "--fit-images", "16"]) == 0
+    assert (
+        main(
+            [
+                "model",
+                "init",
+                "--method",
+                "haf",
+                "--images",
+                *imgs,
+                "--output",
+                str(out),
+                "--clusters",
+                "16",
+                "--max-side",
+                "256",
+                "--fit-images",
+                "16",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -48,8 +69,17 @@ def test_rerank_never_scores_below_global_at_any_k(sets, name, tmp_path):
 
     def factory(ds_ok, db, q):
         if "rr" not in shared:
-            shared["rr"] = RankReranker(rr_settings, reranker, ds_ok.db_paths(), ds_ok.q_paths(), db, q,
-                                        load=ex.load, key=image_key, progress=False)
+            shared["rr"] = RankReranker(
+                rr_settings,
+                reranker,
+                ds_ok.db_paths(),
+                ds_ok.q_paths(),
+                db,
+                q,
+                load=ex.load,
+                key=image_key,
+                progress=False,
+            )
         return shared["rr"]
 
     seen = {}
@@ -70,9 +100,26 @@ def test_eval_cli_reports_global_and_reranked_side_by_side(sets, tmp_path, capsy
     ds = load_dataset(sets["gardens"], split="test")
     model = _model(ds, tmp_path / "haf.model")
     out = tmp_path / "r.json"
-    rc = main(["eval", "--model", str(model), "--dataset", str(sets["gardens"]), "--rerank", "5",
-               "--max-keypoints", "512", "--cache", str(tmp_path / "cache"), "--backend", "torch", "--no-progress",
-               "--json", str(out)])
+    rc = main(
+        [
+            "eval",
+            "--model",
+            str(model),
+            "--dataset",
+            str(sets["gardens"]),
+            "--rerank",
+            "5",
+            "--max-keypoints",
+            "512",
+            "--cache",
+            str(tmp_path / "cache"),
+            "--backend",
+            "torch",
+            "--no-progress",
+            "--json",
+            str(out),
+        ]
+    )
     text = capsys.readouterr().out
     assert rc == 0
     doc = json.loads(out.read_text())

@@ -30,7 +30,9 @@ def clustered(n: int, dim: int, clusters: int, spread: float, seed: int) -> np.n
 
 def perturbed(db: np.ndarray, n: int, noise: float, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    q = db[rng.choice(len(db), n, replace=False)] + noise / np.sqrt(db.shape[1]) * rng.standard_normal((n, db.shape[1])).astype(np.float32)
+    q = db[rng.choice(len(db), n, replace=False)] + noise / np.sqrt(db.shape[1]) * rng.standard_normal(
+        (n, db.shape[1])
+    ).astype(np.float32)
     return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
 
 

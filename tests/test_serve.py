@@ -29,8 +29,25 @@ def served(tmp_path_factory, shared_data) -> dict:
     data = make_photo_db(shared_data / "landmarks_mini" / "images", root)
     data["model"] = make_small_model(sorted(data["db"].glob("*.jpg")), root / "small.model")
     data["index"] = root / "index"
-    assert main(["index", "build", str(data["db"]), "--model", str(data["model"]), "--index", str(data["index"]),
-                 "--positions", str(data["csv"]), "--backend", "torch", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                str(data["db"]),
+                "--model",
+                str(data["model"]),
+                "--index",
+                str(data["index"]),
+                "--positions",
+                str(data["csv"]),
+                "--backend",
+                "torch",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return data
 
 
@@ -91,7 +108,7 @@ def test_attention_overlay_marks_where_attention_is_high(served):
     att[:, 4:] = 3.0  # right half attended
     ov = np.asarray(_decode_data_url(overlay_png(img, att)).convert("RGB"), dtype=np.float32)
     w = ov.shape[1]
-    left, right = ov[:, : w // 4], ov[:, -w // 4:]
+    left, right = ov[:, : w // 4], ov[:, -w // 4 :]
     # jet: high -> red, low -> blue
     assert right[..., 0].mean() - right[..., 2].mean() > 40 and left[..., 2].mean() - left[..., 0].mean() > 40
     flat = np.asarray(_decode_data_url(overlay_png(img, np.ones((8, 8)))).convert("RGB"), dtype=np.float32)
@@ -114,8 +131,13 @@ def test_positions_and_page(client, served):
 
 
 def test_map_assets_are_served_and_packaged(client):
-    for asset in ("/static/map.js", "/static/map.css", "/static/vendor/leaflet/leaflet.js",
-                  "/static/vendor/leaflet/leaflet.css", "/static/vendor/leaflet/LICENSE"):
+    for asset in (
+        "/static/map.js",
+        "/static/map.css",
+        "/static/vendor/leaflet/leaflet.js",
+        "/static/vendor/leaflet/leaflet.css",
+        "/static/vendor/leaflet/LICENSE",
+    ):
         assert client.get(asset).status_code == 200, asset
     assert "BSD 2-Clause" in client.get("/static/vendor/leaflet/LICENSE").text
     assert client.get("/health").json()["map"] == {"tiles": None, "attribution": None, "radius_m": 25.0}
@@ -151,10 +173,19 @@ def _chunks(n_bytes: int):
         yield b"\xff" * 65536
 
 
-@pytest.mark.parametrize("case, status", [
-    ("empty", 400), ("text", 415), ("truncated", 422), ("too_big", 413), ("too_big_chunked", 413),
-    ("no_file_field", 422), ("not_multipart", 415), ("bad_multipart", 400),
-])
+@pytest.mark.parametrize(
+    "case, status",
+    [
+        ("empty", 400),
+        ("text", 415),
+        ("truncated", 422),
+        ("too_big", 413),
+        ("too_big_chunked", 413),
+        ("no_file_field", 422),
+        ("not_multipart", 415),
+        ("bad_multipart", 400),
+    ],
+)
 def test_bad_uploads_are_refused_and_server_keeps_serving(client, served, case, status):
     name, data = _photo(served)
     if case == "empty":
@@ -164,18 +195,22 @@ def test_bad_uploads_are_refused_and_server_keeps_serving(client, served, case, 
     elif case == "truncated":
         r = client.post("/locate", files={"file": ("cut.jpg", data[: len(data) // 2], "image/jpeg")})
     elif case == "too_big":
-        r = client.post("/locate", files={"file": ("big.jpg", b"\xff" * (CAP_MB * 2 ** 20 + 10), "image/jpeg")})
+        r = client.post("/locate", files={"file": ("big.jpg", b"\xff" * (CAP_MB * 2**20 + 10), "image/jpeg")})
     elif case == "too_big_chunked":  # no Content-Length: the cap must hold while the body streams in
-        r = client.post("/locate", content=_chunks(CAP_MB * 2 ** 20 * 2),
-                        headers={"content-type": "multipart/form-data; boundary=xyz"})
+        r = client.post(
+            "/locate",
+            content=_chunks(CAP_MB * 2**20 * 2),
+            headers={"content-type": "multipart/form-data; boundary=xyz"},
+        )
         assert "content-length" not in r.request.headers
     elif case == "no_file_field":
         r = client.post("/locate", files={"photo": (name, data, "image/jpeg")})
     elif case == "not_multipart":
         r = client.post("/locate", content=data, headers={"content-type": "image/jpeg"})
     else:
-        r = client.post("/locate", content=b"garbage without boundaries",
-                        headers={"content-type": "multipart/form-data"})
+        r = client.post(
+            "/locate", content=b"garbage without boundaries", headers={"content-type": "multipart/form-data"}
+        )
     assert r.status_code == status, r.text
     assert isinstance(r.json()["detail"], str) and r.json()["detail"]
     if case in ("empty", "text", "truncated"):
@@ -184,12 +219,22 @@ def test_bad_uploads_are_refused_and_server_keeps_serving(client, served, case, 
     assert client.post("/locate", files={"file": (name, data, "image/jpeg")}).status_code == 200
 
 
-@pytest.mark.parametrize("url", [
-    "/thumbnails/..%2F..%2Fetc%2Fpasswd", "/thumbnails/%2e%2e%2f%2e%2e%2fetc%2fpasswd", "/thumbnails/%2Fetc%2Fpasswd",
-    "/thumbnails/%2e%2e", "/thumbnails/1%2F..%2F..%2Fsmall.model", "/thumbnails/-1",
-    "/thumbnails/999999", "/thumbnails/1e3", "/thumbnails/%31%00", "/static/..%2F..%2Fcli%2F__init__.py",
-    "/static/%2e%2e/app.py",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/thumbnails/..%2F..%2Fetc%2Fpasswd",
+        "/thumbnails/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+        "/thumbnails/%2Fetc%2Fpasswd",
+        "/thumbnails/%2e%2e",
+        "/thumbnails/1%2F..%2F..%2Fsmall.model",
+        "/thumbnails/-1",
+        "/thumbnails/999999",
+        "/thumbnails/1e3",
+        "/thumbnails/%31%00",
+        "/static/..%2F..%2Fcli%2F__init__.py",
+        "/static/%2e%2e/app.py",
+    ],
+)
 def test_path_traversal_is_refused(client, url):
     r = client.get(url)
     assert 400 <= r.status_code < 500, (url, r.status_code)
@@ -329,8 +374,23 @@ def test_browser_upload_shows_estimate_and_thumbnails(live_server, served, tmp_p
 def unpositioned_index(served) -> Path:
     """The same photos indexed without positions: every answer is "no estimate"."""
     index = served["db"].parent / "index-unpositioned"
-    assert main(["index", "build", str(served["db"]), "--model", str(served["model"]), "--index", str(index),
-                 "--backend", "torch", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                str(served["db"]),
+                "--model",
+                str(served["model"]),
+                "--index",
+                str(index),
+                "--backend",
+                "torch",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return index
 
 
@@ -343,8 +403,10 @@ def test_browser_map_unknown_estimate_and_tiles(served, unpositioned_index, tmp_
     # a tile server the test controls: this server's own static PNG, one per {z}/{x}/{y}
     tiles = base + "/static/vendor/leaflet/images/marker-icon.png?z={z}&x={x}&y={y}"
     requests: list[str] = []
-    with _serve(unpositioned_index, "--tiles", tiles, "--tiles-attribution", "<b>test</b> tiles", port=port), \
-            browser.open_page(base + "/", requests=requests) as (page, console_errors, failed_requests):
+    with (
+        _serve(unpositioned_index, "--tiles", tiles, "--tiles-attribution", "<b>test</b> tiles", port=port),
+        browser.open_page(base + "/", requests=requests) as (page, console_errors, failed_requests),
+    ):
         page.wait_for_function("document.querySelectorAll('#map img.leaflet-tile-loaded').length > 0")
         assert page.locator("#map .leaflet-control-attribution").inner_text() == "<b>test</b> tiles"  # text, not HTML
         assert page.locator("#map .hafloc-grid").count() == 0  # tiles replace the grid
@@ -357,11 +419,26 @@ def test_browser_map_unknown_estimate_and_tiles(served, unpositioned_index, tmp_
         assert page.locator("#map path.hafloc-radius").count() == 0
         # an "unknown" answer whose matches do have positions (a refused low confidence): its reason, and the
         # matches still drawn
-        matches = [{"id": 1, "image": f"m{i}.jpg", "lat": 51.5 + 0.001 * i, "lon": -0.1, "similarity": 0.5 - 0.01 * i,
-                    "distance_m": None} for i in range(3)]
-        page.evaluate("(r) => haflocMap.showResult(r)", {"image": "q.jpg", "estimate": None, "matches": matches,
-                                                         "unknown": {"reason": "confidence 0.12 below 0.5",
-                                                                     "confidence": 0.12}})
+        matches = [
+            {
+                "id": 1,
+                "image": f"m{i}.jpg",
+                "lat": 51.5 + 0.001 * i,
+                "lon": -0.1,
+                "similarity": 0.5 - 0.01 * i,
+                "distance_m": None,
+            }
+            for i in range(3)
+        ]
+        page.evaluate(
+            "(r) => haflocMap.showResult(r)",
+            {
+                "image": "q.jpg",
+                "estimate": None,
+                "matches": matches,
+                "unknown": {"reason": "confidence 0.12 below 0.5", "confidence": 0.12},
+            },
+        )
         assert message.inner_text() == "no estimate: confidence 0.12 below 0.5"
         assert page.locator("#map .hafloc-match").all_inner_texts() == ["1", "2", "3"]
         browser.screenshot(page, tmp_path / "unknown.png")

@@ -42,8 +42,26 @@ def data(tmp_path_factory, shared_data) -> dict:
     d = make_photo_db(shared_data / "landmarks_mini" / "images", root)
     d["model"] = make_small_model(sorted(d["db"].glob("*.jpg")), root / "small.model")
     d["index"] = root / "index"
-    assert main(["index", "build", str(d["db"]), "--model", str(d["model"]), "--index", str(d["index"]),
-                 "--positions", str(d["csv"]), "--backend", "torch", "--no-progress", "--no-calibrate"]) == 0
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                str(d["db"]),
+                "--model",
+                str(d["model"]),
+                "--index",
+                str(d["index"]),
+                "--positions",
+                str(d["csv"]),
+                "--backend",
+                "torch",
+                "--no-progress",
+                "--no-calibrate",
+            ]
+        )
+        == 0
+    )
     # photos a concurrent writer adds: a second folder of real photos (GPS in their EXIF)
     d["more"] = root / "more"
     d["more"].mkdir()
@@ -82,8 +100,9 @@ def _same_answer(got: dict, want: dict) -> None:
     """Equal up to float rounding (worker processes run torch with fewer threads)."""
     assert got["image"] == want["image"]
     assert [m["id"] for m in got["matches"]] == [m["id"] for m in want["matches"]]
-    np.testing.assert_allclose([m["similarity"] for m in got["matches"]],
-                               [m["similarity"] for m in want["matches"]], atol=1e-4)
+    np.testing.assert_allclose(
+        [m["similarity"] for m in got["matches"]], [m["similarity"] for m in want["matches"]], atol=1e-4
+    )
     assert (got["estimate"] is None) == (want["estimate"] is None)
     if want["estimate"] is not None:
         assert got["estimate"]["lat"] == pytest.approx(want["estimate"]["lat"], abs=1e-7)
@@ -107,7 +126,7 @@ def test_workers_answer_concurrent_requests_like_one_process(workers, data, refe
 def test_security_caps_hold_in_every_worker(workers, data):
     with httpx.Client(base_url=workers, timeout=60, headers={"Connection": "close"}) as c:
         for _ in range(4):  # new connections: both workers get some
-            big = b"\xff\xd8" + b"0" * (21 * 2 ** 20)  # over the default 20 MB upload cap
+            big = b"\xff\xd8" + b"0" * (21 * 2**20)  # over the default 20 MB upload cap
             assert c.post("/locate", files={"file": ("big.jpg", big, "image/jpeg")}).status_code == 413
             assert c.get("/thumbnails/%2e%2e%2f%2e%2e%2fetc%2fpasswd").status_code == 404
 
@@ -122,9 +141,26 @@ def _lock_owner_pid(index: Path) -> int | None:
 def test_concurrent_index_add_neither_blocks_nor_breaks_the_workers(workers, data, reference):
     index, more = data["index"], data["more"]
     n_before = len(data["names"])
-    proc = subprocess.Popen([sys.executable, "-m", "hafloc", "index", "add", str(more), "--index", str(index),
-                             "--backend", "torch", "--chunk-size", "1", "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hafloc",
+            "index",
+            "add",
+            str(more),
+            "--index",
+            str(index),
+            "--backend",
+            "torch",
+            "--chunk-size",
+            "1",
+            "--no-progress",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     try:
         deadline = time.monotonic() + 120
         while _lock_owner_pid(index) != proc.pid:  # the writer has taken the lock

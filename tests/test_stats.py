@@ -93,15 +93,26 @@ def test_mean_std():
 
 def test_query_first_hits_from_a_scored_label_set():
     # 3 places; query 1 failed to load (a miss); query 2 finds its place at rank 2
-    ds = Dataset(name="t", format="labels", root=".", db_images=["a", "b", "c"], q_images=["qa", "qb", "qc"],
-                 db_labels=np.array([0, 1, 2]), q_labels=np.array([0, 1, 2]))
+    ds = Dataset(
+        name="t",
+        format="labels",
+        root=".",
+        db_images=["a", "b", "c"],
+        q_images=["qa", "qb", "qc"],
+        db_labels=np.array([0, 1, 2]),
+        q_labels=np.array([0, 1, 2]),
+    )
     db = np.eye(3, dtype=np.float32)
     q = np.array([[1, 0, 0], [0.79, 0.1, 0.6]], dtype=np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     d = DatasetDescriptors(db=db, q=q, db_ok=np.arange(3), q_ok=np.array([0, 2]))
     r = score_descriptors(ds, d)
-    res = EvalResult(metrics={k: v for k, v in r.items() if not k.startswith("_")}, ranks=r["_ranks"],
-                     dataset=r["_dataset"], q_index=r["_q_index"])
+    res = EvalResult(
+        metrics={k: v for k, v in r.items() if not k.startswith("_")},
+        ranks=r["_ranks"],
+        dataset=r["_dataset"],
+        q_index=r["_q_index"],
+    )
     fh = res.query_first_hits()
     assert fh.tolist() == [0, -1, 1]
     assert hits_at(fh, 1).tolist() == [1.0, 0.0, 0.0]

@@ -22,8 +22,10 @@ KINDS = ("database", "queries")
 
 
 def _files(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted((root / "images").rglob("*.jpg"))}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted((root / "images").rglob("*.jpg"))
+    }
 
 
 def _parse(name: str) -> dict[str, str]:
@@ -31,8 +33,22 @@ def _parse(name: str) -> dict[str, str]:
     assert name.startswith("@") and name.endswith("@.jpg"), name
     parts = name.split("@")
     assert len(parts) == 16, (name, len(parts))  # '' + 14 fields + '.jpg'
-    keys = ("east", "north", "zone", "letter", "lat", "lon", "pano", "tile", "heading", "pitch",
-            "roll", "height", "timestamp", "note")
+    keys = (
+        "east",
+        "north",
+        "zone",
+        "letter",
+        "lat",
+        "lon",
+        "pano",
+        "tile",
+        "heading",
+        "pitch",
+        "roll",
+        "height",
+        "timestamp",
+        "note",
+    )
     return dict(zip(keys, parts[1:15]))
 
 
@@ -50,7 +66,9 @@ def test_same_seed_gives_identical_bytes_and_other_seed_differs(city: Path, tmp_
     again = generate_city(tmp_path / "again", SMALL, progress=False)
     assert _files(again) == _files(city)
     assert (again / "meta.json").read_bytes() == (city / "meta.json").read_bytes()
-    other = _files(generate_city(tmp_path / "other", SyntheticCityConfig(**{**SMALL.__dict__, "seed": 4}), progress=False))
+    other = _files(
+        generate_city(tmp_path / "other", SyntheticCityConfig(**{**SMALL.__dict__, "seed": 4}), progress=False)
+    )
     a, b = set(_files(city).values()), set(other.values())
     assert len(other) == len(_files(city)) and not (a & b)  # no image shared between seeds
 
@@ -133,7 +151,9 @@ def test_size_classes_cover_test_queries_and_scale_changes(city: Path, meta: dic
 
 def test_night_queries_are_darker_than_day_database(city: Path, meta: dict) -> None:
     def brightness(entries: list[dict]) -> float:
-        return float(np.mean([np.asarray(Image.open(city / e["file"]).convert("L"), np.float32).mean() for e in entries]))
+        return float(
+            np.mean([np.asarray(Image.open(city / e["file"]).convert("L"), np.float32).mean() for e in entries])
+        )
 
     q = [e for s in meta["splits"].values() for e in s["queries"]]
     db = [e for s in meta["splits"].values() for e in s["database"]]
@@ -160,7 +180,9 @@ def test_generation_is_idempotent_and_replaces_other_configs(city: Path, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]  # no temporary or old folders left
 
 
-def test_refuses_foreign_folder_and_leaves_nothing_after_a_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_refuses_foreign_folder_and_leaves_nothing_after_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
@@ -224,8 +246,12 @@ def test_size_classes_reports_missing_or_corrupt_meta(tmp_path: Path) -> None:
 # Recorded with the generator as it stood before it moved to its own package (hafloc/synth/): any
 # refactoring must keep every byte. Pillow's JPEG encoder and numpy's RNG streams enter the hash, so
 # an upgrade of those (requirements.lock) may legitimately change it: then check the images and re-record.
-GOLDEN = SyntheticCityConfig(seed=11, places_per_split={"train": 2, "val": 1, "test": 3}, image_size=(64, 96),
-                             query_conditions={"day": 1.0, "dusk": 1.0, "night": 1.0})
+GOLDEN = SyntheticCityConfig(
+    seed=11,
+    places_per_split={"train": 2, "val": 1, "test": 3},
+    image_size=(64, 96),
+    query_conditions={"day": 1.0, "dusk": 1.0, "night": 1.0},
+)
 GOLDEN_SHA256 = "25e5597a740e5c7f9c9e884e4566e16ac1533d8882b9d2a034f02a729069dede"
 
 

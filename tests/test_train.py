@@ -31,8 +31,17 @@ from hafloc.train.loop import (
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = "64x96"
-TINY = dict(image_size=SIZE, clusters=8, proj_dim=32, fit_images=20, num_negatives=3, batch_size=4,
-            cache_refresh=16, neg_pool=50, progress=False)
+TINY = dict(
+    image_size=SIZE,
+    clusters=8,
+    proj_dim=32,
+    fit_images=20,
+    num_negatives=3,
+    batch_size=4,
+    cache_refresh=16,
+    neg_pool=50,
+    progress=False,
+)
 
 
 def make_label_subset(shared: Path, out: Path, labels: int = 4, per_label: int = 10, queries: int = 2) -> Path:
@@ -107,11 +116,18 @@ def test_loss_decreases_on_a_fixed_batch(floors):
 
     def t(p):
         return to_tensor(load_image(p), size=(64, 96))
+
     # 2 tuples: (query, same floor, 3 other floors)
     qs = [by_label[labs[0]][0], by_label[labs[1]][0]]
     ps = [by_label[labs[0]][5], by_label[labs[1]][5]]
-    ns = [by_label[labs[1]][1], by_label[labs[2]][1], by_label[labs[3]][1],
-          by_label[labs[0]][1], by_label[labs[2]][2], by_label[labs[3]][2]]
+    ns = [
+        by_label[labs[1]][1],
+        by_label[labs[2]][1],
+        by_label[labs[3]][1],
+        by_label[labs[0]][1],
+        by_label[labs[2]][2],
+        by_label[labs[3]][2],
+    ]
     x = torch.stack([t(p) for p in qs + ps + ns])
     for loss_name in ("dd", "triplet"):
         losses = []
@@ -131,8 +147,11 @@ def test_loss_decreases_on_a_fixed_batch(floors):
 def test_gps_supervision_on_at_folders(tmp_path):
     from hafloc.datasets.synthetic import SyntheticCityConfig, generate_city
 
-    root = generate_city(tmp_path / "city", SyntheticCityConfig(
-        places_per_split={"train": 6, "val": 3, "test": 3}, image_size=(64, 96)), progress=False)
+    root = generate_city(
+        tmp_path / "city",
+        SyntheticCityConfig(places_per_split={"train": 6, "val": 3, "test": 3}, image_size=(64, 96)),
+        progress=False,
+    )
     cfg = TrainConfig(method="netvlad", dataset=str(root), output=str(tmp_path / "out"), epochs=1, **TINY)
     summary = train(cfg)
     assert summary["supervision"] == "gps" and summary["loss"] == "triplet"
@@ -146,10 +165,39 @@ def _cli(*args: str) -> list[str]:
 
 
 def _tiny_flags(dataset: Path, out: Path, epochs: int = 3) -> list[str]:
-    return ["--method", "haf", "--dataset", str(dataset), "--output", str(out), "--epochs", str(epochs),
-            "--image-size", SIZE, "--clusters", "8", "--proj-dim", "32", "--fit-images", "20",
-            "--num-negatives", "3", "--batch-size", "4", "--cache-refresh", "8", "--neg-pool", "50",
-            "--checkpoint-every", "2", "--patience", "0", "--lr", "1e-3", "--no-progress"]
+    return [
+        "--method",
+        "haf",
+        "--dataset",
+        str(dataset),
+        "--output",
+        str(out),
+        "--epochs",
+        str(epochs),
+        "--image-size",
+        SIZE,
+        "--clusters",
+        "8",
+        "--proj-dim",
+        "32",
+        "--fit-images",
+        "20",
+        "--num-negatives",
+        "3",
+        "--batch-size",
+        "4",
+        "--cache-refresh",
+        "8",
+        "--neg-pool",
+        "50",
+        "--checkpoint-every",
+        "2",
+        "--patience",
+        "0",
+        "--lr",
+        "1e-3",
+        "--no-progress",
+    ]
 
 
 def _env() -> dict:
@@ -163,8 +211,9 @@ def test_kill_then_resume_matches_uninterrupted_run(floors, tmp_path):
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     done = subprocess.run(_cli(*_tiny_flags(floors, ref)), env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    proc = subprocess.Popen(_cli(*_tiny_flags(floors, cut)), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cli(*_tiny_flags(floors, cut)), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     killed_at, initial = None, None
     try:
         deadline = time.monotonic() + 240
@@ -190,8 +239,9 @@ def test_kill_then_resume_matches_uninterrupted_run(floors, tmp_path):
     assert killed_at is not None and proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     state = load_checkpoint(cut / "last.ckpt")["progress"]
     assert not state["done"]
-    resumed = subprocess.run(_cli("--resume", str(cut), "--no-progress"), env=_env(), capture_output=True,
-                             text=True, timeout=300)
+    resumed = subprocess.run(
+        _cli("--resume", str(cut), "--no-progress"), env=_env(), capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = load_checkpoint(ref / "last.ckpt"), load_checkpoint(cut / "last.ckpt")
     assert a["progress"]["iteration"] == b["progress"]["iteration"] > killed_at
@@ -205,14 +255,27 @@ def test_kill_then_resume_matches_uninterrupted_run(floors, tmp_path):
             assert (va is None and vb is None) or abs(va - vb) < 1e-4, (key, ra, rb)
     # training moved the weights, so equal final weights are not a vacuous check
     assert initial is not None
-    assert any(not torch.allclose(initial[k].float(), v.float(), atol=1e-4) for k, v in a["model"].items()
-               if v.dtype.is_floating_point)
+    assert any(
+        not torch.allclose(initial[k].float(), v.float(), atol=1e-4)
+        for k, v in a["model"].items()
+        if v.dtype.is_floating_point
+    )
 
 
 def test_torchrun_two_processes_cpu(floors, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "hafloc", "train", *_tiny_flags(floors, out, epochs=1)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "hafloc",
+        "train",
+        *_tiny_flags(floors, out, epochs=1),
+    ]
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     try:
@@ -222,10 +285,17 @@ def test_torchrun_two_processes_cpu(floors, tmp_path):
         ck = load_checkpoint(out / "last.ckpt")
         assert ck["progress"]["done"] and ck["progress"]["iteration"] == 8  # 32 queries / global batch 4
         assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
-            "best.model", "config.json", "history.csv", "history.png", "last.ckpt"]
+            "best.model",
+            "config.json",
+            "history.csv",
+            "history.png",
+            "last.ckpt",
+        ]
         load_model(out / "best.model")
     except Exception as err:  # show what the two ranks said
-        raise AssertionError(f"{err!r}\n--- stdout ---\n{res.stdout[-2000:]}\n--- stderr ---\n{res.stderr[-3000:]}") from err
+        raise AssertionError(
+            f"{err!r}\n--- stdout ---\n{res.stdout[-2000:]}\n--- stderr ---\n{res.stderr[-3000:]}"
+        ) from err
 
 
 def test_config_file_flags_and_resume_guard(floors, tmp_path):
@@ -255,8 +325,9 @@ def test_image_size_is_rounded_to_multiples_of_32_with_a_note(floors, tmp_path, 
     from hafloc.cli.train import config_from_args
     from hafloc.images.io import target_size
 
-    args = build_parser().parse_args(["train", "--dataset", str(floors), "--output", str(tmp_path / "o"),
-                                      "--image-size", "240x330"])
+    args = build_parser().parse_args(
+        ["train", "--dataset", str(floors), "--output", str(tmp_path / "o"), "--image-size", "240x330"]
+    )
     with caplog.at_level("INFO", logger="hafloc.train.config"):
         cfg, _ = config_from_args(args)
     assert cfg.image_size == target_size(330, 240, max_side=None) == (256, 320)  # extraction's rounding
@@ -275,13 +346,16 @@ def test_unreadable_training_image_is_skipped_and_reported(floors, tmp_path):
     cfg = TrainConfig(method="gem", dataset=str(ds), output=str(tmp_path / "o"), epochs=1, **TINY)
     summary = train(cfg)
     assert [Path(p).name for p in summary["skipped_images"]] == [victim.name]
-    assert "truncated" in next(iter(summary["skipped_images"].values())) or "corrupt" in next(iter(summary["skipped_images"].values()))
+    assert "truncated" in next(iter(summary["skipped_images"].values())) or "corrupt" in next(
+        iter(summary["skipped_images"].values())
+    )
     assert (tmp_path / "o" / "best.model").is_file()
 
 
 def test_time_budget_stops_cleanly_with_outputs(floors, tmp_path):
-    cfg = TrainConfig(method="gem", dataset=str(floors), output=str(tmp_path / "o"), epochs=50,
-                      time_budget=0.001, **TINY)
+    cfg = TrainConfig(
+        method="gem", dataset=str(floors), output=str(tmp_path / "o"), epochs=50, time_budget=0.001, **TINY
+    )
     summary = train(cfg)
     assert summary["stopped_for_time"] and summary["epochs_done"] == 0
     assert (tmp_path / "o" / "best.model").is_file() and (tmp_path / "o" / "history.csv").is_file()
@@ -295,9 +369,34 @@ def test_head_variant_settings_reach_the_trained_model(floors, tmp_path):
     from hafloc.errors import HaflocError
 
     out = tmp_path / "o"
-    argv = ["train", "--dataset", str(floors), "--output", str(out), "--levels", "low,high", "--attention", "off",
-            "--epochs", "1", "--image-size", SIZE, "--clusters", "8", "--proj-dim", "32", "--fit-images", "20",
-            "--num-negatives", "3", "--cache-refresh", "16", "--neg-pool", "50", "--no-progress"]
+    argv = [
+        "train",
+        "--dataset",
+        str(floors),
+        "--output",
+        str(out),
+        "--levels",
+        "low,high",
+        "--attention",
+        "off",
+        "--epochs",
+        "1",
+        "--image-size",
+        SIZE,
+        "--clusters",
+        "8",
+        "--proj-dim",
+        "32",
+        "--fit-images",
+        "20",
+        "--num-negatives",
+        "3",
+        "--cache-refresh",
+        "16",
+        "--neg-pool",
+        "50",
+        "--no-progress",
+    ]
     cfg, _ = config_from_args(build_parser().parse_args(argv))
     assert (cfg.levels, cfg.attention) == (("low", "high"), False)
     train(cfg)

@@ -68,8 +68,15 @@ def test_split_pass_equals_full_pass(name, photos):
 
 def _run(floors: Path, out: Path, trunk_cache: str) -> tuple[dict, dict, dict]:
     # refreshes every 4 queries: mining reads descriptors computed through the cache too
-    cfg = TrainConfig(method="haf", dataset=str(floors), output=str(out), epochs=1, patience=0,
-                      trunk_cache=trunk_cache, **{**TINY, "fit_images": 8, "cache_refresh": 4, "max_queries_per_epoch": 12})
+    cfg = TrainConfig(
+        method="haf",
+        dataset=str(floors),
+        output=str(out),
+        epochs=1,
+        patience=0,
+        trunk_cache=trunk_cache,
+        **{**TINY, "fit_images": 8, "cache_refresh": 4, "max_queries_per_epoch": 12},
+    )
     tr = Trainer(cfg)
     init = {k: v.detach().clone() for k, v in tr.model.state_dict().items()}
     summary = tr.run()
@@ -84,8 +91,9 @@ def test_cached_training_run_equals_uncached_run(floors, tmp_path):
     assert not ref["trunk_cache"]["enabled"]
     assert exact["trunk_cache"]["enabled"] and exact["trunk_cache"]["computed"] == 40
     assert ref["iterations"] == exact["iterations"] == 3
-    assert np.allclose([h["loss"] for h in exact["history"][1:]], [h["loss"] for h in ref["history"][1:]],
-                       atol=1e-6, rtol=0)
+    assert np.allclose(
+        [h["loss"] for h in exact["history"][1:]], [h["loss"] for h in ref["history"][1:]], atol=1e-6, rtol=0
+    )
     assert [h["val_recall@5"] for h in exact["history"]] == [h["val_recall@5"] for h in ref["history"]]
     for k, v in w_ref.items():
         assert torch.allclose(v.float(), w_exact[k].float(), atol=1e-6, rtol=0), k
@@ -101,8 +109,9 @@ def test_float16_cache_steps_match_uncached(photos, optimizer, tmp_path):
     from hafloc.train.loop import build_model, build_optimizer, set_train_mode, tuple_loss
     from hafloc.train.trunk_cache import CachedTrunkNet
 
-    cfg = TrainConfig(method="haf", dataset="-", output="-", image_size=SIZE, clusters=8, proj_dim=32,
-                      optimizer=optimizer, lr=1e-3)
+    cfg = TrainConfig(
+        method="haf", dataset="-", output="-", image_size=SIZE, clusters=8, proj_dim=32, optimizer=optimizer, lr=1e-3
+    )
     torch.manual_seed(0)
     base, _ = build_model(cfg, None, progress=False)
     paths = photos[:12] + photos[:2]  # 2 tuples x (query + positive + 5 negatives)
@@ -197,8 +206,13 @@ print(cache.build(paths, load, batch_size=2, workers=1, progress=False)["compute
 
 def _builder(root: Path, paths: list[Path], delay: float) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, "-c", BUILDER, str(root), str(delay), *map(str, paths)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", BUILDER, str(root), str(delay), *map(str, paths)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_killed_build_resumes_and_concurrent_builders_share(haf, photos, tmp_path):

@@ -33,8 +33,7 @@ def floors12(shared_data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model_file(floors12, tmp_path_factory) -> Path:
-    cfg = TrainConfig(method="haf", dataset=str(floors12), output="unused", image_size="64x96", clusters=8,
-                      proj_dim=32)
+    cfg = TrainConfig(method="haf", dataset=str(floors12), output="unused", image_size="64x96", clusters=8, proj_dim=32)
     torch.manual_seed(0)
     paths = sorted((floors12 / "images").rglob("*.jpg"))[::3]
     model, _ = build_model(cfg, paths, progress=False)
@@ -54,8 +53,12 @@ def test_simplex_grid():
 
 def test_pick_best_tie_rules():
     grid = [(1.0, 0.0, 0.0), (0.3, 0.3, 0.4), (0.4, 0.3, 0.3), (0.0, 0.5, 0.5)]
-    res = [{"recall@5": 90, "recall@1": 80}, {"recall@5": 90, "recall@1": 60},
-           {"recall@5": 90, "recall@1": 70}, {"recall@5": 85, "recall@1": 85}]
+    res = [
+        {"recall@5": 90, "recall@1": 80},
+        {"recall@5": 90, "recall@1": 60},
+        {"recall@5": 90, "recall@1": 70},
+        {"recall@5": 85, "recall@1": 85},
+    ]
     assert pick_best(grid, res) == 2  # equal R@5 and equal distance to uniform -> higher R@1
 
 
@@ -90,8 +93,22 @@ def test_cli_stores_weights_and_writes_table(model_file, floors12, tmp_path):
     model = tmp_path / "m.model"
     model.write_bytes(model_file.read_bytes())
     table = tmp_path / "table"
-    assert main(["tune-weights", "--model", str(model), "--dataset", str(floors12), "--output", str(table),
-                 "--split", "test"]) == 0
+    assert (
+        main(
+            [
+                "tune-weights",
+                "--model",
+                str(model),
+                "--dataset",
+                str(floors12),
+                "--output",
+                str(table),
+                "--split",
+                "test",
+            ]
+        )
+        == 0
+    )
     rows = json.loads((table / "weights.json").read_text())["rows"]
     assert len(rows) == 1 and {"dataset", "w1", "w2", "w3", "recall@1", "recall@5"} <= set(rows[0])
     tuned = load_model(model)
@@ -101,8 +118,23 @@ def test_cli_stores_weights_and_writes_table(model_file, floors12, tmp_path):
     assert "| dataset |" in (table / "weights.md").read_text()
     assert (table / "weights.png").stat().st_size > 1000
     # a second benchmark adds a row, the first one stays
-    assert main(["tune-weights", "--model", str(model), "--dataset", str(floors12), "--output", str(table),
-                 "--split", "val", "--no-save"]) == 0
+    assert (
+        main(
+            [
+                "tune-weights",
+                "--model",
+                str(model),
+                "--dataset",
+                str(floors12),
+                "--output",
+                str(table),
+                "--split",
+                "val",
+                "--no-save",
+            ]
+        )
+        == 0
+    )
     names = [r["dataset"] for r in json.loads((table / "weights.json").read_text())["rows"]]
     assert sorted(names) == sorted({names[0], names[1]}) and len(names) == 2
 
@@ -117,8 +149,22 @@ def test_whitened_model_is_refitted(model_file, floors12, tmp_path):
     before = m.whitening.proj.clone()
     path = tmp_path / "w.model"
     save_model(m, path)
-    assert main(["tune-weights", "--model", str(path), "--dataset", str(floors12), "--split", "test",
-                 "--image-size", "64x96"]) == 0
+    assert (
+        main(
+            [
+                "tune-weights",
+                "--model",
+                str(path),
+                "--dataset",
+                str(floors12),
+                "--split",
+                "test",
+                "--image-size",
+                "64x96",
+            ]
+        )
+        == 0
+    )
     tuned = load_model(path)
     assert tuned.meta["fusion_tuning"]["whitening"] == "refitted"
     assert tuned.whitening.dim == 16 and not torch.allclose(before, tuned.whitening.proj)

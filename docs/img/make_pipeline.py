@@ -18,8 +18,11 @@ OUT = Path(__file__).with_name("pipeline.png")
 
 
 def box(ax, x, y, w, h, text, color):
-    ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.02,rounding_size=0.08",
-                                fc=color, ec="#333333", lw=1.2))
+    ax.add_patch(
+        FancyBboxPatch(
+            (x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.02,rounding_size=0.08", fc=color, ec="#333333", lw=1.2
+        )
+    )
     ax.text(x, y, text, ha="center", va="center", fontsize=9)
 
 
@@ -47,10 +50,17 @@ def main() -> None:
     box(ax, 10.55, 2.3, 1.1, 1.3, "fuse\nconcat of\nsqrt(w_l) V_l", "#e4dff2")
     arrow(ax, 11.1, 2.3, 11.35, 2.3)
     box(ax, 11.65, 2.3, 0.6, 1.3, "PCA\nwhiten\n+ L2", "#f2f2f2")
-    ax.text(6, 4.45, "HAF: one descriptor per photo from three levels of one CNN", ha="center", fontsize=11,
-            weight="bold")
-    ax.text(6, 0.15, "cosine of two descriptors = sum_l w_l cos_l; the nearest indexed photos give the position",
-            ha="center", fontsize=9, style="italic")
+    ax.text(
+        6, 4.45, "HAF: one descriptor per photo from three levels of one CNN", ha="center", fontsize=11, weight="bold"
+    )
+    ax.text(
+        6,
+        0.15,
+        "cosine of two descriptors = sum_l w_l cos_l; the nearest indexed photos give the position",
+        ha="center",
+        fontsize=9,
+        style="italic",
+    )
     fig.savefig(OUT, dpi=110, bbox_inches="tight")
     print(f"wrote {OUT}")
 

@@ -23,8 +23,10 @@ OUT = Path(__file__).resolve().parent
 
 
 def serve_page(index: Path, photo: Path, out: Path) -> Path:
-    with hafloc_server(index, timeout=120) as url, \
-            open_page(url, viewport=(1280, 900), timeout_ms=120000) as (page, errors, failed):
+    with (
+        hafloc_server(index, timeout=120) as url,
+        open_page(url, viewport=(1280, 900), timeout_ms=120000) as (page, errors, failed),
+    ):
         page.wait_for_selector("#status")
         page.set_input_files("#file", str(photo))
         page.wait_for_selector("#result:not([hidden])", timeout=120000)

@@ -19,8 +19,13 @@ from .base import Backbone
 
 # (repeats, kernel, stride, expand, in, out) of the seven stages, from efficientnet_lite_builder.py
 _STAGES = [
-    (1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
-    (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320),
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
 ]
 # width, depth multipliers
 _VARIANTS = {"efficientnet-lite0": (1.0, 1.0), "efficientnet-lite1": (1.0, 1.1), "efficientnet-lite2": (1.1, 1.2)}
@@ -45,8 +50,9 @@ class _Conv(nn.Conv2d):
     """
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, bias: bool = False):
-        super().__init__(cin, cout, kernel, stride=stride, groups=groups, bias=bias,
-                         padding=(kernel - 1) // 2 if stride == 1 else 0)
+        super().__init__(
+            cin, cout, kernel, stride=stride, groups=groups, bias=bias, padding=(kernel - 1) // 2 if stride == 1 else 0
+        )
         self.pad: nn.Module
         if stride == 1:
             self.pad = nn.Identity()

@@ -12,8 +12,17 @@ from ..errors import HaflocError
 
 # Order = order in --help. A module that is absent is simply not offered.
 _COMMANDS = [
-    "demo", "model", "extract", "eval", "compare", "train", "tune_weights",
-    "index", "locate", "serve", "export_onnx",
+    "demo",
+    "model",
+    "extract",
+    "eval",
+    "compare",
+    "train",
+    "tune_weights",
+    "index",
+    "locate",
+    "serve",
+    "export_onnx",
 ]
 
 
@@ -25,8 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Hierarchical Attention Fusion (HAF) or the NetVLAD / CRN / GeM / SuperPoint baselines, "
             "evaluates them on the standard benchmarks and localizes your own photos."
         ),
-        epilog="Run 'hafloc COMMAND --help' for the options of one command. "
-               "Start with 'hafloc demo --quick'.",
+        epilog="Run 'hafloc COMMAND --help' for the options of one command. Start with 'hafloc demo --quick'.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debugging details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -74,8 +82,7 @@ def _run(argv: list[str] | None) -> int:
             stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("faiss").setLevel(logging.WARNING)  # "Successfully loaded faiss" is noise
     _quiet_pillow_bomb_warning()
     if not getattr(args, "func", None):

@@ -20,10 +20,12 @@ from .eval import (
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "compare", help="score several models on one benchmark: one table and one recall@N plot",
+        "compare",
+        help="score several models on one benchmark: one table and one recall@N plot",
         description="Evaluates every model like 'hafloc eval' (sharing the descriptor cache) and writes the "
-                    "paper's Table 1 / Fig. 3 layout: results.md and results.json (a row per method), "
-                    "recall_curves.png (a curve per method), config.json and index.html in --output.")
+        "paper's Table 1 / Fig. 3 layout: results.md and results.json (a row per method), "
+        "recall_curves.png (a curve per method), config.json and index.html in --output.",
+    )
     p.add_argument("--models", required=True, nargs="+", help="model files")
     p.add_argument("--names", nargs="+", default=None, help="method names for the table/plot (default: file names)")
     add_dataset_args(p)
@@ -79,9 +81,16 @@ def run(args) -> int:
     print(table, end="")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / "results.md", f"{head}\n\n{table}")
-    write_json(out_dir / "results.json", {"dataset": ds.summary(), "table": rows,
-                                          "results": {n: r.to_json() for n, r in results.items()},
-                                          "config": config}, config)
+    write_json(
+        out_dir / "results.json",
+        {
+            "dataset": ds.summary(),
+            "table": rows,
+            "results": {n: r.to_json() for n, r in results.items()},
+            "config": config,
+        },
+        config,
+    )
     sections = [Section("Results", paragraphs=[head], tables=[Table(rows, cols)])]
     if curves:
         thr = ds.pos_threshold if ds.db_utm is not None else None

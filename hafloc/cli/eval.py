@@ -16,14 +16,23 @@ if TYPE_CHECKING:  # the metrics stack loads when a command runs, not when the p
 def add_dataset_args(p) -> None:
     from ..datasets.detect import FORMATS
 
-    p.add_argument("--dataset", required=True,
-                   help="dataset folder or ground-truth file (.mat, .npz, .pkl, dataset.csv, ...); layout detected")
-    p.add_argument("--format", choices=sorted(FORMATS), default=None,
-                   help="dataset layout, when detection guesses wrong: " + "; ".join(
-                       f"{k} = {v[1]}" for k, v in FORMATS.items()))
-    p.add_argument("--split", choices=["train", "val", "test"], default="test", help="which split to score (default test)")
-    p.add_argument("--cache", default=None,
-                   help="descriptor cache folder (default $HAFLOC_CACHE or ~/.cache/hafloc/descriptors)")
+    p.add_argument(
+        "--dataset",
+        required=True,
+        help="dataset folder or ground-truth file (.mat, .npz, .pkl, dataset.csv, ...); layout detected",
+    )
+    p.add_argument(
+        "--format",
+        choices=sorted(FORMATS),
+        default=None,
+        help="dataset layout, when detection guesses wrong: " + "; ".join(f"{k} = {v[1]}" for k, v in FORMATS.items()),
+    )
+    p.add_argument(
+        "--split", choices=["train", "val", "test"], default="test", help="which split to score (default test)"
+    )
+    p.add_argument(
+        "--cache", default=None, help="descriptor cache folder (default $HAFLOC_CACHE or ~/.cache/hafloc/descriptors)"
+    )
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the descriptor cache")
     add_backend_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -31,24 +40,40 @@ def add_dataset_args(p) -> None:
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "eval", help="score a model on a benchmark (recall@N, mAP) with its published protocol",
+        "eval",
+        help="score a model on a benchmark (recall@N, mAP) with its published protocol",
         description="Extracts database and query descriptors (cached per model and settings, so a rerun is "
-                    "instant), ranks the database for every query and scores with the dataset's protocol: "
-                    "recall@1/5/10 at 25 m or by label (Pittsburgh, Tokyo 24/7, '@' folders, label CSVs, ...), "
-                    "mAP with full and cropped queries (Oxford5k / Paris6k), E/M/H (revisited), mAP (Holidays). "
-                    "Unreadable images are skipped and listed; failed queries count as misses.")
+        "instant), ranks the database for every query and scores with the dataset's protocol: "
+        "recall@1/5/10 at 25 m or by label (Pittsburgh, Tokyo 24/7, '@' folders, label CSVs, ...), "
+        "mAP with full and cropped queries (Oxford5k / Paris6k), E/M/H (revisited), mAP (Holidays). "
+        "Unreadable images are skipped and listed; failed queries count as misses.",
+    )
     p.add_argument("--model", required=True, help="model file (from 'hafloc model init' or 'hafloc train')")
     add_dataset_args(p)
-    p.add_argument("--rerank", type=int, default=0, metavar="K",
-                   help="re-rank each query's top K by geometrically verified local matches and show global and "
-                        "re-ranked scores side by side (default 0: global only); local features of queries and "
-                        "retrieved candidates are computed once and cached beside the descriptor cache")
-    p.add_argument("--local", default="xfeat", metavar="EXTRACTOR",
-                   help="local features for --rerank (xfeat, disk, aliked, superpoint; default xfeat)")
-    p.add_argument("--max-keypoints", type=int, default=1024, help="local features per image for --rerank (default 1024)")
+    p.add_argument(
+        "--rerank",
+        type=int,
+        default=0,
+        metavar="K",
+        help="re-rank each query's top K by geometrically verified local matches and show global and "
+        "re-ranked scores side by side (default 0: global only); local features of queries and "
+        "retrieved candidates are computed once and cached beside the descriptor cache",
+    )
+    p.add_argument(
+        "--local",
+        default="xfeat",
+        metavar="EXTRACTOR",
+        help="local features for --rerank (xfeat, disk, aliked, superpoint; default xfeat)",
+    )
+    p.add_argument(
+        "--max-keypoints", type=int, default=1024, help="local features per image for --rerank (default 1024)"
+    )
     p.add_argument("--json", default=None, help="write the results as JSON here (config.json goes beside it)")
-    p.add_argument("--report", default=None,
-                   help="write an HTML report folder: recall curve, example retrievals, attention maps, results")
+    p.add_argument(
+        "--report",
+        default=None,
+        help="write an HTML report folder: recall curve, example retrievals, attention maps, results",
+    )
     p.set_defaults(func=run)
 
 
@@ -70,8 +95,9 @@ def rerank_from_args(args):
 def settings_from_args(args):
     from ..metrics.evaluate import ExtractionSettings
 
-    return ExtractionSettings(batch_size=args.batch_size, max_side=args.max_side, backend=args.backend,
-                              num_threads=args.threads)
+    return ExtractionSettings(
+        batch_size=args.batch_size, max_side=args.max_side, backend=args.backend, num_threads=args.threads
+    )
 
 
 def cache_from_args(args):
@@ -90,12 +116,19 @@ def load_dataset_from_args(args):
 
 
 def model_summary(model, path: str) -> dict[str, Any]:
-    return {"file": str(path), "fingerprint": model.fingerprint(), "method": model.config.method,
-            "backbone": model.config.backbone, "descriptor_dim": int(model.out_dim),
-            "whitening": model.whitening.dim, "max_side": model.config.max_side,
-            "fusion_weights": [round(float(w), 4) for w in model.head.fusion_weights().detach()]
-            if hasattr(model.head, "fusion_weights") else None,
-            "config": model.config.to_dict()}
+    return {
+        "file": str(path),
+        "fingerprint": model.fingerprint(),
+        "method": model.config.method,
+        "backbone": model.config.backbone,
+        "descriptor_dim": int(model.out_dim),
+        "whitening": model.whitening.dim,
+        "max_side": model.config.max_side,
+        "fusion_weights": [round(float(w), 4) for w in model.head.fusion_weights().detach()]
+        if hasattr(model.head, "fusion_weights")
+        else None,
+        "config": model.config.to_dict(),
+    }
 
 
 def run_config(models: list[dict], ds, settings, args, command: str) -> dict[str, Any]:
@@ -105,17 +138,27 @@ def run_config(models: list[dict], ds, settings, args, command: str) -> dict[str
 
     from .. import __version__
 
-    return {"command": command, "hafloc": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "models": models, "dataset": {**ds.summary(), "path": str(args.dataset), "split": args.split},
-            "settings": dataclasses.asdict(settings), "argv": sys.argv[1:]}
+    return {
+        "command": command,
+        "hafloc": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "models": models,
+        "dataset": {**ds.summary(), "path": str(args.dataset), "split": args.split},
+        "settings": dataclasses.asdict(settings),
+        "argv": sys.argv[1:],
+    }
 
 
 def table_rows(name: str, result: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     from ..metrics.evaluate import headline
 
     suffix = f" +rerank {result['rerank']['k']}" if result.get("rerank") else ""
-    row = {"method": name + suffix, **{_label(k): v for k, v in headline(result).items()},
-           "queries": result["num_queries"], "dim": result["descriptor_dim"]}
+    row = {
+        "method": name + suffix,
+        **{_label(k): v for k, v in headline(result).items()},
+        "queries": result["num_queries"],
+        "dim": result["descriptor_dim"],
+    }
     return row, list(row)
 
 
@@ -172,8 +215,11 @@ def without_positive_note(result: Mapping[str, Any], metric: str) -> str | None:
 def print_failures(result: Mapping[str, Any]) -> None:
     fails = result.get("failures") or []
     if fails:
-        print(f"skipped {len(fails)} unreadable image(s) ({result['num_db_failed']} database dropped, "
-              f"{result['num_queries_failed']} queries counted as misses):", file=sys.stderr)
+        print(
+            f"skipped {len(fails)} unreadable image(s) ({result['num_db_failed']} database dropped, "
+            f"{result['num_queries_failed']} queries counted as misses):",
+            file=sys.stderr,
+        )
         for path, reason in fails[:20]:
             print(f"  {path}: {reason}", file=sys.stderr)
         if len(fails) > 20:
@@ -189,8 +235,15 @@ def run(args) -> int:
     model = load_model(args.model)
     settings = settings_from_args(args)
     extractor = settings.extractor_for(model, ds)
-    result = evaluate(model, ds, settings, cache_dir=cache_from_args(args), progress=not args.no_progress,
-                      extractor=extractor, rerank=rerank_from_args(args))
+    result = evaluate(
+        model,
+        ds,
+        settings,
+        cache_dir=cache_from_args(args),
+        progress=not args.no_progress,
+        extractor=extractor,
+        rerank=rerank_from_args(args),
+    )
     name = Path(args.model).stem
     config = run_config([model_summary(model, args.model)], ds, settings, args, "eval")
     rows, cols = result_rows(name, result)
@@ -198,12 +251,13 @@ def run(args) -> int:
     print(markdown_table(rows, cols), end="")
     if result.get("rerank"):
         t = result["rerank"]["seconds_per_query"]
-        print(f"re-ranking ({result['rerank']['extractor']}, top {result['rerank']['k']}): "
-              f"{t['query_features']:.3f} s query features + {t['matching']:.3f} s matching per query "
-              f"(+ {t['db_features']:.3f} s database features, cached)")
+        print(
+            f"re-ranking ({result['rerank']['extractor']}, top {result['rerank']['k']}): "
+            f"{t['query_features']:.3f} s query features + {t['matching']:.3f} s matching per query "
+            f"(+ {t['db_features']:.3f} s database features, cached)"
+        )
     c = result["cache"]
-    print(f"descriptors: {c['extracted']} extracted, {c['reused']} from cache; "
-          f"{result['timing']['total_s']:.1f} s")
+    print(f"descriptors: {c['extracted']} extracted, {c['reused']} from cache; {result['timing']['total_s']:.1f} s")
     note = without_positive_note(result, ds.metric)
     if note:
         print(f"note: {note}")
@@ -226,8 +280,7 @@ def _query_image(ds, extractor, qi: int, crop: bool):
     return extractor.load(ds.q_paths()[qi], box)
 
 
-def write_retrieval_examples(out_dir: Path, ds, result: EvalResult, extractor, count: int = 4,
-                             top: int = 5) -> list:
+def write_retrieval_examples(out_dir: Path, ds, result: EvalResult, extractor, count: int = 4, top: int = 5) -> list:
     """A few queries with their top retrievals, right ones first then wrong ones (green/red frames)."""
     import numpy as np
 
@@ -263,34 +316,43 @@ def write_retrieval_examples(out_dir: Path, ds, result: EvalResult, extractor, c
         name = f"retrieval_{n + 1}.png"
         plot_retrievals(q_img, db_imgs, flags, out_dir / name)
         verdict = "right" if flags and flags[0] else "wrong"
-        images.append(ReportImage(name, f"query {sub.q_images[qi]}: top-{len(row)} ({verdict} at rank 1; "
-                                        "green = correct, red = wrong)"))
+        images.append(
+            ReportImage(
+                name, f"query {sub.q_images[qi]}: top-{len(row)} ({verdict} at rank 1; green = correct, red = wrong)"
+            )
+        )
     return images
 
 
-def write_eval_report(out_dir: Path, model, ds, result: EvalResult, out: dict[str, Any], config: dict[str, Any],
-                      name: str, extractor) -> Path:
+def write_eval_report(
+    out_dir: Path, model, ds, result: EvalResult, out: dict[str, Any], config: dict[str, Any], name: str, extractor
+) -> Path:
     """The eval report folder: results.json, config.json, recall curve, retrievals, attention, index.html."""
     from ..reports import ReportImage, Section, Table, plot_attention, plot_recall_curves, write_report
 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "results.json", out, config)
     rows, cols = result_rows(name, result)
-    sections = [Section("Results", paragraphs=[
-        f"Dataset {ds.name}: {ds.num_db} database and {ds.num_q} query images. Protocol: {result['protocol']}.",
-        f"Model {name} ({model.config.method} on {model.config.backbone}, {result['descriptor_dim']}-D, "
-        f"fingerprint {result['fingerprint']}).",
-        f"Queries without a positive: {without_positive_note(result, ds.metric) or 'none'}. Unreadable images "
-        f"skipped: {len(result['failures'])}. Extraction {result['timing']['extract_s']:.1f} s "
-        f"({result['cache']['extracted']} extracted, {result['cache']['reused']} from the cache)."],
-        tables=[Table(rows, cols)])]
+    sections = [
+        Section(
+            "Results",
+            paragraphs=[
+                f"Dataset {ds.name}: {ds.num_db} database and {ds.num_q} query images. Protocol: {result['protocol']}.",
+                f"Model {name} ({model.config.method} on {model.config.backbone}, {result['descriptor_dim']}-D, "
+                f"fingerprint {result['fingerprint']}).",
+                f"Queries without a positive: {without_positive_note(result, ds.metric) or 'none'}. Unreadable images "
+                f"skipped: {len(result['failures'])}. Extraction {result['timing']['extract_s']:.1f} s "
+                f"({result['cache']['extracted']} extracted, {result['cache']['reused']} from the cache).",
+            ],
+            tables=[Table(rows, cols)],
+        )
+    ]
     if result.get("recall_curve"):
         thr = ds.pos_threshold if ds.db_utm is not None else None
         curves = {name: result["recall_curve"]}
         if result.get("global_recall_curve"):
             curves = {name: result["global_recall_curve"], rows[-1]["method"]: result["recall_curve"]}
-        plot_recall_curves(curves, out_dir / "recall_curve.png", title=ds.name,
-                           threshold_m=thr)
+        plot_recall_curves(curves, out_dir / "recall_curve.png", title=ds.name, threshold_m=thr)
         sections.append(Section("Recall@N", images=[ReportImage("recall_curve.png", "recall@N, N = 1..25")]))
     examples = write_retrieval_examples(out_dir, ds, result, extractor)
     if examples:
@@ -306,7 +368,11 @@ def write_eval_report(out_dir: Path, model, ds, result: EvalResult, out: dict[st
             att = {}
         if att:
             plot_attention(img, att, out_dir / "attention.png", strides=dict(model.backbone.strides))
-            sections.append(Section("Attention", images=[ReportImage(
-                "attention.png", f"attention maps of query {sub.q_images[0]} per level")]))
+            sections.append(
+                Section(
+                    "Attention",
+                    images=[ReportImage("attention.png", f"attention maps of query {sub.q_images[0]} per level")],
+                )
+            )
     sections.append(Section("Configuration", pre=json.dumps(config, indent=2), pre_caption="config.json"))
     return write_report(out_dir, f"hafloc eval: {name} on {ds.name}", sections)

@@ -9,19 +9,27 @@ from .common import add_backend_args, add_ray_args, make_extractor, ray_pool, re
 
 
 def register(sub) -> None:
-    p = sub.add_parser("extract", help="compute global descriptors of images (files or folders)",
-                       description="Extracts one L2-normalised global descriptor per image. Writes .npz (arrays "
-                                   "'names' - paths relative to the folder given - and 'descriptors') or .h5 in "
-                                   "hloc's layout (a group per image holding 'global_descriptor'). Unreadable files "
-                                   "are skipped and listed; an interrupted run resumes where it stopped.")
+    p = sub.add_parser(
+        "extract",
+        help="compute global descriptors of images (files or folders)",
+        description="Extracts one L2-normalised global descriptor per image. Writes .npz (arrays "
+        "'names' - paths relative to the folder given - and 'descriptors') or .h5 in "
+        "hloc's layout (a group per image holding 'global_descriptor'). Unreadable files "
+        "are skipped and listed; an interrupted run resumes where it stopped.",
+    )
     p.add_argument("--model", required=True, help="model file (from 'hafloc model init' or 'hafloc train')")
     p.add_argument("paths", nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("--output", required=True, help="OUT.npz or OUT.h5")
     add_backend_args(p)
     add_ray_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--checkpoint-every", type=float, default=30.0, metavar="SECONDS",
-                   help="save finished descriptors this often, so a killed run resumes (default 30)")
+    p.add_argument(
+        "--checkpoint-every",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="save finished descriptors this often, so a killed run resumes (default 30)",
+    )
     p.set_defaults(func=run)
 
 
@@ -42,11 +50,21 @@ def run(args) -> int:
         if not pairs:  # before starting a cluster
             raise HaflocError("no images found in " + ", ".join(map(str, args.paths)))
         with ray_pool(args, model, [p for p, _ in pairs]) as pool:
-            res = extract_to_file(RayExtractor(pool, model), args.paths, out, progress=not args.no_progress,
-                                  checkpoint_every=args.checkpoint_every)
+            res = extract_to_file(
+                RayExtractor(pool, model),
+                args.paths,
+                out,
+                progress=not args.no_progress,
+                checkpoint_every=args.checkpoint_every,
+            )
     else:
-        res = extract_to_file(make_extractor(model, args), args.paths, out, progress=not args.no_progress,
-                              checkpoint_every=args.checkpoint_every)
+        res = extract_to_file(
+            make_extractor(model, args),
+            args.paths,
+            out,
+            progress=not args.no_progress,
+            checkpoint_every=args.checkpoint_every,
+        )
     total = len(res.names) + len(res.failures)
     report_failures(res.failures, total)
     if not res.names:

@@ -13,99 +13,154 @@ from .index_calibrate import auto_calibrate, calibration_info, register_calibrat
 
 
 def register(sub) -> None:
-    p = sub.add_parser("index", help="build and manage a persistent index of geotagged photos",
-                       description="An index folder holds one descriptor per photo (faiss), its metadata and position "
-                                   "(SQLite) and the fingerprint of the model that described it. Positions come from "
-                                   "a positions CSV (image,lat,lon), '@' file names or EXIF GPS, in that order; "
-                                   "photos without one are indexed and reported as unpositioned.")
+    p = sub.add_parser(
+        "index",
+        help="build and manage a persistent index of geotagged photos",
+        description="An index folder holds one descriptor per photo (faiss), its metadata and position "
+        "(SQLite) and the fingerprint of the model that described it. Positions come from "
+        "a positions CSV (image,lat,lon), '@' file names or EXIF GPS, in that order; "
+        "photos without one are indexed and reported as unpositioned.",
+    )
     isub = p.add_subparsers(dest="index_command", metavar="ACTION")
 
     def building(q, model_required: bool) -> None:
         q.add_argument("folder", help="folder of photos (searched recursively)")
         q.add_argument("--index", required=True, help="index folder")
-        q.add_argument("--model", required=model_required,
-                       help="model file" + ("" if model_required else " (default: the one the index was built with)"))
-        q.add_argument("--positions", help="CSV with header image,lat,lon (image: path relative to FOLDER or file name)")
-        q.add_argument("--chunk-size", type=int, default=64,
-                       help="images committed per transaction; a killed run resumes after the last one (default 64)")
+        q.add_argument(
+            "--model",
+            required=model_required,
+            help="model file" + ("" if model_required else " (default: the one the index was built with)"),
+        )
+        q.add_argument(
+            "--positions", help="CSV with header image,lat,lon (image: path relative to FOLDER or file name)"
+        )
+        q.add_argument(
+            "--chunk-size",
+            type=int,
+            default=64,
+            help="images committed per transaction; a killed run resumes after the last one (default 64)",
+        )
         q.add_argument("--no-progress", action="store_true", help="no progress bar")
         add_lock_arg(q)
         add_backend_args(q)
         add_ray_args(q)
         if model_required:  # build: the index's local features are chosen once, add follows them
-            q.add_argument("--local", metavar="EXTRACTOR",
-                           help="also store local features for re-ranking by verified matches "
-                                "(xfeat: fastest on CPU; disk; aliked; superpoint). Default: none")
-            q.add_argument("--max-keypoints", type=int, default=1024,
-                           help="local features per image (default 1024)")
-            q.add_argument("--local-max-side", type=int, default=640,
-                           help="longest image side for local features, pixels (default 640)")
+            q.add_argument(
+                "--local",
+                metavar="EXTRACTOR",
+                help="also store local features for re-ranking by verified matches "
+                "(xfeat: fastest on CPU; disk; aliked; superpoint). Default: none",
+            )
+            q.add_argument("--max-keypoints", type=int, default=1024, help="local features per image (default 1024)")
+            q.add_argument(
+                "--local-max-side",
+                type=int,
+                default=640,
+                help="longest image side for local features, pixels (default 640)",
+            )
 
-    b = isub.add_parser("build", help="index a folder (creates the index, or resumes an interrupted build)",
-                        description="Creates INDEX from the photos in FOLDER. Atomic and resumable: rerunning after "
-                                    "an interruption finishes the job without duplicates.")
+    b = isub.add_parser(
+        "build",
+        help="index a folder (creates the index, or resumes an interrupted build)",
+        description="Creates INDEX from the photos in FOLDER. Atomic and resumable: rerunning after "
+        "an interruption finishes the job without duplicates.",
+    )
     building(b, model_required=True)
     b.add_argument("--exact", action="store_true", help="exact (flat) search whatever the database size")
-    b.add_argument("--search", choices=["auto", "flat", "ivfpq", "hnsw", "ondisk"], default="auto",
-                   help="search structure (auto: exact up to 100k images, ondisk above: IVF-PQ with memory-mapped "
-                        "lists, re-ranked exactly; ivfpq/hnsw: in RAM)")
-    b.add_argument("--dim", metavar="N|full", type=_dim_arg, default=None,
-                   help="store descriptors PCA-whitened to N dimensions (e.g. 256, 1024, 4096; fitted on the first "
-                        "images; queries are projected the same way) or 'full' as the model gives them. Default: "
-                        "full, and 256 above 100k images or 8 GB of float32 descriptors")
-    b.add_argument("--dtype", choices=["float16", "float32"], default=None,
-                   help="storage of the descriptors used for exact search and re-ranking (default float32; float16 "
-                        "above the size where --dim turns compact)")
-    b.add_argument("--no-calibrate", action="store_true",
-                   help="skip the confidence calibration run at the end (from 50 positioned photos)")
+    b.add_argument(
+        "--search",
+        choices=["auto", "flat", "ivfpq", "hnsw", "ondisk"],
+        default="auto",
+        help="search structure (auto: exact up to 100k images, ondisk above: IVF-PQ with memory-mapped "
+        "lists, re-ranked exactly; ivfpq/hnsw: in RAM)",
+    )
+    b.add_argument(
+        "--dim",
+        metavar="N|full",
+        type=_dim_arg,
+        default=None,
+        help="store descriptors PCA-whitened to N dimensions (e.g. 256, 1024, 4096; fitted on the first "
+        "images; queries are projected the same way) or 'full' as the model gives them. Default: "
+        "full, and 256 above 100k images or 8 GB of float32 descriptors",
+    )
+    b.add_argument(
+        "--dtype",
+        choices=["float16", "float32"],
+        default=None,
+        help="storage of the descriptors used for exact search and re-ranking (default float32; float16 "
+        "above the size where --dim turns compact)",
+    )
+    b.add_argument(
+        "--no-calibrate",
+        action="store_true",
+        help="skip the confidence calibration run at the end (from 50 positioned photos)",
+    )
     b.set_defaults(func=run_build)
 
-    a = isub.add_parser("add", help="append the photos of a folder to an existing index",
-                        description="Adds new photos (already indexed ones are skipped) with the index's model.")
+    a = isub.add_parser(
+        "add",
+        help="append the photos of a folder to an existing index",
+        description="Adds new photos (already indexed ones are skipped) with the index's model.",
+    )
     building(a, model_required=False)
     a.set_defaults(func=run_add)
 
     i = isub.add_parser("info", help="describe an index")
     i.add_argument("index", help="index folder")
     i.add_argument("--json", action="store_true", help="machine-readable output")
-    i.add_argument("--report", metavar="DIR", help="write DIR/index.html: the confidence calibration's "
-                                                  "reliability diagram, ECE and accuracy/coverage curve")
+    i.add_argument(
+        "--report",
+        metavar="DIR",
+        help="write DIR/index.html: the confidence calibration's reliability diagram, ECE and accuracy/coverage curve",
+    )
     i.set_defaults(func=run_info)
 
     register_calibrate(isub)
 
-    e = isub.add_parser("export-hloc", help="hloc global descriptors (.h5) and retrieval pairs for queries",
-                        description="Writes OUTPUT/global-feats-hafloc.h5 (database and query descriptors in hloc's "
-                                    "layout), OUTPUT/pairs-query-hafloc{K}.txt ('query db' per line, top-K per query) "
-                                    "and OUTPUT/db.txt / queries.txt (name lists for hloc's pairs_from_retrieval). "
-                                    "When the index stores local features, also OUTPUT/features.h5 and "
-                                    "OUTPUT/matches.h5 (hloc's matches0 / matching_scores0 per pair), so hloc's "
-                                    "triangulation and localization can take over.")
+    e = isub.add_parser(
+        "export-hloc",
+        help="hloc global descriptors (.h5) and retrieval pairs for queries",
+        description="Writes OUTPUT/global-feats-hafloc.h5 (database and query descriptors in hloc's "
+        "layout), OUTPUT/pairs-query-hafloc{K}.txt ('query db' per line, top-K per query) "
+        "and OUTPUT/db.txt / queries.txt (name lists for hloc's pairs_from_retrieval). "
+        "When the index stores local features, also OUTPUT/features.h5 and "
+        "OUTPUT/matches.h5 (hloc's matches0 / matching_scores0 per pair), so hloc's "
+        "triangulation and localization can take over.",
+    )
     e.add_argument("--index", required=True, help="index folder")
     e.add_argument("--queries", required=True, help="folder of query photos")
     e.add_argument("--output", required=True, help="output folder")
     e.add_argument("--top-k", type=int, default=20, help="database images per query (default 20)")
     e.add_argument("--model", help="model file (default: the one the index was built with)")
     e.add_argument("--half", action="store_true", help="store float16 descriptors, as hloc's extractor does")
-    e.add_argument("--keep-negative", action="store_true",
-                   help="keep candidates with similarity < 0 (hloc's pairs_from_retrieval drops them; so do we by default)")
+    e.add_argument(
+        "--keep-negative",
+        action="store_true",
+        help="keep candidates with similarity < 0 (hloc's pairs_from_retrieval drops them; so do we by default)",
+    )
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_backend_args(e)
     e.set_defaults(func=run_export)
 
-    r = isub.add_parser("remove", help="drop images (files, folders, or those whose file is gone) from an index",
-                        description="Drops the rows of the given images (a folder: every indexed image under it) and "
-                                    "rebuilds the search structure. Their descriptors stay in the chunk files until "
-                                    "'hafloc index compact'.")
+    r = isub.add_parser(
+        "remove",
+        help="drop images (files, folders, or those whose file is gone) from an index",
+        description="Drops the rows of the given images (a folder: every indexed image under it) and "
+        "rebuilds the search structure. Their descriptors stay in the chunk files until "
+        "'hafloc index compact'.",
+    )
     r.add_argument("images", nargs="*", help="indexed image files and/or folders")
     r.add_argument("--index", required=True, help="index folder")
     r.add_argument("--missing", action="store_true", help="also drop every image whose file no longer exists")
     add_lock_arg(r)
     r.set_defaults(func=run_remove)
 
-    sp = isub.add_parser("set-position", help="set (or correct) the position of an indexed image",
-                         description="Gives IMAGE the WGS84 position LAT LON in degrees (e.g. x.jpg -33.9 18.4; its UTM "
-                                     "is recomputed; source 'manual').")
+    sp = isub.add_parser(
+        "set-position",
+        help="set (or correct) the position of an indexed image",
+        description="Gives IMAGE the WGS84 position LAT LON in degrees (e.g. x.jpg -33.9 18.4; its UTM "
+        "is recomputed; source 'manual').",
+    )
     sp.add_argument("image", help="an indexed image file")
     sp.add_argument("lat", type=float, help="latitude in degrees, -90..90")
     sp.add_argument("lon", type=float, help="longitude in degrees, -180..180")
@@ -113,19 +168,25 @@ def register(sub) -> None:
     add_lock_arg(sp)
     sp.set_defaults(func=run_set_position)
 
-    v = isub.add_parser("verify", help="check every file of an index (exit 1 on damage)",
-                        description="Checks index.json, the SQLite database (integrity_check), every chunk file "
-                                    "(readable, shape, dtype, row counts), rows pointing at missing chunks, orphan "
-                                    "files, the search files, the indexed image files and the model fingerprint. "
-                                    "Changes nothing; exit status 1 when something is damaged, 0 otherwise.")
+    v = isub.add_parser(
+        "verify",
+        help="check every file of an index (exit 1 on damage)",
+        description="Checks index.json, the SQLite database (integrity_check), every chunk file "
+        "(readable, shape, dtype, row counts), rows pointing at missing chunks, orphan "
+        "files, the search files, the indexed image files and the model fingerprint. "
+        "Changes nothing; exit status 1 when something is damaged, 0 otherwise.",
+    )
     v.add_argument("--index", required=True, help="index folder")
     v.add_argument("--json", action="store_true", help="machine-readable report")
     v.add_argument("--no-model", action="store_true", help="skip loading the model to check its fingerprint")
     v.set_defaults(func=run_verify)
 
-    c = isub.add_parser("compact", help="rewrite chunk files without the rows of removed images",
-                        description="Rewrites every chunk file that still holds descriptors of removed images, "
-                                    "deletes orphan files and rebuilds the search structure if needed.")
+    c = isub.add_parser(
+        "compact",
+        help="rewrite chunk files without the rows of removed images",
+        description="Rewrites every chunk file that still holds descriptors of removed images, "
+        "deletes orphan files and rebuilds the search structure if needed.",
+    )
     c.add_argument("--index", required=True, help="index folder")
     add_lock_arg(c)
     c.set_defaults(func=run_compact)
@@ -148,8 +209,13 @@ def _dim_arg(v: str) -> int | str:
 
 
 def add_lock_arg(q) -> None:
-    q.add_argument("--lock-timeout", type=float, default=None, metavar="SECONDS",
-                   help="how long to wait for another process writing the index (default 600, env HAFLOC_LOCK_TIMEOUT)")
+    q.add_argument(
+        "--lock-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="how long to wait for another process writing the index (default 600, env HAFLOC_LOCK_TIMEOUT)",
+    )
 
 
 def _index_folder(args, store_factory) -> int:
@@ -179,29 +245,44 @@ def _index_folder(args, store_factory) -> int:
                 local = create_extractor(store.local_config["extractor"], **store.local_config.get("conf", {}))
             extract = extractor_fn(make_extractor(model, args), local)
         # relative to the folder: the store resolves them against the root it records
-        report = store.add([p.relative_to(folder) for p, _ in pairs], folder, extract,
-                           positions=positions, chunk_size=args.chunk_size, progress=not args.no_progress)
+        report = store.add(
+            [p.relative_to(folder) for p, _ in pairs],
+            folder,
+            extract,
+            positions=positions,
+            chunk_size=args.chunk_size,
+            progress=not args.no_progress,
+        )
         total, positioned = len(store), store.info["counts"]["positioned"]
     report_failures(report.failed, len(pairs))
     if report.unpositioned:
-        print(f"{len(report.unpositioned)} image(s) indexed without a position (no CSV row, '@' name or EXIF GPS):",
-              file=sys.stderr)
+        print(
+            f"{len(report.unpositioned)} image(s) indexed without a position (no CSV row, '@' name or EXIF GPS):",
+            file=sys.stderr,
+        )
         for name in report.unpositioned:
             print(f"  {printable(name)}", file=sys.stderr)
     if report.invalid_positions:
-        print(f"warning: {len(report.invalid_positions)} image(s) have an invalid position and were indexed without one:",
-              file=sys.stderr)
+        print(
+            f"warning: {len(report.invalid_positions)} image(s) have an invalid position and were indexed without one:",
+            file=sys.stderr,
+        )
         for name, why in report.invalid_positions:
             print(f"  {printable(name)}: {why}", file=sys.stderr)
     if report.duplicates:
-        print(f"warning: {len(report.duplicates)} image(s) have the same content as another indexed image "
-              "(indexed anyway):", file=sys.stderr)
+        print(
+            f"warning: {len(report.duplicates)} image(s) have the same content as another indexed image "
+            "(indexed anyway):",
+            file=sys.stderr,
+        )
         for name, other in report.duplicates[:20]:
             print(f"  {printable(name)} = {printable(other)}", file=sys.stderr)
         if len(report.duplicates) > 20:
             print(f"  ... and {len(report.duplicates) - 20} more", file=sys.stderr)
-    print(f"{args.index}: added {report.added}, already indexed {report.skipped_existing}, failed {len(report.failed)}; "
-          f"index holds {total} image(s), {positioned} with a position")
+    print(
+        f"{args.index}: added {report.added}, already indexed {report.skipped_existing}, failed {len(report.failed)}; "
+        f"index holds {total} image(s), {positioned} with a position"
+    )
     return 0 if report.added or report.skipped_existing or not report.failed else 1
 
 
@@ -219,16 +300,27 @@ def run_build(args) -> int:
             raise HaflocError(f"--local: unknown extractor {args.local!r}; choose from {', '.join(EXTRACTORS)}")
         if args.max_keypoints < 1 or args.local_max_side < 32:
             raise HaflocError("--max-keypoints must be at least 1 and --local-max-side at least 32")
-        local = {"extractor": args.local, "conf": {"max_keypoints": args.max_keypoints, "max_side": args.local_max_side}}
+        local = {
+            "extractor": args.local,
+            "conf": {"max_keypoints": args.max_keypoints, "max_side": args.local_max_side},
+        }
 
     def factory(n_images: int):
         model = load_model(args.model)
         kind = "flat" if args.exact else args.search
-        compact = compact_choice(args.dim, args.dtype, n_images, model.out_dim,
-                                 new=not (Path(args.index) / "index.json").exists())
-        store = IndexStore.open_or_create(args.index, model.fingerprint(), model.out_dim,
-                                          SearchConfig(kind=kind), model_path=args.model, local=local,
-                                          lock_timeout=args.lock_timeout, compact=compact)
+        compact = compact_choice(
+            args.dim, args.dtype, n_images, model.out_dim, new=not (Path(args.index) / "index.json").exists()
+        )
+        store = IndexStore.open_or_create(
+            args.index,
+            model.fingerprint(),
+            model.out_dim,
+            SearchConfig(kind=kind),
+            model_path=args.model,
+            local=local,
+            lock_timeout=args.lock_timeout,
+            compact=compact,
+        )
         return store, model
 
     code = _index_folder(args, factory)
@@ -237,8 +329,7 @@ def run_build(args) -> int:
     return code
 
 
-def compact_choice(dim: int | str | None, dtype: str | None, n_images: int, model_dim: int,
-                   new: bool) -> dict | None:
+def compact_choice(dim: int | str | None, dtype: str | None, n_images: int, model_dim: int, new: bool) -> dict | None:
     """The index's representation: what --dim/--dtype ask for; for a new index without them, the
     compact default above COMPACT_THRESHOLD images (or COMPACT_BUDGET bytes of float32), said on stderr."""
     from ..index.compact import COMPACT_BUDGET, COMPACT_DIM, COMPACT_DTYPE, COMPACT_THRESHOLD
@@ -250,9 +341,13 @@ def compact_choice(dim: int | str | None, dtype: str | None, n_images: int, mode
     if not new or (n_images <= COMPACT_THRESHOLD and floats <= COMPACT_BUDGET):
         return None
     out = COMPACT_DIM if model_dim > COMPACT_DIM else None
-    print(f"note: {n_images:,} images x {model_dim:,}-D float32 would take {floats / 1e9:.1f} GB: storing "
-          + (f"{out}-D PCA-whitened" if out else f"{model_dim}-D") + f" {COMPACT_DTYPE} descriptors "
-          "instead (--dim full --dtype float32 keeps them as they are)", file=sys.stderr)
+    print(
+        f"note: {n_images:,} images x {model_dim:,}-D float32 would take {floats / 1e9:.1f} GB: storing "
+        + (f"{out}-D PCA-whitened" if out else f"{model_dim}-D")
+        + f" {COMPACT_DTYPE} descriptors "
+        "instead (--dim full --dtype float32 keeps them as they are)",
+        file=sys.stderr,
+    )
     return {"dim": out, "dtype": COMPACT_DTYPE}
 
 
@@ -281,8 +376,11 @@ def index_info(index: str | Path) -> dict:
         if store.local_config:
             info["local"] = dict(store.local_config, bytes_per_image=round(store.local_bytes_per_image() or 0.0))
     sources = Counter(r["position_source"] or "none" for r in rows)
-    info["counts"] = {"images": len(rows), "positioned": len(rows) - sources.get("none", 0),
-                      "unpositioned": sources.get("none", 0)}
+    info["counts"] = {
+        "images": len(rows),
+        "positioned": len(rows) - sources.get("none", 0),
+        "unpositioned": sources.get("none", 0),
+    }
     info["position_sources"] = dict(sorted(sources.items()))
     info["roots"] = sorted({r["root"] for r in rows})
     info["index"] = str(Path(index))
@@ -302,14 +400,23 @@ def footprint_info(folder: Path, info: dict) -> dict:
     vec_bytes = 2 if info.get("dtype") == "float16" else 4
     est = footprint(n, dim, params, vec_bytes)
     est["disk_bytes"] = max(est["disk_bytes"], n * dim * vec_bytes)
-    chunks = sum(p.stat().st_size for p in (folder / "chunks").glob("chunk_*.npy")) if (folder / "chunks").is_dir() else 0
+    chunks = (
+        sum(p.stat().st_size for p in (folder / "chunks").glob("chunk_*.npy")) if (folder / "chunks").is_dir() else 0
+    )
     index_p = folder / "search.faiss"
     search_files = [index_p, folder / "search.ids.npy", ondisk_paths(index_p)["rows"]]
     ram = sum(p.stat().st_size for p in search_files if p.is_file())
-    return {"search": params["kind"], "estimated": est,
-            "actual": {"ram_bytes": ram, "disk_bytes": chunks + disk_usage(index_p) + sum(
-                p.stat().st_size for p in (folder / "search.ids.npy", folder / "meta.sqlite") if p.is_file()),
-                "descriptor_bytes": chunks}}
+    return {
+        "search": params["kind"],
+        "estimated": est,
+        "actual": {
+            "ram_bytes": ram,
+            "disk_bytes": chunks
+            + disk_usage(index_p)
+            + sum(p.stat().st_size for p in (folder / "search.ids.npy", folder / "meta.sqlite") if p.is_file()),
+            "descriptor_bytes": chunks,
+        },
+    }
 
 
 def _size(b: float) -> str:
@@ -333,26 +440,39 @@ def run_info(args) -> int:
     print("positions  " + ", ".join(f"{k}: {v}" for k, v in info["position_sources"].items()))
     print(f"model      {info.get('model_path')} (fingerprint {str(info['model_fingerprint'])[:12]})")
     proj = info.get("projection")
-    print(f"descriptor {info['dim']}-D {info.get('dtype', 'float32')}"
-          + (f" (the model's {proj['input_dim']}-D PCA-whitened, fitted on {proj['fitted_on']} images)" if proj else "")
-          + f"; search {info['search'].get('kind')} ({info['footprint']['search']} now)")
+    print(
+        f"descriptor {info['dim']}-D {info.get('dtype', 'float32')}"
+        + (f" (the model's {proj['input_dim']}-D PCA-whitened, fitted on {proj['fitted_on']} images)" if proj else "")
+        + f"; search {info['search'].get('kind')} ({info['footprint']['search']} now)"
+    )
     fp = info["footprint"]
-    print(f"footprint  search RAM ~{_size(fp['estimated']['ram_bytes'])} (files it loads now {_size(fp['actual']['ram_bytes'])}); "
-          f"disk ~{_size(fp['estimated']['disk_bytes'])} (now {_size(fp['actual']['disk_bytes'])})")
+    print(
+        f"footprint  search RAM ~{_size(fp['estimated']['ram_bytes'])} (files it loads now "
+        f"{_size(fp['actual']['ram_bytes'])}); "
+        f"disk ~{_size(fp['estimated']['disk_bytes'])} (now {_size(fp['actual']['disk_bytes'])})"
+    )
     if info.get("local"):
         loc = info["local"]
         conf = ", ".join(f"{k} {v}" for k, v in sorted(loc.get("conf", {}).items()))
-        print(f"local      {loc['extractor']} ({conf}); {loc['bytes_per_image'] / 1024:.0f} KB per image"
-              + ("; re-ranking rule fitted" if info.get("rerank") else ""))
+        print(
+            f"local      {loc['extractor']} ({conf}); {loc['bytes_per_image'] / 1024:.0f} KB per image"
+            + ("; re-ranking rule fitted" if info.get("rerank") else "")
+        )
     for r in info["roots"]:
         print(f"root       {r}")
     cal = info["calibration"]
-    print("calibrated " + ("no (confidences are heuristic; 'hafloc index calibrate')" if cal is None else
-                           f"no ({cal['reason']})" if not cal["usable"] else
-                           f"within {cal['agree_m']:g} m on {cal['n_samples']} leave-one-out answers, "
-                           f"held-out ECE {cal['ece_heldout']:.3f} ({cal['created_at']}"
-                           + (f"; {cal['index_images']} photos then, rerun 'hafloc index calibrate')"
-                              if cal["stale"] else ")")))
+    print(
+        "calibrated "
+        + (
+            "no (confidences are heuristic; 'hafloc index calibrate')"
+            if cal is None
+            else f"no ({cal['reason']})"
+            if not cal["usable"]
+            else f"within {cal['agree_m']:g} m on {cal['n_samples']} leave-one-out answers, "
+            f"held-out ECE {cal['ece_heldout']:.3f} ({cal['created_at']}"
+            + (f"; {cal['index_images']} photos then, rerun 'hafloc index calibrate')" if cal["stale"] else ")")
+        )
+    )
     if args.report:
         print(f"report     {write_report(args.index, args.report)}")
     return 0
@@ -385,9 +505,11 @@ def run_export(args) -> int:
         project = store.project  # queries go into the index's space (its projection, if any)
         if len(db_names):
             store.projection()  # loaded while the store is open
-    res = make_extractor(model, args).extract_paths([p for p, _ in qpairs],
-                                                     names=[p.relative_to(root).as_posix() for p, root in qpairs],
-                                                     progress=not args.no_progress)
+    res = make_extractor(model, args).extract_paths(
+        [p for p, _ in qpairs],
+        names=[p.relative_to(root).as_posix() for p, root in qpairs],
+        progress=not args.no_progress,
+    )
     report_failures(res.failures, len(qpairs))
     if not res.names:
         print("hafloc: error: no query image could be read", file=sys.stderr)
@@ -398,26 +520,34 @@ def run_export(args) -> int:
     qpath = {p.relative_to(root).as_posix(): p.resolve() for p, root in qpairs}
     clash = [n for n in res.names if n in db_paths and db_paths[n] != qpath[n]]
     if clash:
-        raise HaflocError(f"query {clash[0]!r} has the name of a different database image; "
-                          "put the queries in a sub-folder so that names differ")
+        raise HaflocError(
+            f"query {clash[0]!r} has the name of a different database image; "
+            "put the queries in a sub-folder so that names differ"
+        )
     q_only = [i for i, n in enumerate(res.names) if n not in db_paths]
     names = list(db_names) + [res.names[i] for i in q_only]
     desc = np.concatenate([db_desc, res.descriptors[q_only]]) if q_only else db_desc
     feats = out / "global-feats-hafloc.h5"
     pairs_path = out / f"pairs-query-hafloc{args.top_k}.txt"
     write_global_descriptors(feats, names, desc, as_half=args.half)
-    pairs = retrieval_pairs(res.names, res.descriptors, db_names, db_desc, args.top_k,
-                            min_score=None if args.keep_negative else 0.0)
+    pairs = retrieval_pairs(
+        res.names, res.descriptors, db_names, db_desc, args.top_k, min_score=None if args.keep_negative else 0.0
+    )
     write_pairs(pairs_path, pairs)
     db_set = set(db_names)
     dropped = sum(min(args.top_k, len(db_names) - (n in db_set)) for n in res.names) - len(pairs)
     if dropped:
-        print(f"note: {dropped} candidate(s) with similarity < 0 dropped as hloc's pairs_from_retrieval does "
-              "(--keep-negative keeps them)", file=sys.stderr)
+        print(
+            f"note: {dropped} candidate(s) with similarity < 0 dropped as hloc's pairs_from_retrieval does "
+            "(--keep-negative keeps them)",
+            file=sys.stderr,
+        )
     write_text_atomic(out / "db.txt", "\n".join(db_names) + "\n")
     write_text_atomic(out / "queries.txt", "\n".join(res.names) + "\n")
-    print(f"wrote {feats} ({len(names)} descriptors), {pairs_path} ({len(pairs)} pairs), "
-          f"{out / 'db.txt'}, {out / 'queries.txt'}")
+    print(
+        f"wrote {feats} ({len(names)} descriptors), {pairs_path} ({len(pairs)} pairs), "
+        f"{out / 'db.txt'}, {out / 'queries.txt'}"
+    )
     if local:
         from ..index.hloc_export import write_local_exports
         from ..index.rerank import Reranker
@@ -425,8 +555,9 @@ def run_export(args) -> int:
         with IndexStore.open(args.index) as store:
             reranker = Reranker(local["extractor"], local.get("conf"))
             qfeat = {n: reranker.features(load_image(qpath[n])) for n in res.names}
-            fpath, mpath = write_local_exports(out, store, reranker.matcher, qfeat, pairs,
-                                               progress=not args.no_progress)
+            fpath, mpath = write_local_exports(
+                out, store, reranker.matcher, qfeat, pairs, progress=not args.no_progress
+            )
         print(f"wrote {fpath} ({local['extractor']} local features), {mpath} ({len(pairs)} pairs)")
     return 0
 
@@ -445,8 +576,10 @@ def run_remove(args) -> int:
     for t in unmatched:
         print(f"hafloc: {printable(t)}: not in the index", file=sys.stderr)
     gone = f" ({len(missing)} whose file no longer exists)" if args.missing else ""
-    print(f"{args.index}: removed {removed} image(s){gone}; index holds {total}; "
-          "'hafloc index compact' reclaims their space")
+    print(
+        f"{args.index}: removed {removed} image(s){gone}; index holds {total}; "
+        "'hafloc index compact' reclaims their space"
+    )
     return 1 if unmatched and not removed else 0
 
 
@@ -474,8 +607,11 @@ def run_verify(args) -> int:
     else:
         for c in rep["checks"]:
             print(f"{c['status']:<8} {c['check']:<13} {c['detail']}")
-        print(f"{args.index}: " + ("OK" if rep["ok"] else f"DAMAGED ({rep['damage']} check(s))")
-              + (f", {rep['warnings']} warning(s)" if rep["warnings"] else ""))
+        print(
+            f"{args.index}: "
+            + ("OK" if rep["ok"] else f"DAMAGED ({rep['damage']} check(s))")
+            + (f", {rep['warnings']} warning(s)" if rep["warnings"] else "")
+        )
     return 0 if rep["ok"] else 1
 
 
@@ -484,6 +620,9 @@ def run_compact(args) -> int:
 
     with IndexStore.open(args.index, lock_timeout=args.lock_timeout) as store:
         stats = store.compact()
-    print(f"{args.index}: rewrote {stats['chunks_rewritten']} chunk(s), dropped {stats['stale_rows_dropped']} stale "
-          f"row(s), deleted {stats['orphan_chunks_deleted']} chunk(s) no image uses; index holds {stats['images']} image(s)")
+    print(
+        f"{args.index}: rewrote {stats['chunks_rewritten']} chunk(s), dropped {stats['stale_rows_dropped']} stale "
+        f"row(s), deleted {stats['orphan_chunks_deleted']} chunk(s) no image uses; index holds {stats['images']} "
+        "image(s)"
+    )
     return 0

@@ -13,26 +13,40 @@ def register_calibrate(isub) -> None:
     from ..index.calibrate import DEFAULT_AGREE_M, DEFAULT_EXCLUDE_M, DEFAULT_K
 
     c = isub.add_parser(
-        "calibrate", help="fit the index's confidence calibration (leave-one-out over its own photos)",
+        "calibrate",
+        help="fit the index's confidence calibration (leave-one-out over its own photos)",
         description="Locates every positioned photo of the index (at most --max-samples of them) against the "
-                    "others, hiding the photo itself and its neighbours closer than --exclude-m metres, and fits "
-                    "the probability that an estimate lies within --agree-m metres of the truth from the best "
-                    "similarity, the margin to the best match elsewhere, the agreement of the top matches (and "
-                    "verified inliers when re-ranking provides them). 'hafloc locate' then reports that "
-                    "probability as its confidence. Writes INDEX/calibration.json.")
+        "others, hiding the photo itself and its neighbours closer than --exclude-m metres, and fits "
+        "the probability that an estimate lies within --agree-m metres of the truth from the best "
+        "similarity, the margin to the best match elsewhere, the agreement of the top matches (and "
+        "verified inliers when re-ranking provides them). 'hafloc locate' then reports that "
+        "probability as its confidence. Writes INDEX/calibration.json.",
+    )
     c.add_argument("--index", required=True, help="index folder")
-    c.add_argument("--agree-m", type=float, default=DEFAULT_AGREE_M,
-                   help=f"an estimate is right within this many metres (default {DEFAULT_AGREE_M:g})")
-    c.add_argument("--exclude-m", type=float, default=None,
-                   help="also hide each photo's neighbours closer than this, so near-duplicate video frames do "
-                        f"not make the calibration optimistic (default: {DEFAULT_EXCLUDE_M:g}, or 0 when that "
-                        "leaves too few right answers, as when all photos of a place share one position; "
-                        "0 hides only the photo itself)")
+    c.add_argument(
+        "--agree-m",
+        type=float,
+        default=DEFAULT_AGREE_M,
+        help=f"an estimate is right within this many metres (default {DEFAULT_AGREE_M:g})",
+    )
+    c.add_argument(
+        "--exclude-m",
+        type=float,
+        default=None,
+        help="also hide each photo's neighbours closer than this, so near-duplicate video frames do "
+        f"not make the calibration optimistic (default: {DEFAULT_EXCLUDE_M:g}, or 0 when that "
+        "leaves too few right answers, as when all photos of a place share one position; "
+        "0 hides only the photo itself)",
+    )
     c.add_argument("--top-k", type=int, default=DEFAULT_K, help=f"matches per estimate (default {DEFAULT_K})")
-    c.add_argument("--max-samples", type=int, default=None,
-                   help="locate at most this many photos, a fixed random subset (default 5000; 500 when the index "
-                        "stores local features: each is then re-ranked by verified matches, and the re-ranking "
-                        "rule is fitted first, on the same photos)")
+    c.add_argument(
+        "--max-samples",
+        type=int,
+        default=None,
+        help="locate at most this many photos, a fixed random subset (default 5000; 500 when the index "
+        "stores local features: each is then re-ranked by verified matches, and the re-ranking "
+        "rule is fitted first, on the same photos)",
+    )
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -62,11 +76,19 @@ def run_calibrate(args) -> int:
     if args.top_k < 1 or (args.max_samples is not None and args.max_samples < 1):
         raise HaflocError("--top-k and --max-samples must be at least 1")
     if not args.agree_m > 0 or (args.exclude_m is not None and not args.exclude_m >= 0):
-        raise HaflocError(f"--agree-m must be positive and --exclude-m non-negative "
-                          f"(got {args.agree_m}, {args.exclude_m})")
+        raise HaflocError(
+            f"--agree-m must be positive and --exclude-m non-negative (got {args.agree_m}, {args.exclude_m})"
+        )
     with IndexStore.open(args.index) as store:
-        cal = calibrate(store, agree_m=args.agree_m, exclude_m=args.exclude_m, k=args.top_k,
-                        max_samples=args.max_samples, seed=args.seed, progress=not args.no_progress)
+        cal = calibrate(
+            store,
+            agree_m=args.agree_m,
+            exclude_m=args.exclude_m,
+            k=args.top_k,
+            max_samples=args.max_samples,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
     if args.json:
         print_json({"index": str(args.index), "calibration": calibration_summary(cal.meta)})
     else:
@@ -83,8 +105,11 @@ def auto_calibrate(index: str | Path, progress: bool) -> None:
     with IndexStore.open(index) as store:
         positioned = int(store.info.get("counts", {}).get("positioned", 0))
         if positioned < MIN_POSITIONED:
-            print(f"{index}: not calibrated ({positioned} positioned photos, {MIN_POSITIONED} needed); "
-                  "confidences are heuristic", file=sys.stderr)
+            print(
+                f"{index}: not calibrated ({positioned} positioned photos, {MIN_POSITIONED} needed); "
+                "confidences are heuristic",
+                file=sys.stderr,
+            )
             return
         try:
             cal = calibrate(store, progress=progress)

@@ -10,28 +10,43 @@ from .common import add_answer_args, add_backend_args, check_answer_args, report
 
 
 def register(sub) -> None:
-    p = sub.add_parser("locate", help="estimate where photos were taken, from an index",
-                       description="For each photo: the top-K most similar indexed photos (with their positions, "
-                                   "similarity and distance from the estimate) and a position estimate with a "
-                                   "confidence in [0, 1]: on a calibrated index ('hafloc index calibrate') the "
-                                   "probability that the estimate lies within the agreement radius, otherwise a "
-                                   "heuristic score (JSON 'calibrated' says which). Folders are searched "
-                                   "recursively; unreadable photos are skipped and named.")
+    p = sub.add_parser(
+        "locate",
+        help="estimate where photos were taken, from an index",
+        description="For each photo: the top-K most similar indexed photos (with their positions, "
+        "similarity and distance from the estimate) and a position estimate with a "
+        "confidence in [0, 1]: on a calibrated index ('hafloc index calibrate') the "
+        "probability that the estimate lies within the agreement radius, otherwise a "
+        "heuristic score (JSON 'calibrated' says which). Folders are searched "
+        "recursively; unreadable photos are skipped and named.",
+    )
     p.add_argument("images", nargs="+", help="photos and/or folders")
     p.add_argument("--index", required=True, help="index folder (from 'hafloc index build')")
     p.add_argument("--top-k", type=int, default=10, help="matches per photo (default 10)")
-    p.add_argument("--format", choices=FORMATS, default="table",
-                   help="table (default, for reading); json {index, results: [...], failures: [...]}; csv (a row "
-                        "per photo: estimate, confidence, best match); geojson (a Point feature per photo, null "
-                        "geometry when there is no estimate); kml (a Placemark per photo, for Google Earth / GIS)")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="table",
+        help="table (default, for reading); json {index, results: [...], failures: [...]}; csv (a row "
+        "per photo: estimate, confidence, best match); geojson (a Point feature per photo, null "
+        "geometry when there is no estimate); kml (a Placemark per photo, for Google Earth / GIS)",
+    )
     p.add_argument("--json", dest="format", action="store_const", const="json", help="same as --format json")
-    p.add_argument("--output", "-o", metavar="FILE",
-                   help="write the result to FILE (atomically: all or nothing) instead of standard output; "
-                        "left untouched when no photo could be located")
+    p.add_argument(
+        "--output",
+        "-o",
+        metavar="FILE",
+        help="write the result to FILE (atomically: all or nothing) instead of standard output; "
+        "left untouched when no photo could be located",
+    )
     p.add_argument("--model", help="model file (default: the one the index was built with)")
-    p.add_argument("--agree-m", type=float, default=None,
-                   help="matches within this many metres of the best one vote for its place (default: the "
-                        "calibration's radius, 25 m; another value makes the confidence uncalibrated)")
+    p.add_argument(
+        "--agree-m",
+        type=float,
+        default=None,
+        help="matches within this many metres of the best one vote for its place (default: the "
+        "calibration's radius, 25 m; another value makes the confidence uncalibrated)",
+    )
     add_answer_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_backend_args(p)
@@ -56,16 +71,23 @@ def run(args) -> int:
             paths.extend(p for p, _ in list_images([item]))
         except InputError as err:  # a missing path is one bad input, not the end of the batch
             failures.append((item, err.cause))
-    config = LocatorConfig(backend=args.backend, batch_size=args.batch_size, max_side=args.max_side,
-                           num_threads=args.threads, agree_m=args.agree_m, min_confidence=args.min_confidence,
-                           rerank=args.rerank)
+    config = LocatorConfig(
+        backend=args.backend,
+        batch_size=args.batch_size,
+        max_side=args.max_side,
+        num_threads=args.threads,
+        agree_m=args.agree_m,
+        min_confidence=args.min_confidence,
+        rerank=args.rerank,
+    )
     locator = Locator(args.index, args.model, config)
     for warning in locator.warnings:
         print(f"hafloc: warning: {warning}", file=sys.stderr)
     try:
         names = [str(p) for p in paths]
-        results, bad = locator.locate_paths(paths, names, k=args.top_k, progress=not args.no_progress) if paths \
-            else ([], [])
+        results, bad = (
+            locator.locate_paths(paths, names, k=args.top_k, progress=not args.no_progress) if paths else ([], [])
+        )
     finally:
         locator.close()
     failures.extend(bad)
@@ -78,7 +100,9 @@ def run(args) -> int:
         print(f"wrote {len(results)} result(s) as {args.format} to {args.output}", file=sys.stderr)
     report_failures(failures, len(results) + len(failures))
     if not results:
-        print("hafloc: error: no photo could be located" + (f"; {args.output} not written" if args.output else ""),
-              file=sys.stderr)
+        print(
+            "hafloc: error: no photo could be located" + (f"; {args.output} not written" if args.output else ""),
+            file=sys.stderr,
+        )
         return 1
     return 0

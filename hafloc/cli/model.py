@@ -11,33 +11,52 @@ from .common import print_json
 
 
 def register(sub) -> None:
-    p = sub.add_parser("model", help="build (init) a model or inspect (info) a model file",
-                       description="Build a model on a pretrained backbone and fit its clusters / whitening, "
-                                   "or print what a model file holds.")
+    p = sub.add_parser(
+        "model",
+        help="build (init) a model or inspect (info) a model file",
+        description="Build a model on a pretrained backbone and fit its clusters / whitening, "
+        "or print what a model file holds.",
+    )
     msub = p.add_subparsers(dest="model_command", metavar="ACTION")
-    pi = msub.add_parser("init", help="build a model and fit its clusters (and whitening) on images",
-                         description="Builds METHOD on the pretrained backbone, initialises projections by PCA and "
-                                     "VLAD clusters by k-means on local features sampled from --images, and fits PCA "
-                                     "whitening when --dim is given. Writes one model file.")
-    pi.add_argument("--method", required=True, choices=METHODS,
-                    help="haf (the paper), or a baseline")
-    pi.add_argument("--images", required=True, nargs="+", help="image files or folders (searched recursively) to fit on")
+    pi = msub.add_parser(
+        "init",
+        help="build a model and fit its clusters (and whitening) on images",
+        description="Builds METHOD on the pretrained backbone, initialises projections by PCA and "
+        "VLAD clusters by k-means on local features sampled from --images, and fits PCA "
+        "whitening when --dim is given. Writes one model file.",
+    )
+    pi.add_argument("--method", required=True, choices=METHODS, help="haf (the paper), or a baseline")
+    pi.add_argument(
+        "--images", required=True, nargs="+", help="image files or folders (searched recursively) to fit on"
+    )
     pi.add_argument("--output", required=True, help="model file to write (e.g. haf.model)")
     pi.add_argument("--backbone", default=None, help="efficientnet-lite0 (default), efficientnet-lite2 or vgg16")
-    pi.add_argument("--backbone-weights", default=None,
-                    help="state-dict file for the backbone (required for vgg16: torchvision format; "
-                         "optional for superpoint: the released superpoint_v1.pth)")
-    pi.add_argument("--dim", default="none", help="PCA-whitened output dimension, e.g. 256 or 4096, or 'none' (default)")
+    pi.add_argument(
+        "--backbone-weights",
+        default=None,
+        help="state-dict file for the backbone (required for vgg16: torchvision format; "
+        "optional for superpoint: the released superpoint_v1.pth)",
+    )
+    pi.add_argument(
+        "--dim", default="none", help="PCA-whitened output dimension, e.g. 256 or 4096, or 'none' (default)"
+    )
     pi.add_argument("--clusters", type=int, default=None, help="VLAD clusters per level (default 64)")
-    pi.add_argument("--proj-dim", type=int, default=None, help="HAF: channels per level after the 1x1 projection (default 128)")
+    pi.add_argument(
+        "--proj-dim", type=int, default=None, help="HAF: channels per level after the 1x1 projection (default 128)"
+    )
     pi.add_argument("--max-side", type=int, default=640, help="longest image side used by this model (default 640)")
-    pi.add_argument("--fit-images", type=int, default=300, help="at most this many images for the clusters (default 300)")
+    pi.add_argument(
+        "--fit-images", type=int, default=300, help="at most this many images for the clusters (default 300)"
+    )
     pi.add_argument("--seed", type=int, default=0)
     pi.set_defaults(func=run_init)
-    pf = msub.add_parser("info", help="print a model file's configuration, taps, sizes and fingerprint",
-                         description="For a model file: configuration, taps, sizes and fingerprint. For an .onnx "
-                                     "file (from 'hafloc export-onnx'): inputs, outputs and how to feed it "
-                                     "(size rule, colour order, range, normalisation) from its metadata.")
+    pf = msub.add_parser(
+        "info",
+        help="print a model file's configuration, taps, sizes and fingerprint",
+        description="For a model file: configuration, taps, sizes and fingerprint. For an .onnx "
+        "file (from 'hafloc export-onnx'): inputs, outputs and how to feed it "
+        "(size rule, colour order, range, normalisation) from its metadata.",
+    )
     pf.add_argument("model", help="model file, or an exported .onnx file")
     pf.add_argument("--json", action="store_true", help="machine-readable output")
     pf.set_defaults(func=run_info)
@@ -65,15 +84,23 @@ def run_init(args) -> int:
     if not paths:
         raise HaflocError("no images found in " + ", ".join(args.images))
     rng = np.random.default_rng(args.seed)
-    fit_paths = (paths if len(paths) <= args.fit_images
-                 else [paths[i] for i in sorted(rng.choice(len(paths), args.fit_images, replace=False))])
-    meta: dict[str, Any] = {"fit": fit_clusters(model, fit_paths, seed=args.seed), "fit_images": [str(p) for p in fit_paths[:5]]}
+    fit_paths = (
+        paths
+        if len(paths) <= args.fit_images
+        else [paths[i] for i in sorted(rng.choice(len(paths), args.fit_images, replace=False))]
+    )
+    meta: dict[str, Any] = {
+        "fit": fit_clusters(model, fit_paths, seed=args.seed),
+        "fit_images": [str(p) for p in fit_paths[:5]],
+    }
     if dim:
         meta["whitening"] = fit_whitening(model, paths, dim, seed=args.seed)
     meta["seconds"] = round(time.time() - t0, 1)
     save_model(model.eval(), args.output, meta=meta)
-    print(f"wrote {args.output}: {args.method} on {config.backbone}, descriptor {model.out_dim}-D, "
-          f"fingerprint {model.fingerprint()} ({meta['seconds']} s)")
+    print(
+        f"wrote {args.output}: {args.method} on {config.backbone}, descriptor {model.out_dim}-D, "
+        f"fingerprint {model.fingerprint()} ({meta['seconds']} s)"
+    )
     return 0
 
 

@@ -17,16 +17,22 @@ def _flags() -> list[tuple[str, str, Callable[[str], Any], str]]:
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "train", help="train a model (HAF or a baseline) on a dataset",
+        "train",
+        help="train a model (HAF or a baseline) on a dataset",
         description="Weakly supervised training (NetVLAD-style hard-negative mining) with GPS (10 m positives, "
-                    "25 m negatives) or label supervision. Writes best.model, last.ckpt, history.csv/png and "
-                    "config.json into --output. --resume continues a stopped run exactly. Several processes: "
-                    "torchrun --nproc_per_node N -m hafloc train ...")
+        "25 m negatives) or label supervision. Writes best.model, last.ckpt, history.csv/png and "
+        "config.json into --output. --resume continues a stopped run exactly. Several processes: "
+        "torchrun --nproc_per_node N -m hafloc train ...",
+    )
     for flag, dest, typ, help_ in _flags():
         p.add_argument(flag, dest=dest, type=typ, default=None, help=help_)
     p.add_argument("--config", default=None, help="TrainConfig JSON file; flags given override it")
-    p.add_argument("--resume", default=None, metavar="DIR",
-                   help="continue the run in DIR from its last.ckpt (its config.json; --epochs / --time-budget may change)")
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR",
+        help="continue the run in DIR from its last.ckpt (its config.json; --epochs / --time-budget may change)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -37,8 +43,12 @@ def config_from_args(args) -> tuple[TrainConfig, bool]:
     given = {dest: getattr(args, dest) for _, dest, _, _ in _flags() if getattr(args, dest, None) is not None}
     if args.resume:
         cfg = TrainConfig.load(Path(args.resume) / "config.json")
-        changed = sorted(k for k in given if k not in ("epochs", "time_budget", "workers", "output", "cache")
-                         and getattr(cfg, k) != TrainConfig(**{k: given[k]}).__dict__[k])
+        changed = sorted(
+            k
+            for k in given
+            if k not in ("epochs", "time_budget", "workers", "output", "cache")
+            and getattr(cfg, k) != TrainConfig(**{k: given[k]}).__dict__[k]
+        )
         if changed:
             raise HaflocError(f"--resume keeps the run's settings; cannot change {', '.join(changed)}")
         for k in ("epochs", "time_budget", "workers", "cache"):
@@ -65,9 +75,25 @@ def run(args) -> int:
     if summary.get("rank", 0) == 0:
         hist = summary["history"]
         last = hist[-1] if hist else {}
-        print(json.dumps({k: summary[k] for k in ("output", "best_epoch", "best_val_recall@5", "epochs_done",
-                                                   "iterations", "stopped_for_time", "supervision", "loss",
-                                                   "dropped_queries", "seconds")}))
+        print(
+            json.dumps(
+                {
+                    k: summary[k]
+                    for k in (
+                        "output",
+                        "best_epoch",
+                        "best_val_recall@5",
+                        "epochs_done",
+                        "iterations",
+                        "stopped_for_time",
+                        "supervision",
+                        "loss",
+                        "dropped_queries",
+                        "seconds",
+                    )
+                }
+            )
+        )
         if last:
             print(f"last epoch {last.get('epoch')}: val R@1 {last.get('val_recall@1')} R@5 {last.get('val_recall@5')}")
     return 0

@@ -16,19 +16,56 @@ from hafloc.datasets.common import list_images
 from hafloc.datasets.geo import utm_to_latlon
 from hafloc.errors import InputError
 
-AT_FIELDS = ("east", "north", "zone", "letter", "lat", "lon", "pano", "tile", "heading", "pitch",
-             "roll", "height", "timestamp", "note")
+AT_FIELDS = (
+    "east",
+    "north",
+    "zone",
+    "letter",
+    "lat",
+    "lon",
+    "pano",
+    "tile",
+    "heading",
+    "pitch",
+    "roll",
+    "height",
+    "timestamp",
+    "note",
+)
 _FLOATS = {"east", "north", "lat", "lon", "heading", "pitch", "roll", "height"}
 SPLITS = ("train", "val", "test")
 
 
-def at_name(easting: float, northing: float, zone: int, letter: str, pano: str = "", heading: float | None = None,
-            pitch: float | None = None, height: float | None = None, timestamp: str = "", note: str = "") -> str:
+def at_name(
+    easting: float,
+    northing: float,
+    zone: int,
+    letter: str,
+    pano: str = "",
+    heading: float | None = None,
+    pitch: float | None = None,
+    height: float | None = None,
+    timestamp: str = "",
+    note: str = "",
+) -> str:
     """A file name in the '@' layout (the inverse of :func:`parse_at_name`), lat/lon filled from the UTM position."""
     lat, lon = utm_to_latlon(easting, northing, zone, letter)
-    fields = [f"{easting:.2f}", f"{northing:.2f}", str(zone), letter, f"{lat:.6f}", f"{lon:.6f}", pano, "",
-              "" if heading is None else f"{heading:.1f}", "" if pitch is None else f"{pitch:.1f}", "",
-              "" if height is None else f"{height:.1f}", timestamp, note]
+    fields = [
+        f"{easting:.2f}",
+        f"{northing:.2f}",
+        str(zone),
+        letter,
+        f"{lat:.6f}",
+        f"{lon:.6f}",
+        pano,
+        "",
+        "" if heading is None else f"{heading:.1f}",
+        "" if pitch is None else f"{pitch:.1f}",
+        "",
+        "" if height is None else f"{height:.1f}",
+        timestamp,
+        note,
+    ]
     for v in fields:
         if "@" in v or "/" in v:
             raise ValueError(f"'@' field may not contain '@' or '/': {v!r}")
@@ -49,7 +86,7 @@ def parse_at_name(name: str) -> dict[str, Any]:
         raise ValueError(f"{base!r} has fewer than two '@' fields")
     values = parts[:-1]  # the last part is the extension ('.jpg')
     if len(values) > len(AT_FIELDS):
-        values = values[: len(AT_FIELDS) - 1] + ["@".join(values[len(AT_FIELDS) - 1:])]
+        values = values[: len(AT_FIELDS) - 1] + ["@".join(values[len(AT_FIELDS) - 1 :])]
     out: dict[str, Any] = {k: None for k in AT_FIELDS}
     for key, raw in zip(AT_FIELDS, values):
         if raw == "":
@@ -159,6 +196,16 @@ def load_at_folders(path: str | Path, split: str = "test", **_: Any) -> Dataset:
     if ts and all(t is not None for t in ts):
         quirks.capture_times = {"db": [f["timestamp"] for f in db_f], "q": [f["timestamp"] for f in q_f]}
     name = path.name if path.name not in SPLITS + ("images",) else path.parent.name
-    return Dataset(name=f"{name}-{split_dir.name}" if split_dir != path else name, format="at",
-                   root=split_dir, db_images=db, q_images=q, db_utm=db_utm, q_utm=q_utm,
-                   pos_threshold=25.0, metric="recall", quirks=quirks, utm_zone=zone)
+    return Dataset(
+        name=f"{name}-{split_dir.name}" if split_dir != path else name,
+        format="at",
+        root=split_dir,
+        db_images=db,
+        q_images=q,
+        db_utm=db_utm,
+        q_utm=q_utm,
+        pos_threshold=25.0,
+        metric="recall",
+        quirks=quirks,
+        utm_zone=zone,
+    )

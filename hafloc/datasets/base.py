@@ -75,8 +75,11 @@ def check_positions(src: str | Path, names: Sequence[str], utm: np.ndarray | Non
     if len(bad):
         i = int(bad[0])
         name = names[i] if i < len(names) else f"#{i}"
-        raise InputError(src, f"{side} image {name!r} (#{i + 1}) has position {tuple(float(v) for v in utm[i])}, "
-                              f"not finite ({len(bad)} of {len(utm)} {side} positions are bad)")
+        raise InputError(
+            src,
+            f"{side} image {name!r} (#{i + 1}) has position {tuple(float(v) for v in utm[i])}, "
+            f"not finite ({len(bad)} of {len(utm)} {side} positions are bad)",
+        )
 
 
 @dataclass
@@ -120,8 +123,12 @@ class Dataset:
                 arr = np.asarray(arr, dtype=np.float64).reshape(-1, 2)
                 if len(arr) != n:
                     raise ValueError(f"{arr_name} has {len(arr)} rows for {n} images")
-                check_positions(self.root, self.db_images if arr_name == "db_utm" else self.q_images, arr,
-                                "database" if arr_name == "db_utm" else "query")
+                check_positions(
+                    self.root,
+                    self.db_images if arr_name == "db_utm" else self.q_images,
+                    arr,
+                    "database" if arr_name == "db_utm" else "query",
+                )
                 setattr(self, arr_name, arr)
         for lab_name, n in (("db_labels", self.num_db), ("q_labels", self.num_q)):
             lab = getattr(self, lab_name)
@@ -158,8 +165,11 @@ class Dataset:
         return [self._abs(x) for x in self.q_images]
 
     def has_ground_truth(self) -> bool:
-        return self.positives is not None or (self.db_utm is not None and self.q_utm is not None) or (
-            self.db_labels is not None and self.q_labels is not None)
+        return (
+            self.positives is not None
+            or (self.db_utm is not None and self.q_utm is not None)
+            or (self.db_labels is not None and self.q_labels is not None)
+        )
 
     def query_positives(self, threshold: float | None = None) -> list[np.ndarray]:
         """Sorted database indices that count as correct for each query.
@@ -185,8 +195,12 @@ class Dataset:
             return [np.asarray(by_label.get(lab, []), dtype=np.int64) for lab in self.q_labels.tolist()]
         raise ValueError(f"dataset {self.name!r} has no ground truth (no positives, positions or labels)")
 
-    def subset(self, db_idx: Sequence[int] | np.ndarray | None = None,
-               q_idx: Sequence[int] | np.ndarray | None = None, name: str | None = None) -> "Dataset":
+    def subset(
+        self,
+        db_idx: Sequence[int] | np.ndarray | None = None,
+        q_idx: Sequence[int] | np.ndarray | None = None,
+        name: str | None = None,
+    ) -> "Dataset":
         """A dataset restricted to the given database / query indices (None keeps all).
 
         Explicit positive/junk lists are re-indexed into the new database order; entries whose
@@ -240,11 +254,26 @@ class Dataset:
 
     def summary(self) -> dict[str, Any]:
         """A small JSON-able description (for config.json and reports)."""
-        gt = ("positives" if self.positives is not None else "utm" if self.db_utm is not None
-              else "labels" if self.db_labels is not None else "none")
-        return {"name": self.name, "format": self.format, "root": str(self.root), "num_db": self.num_db,
-                "num_q": self.num_q, "metric": self.metric, "ground_truth": gt,
-                "pos_threshold": self.pos_threshold, "protocol": self.quirks.protocol}
+        gt = (
+            "positives"
+            if self.positives is not None
+            else "utm"
+            if self.db_utm is not None
+            else "labels"
+            if self.db_labels is not None
+            else "none"
+        )
+        return {
+            "name": self.name,
+            "format": self.format,
+            "root": str(self.root),
+            "num_db": self.num_db,
+            "num_q": self.num_q,
+            "metric": self.metric,
+            "ground_truth": gt,
+            "pos_threshold": self.pos_threshold,
+            "protocol": self.quirks.protocol,
+        }
 
 
 def split_database(ds: Dataset, val_fraction: float = 0.2, seed: int = 0) -> tuple[Dataset, Dataset]:
@@ -286,15 +315,17 @@ def split_database(ds: Dataset, val_fraction: float = 0.2, seed: int = 0) -> tup
     no_queries = dataclasses.replace(ds.quirks, revisited=None)
     for name in no_queries.per("q") + no_queries.per("paired"):
         setattr(no_queries, name, None)
-    base = dataclasses.replace(ds, positives=None, junk=None, q_images=[], q_utm=None, q_labels=None,
-                               quirks=no_queries)
+    base = dataclasses.replace(ds, positives=None, junk=None, q_images=[], q_utm=None, q_labels=None, quirks=no_queries)
     train = base.subset(db_idx=keep, name=f"{ds.name}-train")
     # the held-out images query by what the set has: labels, else positions (checked above)
     q_labels = ds.db_labels[held_arr] if ds.db_labels is not None else None
     q_utm = ds.db_utm[held_arr] if q_labels is None and ds.db_utm is not None else None
-    val = dataclasses.replace(train, name=f"{ds.name}-val", q_images=[ds.db_images[i] for i in held_arr],
-                              q_labels=q_labels, q_utm=q_utm)
-    val.quirks = dataclasses.replace(val.quirks, split_from_database={
-        "val_fraction": val_fraction, "seed": seed, "val_query_db_indices": held_arr.tolist()})
+    val = dataclasses.replace(
+        train, name=f"{ds.name}-val", q_images=[ds.db_images[i] for i in held_arr], q_labels=q_labels, q_utm=q_utm
+    )
+    val.quirks = dataclasses.replace(
+        val.quirks,
+        split_from_database={"val_fraction": val_fraction, "seed": seed, "val_query_db_indices": held_arr.tolist()},
+    )
     train.quirks = dataclasses.replace(train.quirks, split_from_database={"val_fraction": val_fraction, "seed": seed})
     return train, val

@@ -32,8 +32,11 @@ def read_text(path: Path, what: str = "CSV") -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise InputError(path, f"{what} is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}; "
-                               "Latin-1 or a Windows code page? save it as UTF-8)") from None
+        raise InputError(
+            path,
+            f"{what} is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}; "
+            "Latin-1 or a Windows code page? save it as UTF-8)",
+        ) from None
 
 
 def read_csv_rows(path: Path, required: list[str] | tuple[str, ...] = ()) -> tuple[list[str], list[dict[str, str]]]:
@@ -56,16 +59,29 @@ def read_csv_rows(path: Path, required: list[str] | tuple[str, ...] = ()) -> tup
     return header, rows
 
 
-def in_both(src: Path, db_names: list[str], q_names: list[str], log: logging.Logger,
-            sides: tuple[str, str] = ("gallery", "query")) -> set[str]:
+def in_both(
+    src: Path,
+    db_names: list[str],
+    q_names: list[str],
+    log: logging.Logger,
+    sides: tuple[str, str] = ("gallery", "query"),
+) -> set[str]:
     """Images listed as both database (gallery) and query, with a warning naming the count and what
     is done: the reader keeps them as queries and removes them from the database, so that no
     query retrieves itself (for layouts whose names share one root: label CSVs, position CSVs)."""
     queries = set(q_names)
     both = [n for n in db_names if n in queries]
     if both:
-        log.warning("%s: %d image(s) listed as both %s and %s (e.g. %s): kept as queries, removed from the %s "
-                    "so that no query retrieves itself", src, len(set(both)), sides[0], sides[1], both[0], sides[0])
+        log.warning(
+            "%s: %d image(s) listed as both %s and %s (e.g. %s): kept as queries, removed from the %s "
+            "so that no query retrieves itself",
+            src,
+            len(set(both)),
+            sides[0],
+            sides[1],
+            both[0],
+            sides[0],
+        )
     return set(both)
 
 

@@ -15,10 +15,32 @@ from hafloc.errors import InputError
 
 # Field orders of the unnamed (cell) variants, by field count.
 _POSITIONAL = {
-    10: ["whichSet", "dbImageFns", "utmDb", "qImageFns", "utmQ", "numImages", "numQueries",
-         "posDistThr", "posDistSqThr", "nonTrivPosDistSqThr"],
-    12: ["whichSet", "dbImageFns", "utmDb", "dbTimeStamp", "qImageFns", "utmQ", "qTimeStamp",
-         "numImages", "numQueries", "posDistThr", "posDistSqThr", "nonTrivPosDistSqThr"],
+    10: [
+        "whichSet",
+        "dbImageFns",
+        "utmDb",
+        "qImageFns",
+        "utmQ",
+        "numImages",
+        "numQueries",
+        "posDistThr",
+        "posDistSqThr",
+        "nonTrivPosDistSqThr",
+    ],
+    12: [
+        "whichSet",
+        "dbImageFns",
+        "utmDb",
+        "dbTimeStamp",
+        "qImageFns",
+        "utmQ",
+        "qTimeStamp",
+        "numImages",
+        "numQueries",
+        "posDistThr",
+        "posDistSqThr",
+        "nonTrivPosDistSqThr",
+    ],
     8: ["dbImageFns", "utmDb", "qImageFns", "utmQ", "numImages", "numQueries", "posDistThr", "posDistSqThr"],
 }
 _ALIASES = {"numDb": "numImages", "numQ": "numQueries"}
@@ -77,8 +99,9 @@ def _fields(path: Path, s: np.ndarray) -> dict[str, Any]:
     cells = list(s.ravel())
     if len(cells) in _POSITIONAL:
         return dict(zip(_POSITIONAL[len(cells)], cells))
-    raise InputError(path, f"dbStruct is an unnamed {len(cells)}-field cell; known layouts have "
-                           f"{sorted(_POSITIONAL)} fields")
+    raise InputError(
+        path, f"dbStruct is an unnamed {len(cells)}-field cell; known layouts have {sorted(_POSITIONAL)} fields"
+    )
 
 
 def default_image_root(mat_path: Path) -> Path:
@@ -103,8 +126,9 @@ def tokyo_query_conditions(num_q: int) -> list[str]:
     return [("night", "day", "sunset")[(i + 1) % 3] for i in range(num_q)]
 
 
-def load_dbstruct(path: str | Path, split: str = "test", image_root: str | Path | None = None,
-                  tokyo_nms: bool | None = None, **_: Any) -> Dataset:
+def load_dbstruct(
+    path: str | Path, split: str = "test", image_root: str | Path | None = None, tokyo_nms: bool | None = None, **_: Any
+) -> Dataset:
     """Read a NetVLAD-style dbStruct (.mat / seqNet .db) by field name, or by position for
     the unnamed 8/10/12-field cells.
 
@@ -178,6 +202,15 @@ def load_dbstruct(path: str | Path, split: str = "test", image_root: str | Path 
     which = _strings(path, f["whichSet"], "whichSet")[0] if "whichSet" in f else None
     dataset_name = _strings(path, f["dataset"], "dataset")[0] if "dataset" in f else None
     quirks.which_set = which
-    return Dataset(name=dataset_name or path.stem, format="dbstruct", root=root, db_images=db_names,
-                   q_images=q_names, db_utm=db_utm, q_utm=q_utm, pos_threshold=thr, metric="recall",
-                   quirks=quirks)
+    return Dataset(
+        name=dataset_name or path.stem,
+        format="dbstruct",
+        root=root,
+        db_images=db_names,
+        q_images=q_names,
+        db_utm=db_utm,
+        q_utm=q_utm,
+        pos_threshold=thr,
+        metric="recall",
+        quirks=quirks,
+    )

@@ -77,8 +77,11 @@ def detect_format(path: str | Path) -> str:
         return "dbstruct"
     if list(p.glob("*.npz")):
         return "patchnetvlad"
-    if find_position_csv(p) is not None or (p / "database").is_dir() or (
-            (p / "database.csv").is_file() and (p / "query.csv").is_file()):
+    if (
+        find_position_csv(p) is not None
+        or (p / "database").is_dir()
+        or ((p / "database.csv").is_file() and (p / "query.csv").is_file())
+    ):
         return "geotagged"
     if is_holidays_layout(p):
         return "holidays"

@@ -32,7 +32,9 @@ def find_position_csv(root: Path) -> Path | None:
             header = p.open(encoding="utf-8-sig").readline().strip().split(",")
         except (OSError, UnicodeDecodeError):
             continue
-        if "image" in header and (("lat" in header and "lon" in header) or ("easting" in header and "northing" in header)):
+        if "image" in header and (
+            ("lat" in header and "lon" in header) or ("easting" in header and "northing" in header)
+        ):
             return p
     return None
 
@@ -54,23 +56,29 @@ def read_position_csv(path: Path) -> tuple[dict[str, tuple[str, float, float, An
     def add(name: str, entry: tuple[str, float, float, Any], lineno: int, kind: str) -> None:
         nonlocal repeated
         if kind == "latlon" and not (-90.0 <= entry[1] <= 90.0 and -180.0 <= entry[2] <= 180.0):
-            raise InputError(path, f"line {lineno}: {name}: lat/lon ({entry[1]}, {entry[2]}) out of range "
-                                   "(+-90, +-180 degrees)")
+            raise InputError(
+                path, f"line {lineno}: {name}: lat/lon ({entry[1]}, {entry[2]}) out of range (+-90, +-180 degrees)"
+            )
         old = out.get(name)
         if old is None:
             out[name], where[name] = entry, lineno
             return
         if old[1:] != entry[1:]:
-            raise InputError(path, f"{name} has two positions: {old[1:3]} on line {where[name]} and {entry[1:3]} "
-                                   f"on line {lineno} (fix the file)")
+            raise InputError(
+                path,
+                f"{name} has two positions: {old[1:3]} on line {where[name]} and {entry[1:3]} "
+                f"on line {lineno} (fix the file)",
+            )
         if old[0] == entry[0]:
             repeated += 1
         elif {old[0], entry[0]} == {"database", "query"}:
             both.append(name)
             out[name] = ("query",) + entry[1:]
         else:
-            raise InputError(path, f"{name} is in split {old[0]!r} on line {where[name]} and {entry[0]!r} on "
-                                   f"line {lineno} (fix the file)")
+            raise InputError(
+                path,
+                f"{name} is in split {old[0]!r} on line {where[name]} and {entry[0]!r} on line {lineno} (fix the file)",
+            )
 
     if "image" not in first:
         # headerless name,lat,lon (e.g. Daejeon520's query.csv / database.csv)
@@ -81,8 +89,12 @@ def read_position_csv(path: Path) -> tuple[dict[str, tuple[str, float, float, An
             parts = [x.strip() for x in ln.split(",")]
             if len(parts) != 3:
                 raise InputError(path, f"line {i}: expected name,lat,lon, got {len(parts)} fields")
-            add(parts[0], ("", parse_float(path, parts[1], "lat", i), parse_float(path, parts[2], "lon", i), None),
-                i, kind)
+            add(
+                parts[0],
+                ("", parse_float(path, parts[1], "lat", i), parse_float(path, parts[2], "lon", i), None),
+                i,
+                kind,
+            )
     else:
         header, rows = read_csv_rows(path, required=("image",))
         kind = "latlon" if "lat" in header and "lon" in header else "utm"
@@ -92,16 +104,29 @@ def read_position_csv(path: Path) -> tuple[dict[str, tuple[str, float, float, An
             split = SPLIT_ALIASES.get(r.get("split", "").lower(), r.get("split", "").lower())
             if kind == "latlon":
                 entry: tuple[str, float, float, str | None] = (
-                    split, parse_float(path, r["lat"], "lat", i), parse_float(path, r["lon"], "lon", i), None)
+                    split,
+                    parse_float(path, r["lat"], "lat", i),
+                    parse_float(path, r["lon"], "lon", i),
+                    None,
+                )
             else:
-                entry = (split, parse_float(path, r["easting"], "easting", i),
-                         parse_float(path, r["northing"], "northing", i), r.get("zone") or None)
+                entry = (
+                    split,
+                    parse_float(path, r["easting"], "easting", i),
+                    parse_float(path, r["northing"], "northing", i),
+                    r.get("zone") or None,
+                )
             add(r["image"], entry, i, kind)
     if repeated:
         log.warning("%s: %d repeated row(s) (same image and position) ignored; each image counts once", path, repeated)
     if both:
-        log.warning("%s: %d image(s) listed as both database and query (e.g. %s): kept as queries, removed from the "
-                    "database so that no query retrieves itself", path, len(both), both[0])
+        log.warning(
+            "%s: %d image(s) listed as both database and query (e.g. %s): kept as queries, removed from the "
+            "database so that no query retrieves itself",
+            path,
+            len(both),
+            both[0],
+        )
     return out, kind
 
 
@@ -109,8 +134,11 @@ def _to_utm(path: Path, kind: str, xs: np.ndarray, ys: np.ndarray, zones: list[A
     if kind == "latlon":
         polar = np.flatnonzero(np.abs(xs) > 84.0)
         if len(polar):
-            raise InputError(path, f"{names[polar[0]]}: latitude {xs[polar[0]]} is beyond UTM's +-84 degrees "
-                                   f"({len(polar)} image(s) like it)")
+            raise InputError(
+                path,
+                f"{names[polar[0]]}: latitude {xs[polar[0]]} is beyond UTM's +-84 degrees "
+                f"({len(polar)} image(s) like it)",
+            )
         try:
             e, n, zn, zl = latlon_to_utm(xs, ys)
         except ValueError as err:
@@ -126,8 +154,9 @@ def _to_utm(path: Path, kind: str, xs: np.ndarray, ys: np.ndarray, zones: list[A
     return np.stack([xs, ys], axis=1), zone
 
 
-def load_geotagged(path: str | Path, split: str = "test", csv: str | Path | None = None,
-                   pos_threshold: float = 25.0, **_: Any) -> Dataset:
+def load_geotagged(
+    path: str | Path, split: str = "test", csv: str | Path | None = None, pos_threshold: float = 25.0, **_: Any
+) -> Dataset:
     """Photos under ``database/`` and ``queries/`` (or a CSV ``split`` column), positions from a
     CSV beside them (``csv=`` or the first ``*.csv`` with image + lat/lon or easting/northing)
     or from EXIF GPS. Daejeon520-style ``database.csv`` + ``query.csv`` (name,lat,lon) work too.
@@ -184,7 +213,20 @@ def load_geotagged(path: str | Path, split: str = "test", csv: str | Path | None
     pos, zone = _to_utm(src, kind, xs, ys, [table[n][3] for n in names], names)
     quirks = Quirks(skipped=skipped, position_source="exif" if src == root else str(src))
     if kind == "latlon":
-        quirks.latlon = {"db": np.stack([xs[: len(db)], ys[: len(db)]], 1), "q": np.stack([xs[len(db):], ys[len(db):]], 1)}
-    return Dataset(name=root.name, format="geotagged", root=root, db_images=db, q_images=q,
-                   db_utm=pos[: len(db)], q_utm=pos[len(db):], pos_threshold=float(pos_threshold),
-                   metric="recall", quirks=quirks, utm_zone=zone)
+        quirks.latlon = {
+            "db": np.stack([xs[: len(db)], ys[: len(db)]], 1),
+            "q": np.stack([xs[len(db) :], ys[len(db) :]], 1),
+        }
+    return Dataset(
+        name=root.name,
+        format="geotagged",
+        root=root,
+        db_images=db,
+        q_images=q,
+        db_utm=pos[: len(db)],
+        q_utm=pos[len(db) :],
+        pos_threshold=float(pos_threshold),
+        metric="recall",
+        quirks=quirks,
+        utm_zone=zone,
+    )

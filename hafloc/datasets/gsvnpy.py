@@ -29,8 +29,9 @@ def _names(path: Path) -> list[str]:
     return [str(x) for x in np.ravel(a)]
 
 
-def load_gsv_npy(path: str | Path, split: str = "test", image_root: str | Path | None = None,
-                 name: str | None = None, **_: Any) -> Dataset:
+def load_gsv_npy(
+    path: str | Path, split: str = "test", image_root: str | Path | None = None, name: str | None = None, **_: Any
+) -> Dataset:
     """Read one gsv-style set; ``path`` is one of its files or a folder holding exactly one set
     (``name=`` picks one). Names are relative to ``image_root`` (default: the folder)."""
     path = Path(path)
@@ -43,8 +44,11 @@ def load_gsv_npy(path: str | Path, split: str = "test", image_root: str | Path |
         else:
             found = prefixes(folder)
             if len(found) != 1:
-                raise InputError(folder, f"{len(found)} gsv-style sets here ({', '.join(found) or 'none'}); "
-                                         "pass the file of the one you want")
+                raise InputError(
+                    folder,
+                    f"{len(found)} gsv-style sets here ({', '.join(found) or 'none'}); "
+                    "pass the file of the one you want",
+                )
             name = found[0]
     f = {s: folder / f"{name}{s}" for s in SUFFIXES}
     for need in ("_dbImages.npy", "_qImages.npy"):
@@ -68,5 +72,14 @@ def load_gsv_npy(path: str | Path, split: str = "test", image_root: str | Path |
         if len(p) and (p.min() < 0 or p.max() >= len(db)):
             raise InputError(f["_gt.npy"], f"database index {int(p.max())} outside 0..{len(db) - 1}")
     root = Path(image_root) if image_root is not None else folder
-    return Dataset(name=name, format="gsv_npy", root=root, db_images=db, q_images=q, positives=positives,
-                   pos_threshold=0.0, metric="recall", quirks=Quirks(protocol="index ground truth (.npy)"))
+    return Dataset(
+        name=name,
+        format="gsv_npy",
+        root=root,
+        db_images=db,
+        q_images=q,
+        positives=positives,
+        pos_threshold=0.0,
+        metric="recall",
+        quirks=Quirks(protocol="index ground truth (.npy)"),
+    )

@@ -42,11 +42,18 @@ def holidays_from_names(names: list[str], root: Path, name: str = "holidays") ->
             raise InputError(root / names[first], f"group {g:04d} has no query image {g:04d}00")
         q_db.append(first)
         positives.append(np.asarray(members[1:], dtype=np.int64))
-    return Dataset(name=name, format="holidays", root=root, db_images=names,
-                   q_images=[names[i] for i in q_db], positives=positives,
-                   junk=[np.asarray([i], dtype=np.int64) for i in q_db], pos_threshold=0.0, metric="holidays",
-                   quirks=Quirks(q_db_index=np.asarray(q_db), max_size=(1024, 768),
-                                 protocol="INRIA Holidays mAP (query ignored)"))
+    return Dataset(
+        name=name,
+        format="holidays",
+        root=root,
+        db_images=names,
+        q_images=[names[i] for i in q_db],
+        positives=positives,
+        junk=[np.asarray([i], dtype=np.int64) for i in q_db],
+        pos_threshold=0.0,
+        metric="holidays",
+        quirks=Quirks(q_db_index=np.asarray(q_db), max_size=(1024, 768), protocol="INRIA Holidays mAP (query ignored)"),
+    )
 
 
 def is_holidays_layout(root: Path) -> bool:

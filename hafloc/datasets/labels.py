@@ -14,8 +14,15 @@ from hafloc.errors import InputError
 
 log = logging.getLogger(__name__)
 
-SPLIT_ALIASES = {"gallery": "database", "db": "database", "ref": "database", "reference": "database",
-                 "queries": "query", "val_gallery": "val_database", "val_queries": "val_query"}
+SPLIT_ALIASES = {
+    "gallery": "database",
+    "db": "database",
+    "ref": "database",
+    "reference": "database",
+    "queries": "query",
+    "val_gallery": "val_database",
+    "val_queries": "val_query",
+}
 KNOWN_SPLITS = ("train", "val_database", "val_query", "database", "query")
 
 
@@ -48,8 +55,11 @@ def _check_duplicates(p: Path, by_split: dict[str, list[dict[str, str]]]) -> Non
         for r in rows:
             seen = first.setdefault(r["image"], r)
             if seen["label"] != r["label"]:
-                raise InputError(p, f"image {r['image']!r} has label {seen['label']!r} on line {seen['line']} and "
-                                    f"{r['label']!r} on line {r['line']}: which place is it? (fix the file)")
+                raise InputError(
+                    p,
+                    f"image {r['image']!r} has label {seen['label']!r} on line {seen['line']} and "
+                    f"{r['label']!r} on line {r['line']}: which place is it? (fix the file)",
+                )
     repeated = 0
     for split, rows in by_split.items():
         kept: dict[str, dict[str, str]] = {}
@@ -58,18 +68,23 @@ def _check_duplicates(p: Path, by_split: dict[str, list[dict[str, str]]]) -> Non
             kept.setdefault(r["image"], r)
         by_split[split] = list(kept.values())
     if repeated:
-        log.warning("%s: %d repeated row(s) (same image, label and split) ignored; each image counts once",
-                    p, repeated)
-    for db_split, q_split, sides in (("database", "query", ("gallery", "query")),
-                                     ("val_database", "val_query", ("val_gallery", "val_query"))):
-        both = in_both(p, [r["image"] for r in by_split.get(db_split, [])],
-                       [r["image"] for r in by_split.get(q_split, [])], log, sides)
+        log.warning("%s: %d repeated row(s) (same image, label and split) ignored; each image counts once", p, repeated)
+    for db_split, q_split, sides in (
+        ("database", "query", ("gallery", "query")),
+        ("val_database", "val_query", ("val_gallery", "val_query")),
+    ):
+        both = in_both(
+            p,
+            [r["image"] for r in by_split.get(db_split, [])],
+            [r["image"] for r in by_split.get(q_split, [])],
+            log,
+            sides,
+        )
         if both:
             by_split[db_split] = [r for r in by_split[db_split] if r["image"] not in both]
 
 
-def load_labels(path: str | Path, split: str = "test", val_fraction: float = 0.2, seed: int = 0,
-                **_: Any) -> Dataset:
+def load_labels(path: str | Path, split: str = "test", val_fraction: float = 0.2, seed: int = 0, **_: Any) -> Dataset:
     """Read a label CSV; images live beside it or under ``images/``.
 
     split 'test' -> database/gallery + query rows; 'val' -> val_database + val_query; 'train' ->
@@ -91,15 +106,25 @@ def load_labels(path: str | Path, split: str = "test", val_fraction: float = 0.2
         r = dict(r, split=s, line=str(i))
         by_split.setdefault(s, []).append(r)
     _check_duplicates(p, by_split)
-    root = p.parent / "images" if (p.parent / "images").is_dir() and not (p.parent / rows[0]["image"]).exists() \
+    root = (
+        p.parent / "images"
+        if (p.parent / "images").is_dir() and not (p.parent / rows[0]["image"]).exists()
         else p.parent
+    )
 
     def make(db_rows, q_rows, name):
-        return Dataset(name=name, format="labels", root=root, db_images=[r["image"] for r in db_rows],
-                       q_images=[r["image"] for r in q_rows],
-                       db_labels=np.asarray([r["label"] for r in db_rows], dtype=object),
-                       q_labels=np.asarray([r["label"] for r in q_rows], dtype=object), pos_threshold=0.0,
-                       metric="recall", quirks=Quirks(protocol="same label = same place"))
+        return Dataset(
+            name=name,
+            format="labels",
+            root=root,
+            db_images=[r["image"] for r in db_rows],
+            q_images=[r["image"] for r in q_rows],
+            db_labels=np.asarray([r["label"] for r in db_rows], dtype=object),
+            q_labels=np.asarray([r["label"] for r in q_rows], dtype=object),
+            pos_threshold=0.0,
+            metric="recall",
+            quirks=Quirks(protocol="same label = same place"),
+        )
 
     base = p.parent.name
     if split == "test":

@@ -52,8 +52,9 @@ def is_oxford_layout(root: Path) -> bool:
     return (root / "gt").is_dir() and any((root / "gt").glob("*_query.txt"))
 
 
-def load_oxford(path: str | Path, split: str = "test", queries: str = "full", check_images: bool = True,
-                **_: Any) -> Dataset:
+def load_oxford(
+    path: str | Path, split: str = "test", queries: str = "full", check_images: bool = True, **_: Any
+) -> Dataset:
     """Oxford5k / Paris6k as distributed: images in ``jpg/`` (any depth) and ``gt/<q>_{good,ok,junk,query}.txt``.
 
     Positives = good + ok, junk = junk (removed from the ranking), boxes from query.txt
@@ -102,14 +103,47 @@ def load_oxford(path: str | Path, split: str = "test", queries: str = "full", ch
         positives.append(np.array(sorted(set(lists["good"] + lists["ok"])), dtype=np.int64))
         junk.append(np.array(sorted(set(lists["junk"])), dtype=np.int64))
     db = [f"{prefix}/{stems[n]}" if prefix != "." else stems[n] for n in names]
-    quirks = Quirks(crop_boxes=np.asarray(boxes), crop_queries=queries == "crop", dropped=dropped,
-                    query_ids=q_ids, protocol=f"original Oxford/Paris mAP ({queries} queries)")
-    name = "paris6k" if any(q.startswith(("defense", "eiffel", "invalides", "louvre", "moulinrouge", "museedorsay",
-                                          "notredame", "pantheon", "pompidou", "sacrecoeur", "triomphe"))
-                            for q in q_ids) else ("oxford5k" if q_ids and q_ids[0].startswith(("all_souls", "ashmolean"))
-                                                  else root.name)
-    return Dataset(name=name, format="oxford", root=root, db_images=db, q_images=q_images, positives=positives,
-                   junk=junk, pos_threshold=0.0, metric="map", quirks=quirks)
+    quirks = Quirks(
+        crop_boxes=np.asarray(boxes),
+        crop_queries=queries == "crop",
+        dropped=dropped,
+        query_ids=q_ids,
+        protocol=f"original Oxford/Paris mAP ({queries} queries)",
+    )
+    name = (
+        "paris6k"
+        if any(
+            q.startswith(
+                (
+                    "defense",
+                    "eiffel",
+                    "invalides",
+                    "louvre",
+                    "moulinrouge",
+                    "museedorsay",
+                    "notredame",
+                    "pantheon",
+                    "pompidou",
+                    "sacrecoeur",
+                    "triomphe",
+                )
+            )
+            for q in q_ids
+        )
+        else ("oxford5k" if q_ids and q_ids[0].startswith(("all_souls", "ashmolean")) else root.name)
+    )
+    return Dataset(
+        name=name,
+        format="oxford",
+        root=root,
+        db_images=db,
+        q_images=q_images,
+        positives=positives,
+        junk=junk,
+        pos_threshold=0.0,
+        metric="map",
+        quirks=quirks,
+    )
 
 
 def find_revisited_pkl(path: Path) -> Path | None:
@@ -154,8 +188,20 @@ def load_revisited(path: str | Path, split: str = "test", **_: Any) -> Dataset:
             raise InputError(pkl, f"query {i}: entry lacks easy/hard/junk/bbx") from None
     positives = [np.union1d(e, h) for e, h in zip(easy, hard)]
     name = pkl.stem.removeprefix("gnd_")
-    return Dataset(name=name, format="revisited", root=root, db_images=[rel(n) for n in cfg["imlist"]],
-                   q_images=[rel(n) for n in cfg["qimlist"]], positives=positives, junk=junk, pos_threshold=0.0,
-                   metric="revisited",
-                   quirks=Quirks(revisited={"easy": easy, "hard": hard, "junk": junk}, crop_boxes=np.asarray(boxes),
-                                 crop_queries=True, protocol="revisited E/M/H"))
+    return Dataset(
+        name=name,
+        format="revisited",
+        root=root,
+        db_images=[rel(n) for n in cfg["imlist"]],
+        q_images=[rel(n) for n in cfg["qimlist"]],
+        positives=positives,
+        junk=junk,
+        pos_threshold=0.0,
+        metric="revisited",
+        quirks=Quirks(
+            revisited={"easy": easy, "hard": hard, "junk": junk},
+            crop_boxes=np.asarray(boxes),
+            crop_queries=True,
+            protocol="revisited E/M/H",
+        ),
+    )

@@ -33,13 +33,22 @@ def find_lists(npz: Path) -> tuple[Path, Path]:
             idx, q = d / f"{stem}_imageNames_index.txt", d / f"{stem}_imageNames_query.txt"
             if idx.is_file() and q.is_file():
                 return idx, q
-    raise InputError(npz, "no matching <name>_imageNames_index.txt / _query.txt found beside it or in "
-                          "../dataset_imagenames (pass index_list= and query_list=)")
+    raise InputError(
+        npz,
+        "no matching <name>_imageNames_index.txt / _query.txt found beside it or in "
+        "../dataset_imagenames (pass index_list= and query_list=)",
+    )
 
 
-def load_patchnetvlad(path: str | Path, split: str = "test", index_list: str | Path | None = None,
-                      query_list: str | Path | None = None, image_root: str | Path | None = None,
-                      tokyo_nms: bool | None = None, **_: Any) -> Dataset:
+def load_patchnetvlad(
+    path: str | Path,
+    split: str = "test",
+    index_list: str | Path | None = None,
+    query_list: str | Path | None = None,
+    image_root: str | Path | None = None,
+    tokyo_nms: bool | None = None,
+    **_: Any,
+) -> Dataset:
     """Read a Patch-NetVLAD ``.npz`` and its name lists (row i of a list = row i of the UTM array).
 
     Names are relative to the dataset root (``image_root``; default the npz's folder's parent).
@@ -82,6 +91,15 @@ def load_patchnetvlad(path: str | Path, split: str = "test", index_list: str | P
             quirks.q_conditions = tokyo_query_conditions(len(q))
     if np.all(db_utm[:, 1] == db_utm[:, 1].astype(np.int64)) and np.issubdtype(data["utmDb"].dtype, np.integer):
         quirks.index_coordinates = True
-    return Dataset(name=path.stem, format="patchnetvlad", root=root, db_images=db, q_images=q,
-                   db_utm=db_utm, q_utm=q_utm, pos_threshold=float(np.asarray(data["posDistThr"]).ravel()[0]),
-                   metric="recall", quirks=quirks)
+    return Dataset(
+        name=path.stem,
+        format="patchnetvlad",
+        root=root,
+        db_images=db,
+        q_images=q,
+        db_utm=db_utm,
+        q_utm=q_utm,
+        pos_threshold=float(np.asarray(data["posDistThr"]).ravel()[0]),
+        metric="recall",
+        quirks=quirks,
+    )

@@ -29,7 +29,9 @@ POSES = "query_poses.csv"
 
 
 def is_sf0_layout(root: Path) -> bool:
-    return root.is_dir() and ((root / BUILDING_GT).is_file() or (root / POSES).is_file()) and (root / "database").is_dir()
+    return (
+        root.is_dir() and ((root / BUILDING_GT).is_file() or (root / POSES).is_file()) and (root / "database").is_dir()
+    )
 
 
 def _id_lists(path: Path) -> dict[str, set[str]]:
@@ -71,18 +73,30 @@ def load_sf0(path: str | Path, split: str = "test", protocol: str | None = None,
         for i, n in enumerate(db):
             for b in db_ids.get(Path(n).name, ()):
                 inverted.setdefault(b, []).append(i)
-        positives = [np.unique(np.asarray([i for b in gt[k] for i in inverted.get(b, [])], dtype=np.int64))
-                     for k in sorted(gt)]
-        return Dataset(name="sf0-building", format="sf0", root=root, db_images=db, q_images=q, positives=positives,
-                       pos_threshold=0.0, metric="recall",
-                       quirks=Quirks(protocol="SF-0 building-ID ground truth",
-                                     q_building_ids=[sorted(gt[k]) for k in sorted(gt)]))
+        positives = [
+            np.unique(np.asarray([i for b in gt[k] for i in inverted.get(b, [])], dtype=np.int64)) for k in sorted(gt)
+        ]
+        return Dataset(
+            name="sf0-building",
+            format="sf0",
+            root=root,
+            db_images=db,
+            q_images=q,
+            positives=positives,
+            pos_threshold=0.0,
+            metric="recall",
+            quirks=Quirks(protocol="SF-0 building-ID ground truth", q_building_ids=[sorted(gt[k]) for k in sorted(gt)]),
+        )
     if protocol != "posed":
         raise ValueError("protocol must be 'building' or 'posed'")
     _header, rows = read_csv_rows(root / POSES, required=("image", "lat", "lon"))
     q = [r["image"] if "/" in r["image"] else f"queries/{r['image']}" for r in rows]
-    q_ll = np.array([[parse_float(root / POSES, r["lat"], "lat", i), parse_float(root / POSES, r["lon"], "lon", i)]
-                     for i, r in enumerate(rows, start=2)]).reshape(-1, 2)
+    q_ll = np.array(
+        [
+            [parse_float(root / POSES, r["lat"], "lat", i), parse_float(root / POSES, r["lon"], "lon", i)]
+            for i, r in enumerate(rows, start=2)
+        ]
+    ).reshape(-1, 2)
     db_pts: list[tuple[float, float]] = []
     for n in db:
         ll = pci_latlon(n)
@@ -92,6 +106,16 @@ def load_sf0(path: str | Path, split: str = "test", protocol: str | None = None,
     db_ll = np.asarray(db_pts)
     e, nn, zn, zl = latlon_to_utm(np.r_[db_ll[:, 0], q_ll[:, 0]], np.r_[db_ll[:, 1], q_ll[:, 1]])
     pos = np.stack([e, nn], 1)
-    return Dataset(name="sf0-posed", format="sf0", root=root, db_images=db, q_images=q, db_utm=pos[: len(db)],
-                   q_utm=pos[len(db):], pos_threshold=25.0, metric="recall", utm_zone=(zn, zl),
-                   quirks=Quirks(protocol="SF-0 posed queries at 25 m"))
+    return Dataset(
+        name="sf0-posed",
+        format="sf0",
+        root=root,
+        db_images=db,
+        q_images=q,
+        db_utm=pos[: len(db)],
+        q_utm=pos[len(db) :],
+        pos_threshold=25.0,
+        metric="recall",
+        utm_zone=(zn, zl),
+        quirks=Quirks(protocol="SF-0 posed queries at 25 m"),
+    )

@@ -15,8 +15,19 @@ from hafloc.errors import InputError
 from hafloc.synth.config import CONDITIONS, FORMAT_VERSION, GENERATOR, META_NAME, SIZE_CLASSES, SyntheticCityConfig
 from hafloc.synth.write import generate_city
 
-__all__ = ["SyntheticCityConfig", "generate_city", "size_classes", "read_meta", "at_name", "SIZE_CLASSES", "CONDITIONS",
-           "SPLITS", "META_NAME", "FORMAT_VERSION", "GENERATOR"]
+__all__ = [
+    "SyntheticCityConfig",
+    "generate_city",
+    "size_classes",
+    "read_meta",
+    "at_name",
+    "SIZE_CLASSES",
+    "CONDITIONS",
+    "SPLITS",
+    "META_NAME",
+    "FORMAT_VERSION",
+    "GENERATOR",
+]
 
 
 def read_meta(root: str | Path) -> dict[str, Any]:

@@ -47,8 +47,9 @@ def load_vprbench(path: str | Path, split: str = "test", **_: Any) -> Dataset:
     order = np.argsort(q_index, kind="stable")
     q_index = [q_index[i] for i in order]
     positives = [positives[i] for i in order]
-    quirks = Quirks(protocol="VPR-Bench index ground truth",
-                    true_negative_queries=int(sum(len(p) == 0 for p in positives)))
+    quirks = Quirks(
+        protocol="VPR-Bench index ground truth", true_negative_queries=int(sum(len(p) == 0 for p in positives))
+    )
     if (root / "query").is_dir() and (root / "ref").is_dir():
         q_all, db = list_images(root / "query", root), list_images(root / "ref", root)
         if q_index and max(q_index) >= len(q_all):
@@ -62,6 +63,14 @@ def load_vprbench(path: str | Path, split: str = "test", **_: Any) -> Dataset:
     for p in positives:
         if len(p) and (p.min() < 0 or p.max() >= len(db)):
             raise InputError(gt_path, f"reference index {int(p.max())} outside 0..{len(db) - 1}")
-    return Dataset(name=root.name, format="vprbench", root=root, db_images=db, q_images=q,
-                   positives=positives, pos_threshold=0.0, metric="recall",
-                   quirks=quirks)
+    return Dataset(
+        name=root.name,
+        format="vprbench",
+        root=root,
+        db_images=db,
+        q_images=q,
+        positives=positives,
+        pos_threshold=0.0,
+        metric="recall",
+        quirks=quirks,
+    )

@@ -60,15 +60,28 @@ class DemoConfig:
         self.methods = tuple(self.methods)
 
     @classmethod
-    def create(cls, output: str = "hafloc-demo", quick: bool = False, seed: int = 0,
-               methods: tuple[str, ...] | list[str] | None = None, **overrides: Any) -> "DemoConfig":
+    def create(
+        cls,
+        output: str = "hafloc-demo",
+        quick: bool = False,
+        seed: int = 0,
+        methods: tuple[str, ...] | list[str] | None = None,
+        **overrides: Any,
+    ) -> "DemoConfig":
         """The full or quick preset for ``output``, with ``overrides`` applied."""
         city = SyntheticCityConfig.quick(seed=seed) if quick else SyntheticCityConfig(seed=seed)
         base: dict[str, Any] = dict(output=str(output), quick=quick, seed=seed, city=city.to_json())
         if quick:
             # torch backend: for ~45 test images an ONNX export per model costs more than it saves
-            base.update(image_size=(128, 160), clusters=16, proj_dim=64, epochs=10,
-                        cache_refresh=20, neg_pool=100, backend="torch")
+            base.update(
+                image_size=(128, 160),
+                clusters=16,
+                proj_dim=64,
+                epochs=10,
+                cache_refresh=20,
+                neg_pool=100,
+                backend="torch",
+            )
         if methods is not None:
             base["methods"] = tuple(methods)
         base.update({k: v for k, v in overrides.items() if v is not None})

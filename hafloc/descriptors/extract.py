@@ -30,8 +30,14 @@ log = logging.getLogger(__name__)
 class PathExtractor(Protocol):
     """What ``extract_to_file`` needs: the model Extractor, or a cluster's (``index.distributed``)."""
 
-    def extract_paths(self, paths: list[Path], names: list[str] | None = None, progress: bool = True,
-                      checkpoint: Path | None = None, checkpoint_every: float = 30.0) -> ExtractResult: ...
+    def extract_paths(
+        self,
+        paths: list[Path],
+        names: list[str] | None = None,
+        progress: bool = True,
+        checkpoint: Path | None = None,
+        checkpoint_every: float = 30.0,
+    ) -> ExtractResult: ...
 
 
 class Extractor:
@@ -49,9 +55,17 @@ class Extractor:
     model's training flag as it found it.
     """
 
-    def __init__(self, model: GeoLocNet, batch_size: int = 8, max_side: int | None = None,
-                 backend: str = "torch", num_threads: int | None = None, image_size: tuple[int, int] | None = None,
-                 exif_transpose: bool = True, max_size: tuple[int, int] | None = None):
+    def __init__(
+        self,
+        model: GeoLocNet,
+        batch_size: int = 8,
+        max_side: int | None = None,
+        backend: str = "torch",
+        num_threads: int | None = None,
+        image_size: tuple[int, int] | None = None,
+        exif_transpose: bool = True,
+        max_size: tuple[int, int] | None = None,
+    ):
         self.model = model
         self.batch_size = max(1, batch_size)
         self.max_side = max_side or model.config.max_side
@@ -77,8 +91,11 @@ class Extractor:
             long_b, short_b = max(self.max_size), min(self.max_size)
             scale = min(1.0, long_b / max(img.size), short_b / min(img.size))
             if scale < 1.0:
-                img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
-                                 Image.Resampling.BILINEAR, reducing_gap=3.0)
+                img = img.resize(
+                    (max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                    Image.Resampling.BILINEAR,
+                    reducing_gap=3.0,
+                )
         if crop_box is not None:
             x1, y1, x2, y2 = (int(round(v * scale)) for v in crop_box)
             x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, img.width), min(y2, img.height)
@@ -92,9 +109,16 @@ class Extractor:
         out = self.run(self.prepare(img).unsqueeze(0))
         return {"descriptor": out["descriptor"][0], "attention": {k: v[0] for k, v in out["attention"].items()}}
 
-    def extract_paths(self, paths: list[Path], names: list[str] | None = None, progress: bool = True,
-                      checkpoint: Path | None = None, crop_boxes: dict[int, tuple] | None = None,
-                      done: dict[str, np.ndarray] | None = None, checkpoint_every: float = 30.0) -> ExtractResult:
+    def extract_paths(
+        self,
+        paths: list[Path],
+        names: list[str] | None = None,
+        progress: bool = True,
+        checkpoint: Path | None = None,
+        crop_boxes: dict[int, tuple] | None = None,
+        done: dict[str, np.ndarray] | None = None,
+        checkpoint_every: float = 30.0,
+    ) -> ExtractResult:
         """Extract every path; unreadable files are skipped and listed in ``failures``.
 
         ``checkpoint``: a file to which finished descriptors are saved every ``checkpoint_every``
@@ -115,8 +139,14 @@ class Extractor:
         def load(i: int) -> torch.Tensor:
             return self.prepare(self.load(paths[i], crop_boxes.get(i) if crop_boxes else None))
 
-        bar = tqdm(total=len(names), initial=len(names) - len(todo), disable=not progress,
-                   desc="extract", unit="img", dynamic_ncols=True)
+        bar = tqdm(
+            total=len(names),
+            initial=len(names) - len(todo),
+            disable=not progress,
+            desc="extract",
+            unit="img",
+            dynamic_ncols=True,
+        )
         for ev in run_batches(self.run, todo, load, self.batch_size):
             if isinstance(ev, Batch):
                 for i, d in zip(ev.items, ev.outputs["descriptor"]):
@@ -140,9 +170,14 @@ def _save_checkpoint(path: Path, fingerprint: str, results: dict, failures: dict
     if not names:
         return
     with atomic_path(path, suffix=".npz") as tmp:
-        np.savez(tmp, fingerprint=fingerprint, names=np.array(names, dtype=str),
-                 descriptors=np.stack([results[n] for n in names]),
-                 fail_names=np.array(list(failures), dtype=str), fail_reasons=np.array(list(failures.values()), dtype=str))
+        np.savez(
+            tmp,
+            fingerprint=fingerprint,
+            names=np.array(names, dtype=str),
+            descriptors=np.stack([results[n] for n in names]),
+            fail_names=np.array(list(failures), dtype=str),
+            fail_reasons=np.array(list(failures.values()), dtype=str),
+        )
 
 
 def _load_checkpoint(path: Path, fingerprint: str) -> tuple[dict, dict]:
@@ -175,8 +210,13 @@ def write_descriptors(path: Path, names: list[str], descriptors: np.ndarray) -> 
     return path
 
 
-def extract_to_file(extractor: PathExtractor, inputs: list[str | Path], output: Path, progress: bool = True,
-                    checkpoint_every: float = 30.0) -> ExtractResult:
+def extract_to_file(
+    extractor: PathExtractor,
+    inputs: list[str | Path],
+    output: Path,
+    progress: bool = True,
+    checkpoint_every: float = 30.0,
+) -> ExtractResult:
     """Files/folders -> descriptor file; names relative to the folder given (sub-folders kept).
 
     Resumable: progress is checkpointed beside ``output`` and picked up by a rerun.

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 def _iter_taps(model: GeoLocNet, paths: list[Path], max_side: int, progress: bool, desc: str):
     """The backbone's taps of each readable image, one image at a time and in order (the column
     sampling draws from one random stream, so the order fixes the result)."""
+
     def load(p: Path) -> torch.Tensor:
         return to_tensor(load_image(p), max_side=max_side)
 
@@ -49,8 +50,14 @@ def _sample_columns(feats: torch.Tensor, n: int, rng: np.random.Generator) -> np
     return f
 
 
-def fit_clusters(model: GeoLocNet, paths: list[Path], samples_per_image: int = 100, seed: int = 0,
-                 max_side: int | None = None, progress: bool = True) -> dict:
+def fit_clusters(
+    model: GeoLocNet,
+    paths: list[Path],
+    samples_per_image: int = 100,
+    seed: int = 0,
+    max_side: int | None = None,
+    progress: bool = True,
+) -> dict:
     """Initialise projections (PCA) and VLAD clusters (k-means) of ``model.head`` from ``paths``."""
     head = model.head
     if not isinstance(head, MultiLevelVLAD):  # the heads with clusters (uses_clusters)
@@ -96,8 +103,15 @@ def fit_clusters(model: GeoLocNet, paths: list[Path], samples_per_image: int = 1
     return info
 
 
-def fit_whitening(model: GeoLocNet, paths: list[Path], dim: int, max_images: int = 10_000, seed: int = 0,
-                  progress: bool = True, batch_size: int = 8) -> dict:
+def fit_whitening(
+    model: GeoLocNet,
+    paths: list[Path],
+    dim: int,
+    max_images: int = 10_000,
+    seed: int = 0,
+    progress: bool = True,
+    batch_size: int = 8,
+) -> dict:
     """Fit PCA whitening to ``dim`` on pre-whitening descriptors of (at most ``max_images``) images."""
     rng = np.random.default_rng(seed)
     if len(paths) > max_images:

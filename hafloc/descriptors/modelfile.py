@@ -48,7 +48,9 @@ def read_model_file(path: str | Path) -> dict:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise InputError(path, "not a hafloc model file (no 'hafloc-model' header)")
     if payload.get("version", 0) > VERSION:
-        raise InputError(path, f"model file version {payload['version']} is newer than this hafloc supports ({VERSION})")
+        raise InputError(
+            path, f"model file version {payload['version']} is newer than this hafloc supports ({VERSION})"
+        )
     return payload
 
 
@@ -78,7 +80,10 @@ def model_info(path: str | Path) -> dict:
         "method": model.config.method,
         "backbone": model.config.backbone,
         "levels": list(model.levels),
-        "taps": {lv: {"channels": model.backbone.channels.get(lv), "stride": model.backbone.strides.get(lv)} for lv in model.levels},
+        "taps": {
+            lv: {"channels": model.backbone.channels.get(lv), "stride": model.backbone.strides.get(lv)}
+            for lv in model.levels
+        },
         "head": model.config.to_dict()["head"],
         "descriptor_dim": model.out_dim,
         "head_dim": model.head.out_dim,

@@ -77,12 +77,25 @@ def export_onnx(model: GeoLocNet, path: str | Path, opset: int = OPSET, check: b
     try:
         with atomic_path(path, suffix=".onnx") as tmp, warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # tracer warnings about constant shapes are expected
-            torch.onnx.export(wrapper, (torch.rand(1, 3, *_SAMPLE_SIZE),), str(tmp), input_names=["image"],
-                              output_names=names, dynamic_axes=dynamic, opset_version=opset, dynamo=False)
+            torch.onnx.export(
+                wrapper,
+                (torch.rand(1, 3, *_SAMPLE_SIZE),),
+                str(tmp),
+                input_names=["image"],
+                output_names=names,
+                dynamic_axes=dynamic,
+                opset_version=opset,
+                dynamo=False,
+            )
             proto = onnx.load(str(tmp))
-            meta = {"hafloc": __version__, "export_version": EXPORT_VERSION, "fingerprint": model.fingerprint(),
-                    "method": model.config.method, "backbone": model.config.backbone,
-                    **preprocessing_metadata(model, names)}
+            meta = {
+                "hafloc": __version__,
+                "export_version": EXPORT_VERSION,
+                "fingerprint": model.fingerprint(),
+                "method": model.config.method,
+                "backbone": model.config.backbone,
+                **preprocessing_metadata(model, names),
+            }
             for k, v in meta.items():
                 proto.metadata_props.add(key=k, value=str(v))
             if check:
@@ -108,18 +121,25 @@ def preprocessing_metadata(model: GeoLocNet, outputs: list[str] | None = None) -
         "input_layout": "float32 (batch, 3, height, width), NCHW; batch, height and width dynamic",
         "color_order": "RGB" + (" (converted to gray inside the graph: 0.299 R + 0.587 G + 0.114 B)" if gray else ""),
         "input_range": "[0, 1]: 8-bit pixel values divided by 255",
-        "normalization": (f"inside the graph: (x - mean) / std per channel, mean={mean}, std={std} "
-                          f"({model.config.backbone} backbone); feed [0, 1] RGB, do not normalise again"),
+        "normalization": (
+            f"inside the graph: (x - mean) / std per channel, mean={mean}, std={std} "
+            f"({model.config.backbone} backbone); feed [0, 1] RGB, do not normalise again"
+        ),
         "normalization_mean": json.dumps(mean),
         "normalization_std": json.dumps(std),
-        "input_size_rule": ("apply the EXIF orientation; scale keeping the aspect ratio so that the longest side "
-                            "is max_side; round height and width each to the nearest multiple of 32 (at least 32); "
-                            "resize bilinearly to that size"),
+        "input_size_rule": (
+            "apply the EXIF orientation; scale keeping the aspect ratio so that the longest side "
+            "is max_side; round height and width each to the nearest multiple of 32 (at least 32); "
+            "resize bilinearly to that size"
+        ),
         "size_multiple": "32",
         "max_side": str(int(model.config.max_side)),
         "output_names": ",".join(outputs if outputs is not None else output_names(model)),
-        "descriptor": (f"'descriptor' (batch, {model.out_dim}) float32, L2-normalised"
-                       + (", PCA-whitened" if model.whitening.dim else "") + ": similarity = inner product"),
+        "descriptor": (
+            f"'descriptor' (batch, {model.out_dim}) float32, L2-normalised"
+            + (", PCA-whitened" if model.whitening.dim else "")
+            + ": similarity = inner product"
+        ),
     }
 
 
@@ -136,10 +156,12 @@ def onnx_info(path: str | Path) -> dict:
     def shape(v) -> list:
         return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
 
-    info: dict = {"file": str(path), "opset": max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
-                                                  default=None),
-                  "inputs": {v.name: shape(v) for v in proto.graph.input},
-                  "outputs": {v.name: shape(v) for v in proto.graph.output}}
+    info: dict = {
+        "file": str(path),
+        "opset": max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=None),
+        "inputs": {v.name: shape(v) for v in proto.graph.input},
+        "outputs": {v.name: shape(v) for v in proto.graph.output},
+    }
     meta = {p.key: p.value for p in proto.metadata_props}
     if not meta.get("fingerprint"):
         info["note"] = "not exported by hafloc (no preprocessing metadata)"

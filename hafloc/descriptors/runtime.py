@@ -153,8 +153,9 @@ class OnnxRunner:
         import onnxruntime as ort
 
         self.path = Path(path)
-        self.session = ort.InferenceSession(str(self.path), session_options(num_threads),
-                                            providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            str(self.path), session_options(num_threads), providers=["CPUExecutionProvider"]
+        )
         self.names = [o.name for o in self.session.get_outputs()]
         self.fallback = fallback
         self.failed = False
@@ -167,23 +168,35 @@ class OnnxRunner:
             outs = self.session.run(self.names, {"image": x})
         except Exception as err:
             if self.fallback is None:
-                raise HaflocError(f"ONNX Runtime failed on a {tuple(x.shape)} batch ({_first_line(err)}); "
-                                  "use --backend torch") from None
-            log.warning("ONNX Runtime failed on a %s batch (%s); using eager torch from now on",
-                        tuple(x.shape), _first_line(err))
+                raise HaflocError(
+                    f"ONNX Runtime failed on a {tuple(x.shape)} batch ({_first_line(err)}); use --backend torch"
+                ) from None
+            log.warning(
+                "ONNX Runtime failed on a %s batch (%s); using eager torch from now on",
+                tuple(x.shape),
+                _first_line(err),
+            )
             self.failed = True
             return self.fallback(batch)
         res = dict(zip(self.names, outs))
-        return {"descriptor": res.pop("descriptor"),
-                "attention": {k.removeprefix("attention_"): v for k, v in res.items()}}
+        return {
+            "descriptor": res.pop("descriptor"),
+            "attention": {k.removeprefix("attention_"): v for k, v in res.items()},
+        }
 
 
 def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
 
 
-def make_runner(model: GeoLocNet, backend: str = "torch", threads: int | None = None, *,
-                outputs: Sequence[str] = DEFAULT_OUTPUTS, channels_last: bool = False) -> Runner:
+def make_runner(
+    model: GeoLocNet,
+    backend: str = "torch",
+    threads: int | None = None,
+    *,
+    outputs: Sequence[str] = DEFAULT_OUTPUTS,
+    channels_last: bool = False,
+) -> Runner:
     """A runner for ``model``: ``backend`` "torch" (eager), "onnx" (ONNX Runtime, export cached by
     fingerprint; any failure is an error) or "auto" (ONNX Runtime when it can serve, else eager
     torch with one warning). ``threads``: ONNX Runtime's intra-op pool (default: torch's count).
@@ -202,8 +215,10 @@ def make_runner(model: GeoLocNet, backend: str = "torch", threads: int | None = 
     if not set(outputs) <= ONNX_OUTPUTS:
         if lenient:
             return eager()
-        raise HaflocError(f"the ONNX backend returns only {', '.join(sorted(ONNX_OUTPUTS))}, not "
-                          f"{', '.join(o for o in outputs if o not in ONNX_OUTPUTS)}; use --backend torch")
+        raise HaflocError(
+            f"the ONNX backend returns only {', '.join(sorted(ONNX_OUTPUTS))}, not "
+            f"{', '.join(o for o in outputs if o not in ONNX_OUTPUTS)}; use --backend torch"
+        )
     try:
         import onnxruntime  # noqa: F401
 
@@ -223,8 +238,9 @@ def make_runner(model: GeoLocNet, backend: str = "torch", threads: int | None = 
         if not lenient:
             if isinstance(err, HaflocError):
                 raise
-            raise HaflocError(f"ONNX export/runtime unavailable for this model ({_first_line(err)}); "
-                              "use --backend torch") from None
+            raise HaflocError(
+                f"ONNX export/runtime unavailable for this model ({_first_line(err)}); use --backend torch"
+            ) from None
         log.warning("ONNX Runtime unavailable for this model (%s); using eager torch", _first_line(err))
         return eager()
 
@@ -250,8 +266,15 @@ class Skipped(Generic[T]):
     error: InputError
 
 
-def run_batches(runner: Runner, items: Sequence[T], load: Callable[[T], torch.Tensor], batch_size: int = 8, *,
-                workers: int = 2, prefetch: int | None = None) -> Iterator[Batch[T] | Skipped[T]]:
+def run_batches(
+    runner: Runner,
+    items: Sequence[T],
+    load: Callable[[T], torch.Tensor],
+    batch_size: int = 8,
+    *,
+    workers: int = 2,
+    prefetch: int | None = None,
+) -> Iterator[Batch[T] | Skipped[T]]:
     """Run ``runner`` over ``items``; ``load(item)`` -> (3,H,W) tensor, decoded in ``workers`` threads.
 
     Items are grouped by image size; a group runs when it holds ``batch_size`` items, and what is
@@ -283,8 +306,9 @@ def run_batches(runner: Runner, items: Sequence[T], load: Callable[[T], torch.Te
             yield run(key)
 
 
-def _ahead(pool: ThreadPoolExecutor, fn: Callable[[T], Any], items: Sequence[T],
-           window: int) -> Iterator[tuple[T, Future]]:
+def _ahead(
+    pool: ThreadPoolExecutor, fn: Callable[[T], Any], items: Sequence[T], window: int
+) -> Iterator[tuple[T, Future]]:
     """Yield (item, future) in order, keeping ``window`` calls in flight."""
     pending: deque[tuple[T, Future]] = deque()
     for item in items:

@@ -19,8 +19,10 @@ def fit_pca_whitening(x: np.ndarray, dim: int, eps: float = 1e-6) -> tuple[np.nd
     x = np.asarray(x, dtype=np.float64)
     n, d = x.shape
     if dim > min(n - 1, d):
-        raise HaflocError(f"whitening to {dim} dimensions needs more than {dim} descriptors (got {n}) "
-                          f"and at most the descriptor size ({d}); use a smaller --dim or more images")
+        raise HaflocError(
+            f"whitening to {dim} dimensions needs more than {dim} descriptors (got {n}) "
+            f"and at most the descriptor size ({d}); use a smaller --dim or more images"
+        )
     mean = x.mean(axis=0)
     xc = x - mean
     # economy SVD of the (N, D) data: cheap when N << D, which is the usual case for VLAD

@@ -10,7 +10,13 @@ from .gem import GeM
 from .multilevel import MultiLevelVLAD
 from .superpoint import SuperPointVLAD
 
-HEADS = {"haf": MultiLevelVLAD, "netvlad": MultiLevelVLAD, "crn": MultiLevelVLAD, "gem": GeM, "superpoint": SuperPointVLAD}
+HEADS = {
+    "haf": MultiLevelVLAD,
+    "netvlad": MultiLevelVLAD,
+    "crn": MultiLevelVLAD,
+    "gem": GeM,
+    "superpoint": SuperPointVLAD,
+}
 METHODS = tuple(HEADS)  # the one list of method names: CLI choices, configs and the demo read it
 LABELS = {"haf": "HAF", "netvlad": "NetVLAD", "crn": "CRN", "gem": "GeM", "superpoint": "SuperPoint"}  # for tables
 assert set(LABELS) == set(HEADS), "every registered head needs its display label"
@@ -50,4 +56,14 @@ def create_head(method: str, channels: dict[str, int], conf: HeadConfig | None =
     return HEADS[method](channels, conf)
 
 
-__all__ = ["CONFIGURABLE_LEVELS", "HEADS", "LABELS", "LEVELS", "METHODS", "Head", "HeadConfig", "create_head", "head_config"]
+__all__ = [
+    "CONFIGURABLE_LEVELS",
+    "HEADS",
+    "LABELS",
+    "LEVELS",
+    "METHODS",
+    "Head",
+    "HeadConfig",
+    "create_head",
+    "head_config",
+]

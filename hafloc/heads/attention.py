@@ -25,8 +25,9 @@ class ContextAttention(nn.Module):
     def __init__(self, channels: int, widths: tuple[int, int, int] = (32, 32, 20)):
         super().__init__()
         self.context = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(channels, channels, k, padding=k // 2, groups=channels, bias=False),
-                          nn.Conv2d(channels, w, 1))
+            nn.Sequential(
+                nn.Conv2d(channels, channels, k, padding=k // 2, groups=channels, bias=False), nn.Conv2d(channels, w, 1)
+            )
             for w, k in zip(widths, (3, 5, 7))
         )
         self.combine = nn.Conv2d(sum(widths), 1, 1)

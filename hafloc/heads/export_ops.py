@@ -22,8 +22,9 @@ class _CeilAvgPool2(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x):  # noqa: D102
-        return g.op("AveragePool", x, kernel_shape_i=[2, 2], strides_i=[2, 2], pads_i=[0, 0, 1, 1],
-                    count_include_pad_i=0)
+        return g.op(
+            "AveragePool", x, kernel_shape_i=[2, 2], strides_i=[2, 2], pads_i=[0, 0, 1, 1], count_include_pad_i=0
+        )
 
 
 class _FlattenSpatial(torch.autograd.Function):
@@ -50,8 +51,17 @@ class _ResizeLike(torch.autograd.Function):
     def symbolic(g, a, like):  # noqa: D102
         sizes = g.op("Concat", g.op("Shape", a, start_i=0, end_i=2), g.op("Shape", like, start_i=2, end_i=4), axis_i=0)
         empty = g.op("Constant", value_t=torch.tensor([], dtype=torch.float32))
-        return g.op("Resize", a, empty, empty, sizes, mode_s="linear", coordinate_transformation_mode_s="half_pixel",
-                    nearest_mode_s="floor", cubic_coeff_a_f=-0.75)
+        return g.op(
+            "Resize",
+            a,
+            empty,
+            empty,
+            sizes,
+            mode_s="linear",
+            coordinate_transformation_mode_s="half_pixel",
+            nearest_mode_s="floor",
+            cubic_coeff_a_f=-0.75,
+        )
 
 
 def ceil_avg_pool2(x: torch.Tensor) -> torch.Tensor:

@@ -40,8 +40,9 @@ class MultiLevelVLAD(Head):
         self.vlad = nn.ModuleDict({lv: NetVLAD(conf.num_clusters, dims[lv]) for lv in self.levels})
         w = conf.init_weights or (1.0 / len(self.levels),) * len(self.levels)
         # softmax(logits) = w; learnable in training, re-tuned per benchmark afterwards
-        self.fusion_logits = nn.Parameter(torch.log(torch.tensor(w, dtype=torch.float32).clamp_min(1e-6)),
-                                          requires_grad=len(self.levels) > 1)
+        self.fusion_logits = nn.Parameter(
+            torch.log(torch.tensor(w, dtype=torch.float32).clamp_min(1e-6)), requires_grad=len(self.levels) > 1
+        )
         self.out_dim = sum(conf.num_clusters * dims[lv] for lv in self.levels)
 
     def fusion_weights(self) -> torch.Tensor:
@@ -51,7 +52,9 @@ class MultiLevelVLAD(Head):
     def set_fusion_weights(self, weights: list[float] | tuple[float, ...]) -> None:
         w = torch.tensor(weights, dtype=torch.float32)
         if w.numel() != len(self.levels) or (w < 0).any() or abs(float(w.sum()) - 1) > 1e-4:
-            raise HaflocError(f"fusion weights must be {len(self.levels)} non-negative numbers summing to 1, got {list(weights)}")
+            raise HaflocError(
+                f"fusion weights must be {len(self.levels)} non-negative numbers summing to 1, got {list(weights)}"
+            )
         self.fusion_logits.copy_(torch.log(w.clamp_min(1e-6)))
 
     def _project(self, lv: str, x: torch.Tensor) -> torch.Tensor:

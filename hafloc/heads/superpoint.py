@@ -35,9 +35,18 @@ class SuperPointVLAD(MultiLevelVLAD):
     """VLAD over SuperPoint descriptors sampled (bilinearly) at NMS keypoints, weighted by score."""
 
     def __init__(self, channels: dict[str, int], conf: HeadConfig):
-        super().__init__(channels, HeadConfig(levels=("high",), num_clusters=conf.num_clusters, proj_dim=None,
-                                              attention=False, keypoints=conf.keypoints,
-                                              nms_radius=conf.nms_radius, keypoint_threshold=conf.keypoint_threshold))
+        super().__init__(
+            channels,
+            HeadConfig(
+                levels=("high",),
+                num_clusters=conf.num_clusters,
+                proj_dim=None,
+                attention=False,
+                keypoints=conf.keypoints,
+                nms_radius=conf.nms_radius,
+                keypoint_threshold=conf.keypoint_threshold,
+            ),
+        )
 
     def _keypoints(self, taps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         desc, semi = taps["high"], taps["semi"]
@@ -56,5 +65,10 @@ class SuperPointVLAD(MultiLevelVLAD):
         feats, scores, heat = self._keypoints(taps)
         out = self.vlad["high"](feats, scores.unsqueeze(1))
         cell = F.max_pool2d(heat, 8)
-        return {"descriptor": out["vlad"], "attention": {"high": cell}, "scores": out["mass"],
-                "residuals": out["intra"], "level_descriptors": [out["vlad"]]}
+        return {
+            "descriptor": out["vlad"],
+            "attention": {"high": cell},
+            "scores": out["mass"],
+            "residuals": out["intra"],
+            "level_descriptors": [out["vlad"]],
+        }

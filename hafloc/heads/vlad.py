@@ -27,7 +27,9 @@ def l2_normalize(x: torch.Tensor, dim: int, eps: float = 1e-12) -> torch.Tensor:
     return x / torch.linalg.vector_norm(x, 2, dim=dim, keepdim=True).clamp_min(eps)
 
 
-def vlad_residuals(features: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def vlad_residuals(
+    features: torch.Tensor, assign: torch.Tensor, centroids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Aggregate local features into per-cluster residual sums.
 
     Args:
@@ -94,16 +96,24 @@ class NetVLAD(nn.Module):
         intra, flat = normalize_vlad(residuals)
         return {"vlad": flat, "intra": intra, "mass": mass}
 
-    def aggregate(self, features: torch.Tensor, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, C, N) features and optional weights (as ``forward``) -> un-normalised residuals (B, K, C), mass (B, K)."""
+    def aggregate(
+        self, features: torch.Tensor, weights: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, N) features, optional weights (as ``forward``) -> un-normalised residuals (B, K, C), mass (B, K)."""
         features = features.transpose(1, 2)  # a view; the graph folds it into the MatMuls
         assign = self.soft_assign(features)
         if weights is not None:
             assign = assign * weights.transpose(1, 2)
         return vlad_residuals(features, assign, self.centroids)
 
-    def aggregate_projected(self, x: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
-                            weights: torch.Tensor | None = None, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+    def aggregate_projected(
+        self,
+        x: torch.Tensor,
+        proj_weight: torch.Tensor,
+        proj_bias: torch.Tensor,
+        weights: torch.Tensor | None = None,
+        eps: float = 1e-12,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``aggregate(l2_normalize(P x + p, dim=1), weights)`` for (B, Cin, N) ``x`` and a 1x1 projection
         (P (D, Cin) or (D, Cin, 1, 1), p (D,)), computed in x's space: cheaper when Cin < D.
 

@@ -30,8 +30,9 @@ class ImageTooLarge(InputError):
     """An image with more pixels than the caller accepts (refused before decoding)."""
 
 
-def load_image(path: str | Path, exif_transpose: bool = True, *, max_side: int | None = None,
-               max_pixels: int | None = MAX_PIXELS) -> Image.Image:
+def load_image(
+    path: str | Path, exif_transpose: bool = True, *, max_side: int | None = None, max_pixels: int | None = MAX_PIXELS
+) -> Image.Image:
     """Open ``path`` as an RGB image, EXIF orientation applied (unless told not to).
 
     Grayscale, CMYK, palette and alpha images are converted to RGB (alpha composited on white).
@@ -54,10 +55,17 @@ def load_image(path: str | Path, exif_transpose: bool = True, *, max_side: int |
     try:
         with Image.open(path) as img:
             if max_pixels is not None and img.width * img.height > max_pixels:
-                raise ImageTooLarge(path, f"image too large ({img.width}x{img.height} = "
-                                          f"{img.width * img.height / 1e6:.1f} MP; the limit is {max_pixels / 1e6:g} MP)")
-            if max_side and img.format == "JPEG" and img.width * img.height > DRAFT_MIN_PIXELS \
-                    and max(img.size) >= 2 * max_side:
+                raise ImageTooLarge(
+                    path,
+                    f"image too large ({img.width}x{img.height} = "
+                    f"{img.width * img.height / 1e6:.1f} MP; the limit is {max_pixels / 1e6:g} MP)",
+                )
+            if (
+                max_side
+                and img.format == "JPEG"
+                and img.width * img.height > DRAFT_MIN_PIXELS
+                and max(img.size) >= 2 * max_side
+            ):
                 scale = max_side / max(img.size)
                 img.draft(None, (math.ceil(img.width * scale), math.ceil(img.height * scale)))
             img.load()

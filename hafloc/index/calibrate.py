@@ -62,6 +62,7 @@ Rerank = Callable[[int, list[Match]], list[Match]]
 
 # -- features ----------------------------------------------------------------------------------
 
+
 def query_features(matches: Sequence[Match], estimate: Estimate | None, agree_m: float) -> dict[str, float] | None:
     """The calibration features of one located query (None when there is no estimate)."""
     if estimate is None:
@@ -70,11 +71,14 @@ def query_features(matches: Sequence[Match], estimate: Estimate | None, agree_m:
     if not positioned:
         return None
     best = max(positioned, key=lambda m: m.similarity)
-    far = [m.similarity for m in positioned
-           if haversine_m(best.lat, best.lon, m.lat, m.lon) > agree_m]
+    far = [m.similarity for m in positioned if haversine_m(best.lat, best.lon, m.lat, m.lon) > agree_m]
     other = max(far) if far else min(m.similarity for m in matches)
-    feats = {"best_similarity": float(best.similarity), "margin": float(best.similarity - other),
-             "agreement": float(estimate.agreement), "log_agreeing": math.log1p(estimate.n_agreeing)}
+    feats = {
+        "best_similarity": float(best.similarity),
+        "margin": float(best.similarity - other),
+        "agreement": float(estimate.agreement),
+        "log_agreeing": math.log1p(estimate.n_agreeing),
+    }
     inliers = getattr(best, "inliers", None)
     if inliers is not None:
         feats[INLIER_FEATURE] = math.log1p(max(0, int(inliers)))
@@ -103,8 +107,15 @@ def reliability_bins(p: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> list
     for b in range(bins):
         sel = idx == b
         if sel.any():
-            out.append({"lo": b / bins, "hi": (b + 1) / bins, "confidence": float(p[sel].mean()),
-                        "accuracy": float(y[sel].mean()), "count": int(sel.sum())})
+            out.append(
+                {
+                    "lo": b / bins,
+                    "hi": (b + 1) / bins,
+                    "confidence": float(p[sel].mean()),
+                    "accuracy": float(y[sel].mean()),
+                    "count": int(sel.sum()),
+                }
+            )
     return out
 
 
@@ -126,6 +137,7 @@ def accuracy_at_coverage(p: np.ndarray, y: np.ndarray, coverage: float) -> float
 
 
 # -- the model ---------------------------------------------------------------------------------
+
 
 @dataclass
 class _Model:
@@ -150,20 +162,29 @@ class _Model:
         return 1.0 / (1.0 + np.exp(-s))
 
     def to_json(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"method": "isotonic" if self.iso_x is not None else "logistic",
-                             "features": self.features, "mean": self.mean, "scale": self.scale,
-                             "coef": self.coef, "intercept": self.intercept}
+        d: dict[str, Any] = {
+            "method": "isotonic" if self.iso_x is not None else "logistic",
+            "features": self.features,
+            "mean": self.mean,
+            "scale": self.scale,
+            "coef": self.coef,
+            "intercept": self.intercept,
+        }
         if self.iso_x is not None:
             d.update(iso_x=self.iso_x, iso_y=self.iso_y)
         return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "_Model":
-        m = cls(features=[str(f) for f in d["features"]], mean=[float(v) for v in d["mean"]],
-                scale=[float(v) for v in d["scale"]], coef=[float(v) for v in d["coef"]],
-                intercept=float(d["intercept"]),
-                iso_x=[float(v) for v in d["iso_x"]] if d.get("iso_x") is not None else None,
-                iso_y=[float(v) for v in d["iso_y"]] if d.get("iso_y") is not None else None)
+        m = cls(
+            features=[str(f) for f in d["features"]],
+            mean=[float(v) for v in d["mean"]],
+            scale=[float(v) for v in d["scale"]],
+            coef=[float(v) for v in d["coef"]],
+            intercept=float(d["intercept"]),
+            iso_x=[float(v) for v in d["iso_x"]] if d.get("iso_x") is not None else None,
+            iso_y=[float(v) for v in d["iso_y"]] if d.get("iso_y") is not None else None,
+        )
         if not (len(m.features) == len(m.mean) == len(m.scale) == len(m.coef)) or min(m.scale, default=1) <= 0:
             raise ValueError("inconsistent model arrays")
         return m
@@ -183,8 +204,13 @@ def _fit_logistic(x: np.ndarray, y: np.ndarray, names: Sequence[str]) -> _Model:
         if (coef >= 0).all() or len(keep) == 1:
             break
         keep = [k for k, c in zip(keep, coef) if c >= 0] or [keep[int(np.argmax(coef))]]
-    return _Model(features=[names[k] for k in keep], mean=mean.tolist(), scale=scale.tolist(),
-                   coef=np.maximum(coef, 0.0).tolist(), intercept=float(lr.intercept_[0]))
+    return _Model(
+        features=[names[k] for k in keep],
+        mean=mean.tolist(),
+        scale=scale.tolist(),
+        coef=np.maximum(coef, 0.0).tolist(),
+        intercept=float(lr.intercept_[0]),
+    )
 
 
 def _add_isotonic(model: _Model, x: np.ndarray, y: np.ndarray, names: Sequence[str]) -> _Model:
@@ -199,16 +225,19 @@ def _select(x: np.ndarray, names: Sequence[str], wanted: Sequence[str]) -> np.nd
     return x[:, [list(names).index(f) for f in wanted]]
 
 
-def fit_model(x: np.ndarray, y: np.ndarray, names: Sequence[str], folds: int = 5,
-              seed: int = 0) -> tuple[_Model, dict[str, Any]]:
+def fit_model(
+    x: np.ndarray, y: np.ndarray, names: Sequence[str], folds: int = 5, seed: int = 0
+) -> tuple[_Model, dict[str, Any]]:
     """Logistic or isotonic-on-logistic, whichever has the lower out-of-fold ECE; refitted on all."""
     from sklearn.model_selection import StratifiedKFold
 
     x, y = np.asarray(x, np.float64), np.asarray(y, int)
     n_pos = int(y.sum())
     if min(n_pos, len(y) - n_pos) < MIN_PER_CLASS:
-        raise HaflocError(f"cannot calibrate: {n_pos} right and {len(y) - n_pos} wrong leave-one-out answers; "
-                          f"need at least {MIN_PER_CLASS} of each")
+        raise HaflocError(
+            f"cannot calibrate: {n_pos} right and {len(y) - n_pos} wrong leave-one-out answers; "
+            f"need at least {MIN_PER_CLASS} of each"
+        )
     folds = min(folds, n_pos, len(y) - n_pos)
     oof = {"logistic": np.zeros(len(y)), "isotonic": np.zeros(len(y))}
     for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y):
@@ -222,9 +251,13 @@ def fit_model(x: np.ndarray, y: np.ndarray, names: Sequence[str], folds: int = 5
     model = _fit_logistic(x, y, names)
     if method == "isotonic":
         model = _add_isotonic(model, x, y, names)
-    return model, {"method": method, "ece_heldout": round(ece[method], 4),
-                   "ece_heldout_by_method": {k: round(v, 4) for k, v in ece.items()}, "folds": folds,
-                   "heldout_predictions": oof[method]}
+    return model, {
+        "method": method,
+        "ece_heldout": round(ece[method], 4),
+        "ece_heldout_by_method": {k: round(v, 4) for k, v in ece.items()},
+        "folds": folds,
+        "heldout_predictions": oof[method],
+    }
 
 
 @dataclass
@@ -254,8 +287,13 @@ class Calibrator:
         return self.probability(query_features(matches, estimate, self.agree_m))
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": FORMAT, "features_version": FEATURES_VERSION, **self.meta,
-                "base": self.base.to_json(), "inliers": None if self.inliers is None else self.inliers.to_json()}
+        return {
+            "format": FORMAT,
+            "features_version": FEATURES_VERSION,
+            **self.meta,
+            "base": self.base.to_json(),
+            "inliers": None if self.inliers is None else self.inliers.to_json(),
+        }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Calibrator":
@@ -264,8 +302,11 @@ class Calibrator:
         if d.get("features_version") != FEATURES_VERSION:
             raise ValueError(f"features version {d.get('features_version')}, this hafloc uses {FEATURES_VERSION}")
         meta = {k: v for k, v in d.items() if k not in ("format", "base", "inliers")}
-        return cls(base=_Model.from_json(d["base"]),
-                   inliers=None if d.get("inliers") is None else _Model.from_json(d["inliers"]), meta=meta)
+        return cls(
+            base=_Model.from_json(d["base"]),
+            inliers=None if d.get("inliers") is None else _Model.from_json(d["inliers"]),
+            meta=meta,
+        )
 
 
 def calibration_path(index: str | Path) -> Path:
@@ -291,6 +332,7 @@ def load_calibrator(store: IndexStore) -> Calibrator | None:
 
 # -- leave-one-out -----------------------------------------------------------------------------
 
+
 @dataclass
 class LooSamples:
     """Leave-one-out results: per sampled image its row, features and label."""
@@ -307,10 +349,17 @@ def _unit_xyz(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
     return np.stack([np.cos(la) * np.cos(lo), np.cos(la) * np.sin(lo), np.sin(la)], axis=1)
 
 
-def leave_one_out(store: IndexStore, agree_m: float = DEFAULT_AGREE_M, exclude_m: float = DEFAULT_EXCLUDE_M,
-                  k: int = DEFAULT_K, max_samples: int | None = 5000, seed: int = 0, rerank: Rerank | None = None,
-                  progress: bool = True, descriptors: tuple[np.ndarray, list[str], np.ndarray] | None = None
-                  ) -> LooSamples:
+def leave_one_out(
+    store: IndexStore,
+    agree_m: float = DEFAULT_AGREE_M,
+    exclude_m: float = DEFAULT_EXCLUDE_M,
+    k: int = DEFAULT_K,
+    max_samples: int | None = 5000,
+    seed: int = 0,
+    rerank: Rerank | None = None,
+    progress: bool = True,
+    descriptors: tuple[np.ndarray, list[str], np.ndarray] | None = None,
+) -> LooSamples:
     """Locate each (sampled) positioned database image against the others, hiding itself and its
     neighbours closer than ``exclude_m`` metres. Batched searches of the stored descriptors in the
     index's own search structure (as ``locate`` searches); ``rerank`` may reorder / annotate each
@@ -331,8 +380,11 @@ def leave_one_out(store: IndexStore, agree_m: float = DEFAULT_AGREE_M, exclude_m
     if len(pos_rows) == 0:
         raise HaflocError(f"{store.folder}: no positioned images to calibrate on")
     rng = np.random.default_rng(seed)
-    sample = pos_rows if max_samples is None or len(pos_rows) <= max_samples else \
-        np.sort(rng.choice(pos_rows, max_samples, replace=False))
+    sample = (
+        pos_rows
+        if max_samples is None or len(pos_rows) <= max_samples
+        else np.sort(rng.choice(pos_rows, max_samples, replace=False))
+    )
     # neighbours within exclude_m (chord length on the unit sphere ~ arc for such small distances)
     xyz = _unit_xyz(lat[pos_rows], lon[pos_rows])
     hidden: list[set[int]] = [set() for _ in sample]
@@ -351,8 +403,8 @@ def leave_one_out(store: IndexStore, agree_m: float = DEFAULT_AGREE_M, exclude_m
     batch = 256
     bar = tqdm(total=len(sample), desc="calibrating", unit="img", disable=not progress)
     for s in range(0, len(sample), batch):
-        part = sample[s:s + batch]
-        depth = min(len(desc), k + max(len(h) for h in hidden[s:s + batch]))
+        part = sample[s : s + batch]
+        depth = min(len(desc), k + max(len(h) for h in hidden[s : s + batch]))
         # the index's own search structure: what `locate` will use (exact for flat indexes)
         found = cast(list[list[Match]], store.search(np.ascontiguousarray(desc[part], np.float32), depth))
         for j, qi in enumerate(part):
@@ -394,9 +446,17 @@ def fit_calibrator(samples: LooSamples, seed: int = 0) -> tuple[Calibrator, dict
     return Calibrator(base=base, inliers=inl), rep
 
 
-def calibrate_index(store: IndexStore, agree_m: float = DEFAULT_AGREE_M, exclude_m: float | None = None,
-                    k: int = DEFAULT_K, max_samples: int | None = 5000, seed: int = 0, rerank: Rerank | None = None,
-                    progress: bool = True, write: bool = True) -> Calibrator:
+def calibrate_index(
+    store: IndexStore,
+    agree_m: float = DEFAULT_AGREE_M,
+    exclude_m: float | None = None,
+    k: int = DEFAULT_K,
+    max_samples: int | None = 5000,
+    seed: int = 0,
+    rerank: Rerank | None = None,
+    progress: bool = True,
+    write: bool = True,
+) -> Calibrator:
     """Leave-one-out over ``store``, fit, and (``write``) store ``calibration.json`` in the index folder.
 
     ``exclude_m`` None (auto): ``DEFAULT_EXCLUDE_M``, and 0 when that leaves too few right answers
@@ -414,23 +474,39 @@ def calibrate_index(store: IndexStore, agree_m: float = DEFAULT_AGREE_M, exclude
         except HaflocError as err:
             if i + 1 < len(tries):
                 continue
-            hint = (f"; a right answer needs another photo of the place within {agree_m:g} m and at least "
-                    f"{ex_m:g} m away (--exclude-m 0 when photos of a place share one position)"
-                    if samples.labels.mean() < 0.5 and ex_m > 0 else "")
+            hint = (
+                f"; a right answer needs another photo of the place within {agree_m:g} m and at least "
+                f"{ex_m:g} m away (--exclude-m 0 when photos of a place share one position)"
+                if samples.labels.mean() < 0.5 and ex_m > 0
+                else ""
+            )
             raise HaflocError(f"{store.folder}: {err}{hint}") from None
     exclude_m = ex_m
     y = samples.labels
     cal.meta = {
-        "features": list(FEATURES), "agree_m": float(agree_m), "exclude_m": float(exclude_m), "k": int(k),
-        "n_samples": int(len(y)), "positives_rate": round(float(y.mean()), 4),
-        "no_estimate": samples.no_estimate, "method": rep["method"], "ece_heldout": rep["ece_heldout"],
-        "ece_heldout_by_method": rep["ece_heldout_by_method"], "folds": rep["folds"],
+        "features": list(FEATURES),
+        "agree_m": float(agree_m),
+        "exclude_m": float(exclude_m),
+        "k": int(k),
+        "n_samples": int(len(y)),
+        "positives_rate": round(float(y.mean()), 4),
+        "no_estimate": samples.no_estimate,
+        "method": rep["method"],
+        "ece_heldout": rep["ece_heldout"],
+        "ece_heldout_by_method": rep["ece_heldout_by_method"],
+        "folds": rep["folds"],
         "ece_heuristic": round(expected_calibration_error(samples.heuristic, y), 4),
-        "exclude_auto": len(tries) > 1, "reranked": rerank is not None, "model_fingerprint": store.fingerprint,
-        "index_images": len(store), "created_at": _now(),
+        "exclude_auto": len(tries) > 1,
+        "reranked": rerank is not None,
+        "model_fingerprint": store.fingerprint,
+        "index_images": len(store),
+        "created_at": _now(),
         # per-sample held-out probability and label: what `index info --report` plots
-        "heldout": {"p": [round(float(v), 4) for v in rep["heldout_predictions"]], "y": [int(v) for v in y],
-                    "heuristic": [round(float(v), 4) for v in samples.heuristic]},
+        "heldout": {
+            "p": [round(float(v), 4) for v in rep["heldout_predictions"]],
+            "y": [int(v) for v in y],
+            "heuristic": [round(float(v), 4) for v in samples.heuristic],
+        },
     }
     if "inliers_ece_heldout" in rep:
         cal.meta["inliers_ece_heldout"] = rep["inliers_ece_heldout"]
@@ -444,6 +520,8 @@ def summary_line(cal: Calibrator) -> str:
     hidden = f"neighbours within {m['exclude_m']:g} m hidden" if m["exclude_m"] > 0 else "only the photo hidden"
     if m.get("exclude_auto") and m["exclude_m"] == 0:
         hidden += f" (hiding {DEFAULT_EXCLUDE_M:g} m left too few right answers)"
-    return (f"calibrated on {m['n_samples']} leave-one-out answers ({100 * m['positives_rate']:.0f} % within "
-            f"{m['agree_m']:g} m, {hidden}): held-out ECE {m['ece_heldout']:.3f} "
-            f"({m['method']}; uncalibrated {m['ece_heuristic']:.3f})")
+    return (
+        f"calibrated on {m['n_samples']} leave-one-out answers ({100 * m['positives_rate']:.0f} % within "
+        f"{m['agree_m']:g} m, {hidden}): held-out ECE {m['ece_heldout']:.3f} "
+        f"({m['method']}; uncalibrated {m['ece_heuristic']:.3f})"
+    )

@@ -71,8 +71,11 @@ class Projection:
         except (OSError, KeyError, ValueError) as err:
             raise InputError(path, f"index projection unreadable ({err}); the index is damaged") from None
         if (p.input_dim, p.dim) != (expect["input_dim"], expect["dim"]) or p.mean.shape != (p.input_dim,):
-            raise InputError(path, f"projection is {p.input_dim} -> {p.dim}, index.json says "
-                                   f"{expect['input_dim']} -> {expect['dim']}; the index is damaged")
+            raise InputError(
+                path,
+                f"projection is {p.input_dim} -> {p.dim}, index.json says "
+                f"{expect['input_dim']} -> {expect['dim']}; the index is damaged",
+            )
         return p
 
 
@@ -84,13 +87,16 @@ def check_compact(info: dict[str, Any], where: Path) -> None:
     p = info.get("projection")
     if p is None:
         return
-    ok = isinstance(p, dict) and all(isinstance(p.get(k), int) and not isinstance(p.get(k), bool) and p[k] > 0
-                                     for k in ("input_dim", "dim"))
+    ok = isinstance(p, dict) and all(
+        isinstance(p.get(k), int) and not isinstance(p.get(k), bool) and p[k] > 0 for k in ("input_dim", "dim")
+    )
     if not ok or p["dim"] != info.get("dim") or p["dim"] >= p["input_dim"]:
         raise InputError(where, f"field 'projection' is invalid ({p!r})")
 
 
 def mismatch(folder: Path, got: int, input_dim: int, dim: int) -> ModelMismatchError:
     space = f"{input_dim}-D (projected to {dim}-D)" if input_dim != dim else f"{dim}-D"
-    return ModelMismatchError(f"{folder}: query descriptors are {got}-D, the index takes {space} descriptors; "
-                              "use the model the index was built with")
+    return ModelMismatchError(
+        f"{folder}: query descriptors are {got}-D, the index takes {space} descriptors; "
+        "use the model the index was built with"
+    )

@@ -78,9 +78,11 @@ class Describer:
         apply_threads(s.threads)  # this process is ours: its torch pool is the actor's CPUs
         model = load_model(s.model_path)
         if model.fingerprint() != s.fingerprint:
-            raise HaflocError(f"{s.model_path}: on {socket.gethostname()} this is another model (fingerprint "
-                              f"{model.fingerprint()[:12]}, the driver's is {s.fingerprint[:12]}); the shared "
-                              "filesystem must hold the same file for every node")
+            raise HaflocError(
+                f"{s.model_path}: on {socket.gethostname()} this is another model (fingerprint "
+                f"{model.fingerprint()[:12]}, the driver's is {s.fingerprint[:12]}); the shared "
+                "filesystem must hold the same file for every node"
+            )
         local = None
         if s.local:
             from ..local import create_extractor
@@ -114,8 +116,10 @@ def _probe(address: str, timeout: float = 5.0) -> None:
         with socket.create_connection((host, int(port)), timeout=timeout):
             pass
     except OSError as err:
-        raise HaflocError(f"--ray {address}: no Ray cluster reachable there ({err.strerror or err}); "
-                          "start one with 'ray start --head' or omit ADDRESS for a local instance") from None
+        raise HaflocError(
+            f"--ray {address}: no Ray cluster reachable there ({err.strerror or err}); "
+            "start one with 'ray start --head' or omit ADDRESS for a local instance"
+        ) from None
 
 
 def _first_line(err: BaseException) -> str:
@@ -131,8 +135,9 @@ class RayPool:
     ``actors``: default one per ``spec.threads`` CPUs of the cluster.
     """
 
-    def __init__(self, spec: DescribeSpec, address: str | None = None, actors: int | None = None,
-                 num_cpus: int | None = None):
+    def __init__(
+        self, spec: DescribeSpec, address: str | None = None, actors: int | None = None, num_cpus: int | None = None
+    ):
         self.spec = spec
         self.ray = _ray()
         self._temp: str | None = None
@@ -169,10 +174,11 @@ class RayPool:
         n = actors or max(1, cpus // max(1, spec.threads))
         if spec.threads > biggest or n * spec.threads > cpus:  # Ray would wait for ever for the CPUs
             self.close()
-            raise HaflocError(f"--ray {self.address}: {n} actor(s) x {spec.threads} CPU(s) (--threads) do not fit the "
-                              f"cluster ({cpus} CPU(s), at most {biggest} on one node); lower --ray-actors or --threads")
-        cls = self.ray.remote(Describer).options(num_cpus=spec.threads, max_restarts=RETRIES,
-                                                 max_task_retries=RETRIES)
+            raise HaflocError(
+                f"--ray {self.address}: {n} actor(s) x {spec.threads} CPU(s) (--threads) do not fit the "
+                f"cluster ({cpus} CPU(s), at most {biggest} on one node); lower --ray-actors or --threads"
+            )
+        cls = self.ray.remote(Describer).options(num_cpus=spec.threads, max_restarts=RETRIES, max_task_retries=RETRIES)
         self.actors = [cls.remote(spec) for _ in range(n)]
         self.nodes = len(nodes)
         self.cpus = cpus
@@ -187,8 +193,10 @@ class RayPool:
         infos = self._get([a.check.remote(s) for a, s in zip(self.actors, samples)])
         for info in infos:
             if info["missing"]:
-                raise HaflocError(f"{info['missing']}: not found on Ray worker {info['host']}; images and the model "
-                                  "must be on a shared filesystem, at the same path on every node")
+                raise HaflocError(
+                    f"{info['missing']}: not found on Ray worker {info['host']}; images and the model "
+                    "must be on a shared filesystem, at the same path on every node"
+                )
         return infos
 
     def _get(self, refs: Any) -> Any:
@@ -202,8 +210,10 @@ class RayPool:
                 raise HaflocError(str(cause)) from None
             raise HaflocError(f"a Ray worker failed: {_first_line(cause or err)}") from None
         except exc.RayError as err:  # an actor dead for good (RayActorError), a crashed worker, a lost node
-            raise HaflocError(f"a Ray worker died {RETRIES + 1} times ({_first_line(err)}); rerun to resume "
-                              "(what was committed is kept)") from None
+            raise HaflocError(
+                f"a Ray worker died {RETRIES + 1} times ({_first_line(err)}); rerun to resume "
+                "(what was committed is kept)"
+            ) from None
 
     def map(self, chunks: Sequence[tuple[Sequence[Path], Sequence[str]]]) -> Iterator[Extracted]:
         """Results of ``chunks`` in their order, described ahead by the actors."""
@@ -290,8 +300,13 @@ class OrderedExtract:
         return self.done.pop(key)
 
 
-def start_pool(spec: DescribeSpec, paths: Sequence[str | Path], address: str | None = None,
-               actors: int | None = None, quiet: bool = False) -> RayPool:
+def start_pool(
+    spec: DescribeSpec,
+    paths: Sequence[str | Path],
+    address: str | None = None,
+    actors: int | None = None,
+    quiet: bool = False,
+) -> RayPool:
     """Connect (or start a local instance), start the actors and check they see ``paths``; says where on stderr."""
     pool = RayPool(spec, address, actors)
     try:
@@ -313,8 +328,15 @@ class RayExtractor:
         self.model = model
         self.chunk_size = max(1, chunk_size)
 
-    def extract_paths(self, paths: list[Path], names: list[str] | None = None, progress: bool = True,
-                      checkpoint: Path | None = None, checkpoint_every: float = 30.0, **_ignored: Any) -> Any:
+    def extract_paths(
+        self,
+        paths: list[Path],
+        names: list[str] | None = None,
+        progress: bool = True,
+        checkpoint: Path | None = None,
+        checkpoint_every: float = 30.0,
+        **_ignored: Any,
+    ) -> Any:
         import time
 
         from tqdm import tqdm
@@ -326,9 +348,18 @@ class RayExtractor:
         results, failures = _load_checkpoint(checkpoint, fingerprint) if checkpoint is not None else ({}, {})
         todo = [i for i, n in enumerate(names) if n not in results and n not in failures]
         cs = self.chunk_size
-        chunks = [([paths[i] for i in todo[s:s + cs]], [names[i] for i in todo[s:s + cs]]) for s in range(0, len(todo), cs)]
-        bar = tqdm(total=len(names), initial=len(names) - len(todo), disable=not progress, desc="extract",
-                   unit="img", dynamic_ncols=True)
+        chunks = [
+            ([paths[i] for i in todo[s : s + cs]], [names[i] for i in todo[s : s + cs]])
+            for s in range(0, len(todo), cs)
+        ]
+        bar = tqdm(
+            total=len(names),
+            initial=len(names) - len(todo),
+            disable=not progress,
+            desc="extract",
+            unit="img",
+            dynamic_ncols=True,
+        )
         last_save = time.monotonic()
         for (_, chunk_names), res in zip(chunks, self.pool.map(chunks)):
             results.update(zip(res.names, np.asarray(res.descriptors, np.float32)))

@@ -54,11 +54,20 @@ def _extras(res: dict[str, Any]) -> dict[str, Any]:
 def summary_row(res: dict[str, Any], radius_m: float | None = None) -> dict[str, Any]:
     """One photo flattened: estimate, confidence, radius and the best match (None where absent)."""
     est, top = res.get("estimate"), _top(res)
-    row = {"image": res["image"], "lat": est["lat"] if est else None, "lon": est["lon"] if est else None,
-           "confidence": _confidence(res), "radius_m": res.get("radius_m", radius_m) if est else None, "unknown_reason": _why_unknown(res),
-           "top_image": top["image"] if top else None, "top_similarity": top["similarity"] if top else None,
-           "top_distance_m": top["distance_m"] if top else None, "top_lat": top["lat"] if top else None,
-           "top_lon": top["lon"] if top else None, "n_matches": len(res.get("matches") or [])}
+    row = {
+        "image": res["image"],
+        "lat": est["lat"] if est else None,
+        "lon": est["lon"] if est else None,
+        "confidence": _confidence(res),
+        "radius_m": res.get("radius_m", radius_m) if est else None,
+        "unknown_reason": _why_unknown(res),
+        "top_image": top["image"] if top else None,
+        "top_similarity": top["similarity"] if top else None,
+        "top_distance_m": top["distance_m"] if top else None,
+        "top_lat": top["lat"] if top else None,
+        "top_lon": top["lon"] if top else None,
+        "n_matches": len(res.get("matches") or []),
+    }
     row.update({k: v for k, v in _extras(res).items() if k not in row})
     return row
 
@@ -99,9 +108,13 @@ def to_geojson_dict(doc: dict[str, Any], radius_m: float | None = None) -> dict[
         est = res.get("estimate")
         props = summary_row(res, radius_m)
         props.update({"estimate": est, "unknown": res.get("unknown"), "top_match": _top(res)})
-        features.append({"type": "Feature",
-                         "geometry": {"type": "Point", "coordinates": [est["lon"], est["lat"]]} if est else None,
-                         "properties": props})
+        features.append(
+            {
+                "type": "Feature",
+                "geometry": {"type": "Point", "coordinates": [est["lon"], est["lat"]]} if est else None,
+                "properties": props,
+            }
+        )
     return {"type": "FeatureCollection", "features": features, "failures": list(doc.get("failures", []))}
 
 
@@ -116,8 +129,10 @@ def _describe(row: dict[str, Any]) -> str:
     else:
         lines.append(f"no estimate: {row['unknown_reason']}")
     if row["confidence"] is not None:
-        lines.append(f"confidence {row['confidence']:.2f}"
-                     + (f" (within {row['radius_m']:g} m)" if row["radius_m"] is not None else ""))
+        lines.append(
+            f"confidence {row['confidence']:.2f}"
+            + (f" (within {row['radius_m']:g} m)" if row["radius_m"] is not None else "")
+        )
     if row["top_image"] is not None:
         dist = "" if row["top_distance_m"] is None else f", {row['top_distance_m']:.1f} m away"
         lines.append(f"best match {row['top_image']} (similarity {row['top_similarity']:.3f}{dist})")
@@ -162,16 +177,22 @@ def table_block(res: dict[str, Any]) -> str:
         what = "no estimate" if why == "no match has a position" else "unknown"  # refused by --min-confidence
         lines = [f"{res['image']}: {what} ({why})"]
     else:
-        kind = f"calibrated for {res['radius_m']:g} m" if res.get("calibrated") and "radius_m" in res else "uncalibrated"
+        kind = (
+            f"calibrated for {res['radius_m']:g} m" if res.get("calibrated") and "radius_m" in res else "uncalibrated"
+        )
         verified = ", verified" if est.get("verified") else ""
-        lines = [f"{res['image']}: {est['lat']:.6f}, {est['lon']:.6f}  "
-                 f"(confidence {est['confidence']:.2f}, {kind}{verified})"]
+        lines = [
+            f"{res['image']}: {est['lat']:.6f}, {est['lon']:.6f}  "
+            f"(confidence {est['confidence']:.2f}, {kind}{verified})"
+        ]
     lines.append(f"  {'#':>2}  {'similarity':>10}  {'inliers':>7}  {'distance':>10}  {'lat':>11}  {'lon':>11}  image")
     for i, m in enumerate(res["matches"], 1):
         dist = "-" if m["distance_m"] is None else _human_m(m["distance_m"])
         inl = "-" if m.get("inliers") is None else str(m["inliers"])
-        lines.append(f"  {i:>2}  {m['similarity']:>10.4f}  {inl:>7}  {dist:>10}  {_fmt(m['lat'], '11.6f')}  "
-                     f"{_fmt(m['lon'], '11.6f')}  {m['image']}")
+        lines.append(
+            f"  {i:>2}  {m['similarity']:>10.4f}  {inl:>7}  {dist:>10}  {_fmt(m['lat'], '11.6f')}  "
+            f"{_fmt(m['lon'], '11.6f')}  {m['image']}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -180,7 +201,12 @@ def to_table(doc: dict[str, Any], radius_m: float | None = None) -> str:
 
 
 WRITERS: dict[str, Callable[[dict[str, Any], float | None], str]] = {
-    "table": to_table, "json": to_json, "csv": to_csv, "geojson": to_geojson, "kml": to_kml}
+    "table": to_table,
+    "json": to_json,
+    "csv": to_csv,
+    "geojson": to_geojson,
+    "kml": to_kml,
+}
 
 
 def render(doc: dict[str, Any], fmt: str, radius_m: float | None = None) -> str:

@@ -27,8 +27,13 @@ def _check_name(name: str) -> str:
     return name.strip("/")
 
 
-def write_global_descriptors(path: str | Path, names: Sequence[str], descriptors: np.ndarray,
-                             as_half: bool = False, image_sizes: np.ndarray | None = None) -> None:
+def write_global_descriptors(
+    path: str | Path,
+    names: Sequence[str],
+    descriptors: np.ndarray,
+    as_half: bool = False,
+    image_sizes: np.ndarray | None = None,
+) -> None:
     """Write (N, D) descriptors in hloc's global-feature layout (atomically, replacing ``path``).
 
     ``as_half`` stores float16 as hloc's extractor does by default; ``image_sizes`` (N, 2) (w, h)
@@ -65,8 +70,9 @@ def read_global_descriptors(path: str | Path, names: Sequence[str] | None = None
     return names, desc.astype(np.float32)
 
 
-def scored_pairs(query_names: Sequence[str], query_desc: np.ndarray, db_names: Sequence[str],
-                 db_desc: np.ndarray, k: int) -> list[tuple[str, str, float]]:
+def scored_pairs(
+    query_names: Sequence[str], query_desc: np.ndarray, db_names: Sequence[str], db_desc: np.ndarray, k: int
+) -> list[tuple[str, str, float]]:
     """Top-k (query, db, similarity) by exact inner product, best first; a query never pairs with itself."""
     if len(query_names) == 0 or len(db_names) == 0:
         return []
@@ -79,14 +85,23 @@ def scored_pairs(query_names: Sequence[str], query_desc: np.ndarray, db_names: S
     return out
 
 
-def retrieval_pairs(query_names: Sequence[str], query_desc: np.ndarray, db_names: Sequence[str],
-                    db_desc: np.ndarray, k: int, min_score: float | None = 0.0) -> list[tuple[str, str]]:
+def retrieval_pairs(
+    query_names: Sequence[str],
+    query_desc: np.ndarray,
+    db_names: Sequence[str],
+    db_desc: np.ndarray,
+    k: int,
+    min_score: float | None = 0.0,
+) -> list[tuple[str, str]]:
     """Top-k (query, db) pairs by exact cosine similarity, best first, as hloc's
     ``pairs_from_retrieval`` selects them: no self pairs, and candidates with similarity below
     ``min_score`` dropped (hloc passes ``min_score=0``; they exist once a model is PCA-whitened),
     so a query may get fewer than k. ``min_score=None`` keeps every candidate."""
-    return [(q, d) for q, d, s in scored_pairs(query_names, query_desc, db_names, db_desc, k)
-            if min_score is None or s >= min_score]
+    return [
+        (q, d)
+        for q, d, s in scored_pairs(query_names, query_desc, db_names, db_desc, k)
+        if min_score is None or s >= min_score
+    ]
 
 
 def write_pairs(path: str | Path, pairs: Sequence[tuple[str, str]]) -> None:
@@ -103,8 +118,14 @@ def export_store(store: IndexStore, path: str | Path, as_half: bool = False) -> 
     return len(names)
 
 
-def write_local_exports(folder: str | Path, store: IndexStore, matcher, query_features: dict,
-                        pairs: Sequence[tuple[str, str]], progress: bool = True) -> tuple[Path, Path]:
+def write_local_exports(
+    folder: str | Path,
+    store: IndexStore,
+    matcher,
+    query_features: dict,
+    pairs: Sequence[tuple[str, str]],
+    progress: bool = True,
+) -> tuple[Path, Path]:
     """``features.h5`` (the index's local features of the paired images plus the queries') and
     ``matches.h5`` (``matches0`` / ``matching_scores0`` of every pair, the matcher's output as hloc's
     match_features writes it, before any geometric verification)."""

@@ -37,8 +37,13 @@ def rank_score(m: Match) -> float:
     return m.similarity if m.score is None else m.score
 
 
-def estimate_position(matches: Sequence[Match], agree_m: float = 25.0, margin_scale: float = 0.1,
-                      temperature: float = 0.05, min_inliers: float | None = None) -> Estimate | None:
+def estimate_position(
+    matches: Sequence[Match],
+    agree_m: float = 25.0,
+    margin_scale: float = 0.1,
+    temperature: float = 0.05,
+    min_inliers: float | None = None,
+) -> Estimate | None:
     """Similarity-weighted position of the matches agreeing with the best positioned one.
 
     Votes are ``exp((s - s_best) / temperature)``: a match far less similar than the best one
@@ -69,11 +74,21 @@ def estimate_position(matches: Sequence[Match], agree_m: float = 25.0, margin_sc
     agreement = float(w.sum() / sum(weight.values()))
     margin = 1.0 if not others else max(map(rank_score, agree)) - max(map(rank_score, others))
     confidence = agreement * (0.5 + 0.5 * min(1.0, max(0.0, margin) / margin_scale))
-    with_dist = [dataclasses.replace(m, distance_m=haversine_m(lat, lon, m.lat, m.lon) if m.positioned else None)
-                 for m in matches]
+    with_dist = [
+        dataclasses.replace(m, distance_m=haversine_m(lat, lon, m.lat, m.lon) if m.positioned else None)
+        for m in matches
+    ]
     verified = min_inliers is not None and best.inliers is not None and best.inliers > min_inliers
-    return Estimate(lat=lat, lon=lon, confidence=float(min(1.0, max(0.0, confidence))), agreement=agreement,
-                    margin=float(margin), n_agreeing=len(agree), matches=with_dist, verified=verified)
+    return Estimate(
+        lat=lat,
+        lon=lon,
+        confidence=float(min(1.0, max(0.0, confidence))),
+        agreement=agreement,
+        margin=float(margin),
+        n_agreeing=len(agree),
+        matches=with_dist,
+        verified=verified,
+    )
 
 
 def _round(x: float | None, nd: int) -> float | None:
@@ -96,9 +111,15 @@ def fallback_confidence(estimate: Estimate | None) -> float:
     return float(estimate.confidence * ramp)
 
 
-def result_json(name: str, matches: Sequence[Match], estimate: Estimate | None, confidence: float | None = None,
-                calibrated: bool = False, radius_m: float | None = None,
-                min_confidence: float | None = None) -> dict[str, Any]:
+def result_json(
+    name: str,
+    matches: Sequence[Match],
+    estimate: Estimate | None,
+    confidence: float | None = None,
+    calibrated: bool = False,
+    radius_m: float | None = None,
+    min_confidence: float | None = None,
+) -> dict[str, Any]:
     """The JSON object ``hafloc locate --json`` prints for one query image.
 
     ``confidence`` (default: ``fallback_confidence``) is reported in the estimate; with
@@ -111,30 +132,51 @@ def result_json(name: str, matches: Sequence[Match], estimate: Estimate | None, 
     if estimate is None:
         unknown = {"reason": "no match has a position", "confidence": 0.0}
     elif min_confidence is not None and conf < min_confidence:
-        unknown = {"reason": f"confidence {conf:.2f} below the minimum {min_confidence:g}"
-                             + ("" if calibrated else " (uncalibrated index)"),
-                   "confidence": round(conf, 4)}
+        unknown = {
+            "reason": f"confidence {conf:.2f} below the minimum {min_confidence:g}"
+            + ("" if calibrated else " (uncalibrated index)"),
+            "confidence": round(conf, 4),
+        }
     out: dict[str, Any] = {
         "image": name,
-        "estimate": None if unknown is not None or estimate is None else {
-            "lat": round(estimate.lat, 7), "lon": round(estimate.lon, 7), "confidence": round(conf, 4),
-            "verified": estimate.verified},
+        "estimate": None
+        if unknown is not None or estimate is None
+        else {
+            "lat": round(estimate.lat, 7),
+            "lon": round(estimate.lon, 7),
+            "confidence": round(conf, 4),
+            "verified": estimate.verified,
+        },
         "calibrated": bool(calibrated),
     }
     if radius_m is not None:
         out["radius_m"] = float(radius_m)
     if unknown is not None:
         out["unknown"] = unknown
-    out["matches"] = [{"image": m.image, "root": m.root, "lat": _round(m.lat, 7), "lon": _round(m.lon, 7),
-                       "similarity": round(float(m.similarity), 6), "distance_m": _round(m.distance_m, 2),
-                       "inliers": m.inliers}
-                      for m in shown]
+    out["matches"] = [
+        {
+            "image": m.image,
+            "root": m.root,
+            "lat": _round(m.lat, 7),
+            "lon": _round(m.lon, 7),
+            "similarity": round(float(m.similarity), 6),
+            "distance_m": _round(m.distance_m, 2),
+            "inliers": m.inliers,
+        }
+        for m in shown
+    ]
     return out
 
 
-def locate_descriptors(store: IndexStore, descs: np.ndarray, names: Sequence[str], k: int = 10,
-                       agree_m: float = 25.0, calibrator: Any = None,
-                       min_confidence: float | None = None) -> list[dict[str, Any]]:
+def locate_descriptors(
+    store: IndexStore,
+    descs: np.ndarray,
+    names: Sequence[str],
+    k: int = 10,
+    agree_m: float = 25.0,
+    calibrator: Any = None,
+    min_confidence: float | None = None,
+) -> list[dict[str, Any]]:
     """Locate query descriptors (Nq, D) against ``store``: one ``result_json`` per name.
 
     ``calibrator`` (``hafloc.index.calibrate.Calibrator``, or None for the fallback) turns the
@@ -150,8 +192,15 @@ def locate_descriptors(store: IndexStore, descs: np.ndarray, names: Sequence[str
     return [answer(name, ms, k, agree_m, calibrator, min_confidence) for name, ms in zip(names, all_matches)]
 
 
-def answer(name: str, matches: Sequence[Match], k: int, agree_m: float = 25.0, calibrator: Any = None,
-           min_confidence: float | None = None, min_inliers: float | None = None) -> dict[str, Any]:
+def answer(
+    name: str,
+    matches: Sequence[Match],
+    k: int,
+    agree_m: float = 25.0,
+    calibrator: Any = None,
+    min_confidence: float | None = None,
+    min_inliers: float | None = None,
+) -> dict[str, Any]:
     """One query's ``result_json`` from its (at least ``max(k, calibrator.k)``) ranked matches.
 
     Calibrated: the estimate and its features come from the top ``calibrator.k`` matches, as in the
@@ -161,12 +210,15 @@ def answer(name: str, matches: Sequence[Match], k: int, agree_m: float = 25.0, c
     if calibrator is None:
         est = estimate_position(list(matches)[:k], agree_m, min_inliers=min_inliers)
         return result_json(name, list(matches)[:k], est, radius_m=agree_m, min_confidence=min_confidence)
-    est = estimate_position(list(matches)[:calibrator.k], calibrator.agree_m, min_inliers=min_inliers)
-    conf = calibrator.confidence(list(matches)[:calibrator.k], est)
+    est = estimate_position(list(matches)[: calibrator.k], calibrator.agree_m, min_inliers=min_inliers)
+    conf = calibrator.confidence(list(matches)[: calibrator.k], est)
     shown = list(matches)[:k]
     if est is not None:
-        shown = [dataclasses.replace(m, distance_m=haversine_m(est.lat, est.lon, m.lat, m.lon) if m.positioned else None)
-                 for m in shown]
+        shown = [
+            dataclasses.replace(m, distance_m=haversine_m(est.lat, est.lon, m.lat, m.lon) if m.positioned else None)
+            for m in shown
+        ]
         est = dataclasses.replace(est, matches=shown)
-    return result_json(name, shown, est, confidence=conf, calibrated=True, radius_m=calibrator.agree_m,
-                       min_confidence=min_confidence)
+    return result_json(
+        name, shown, est, confidence=conf, calibrated=True, radius_m=calibrator.agree_m, min_confidence=min_confidence
+    )

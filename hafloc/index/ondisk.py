@@ -39,10 +39,12 @@ BLOCK_BYTES = 256 << 20  # float32 vectors encoded per block
 def ondisk_paths(index_p: Path) -> dict[str, Path]:
     """The files of an on-disk search next to ``index_p`` (``search.faiss``)."""
     stem = index_p.with_suffix("")
-    return {"trained": stem.with_name(stem.name + ".trained.faiss"),
-            "blocks": stem.with_name(stem.name + ".blocks"),
-            "ivfdata": index_p.with_suffix(".ivfdata"),
-            "rows": stem.with_name(stem.name + ".rows.npy")}
+    return {
+        "trained": stem.with_name(stem.name + ".trained.faiss"),
+        "blocks": stem.with_name(stem.name + ".blocks"),
+        "ivfdata": index_p.with_suffix(".ivfdata"),
+        "rows": stem.with_name(stem.name + ".rows.npy"),
+    }
 
 
 class ChunkVectors:
@@ -69,7 +71,9 @@ class ChunkVectors:
         path = self.path_of(chunk)
         with open(path, "rb") as fh:
             version = np.lib.format.read_magic(fh)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
             shape, fortran, dtype = read_header(fh)
             offset = fh.tell()
         if len(shape) != 2 or fortran:
@@ -130,11 +134,12 @@ def _digest(*parts: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def _train(paths: dict[str, Path], vectors: ChunkVectors, n: int, params: dict[str, Any], seed: int,
-           progress: bool) -> tuple[faiss.Index, str]:
+def _train(
+    paths: dict[str, Path], vectors: ChunkVectors, n: int, params: dict[str, Any], seed: int, progress: bool
+) -> tuple[faiss.Index, str]:
     """The trained empty index (reused when one with the same parameters exists) and its key."""
     dim, nlist, m, nbits = (int(params[k]) for k in ("dim", "nlist", "m", "nbits"))
-    ntrain = min(n, 64 * nlist, max(39 * max(nlist, 2 ** nbits), TRAIN_BYTES // (4 * dim)))
+    ntrain = min(n, 64 * nlist, max(39 * max(nlist, 2**nbits), TRAIN_BYTES // (4 * dim)))
     key = _digest({"dim": dim, "nlist": nlist, "m": m, "nbits": nbits, "seed": seed, "ntrain": ntrain})
     meta = paths["trained"].with_name(paths["trained"].name + ".json")
     try:
@@ -144,7 +149,7 @@ def _train(paths: dict[str, Path], vectors: ChunkVectors, n: int, params: dict[s
         pass
     rng = np.random.default_rng(seed)
     rows = np.arange(n) if ntrain == n else np.sort(rng.choice(n, ntrain, replace=False))
-    sample = np.concatenate([vectors(rows[s:s + 65536]) for s in range(0, len(rows), 65536)])
+    sample = np.concatenate([vectors(rows[s : s + 65536]) for s in range(0, len(rows), 65536)])
     index = faiss.index_factory(dim, f"IVF{nlist},PQ{m}x{nbits}")
     ivf = faiss.extract_index_ivf(index)
     ivf.cp.niter = 10  # coarse k-means: 10 rounds reach the plateau of 25 at 2.5x less cost
@@ -158,8 +163,14 @@ def _train(paths: dict[str, Path], vectors: ChunkVectors, n: int, params: dict[s
     return index, key
 
 
-def build_ondisk(index_p: Path, vectors: ChunkVectors, params: dict[str, Any], seed: int = 0,
-                 block_rows: int | None = None, progress: bool = True) -> SearchIndex:
+def build_ondisk(
+    index_p: Path,
+    vectors: ChunkVectors,
+    params: dict[str, Any],
+    seed: int = 0,
+    block_rows: int | None = None,
+    progress: bool = True,
+) -> SearchIndex:
     """Build (or resume) the on-disk IVF-PQ over search rows 0..N-1 (N = len(vectors.locator)).
 
     Writes every file but the parameters JSON, which the caller writes last (with its ids), as
@@ -226,7 +237,7 @@ def footprint(n: int, dim: int, params: dict[str, Any], vector_bytes: int = 4) -
     nlist, m, nbits = int(params["nlist"]), int(params["m"]), int(params["nbits"])
     code = (m * nbits + 7) // 8
     lists = n * (code + 8)  # PQ codes + 64-bit ids
-    ram = nlist * dim * 4 + (2 ** nbits) * dim * 4 + n * 8 * 2  # quantizer, codebooks, ids and row maps
+    ram = nlist * dim * 4 + (2**nbits) * dim * 4 + n * 8 * 2  # quantizer, codebooks, ids and row maps
     if params["kind"] == "ivfpq":
         return {"ram_bytes": ram + lists + n * dim * 4, "disk_bytes": lists + n * dim * (4 + vector_bytes)}
     return {"ram_bytes": ram, "disk_bytes": 2 * lists + n * 16 + n * dim * vector_bytes}

@@ -58,7 +58,9 @@ def read_positions_csv(path: str | Path) -> dict[str, tuple[float, float]]:
             reader = csv.DictReader(f)
             fields = [c.strip().lower() for c in (reader.fieldnames or [])]
             if not {"image", "lat", "lon"} <= set(fields):
-                raise InputError(path, f"positions CSV needs columns image,lat,lon; found {','.join(fields) or 'nothing'}")
+                raise InputError(
+                    path, f"positions CSV needs columns image,lat,lon; found {','.join(fields) or 'nothing'}"
+                )
             out: dict[str, tuple[float, float]] = {}
             first_line: dict[str, int] = {}
             repeated = 0
@@ -69,20 +71,26 @@ def read_positions_csv(path: str | Path) -> dict[str, tuple[float, float]]:
                 try:
                     lat, lon = float(row["lat"]), float(row["lon"])
                 except ValueError:
-                    raise InputError(path, f"line {line_no}: lat/lon are not numbers ({row['lat']!r}, {row['lon']!r})") from None
+                    raise InputError(
+                        path, f"line {line_no}: lat/lon are not numbers ({row['lat']!r}, {row['lon']!r})"
+                    ) from None
                 if not (-90.0 <= lat <= 90.0 and -180.0 <= lon <= 180.0):
                     raise InputError(path, f"line {line_no}: lat/lon out of range ({lat}, {lon})")
                 image = row["image"].replace("\\", "/")
                 if image in out:
                     if out[image] != (lat, lon):
-                        raise InputError(path, f"line {line_no}: {image!r} has position ({lat}, {lon}) but line "
-                                               f"{first_line[image]} gives it {out[image]}; keep one of the rows")
+                        raise InputError(
+                            path,
+                            f"line {line_no}: {image!r} has position ({lat}, {lon}) but line "
+                            f"{first_line[image]} gives it {out[image]}; keep one of the rows",
+                        )
                     repeated += 1
                     continue
                 out[image], first_line[image] = (lat, lon), line_no
             if repeated:
-                log.warning("%s: %d row(s) repeat an image already listed with the same position (ignored)",
-                            path, repeated)
+                log.warning(
+                    "%s: %d row(s) repeat an image already listed with the same position (ignored)", path, repeated
+                )
             return out
     except OSError as err:
         raise InputError(path, f"cannot read positions CSV ({err.strerror or err})") from None
@@ -115,7 +123,9 @@ def position_from_exif(path: Path) -> Position | None:
     return make_position(gps[0], gps[1], "exif") if gps else None
 
 
-def resolve_position(path: Path, rel_path: str, csv_positions: dict[str, tuple[float, float]] | None) -> Position | None:
+def resolve_position(
+    path: Path, rel_path: str, csv_positions: dict[str, tuple[float, float]] | None
+) -> Position | None:
     """The best available position of one image (CSV > '@' name > EXIF), or None."""
     if csv_positions:
         hit = csv_positions.get(rel_path) or csv_positions.get(rel_path.rsplit("/", 1)[-1])

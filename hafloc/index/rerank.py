@@ -58,8 +58,11 @@ class FusionRule:
     def from_dict(cls, d: dict[str, Any] | None) -> "FusionRule":
         if not d:
             return cls()
-        return cls(weight=float(d.get("weight", cls.weight)), min_inliers=float(d.get("min_inliers", cls.min_inliers)),
-                   half=float(d.get("half", cls.half)))
+        return cls(
+            weight=float(d.get("weight", cls.weight)),
+            min_inliers=float(d.get("min_inliers", cls.min_inliers)),
+            half=float(d.get("half", cls.half)),
+        )
 
 
 WEIGHTS = (0.0, 0.02, 0.04, 0.08, 0.12, 0.2, 0.3)
@@ -123,8 +126,14 @@ class Reranker:
     fuses the verification with global similarity.
     """
 
-    def __init__(self, extractor: str = "xfeat", conf: dict[str, Any] | None = None, matcher: str | None = None,
-                 matcher_conf: dict[str, Any] | None = None, rule: FusionRule | None = None):
+    def __init__(
+        self,
+        extractor: str = "xfeat",
+        conf: dict[str, Any] | None = None,
+        matcher: str | None = None,
+        matcher_conf: dict[str, Any] | None = None,
+        rule: FusionRule | None = None,
+    ):
         from hafloc.local import create_extractor, create_matcher
 
         self.extractor = create_extractor(extractor, **(conf or {}))
@@ -159,14 +168,16 @@ class Reranker:
 def rerank_matches(matches: Sequence["Match"], verified: Sequence[Verified], rule: FusionRule) -> list["Match"]:
     """The first ``len(verified)`` matches reordered by the fused score (inliers and score set),
     the rest behind them in global order."""
-    top = list(matches[:len(verified)])
+    top = list(matches[: len(verified)])
     if not top:
         return list(matches)
     sims = [m.similarity for m in top]
     inl = [v.inliers for v in verified]
     scores = rule.scores(sims, inl)
     order = rule.order(sims, inl)
-    return [dataclasses.replace(top[i], inliers=int(inl[i]), score=float(scores[i])) for i in order] + list(matches[len(top):])
+    return [dataclasses.replace(top[i], inliers=int(inl[i]), score=float(scores[i])) for i in order] + list(
+        matches[len(top) :]
+    )
 
 
 # Leave-one-out verification is ~20 ms per candidate pair on a CPU: calibrating with re-ranking
@@ -195,7 +206,7 @@ class LooReranker:
         from hafloc.index.locate import haversine_m
 
         qid = self.row_ids[row]
-        top = matches[:self.k]
+        top = matches[: self.k]
         todo = [m.id for m in top if (qid, m.id) not in self.pairs]
         if todo:
             feats = self.store.local_features([qid, *todo])
@@ -216,8 +227,15 @@ class LooReranker:
         return fit_fusion(*(np.stack([r[i] for r in rows]) for i in range(3)))
 
 
-def calibrate_reranked(store: Any, agree_m: float = 25.0, exclude_m: float | None = None, k: int = 10,
-                       max_samples: int | None = RERANK_CALIBRATION_SAMPLES, seed: int = 0, progress: bool = True) -> Any:
+def calibrate_reranked(
+    store: Any,
+    agree_m: float = 25.0,
+    exclude_m: float | None = None,
+    k: int = 10,
+    max_samples: int | None = RERANK_CALIBRATION_SAMPLES,
+    seed: int = 0,
+    progress: bool = True,
+) -> Any:
     """Calibrate an index that stores local features: fit the fusion rule by leave-one-out over the
     database (stored in index.json as ``rerank``), then the confidence with re-ranking applied, as
     ``locate`` will re-rank (the calibration's inliers model then applies)."""
@@ -229,7 +247,11 @@ def calibrate_reranked(store: Any, agree_m: float = 25.0, exclude_m: float | Non
     hook = LooReranker(store, Reranker(local["extractor"], local.get("conf"), rule=FusionRule(weight=0.0)), k, agree_m)
     calibrate_index(store, agree_m, exclude_m, k, max_samples, seed, rerank=hook, progress=progress, write=False)
     rule, stats = hook.fit()
-    store.update_info(rerank={**rule.to_dict(), "fitted": {k2: (round(v, 4) if isinstance(v, float) else v)
-                                                           for k2, v in stats.items()}})
+    store.update_info(
+        rerank={
+            **rule.to_dict(),
+            "fitted": {k2: (round(v, 4) if isinstance(v, float) else v) for k2, v in stats.items()},
+        }
+    )
     hook.reranker.rule = rule
     return calibrate_index(store, agree_m, exclude_m, k, max_samples, seed, rerank=hook, progress=progress)

@@ -108,11 +108,17 @@ def resolve_params(n: int, dim: int, config: SearchConfig, exact: bool = False) 
             raise ValueError(f"PQ sub-quantizers m={m} must divide the descriptor dimension {dim}")
         # sizes given explicitly are honoured down to what k-means can fit at all
         per_centroid = 1 if config.nlist and config.m else 39
-        if n < per_centroid * max(nlist, 2 ** config.nbits):
+        if n < per_centroid * max(nlist, 2**config.nbits):
             return {**params, "kind": "flat", "fallback": f"{n} vectors are too few to train IVF-PQ"}
         nprobe = config.nprobe or max(16, nlist // 64)
-        params.update(nlist=nlist, m=m, nbits=config.nbits, nprobe=min(nprobe, nlist),
-                      refine_factor=config.refine_factor, metric="l2")
+        params.update(
+            nlist=nlist,
+            m=m,
+            nbits=config.nbits,
+            nprobe=min(nprobe, nlist),
+            refine_factor=config.refine_factor,
+            metric="l2",
+        )
     elif kind == "hnsw":
         params.update(hnsw_m=config.hnsw_m, ef_search=config.ef_search, metric="ip")
     else:
@@ -150,8 +156,13 @@ class SearchIndex:
         return str(self.params["kind"])
 
 
-def build_search_index(descriptors: np.ndarray, config: SearchConfig | None = None, exact: bool = False,
-                       train_size: int | None = None, seed: int = 0) -> SearchIndex:
+def build_search_index(
+    descriptors: np.ndarray,
+    config: SearchConfig | None = None,
+    exact: bool = False,
+    train_size: int | None = None,
+    seed: int = 0,
+) -> SearchIndex:
     """Build a search structure over (N, D) unit descriptors; row i gets id i.
 
     IVF-PQ trains on a random subset of the database (``train_size``, default 64 per cell).
@@ -226,7 +237,7 @@ def _search_reranked(index: SearchIndex, q: np.ndarray, k: int) -> tuple[np.ndar
             continue
         exact = index.vectors(row) @ q[i]
         order = np.argsort(-exact, kind="stable")[:k]
-        sims[i, :len(order)], ids[i, :len(order)] = exact[order], row[order]
+        sims[i, : len(order)], ids[i, : len(order)] = exact[order], row[order]
     return sims, ids
 
 

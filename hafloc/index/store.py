@@ -104,8 +104,7 @@ CREATE TABLE IF NOT EXISTS images ({_COLUMNS});
 CREATE INDEX IF NOT EXISTS images_chunk ON images(chunk);
 CREATE INDEX IF NOT EXISTS images_sha1 ON images(sha1);
 """
-_V1_COLUMNS = ("id, path, root, lat, lon, easting, northing, zone, zone_letter, position_source, added_at, "
-               "chunk, row")
+_V1_COLUMNS = "id, path, root, lat, lon, easting, northing, zone, zone_letter, position_source, added_at, chunk, row"
 
 
 @dataclass(frozen=True)
@@ -152,10 +151,16 @@ def _read_local(path: Path) -> "list[tuple[str, LocalFeatures]]":
 
 # Every per-chunk file the commit protocol writes; a new kind only adds an entry.
 CHUNK_KINDS: dict[str, ChunkKind] = {
-    "descriptors": ChunkKind("chunk_{:06d}.npy", _save_npy, lambda p: np.load(p, allow_pickle=False),
-                             lambda a, rows: a[rows], lambda a: int(a.shape[0])),
-    "local": ChunkKind("local_{:06d}.h5", _save_local, _read_local, lambda a, rows: [a[i] for i in rows], len,
-                       optional=True),
+    "descriptors": ChunkKind(
+        "chunk_{:06d}.npy",
+        _save_npy,
+        lambda p: np.load(p, allow_pickle=False),
+        lambda a, rows: a[rows],
+        lambda a: int(a.shape[0]),
+    ),
+    "local": ChunkKind(
+        "local_{:06d}.h5", _save_local, _read_local, lambda a, rows: [a[i] for i in rows], len, optional=True
+    ),
 }
 
 
@@ -296,7 +301,7 @@ def read_index_json(folder: Path) -> dict[str, Any]:
     if not isinstance(info, dict):
         raise InputError(meta, f"index description is not a JSON object (found {type(info).__name__})")
     if info.get("format") != FORMAT:
-        raise InputError(meta, f"not a hafloc index description (\"format\" is not {FORMAT!r})")
+        raise InputError(meta, f'not a hafloc index description ("format" is not {FORMAT!r})')
     version = info.get("version", 1)
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise InputError(meta, f"field 'version' is not a positive integer ({version!r})")
@@ -331,8 +336,7 @@ def _os_lock(path: Path) -> filelock.BaseFileLock:
 class IndexStore:
     """A persistent, resumable image index. Use ``create``/``open``/``open_or_create``."""
 
-    def __init__(self, folder: Path, info: dict[str, Any], lock_timeout: float | None = None,
-                 read_only: bool = False):
+    def __init__(self, folder: Path, info: dict[str, Any], lock_timeout: float | None = None, read_only: bool = False):
         if not hasattr(self, "_flock"):  # ``create`` sets the lock up first, and holds it while we run
             self._init_lock_only(folder, lock_timeout, read_only)
         self._published: tuple[int, int] | None = None  # (n, max_id) of the saved search we mapped
@@ -352,7 +356,9 @@ class IndexStore:
                 self._db.executescript(_SCHEMA)
                 self._schema = 2
         except sqlite3.DatabaseError as err:
-            raise InputError(db_path, f"damaged index database ({err}); 'hafloc index verify' reports what is wrong") from None
+            raise InputError(
+                db_path, f"damaged index database ({err}); 'hafloc index verify' reports what is wrong"
+            ) from None
 
     def _read_schema(self) -> int:
         """0: no images table yet, 1: version 1 (path unique alone), 2: current."""
@@ -367,9 +373,17 @@ class IndexStore:
     # -- lifecycle ---------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, folder: str | Path, fingerprint: str, dim: int, search_config: SearchConfig | None = None,
-               model_path: str | Path | None = None, lock_timeout: float | None = None,
-               local: dict[str, Any] | None = None, compact: dict[str, Any] | None = None) -> "IndexStore":
+    def create(
+        cls,
+        folder: str | Path,
+        fingerprint: str,
+        dim: int,
+        search_config: SearchConfig | None = None,
+        model_path: str | Path | None = None,
+        lock_timeout: float | None = None,
+        local: dict[str, Any] | None = None,
+        compact: dict[str, Any] | None = None,
+    ) -> "IndexStore":
         """Start an empty index in ``folder`` (which must not already hold one).
 
         ``local``: {"extractor": name, "conf": {...}} when the index stores local features.
@@ -386,7 +400,8 @@ class IndexStore:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         info = {
-            "format": FORMAT, "version": VERSION,
+            "format": FORMAT,
+            "version": VERSION,
             "model_fingerprint": fingerprint,
             "model_path": str(Path(model_path).resolve()) if model_path else None,
             "dim": int(out_dim or dim),
@@ -427,10 +442,17 @@ class IndexStore:
         return cls(folder, info, lock_timeout, read_only)
 
     @classmethod
-    def open_or_create(cls, folder: str | Path, fingerprint: str, dim: int,
-                       search_config: SearchConfig | None = None, model_path: str | Path | None = None,
-                       lock_timeout: float | None = None, local: dict[str, Any] | None = None,
-                       compact: dict[str, Any] | None = None) -> "IndexStore":
+    def open_or_create(
+        cls,
+        folder: str | Path,
+        fingerprint: str,
+        dim: int,
+        search_config: SearchConfig | None = None,
+        model_path: str | Path | None = None,
+        lock_timeout: float | None = None,
+        local: dict[str, Any] | None = None,
+        compact: dict[str, Any] | None = None,
+    ) -> "IndexStore":
         """Resume an existing index built with the same model (and local features, and compact
         representation when one is given), or start a new one."""
         folder = Path(folder)
@@ -444,17 +466,23 @@ class IndexStore:
             store.check_model(fingerprint)
             have = store.local_config
             if local and have is None:
-                raise HaflocError(f"{folder}: index was built without local features; build a new index with "
-                                  f"--local {local.get('extractor')}")
+                raise HaflocError(
+                    f"{folder}: index was built without local features; build a new index with "
+                    f"--local {local.get('extractor')}"
+                )
             if local and have is not None and local != have:
-                raise ModelMismatchError(f"{folder}: index holds local features {have}, you asked for {local}; "
-                                         "use the same --local options or build a new index")
+                raise ModelMismatchError(
+                    f"{folder}: index holds local features {have}, you asked for {local}; "
+                    "use the same --local options or build a new index"
+                )
             if compact:  # the fields asked for (a missing one: whatever the index has)
                 stored = (store.dim, store.dtype)
                 want = (compact["dim"] or dim if "dim" in compact else stored[0], compact.get("dtype") or stored[1])
                 if want != stored:
-                    raise HaflocError(f"{folder}: index stores {stored[0]}-D {stored[1]} descriptors, you asked for "
-                                      f"{want[0]}-D {want[1]}; use the same --dim/--dtype or build a new index")
+                    raise HaflocError(
+                        f"{folder}: index stores {stored[0]}-D {stored[1]} descriptors, you asked for "
+                        f"{want[0]}-D {want[1]}; use the same --dim/--dtype or build a new index"
+                    )
         except BaseException:
             store.close()
             raise
@@ -499,9 +527,15 @@ class IndexStore:
             self._write_depth = 1
             try:
                 try:
-                    write_json_atomic(self._owner_path(), {
-                        "pid": os.getpid(), "host": socket.gethostname(), "since": _now(),
-                        "command": " ".join(printable(a) for a in sys.argv)[:300]})
+                    write_json_atomic(
+                        self._owner_path(),
+                        {
+                            "pid": os.getpid(),
+                            "host": socket.gethostname(),
+                            "since": _now(),
+                            "command": " ".join(printable(a) for a in sys.argv)[:300],
+                        },
+                    )
                 except OSError:
                     pass
                 if refresh:
@@ -523,10 +557,15 @@ class IndexStore:
         except filelock.Timeout:
             pass
         except OSError as err:
-            raise InputError(self.folder / LOCK_NAME, f"cannot take the index's write lock ({err.strerror or err})") from None
+            raise InputError(
+                self.folder / LOCK_NAME, f"cannot take the index's write lock ({err.strerror or err})"
+            ) from None
         if timeout > 0:
-            print(f"hafloc: waiting for the index lock held by {self.lock_owner()} (up to {timeout:g} s)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"hafloc: waiting for the index lock held by {self.lock_owner()} (up to {timeout:g} s)",
+                file=sys.stderr,
+                flush=True,
+            )
             try:
                 self._flock.acquire(timeout=timeout)
                 return
@@ -534,7 +573,8 @@ class IndexStore:
                 pass
         raise HaflocError(
             f"{self.folder}: gave up after {timeout:g} s waiting for the index lock held by {self.lock_owner()}; "
-            "try again when it has finished (or raise --lock-timeout)")
+            "try again when it has finished (or raise --lock-timeout)"
+        )
 
     @contextmanager
     def _try_writing(self) -> Iterator[bool]:
@@ -605,7 +645,9 @@ class IndexStore:
         if self._projection is None:
             path = self.folder / PROJECTION_FILE
             if not p.get("fitted_on"):
-                raise HaflocError(f"{self.folder}: the index's projection is fitted on its first images; add some first")
+                raise HaflocError(
+                    f"{self.folder}: the index's projection is fitted on its first images; add some first"
+                )
             self._projection = Projection.load(path, p)
         return self._projection
 
@@ -631,8 +673,10 @@ class IndexStore:
             with self._lock:
                 return self._db.execute(sql, params).fetchall()
         except sqlite3.DatabaseError as err:
-            raise InputError(self.folder / "meta.sqlite",
-                             f"damaged index database ({err}); 'hafloc index verify' reports what is wrong") from None
+            raise InputError(
+                self.folder / "meta.sqlite",
+                f"damaged index database ({err}); 'hafloc index verify' reports what is wrong",
+            ) from None
 
     def __len__(self) -> int:
         return int(self._query("SELECT COUNT(*) FROM images")[0][0])
@@ -652,7 +696,8 @@ class IndexStore:
             given = f" ({model_path})" if model_path else ""
             raise ModelMismatchError(
                 f"{self.folder}: index was built with model {self.fingerprint[:12]} ({built}), "
-                f"you gave model {fingerprint[:12]}{given}; use the same model or build a new index")
+                f"you gave model {fingerprint[:12]}{given}; use the same model or build a new index"
+            )
 
     # -- chunks: the commit protocol -----------------------------------------------------------
 
@@ -683,7 +728,9 @@ class IndexStore:
     def _write_chunk(self, chunk: int, data: dict[str, Any]) -> None:
         """Step 1 of the protocol: every per-chunk file of ``chunk``, each atomically (temp + rename)."""
         required = {k for k, v in CHUNK_KINDS.items() if not v.optional}
-        assert required <= set(data) <= set(CHUNK_KINDS), f"a chunk needs data for {sorted(required)}, got {sorted(data)}"
+        assert required <= set(data) <= set(CHUNK_KINDS), (
+            f"a chunk needs data for {sorted(required)}, got {sorted(data)}"
+        )
         for kind, value in data.items():
             with atomic_path(self._chunk_path(chunk, kind)) as tmp:
                 CHUNK_KINDS[kind].write(tmp, value)
@@ -693,19 +740,38 @@ class IndexStore:
         the chunk = ``rows[i]``) in one transaction. Returns the chunk id."""
         chunk = self._next_chunk()
         self._write_chunk(chunk, data)
-        cols = ("path", "root", "lat", "lon", "easting", "northing", "zone", "zone_letter", "position_source",
-                "added_at", "sha1")
+        cols = (
+            "path",
+            "root",
+            "lat",
+            "lon",
+            "easting",
+            "northing",
+            "zone",
+            "zone_letter",
+            "position_source",
+            "added_at",
+            "sha1",
+        )
         with self._db:  # one transaction: all rows of the chunk or none
             self._db.executemany(
                 f"INSERT INTO images ({', '.join(cols)}, chunk, row) VALUES ({','.join('?' * (len(cols) + 2))})",
-                [tuple(r.get(c) for c in cols) + (chunk, i) for i, r in enumerate(rows)])
+                [tuple(r.get(c) for c in cols) + (chunk, i) for i, r in enumerate(rows)],
+            )
         return chunk
 
     # -- building ------------------------------------------------------------------------------
 
-    def add(self, paths: Iterable[str | Path], root: str | Path, extract_fn: ExtractFn,
-            positions: dict[str, tuple[float, float]] | None = None, chunk_size: int = 64,
-            progress: bool = True, rebuild: bool = True) -> AddReport:
+    def add(
+        self,
+        paths: Iterable[str | Path],
+        root: str | Path,
+        extract_fn: ExtractFn,
+        positions: dict[str, tuple[float, float]] | None = None,
+        chunk_size: int = 64,
+        progress: bool = True,
+        rebuild: bool = True,
+    ) -> AddReport:
         """Index ``paths`` (absolute, or relative to ``root``), skipping those already indexed.
 
         ``positions`` ({image: (lat, lon)}, e.g. from ``read_positions_csv``) take priority over
@@ -719,11 +785,20 @@ class IndexStore:
 
     def _abs_paths(self) -> dict[str, int]:
         """{absolute path of an indexed image: id}."""
-        return {os.path.join(py_text(r), py_text(p)): int(i) for i, r, p in self._query("SELECT id, root, path FROM images")}
+        return {
+            os.path.join(py_text(r), py_text(p)): int(i) for i, r, p in self._query("SELECT id, root, path FROM images")
+        }
 
-    def _add(self, paths: Iterable[str | Path], root: Path, extract_fn: ExtractFn,
-             positions: dict[str, tuple[float, float]] | None, chunk_size: int, progress: bool,
-             rebuild: bool) -> AddReport:
+    def _add(
+        self,
+        paths: Iterable[str | Path],
+        root: Path,
+        extract_fn: ExtractFn,
+        positions: dict[str, tuple[float, float]] | None,
+        chunk_size: int,
+        progress: bool,
+        rebuild: bool,
+    ) -> AddReport:
         report = AddReport()
         todo: list[tuple[Path, str]] = []
         seen: set[str] = set()
@@ -747,14 +822,18 @@ class IndexStore:
 
         prefetch = getattr(extract_fn, "prefetch", None)
         if prefetch is not None:  # e.g. a Ray actor pool: describes chunks ahead, in parallel; committed below in order
-            prefetch([([a for a, _ in todo[s:s + chunk_size]], [r for _, r in todo[s:s + chunk_size]])
-                      for s in range(0, len(todo), chunk_size)])
+            prefetch(
+                [
+                    ([a for a, _ in todo[s : s + chunk_size]], [r for _, r in todo[s : s + chunk_size]])
+                    for s in range(0, len(todo), chunk_size)
+                ]
+            )
         bar = tqdm(total=len(todo), desc="indexing", unit="img", disable=not progress or not todo)
         first = 0
         if todo and self.info.get("projection") and not self.info["projection"].get("fitted_on"):
             first = self._fit_projection(todo, root, extract_fn, positions, report, chunk_size, bar)
         for start in range(first, len(todo), chunk_size):
-            batch = todo[start:start + chunk_size]
+            batch = todo[start : start + chunk_size]
             self._add_chunk(batch, root, extract_fn, positions, report)
             bar.update(len(batch))
         bar.close()
@@ -764,9 +843,16 @@ class IndexStore:
             self.rebuild_search()
         return report
 
-    def _fit_projection(self, todo: list[tuple[Path, str]], root: Path, extract_fn: ExtractFn,
-                        positions: dict[str, tuple[float, float]] | None, report: AddReport, chunk_size: int,
-                        bar: tqdm) -> int:
+    def _fit_projection(
+        self,
+        todo: list[tuple[Path, str]],
+        root: Path,
+        extract_fn: ExtractFn,
+        positions: dict[str, tuple[float, float]] | None,
+        report: AddReport,
+        chunk_size: int,
+        bar: tqdm,
+    ) -> int:
         """Describe the first images (the fit sample), fit the index's PCA-whitening on them and
         store it (atomically, before any row: a rerun reuses it), then commit those images.
         Returns how many of ``todo`` were handled."""
@@ -775,7 +861,7 @@ class IndexStore:
         done: list[tuple[Sequence[tuple[Path, str]], ExtractResult]] = []
         got = pos = 0
         while pos < len(todo) and got < want:
-            batch = todo[pos:pos + chunk_size]
+            batch = todo[pos : pos + chunk_size]
             res = extract_fn([abs_p for abs_p, _ in batch], [rel for _, rel in batch])
             done.append((batch, res))
             got += len(res.names)
@@ -784,8 +870,10 @@ class IndexStore:
         parts = [np.asarray(r.descriptors, np.float32) for _, r in done if len(r.names)]
         sample = np.concatenate(parts) if parts else np.zeros((0, self.input_dim), np.float32)
         if sample.ndim != 2 or sample.shape[1] != self.input_dim:
-            raise ModelMismatchError(f"{self.folder}: extraction gave {sample.shape[-1]}-D descriptors, the index takes "
-                                     f"{self.input_dim}-D ones")
+            raise ModelMismatchError(
+                f"{self.folder}: extraction gave {sample.shape[-1]}-D descriptors, the index takes "
+                f"{self.input_dim}-D ones"
+            )
         proj = Projection.fit(sample, int(p["dim"]))
         proj.save(self.folder / PROJECTION_FILE)
         self.info["projection"] = dict(p, fitted_on=int(len(sample)))
@@ -795,9 +883,15 @@ class IndexStore:
             self._add_chunk(sample_batch, root, extract_fn, positions, report, result=res)
         return pos
 
-    def _add_chunk(self, batch: Sequence[tuple[Path, str]], root: Path, extract_fn: ExtractFn,
-                   positions: dict[str, tuple[float, float]] | None, report: AddReport,
-                   result: ExtractResult | None = None) -> None:
+    def _add_chunk(
+        self,
+        batch: Sequence[tuple[Path, str]],
+        root: Path,
+        extract_fn: ExtractFn,
+        positions: dict[str, tuple[float, float]] | None,
+        report: AddReport,
+        result: ExtractResult | None = None,
+    ) -> None:
         by_name = {rel: abs_p for abs_p, rel in batch}
         if result is None:
             result = extract_fn([abs_p for abs_p, _ in batch], [rel for _, rel in batch])
@@ -809,7 +903,8 @@ class IndexStore:
         if desc.ndim != 2 or desc.shape != (len(names), self.input_dim):
             raise ModelMismatchError(
                 f"{self.folder}: extraction gave descriptors of shape {desc.shape} for {len(names)} images, "
-                f"the index holds {self.input_dim}-D descriptors")
+                f"the index holds {self.input_dim}-D descriptors"
+            )
         if self.input_dim != self.dim:
             desc = self.project(desc)
         desc = desc.astype(self.dtype)
@@ -832,8 +927,15 @@ class IndexStore:
             else:
                 if pos is None:
                     report.unpositioned.append(name)
-            rows.append({"path": db_text(name), "root": db_text(str(root)), "added_at": added_at, "sha1": sha1,
-                         **_position_columns(pos)})
+            rows.append(
+                {
+                    "path": db_text(name),
+                    "root": db_text(str(root)),
+                    "added_at": added_at,
+                    "sha1": sha1,
+                    **_position_columns(pos),
+                }
+            )
             keep.append(i)
         if not rows:
             return
@@ -843,7 +945,9 @@ class IndexStore:
             local = local_of(result)
             missing = [names[i] for i in keep if names[i] not in local]
             if missing:
-                raise ValueError(f"{self.folder}: the index stores local features; extraction gave none for {missing[:3]}")
+                raise ValueError(
+                    f"{self.folder}: the index stores local features; extraction gave none for {missing[:3]}"
+                )
             data["local"] = [(names[i], local[names[i]]) for i in keep]
         self._commit_chunk(data, rows)
         report.added += len(rows)
@@ -853,8 +957,10 @@ class IndexStore:
         hashes = sorted({r["sha1"] for r in rows})
         known: dict[str, str] = {}
         for start in range(0, len(hashes), 500):
-            part = hashes[start:start + 500]
-            for h, r, p in self._query(f"SELECT sha1, root, path FROM images WHERE sha1 IN ({','.join('?' * len(part))})", part):
+            part = hashes[start : start + 500]
+            for h, r, p in self._query(
+                f"SELECT sha1, root, path FROM images WHERE sha1 IN ({','.join('?' * len(part))})", part
+            ):
                 known.setdefault(h, os.path.join(py_text(r), py_text(p)))
         for r in rows:
             here = os.path.join(py_text(r["root"]), py_text(r["path"]))
@@ -885,7 +991,11 @@ class IndexStore:
         unmatched: list[str] = []
         for t in targets:
             forms = {os.path.abspath(t), str(Path(t).resolve())}
-            hit = {i for p, i in by_path.items() if p in forms or any(p.startswith(f.rstrip(os.sep) + os.sep) for f in forms)}
+            hit = {
+                i
+                for p, i in by_path.items()
+                if p in forms or any(p.startswith(f.rstrip(os.sep) + os.sep) for f in forms)
+            }
             if hit:
                 ids |= hit
             else:
@@ -903,9 +1013,10 @@ class IndexStore:
             removed = 0
             with self._db:
                 for start in range(0, len(ids), 500):
-                    part = ids[start:start + 500]
-                    removed += self._db.execute(f"DELETE FROM images WHERE id IN ({','.join('?' * len(part))})",
-                                                part).rowcount
+                    part = ids[start : start + 500]
+                    removed += self._db.execute(
+                        f"DELETE FROM images WHERE id IN ({','.join('?' * len(part))})", part
+                    ).rowcount
             self._write_info()
             self.rebuild_search()
         return removed
@@ -919,9 +1030,13 @@ class IndexStore:
         cols = _position_columns(pos)
         with self._writing():
             with self._db:
-                n = sum(self._db.execute(
-                    f"UPDATE images SET {', '.join(c + ' = ?' for c in cols)} WHERE id = ?",
-                    (*cols.values(), int(i))).rowcount for i in ids)
+                n = sum(
+                    self._db.execute(
+                        f"UPDATE images SET {', '.join(c + ' = ?' for c in cols)} WHERE id = ?",
+                        (*cols.values(), int(i)),
+                    ).rowcount
+                    for i in ids
+                )
             self._write_info()
         return n
 
@@ -956,8 +1071,12 @@ class IndexStore:
             self._write_info()
             # the rows keep their ids, but an on-disk search reads their vectors by chunk and row
             self.rebuild_search(force=bool(rewritten))
-        return {"chunks_rewritten": rewritten, "stale_rows_dropped": dropped, "orphan_chunks_deleted": orphans,
-                "images": len(self)}
+        return {
+            "chunks_rewritten": rewritten,
+            "stale_rows_dropped": dropped,
+            "orphan_chunks_deleted": orphans,
+            "images": len(self),
+        }
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -981,15 +1100,21 @@ class IndexStore:
                 if not p.exists() and self._chunk_moved(chunk):
                     raise FileNotFoundError(p)
                 try:
-                    loaded = {chunk: np.load(p, allow_pickle=False)}  # rows are grouped by chunk: keep one file in memory
+                    loaded = {
+                        chunk: np.load(p, allow_pickle=False)
+                    }  # rows are grouped by chunk: keep one file in memory
                 except (OSError, ValueError) as err:
                     raise InputError(p, f"descriptor chunk unreadable ({err}); the index is damaged") from None
                 a = loaded[chunk]
                 if a.ndim != 2 or a.shape[1] != self.dim:
-                    raise InputError(p, f"descriptor chunk has shape {a.shape}, expected (N, {self.dim}); the index is damaged")
+                    raise InputError(
+                        p, f"descriptor chunk has shape {a.shape}, expected (N, {self.dim}); the index is damaged"
+                    )
             if not 0 <= row < len(loaded[chunk]):
-                raise InputError(self._chunk_path(chunk), f"holds {len(loaded[chunk])} rows, an image points at row {row}; "
-                                                          "the index is damaged")
+                raise InputError(
+                    self._chunk_path(chunk),
+                    f"holds {len(loaded[chunk])} rows, an image points at row {row}; the index is damaged",
+                )
             out[i] = loaded[chunk][row]
         return (np.array([r[0] for r in rows], np.int64), [py_text(r[1]) for r in rows], out)
 
@@ -1011,7 +1136,7 @@ class IndexStore:
         ids = [int(i) for i in ids]
         rows: list[tuple[int, Any, int]] = []
         for start in range(0, len(ids), 500):  # sqlite's host-parameter limit
-            part = ids[start:start + 500]
+            part = ids[start : start + 500]
             rows += self._query(f"SELECT id, path, chunk FROM images WHERE id IN ({','.join('?' * len(part))})", part)
         out: dict[int, LocalFeatures] = {}
         for image_id, path, chunk in rows:
@@ -1019,8 +1144,9 @@ class IndexStore:
             try:
                 out[int(image_id)] = read_local_features(p, py_text(path))
             except (OSError, KeyError, ValueError) as err:
-                raise InputError(p, f"local features of {printable(py_text(path))} unreadable ({err}); "
-                                    "the index is damaged") from None
+                raise InputError(
+                    p, f"local features of {printable(py_text(path))} unreadable ({err}); the index is damaged"
+                ) from None
         return out
 
     def local_bytes_per_image(self) -> float | None:
@@ -1038,7 +1164,8 @@ class IndexStore:
             try:
                 cur = self._db.execute(
                     "SELECT id, path, root, lat, lon, easting, northing, zone, zone_letter, position_source, added_at,"
-                    f" {sha1} FROM images ORDER BY id")
+                    f" {sha1} FROM images ORDER BY id"
+                )
                 cols = [c[0] for c in cur.description]
                 rows = cur.fetchall()
             except sqlite3.DatabaseError as err:
@@ -1070,7 +1197,9 @@ class IndexStore:
         if not isinstance(params, dict):
             return False
         n, max_id = self._row_set_key()
-        return params.get("n") == n and params.get("max_id") == max_id and params.get("config") == self.info.get("search")
+        return (
+            params.get("n") == n and params.get("max_id") == max_id and params.get("config") == self.info.get("search")
+        )
 
     def rebuild_search(self, force: bool = False) -> None:
         """(Re)build the search structure from the committed descriptors, unless it is current.
@@ -1086,14 +1215,18 @@ class IndexStore:
                         return
                 # a writer is busy: search exactly in memory meanwhile, if that fits
                 if n * self.dim * 4 > IN_MEMORY_FALLBACK_BYTES:
-                    raise HaflocError(f"{self.folder}: the on-disk search is being rebuilt by {self.lock_owner()}; "
-                                      "try again when it has finished")
+                    raise HaflocError(
+                        f"{self.folder}: the on-disk search is being rebuilt by {self.lock_owner()}; "
+                        "try again when it has finished"
+                    )
             ids, _, desc = self.descriptors()
             key = (len(ids), int(ids.max()) if len(ids) else 0)  # exactly the rows read (see _row_set_key)
             self._search = None
             index = None
             if len(ids):
-                index = build_search_index(desc, self.search_config, exact=self.search_config.kind in ("auto", "ondisk"))
+                index = build_search_index(
+                    desc, self.search_config, exact=self.search_config.kind in ("auto", "ondisk")
+                )
                 index.params.update(max_id=int(ids.max()), config=self.info.get("search"))
             with self._try_writing() as writing:
                 if writing:
@@ -1133,8 +1266,9 @@ class IndexStore:
         params_path(index_p).unlink(missing_ok=True)  # the files are incomplete until the JSON is back
         ids, loc = self._id_locator()
         params = resolve_params(len(ids), self.dim, self.search_config)
-        index = build_ondisk(index_p, ChunkVectors(loc, self._chunk_path), params,
-                             progress=getattr(self, "_progress", False))
+        index = build_ondisk(
+            index_p, ChunkVectors(loc, self._chunk_path), params, progress=getattr(self, "_progress", False)
+        )
         index.params.update(max_id=int(ids.max()), config=self.info.get("search"))
         with atomic_path(ondisk_paths(index_p)["rows"]) as tmp:
             np.save(tmp, loc)
@@ -1237,9 +1371,14 @@ class IndexStore:
                 ids_map = self._search_ids
                 meta = self._rows_by_id(sorted({int(ids_map[r]) for r in rows.ravel() if r >= 0}))
                 # an id removed since the search was built has no row: skip it
-                results = [[Match(similarity=float(s), **meta[int(ids_map[r])])
-                            for s, r in zip(srow, rrow) if r >= 0 and int(ids_map[r]) in meta]
-                           for srow, rrow in zip(sims, rows)]
+                results = [
+                    [
+                        Match(similarity=float(s), **meta[int(ids_map[r])])
+                        for s, r in zip(srow, rrow)
+                        if r >= 0 and int(ids_map[r]) in meta
+                    ]
+                    for srow, rrow in zip(sims, rows)
+                ]
         return results[0] if single else results
 
     def image(self, image_id: int) -> dict[str, Any] | None:
@@ -1250,10 +1389,12 @@ class IndexStore:
         out: dict[int, dict[str, Any]] = {}
         cols = ["id", "image", "root", "lat", "lon", "easting", "northing", "zone", "zone_letter", "position_source"]
         for start in range(0, len(ids), 500):  # sqlite's host-parameter limit
-            part = ids[start:start + 500]
+            part = ids[start : start + 500]
             for r in self._query(
-                    "SELECT id, path AS image, root, lat, lon, easting, northing, zone, zone_letter, position_source"
-                    f" FROM images WHERE id IN ({','.join('?' * len(part))})", part):
+                "SELECT id, path AS image, root, lat, lon, easting, northing, zone, zone_letter, position_source"
+                f" FROM images WHERE id IN ({','.join('?' * len(part))})",
+                part,
+            ):
                 d = dict(zip(cols, r))
                 d["image"], d["root"] = py_text(d["image"]), py_text(d["root"])
                 out[int(r[0])] = d
@@ -1261,7 +1402,12 @@ class IndexStore:
 
 
 def _position_columns(pos: Position | None) -> dict[str, Any]:
-    return {"lat": pos.lat if pos else None, "lon": pos.lon if pos else None,
-            "easting": pos.easting if pos else None, "northing": pos.northing if pos else None,
-            "zone": pos.zone if pos else None, "zone_letter": pos.letter if pos else None,
-            "position_source": pos.source if pos else None}
+    return {
+        "lat": pos.lat if pos else None,
+        "lon": pos.lon if pos else None,
+        "easting": pos.easting if pos else None,
+        "northing": pos.northing if pos else None,
+        "zone": pos.zone if pos else None,
+        "zone_letter": pos.letter if pos else None,
+        "position_source": pos.source if pos else None,
+    }

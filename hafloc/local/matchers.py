@@ -25,8 +25,10 @@ class Matcher:
     def __init__(self, extractor: str | None = None, **conf: Any):
         unknown = set(conf) - set(self.default_conf)
         if unknown:
-            raise ValueError(f"unknown option(s) for the {self.name} matcher: {', '.join(sorted(unknown))}; "
-                             f"known: {', '.join(self.default_conf) or 'none'}")
+            raise ValueError(
+                f"unknown option(s) for the {self.name} matcher: {', '.join(sorted(unknown))}; "
+                f"known: {', '.join(self.default_conf) or 'none'}"
+            )
         self.extractor = extractor
         self.conf = {**self.default_conf, **conf}
 
@@ -65,7 +67,7 @@ class MutualNearestNeighbor(Matcher):
         start = 0
         for i in live:
             n = len(others[i])
-            out[i] = self._mutual(sim_all[:, start:start + n])
+            out[i] = self._mutual(sim_all[:, start : start + n])
             start += n
         return out
 
@@ -110,8 +112,10 @@ def build_lightglue(features: str, **overrides: Any) -> "LightGlue":
     from kornia.feature import LightGlue
 
     if features not in _LIGHTGLUE_WEIGHTS:
-        raise HaflocError(f"no offline LightGlue weights for {features!r} features; "
-                          f"available for {', '.join(_LIGHTGLUE_WEIGHTS)} (use the mnn matcher)")
+        raise HaflocError(
+            f"no offline LightGlue weights for {features!r} features; "
+            f"available for {', '.join(_LIGHTGLUE_WEIGHTS)} (use the mnn matcher)"
+        )
     conf = {k: v for k, v in LightGlue.features[features].items() if k != "weights"}
     conf.update({k: v for k, v in overrides.items() if v is not None})
     net = LightGlue(None, **conf)  # type: ignore[arg-type]  # kornia takes None (no preset); it annotates str
@@ -120,11 +124,17 @@ def build_lightglue(features: str, **overrides: Any) -> "LightGlue":
     if features == "xfeat":  # the LighterGlue checkpoint also holds XFeat itself, under "extractor."
         state = {k.removeprefix("matcher."): v for k, v in state.items() if k.startswith("matcher.")}
     for i in range(net.conf.n_layers):  # the released checkpoints use LightGlue's old key names
-        state = {k.replace(f"self_attn.{i}", f"transformers.{i}.self_attn")
-                 .replace(f"cross_attn.{i}", f"transformers.{i}.cross_attn"): v for k, v in state.items()}
+        state = {
+            k.replace(f"self_attn.{i}", f"transformers.{i}.self_attn").replace(
+                f"cross_attn.{i}", f"transformers.{i}.cross_attn"
+            ): v
+            for k, v in state.items()
+        }
     missing = set(net.load_state_dict(state, strict=False).missing_keys) - {"confidence_thresholds"}
     if missing:
-        raise HaflocError(f"{'/'.join(parts)}: LightGlue weights do not fit kornia's network (missing {sorted(missing)[:3]})")
+        raise HaflocError(
+            f"{'/'.join(parts)}: LightGlue weights do not fit kornia's network (missing {sorted(missing)[:3]})"
+        )
     return net.eval()
 
 
@@ -136,36 +146,50 @@ class LightGlueMatcher(Matcher):
     """
 
     name = "lightglue"
-    default_conf = {"filter_threshold": 0.1, "depth_confidence": None, "width_confidence": None,
-                    "max_keypoints": None, "device": None}
+    default_conf = {
+        "filter_threshold": 0.1,
+        "depth_confidence": None,
+        "width_confidence": None,
+        "max_keypoints": None,
+        "device": None,
+    }
     fixed_features: ClassVar[str | None] = None
 
     def __init__(self, extractor: str | None = None, **conf: Any):
         super().__init__(extractor, **conf)
         features = self.fixed_features or extractor
         if features is None:
-            raise HaflocError("the lightglue matcher needs the extractor's name (which weights): "
-                              f"one of {', '.join(_LIGHTGLUE_WEIGHTS)}")
+            raise HaflocError(
+                "the lightglue matcher needs the extractor's name (which weights): "
+                f"one of {', '.join(_LIGHTGLUE_WEIGHTS)}"
+            )
         if self.fixed_features and extractor not in (None, self.fixed_features):
             raise HaflocError(f"the {self.name} matcher matches {self.fixed_features} features, not {extractor}")
         self.features = features
         self.device = _device(self.conf["device"])
-        self.net = build_lightglue(features, filter_threshold=self.conf["filter_threshold"],
-                                   depth_confidence=self.conf["depth_confidence"],
-                                   width_confidence=self.conf["width_confidence"]).to(self.device)
+        self.net = build_lightglue(
+            features,
+            filter_threshold=self.conf["filter_threshold"],
+            depth_confidence=self.conf["depth_confidence"],
+            width_confidence=self.conf["width_confidence"],
+        ).to(self.device)
         self.dim = int(self.net.conf.input_dim)
         self._lock = threading.Lock()
 
     def _side(self, f: LocalFeatures) -> tuple[dict[str, torch.Tensor], np.ndarray]:
         if len(f) and f.dim != self.dim:
-            raise HaflocError(f"the {self.name} matcher for {self.features} takes {self.dim}-D descriptors, got {f.dim}-D")
+            raise HaflocError(
+                f"the {self.name} matcher for {self.features} takes {self.dim}-D descriptors, got {f.dim}-D"
+            )
         top, idx = f.top(self.conf["max_keypoints"])
         # LightGlue refuses keypoints outside the image; hloc's convention reaches -0.5 at the border
         size = np.maximum(np.asarray(top.image_size, np.float32), top.keypoints.max(0) + 1 if len(top) else 1)
         kp = np.clip(top.keypoints, 0, size - 1)
-        data = {"keypoints": torch.from_numpy(kp)[None].to(self.device),
-                "descriptors": torch.from_numpy(top.descriptors)[None].to(self.device),
-                "image_size": torch.from_numpy(size)[None].to(self.device)}
+        data = {
+            "keypoints": torch.from_numpy(kp)[None].to(self.device),
+            "descriptors": torch.from_numpy(top.descriptors)[None].to(self.device),
+            "image_size": torch.from_numpy(size)[None].to(self.device),
+        }
         return data, idx
 
     def match_many(self, f0, others):
@@ -182,7 +206,9 @@ class LightGlueMatcher(Matcher):
                 side1, idx1 = self._side(f1)
                 res = self.net({"image0": side0, "image1": side1})
                 m = res["matches"][0].cpu().numpy()
-                out[i] = MatchResult(np.stack([idx0[m[:, 0]], idx1[m[:, 1]]], axis=1), res["scores"][0].float().cpu().numpy())
+                out[i] = MatchResult(
+                    np.stack([idx0[m[:, 0]], idx1[m[:, 1]]], axis=1), res["scores"][0].float().cpu().numpy()
+                )
         return out
 
 

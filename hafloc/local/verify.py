@@ -24,9 +24,16 @@ def _distinct(p: np.ndarray) -> int:
     return len(np.unique(np.round(p, 1), axis=0))
 
 
-def verify(kp0: np.ndarray, kp1: np.ndarray, matches: np.ndarray, threshold_px: float = 3.0,
-           confidence: float = 0.999, max_iters: int = 10_000, min_matches: int = 8,
-           h_ratio: float = 0.7) -> Verification:
+def verify(
+    kp0: np.ndarray,
+    kp1: np.ndarray,
+    matches: np.ndarray,
+    threshold_px: float = 3.0,
+    confidence: float = 0.999,
+    max_iters: int = 10_000,
+    min_matches: int = 8,
+    h_ratio: float = 0.7,
+) -> Verification:
     """Inliers of ``matches`` (M,2) between keypoints ``kp0``/``kp1`` (pixels) under one geometry.
 
     A fundamental matrix by OpenCV's USAC MAGSAC++; a homography (same estimator) is taken when it

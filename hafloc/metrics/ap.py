@@ -36,9 +36,12 @@ def average_precision(ranking: np.ndarray, positives: np.ndarray, junk: np.ndarr
     return compute_ap(positive_ranks(ranking, positives, junk), len(positives))
 
 
-def mean_average_precision(ranks: np.ndarray, positives: Sequence[np.ndarray],
-                           junk: Sequence[np.ndarray] | None = None,
-                           kappas: Sequence[int] = ()) -> dict:
+def mean_average_precision(
+    ranks: np.ndarray,
+    positives: Sequence[np.ndarray],
+    junk: Sequence[np.ndarray] | None = None,
+    kappas: Sequence[int] = (),
+) -> dict:
     """mAP (percent) over queries with positives (revisitop ``compute_map``), per-query APs, and
     mP@k (revisitop's definition: precision at min(k, rank of the last positive)).
 
@@ -61,15 +64,24 @@ def mean_average_precision(ranks: np.ndarray, positives: Sequence[np.ndarray],
         else:
             prs[i, :] = 0.0
     valid = ~np.isnan(aps)
-    out = {"mAP": float(100.0 * aps[valid].mean()) if valid.any() else float("nan"),
-           "aps": aps, "num_evaluated": int(valid.sum()), "num_without_positive": int((~valid).sum())}
+    out = {
+        "mAP": float(100.0 * aps[valid].mean()) if valid.any() else float("nan"),
+        "aps": aps,
+        "num_evaluated": int(valid.sum()),
+        "num_without_positive": int((~valid).sum()),
+    }
     for j, k in enumerate(kappas):
         out[f"mP@{k}"] = float(100.0 * np.nanmean(prs[valid, j])) if valid.any() else float("nan")
     return out
 
 
-def revisited_map(ranks: np.ndarray, easy: Sequence[np.ndarray], hard: Sequence[np.ndarray],
-                  junk: Sequence[np.ndarray], kappas: Sequence[int] = (1, 5, 10)) -> dict[str, dict]:
+def revisited_map(
+    ranks: np.ndarray,
+    easy: Sequence[np.ndarray],
+    hard: Sequence[np.ndarray],
+    junk: Sequence[np.ndarray],
+    kappas: Sequence[int] = (1, 5, 10),
+) -> dict[str, dict]:
     """Revisited Oxford/Paris Easy / Medium / Hard (revisitop ``evaluate``): E = easy vs
     junk+hard, M = easy+hard vs junk, H = hard vs junk+easy. Queries without positives skipped."""
     proto = {

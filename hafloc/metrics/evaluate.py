@@ -64,10 +64,16 @@ class ExtractionSettings:
         """An Extractor that honours the dataset's loading quirks (Holidays: no EXIF, 1024x768)."""
         from hafloc.descriptors.extract import Extractor
 
-        return Extractor(model, batch_size=self.batch_size, max_side=self.max_side, backend=self.backend,
-                         num_threads=self.num_threads, image_size=self.image_size,
-                         exif_transpose=bool(ds.quirks.apply_exif_orientation),
-                         max_size=ds.quirks.max_size)
+        return Extractor(
+            model,
+            batch_size=self.batch_size,
+            max_side=self.max_side,
+            backend=self.backend,
+            num_threads=self.num_threads,
+            image_size=self.image_size,
+            exif_transpose=bool(ds.quirks.apply_exif_orientation),
+            max_size=ds.quirks.max_size,
+        )
 
 
 @dataclass
@@ -93,9 +99,13 @@ class DatasetDescriptors:
 
 def settings_key(extractor) -> dict[str, Any]:
     """The extraction settings that change a descriptor (the cache file is keyed by them)."""
-    return {"max_side": extractor.max_side, "image_size": list(extractor.image_size or []) or None,
-            "exif_transpose": extractor.exif_transpose,
-            "max_size": list(extractor.max_size) if extractor.max_size else None, "backend": extractor.backend}
+    return {
+        "max_side": extractor.max_side,
+        "image_size": list(extractor.image_size or []) or None,
+        "exif_transpose": extractor.exif_transpose,
+        "max_size": list(extractor.max_size) if extractor.max_size else None,
+        "backend": extractor.backend,
+    }
 
 
 def image_key(path: Path, box: Sequence[float] | None = None) -> str:
@@ -147,12 +157,23 @@ class DescriptorCache:
         self.entries = merged
         keys = list(merged)
         with atomic_path(self.path) as tmp:
-            np.savez(tmp, fingerprint=self.fingerprint, settings=json.dumps(self.settings, sort_keys=True),
-                     keys=np.array(keys, dtype=str), descriptors=np.stack([merged[k] for k in keys]))
+            np.savez(
+                tmp,
+                fingerprint=self.fingerprint,
+                settings=json.dumps(self.settings, sort_keys=True),
+                keys=np.array(keys, dtype=str),
+                descriptors=np.stack([merged[k] for k in keys]),
+            )
 
 
-def _extract_side(extractor, paths: list[Path], boxes: list | None, cache: DescriptorCache | None,
-                  memo: dict[str, np.ndarray], progress: bool) -> tuple[np.ndarray, np.ndarray, list, int]:
+def _extract_side(
+    extractor,
+    paths: list[Path],
+    boxes: list | None,
+    cache: DescriptorCache | None,
+    memo: dict[str, np.ndarray],
+    progress: bool,
+) -> tuple[np.ndarray, np.ndarray, list, int]:
     """One side (database or queries) -> (descriptors of the ok images, ok indices, failures, #extracted)."""
     keys = [image_key(p, None if boxes is None else boxes[i]) for i, p in enumerate(paths)]
     done = dict(memo)
@@ -161,8 +182,14 @@ def _extract_side(extractor, paths: list[Path], boxes: list | None, cache: Descr
     todo = sum(k not in done for k in set(keys))
     crop = {i: tuple(b) for i, b in enumerate(boxes)} if boxes is not None else None
     resume = None if cache is None else cache.path.with_name(cache.path.stem + ".resume.npz")
-    res = extractor.extract_paths(paths, names=keys, progress=progress and todo > 0, crop_boxes=crop,
-                                  done=done, checkpoint=resume if todo else None)
+    res = extractor.extract_paths(
+        paths,
+        names=keys,
+        progress=progress and todo > 0,
+        crop_boxes=crop,
+        done=done,
+        checkpoint=resume if todo else None,
+    )
     got = dict(zip(res.names, res.descriptors))
     new = {k: v for k, v in got.items() if k not in done}
     memo.update(got)
@@ -186,9 +213,16 @@ def _query_boxes(ds: Dataset, crop: bool) -> list | None:
     return [tuple(float(v) for v in b) for b in np.asarray(ds.quirks.crop_boxes)]
 
 
-def extract_modes(model, ds: Dataset, settings: ExtractionSettings | None = None, *, crops: Sequence[bool] = (False,),
-                  cache_dir: str | Path | Literal[False] | None = None, progress: bool = True,
-                  extractor=None) -> list[DatasetDescriptors]:
+def extract_modes(
+    model,
+    ds: Dataset,
+    settings: ExtractionSettings | None = None,
+    *,
+    crops: Sequence[bool] = (False,),
+    cache_dir: str | Path | Literal[False] | None = None,
+    progress: bool = True,
+    extractor=None,
+) -> list[DatasetDescriptors]:
     """Like :func:`extract_dataset` for several query modes (full / cropped) sharing one database pass.
 
     The first result carries the database extraction in its counts and time.
@@ -205,16 +239,33 @@ def extract_modes(model, ds: Dataset, settings: ExtractionSettings | None = None
         q, q_ok, q_fail, n_q = _extract_side(extractor, ds.q_paths(), _query_boxes(ds, crop), cache, memo, progress)
         n_new = n_q + (n_db if k == 0 else 0)
         n_all = len(q_ok) + (len(db_ok) if k == 0 else 0)
-        out.append(DatasetDescriptors(db=db, q=q, db_ok=db_ok, q_ok=q_ok, failures=db_fail + q_fail, extracted=n_new,
-                                      reused=n_all - n_new, seconds=time.perf_counter() - t0,
-                                      cache_file=str(cache.path) if cache is not None else None))
+        out.append(
+            DatasetDescriptors(
+                db=db,
+                q=q,
+                db_ok=db_ok,
+                q_ok=q_ok,
+                failures=db_fail + q_fail,
+                extracted=n_new,
+                reused=n_all - n_new,
+                seconds=time.perf_counter() - t0,
+                cache_file=str(cache.path) if cache is not None else None,
+            )
+        )
         t0 = time.perf_counter()
     return out
 
 
-def extract_dataset(model, ds: Dataset, settings: ExtractionSettings | None = None, *,
-                    crop_queries: bool | None = None, cache_dir: str | Path | Literal[False] | None = None,
-                    progress: bool = True, extractor=None) -> DatasetDescriptors:
+def extract_dataset(
+    model,
+    ds: Dataset,
+    settings: ExtractionSettings | None = None,
+    *,
+    crop_queries: bool | None = None,
+    cache_dir: str | Path | Literal[False] | None = None,
+    progress: bool = True,
+    extractor=None,
+) -> DatasetDescriptors:
     """Descriptors of a dataset's database and query images (cached; unreadable images skipped).
 
     ``crop_queries``: crop queries to ``quirks.crop_boxes`` (default: ``quirks.crop_queries``).
@@ -223,8 +274,9 @@ def extract_dataset(model, ds: Dataset, settings: ExtractionSettings | None = No
     Use ``result.dataset(ds)`` for the dataset the descriptors belong to (failed images removed).
     """
     crop = bool(ds.quirks.crop_queries) if crop_queries is None else bool(crop_queries)
-    return extract_modes(model, ds, settings, crops=(crop,), cache_dir=cache_dir, progress=progress,
-                         extractor=extractor)[0]
+    return extract_modes(
+        model, ds, settings, crops=(crop,), cache_dir=cache_dir, progress=progress, extractor=extractor
+    )[0]
 
 
 def _percent_keys(result: dict[str, Any]) -> list[str]:
@@ -241,8 +293,11 @@ def _account_failed_queries(result: dict[str, Any], ds_db: Dataset, failed: np.n
     if ds_db.metric == "revisited":
         rv = fds.quirks.revisited
         assert rv is not None  # Dataset refuses metric "revisited" without it
-        has = {"E": [len(e) > 0 for e in rv["easy"]], "M": [len(e) + len(h) > 0 for e, h in zip(rv["easy"], rv["hard"])],
-               "H": [len(h) > 0 for h in rv["hard"]]}
+        has = {
+            "E": [len(e) > 0 for e in rv["easy"]],
+            "M": [len(e) + len(h) > 0 for e, h in zip(rv["easy"], rv["hard"])],
+            "H": [len(h) > 0 for h in rv["hard"]],
+        }
         for proto, flags in has.items():
             nwp = result["num_queries_without_positive"][proto]
             evaluated = n_ok - nwp
@@ -275,8 +330,12 @@ def _recall_curve_for_map(ds: Dataset, result: dict[str, Any]) -> dict[str, list
     return recall_curve(ranks, ds.query_positives(), ranks.shape[1])
 
 
-def score_descriptors(ds: Dataset, d: DatasetDescriptors, ns: Sequence[int] = (1, 5, 10),
-                      rerank: Callable[[Dataset, np.ndarray, np.ndarray], Any] | None = None) -> dict[str, Any]:
+def score_descriptors(
+    ds: Dataset,
+    d: DatasetDescriptors,
+    ns: Sequence[int] = (1, 5, 10),
+    rerank: Callable[[Dataset, np.ndarray, np.ndarray], Any] | None = None,
+) -> dict[str, Any]:
     """Score extracted descriptors: failed database images dropped, failed queries counted as misses.
 
     ``rerank(ds_ok, db_desc, q_desc)`` makes a ranking re-ranker for the dataset the descriptors
@@ -314,9 +373,17 @@ def score_descriptors(ds: Dataset, d: DatasetDescriptors, ns: Sequence[int] = (1
     return result
 
 
-def evaluate(model, ds: Dataset, settings: ExtractionSettings | None = None, *, cache_dir: str | Path | Literal[False] | None = None,
-             progress: bool = True, ns: Sequence[int] = (1, 5, 10), extractor=None,
-             rerank: "RerankSettings | None" = None) -> EvalResult:
+def evaluate(
+    model,
+    ds: Dataset,
+    settings: ExtractionSettings | None = None,
+    *,
+    cache_dir: str | Path | Literal[False] | None = None,
+    progress: bool = True,
+    ns: Sequence[int] = (1, 5, 10),
+    extractor=None,
+    rerank: "RerankSettings | None" = None,
+) -> EvalResult:
     """Extract and score ``ds`` with its protocol; percent numbers like :func:`protocols.score`.
 
     Oxford/Paris (original) are scored with full AND cropped queries: ``mAP_full``, ``mAP_crop``
@@ -337,13 +404,18 @@ def evaluate(model, ds: Dataset, settings: ExtractionSettings | None = None, *, 
     both = ds.metric == "map" and ds.quirks.crop_boxes is not None
     primary = bool(ds.quirks.crop_queries)
     crops = (primary, not primary) if both else (primary,)
-    parts = extract_modes(model, ds, settings, crops=crops, cache_dir=cache_dir, progress=progress,
-                          extractor=extractor)
+    parts = extract_modes(model, ds, settings, crops=crops, cache_dir=cache_dir, progress=progress, extractor=extractor)
     t_scoring = time.perf_counter()
     folder = _cache_folder(cache_dir)
-    scored = [score_descriptors(dataclasses.replace(ds, quirks=dataclasses.replace(ds.quirks, crop_queries=c)), d, ns,
-                                None if rerank is None else _reranker_factory(rerank, extractor, c, folder, progress))
-              for c, d in zip(crops, parts)]
+    scored = [
+        score_descriptors(
+            dataclasses.replace(ds, quirks=dataclasses.replace(ds.quirks, crop_queries=c)),
+            d,
+            ns,
+            None if rerank is None else _reranker_factory(rerank, extractor, c, folder, progress),
+        )
+        for c, d in zip(crops, parts)
+    ]
     scoring = time.perf_counter() - t_scoring
     result = scored[0]
     failures: list[tuple[str, str]] = []
@@ -352,27 +424,37 @@ def evaluate(model, ds: Dataset, settings: ExtractionSettings | None = None, *, 
     if both:
         for c, r in zip(crops, scored):
             result["mAP_crop" if c else "mAP_full"] = r["mAP"]
-        result["protocol"] = ("Oxford/Paris mAP, junk removed (full and crop queries; mAP = "
-                              f"{'crop' if primary else 'full'})")
+        result["protocol"] = (
+            f"Oxford/Paris mAP, junk removed (full and crop queries; mAP = {'crop' if primary else 'full'})"
+        )
     extracted = sum(d.extracted for d in parts)
     reused = sum(d.reused for d in parts)
     ex_seconds = sum(d.seconds for d in parts)
     d = parts[0]
     n_images = ds.num_db + ds.num_q * (2 if both else 1)
-    result.update({
-        "fingerprint": model.fingerprint(),
-        "descriptor_dim": int(model.out_dim),
-        "dataset": ds.summary(),
-        "failures": [list(f) for f in failures],
-        "cache": {"extracted": int(extracted), "reused": int(reused), "file": d.cache_file},
-        "timing": {"extract_s": round(ex_seconds, 3), "score_s": round(scoring, 3),
-                   "total_s": round(time.perf_counter() - t0, 3),
-                   "images_per_s": round(extracted / ex_seconds, 2) if extracted and ex_seconds > 0 else None,
-                   "num_images": n_images},
-    })
-    return EvalResult(metrics={k: v for k, v in result.items() if not k.startswith("_")}, ranks=result["_ranks"],
-                      dataset=result["_dataset"], q_index=result["_q_index"],
-                      global_ranks=result.get("_global_ranks"))
+    result.update(
+        {
+            "fingerprint": model.fingerprint(),
+            "descriptor_dim": int(model.out_dim),
+            "dataset": ds.summary(),
+            "failures": [list(f) for f in failures],
+            "cache": {"extracted": int(extracted), "reused": int(reused), "file": d.cache_file},
+            "timing": {
+                "extract_s": round(ex_seconds, 3),
+                "score_s": round(scoring, 3),
+                "total_s": round(time.perf_counter() - t0, 3),
+                "images_per_s": round(extracted / ex_seconds, 2) if extracted and ex_seconds > 0 else None,
+                "num_images": n_images,
+            },
+        }
+    )
+    return EvalResult(
+        metrics={k: v for k, v in result.items() if not k.startswith("_")},
+        ranks=result["_ranks"],
+        dataset=result["_dataset"],
+        q_index=result["_q_index"],
+        global_ranks=result.get("_global_ranks"),
+    )
 
 
 @dataclass(eq=False)
@@ -433,16 +515,30 @@ def _reranker_factory(rerank: "RerankSettings", extractor, crop: bool, cache_fol
 
     def make(ds_ok: Dataset, db_desc: np.ndarray, q_desc: np.ndarray) -> RankReranker:
         boxes = _query_boxes(ds_ok, crop)
-        return RankReranker(rerank, reranker, ds_ok.db_paths(), ds_ok.q_paths(), db_desc, q_desc,
-                            load=extractor.load, key=image_key, cache=cache, q_boxes=boxes, progress=progress)
+        return RankReranker(
+            rerank,
+            reranker,
+            ds_ok.db_paths(),
+            ds_ok.q_paths(),
+            db_desc,
+            q_desc,
+            load=extractor.load,
+            key=image_key,
+            cache=cache,
+            q_boxes=boxes,
+            progress=progress,
+        )
 
     return make
 
 
 def headline(result: Mapping[str, Any]) -> dict[str, Any]:
     """The numbers a results table shows for one evaluation (percent), by protocol."""
-    keys: list[str] = [k for k in ("recall@1", "recall@5", "recall@10", "mAP_full", "mAP_crop", "mAP_E", "mAP_M", "mAP_H")
-            if k in result]
+    keys: list[str] = [
+        k
+        for k in ("recall@1", "recall@5", "recall@10", "mAP_full", "mAP_crop", "mAP_E", "mAP_M", "mAP_H")
+        if k in result
+    ]
     if "mAP" in result and not any(k.startswith("mAP_") for k in keys):
         keys.append("mAP")
     return {k: result[k] for k in keys}

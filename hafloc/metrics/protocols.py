@@ -29,8 +29,9 @@ def full_ranking(db_desc: np.ndarray, q_desc: np.ndarray) -> np.ndarray:
     return knn(db_desc, q_desc, len(db_desc))[1].astype(np.int64)
 
 
-def _score_recall(ds: Dataset, db_desc: np.ndarray, q_desc: np.ndarray, ns: Sequence[int],
-                  rerank: Rerank | None = None) -> dict[str, Any]:
+def _score_recall(
+    ds: Dataset, db_desc: np.ndarray, q_desc: np.ndarray, ns: Sequence[int], rerank: Rerank | None = None
+) -> dict[str, Any]:
     k = max(max(ns), CURVE_N)
     positives = ds.query_positives()
     protocol = []
@@ -78,8 +79,9 @@ def _score_recall(ds: Dataset, db_desc: np.ndarray, q_desc: np.ndarray, ns: Sequ
     return out
 
 
-def score(ds: Dataset, db_desc: np.ndarray, q_desc: np.ndarray, ns: Sequence[int] = (1, 5, 10),
-          rerank: Rerank | None = None) -> dict[str, Any]:
+def score(
+    ds: Dataset, db_desc: np.ndarray, q_desc: np.ndarray, ns: Sequence[int] = (1, 5, 10), rerank: Rerank | None = None
+) -> dict[str, Any]:
     """Rank the database for every query (exact inner product on L2-normalised descriptors) and
     apply the dataset's protocol.
 
@@ -95,8 +97,9 @@ def score(ds: Dataset, db_desc: np.ndarray, q_desc: np.ndarray, ns: Sequence[int
     if db_desc.ndim != 2 or q_desc.ndim != 2 or db_desc.shape[1] != q_desc.shape[1]:
         raise ValueError(f"descriptor shapes do not match: db {db_desc.shape}, queries {q_desc.shape}")
     if len(db_desc) != ds.num_db or len(q_desc) != ds.num_q:
-        raise ValueError(f"{ds.name}: got {len(db_desc)} db / {len(q_desc)} query descriptors for "
-                         f"{ds.num_db} / {ds.num_q} images")
+        raise ValueError(
+            f"{ds.name}: got {len(db_desc)} db / {len(q_desc)} query descriptors for {ds.num_db} / {ds.num_q} images"
+        )
     if ds.num_q == 0 or ds.num_db == 0:
         raise ValueError(f"{ds.name}: nothing to score ({ds.num_db} database, {ds.num_q} query images)")
     if ds.metric == "recall":

@@ -90,8 +90,7 @@ def pool_runs(scores: Scores) -> np.ndarray:
     return s
 
 
-def paired_bootstrap(a: Scores, b: Scores, n_boot: int = 10_000,
-                     seed: int = 0, ci: float = 0.95) -> BootstrapInterval:
+def paired_bootstrap(a: Scores, b: Scores, n_boot: int = 10_000, seed: int = 0, ci: float = 0.95) -> BootstrapInterval:
     """Percentile bootstrap interval of mean(a - b), resampling queries with replacement.
 
     ``a`` and ``b`` are per-query scores of two methods on the same queries, in the same order:
@@ -114,7 +113,7 @@ def paired_bootstrap(a: Scores, b: Scores, n_boot: int = 10_000,
     chunk = max(1, 2_000_000 // q)  # bounded memory: at most ~16 MB of indices at a time
     for s in range(0, n_boot, chunk):
         k = min(chunk, n_boot - s)
-        means[s:s + k] = d[rng.integers(0, q, size=(k, q))].mean(axis=1)
+        means[s : s + k] = d[rng.integers(0, q, size=(k, q))].mean(axis=1)
     alpha = (1.0 - ci) / 2.0
     low, high = np.quantile(means, [alpha, 1.0 - alpha])
     return BootstrapInterval(float(d.mean()), float(low), float(high), float(ci), int(q), int(n_boot))

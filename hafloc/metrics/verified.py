@@ -46,10 +46,20 @@ class RankReranker:
     can fit a rule on them or report them.
     """
 
-    def __init__(self, settings: RerankSettings, reranker: Reranker, db_paths: Sequence[Path],
-                 q_paths: Sequence[Path], db_desc: np.ndarray, q_desc: np.ndarray,
-                 load: Callable[[Path, tuple | None], Any], key: Callable[[Path, tuple | None], str],
-                 cache: Any = None, q_boxes: Sequence[tuple] | None = None, progress: bool = True):
+    def __init__(
+        self,
+        settings: RerankSettings,
+        reranker: Reranker,
+        db_paths: Sequence[Path],
+        q_paths: Sequence[Path],
+        db_desc: np.ndarray,
+        q_desc: np.ndarray,
+        load: Callable[[Path, tuple | None], Any],
+        key: Callable[[Path, tuple | None], str],
+        cache: Any = None,
+        q_boxes: Sequence[tuple] | None = None,
+        progress: bool = True,
+    ):
         self.settings = settings
         self.reranker = reranker
         self.db_paths, self.q_paths, self.q_boxes = list(db_paths), list(q_paths), q_boxes
@@ -113,11 +123,15 @@ class RankReranker:
                 continue
             inl = self.inliers(i, cands)
             sims = self.db_desc[cands] @ self.q_desc[i]
-            out[i, :len(cands)] = cands[rule.order(sims, inl)]
+            out[i, : len(cands)] = cands[rule.order(sims, inl)]
         return out
 
     def summary(self) -> dict[str, Any]:
         n = max(len(self.queries_verified), 1)
-        return {**self.settings.summary(), "k": self.k, "queries": len(self.queries_verified),
-                "seconds_per_query": {k: round(v / n, 4) for k, v in self.seconds.items()},
-                "failures": [list(f) for f in self.failures]}
+        return {
+            **self.settings.summary(),
+            "k": self.k,
+            "queries": len(self.queries_verified),
+            "seconds_per_query": {k: round(v / n, 4) for k, v in self.seconds.items()},
+            "failures": [list(f) for f in self.failures],
+        }

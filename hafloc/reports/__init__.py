@@ -11,6 +11,19 @@ from hafloc.reports.plots import (
 )
 from hafloc.reports.tables import format_cell, html_table, markdown_table
 
-__all__ = ["ReportImage", "Section", "Table", "render_report", "write_report", "plot_attention", "plot_history",
-           "plot_recall_curves", "plot_retrievals", "plot_seed_spread", "plot_weights_table", "format_cell", "html_table",
-           "markdown_table"]
+__all__ = [
+    "ReportImage",
+    "Section",
+    "Table",
+    "render_report",
+    "write_report",
+    "plot_attention",
+    "plot_history",
+    "plot_recall_curves",
+    "plot_retrievals",
+    "plot_seed_spread",
+    "plot_weights_table",
+    "format_cell",
+    "html_table",
+    "markdown_table",
+]

@@ -37,8 +37,7 @@ def _finish(fig, ax, path: str | Path, xlabel: str, ylabel: str, ymax: float, le
     return _save(fig, path)
 
 
-def plot_reliability(curves: Mapping[str, tuple[ArrayLike, ArrayLike]], path: str | Path,
-                     title: str = "") -> Path:
+def plot_reliability(curves: Mapping[str, tuple[ArrayLike, ArrayLike]], path: str | Path, title: str = "") -> Path:
     """Reliability diagram: accuracy per confidence bin against the diagonal, one line per curve."""
     fig, ax = plt.subplots(figsize=(5.2, 5.0))
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="perfectly calibrated")
@@ -46,20 +45,31 @@ def plot_reliability(curves: Mapping[str, tuple[ArrayLike, ArrayLike]], path: st
         p_arr, y_arr = _check(p, y, path)
         bins = reliability_bins(p_arr, y_arr)
         ece = expected_calibration_error(p_arr, y_arr)
-        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o",
-                label=f"{name} (ECE {ece:.3f}, n={len(p_arr)})")
+        ax.plot(
+            [b["confidence"] for b in bins],
+            [b["accuracy"] for b in bins],
+            marker="o",
+            label=f"{name} (ECE {ece:.3f}, n={len(p_arr)})",
+        )
     return _finish(fig, ax, path, "confidence", "share of estimates within the radius", 1.0, "upper left", title)
 
 
-def plot_coverage(curves: Mapping[str, tuple[ArrayLike, ArrayLike]], path: str | Path,
-                  title: str = "") -> Path:
+def plot_coverage(curves: Mapping[str, tuple[ArrayLike, ArrayLike]], path: str | Path, title: str = "") -> Path:
     """Accuracy of the answers kept when only the most confident share of queries is answered."""
     fig, ax = plt.subplots(figsize=(5.6, 4.2))
     for name, (p, y) in curves.items():
         cov, acc = coverage_curve(*_check(p, y, path))
         ax.plot(cov, acc, label=name)
-    return _finish(fig, ax, path, "coverage (share of queries answered, most confident first)",
-                   "accuracy of the answered", 1.02, "lower left", title)
+    return _finish(
+        fig,
+        ax,
+        path,
+        "coverage (share of queries answered, most confident first)",
+        "accuracy of the answered",
+        1.02,
+        "lower left",
+        title,
+    )
 
 
 def write_calibration_report(meta: Mapping[str, Any], out_dir: str | Path, title: str) -> Path:
@@ -83,13 +93,25 @@ def write_calibration_report(meta: Mapping[str, Any], out_dir: str | Path, title
         f"Held-out ECE {float(meta.get('ece_heldout', float('nan'))):.3f} (the uncalibrated heuristic: "
         f"{float(meta.get('ece_heuristic', float('nan'))):.3f}). Fitted {meta.get('created_at', '?')}.",
     ]
-    bins = [{"bin": f"{b['lo']:.1f}-{b['hi']:.1f}", "mean confidence": b["confidence"], "accuracy": b["accuracy"],
-             "n": b["count"]} for b in reliability_bins(p, y)]
+    bins = [
+        {
+            "bin": f"{b['lo']:.1f}-{b['hi']:.1f}",
+            "mean confidence": b["confidence"],
+            "accuracy": b["accuracy"],
+            "n": b["count"],
+        }
+        for b in reliability_bins(p, y)
+    ]
     sections = [
-        Section("Calibration", paragraphs=facts,
-                tables=[Table(rows, ["coverage", "accuracy"], caption="accuracy of the most confident answers")],
-                images=[ReportImage("reliability.png", "reliability diagram (held-out folds)"),
-                        ReportImage("coverage.png", "accuracy vs coverage")]),
+        Section(
+            "Calibration",
+            paragraphs=facts,
+            tables=[Table(rows, ["coverage", "accuracy"], caption="accuracy of the most confident answers")],
+            images=[
+                ReportImage("reliability.png", "reliability diagram (held-out folds)"),
+                ReportImage("coverage.png", "accuracy vs coverage"),
+            ],
+        ),
         Section("Reliability bins", tables=[Table(bins, ["bin", "mean confidence", "accuracy", "n"])]),
     ]
     return write_report(out, title, sections, footer="hafloc index info --report")

@@ -97,18 +97,30 @@ def render_report(out_dir: Path, title: str, sections: Sequence[Section], footer
     """The report's HTML text (checks that every image exists under ``out_dir``)."""
     e = html.escape
     out_dir = Path(out_dir)
-    parts = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-             '<meta name="viewport" content="width=device-width, initial-scale=1">',
-             f"<title>{e(title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>", "<main>",
-             f'<header><h1>{e(title)}</h1><div class="meta">generated {e(time.strftime("%Y-%m-%d %H:%M:%S"))}'
-             "</div></header>"]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        "<head>",
+        '<meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{e(title)}</title>",
+        f"<style>{_CSS}</style>",
+        "</head>",
+        "<body>",
+        "<main>",
+        f'<header><h1>{e(title)}</h1><div class="meta">generated {e(time.strftime("%Y-%m-%d %H:%M:%S"))}'
+        "</div></header>",
+    ]
     for s in sections:
         parts.append("<section>")
         parts.append(f"<h2>{e(s.heading)}</h2>")
         parts += [f"<p>{e(p)}</p>" for p in s.paragraphs]
         for t in s.tables:
-            parts.append('<div class="table-wrap">' + html_table(t.rows, t.columns, floatfmt=t.floatfmt,
-                                                                headers=t.headers, caption=t.caption) + "</div>")
+            parts.append(
+                '<div class="table-wrap">'
+                + html_table(t.rows, t.columns, floatfmt=t.floatfmt, headers=t.headers, caption=t.caption)
+                + "</div>"
+            )
         for img in s.images:
             src = _image_src(out_dir, img)
             cap = f"<figcaption>{e(img.caption)}</figcaption>" if img.caption else ""

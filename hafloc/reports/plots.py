@@ -62,8 +62,12 @@ def _thumb(im: Image.Image, side: int = 320) -> Image.Image:
     return im
 
 
-def plot_recall_curves(curves: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path,
-                       title: str = "", threshold_m: float | None = 25) -> Path:
+def plot_recall_curves(
+    curves: Mapping[str, Mapping[str, Sequence[float]]],
+    path: str | Path,
+    title: str = "",
+    threshold_m: float | None = 25,
+) -> Path:
     """Recall@N curves, one per method (the paper's Fig. 3 style).
 
     ``curves[method] = {"n": [1, 2, ...], "recall": [%, ...]}``; recall in percent.
@@ -177,9 +181,13 @@ def _frame(ax, color: str, width: float = 5.0) -> None:
         side.set_linewidth(width)
 
 
-def plot_retrievals(query: str | Path | Image.Image, retrieved: Sequence[str | Path | Image.Image],
-                    correct: Sequence[bool], path: str | Path,
-                    titles: Sequence[str] | None = None) -> Path:
+def plot_retrievals(
+    query: str | Path | Image.Image,
+    retrieved: Sequence[str | Path | Image.Image],
+    correct: Sequence[bool],
+    path: str | Path,
+    titles: Sequence[str] | None = None,
+) -> Path:
     """Query and its top-k database images in a row; green frame = right match, red = wrong."""
     if len(retrieved) != len(correct):
         raise InputError(path, f"{len(retrieved)} retrieved images but {len(correct)} correctness flags")
@@ -188,11 +196,14 @@ def plot_retrievals(query: str | Path | Image.Image, retrieved: Sequence[str | P
     # same height for every panel, widths by aspect ratio, so the row reads as one strip
     images = [_open_rgb(query)] + [_open_rgb(p) for p in retrieved]
     height = 240
-    images = [im.resize((max(1, round(im.width * height / im.height)), height), Image.Resampling.BILINEAR) for im in images]
+    images = [
+        im.resize((max(1, round(im.width * height / im.height)), height), Image.Resampling.BILINEAR) for im in images
+    ]
     ratios = [im.width / im.height for im in images]
     n = len(images)
-    fig, axes = plt.subplots(1, n, figsize=(2.5 * sum(ratios) + 0.2 * n, 2.9), squeeze=False,
-                             gridspec_kw={"width_ratios": ratios})
+    fig, axes = plt.subplots(
+        1, n, figsize=(2.5 * sum(ratios) + 0.2 * n, 2.9), squeeze=False, gridspec_kw={"width_ratios": ratios}
+    )
     for i, (ax, im) in enumerate(zip(axes[0], images)):
         ax.imshow(im)
         ax.set_xticks([])
@@ -228,8 +239,13 @@ def _overlay_map(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.clip(np.asarray(up), 0.0, 1.0)
 
 
-def plot_attention(image: str | Path | Image.Image, maps: Mapping[str, np.ndarray], path: str | Path,
-                   strides: Mapping[str, int] | None = None, alpha: float = 0.5) -> Path:
+def plot_attention(
+    image: str | Path | Image.Image,
+    maps: Mapping[str, np.ndarray],
+    path: str | Path,
+    strides: Mapping[str, int] | None = None,
+    alpha: float = 0.5,
+) -> Path:
     """The image, then per level (low/mid/high) its attention map upsampled and overlaid as a heat map.
 
     Each map is min-max normalised on its own, since levels differ in scale; ``strides`` (by level)
@@ -280,9 +296,12 @@ def _fmt_cell(v: object) -> str:
     return str(v)
 
 
-def plot_weights_table(rows: Sequence[Mapping[str, object]], path: str | Path,
-                       columns: Sequence[str] = ("dataset", "w1", "w2", "w3", "recall@5"),
-                       title: str = "Fusion weights per benchmark") -> Path:
+def plot_weights_table(
+    rows: Sequence[Mapping[str, object]],
+    path: str | Path,
+    columns: Sequence[str] = ("dataset", "w1", "w2", "w3", "recall@5"),
+    title: str = "Fusion weights per benchmark",
+) -> Path:
     """The paper's Table 2 style: per benchmark, the tuned weights w1..w3 and the recall@5 reached."""
     if not rows:
         raise InputError(path, "no rows for the weights table")
@@ -290,15 +309,21 @@ def plot_weights_table(rows: Sequence[Mapping[str, object]], path: str | Path,
         missing = [c for c in columns if c not in r]
         if missing:
             raise InputError(path, f"row {i} lacks column(s) {', '.join(missing)}")
-    headers = [{"w1": "w1 (low)", "w2": "w2 (mid)", "w3": "w3 (high)", "recall@5": "Recall@5 (%)"}.get(c, c)
-               for c in columns]
+    headers = [
+        {"w1": "w1 (low)", "w2": "w2 (mid)", "w3": "w3 (high)", "recall@5": "Recall@5 (%)"}.get(c, c) for c in columns
+    ]
     cells = [[_fmt_cell(r[c]) for c in columns] for r in rows]
     widths = [max(len(h), *(len(r[j]) for r in cells)) + 4 for j, h in enumerate(headers)]
     fig, ax = plt.subplots(figsize=(0.11 * sum(widths) + 0.4, 0.36 * (len(rows) + 1) + 0.1))
     ax.axis("off")
     # bbox fills the axes, so the figure size alone sets the row height (no stray margins)
-    table = ax.table(cellText=cells, colLabels=headers, cellLoc="center", bbox=Bbox.from_bounds(0, 0, 1, 1),
-                     colWidths=[w / sum(widths) for w in widths])
+    table = ax.table(
+        cellText=cells,
+        colLabels=headers,
+        cellLoc="center",
+        bbox=Bbox.from_bounds(0, 0, 1, 1),
+        colWidths=[w / sum(widths) for w in widths],
+    )
     table.auto_set_font_size(False)
     table.set_fontsize(10)
     for (row, _col), cell in table.get_celld().items():
@@ -313,8 +338,9 @@ def plot_weights_table(rows: Sequence[Mapping[str, object]], path: str | Path,
     return _save(fig, path)
 
 
-def plot_seed_spread(panels: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path,
-                     metric: str = "recall@1 (%)", title: str = "") -> Path:
+def plot_seed_spread(
+    panels: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path, metric: str = "recall@1 (%)", title: str = ""
+) -> Path:
     """One panel per group (e.g. dataset): per configuration, each seed's value as a dot and the
     mean +- sample std as a dash with whiskers. ``panels[group][config] = [value per seed]``."""
     groups = {g: {c: [float(v) for v in vals] for c, vals in cfgs.items() if len(vals)} for g, cfgs in panels.items()}
@@ -333,8 +359,19 @@ def plot_seed_spread(panels: Mapping[str, Mapping[str, Sequence[float]]], path: 
         means = np.array([np.mean(cfgs[n]) for n in names])
         stds = np.array([np.std(cfgs[n], ddof=1) if len(cfgs[n]) > 1 else 0.0 for n in names])
         # no bars: the axis does not start at 0, and a bar's length would overstate the gaps
-        ax.errorbar(x, means, yerr=stds, fmt="_", markersize=22, mew=2.5, color="#1f3b57", ecolor="#1f3b57",
-                    capsize=5, zorder=3, label="mean ± std")
+        ax.errorbar(
+            x,
+            means,
+            yerr=stds,
+            fmt="_",
+            markersize=22,
+            mew=2.5,
+            color="#1f3b57",
+            ecolor="#1f3b57",
+            capsize=5,
+            zorder=3,
+            label="mean ± std",
+        )
         for i, n in enumerate(names):
             vals = cfgs[n]
             jitter = np.linspace(-0.12, 0.12, len(vals)) if len(vals) > 1 else np.zeros(1)

@@ -27,8 +27,9 @@ def _is_numeric(value: object) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
-def markdown_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str], floatfmt: str = ".2f",
-                   missing: str = "") -> str:
+def markdown_table(
+    rows: Sequence[Mapping[str, object]], columns: Sequence[str], floatfmt: str = ".2f", missing: str = ""
+) -> str:
     """A GitHub-flavoured Markdown table; numeric columns right-aligned, pipes in text escaped."""
     if not columns:
         raise ValueError("markdown_table needs at least one column")
@@ -38,16 +39,28 @@ def markdown_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str],
         return s.replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ")
 
     body = [[esc(format_cell(r.get(c), floatfmt, missing)) for c in columns] for r in rows]
-    numeric = [bool(rows) and all(_is_numeric(r.get(c)) or r.get(c) is None for r in rows)
-               and any(_is_numeric(r.get(c)) for r in rows) for c in columns]
-    lines = ["| " + " | ".join(esc(str(c)) for c in columns) + " |",
-             "|" + "|".join("---:" if num else "---" for num in numeric) + "|"]
+    numeric = [
+        bool(rows)
+        and all(_is_numeric(r.get(c)) or r.get(c) is None for r in rows)
+        and any(_is_numeric(r.get(c)) for r in rows)
+        for c in columns
+    ]
+    lines = [
+        "| " + " | ".join(esc(str(c)) for c in columns) + " |",
+        "|" + "|".join("---:" if num else "---" for num in numeric) + "|",
+    ]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
     return "\n".join(lines) + "\n"
 
 
-def html_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str], floatfmt: str = ".2f",
-               missing: str = "", headers: Mapping[str, str] | None = None, caption: str | None = None) -> str:
+def html_table(
+    rows: Sequence[Mapping[str, object]],
+    columns: Sequence[str],
+    floatfmt: str = ".2f",
+    missing: str = "",
+    headers: Mapping[str, str] | None = None,
+    caption: str | None = None,
+) -> str:
     """An HTML ``<table>`` with every header and cell escaped; numeric cells get class "num".
 
     ``headers`` maps a column key to the label shown (defaults to the key).
@@ -58,8 +71,9 @@ def html_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str], flo
     out = ["<table>"]
     if caption:
         out.append(f"<caption>{e(caption)}</caption>")
-    out.append("<thead><tr>" + "".join(f"<th>{e(str((headers or {}).get(c, c)))}</th>" for c in columns)
-               + "</tr></thead>")
+    out.append(
+        "<thead><tr>" + "".join(f"<th>{e(str((headers or {}).get(c, c)))}</th>" for c in columns) + "</tr></thead>"
+    )
     out.append("<tbody>")
     for r in rows:
         cells = []

@@ -58,8 +58,10 @@ class ServeConfig:
 def check_tile_url(url: str) -> str:
     """A tile URL template for the page's map: http(s) with {z}, {x} and {y} (HaflocError otherwise)."""
     if not url.startswith(("http://", "https://")) or any(f"{{{c}}}" not in url for c in "zxy"):
-        raise HaflocError(f"--tiles {url!r}: expected an http(s) URL template with {{z}}, {{x}} and {{y}}, "
-                          "e.g. https://tile.openstreetmap.org/{z}/{x}/{y}.png")
+        raise HaflocError(
+            f"--tiles {url!r}: expected an http(s) URL template with {{z}}, {{x}} and {{y}}, "
+            "e.g. https://tile.openstreetmap.org/{z}/{x}/{y}.png"
+        )
     return url
 
 
@@ -84,7 +86,7 @@ class UploadLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit_mb = self.max_bytes / 2 ** 20
+        limit_mb = self.max_bytes / 2**20
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:
@@ -156,8 +158,13 @@ def attention_json(img: Image.Image, att: dict[str, np.ndarray]) -> dict[str, di
     for lv, a in att.items():
         a = np.asarray(a, dtype=np.float32)
         lo, hi = float(a.min()), float(a.max())
-        out[lv] = {"shape": list(a.shape), "min": round(lo, 6), "max": round(hi, 6),
-                   "uniform": not hi - lo > 1e-6 * max(1.0, abs(hi)), "overlay": overlay_png(img, a)}
+        out[lv] = {
+            "shape": list(a.shape),
+            "min": round(lo, 6),
+            "max": round(hi, 6),
+            "uniform": not hi - lo > 1e-6 * max(1.0, abs(hi)),
+            "overlay": overlay_png(img, a),
+        }
     return out
 
 
@@ -166,8 +173,9 @@ def attention_json(img: Image.Image, att: dict[str, np.ndarray]) -> dict[str, di
 DRAFT_FACTOR = 4
 
 
-def decode_upload(data: bytes, filename: str, max_side: int | None = None,
-                  max_pixels: int = ServeConfig.max_pixels) -> Image.Image:
+def decode_upload(
+    data: bytes, filename: str, max_side: int | None = None, max_pixels: int = ServeConfig.max_pixels
+) -> Image.Image:
     """Bytes of an upload -> RGB image via ``load_image`` (InputError naming ``filename``;
     ImageTooLarge above ``max_pixels``, read from the header before decoding)."""
     suffix = Path(filename).suffix if Path(filename).suffix.isascii() and len(Path(filename).suffix) <= 8 else ""
@@ -204,10 +212,19 @@ class _ThumbCache:
                 self._d.popitem(last=False)
 
 
-def create_app(index_path: str | Path, max_upload_mb: float = 20, token: str | None = None, backend: str = "auto",
-               model_path: str | Path | None = None, top_k: int = 10, locator_config: LocatorConfig | None = None,
-               inference_threads: int = 1, tiles: str | None = None, tiles_attribution: str | None = None,
-               max_pixels: int = ServeConfig.max_pixels) -> FastAPI:
+def create_app(
+    index_path: str | Path,
+    max_upload_mb: float = 20,
+    token: str | None = None,
+    backend: str = "auto",
+    model_path: str | Path | None = None,
+    top_k: int = 10,
+    locator_config: LocatorConfig | None = None,
+    inference_threads: int = 1,
+    tiles: str | None = None,
+    tiles_attribution: str | None = None,
+    max_pixels: int = ServeConfig.max_pixels,
+) -> FastAPI:
     """The FastAPI app over one index; the model is loaded here, once (per process).
 
     The index is opened read-only: the server never takes its write lock, so ``hafloc index add``
@@ -216,10 +233,15 @@ def create_app(index_path: str | Path, max_upload_mb: float = 20, token: str | N
     ``tiles``: a tile URL template the page's map draws under the positions (the browser fetches
     them, not the server); default none: a coordinate grid, so the page works offline.
     """
-    config = ServeConfig(max_upload_mb=max_upload_mb, token=token or None, top_k=top_k,
-                         inference_threads=inference_threads,
-                         tiles=check_tile_url(tiles) if tiles else None, tiles_attribution=tiles_attribution,
-                         max_pixels=int(max_pixels))
+    config = ServeConfig(
+        max_upload_mb=max_upload_mb,
+        token=token or None,
+        top_k=top_k,
+        inference_threads=inference_threads,
+        tiles=check_tile_url(tiles) if tiles else None,
+        tiles_attribution=tiles_attribution,
+        max_pixels=int(max_pixels),
+    )
     if config.tiles and not config.tiles_attribution:  # tile servers ask for credit: at least name the source
         config.tiles_attribution = "tiles: " + (urlsplit(config.tiles).hostname or config.tiles).removeprefix("{s}.")
     lc = locator_config or LocatorConfig(backend=backend)
@@ -233,8 +255,14 @@ def create_app(index_path: str | Path, max_upload_mb: float = 20, token: str | N
         pool.shutdown(wait=True)
         locator.close()
 
-    app = FastAPI(title="hafloc", description="Where was this photo taken?", lifespan=lifespan,
-                  docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="hafloc",
+        description="Where was this photo taken?",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     app.state.locator = locator
     app.state.config = config
 
@@ -252,10 +280,18 @@ def create_app(index_path: str | Path, max_upload_mb: float = 20, token: str | N
     @app.get("/health")
     async def health() -> dict[str, Any]:
         # pid: which process answered (``serve --workers N`` runs N behind one port)
-        return {"status": "ok", "pid": os.getpid(), "images": locator.store.image_count(), "token_required": config.token is not None,
-                "max_upload_mb": config.max_upload_mb, "max_pixels": config.max_pixels, "top_k": config.top_k,
-                "calibrated": locator.calibrator is not None, "radius_m": locator.agree_m,
-                "map": {"tiles": config.tiles, "attribution": config.tiles_attribution, "radius_m": locator.agree_m}}
+        return {
+            "status": "ok",
+            "pid": os.getpid(),
+            "images": locator.store.image_count(),
+            "token_required": config.token is not None,
+            "max_upload_mb": config.max_upload_mb,
+            "max_pixels": config.max_pixels,
+            "top_k": config.top_k,
+            "calibrated": locator.calibrator is not None,
+            "radius_m": locator.agree_m,
+            "map": {"tiles": config.tiles, "attribution": config.tiles_attribution, "radius_m": locator.agree_m},
+        }
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -330,5 +366,5 @@ def create_app(index_path: str | Path, max_upload_mb: float = 20, token: str | N
         return _AsciiJSON(result)
 
     # outermost user middleware: it must see the raw body stream before anything parses it
-    app.add_middleware(UploadLimit, max_bytes=int(config.max_upload_mb * 2 ** 20))
+    app.add_middleware(UploadLimit, max_bytes=int(config.max_upload_mb * 2**20))
     return app

@@ -54,8 +54,13 @@ def open_model_for(store: IndexStore, model_path: str | Path | None = None):
 class Locator:
     """An open index, its model and an extractor; thread-safe for concurrent ``locate_image`` calls."""
 
-    def __init__(self, index: str | Path, model_path: str | Path | None = None,
-                 config: LocatorConfig | None = None, read_only: bool = False):
+    def __init__(
+        self,
+        index: str | Path,
+        model_path: str | Path | None = None,
+        config: LocatorConfig | None = None,
+        read_only: bool = False,
+    ):
         """``read_only``: servers: never take the index's write lock (``IndexStore.open``)."""
         self.config = config or LocatorConfig()
         self.store = IndexStore.open(index, read_only=read_only)
@@ -64,30 +69,43 @@ class Locator:
         self.calibrator = load_calibrator(self.store)
         self.warnings: list[str] = []
         if self.calibrator is not None and c.agree_m is not None and c.agree_m != self.calibrator.agree_m:
-            self.warnings.append(f"{self.store.folder}: calibrated for {self.calibrator.agree_m:g} m, not "
-                                 f"{c.agree_m:g} m; confidences are uncalibrated")
+            self.warnings.append(
+                f"{self.store.folder}: calibrated for {self.calibrator.agree_m:g} m, not "
+                f"{c.agree_m:g} m; confidences are uncalibrated"
+            )
             self.calibrator = None
-        self.agree_m = c.agree_m if c.agree_m is not None else (
-            self.calibrator.agree_m if self.calibrator is not None else 25.0)
-        self.extractor = Extractor(self.model, batch_size=c.batch_size, max_side=c.max_side, backend=c.backend,
-                                   num_threads=c.num_threads)
+        self.agree_m = (
+            c.agree_m if c.agree_m is not None else (self.calibrator.agree_m if self.calibrator is not None else 25.0)
+        )
+        self.extractor = Extractor(
+            self.model, batch_size=c.batch_size, max_side=c.max_side, backend=c.backend, num_threads=c.num_threads
+        )
         local = self.store.local_config
         if c.rerank is not None and c.rerank < 0:
             raise HaflocError(f"--rerank must be 0 or more, got {c.rerank}")
         self.rerank_k = (DEFAULT_RERANK if local else 0) if c.rerank is None else c.rerank
         self.reranker: Reranker | None = None
         if self.rerank_k and not local:
-            raise HaflocError(f"{self.store.folder}: re-ranking needs local features in the index "
-                              "(build it with 'hafloc index build ... --local xfeat'), or pass --rerank 0")
+            raise HaflocError(
+                f"{self.store.folder}: re-ranking needs local features in the index "
+                "(build it with 'hafloc index build ... --local xfeat'), or pass --rerank 0"
+            )
         if self.rerank_k and local:
-            self.reranker = Reranker(local["extractor"], local.get("conf"),
-                                     rule=FusionRule.from_dict(self.store.info.get("rerank")))
+            self.reranker = Reranker(
+                local["extractor"], local.get("conf"), rule=FusionRule.from_dict(self.store.info.get("rerank"))
+            )
 
     def close(self) -> None:
         self.store.close()
 
-    def results(self, descs: np.ndarray, names: Sequence[str], k: int, local: Sequence[Any] | None = None,
-                correspondences: bool = False) -> list[dict[str, Any]]:
+    def results(
+        self,
+        descs: np.ndarray,
+        names: Sequence[str],
+        k: int,
+        local: Sequence[Any] | None = None,
+        correspondences: bool = False,
+    ) -> list[dict[str, Any]]:
         """``result_json`` per query, each match also carrying its database ``id`` (for thumbnails).
 
         ``local``: the queries' local features (one per name) to re-rank the top ``rerank_k`` by
@@ -119,13 +137,17 @@ class Locator:
                 v = checked[ms[0].id]
                 assert local is not None
                 res["matches"][0]["correspondences"] = {
-                    "query": np.round(v.points_query, 1).tolist(), "db": np.round(v.points_db, 1).tolist(),
-                    "query_size": list(local[i].image_size), "db_size": list(feats[ms[0].id].image_size)}
+                    "query": np.round(v.points_query, 1).tolist(),
+                    "db": np.round(v.points_db, 1).tolist(),
+                    "query_size": list(local[i].image_size),
+                    "db_size": list(feats[ms[0].id].image_size),
+                }
             out.append(res)
         return out
 
-    def locate_paths(self, paths: Sequence[Path], names: Sequence[str], k: int = 10,
-                     progress: bool = True) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    def locate_paths(
+        self, paths: Sequence[Path], names: Sequence[str], k: int = 10, progress: bool = True
+    ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
         """Locate files in batches: (results in input order, failures [(name, reason)])."""
         res = self.extractor.extract_paths(list(paths), names=list(names), progress=progress)
         local = None
@@ -134,8 +156,9 @@ class Locator:
             local = [self.reranker.features(self.extractor.load(by_name[n])) for n in res.names]
         return self.results(res.descriptors, res.names, k, local), res.failures
 
-    def locate_image(self, img: Image.Image, name: str, k: int = 10,
-                     correspondences: bool = False) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    def locate_image(
+        self, img: Image.Image, name: str, k: int = 10, correspondences: bool = False
+    ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """Locate one decoded photo: (result, attention maps {level: (h, w)})."""
         out = self.extractor.describe_image(img)
         local = [self.reranker.features(img)] if self.reranker is not None else None

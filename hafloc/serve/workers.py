@@ -36,8 +36,14 @@ STARTUP_FAILURE = 3  # uvicorn's exit status for "failed before serving": its su
 
 def settings_json(index: str, locator_config: LocatorConfig, threads: int | None, **app_kwargs: Any) -> str:
     """What each worker needs to build its app: ``create_app``'s arguments, JSON."""
-    return json.dumps({"index": str(index), "locator_config": dataclasses.asdict(locator_config),
-                       "threads": threads, "app": app_kwargs})
+    return json.dumps(
+        {
+            "index": str(index),
+            "locator_config": dataclasses.asdict(locator_config),
+            "threads": threads,
+            "app": app_kwargs,
+        }
+    )
 
 
 def app_from_env() -> FastAPI:
@@ -49,16 +55,20 @@ def app_from_env() -> FastAPI:
     try:
         settings = json.loads(os.environ[ENV])
     except (KeyError, ValueError):
-        print(f"hafloc: error: {FACTORY} is started by 'hafloc serve --workers N' ({ENV} missing or not JSON)",
-              file=sys.stderr, flush=True)
+        print(
+            f"hafloc: error: {FACTORY} is started by 'hafloc serve --workers N' ({ENV} missing or not JSON)",
+            file=sys.stderr,
+            flush=True,
+        )
         sys.exit(STARTUP_FAILURE)
     from ..descriptors.runtime import apply_threads
 
     _die_with_parent()
     apply_threads(settings["threads"])  # process-wide: each worker sets its own share of the cores
     try:
-        return create_app(settings["index"], locator_config=LocatorConfig(**settings["locator_config"]),
-                          **settings["app"])
+        return create_app(
+            settings["index"], locator_config=LocatorConfig(**settings["locator_config"]), **settings["app"]
+        )
     except HaflocError as err:
         print(f"hafloc: error: worker {os.getpid()}: {err}", file=sys.stderr, flush=True)
         sys.exit(STARTUP_FAILURE)

@@ -10,11 +10,32 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-_COLOR_SOURCES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field",
-                  "immunohistochemistry", "retina", "colorwheel", "logo")
+_COLOR_SOURCES = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "colorwheel",
+    "logo",
+)
 _GRAY_SOURCES = ("camera", "coins", "moon", "page", "text", "clock", "cell", "horse")
-COLORMAPS = ("viridis", "plasma", "magma", "cividis", "twilight", "turbo", "copper", "spring",
-              "cool", "autumn", "ocean", "terrain")
+COLORMAPS = (
+    "viridis",
+    "plasma",
+    "magma",
+    "cividis",
+    "twilight",
+    "turbo",
+    "copper",
+    "spring",
+    "cool",
+    "autumn",
+    "ocean",
+    "terrain",
+)
 
 
 def to_float_rgb(img: np.ndarray) -> np.ndarray:
@@ -87,14 +108,22 @@ class Assets:
         panels = np.clip(panels + (noise - 0.5) * 0.08, 0, 1)
         # Five shared facade styles: places reuse them, so facades alone do not identify a place.
         self.styles = [
-            WallStyle(tint(brick, (0.62, 0.30, 0.22), 1.2), 3.0, 3.2, 3.4, 1.3, 1.8, (0.18, 0.22, 0.28), (0.85, 0.82, 0.75)),
-            WallStyle(tint(gravel, (0.80, 0.72, 0.58), 0.35), 4.0, 3.8, 3.3, 1.5, 1.9, (0.20, 0.24, 0.30), (0.35, 0.28, 0.22)),
-            WallStyle(tint(panels, (0.62, 0.62, 0.64), 1.0), 6.0, 3.0, 3.0, 2.2, 1.6, (0.22, 0.30, 0.38), (0.55, 0.55, 0.56)),
-            WallStyle(tint(brick, (0.75, 0.62, 0.35), 0.9), 3.0, 2.6, 3.2, 1.1, 1.7, (0.16, 0.18, 0.22), (0.95, 0.93, 0.88)),
-            WallStyle(tint(panels, (0.35, 0.48, 0.58), 0.6), 3.5, 1.8, 3.5, 1.6, 2.9, (0.30, 0.42, 0.55), (0.25, 0.28, 0.30)),
+            WallStyle(
+                tint(brick, (0.62, 0.30, 0.22), 1.2), 3.0, 3.2, 3.4, 1.3, 1.8, (0.18, 0.22, 0.28), (0.85, 0.82, 0.75)
+            ),
+            WallStyle(
+                tint(gravel, (0.80, 0.72, 0.58), 0.35), 4.0, 3.8, 3.3, 1.5, 1.9, (0.20, 0.24, 0.30), (0.35, 0.28, 0.22)
+            ),
+            WallStyle(
+                tint(panels, (0.62, 0.62, 0.64), 1.0), 6.0, 3.0, 3.0, 2.2, 1.6, (0.22, 0.30, 0.38), (0.55, 0.55, 0.56)
+            ),
+            WallStyle(
+                tint(brick, (0.75, 0.62, 0.35), 0.9), 3.0, 2.6, 3.2, 1.1, 1.7, (0.16, 0.18, 0.22), (0.95, 0.93, 0.88)
+            ),
+            WallStyle(
+                tint(panels, (0.35, 0.48, 0.58), 0.6), 3.5, 1.8, 3.5, 1.6, 2.9, (0.30, 0.42, 0.55), (0.25, 0.28, 0.30)
+            ),
         ]
         self.sidewalk = tint(gravel, (0.62, 0.60, 0.57), 0.5)
         self.asphalt = tint(gravel, (0.30, 0.30, 0.31), 0.35)
         self.foliage = tint(grass, (0.22, 0.42, 0.16), 1.3)
-
-

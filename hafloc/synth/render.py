@@ -25,9 +25,7 @@ def tile(tex: np.ndarray, px_per_tile: float, ox: float, oy: float, w: int, h: i
     ox, oy = int(ox) % s, int(oy) % s
     reps_y, reps_x = (h + oy) // s + 2, (w + ox) // s + 2
     big = np.tile(t, (reps_y, reps_x, 1))
-    return big[oy:oy + h, ox:ox + w]
-
-
+    return big[oy : oy + h, ox : ox + w]
 
 
 @dataclass
@@ -61,11 +59,25 @@ class View:
         z_l = f * place.landmark_w / (cam.fraction * W)  # landmark depth giving the wanted size
         z_f = z_l + place.gap
         x_c = -(cam.u_frac * W - cx) * z_l / f  # camera x so the landmark lands at u_frac
-        view = cls(H=H, W=W, f=f, cx=cx, yh=yh, x_c=x_c, z_l=z_l, z_f=z_f, z_curb=max(z_l - 1.2, 0.5), v_fb=0,
-                   night=cam.condition == "night", dusk=cam.condition == "dusk",
-                   img=np.zeros((H, W, 3), np.float32), emit=np.zeros((H, W), np.float32),
-                   spot=np.zeros((H, W), np.float32),
-                   vv=np.arange(H, dtype=np.float32)[:, None], uu=np.arange(W, dtype=np.float32)[None, :])
+        view = cls(
+            H=H,
+            W=W,
+            f=f,
+            cx=cx,
+            yh=yh,
+            x_c=x_c,
+            z_l=z_l,
+            z_f=z_f,
+            z_curb=max(z_l - 1.2, 0.5),
+            v_fb=0,
+            night=cam.condition == "night",
+            dusk=cam.condition == "dusk",
+            img=np.zeros((H, W, 3), np.float32),
+            emit=np.zeros((H, W), np.float32),
+            spot=np.zeros((H, W), np.float32),
+            vv=np.arange(H, dtype=np.float32)[:, None],
+            uu=np.arange(W, dtype=np.float32)[None, :],
+        )
         view.v_fb = int(math.ceil(view.v_of(0, z_f)))
         return view
 
@@ -78,8 +90,7 @@ class View:
         return self.yh + self.f * (CAMERA_HEIGHT_M - y) / z
 
 
-def render(place: Place, cam: Camera, assets: Assets, H: int, W: int,
-           rng: np.random.Generator) -> np.ndarray:
+def render(place: Place, cam: Camera, assets: Assets, H: int, W: int, rng: np.random.Generator) -> np.ndarray:
     """One view as a float RGB (H, W, 3) image with its illumination applied."""
     view = View.of(place, cam, H, W)
     _sky(view, cam.condition)
@@ -95,17 +106,28 @@ def _sky(view: View, condition: str) -> None:
     """Emissive, coloured per condition."""
     vv, yh, img, emit = view.vv, view.yh, view.img, view.emit
     t = np.clip(vv / max(yh, 1), 0, 1)[..., None]
-    top, bottom = {"day": ((0.35, 0.55, 0.85), (0.75, 0.85, 0.95)),
-                   "dusk": ((0.25, 0.22, 0.45), (0.98, 0.60, 0.35)),
-                   "night": ((0.01, 0.02, 0.06), (0.06, 0.07, 0.12))}[condition]
+    top, bottom = {
+        "day": ((0.35, 0.55, 0.85), (0.75, 0.85, 0.95)),
+        "dusk": ((0.25, 0.22, 0.45), (0.98, 0.60, 0.35)),
+        "night": ((0.01, 0.02, 0.06), (0.06, 0.07, 0.12)),
+    }[condition]
     img[:] = np.array(top, np.float32) * (1 - t) + np.array(bottom, np.float32) * t
     emit[:] = 1.0
 
 
 def _ground(view: View, assets: Assets) -> None:
     """Sidewalk up to the curb in front of the landmark, road nearer the camera."""
-    H, W, f, cx, yh, x_c, z_l, z_curb, v_fb = (view.H, view.W, view.f, view.cx, view.yh, view.x_c, view.z_l,
-                                                view.z_curb, view.v_fb)
+    H, W, f, cx, yh, x_c, z_l, z_curb, v_fb = (
+        view.H,
+        view.W,
+        view.f,
+        view.cx,
+        view.yh,
+        view.x_c,
+        view.z_l,
+        view.z_curb,
+        view.v_fb,
+    )
     vv, uu, img, emit = view.vv, view.uu, view.img, view.emit
     gy = vv[:, 0] - yh
     z_row = np.where(gy > 0, f * CAMERA_HEIGHT_M / np.maximum(gy, 1e-3), np.inf)
@@ -123,7 +145,7 @@ def _ground(view: View, assets: Assets) -> None:
         if z_lane > 0.8:
             lane_rows = np.abs(z_row - z_lane) < 0.04 * z_lane + 0.05
             x_lane = x_c + (uu - cx) * z_lane / f
-            dash = (np.mod(x_lane, 6.0) < 3.0)
+            dash = np.mod(x_lane, 6.0) < 3.0
             g = np.where((lane_rows[:, None] & dash)[..., None], np.array([0.85, 0.8, 0.5], np.float32), g)
         img[ground] = g[ground]
         emit[ground] = 0
@@ -160,22 +182,22 @@ def _facades(view: View, place: Place, assets: Assets, rng: np.random.Generator)
                 if i1 <= i0 or j1 <= j0:
                     continue
                 fr = max(int(ppm * 0.12), 1) if ppm > 6 else 0
-                wall[max(i0 - fr, 0):i1 + fr, max(j0 - fr, 0):j1 + fr] = st.frame
+                wall[max(i0 - fr, 0) : i1 + fr, max(j0 - fr, 0) : j1 + fr] = st.frame
                 lit = night and rng.random() < 0.45 or dusk and rng.random() < 0.15
                 if lit:
                     wall[i0:i1, j0:j1] = np.array([1.0, 0.82, 0.45], np.float32) * rng.uniform(0.7, 1.0)
-                    emit[r0 + i0:r0 + i1, a + j0:a + j1] = 1.0
+                    emit[r0 + i0 : r0 + i1, a + j0 : a + j1] = 1.0
                 else:
                     grad = np.linspace(1.15, 0.8, i1 - i0, dtype=np.float32)[:, None, None]
                     wall[i0:i1, j0:j1] = np.array(st.glass, np.float32) * grad
         # cornice and a shop-front band
         corn = max(int(ppm * 0.5), 1)
         if top_v >= 0:
-            wall[: corn] *= 0.6
+            wall[:corn] *= 0.6
         shop_top = int(round(v_of(3.0, z_f))) - r0
         if 0 <= shop_top < r1 - r0:
-            wall[shop_top:shop_top + max(int(ppm * 0.4), 1)] *= 0.5
-            lower = wall[shop_top + max(int(ppm * 0.4), 1):]
+            wall[shop_top : shop_top + max(int(ppm * 0.4), 1)] *= 0.5
+            lower = wall[shop_top + max(int(ppm * 0.4), 1) :]
             lower *= 0.75
         wall[:, : max(int(ppm * 0.15), 1)] *= 0.55  # building edge
         img[r0:r1, a:c] = wall
@@ -193,8 +215,10 @@ def _trees_and_lamps(view: View, place: Place, assets: Assets) -> None:
         ppm = f / z_t
         trunk_w = max(ppm * 0.3, 1)
         vb, vt = v_of(0, z_t), v_of(2.5, z_t)
-        img[max(int(vt), 0):max(min(int(vb), H), 0),
-            max(int(ut - trunk_w / 2), 0):max(min(int(ut + trunk_w / 2) + 1, W), 0)] = (0.25, 0.18, 0.12)
+        img[
+            max(int(vt), 0) : max(min(int(vb), H), 0),
+            max(int(ut - trunk_w / 2), 0) : max(min(int(ut + trunk_w / 2) + 1, W), 0),
+        ] = (0.25, 0.18, 0.12)
         if i % 2 == 0:  # crown
             r = 2.2 * ppm
             cy = v_of(4.3, z_t)
@@ -206,8 +230,10 @@ def _trees_and_lamps(view: View, place: Place, assets: Assets) -> None:
                 emit[m] = 0
         else:  # lamp post
             vt = v_of(5.0, z_t)
-            img[max(int(vt), 0):max(min(int(vb), H), 0),
-                max(int(ut - trunk_w / 3), 0):max(min(int(ut + trunk_w / 3) + 1, W), 0)] = (0.15, 0.15, 0.16)
+            img[
+                max(int(vt), 0) : max(min(int(vb), H), 0),
+                max(int(ut - trunk_w / 3), 0) : max(min(int(ut + trunk_w / 3) + 1, W), 0),
+            ] = (0.15, 0.15, 0.16)
             if night or dusk:
                 d2 = (uu - ut) ** 2 + (vv - vt) ** 2
                 glow = np.exp(-d2 / (2 * (0.6 * ppm) ** 2)).astype(np.float32)
@@ -230,7 +256,9 @@ def _landmark(view: View, place: Place) -> None:
     pr0, pr1 = int(round(v_pb)), int(round(v_base))
     if pc > 0 and pa < W and pr1 > 0 and pr0 < H:
         sl = (slice(max(pr0, 0), min(pr1, H)), slice(max(pa, 0), min(pc, W)))
-        shade = np.linspace(1.0, 0.7, max(pc - pa, 1), dtype=np.float32)[max(-pa, 0):max(-pa, 0) + sl[1].stop - sl[1].start]
+        shade = np.linspace(1.0, 0.7, max(pc - pa, 1), dtype=np.float32)[
+            max(-pa, 0) : max(-pa, 0) + sl[1].stop - sl[1].start
+        ]
         img[sl] = place.pedestal_color * shade[None, :, None]
         emit[sl] = 0
         spot[sl] = 1
@@ -242,14 +270,14 @@ def _landmark(view: View, place: Place) -> None:
         panel = np.empty((fh, fw, 3), np.float32)
         panel[:] = place.frame_color
         ox, oy = (fw - tex.shape[1]) // 2, (fh - tex.shape[0]) // 2
-        panel[oy:oy + tex.shape[0], ox:ox + tex.shape[1]] = tex
+        panel[oy : oy + tex.shape[0], ox : ox + tex.shape[1]] = tex
         alpha = np.asarray(alpha_src.resize((fw, fh), Image.Resampling.BILINEAR), np.float32) / 255.0
         x0, y0 = int(round(ul - fw / 2)), int(round(v_pb - fh))
         xa, ya = max(x0, 0), max(y0, 0)
         xb, yb = min(x0 + fw, W), min(y0 + fh, H)
         if xb > xa and yb > ya:
-            p = panel[ya - y0:yb - y0, xa - x0:xb - x0]
-            al = alpha[ya - y0:yb - y0, xa - x0:xb - x0, None]
+            p = panel[ya - y0 : yb - y0, xa - x0 : xb - x0]
+            al = alpha[ya - y0 : yb - y0, xa - x0 : xb - x0, None]
             img[ya:yb, xa:xb] = img[ya:yb, xa:xb] * (1 - al) + p * al
             emit[ya:yb, xa:xb] *= 1 - al[..., 0]
             spot[ya:yb, xa:xb] = np.maximum(spot[ya:yb, xa:xb], al[..., 0])
@@ -268,25 +296,27 @@ def _parked_car(view: View, rng: np.random.Generator) -> None:
         col = np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0, 0.9), rng.uniform(0.2, 0.9)), np.float32)
         a, c = int(max(u0, 0)), int(min(u1, W))
         if c > a:
-            img[int(max(vm, 0)):int(min(vb, H)), a:c] = col
+            img[int(max(vm, 0)) : int(min(vb, H)), a:c] = col
             ga, gc = int(max(u0 + 0.18 * (u1 - u0), 0)), int(min(u1 - 0.18 * (u1 - u0), W))
             if gc > ga:
-                img[int(max(vt, 0)):int(max(min(vm, H), 0)), ga:gc] = col * 0.35 + 0.08
+                img[int(max(vt, 0)) : int(max(min(vm, H), 0)), ga:gc] = col * 0.35 + 0.08
             for wx in (u0 + 0.2 * (u1 - u0), u0 + 0.8 * (u1 - u0)):
                 d = ((uu - wx) / (0.33 * ppm_c)) ** 2 + ((vv - vb) / (0.33 * ppm_c)) ** 2
                 img[d < 1] = 0.05
-            emit[int(max(vt, 0)):int(min(v_of(0, z_car), H)), a:c] = 0
-            spot[int(max(vt, 0)):int(min(v_of(0, z_car), H)), a:c] = 0
+            emit[int(max(vt, 0)) : int(min(v_of(0, z_car), H)), a:c] = 0
+            spot[int(max(vt, 0)) : int(min(v_of(0, z_car), H)), a:c] = 0
 
 
-
-
-
-def illuminate(img: np.ndarray, emit: np.ndarray, spot: np.ndarray, condition: str,
-                rng: np.random.Generator) -> np.ndarray:
+def illuminate(
+    img: np.ndarray, emit: np.ndarray, spot: np.ndarray, condition: str, rng: np.random.Generator
+) -> np.ndarray:
     """Apply the condition's light to the reflective parts; emitters keep their own colour."""
     if condition == "day":
-        light = np.array([1, 1, 1], np.float32) * rng.uniform(0.9, 1.1) * np.array([1, 1, rng.uniform(0.95, 1.05)], np.float32)
+        light = (
+            np.array([1, 1, 1], np.float32)
+            * rng.uniform(0.9, 1.1)
+            * np.array([1, 1, rng.uniform(0.95, 1.05)], np.float32)
+        )
         lit = img * light
         spot_gain = 0.0
     elif condition == "dusk":
@@ -328,5 +358,3 @@ def finish(img: np.ndarray, condition: str, rng: np.random.Generator) -> Image.I
     if condition == "night":  # shot noise is worse in the dark: a little chroma noise
         out = out + rng.normal(0, sigma / 2, (H, W, 1)).astype(np.float32)
     return Image.fromarray((np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8))
-
-

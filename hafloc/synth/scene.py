@@ -66,7 +66,7 @@ def landmark_texture(assets: Assets, rng: np.random.Generator, aspect: float) ->
         cw, ch = (side, side * aspect) if aspect <= 1 else (side / aspect, side)
         y0 = rng.uniform(0, sh - ch)
         x0 = rng.uniform(0, sw - cw)
-        crop = src[int(y0):int(y0 + ch), int(x0):int(x0 + cw)]
+        crop = src[int(y0) : int(y0 + ch), int(x0) : int(x0 + cw)]
         if float(crop[::4, ::4].std()) > 0.12:
             break
     if rng.random() < 0.5:
@@ -132,16 +132,29 @@ def make_places(split: str, cfg: SyntheticCityConfig, assets: Assets) -> list[Pl
         tex, alpha = landmark_texture(assets, rng, aspect)
         w_m = float(rng.uniform(2.5, 3.5))
         buildings, trees = arrangements[int(rng.integers(n_arr))]
-        places.append(Place(
-            split=split, index=i, size=sizes[i],
-            easting=e0 + col * cfg.place_spacing_m, northing=cfg.origin_northing + row * 80.0,
-            heading=180.0 if row % 2 == 0 else 0.0,  # even rows run east, odd rows west
-            landmark=tex, landmark_alpha=alpha,
-            frame_color=np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0, 0.8), rng.uniform(0.15, 0.95)), np.float32),
-            landmark_w=w_m, landmark_h=w_m * aspect, pedestal_h=float(rng.uniform(0.5, 1.4)),
-            pedestal_color=np.array([rng.uniform(0.3, 0.8)] * 3, np.float32) * np.array([1, 0.97, 0.92], np.float32),
-            gap=float(rng.uniform(5, 9)), buildings=buildings, trees=trees,
-        ))
+        places.append(
+            Place(
+                split=split,
+                index=i,
+                size=sizes[i],
+                easting=e0 + col * cfg.place_spacing_m,
+                northing=cfg.origin_northing + row * 80.0,
+                heading=180.0 if row % 2 == 0 else 0.0,  # even rows run east, odd rows west
+                landmark=tex,
+                landmark_alpha=alpha,
+                frame_color=np.array(
+                    colorsys.hsv_to_rgb(rng.random(), rng.uniform(0, 0.8), rng.uniform(0.15, 0.95)), np.float32
+                ),
+                landmark_w=w_m,
+                landmark_h=w_m * aspect,
+                pedestal_h=float(rng.uniform(0.5, 1.4)),
+                pedestal_color=np.array([rng.uniform(0.3, 0.8)] * 3, np.float32)
+                * np.array([1, 0.97, 0.92], np.float32),
+                gap=float(rng.uniform(5, 9)),
+                buildings=buildings,
+                trees=trees,
+            )
+        )
     return places
 
 
@@ -174,15 +187,15 @@ def db_fraction(q_frac: float, k: int, size: str, near_up: bool) -> tuple[float,
     return max(a, FRACTION_LIMITS[0]), max(min(b, FRACTION_LIMITS[1]), FRACTION_LIMITS[0])
 
 
-def camera(rng: np.random.Generator, fraction_range: tuple[float, float], condition: str,
-            along: float) -> Camera:
+def camera(rng: np.random.Generator, fraction_range: tuple[float, float], condition: str, along: float) -> Camera:
     frac = float(rng.uniform(*fraction_range))
     spread = max(0.0, 0.42 - frac / 2)  # keep the landmark inside the frame
     return Camera(
-        fraction=frac, u_frac=float(0.5 + rng.uniform(-spread, spread)),
-        fov_deg=float(rng.uniform(55, 68)), horizon=float(rng.uniform(0.48, 0.58)),
+        fraction=frac,
+        u_frac=float(0.5 + rng.uniform(-spread, spread)),
+        fov_deg=float(rng.uniform(55, 68)),
+        horizon=float(rng.uniform(0.48, 0.58)),
         condition=condition,
-        along_m=float(along + rng.uniform(-1, 1)), across_m=float(rng.uniform(-1.5, 1.5)),
+        along_m=float(along + rng.uniform(-1, 1)),
+        across_m=float(rng.uniform(-1.5, 1.5)),
     )
-
-

@@ -39,13 +39,18 @@ def _write_split(root: Path, split: str, cfg: SyntheticCityConfig, assets: Asset
         dir_sign = 1 if place.heading == 180.0 else -1  # +1: the route runs east here
         # Queries within 3 m of the centre, db images 1..5 m along the street: <= 8.5 m apart.
         q_rngs = [rng_of(cfg.seed, s, place.index, 3, k) for k in range(cfg.queries_per_place)]
-        q_cams = [camera(r, QUERY_FRACTION[place.size], pick(r, cfg.query_conditions), r.uniform(-2.0, 2.0))
-                  for r in q_rngs]
+        q_cams = [
+            camera(r, QUERY_FRACTION[place.size], pick(r, cfg.query_conditions), r.uniform(-2.0, 2.0)) for r in q_rngs
+        ]
         for k in range(cfg.db_per_place):
             rng = rng_of(cfg.seed, s, place.index, 2, k)
             side = -1 if k % 2 == 0 else 1
-            cam = camera(rng, db_fraction(q_cams[0].fraction, k, place.size, near_up),
-                          pick(rng, cfg.db_conditions), side * rng.uniform(2.0, 4.0))
+            cam = camera(
+                rng,
+                db_fraction(q_cams[0].fraction, k, place.size, near_up),
+                pick(rng, cfg.db_conditions),
+                side * rng.uniform(2.0, 4.0),
+            )
             entries["database"].append(_emit_image(root, split, "database", place, cam, k, dir_sign, cfg, assets, rng))
             pbar.update(1)
         for k, (rng, cam) in enumerate(zip(q_rngs, q_cams)):
@@ -54,22 +59,46 @@ def _write_split(root: Path, split: str, cfg: SyntheticCityConfig, assets: Asset
     return entries
 
 
-def _emit_image(root: Path, split: str, kind: str, place: Place, cam: Camera, k: int, dir_sign: int,
-                cfg: SyntheticCityConfig, assets: Assets, rng: np.random.Generator) -> dict[str, Any]:
+def _emit_image(
+    root: Path,
+    split: str,
+    kind: str,
+    place: Place,
+    cam: Camera,
+    k: int,
+    dir_sign: int,
+    cfg: SyntheticCityConfig,
+    assets: Assets,
+    rng: np.random.Generator,
+) -> dict[str, Any]:
     H, W = cfg.image_size
     img = finish(render(place, cam, assets, H, W, rng), cam.condition, rng)
     east = place.easting + dir_sign * cam.along_m
     north = place.northing + cam.across_m
     role = "d" if kind == "database" else "q"
     date = "20210615" if kind == "database" else "20220110"
-    name = at_name(east, north, cfg.utm_zone, cfg.utm_letter, pano=f"{place.place_id}{role}{k}",
-                   heading=place.heading, pitch=0.0, height=CAMERA_HEIGHT_M,
-                   timestamp=date + TIMESTAMP[cam.condition],
-                   note=f"size-{place.size}" if kind == "queries" else "")
+    name = at_name(
+        east,
+        north,
+        cfg.utm_zone,
+        cfg.utm_letter,
+        pano=f"{place.place_id}{role}{k}",
+        heading=place.heading,
+        pitch=0.0,
+        height=CAMERA_HEIGHT_M,
+        timestamp=date + TIMESTAMP[cam.condition],
+        note=f"size-{place.size}" if kind == "queries" else "",
+    )
     rel = f"images/{split}/{kind}/{name}"
     img.save(root / rel, format="JPEG", quality=cfg.jpeg_quality)
-    entry = {"file": rel, "place": place.place_id, "condition": cam.condition,
-             "landmark_fraction": round(cam.fraction, 4), "easting": round(east, 2), "northing": round(north, 2)}
+    entry = {
+        "file": rel,
+        "place": place.place_id,
+        "condition": cam.condition,
+        "landmark_fraction": round(cam.fraction, 4),
+        "easting": round(east, 2),
+        "northing": round(north, 2),
+    }
     if kind == "queries":
         entry["size"] = place.size
     return entry
@@ -99,15 +128,16 @@ def generate_city(root: str | Path, config: SyntheticCityConfig | None = None, p
     if meta is not None and meta.get("config") == cfg.to_json() and meta.get("version") == FORMAT_VERSION:
         return root
     if root.exists() and any(root.iterdir()) and (meta is None or meta.get("generator") != GENERATOR):
-        raise HaflocError(f"{root}: exists and is not a synthetic city (no generator {META_NAME}); choose another folder")
+        raise HaflocError(
+            f"{root}: exists and is not a synthetic city (no generator {META_NAME}); choose another folder"
+        )
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
     try:
         assets = Assets()
         splits = [s for s in SPLITS if s in cfg.places_per_split]
         total = sum(cfg.places_per_split[s] for s in splits) * (cfg.db_per_place + cfg.queries_per_place)
-        out: dict[str, Any] = {"generator": GENERATOR, "version": FORMAT_VERSION,
-                               "config": cfg.to_json(), "splits": {}}
+        out: dict[str, Any] = {"generator": GENERATOR, "version": FORMAT_VERSION, "config": cfg.to_json(), "splits": {}}
         with tqdm(total=total, desc="synthetic city", unit="img", disable=not progress) as pbar:
             for split in splits:
                 out["splits"][split] = _write_split(tmp, split, cfg, assets, pbar)
@@ -137,4 +167,3 @@ def _swap_in(tmp: Path, root: Path, cfg: SyntheticCityConfig) -> None:
             raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-

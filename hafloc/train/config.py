@@ -58,10 +58,14 @@ class TrainConfig:
     backbone_weights: str | None = setting(None, "backbone state-dict file (vgg16, superpoint)")
     clusters: int | None = setting(None, "VLAD clusters per level (default: the method's, 64)")
     proj_dim: int | None = setting(None, "HAF: channels per level after the 1x1 projection (default 128)")
-    levels: tuple[str, ...] | None = setting(None, "VLAD heads: comma-separated levels of low,mid,high (default: the "
-                                             "method's; HAF all three)", parse=comma_list)
-    attention: bool | None = setting(None, "VLAD heads: attention masks on or off (default: the method's)",
-                                     parse=on_off)
+    levels: tuple[str, ...] | None = setting(
+        None,
+        "VLAD heads: comma-separated levels of low,mid,high (default: the method's; HAF all three)",
+        parse=comma_list,
+    )
+    attention: bool | None = setting(
+        None, "VLAD heads: attention masks on or off (default: the method's)", parse=on_off
+    )
     fit_images: int = setting(300, "at most this many training images for the cluster init (k-means / PCA)")
     # last n backbone stages trainable; the rest frozen (BN in eval)
     train_stages: int = setting(1, "trainable backbone stages, counted from the top")
@@ -91,7 +95,9 @@ class TrainConfig:
     seed: int = setting(0, "random seed")
     # rounded up to a cache refresh, see loop.py
     checkpoint_every: int = setting(100, "iterations between checkpoints")
-    time_budget: float | None = setting(None, "wall-clock budget in minutes for the whole run; stops cleanly when spent")
+    time_budget: float | None = setting(
+        None, "wall-clock budget in minutes for the whole run; stops cleanly when spent"
+    )
     # data loading
     workers: int = setting(2, "image decoding threads")
     cache_images: str = setting("auto", "keep decoded images in memory: auto, yes or no")
@@ -100,8 +106,11 @@ class TrainConfig:
     # are stored on disk; steps and mining refreshes run only the trainable groups + head.
     # float16 (default; losses within ~1e-5 of the uncached run) | float32 (bit-exact) | no.
     # On whenever some backbone group is frozen (training has no random augmentation to defeat it).
-    trunk_cache: str = setting("float16", "store the frozen backbone groups' output once per image and train only "
-                               "the rest: float16, float32 (bit-exact) or no")
+    trunk_cache: str = setting(
+        "float16",
+        "store the frozen backbone groups' output once per image and train only "
+        "the rest: float16, float32 (bit-exact) or no",
+    )
     cache: str | None = setting(None, "trunk cache folder (default OUTPUT/.trunk_cache); runs may share one")
     eval_batch_size: int = 16
     max_val_queries: int | None = setting(None, "cap on validation queries (random, fixed by the seed)")
@@ -114,8 +123,12 @@ class TrainConfig:
 
     def head_overrides(self) -> dict[str, Any]:
         """The head settings this run changes (``ModelConfig.for_method`` keywords)."""
-        return {"num_clusters": self.clusters, "proj_dim": self.proj_dim, "levels": self.levels,
-                "attention": self.attention}
+        return {
+            "num_clusters": self.clusters,
+            "proj_dim": self.proj_dim,
+            "levels": self.levels,
+            "attention": self.attention,
+        }
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -128,8 +141,16 @@ class TrainConfig:
             raise HaflocError(f"cache_images must be auto, yes or no, got {self.cache_images!r}")
         if self.trunk_cache not in TRUNK_CACHE:
             raise HaflocError(f"trunk_cache must be one of {', '.join(TRUNK_CACHE)}, got {self.trunk_cache!r}")
-        for name in ("epochs", "batch_size", "num_negatives", "neg_pool", "cache_refresh", "checkpoint_every",
-                     "workers", "eval_batch_size"):
+        for name in (
+            "epochs",
+            "batch_size",
+            "num_negatives",
+            "neg_pool",
+            "cache_refresh",
+            "checkpoint_every",
+            "workers",
+            "eval_batch_size",
+        ):
             if int(getattr(self, name)) < 1:
                 raise HaflocError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.train_stages < 0:

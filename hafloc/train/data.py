@@ -63,8 +63,17 @@ class ImageStore:
                 return err.cause
             return None
 
-        for i, reason in zip(ids, tqdm(self._pool.map(try_load, ids), total=len(ids), desc="train: read images",
-                                        unit="img", disable=not progress, dynamic_ncols=True)):
+        for i, reason in zip(
+            ids,
+            tqdm(
+                self._pool.map(try_load, ids),
+                total=len(ids),
+                desc="train: read images",
+                unit="img",
+                disable=not progress,
+                dynamic_ncols=True,
+            ),
+        ):
             if reason is not None:
                 bad[i] = reason
                 log.warning("skipped %s: %s", self.paths[i], reason)
@@ -171,7 +180,8 @@ def load_train_data(cfg: TrainConfig, progress: bool = True) -> TrainData:
     groups = [ids_of(train.db_paths()), ids_of(train.q_paths()), ids_of(val.db_paths()), ids_of(val.q_paths())]
     h, w = cfg.image_size
     cache = cfg.cache_images == "yes" or (
-        cfg.cache_images == "auto" and len(paths) * h * w <= cfg.cache_limit * 224 * 320)
+        cfg.cache_images == "auto" and len(paths) * h * w <= cfg.cache_limit * 224 * 320
+    )
     store = ImageStore(paths, cfg.image_size, cache=cache, workers=cfg.workers)
     bad = store.check(list(range(len(paths))), progress=progress)
     skipped = {str(paths[i]): r for i, r in bad.items()}
@@ -187,7 +197,17 @@ def load_train_data(cfg: TrainConfig, progress: bool = True) -> TrainData:
         log.warning("%d unreadable image(s) left out of training/validation", len(bad))
     kind = pick_supervision(train, cfg.supervision)
     pos, nonneg, self_q = supervision_lists(train, kind, cfg)
-    return TrainData(train=train, val=val, store=store, db_ids=groups[0],
-                     q_ids=groups[0] if self_q else groups[1], self_queries=self_q, supervision=kind,
-                     positives=pos, non_negatives=nonneg, val_db_ids=groups[2], val_q_ids=groups[3],
-                     skipped=skipped)
+    return TrainData(
+        train=train,
+        val=val,
+        store=store,
+        db_ids=groups[0],
+        q_ids=groups[0] if self_q else groups[1],
+        self_queries=self_q,
+        supervision=kind,
+        positives=pos,
+        non_negatives=nonneg,
+        val_db_ids=groups[2],
+        val_q_ids=groups[3],
+        skipped=skipped,
+    )

@@ -84,5 +84,5 @@ def gather_rows(info: DistInfo, local: np.ndarray, total: int) -> np.ndarray:
     out = np.zeros((total, dim), dtype=np.float32)
     for r, part in enumerate(parts):
         n = len(range(r, total, info.world_size))
-        out[r::info.world_size] = part[:n].cpu().numpy()
+        out[r :: info.world_size] = part[:n].cpu().numpy()
     return out

@@ -59,6 +59,7 @@ HISTORY_FIELDS = ("epoch", "loss", "val_recall@1", "val_recall@5", "val_recall@1
 
 # ----------------------------------------------------------------------------- model setup
 
+
 def build_model(cfg: TrainConfig, fit_paths: list[Path] | None, progress: bool = True) -> tuple[GeoLocNet, dict]:
     """The method on its pretrained backbone, clusters/projections fitted on ``fit_paths``."""
     mcfg = ModelConfig.for_method(cfg.method, cfg.backbone, **cfg.head_overrides())
@@ -76,7 +77,7 @@ def freeze_backbone(model: GeoLocNet, train_stages: int) -> list[nn.Module]:
     n = min(max(train_stages, 0), len(groups))
     for p in model.backbone.parameters():
         p.requires_grad_(False)
-    for g in groups[len(groups) - n:]:
+    for g in groups[len(groups) - n :]:
         for p in g.parameters():
             p.requires_grad_(True)
     return list(groups[: len(groups) - n])
@@ -92,8 +93,9 @@ def set_train_mode(model: GeoLocNet, frozen: list[nn.Module]) -> None:
 def build_optimizer(model: GeoLocNet, cfg: TrainConfig) -> torch.optim.Optimizer:
     backbone = [p for p in model.backbone.parameters() if p.requires_grad]
     head = [p for p in model.head.parameters() if p.requires_grad]  # fusion_logits included for haf
-    groups = [g for g in ({"params": backbone, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr or cfg.lr})
-              if g["params"]]
+    groups = [
+        g for g in ({"params": backbone, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr or cfg.lr}) if g["params"]
+    ]
     if not groups:
         raise HaflocError("nothing to train: every parameter is frozen")
     if cfg.optimizer == "sgd":
@@ -101,8 +103,15 @@ def build_optimizer(model: GeoLocNet, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def tuple_loss(net: nn.Module, images: torch.Tensor | dict[str, torch.Tensor], num_tuples: int, num_negatives: int,
-               loss: str, margin: float | None, neg_mask: torch.Tensor | None = None) -> torch.Tensor:
+def tuple_loss(
+    net: nn.Module,
+    images: torch.Tensor | dict[str, torch.Tensor],
+    num_tuples: int,
+    num_negatives: int,
+    loss: str,
+    margin: float | None,
+    neg_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Loss of ``num_tuples`` tuples laid out as [queries; positives; negatives (tuple-major)].
 
     One forward pass for all images of the batch; ``net`` is the model or its DDP wrapper, or a
@@ -113,12 +122,13 @@ def tuple_loss(net: nn.Module, images: torch.Tensor | dict[str, torch.Tensor], n
     q, p, negs = {}, {}, {}
     for key in LOSSES[loss].needs:
         t = out[key]
-        q[key], p[key] = t[:b], t[b:2 * b]
-        negs[key] = t[2 * b:].reshape(b, n, *t.shape[1:])
+        q[key], p[key] = t[:b], t[b : 2 * b]
+        negs[key] = t[2 * b :].reshape(b, n, *t.shape[1:])
     return compute_loss(loss, q, p, negs, margin=margin, neg_mask=neg_mask)
 
 
 # ----------------------------------------------------------------------------- state helpers
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -131,10 +141,17 @@ def rng_state() -> dict:
     # legacy=True (the default) gives the tuple form; numpy's stubs return it as a union with a dict
     np_state = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     py = random.getstate()
-    return {"python": [py[0], list(py[1]), py[2]],
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
-                      int(np_state[3]), float(np_state[4])],
-            "torch": torch.get_rng_state()}
+    return {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [
+            np_state[0],
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
+        "torch": torch.get_rng_state(),
+    }
 
 
 def set_rng_state(state: dict) -> None:
@@ -162,8 +179,14 @@ class Progress:
     done: bool = False
 
 
-def save_checkpoint(path: Path, model: GeoLocNet, optimizer: torch.optim.Optimizer, miner: HardNegativeMiner,
-                    prog: Progress, cfg: TrainConfig) -> None:
+def save_checkpoint(
+    path: Path,
+    model: GeoLocNet,
+    optimizer: torch.optim.Optimizer,
+    miner: HardNegativeMiner,
+    prog: Progress,
+    cfg: TrainConfig,
+) -> None:
     payload = {
         "format": CKPT_FORMAT,
         "config": cfg.to_dict(),
@@ -184,7 +207,9 @@ def load_checkpoint(path: Path) -> dict:
     except FileNotFoundError:
         raise InputError(path, "no checkpoint to resume from") from None
     except Exception as err:
-        raise InputError(path, f"unreadable checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+        raise InputError(
+            path, f"unreadable checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != CKPT_FORMAT:
         raise InputError(path, "not a hafloc training checkpoint")
     return payload
@@ -195,8 +220,12 @@ def write_history(out: Path, history: list[dict]) -> None:
     w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for row in history:
-        w.writerow({k: ("" if row.get(k) is None or (isinstance(row.get(k), float) and math.isnan(row[k]))
-                        else row[k]) for k in HISTORY_FIELDS})
+        w.writerow(
+            {
+                k: ("" if row.get(k) is None or (isinstance(row.get(k), float) and math.isnan(row[k])) else row[k])
+                for k in HISTORY_FIELDS
+            }
+        )
     write_text_atomic(out / "history.csv", buf.getvalue())
     try:
         from ..reports import plot_history
@@ -207,6 +236,7 @@ def write_history(out: Path, history: list[dict]) -> None:
 
 
 # ----------------------------------------------------------------------------- the trainer
+
 
 class Trainer:
     """One training run (a fresh one, or a resumed one when ``resume`` is set)."""
@@ -242,8 +272,14 @@ class Trainer:
             raise HaflocError(f"loss 'dd' needs a VLAD head; method {cfg.method!r} has none (use --loss triplet)")
         self.frozen = freeze_backbone(self.model, cfg.train_stages)
         self.optimizer = build_optimizer(self.model, cfg)
-        self.miner = HardNegativeMiner(d.positives, d.non_negatives, num_db=len(d.db_ids),
-                                       num_negatives=cfg.num_negatives, pool_size=cfg.neg_pool, seed=cfg.seed)
+        self.miner = HardNegativeMiner(
+            d.positives,
+            d.non_negatives,
+            num_db=len(d.db_ids),
+            num_negatives=cfg.num_negatives,
+            pool_size=cfg.neg_pool,
+            seed=cfg.seed,
+        )
         self.prog = Progress(dropped_queries=self.miner.num_dropped)
         if ckpt is not None:
             self.model.load_state_dict(ckpt["model"])
@@ -252,8 +288,9 @@ class Trainer:
             set_rng_state(ckpt["rng"])
             self.prog = Progress(**ckpt["progress"])
         if self.miner.num_dropped:
-            log.info("%d of %d training queries have no positive and are dropped", self.miner.num_dropped,
-                     len(d.positives))
+            log.info(
+                "%d of %d training queries have no positive and are dropped", self.miner.num_dropped, len(d.positives)
+            )
         if len(self.miner.valid_queries) == 0:
             raise HaflocError(f"{d.train.name}: no training query has a positive; nothing to train on")
         self.trunk, self.trunk_info = self._open_trunk_cache()
@@ -281,11 +318,18 @@ class Trainer:
             log.info("trunk cache off: %s", why)
             return None, {"enabled": False, "reason": why}
         root = Path(cfg.cache) if cfg.cache else self.out / ".trunk_cache"
-        cache = TrunkCache(root, self.model, frozen_groups(self.model, cfg.train_stages), cfg.image_size,
-                           dtype=cfg.trunk_cache)
+        cache = TrunkCache(
+            root, self.model, frozen_groups(self.model, cfg.train_stages), cfg.image_size, dtype=cfg.trunk_cache
+        )
         used = np.unique(np.concatenate([d.db_ids, d.q_ids, d.val_db_ids, d.val_q_ids]))
-        info = cache.build(d.store.paths, d.store.load, ids=used.tolist(), batch_size=cfg.eval_batch_size,
-                           workers=cfg.workers, progress=self.progress_bars)
+        info = cache.build(
+            d.store.paths,
+            d.store.load,
+            ids=used.tolist(),
+            batch_size=cfg.eval_batch_size,
+            workers=cfg.workers,
+            progress=self.progress_bars,
+        )
         d.store.drop_cache()  # the decoded images are no longer read
         return cache, {"enabled": True, **info}
 
@@ -301,23 +345,34 @@ class Trainer:
         ids = np.asarray(ids, dtype=np.int64)
         todo = np.unique([i for i in ids.tolist() if i not in self._memo]).astype(np.int64)
         if len(todo):
-            mine = todo[self.dist.rank::self.dist.world_size]
+            mine = todo[self.dist.rank :: self.dist.world_size]
             self.model.eval()
             chunks = []
             t0 = time.monotonic()
-            bar = tqdm(total=len(todo), desc="train: descriptors", unit="img", leave=False,
-                       disable=not self.progress_bars or len(todo) < 64, dynamic_ncols=True)
+            bar = tqdm(
+                total=len(todo),
+                desc="train: descriptors",
+                unit="img",
+                leave=False,
+                disable=not self.progress_bars or len(todo) < 64,
+                dynamic_ncols=True,
+            )
             if self.trunk is not None:
                 bs = self.cfg.eval_batch_size
                 for s in range(0, len(mine), bs):
-                    state = {k: v.to(self.device) for k, v in self.trunk.batch(mine[s:s + bs]).items()}
+                    state = {k: v.to(self.device) for k, v in self.trunk.batch(mine[s : s + bs]).items()}
                     with torch.inference_mode():
                         chunks.append(self._body(state)["descriptor"].float().cpu().numpy())
-                    bar.update(len(mine[s:s + bs]) * self.dist.world_size)
+                    bar.update(len(mine[s : s + bs]) * self.dist.world_size)
             else:
                 # one image size: batches run in order, in chunks of eval_batch_size
-                for ev in run_batches(self._runner, mine.tolist(), self.data.store.load, self.cfg.eval_batch_size,
-                                      workers=self.cfg.workers):
+                for ev in run_batches(
+                    self._runner,
+                    mine.tolist(),
+                    self.data.store.load,
+                    self.cfg.eval_batch_size,
+                    workers=self.cfg.workers,
+                ):
                     if not isinstance(ev, Batch):  # the store checked every image up front
                         raise ev.error
                     chunks.append(ev.outputs["descriptor"])
@@ -329,7 +384,11 @@ class Trainer:
             self._sec_per_image = (time.monotonic() - t0) / max(len(todo), 1)
             for i, v in zip(todo.tolist(), allv):
                 self._memo[i] = v
-        return np.stack([self._memo[i] for i in ids.tolist()]) if len(ids) else np.zeros((0, self.model.out_dim), np.float32)
+        return (
+            np.stack([self._memo[i] for i in ids.tolist()])
+            if len(ids)
+            else np.zeros((0, self.model.out_dim), np.float32)
+        )
 
     def validate(self) -> dict:
         d = self.data
@@ -354,8 +413,11 @@ class Trainer:
             return False
         # keep time for the final validation (and whitening) so the budget holds end to end
         d = self.data
-        n_final = len(d.val_db_ids) + len(d.val_q_ids) + (min(len(d.db_ids), self.cfg.whitening_images)
-                                                          if self.cfg.dim else 0)
+        n_final = (
+            len(d.val_db_ids)
+            + len(d.val_q_ids)
+            + (min(len(d.db_ids), self.cfg.whitening_images) if self.cfg.dim else 0)
+        )
         reserve = 1.2 * n_final * self._sec_per_image + 5.0
         return D.any_true(self.dist, self.elapsed() + reserve > self.cfg.time_budget * 60.0)
 
@@ -376,7 +438,7 @@ class Trainer:
 
     def _step(self, tuples: list) -> float:
         d, cfg, n = self.data, self.cfg, self.cfg.num_negatives
-        local = tuples[self.dist.rank::self.dist.world_size]
+        local = tuples[self.dist.rank :: self.dist.world_size]
         weight = 1.0
         if not local:  # keep DDP ranks in step: a zero-weight copy of some tuple
             local, weight = tuples[:1], 0.0
@@ -416,20 +478,27 @@ class Trainer:
             self.checkpoint()
         while not prog.done and prog.epoch < cfg.epochs:
             order = self.epoch_order(prog.epoch)
-            bar = tqdm(total=len(order), initial=prog.position, desc=f"epoch {prog.epoch + 1}/{cfg.epochs}",
-                       unit="q", disable=not self.progress_bars, dynamic_ncols=True)
+            bar = tqdm(
+                total=len(order),
+                initial=prog.position,
+                desc=f"epoch {prog.epoch + 1}/{cfg.epochs}",
+                unit="q",
+                disable=not self.progress_bars,
+                dynamic_ncols=True,
+            )
             while prog.position < len(order) and not stopped_for_time:
                 if prog.iteration - self._last_ckpt_iter >= cfg.checkpoint_every:
                     self.checkpoint()
-                round_q = order[prog.position: prog.position + cfg.cache_refresh]
+                round_q = order[prog.position : prog.position + cfg.cache_refresh]
                 db_desc = self.describe(d.db_ids)
-                q_desc = dict(zip(round_q.tolist(), db_desc[round_q] if d.self_queries
-                                  else self.describe(d.q_ids[round_q])))
+                q_desc = dict(
+                    zip(round_q.tolist(), db_desc[round_q] if d.self_queries else self.describe(d.q_ids[round_q]))
+                )
                 for s in range(0, len(round_q), cfg.batch_size):
                     if self.out_of_time():
                         stopped_for_time = True
                         break
-                    qs = round_q[s:s + cfg.batch_size]
+                    qs = round_q[s : s + cfg.batch_size]
                     tuples = self._mine_batch(qs, db_desc, q_desc)
                     if tuples:
                         loss = self._step(tuples)
@@ -463,13 +532,23 @@ class Trainer:
         return self.finish(stopped_for_time)
 
     def _record(self, epoch: float, loss: float, r: dict) -> None:
-        row = {"epoch": epoch, "loss": None if math.isnan(loss) else round(loss, 6),
-               **{f"val_{k}": round(v, 4) for k, v in r.items()}, "time": round(self.elapsed(), 1)}
+        row = {
+            "epoch": epoch,
+            "loss": None if math.isnan(loss) else round(loss, 6),
+            **{f"val_{k}": round(v, 4) for k, v in r.items()},
+            "time": round(self.elapsed(), 1),
+        }
         self.prog.history.append(row)
         if self.main:
             write_history(self.out, self.prog.history)
-            log.info("epoch %s: loss %s, val R@1 %.2f R@5 %.2f R@10 %.2f", epoch, row["loss"],
-                     r.get("recall@1", math.nan), r.get("recall@5", math.nan), r.get("recall@10", math.nan))
+            log.info(
+                "epoch %s: loss %s, val R@1 %.2f R@5 %.2f R@10 %.2f",
+                epoch,
+                row["loss"],
+                r.get("recall@1", math.nan),
+                r.get("recall@5", math.nan),
+                r.get("recall@10", math.nan),
+            )
 
     def _maybe_best(self, epoch: float, r: dict) -> bool:
         if r.get("recall@5", -1.0) <= self.prog.best_recall5:
@@ -480,30 +559,48 @@ class Trainer:
         return True
 
     def _meta(self, epoch: float, r: dict) -> dict:
-        return {"fit": self.fit_info, "trained": {"method": self.cfg.method, "dataset": str(self.cfg.dataset), "epoch": epoch,
-                            "val": r, "loss": self.loss_name, "supervision": self.data.supervision,
-                            "image_size": list(self.cfg.image_size),
-                            "fusion_weights": [round(float(w), 4) for w in self.model.head.fusion_weights().detach()]}}
+        return {
+            "fit": self.fit_info,
+            "trained": {
+                "method": self.cfg.method,
+                "dataset": str(self.cfg.dataset),
+                "epoch": epoch,
+                "val": r,
+                "loss": self.loss_name,
+                "supervision": self.data.supervision,
+                "image_size": list(self.cfg.image_size),
+                "fusion_weights": [round(float(w), 4) for w in self.model.head.fusion_weights().detach()],
+            },
+        }
 
     def finish(self, stopped_for_time: bool) -> dict:
         """Whitening (if asked) into best.model; the summary."""
         cfg, d = self.cfg, self.data
-        summary = {"output": str(self.out), "best_epoch": self.prog.best_epoch,
-                   "best_val_recall@5": self.prog.best_recall5, "iterations": self.prog.iteration,
-                   "epochs_done": self.prog.epoch, "stopped_for_time": stopped_for_time,
-                   "supervision": d.supervision, "loss": self.loss_name,
-                   "dropped_queries": self.prog.dropped_queries, "skipped_images": d.skipped,
-                   "trunk_cache": self.trunk_info,
-                   "history": self.prog.history, "seconds": round(self.elapsed(), 1),
-                   "rank": self.dist.rank}
+        summary = {
+            "output": str(self.out),
+            "best_epoch": self.prog.best_epoch,
+            "best_val_recall@5": self.prog.best_recall5,
+            "iterations": self.prog.iteration,
+            "epochs_done": self.prog.epoch,
+            "stopped_for_time": stopped_for_time,
+            "supervision": d.supervision,
+            "loss": self.loss_name,
+            "dropped_queries": self.prog.dropped_queries,
+            "skipped_images": d.skipped,
+            "trunk_cache": self.trunk_info,
+            "history": self.prog.history,
+            "seconds": round(self.elapsed(), 1),
+            "rank": self.dist.rank,
+        }
         if self.main and cfg.dim and (self.out / "best.model").exists():
             from ..descriptors.modelfile import load_model, read_model_file
 
             best = load_model(self.out / "best.model")
             meta = read_model_file(self.out / "best.model").get("meta", {})
             paths = d.train.db_paths()
-            meta["whitening"] = fit_whitening(best, paths, cfg.dim, max_images=cfg.whitening_images, seed=cfg.seed,
-                                              progress=self.progress_bars)
+            meta["whitening"] = fit_whitening(
+                best, paths, cfg.dim, max_images=cfg.whitening_images, seed=cfg.seed, progress=self.progress_bars
+            )
             save_model(best, self.out / "best.model", meta=meta)
         D.barrier(self.dist)
         d.store.close()

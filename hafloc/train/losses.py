@@ -39,9 +39,7 @@ __all__ = [
 _REDUCTIONS = ("query", "triplet", "sum")
 
 
-def detection_weighted_distance(
-    s_q: Tensor, K_q: Tensor, s_r: Tensor, K_r: Tensor, eps: float = 1e-8
-) -> Tensor:
+def detection_weighted_distance(s_q: Tensor, K_q: Tensor, s_r: Tensor, K_r: Tensor, eps: float = 1e-8) -> Tensor:
     """HAF's detection-weighted distance dD(q, r), per pair.
 
     dD(q, r) = sum_c [ s_q^c s_r^c / sum_c' s_q^c' s_r^c' ] * || K_q^c - K_r^c ||_2
@@ -220,8 +218,15 @@ def _triplet_outputs(
     neg_mask: Tensor | None = None,
     reduction: str = "query",
 ) -> Tensor:
-    return triplet_loss(q["descriptor"], p["descriptor"], negs["descriptor"], margin=margin,
-                        squared=True, neg_mask=neg_mask, reduction=reduction)
+    return triplet_loss(
+        q["descriptor"],
+        p["descriptor"],
+        negs["descriptor"],
+        margin=margin,
+        squared=True,
+        neg_mask=neg_mask,
+        reduction=reduction,
+    )
 
 
 def _sare_outputs(variant: str) -> LossFn:
@@ -245,6 +250,7 @@ LOSSES: dict[str, LossSpec] = {
     "sare_joint": LossSpec(_sare_outputs("joint"), ("descriptor",), None),
     "sare_ind": LossSpec(_sare_outputs("ind"), ("descriptor",), None),
 }
+
 
 def default_loss_for(method: str) -> str:
     """The loss a method trains with by default: HAF -> 'dd', the baselines -> 'triplet'."""

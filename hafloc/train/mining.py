@@ -126,9 +126,7 @@ class HardNegativeMiner:
         squared: bool = True,
     ):
         if len(potential_positives) != len(non_negatives):
-            raise ValueError(
-                f"{len(potential_positives)} positive lists but {len(non_negatives)} non-negative lists"
-            )
+            raise ValueError(f"{len(potential_positives)} positive lists but {len(non_negatives)} non-negative lists")
         if num_db <= 0 or num_negatives <= 0 or pool_size <= 0:
             raise ValueError("num_db, num_negatives and pool_size must be positive")
         self.num_db = int(num_db)
@@ -179,9 +177,7 @@ class HardNegativeMiner:
         q_desc = np.asarray(q_desc).ravel()
         db_desc = np.asarray(db_desc)
         if db_desc.ndim != 2 or db_desc.shape[0] != self.num_db or db_desc.shape[1] != q_desc.size:
-            raise ValueError(
-                f"db_desc must be ({self.num_db}, {q_desc.size}), got {db_desc.shape}"
-            )
+            raise ValueError(f"db_desc must be ({self.num_db}, {q_desc.size}), got {db_desc.shape}")
 
         d_pos_all = self._distances(q_desc, db_desc, pos_cands)
         best = int(np.argmin(d_pos_all))  # first minimum: ties go to the lowest index

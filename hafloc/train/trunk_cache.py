@@ -101,8 +101,15 @@ class TrunkCache:
     trunk state of images by their index into ``paths``, ready for :class:`CachedTrunkNet`.
     """
 
-    def __init__(self, root: str | Path, model: GeoLocNet, stop: int, size: tuple[int, int],
-                 dtype: str = "float16", shard_rows: int = SHARD_ROWS):
+    def __init__(
+        self,
+        root: str | Path,
+        model: GeoLocNet,
+        stop: int,
+        size: tuple[int, int],
+        dtype: str = "float16",
+        shard_rows: int = SHARD_ROWS,
+    ):
         if dtype not in DTYPES:
             raise HaflocError(f"trunk cache dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if not 1 <= stop <= len(model.backbone.trainable_groups()):
@@ -144,9 +151,16 @@ class TrunkCache:
 
     def _fingerprint(self, dtype: str) -> str:
         bb = self.model.backbone
-        desc = {"version": VERSION, "class": type(bb).__name__, "backbone": bb.name, "frozen_groups": self.stop,
-                "size": list(self.size), "dtype": dtype, "fields": [[k, list(s)] for k, s in self.fields],
-                "alias": self.alias}
+        desc = {
+            "version": VERSION,
+            "class": type(bb).__name__,
+            "backbone": bb.name,
+            "frozen_groups": self.stop,
+            "size": list(self.size),
+            "dtype": dtype,
+            "fields": [[k, list(s)] for k, s in self.fields],
+            "alias": self.alias,
+        }
         h = hashlib.sha256(json.dumps(desc, sort_keys=True).encode())
         for name, buf in sorted(bb.named_buffers(recurse=False)):  # normalisation constants
             h.update(name.encode())
@@ -170,7 +184,9 @@ class TrunkCache:
             try:
                 keys = json.loads(p.read_text(encoding="utf-8"))["images"]
             except (OSError, ValueError, KeyError, TypeError) as err:
-                raise InputError(p, f"damaged trunk-cache shard index ({err}); delete {self.folder} to rebuild") from None
+                raise InputError(
+                    p, f"damaged trunk-cache shard index ({err}); delete {self.folder} to rebuild"
+                ) from None
             for row, k in enumerate(keys):
                 index.setdefault(k, (int(m.group(1)), row))
         return index
@@ -183,8 +199,15 @@ class TrunkCache:
             np.save(tmp, rows)
         write_json_atomic(self._shard_path(n, "json"), {"images": keys})  # the commit marker
 
-    def build(self, paths: Sequence[str | Path], load: Callable[[int], torch.Tensor], ids: Sequence[int] | None = None,
-              batch_size: int = 16, workers: int = 2, progress: bool = True) -> dict:
+    def build(
+        self,
+        paths: Sequence[str | Path],
+        load: Callable[[int], torch.Tensor],
+        ids: Sequence[int] | None = None,
+        batch_size: int = 16,
+        workers: int = 2,
+        progress: bool = True,
+    ) -> dict:
         """Make the images ``paths[i]`` for ``i`` in ``ids`` (default: all) available to :meth:`batch`;
         ``load(i)`` -> (3,H,W) in [0, 1] of ``paths[i]`` at the cache's size. Computes only what the
         folder lacks; returns {"images", "computed", "seconds", "folder"}."""
@@ -197,24 +220,37 @@ class TrunkCache:
             for stale in self.folder.glob(".shard-*.partial.*"):  # left by a killed builder; we hold the lock
                 stale.unlink(missing_ok=True)
             if not (self.folder / "meta.json").is_file():
-                write_json_atomic(self.folder / "meta.json", {
-                    "version": VERSION, "backbone": self.model.backbone.name, "frozen_groups": self.stop,
-                    "size": list(self.size), "dtype": np.dtype(self.dtype).name,
-                    "fields": [[k, list(s)] for k, s in self.fields], "alias": self.alias})
+                write_json_atomic(
+                    self.folder / "meta.json",
+                    {
+                        "version": VERSION,
+                        "backbone": self.model.backbone.name,
+                        "frozen_groups": self.stop,
+                        "size": list(self.size),
+                        "dtype": np.dtype(self.dtype).name,
+                        "fields": [[k, list(s)] for k, s in self.fields],
+                        "alias": self.alias,
+                    },
+                )
             index = self._index()
             todo_keys = list(dict.fromkeys(k for k in keys if k not in index))  # one row per distinct file
             first = {k: i for i, k in reversed(list(key_of.items()))}
             n_next = 1 + max((s for s, _ in index.values()), default=0)
-            bar = tqdm(total=len(todo_keys), desc="train: trunk cache", unit="img",
-                       disable=not progress or not todo_keys, dynamic_ncols=True)
+            bar = tqdm(
+                total=len(todo_keys),
+                desc="train: trunk cache",
+                unit="img",
+                disable=not progress or not todo_keys,
+                dynamic_ncols=True,
+            )
             for s in range(0, len(todo_keys), self.shard_rows):
-                chunk = todo_keys[s:s + self.shard_rows]
+                chunk = todo_keys[s : s + self.shard_rows]
                 rows = np.empty((len(chunk), self.row_len), self.dtype)
                 pos = 0
                 for ev in run_batches(_Rows(self), [first[k] for k in chunk], load, batch_size, workers=workers):
                     if not isinstance(ev, Batch):
                         raise InputError(paths[ev.item], ev.error.cause)
-                    rows[pos:pos + len(ev.items)] = ev.outputs["rows"]
+                    rows[pos : pos + len(ev.items)] = ev.outputs["rows"]
                     pos += len(ev.items)
                     bar.update(len(ev.items))
                 self._write_shard(n_next, chunk, rows)
@@ -228,7 +264,12 @@ class TrunkCache:
         seconds = time.monotonic() - t0
         if todo_keys:
             log.info("trunk cache: %d image(s) computed in %.1f s (%s)", len(todo_keys), seconds, self.folder)
-        return {"images": len(keys), "computed": len(todo_keys), "seconds": round(seconds, 2), "folder": str(self.folder)}
+        return {
+            "images": len(keys),
+            "computed": len(todo_keys),
+            "seconds": round(seconds, 2),
+            "folder": str(self.folder),
+        }
 
     def rows(self, x: torch.Tensor) -> np.ndarray:
         """Cache rows (B, row_len) of an image batch (B,3,H,W) in [0, 1] at the cache's size."""
@@ -243,10 +284,15 @@ class TrunkCache:
             try:
                 m = np.load(path, mmap_mode="r")
             except (OSError, ValueError) as err:
-                raise InputError(path, f"unreadable trunk-cache shard ({err}); delete {self.folder} to rebuild") from None
+                raise InputError(
+                    path, f"unreadable trunk-cache shard ({err}); delete {self.folder} to rebuild"
+                ) from None
             if m.shape[1:] != (self.row_len,) or m.dtype != self.dtype:
-                raise InputError(path, f"trunk-cache shard of shape {m.shape} {m.dtype}, expected rows of "
-                                       f"{self.row_len} {np.dtype(self.dtype).name}; delete {self.folder} to rebuild")
+                raise InputError(
+                    path,
+                    f"trunk-cache shard of shape {m.shape} {m.dtype}, expected rows of "
+                    f"{self.row_len} {np.dtype(self.dtype).name}; delete {self.folder} to rebuild",
+                )
             self._maps[n] = m
         return m
 
@@ -267,7 +313,7 @@ class TrunkCache:
         off = 0
         for k, shape in self.fields:
             size = int(np.prod(shape))
-            state[k] = flat[:, off:off + size].reshape(len(ids), *shape).contiguous()
+            state[k] = flat[:, off : off + size].reshape(len(ids), *shape).contiguous()
             off += size
         for k, target in self.alias.items():
             state[k] = state[target]

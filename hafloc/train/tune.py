@@ -46,12 +46,19 @@ def simplex_grid(levels: int, step: float) -> list[tuple[float, ...]]:
     return out
 
 
-def extract_levels(model: GeoLocNet, paths: Sequence[Path], image_size: tuple[int, int] | None = None,
-                   max_side: int | None = None, batch_size: int = 8, progress: bool = True,
-                   desc: str = "levels") -> tuple[list[np.ndarray], list[int]]:
+def extract_levels(
+    model: GeoLocNet,
+    paths: Sequence[Path],
+    image_size: tuple[int, int] | None = None,
+    max_side: int | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "levels",
+) -> tuple[list[np.ndarray], list[int]]:
     """Per-level L2-normalised VLADs of ``paths``: ([(N_ok, D_l) per level] in path order, failed indices)."""
     model.eval()
     max_side = max_side or model.config.max_side
+
     def load(i: int) -> torch.Tensor:
         return to_tensor(load_image(paths[i]), size=image_size, max_side=max_side)
 
@@ -78,8 +85,9 @@ def _fast_recall(ds: Dataset) -> bool:
     return ds.metric == "recall" and ds.quirks.tokyo_nms is None and ds.quirks.timestamps is None
 
 
-def _grid_scores(ds: Dataset, db_levels: list[np.ndarray], q_levels: list[np.ndarray],
-                 grid: list[tuple[float, ...]], progress: bool) -> list[dict[str, float]]:
+def _grid_scores(
+    ds: Dataset, db_levels: list[np.ndarray], q_levels: list[np.ndarray], grid: list[tuple[float, ...]], progress: bool
+) -> list[dict[str, float]]:
     results = []
     if _fast_recall(ds):
         sims = [torch.from_numpy(q) @ torch.from_numpy(d).T for q, d in zip(q_levels, db_levels)]
@@ -113,9 +121,17 @@ def pick_best(grid: list[tuple[float, ...]], results: list[dict[str, float]], ta
     return min(range(len(grid)), key=key)
 
 
-def tune_fusion_weights(model: GeoLocNet, ds: Dataset, step: float = 0.1, image_size: tuple[int, int] | None = None,
-                        max_side: int | None = None, batch_size: int = 8, apply: bool = True,
-                        whitening_paths: Sequence[Path] | None = None, progress: bool = True) -> dict[str, Any]:
+def tune_fusion_weights(
+    model: GeoLocNet,
+    ds: Dataset,
+    step: float = 0.1,
+    image_size: tuple[int, int] | None = None,
+    max_side: int | None = None,
+    batch_size: int = 8,
+    apply: bool = True,
+    whitening_paths: Sequence[Path] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Grid-search the fusion weights on ``ds`` for the best recall@5 (mAP for mAP sets).
 
     Returns {"dataset", "weights", "recall@1", "recall@5", ..., "previous_weights", "previous"
@@ -129,21 +145,32 @@ def tune_fusion_weights(model: GeoLocNet, ds: Dataset, step: float = 0.1, image_
         raise HaflocError(f"method {model.config.method!r} has a single level: no fusion weights to tune")
     if ds.num_q == 0 or ds.num_db == 0:
         raise HaflocError(f"{ds.name}: nothing to tune on ({ds.num_db} database, {ds.num_q} query images)")
-    db_levels, db_fail = extract_levels(model, ds.db_paths(), image_size, max_side, batch_size, progress, "tune: database")
+    db_levels, db_fail = extract_levels(
+        model, ds.db_paths(), image_size, max_side, batch_size, progress, "tune: database"
+    )
     q_levels, q_fail = extract_levels(model, ds.q_paths(), image_size, max_side, batch_size, progress, "tune: queries")
     if db_fail or q_fail:
-        ds = ds.subset(db_idx=np.setdiff1d(np.arange(ds.num_db), db_fail),
-                       q_idx=np.setdiff1d(np.arange(ds.num_q), q_fail))
+        ds = ds.subset(
+            db_idx=np.setdiff1d(np.arange(ds.num_db), db_fail), q_idx=np.setdiff1d(np.arange(ds.num_q), q_fail)
+        )
     grid = simplex_grid(len(head.levels), step)
     previous = [round(float(w), 6) for w in head.fusion_weights().detach()]
     results = _grid_scores(ds, db_levels, q_levels, grid, progress)
     prev_scores = _grid_scores(ds, db_levels, q_levels, [tuple(previous)], progress=False)[0]
     best = pick_best(grid, results)
     weights = list(grid[best])
-    out: dict[str, Any] = {"dataset": ds.name, "weights": weights, **results[best], "previous_weights": previous,
-                           "previous": prev_scores, "step": step, "num_queries": ds.num_q, "num_db": ds.num_db,
-                           "skipped": len(db_fail) + len(q_fail),
-                           "grid": [{"w": list(w), **r} for w, r in zip(grid, results)]}
+    out: dict[str, Any] = {
+        "dataset": ds.name,
+        "weights": weights,
+        **results[best],
+        "previous_weights": previous,
+        "previous": prev_scores,
+        "step": step,
+        "num_queries": ds.num_q,
+        "num_db": ds.num_db,
+        "skipped": len(db_fail) + len(q_fail),
+        "grid": [{"w": list(w), **r} for w, r in zip(grid, results)],
+    }
     out["whitening"] = None
     if apply:
         head.set_fusion_weights(weights)
@@ -154,8 +181,10 @@ def tune_fusion_weights(model: GeoLocNet, ds: Dataset, step: float = 0.1, image_
                 fit_whitening(model, list(whitening_paths), model.whitening.dim, progress=progress)
                 out["whitening"] = "refitted"
             else:
-                log.warning("the model's whitening was fitted with the old fusion weights and is now stale; "
-                            "refit it on training images (hafloc.descriptors.fit.fit_whitening)")
+                log.warning(
+                    "the model's whitening was fitted with the old fusion weights and is now stale; "
+                    "refit it on training images (hafloc.descriptors.fit.fit_whitening)"
+                )
                 out["whitening"] = "stale"
     return out
 

@@ -76,6 +76,12 @@ class _TooLarge(Exception):
     pass
 
 
+# An over-size upload is read and discarded up to this many times the cap, for at most this long,
+# before the 413 goes out (see UploadLimit._drain); beyond that the connection is simply closed.
+DRAIN_FACTOR = 2
+DRAIN_SECONDS = 10.0
+
+
 class UploadLimit:
     """ASGI middleware: 413 for request bodies over ``max_bytes``, by header and while streaming."""
 
@@ -94,6 +100,8 @@ class UploadLimit:
                 except ValueError:
                     return await _send_json(send, 400, "malformed Content-Length header")
                 if too_big:
+                    if (b"expect", b"100-continue") not in scope["headers"]:  # else no body was sent
+                        await self._drain(receive, 0)
                     return await _send_json(send, 413, f"upload larger than the {limit_mb:g} MB limit")
         received = 0
         started = False
@@ -117,7 +125,25 @@ class UploadLimit:
             await self.app(scope, limited_receive, tracking_send)
         except _TooLarge:
             if not started:
+                await self._drain(receive, received)
                 await _send_json(send, 413, f"upload larger than the {limit_mb:g} MB limit")
+
+    async def _drain(self, receive, received: int) -> None:
+        """Read and discard the rest of an over-size body (up to ``DRAIN_FACTOR`` x the cap, for at most
+        ``DRAIN_SECONDS``) before answering 413: closing a socket with unread data makes the kernel reset
+        the connection, and the client then sees "connection reset" instead of the 413 and its message."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DRAIN_SECONDS
+        while received <= DRAIN_FACTOR * self.max_bytes:
+            try:
+                msg = await asyncio.wait_for(receive(), timeout=max(0.01, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                return
+            if msg["type"] != "http.request":
+                return
+            received += len(msg.get("body", b""))
+            if not msg.get("more_body", False):
+                return
 
 
 async def _send_json(send, status: int, message: str) -> None:

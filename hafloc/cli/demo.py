@@ -17,7 +17,7 @@ def register(sub) -> None:
         description="Generates a synthetic city ('@' folders), trains HAF and the NetVLAD / CRN / GeM baselines "
         "on its training split with GPS supervision, tunes HAF's fusion weights on val, evaluates "
         "every method on test (overall and by landmark size) and writes DIR/index.html and "
-        "DIR/results.json. About 15 minutes on a 2-core CPU (--quick: under 3). Rerunning reuses "
+        "DIR/results.json. About 10 minutes on a 2-core CPU (--quick: about 1.5). Rerunning reuses "
         "every finished stage; an interrupted run resumes.",
     )
     p.add_argument("--quick", action="store_true", help="small city, small images, fewer training epochs per method")

@@ -24,8 +24,8 @@ class DemoConfig:
     CPU with the frozen-trunk cache (train/trunk_cache.py; measured epochs 2.1x (HAF) to 3.1x
     (NetVLAD) faster at 128x160, about 6x for HAF at 256x320): the full run (12 epochs at the
     synthetic city's native 256x320, about the 2 min per method in which the former time budget
-    bought 4-5) stays under 15 minutes, ``--quick`` (128x160, 10 epochs instead of 4, about the
-    former 10-15 s per method) under 3.
+    bought 4-5) took 9 min 12 s in all on an idle 2-core machine, ``--quick`` (128x160, 10 epochs
+    instead of 4) 72 s.
     """
 
     output: str = "hafloc-demo"

@@ -160,6 +160,34 @@ def test_gps_supervision_on_at_folders(tmp_path):
     assert load_model(tmp_path / "out" / "best.model").config.method == "netvlad"
 
 
+def test_two_datasets_train_together_and_validate_each(tmp_path, caplog):
+    from hafloc.datasets.synthetic import SyntheticCityConfig, generate_city
+
+    roots = [
+        generate_city(
+            tmp_path / f"city{i}",
+            SyntheticCityConfig(places_per_split={"train": 6, "val": 3, "test": 3}, image_size=(64, 96), seed=i),
+            progress=False,
+        )
+        for i in range(2)
+    ]
+    cfg = TrainConfig(
+        method="netvlad", dataset=",".join(map(str, roots)), output=str(tmp_path / "out"), epochs=2, **TINY
+    )
+    summary = train(cfg)
+    assert summary["iterations"] == 2 * 3  # 12 training queries (6 per set) in batches of 4, two epochs
+    names = [f"city{i}-val" for i in range(2)]
+    for row in summary["history"]:
+        per_set = [row[f"val_{n}/recall@5"] for n in names]
+        assert row["val_recall@5"] == pytest.approx(np.mean(per_set), abs=1e-3)  # the mean of the two sets
+    header = (tmp_path / "out" / "history.csv").read_text().splitlines()[0]
+    assert all(f"val_{n}/recall@1" in header for n in names)
+    # the selected model never has a set below its start
+    start, best = summary["history"][0], summary["best_epoch"]
+    chosen = next(r for r in summary["history"] if r["epoch"] == best)
+    assert all(chosen[f"val_{n}/recall@5"] >= start[f"val_{n}/recall@5"] - 1e-3 for n in names)
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "hafloc", "train", *args]
 

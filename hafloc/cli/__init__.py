@@ -17,6 +17,7 @@ _COMMANDS = [
     "extract",
     "eval",
     "compare",
+    "dataset",
     "train",
     "tune_weights",
     "index",

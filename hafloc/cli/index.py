@@ -23,13 +23,18 @@ def register(sub) -> None:
     )
     isub = p.add_subparsers(dest="index_command", metavar="ACTION")
 
-    def building(q, model_required: bool) -> None:
+    def building(q, new_index: bool) -> None:
         q.add_argument("folder", help="folder of photos (searched recursively)")
         q.add_argument("--index", required=True, help="index folder")
         q.add_argument(
             "--model",
-            required=model_required,
-            help="model file" + ("" if model_required else " (default: the one the index was built with)"),
+            default="default" if new_index else None,
+            help="model file"
+            + (
+                " (default: 'default', the shipped HAF trained on real street views; see 'hafloc model info default')"
+                if new_index
+                else " (default: the one the index was built with)"
+            ),
         )
         q.add_argument(
             "--positions", help="CSV with header image,lat,lon (image: path relative to FOLDER or file name)"
@@ -44,7 +49,7 @@ def register(sub) -> None:
         add_lock_arg(q)
         add_backend_args(q)
         add_ray_args(q)
-        if model_required:  # build: the index's local features are chosen once, add follows them
+        if new_index:  # build: the index's local features are chosen once, add follows them
             q.add_argument(
                 "--local",
                 metavar="EXTRACTOR",
@@ -65,7 +70,7 @@ def register(sub) -> None:
         description="Creates INDEX from the photos in FOLDER. Atomic and resumable: rerunning after "
         "an interruption finishes the job without duplicates.",
     )
-    building(b, model_required=True)
+    building(b, new_index=True)
     b.add_argument("--exact", action="store_true", help="exact (flat) search whatever the database size")
     b.add_argument(
         "--search",
@@ -102,7 +107,7 @@ def register(sub) -> None:
         help="append the photos of a folder to an existing index",
         description="Adds new photos (already indexed ones are skipped) with the index's model.",
     )
-    building(a, model_required=False)
+    building(a, new_index=False)
     a.set_defaults(func=run_add)
 
     i = isub.add_parser("info", help="describe an index")
@@ -287,7 +292,7 @@ def _index_folder(args, store_factory) -> int:
 
 
 def run_build(args) -> int:
-    from ..descriptors.modelfile import load_model
+    from ..descriptors.modelfile import DEFAULT, DEFAULT_FILE, load_model
     from ..errors import HaflocError
     from ..index.search import SearchConfig
     from ..index.store import IndexStore
@@ -316,7 +321,7 @@ def run_build(args) -> int:
             model.fingerprint(),
             model.out_dim,
             SearchConfig(kind=kind),
-            model_path=args.model,
+            model_path=DEFAULT if Path(str(model.source_path)) == DEFAULT_FILE else args.model,
             local=local,
             lock_timeout=args.lock_timeout,
             compact=compact,

@@ -57,7 +57,12 @@ def register(sub) -> None:
         "file (from 'hafloc export-onnx'): inputs, outputs and how to feed it "
         "(size rule, colour order, range, normalisation) from its metadata.",
     )
-    pf.add_argument("model", help="model file, or an exported .onnx file")
+    pf.add_argument(
+        "model",
+        nargs="?",
+        default="default",
+        help="model file, or an exported .onnx file (default: 'default', the shipped model, with its model card)",
+    )
     pf.add_argument("--json", action="store_true", help="machine-readable output")
     pf.set_defaults(func=run_info)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
@@ -118,8 +123,30 @@ def run_info(args) -> int:
     if args.json:
         print_json(info)
         return 0
+    card = info.get("meta", {}).get("card") if isinstance(info.get("meta"), dict) else None
     for key, value in info.items():
+        if key == "meta" and card:
+            continue  # printed below as the model card
         if isinstance(value, (dict, list)):
             value = json.dumps(value)
         print(f"{key:>16}: {value}")
+    if card:
+        print_card(card)
     return 0
+
+
+def print_card(card: dict) -> None:
+    """The model card: what the model learned from, how, and what it scores on each set."""
+    print("\nmodel card")
+    for key, value in card.items():
+        if key == "metrics":
+            continue
+        print(f"{key:>16}: {value if isinstance(value, str) else json.dumps(value)}")
+    metrics = card.get("metrics") or {}
+    if metrics:
+        print(f"\n{'set':<28} {'metric':<10} {'this model':>10} {'untrained':>10}")
+        for name, m in metrics.items():
+            print(
+                f"{name:<28} {m.get('metric', ''):<10} {m.get('model', float('nan')):>10.2f} "
+                f"{m.get('untrained', float('nan')):>10.2f}"
+            )

@@ -6,6 +6,7 @@ heading@pitch@roll@height@timestamp@note@.jpg``
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +172,29 @@ def is_at_layout(path: Path) -> bool:
     return False
 
 
+def _apply_protocol(split_dir: Path, quirks: Quirks, db_f: list[dict], q_f: list[dict]) -> None:
+    """A split's ``protocol.json`` (written by ``hafloc dataset prepare``): ``"exclude_same":
+    "timestamp"`` scores each query only against database images of another capture time (the
+    '@' timestamp field; TokyoTM's rule). Images without a timestamp are never excluded."""
+    f = split_dir / "protocol.json"
+    if not f.is_file():
+        return
+    try:
+        proto = json.loads(f.read_text(encoding="utf-8"))
+        rule = proto.get("exclude_same")
+    except (OSError, ValueError, AttributeError) as err:
+        raise InputError(f, f"not a readable protocol file ({err})") from None
+    if rule not in (None, "timestamp"):
+        raise InputError(f, f"unknown 'exclude_same' rule {rule!r} (known: timestamp)")
+    if rule == "timestamp":
+
+        def stamps(fields: list[dict], side: str) -> list[str]:
+            return [str(x["timestamp"]) if x["timestamp"] else f"\0{side}{i}" for i, x in enumerate(fields)]
+
+        quirks.timestamps = {"db": np.array(stamps(db_f, "d")), "q": np.array(stamps(q_f, "q"))}
+    quirks.protocol = str(proto.get("description") or "") or None
+
+
 def load_at_folders(path: str | Path, split: str = "test", **_: Any) -> Dataset:
     """Read one split of an '@' dataset: positions from the names, 25 m threshold."""
     path = Path(path)
@@ -195,6 +219,7 @@ def load_at_folders(path: str | Path, split: str = "test", **_: Any) -> Dataset:
     ts = [f["timestamp"] for f in db_f + q_f]
     if ts and all(t is not None for t in ts):
         quirks.capture_times = {"db": [f["timestamp"] for f in db_f], "q": [f["timestamp"] for f in q_f]}
+    _apply_protocol(split_dir, quirks, db_f, q_f)
     name = path.name if path.name not in SPLITS + ("images",) else path.parent.name
     return Dataset(
         name=f"{name}-{split_dir.name}" if split_dir != path else name,

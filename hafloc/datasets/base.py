@@ -37,6 +37,7 @@ class Quirks:
     # per database image and per query
     timestamps: dict[str, Any] | None = field(default=None, metadata=_PAIRED)  # TokyoTM same-time exclusion
     latlon: dict[str, Any] | None = field(default=None, metadata=_PAIRED)  # (N, 2) degrees, geotagged photos
+    sources: dict[str, Any] | None = field(default=None, metadata=_PAIRED)  # source index per image (combine)
     capture_times: dict[str, Any] | None = field(default=None, metadata=_PAIRED)  # the '@' timestamp field
     # {"easy", "hard", "junk": per-query db-index arrays} of the revisited Oxford/Paris protocol
     revisited: dict[str, list[np.ndarray]] | None = None
@@ -58,6 +59,7 @@ class Quirks:
     skipped: list[str] | None = None  # images without a position left out
     position_source: str | None = None
     split_from_database: dict[str, Any] | None = None  # see split_database
+    source_names: list[str] | None = None  # names of the sets a combined dataset was made of
 
     def per(self, kind: str) -> list[str]:
         """Names of the fields held per image of ``kind`` ("db", "q" or "paired")."""
@@ -329,3 +331,77 @@ def split_database(ds: Dataset, val_fraction: float = 0.2, seed: int = 0) -> tup
     )
     train.quirks = dataclasses.replace(train.quirks, split_from_database={"val_fraction": val_fraction, "seed": seed})
     return train, val
+
+
+# UTM offset between combined sets: no image of one set is ever within a radius of another's
+_SOURCE_OFFSET_M = 1.0e8
+
+
+def combine(datasets: Sequence[Dataset], name: str | None = None) -> Dataset:
+    """One dataset made of several (same supervision): images by absolute path, positions kept
+    apart by a large offset per set (no cross-set positive), timestamps kept where a set has them,
+    and ``quirks.sources`` / ``source_names`` saying which set each image came from."""
+    if len(datasets) == 1:
+        return datasets[0]
+    kinds = {("utm" if d.db_utm is not None else "labels" if d.db_labels is not None else "none") for d in datasets}
+    if len(kinds) != 1 or "none" in kinds:
+        raise ValueError("combined datasets must all have positions or all have labels")
+    utm = kinds == {"utm"}
+
+    def cat(parts: list[Any]) -> Any:
+        return np.concatenate(parts) if parts else None
+
+    db_images, q_images, db_utm, q_utm, db_lab, q_lab, db_src, q_src = [], [], [], [], [], [], [], []
+    db_ts, q_ts = [], []
+    any_ts = any(d.quirks.timestamps is not None for d in datasets)
+    for i, d in enumerate(datasets):
+        db_images += [str(p.resolve()) for p in d.db_paths()]
+        q_images += [str(p.resolve()) for p in d.q_paths()]
+        db_src.append(np.full(d.num_db, i))
+        q_src.append(np.full(d.num_q, i))
+        if utm:
+            off = np.array([i * _SOURCE_OFFSET_M, 0.0])
+            db_utm.append(np.asarray(d.db_utm) + off)
+            q_utm.append(np.asarray(d.q_utm).reshape(-1, 2) + off if d.q_utm is not None else np.zeros((0, 2)))
+        else:
+            db_lab.append(np.array([f"{i}:{x}" for x in d.db_labels.tolist()], dtype=object))
+            q_lab.append(
+                np.array([f"{i}:{x}" for x in (d.q_labels.tolist() if d.q_labels is not None else [])], dtype=object)
+            )
+        if any_ts:
+            ts = d.quirks.timestamps
+            db_ts.append(
+                np.array([f"{i}:{x}" for x in ts["db"]]) if ts else np.array([f"{i}:d{j}" for j in range(d.num_db)])
+            )
+            q_ts.append(
+                np.array([f"{i}:{x}" for x in ts["q"]]) if ts else np.array([f"{i}:q{j}" for j in range(d.num_q)])
+            )
+    quirks = Quirks(
+        sources={"db": cat(db_src), "q": cat(q_src)},
+        source_names=[d.name for d in datasets],
+        timestamps={"db": cat(db_ts), "q": cat(q_ts)} if any_ts else None,
+        protocol="; ".join(f"{d.name}: {d.quirks.protocol}" for d in datasets if d.quirks.protocol) or None,
+    )
+    return Dataset(
+        name=name or "+".join(d.name for d in datasets),
+        format="combined",
+        root=Path("/"),
+        db_images=db_images,
+        q_images=q_images,
+        db_utm=cat(db_utm) if utm else None,
+        q_utm=cat(q_utm) if utm else None,
+        db_labels=cat(db_lab) if not utm else None,
+        q_labels=cat(q_lab) if not utm else None,
+        pos_threshold=max(d.pos_threshold for d in datasets),
+        quirks=quirks,
+    )
+
+
+def source_subsets(ds: Dataset) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, database indices, query indices) of each set a combined dataset was made of
+    (one entry covering everything for a plain dataset)."""
+    src, names = ds.quirks.sources, ds.quirks.source_names
+    if src is None or not names:
+        return [(ds.name, np.arange(ds.num_db), np.arange(ds.num_q))]
+    db, q = np.asarray(src["db"]), np.asarray(src["q"])
+    return [(n, np.flatnonzero(db == i), np.flatnonzero(q == i)) for i, n in enumerate(names)]

@@ -1,8 +1,16 @@
 """The model file: one ``torch.save`` of plain data (config, weights incl. clusters, fusion
-weights and whitening, metadata), loaded with ``weights_only=True``."""
+weights and whitening, metadata), loaded with ``weights_only=True``.
+
+A file may leave the backbone out (``save_model(..., trunk="pretrained")``): it then holds only
+what differs from the pretrained trunk of the backbone's package (head, whitening), optionally in
+float16, plus a digest of that trunk, checked when the file is loaded. The shipped default model
+(``DEFAULT``, the name ``default`` wherever a model file is asked for) is such a file, inside the
+package, checked against ``DEFAULT_SHA256`` at load.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -17,25 +25,67 @@ from .network import GeoLocNet, ModelConfig
 FORMAT = "hafloc-model"
 VERSION = 1
 
+# The shipped default model: HAF trained on real street views (its card: `hafloc model info default`).
+DEFAULT = "default"
+DEFAULT_FILE = Path(__file__).resolve().parent / "default" / "haf-streets.model"
+DEFAULT_SHA256 = "0000000000000000000000000000000000000000000000000000000000000000"  # scripts/package_default_model.py
 
-def save_model(model: GeoLocNet, path: str | Path, meta: dict | None = None) -> Path:
+
+def trunk_digest(model: GeoLocNet) -> str:
+    """Digest of the backbone's weights (what a trunk-less model file relies on)."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.backbone.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_model(
+    model: GeoLocNet, path: str | Path, meta: dict | None = None, trunk: str = "included", half: bool = False
+) -> Path:
+    """Write ``model``; ``trunk="pretrained"`` leaves out the backbone (rebuilt from its package at
+    load), ``half`` stores floating-point weights as float16."""
+    if trunk not in ("included", "pretrained"):
+        raise ValueError(f"trunk must be 'included' or 'pretrained', got {trunk!r}")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if trunk == "pretrained":
+        state = {k: v for k, v in state.items() if not k.startswith("backbone.")}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     payload: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
         "hafloc": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "config": model.config.to_dict(),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": state,
         "meta": meta or {},
     }
+    if trunk == "pretrained":
+        payload["trunk"] = {"source": "pretrained", "digest": trunk_digest(model)}
     payload["config"]["whiten_dim"] = model.whitening.dim
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return Path(path)
 
 
-def read_model_file(path: str | Path) -> dict:
-    path = Path(path)
+def resolve_model_path(path: str | Path | None) -> Path:
+    """A model file's path; None or ``default`` (when no such file exists here) = the shipped model,
+    whose sha256 is checked."""
+    if path is not None and (str(path) != DEFAULT or Path(path).exists()):
+        return Path(path)
+    if not DEFAULT_FILE.is_file():
+        raise InputError(DEFAULT_FILE, "the default model is missing from this installation (reinstall hafloc)")
+    digest = hashlib.sha256(DEFAULT_FILE.read_bytes()).hexdigest()
+    if digest != DEFAULT_SHA256:
+        raise InputError(
+            DEFAULT_FILE, f"the default model is damaged (sha256 {digest[:12]}..., expected {DEFAULT_SHA256[:12]}...)"
+        )
+    return DEFAULT_FILE
+
+
+def read_model_file(path: str | Path | None) -> dict:
+    path = resolve_model_path(path)
     if not path.is_file():
         raise InputError(path, "model file not found")
     if path.stat().st_size == 0:
@@ -54,13 +104,31 @@ def read_model_file(path: str | Path) -> dict:
     return payload
 
 
-def load_model(path: str | Path) -> GeoLocNet:
-    """Rebuild the network from a model file (no backbone weights are read from elsewhere)."""
+def load_model(path: str | Path | None = None) -> GeoLocNet:
+    """Rebuild the network from a model file (None or ``default``: the shipped default model).
+
+    A file holding its trunk reads no backbone weights from elsewhere; a trunk-less one takes the
+    pretrained backbone of its package and refuses one whose weights differ from those it was
+    saved with."""
+    path = resolve_model_path(path)
     payload = read_model_file(path)
     config = ModelConfig.from_dict(payload["config"], source=path)
-    model = GeoLocNet(config, pretrained=False)
+    trunk = payload.get("trunk")
+    model = GeoLocNet(config, pretrained=trunk is not None)
+    state = payload["state_dict"]
+    if trunk is not None:
+        if trunk_digest(model) != trunk.get("digest"):
+            raise InputError(
+                path,
+                f"saved for other {config.backbone} weights than the installed package's "
+                f"(trunk {trunk_digest(model)} vs {trunk.get('digest')}); install the versions of requirements.lock",
+            )
+        reference = model.state_dict()
+        state = {**{k: v for k, v in reference.items() if k.startswith("backbone.")}, **state}
+    reference = model.state_dict()
+    state = {k: v.to(reference[k].dtype) if k in reference and v.is_floating_point() else v for k, v in state.items()}
     try:
-        model.load_state_dict(payload["state_dict"])
+        model.load_state_dict(state)
     except RuntimeError as err:
         raise InputError(path, f"weights do not match the stored configuration ({str(err).splitlines()[0]})") from None
     model.meta = payload.get("meta", {})
@@ -68,12 +136,13 @@ def load_model(path: str | Path) -> GeoLocNet:
     return model.eval()
 
 
-def model_info(path: str | Path) -> dict:
+def model_info(path: str | Path | None) -> dict:
     payload = read_model_file(path)
     model = load_model(path)
-    n_params = sum(v.numel() for v in payload["state_dict"].values())
+    n_params = sum(v.numel() for v in model.state_dict().values())
     info = {
-        "file": str(path),
+        "file": str(resolve_model_path(path)),
+        "default": resolve_model_path(path) == DEFAULT_FILE,
         "hafloc": payload.get("hafloc"),
         "created": payload.get("created"),
         "fingerprint": model.fingerprint(),
@@ -91,6 +160,11 @@ def model_info(path: str | Path) -> dict:
         "fusion_weights": [round(float(w), 4) for w in model.head.fusion_weights().detach()],
         "max_side": model.config.max_side,
         "parameters": n_params,
+        "stored": {
+            "trunk": "pretrained (from the backbone's package)" if payload.get("trunk") else "included",
+            "dtype": sorted({str(v.dtype).replace("torch.", "") for v in payload["state_dict"].values()}),
+            "bytes": resolve_model_path(path).stat().st_size,
+        },
         "meta": payload.get("meta", {}),
     }
     return info

@@ -25,6 +25,7 @@ from torch import nn
 from .. import __version__
 from ..errors import HaflocError, InputError
 from ..fileio import atomic_path
+from .modelfile import DEFAULT_FILE
 from .network import GeoLocNet
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,7 @@ def cache_path(model: GeoLocNet, fingerprint: str | None = None) -> Path:
     fp = fingerprint or model.fingerprint()
     if model.source_path:
         src = Path(model.source_path)
-        if _writable_dir(src.parent):
+        if _writable_dir(src.parent) and src != DEFAULT_FILE:  # never write into the installed package
             return src.parent / f"{src.name}.{fp}.onnx"
         return cache_dir() / f"{src.name}.{fp}.onnx"
     return cache_dir() / f"{model.config.method}.{fp}.onnx"

@@ -52,6 +52,7 @@ import filelock
 import numpy as np
 from tqdm import tqdm
 
+from hafloc.descriptors.modelfile import DEFAULT
 from hafloc.descriptors.result import ExtractResult
 from hafloc.errors import HaflocError, InputError, ModelMismatchError, printable
 from hafloc.fileio import atomic_path, write_json_atomic
@@ -403,7 +404,10 @@ class IndexStore:
             "format": FORMAT,
             "version": VERSION,
             "model_fingerprint": fingerprint,
-            "model_path": str(Path(model_path).resolve()) if model_path else None,
+            # the shipped default model is recorded by name: the installed package may move
+            "model_path": (model_path if model_path == DEFAULT else str(Path(model_path).resolve()))
+            if model_path
+            else None,
             "dim": int(out_dim or dim),
             "dtype": dtype,
             "search": (search_config or SearchConfig()).to_dict(),

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from ..descriptors.extract import Extractor
-from ..descriptors.modelfile import load_model
+from ..descriptors.modelfile import DEFAULT, load_model
 from ..errors import HaflocError, InputError
 from ..index.calibrate import load_calibrator
 from ..index.locate import answer
@@ -43,7 +43,7 @@ def open_model_for(store: IndexStore, model_path: str | Path | None = None):
         stored = store.info.get("model_path")
         if not stored:
             raise HaflocError(f"{store.folder}: the index does not record its model; pass --model")
-        if not Path(stored).is_file():
+        if stored != DEFAULT and not Path(stored).is_file():
             raise InputError(stored, "model file of the index not found (moved?); pass --model")
         model_path = stored
     model = load_model(model_path)

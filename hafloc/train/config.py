@@ -47,7 +47,11 @@ class TrainConfig:
     # Fields with a help text are also flags of `hafloc train` (cli/train.py builds them from here;
     # the default is appended to the help unless it is None, in which case the help says what None means).
     method: str = setting("haf", "haf (the paper) or a baseline: " + ", ".join(m for m in METHODS if m != "haf"))
-    dataset: str = setting("", "dataset folder or ground-truth file (any layout 'hafloc eval' reads)")
+    dataset: str = setting(
+        "",
+        "dataset folder or ground-truth file (any layout 'hafloc eval' reads); several, comma-separated, "
+        "train together and are validated each (best model: mean val recall@5, none below its start)",
+    )
     output: str = setting("", "output folder: best.model, last.ckpt, history.csv/png, config.json")
     format: str | None = setting(None, "dataset layout (default: detected)")
     epochs: int = setting(5, "epochs")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..datasets.base import Dataset
+from ..datasets.base import Dataset, combine
 from ..datasets.detect import load_dataset
 from ..errors import HaflocError, InputError
 from ..images.io import load_image, to_tensor
@@ -151,11 +151,20 @@ def supervision_lists(ds: Dataset, kind: str, cfg: TrainConfig) -> tuple[list[np
     return pos, nonneg, self_q
 
 
+def dataset_paths(spec: str) -> list[str]:
+    """The dataset folders of ``--dataset`` (several, comma-separated, train together)."""
+    paths = [p.strip() for p in str(spec).split(",") if p.strip()]
+    if not paths:
+        raise HaflocError("no dataset given")
+    return paths
+
+
 def load_train_data(cfg: TrainConfig, progress: bool = True) -> TrainData:
     """Load the train and val splits, read every image once, and build the supervision."""
     opts = {"val_fraction": cfg.val_fraction, "seed": cfg.seed}
-    train = load_dataset(cfg.dataset, cfg.format, split="train", **opts)
-    val = load_dataset(cfg.dataset, cfg.format, split="val", **opts)
+    sources = dataset_paths(cfg.dataset)
+    train = combine([load_dataset(p, cfg.format, split="train", **opts) for p in sources])
+    val = combine([load_dataset(p, cfg.format, split="val", **opts) for p in sources])
     if train.num_db < 2:
         raise HaflocError(f"{train.name}: {train.num_db} training image(s); need at least 2")
     if val.num_q == 0 or val.num_db == 0:

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..datasets.base import source_subsets
 from ..descriptors.fit import fit_clusters, fit_whitening
 from ..descriptors.modelfile import save_model
 from ..descriptors.network import GeoLocNet, ModelConfig
@@ -217,7 +218,8 @@ def load_checkpoint(path: Path) -> dict:
 
 def write_history(out: Path, history: list[dict]) -> None:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, extrasaction="ignore", lineterminator="\n")
+    extra = [k for k in dict.fromkeys(k for row in history for k in row) if k not in HISTORY_FIELDS]
+    w = csv.DictWriter(buf, fieldnames=[*HISTORY_FIELDS, *extra], extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for row in history:
         w.writerow(
@@ -391,11 +393,22 @@ class Trainer:
         )
 
     def validate(self) -> dict:
+        """Val recall@1/5/10; for several datasets, each one's (``NAME/recall@5``) and their mean."""
         d = self.data
         db = self.describe(d.val_db_ids)
         q = self.describe(d.val_q_ids)
-        res = score(d.val, db, q)
-        return {k: float(res[k]) for k in ("recall@1", "recall@5", "recall@10") if k in res}
+        keys = ("recall@1", "recall@5", "recall@10")
+        parts = source_subsets(d.val)
+        if len(parts) == 1:
+            res = score(d.val, db, q)
+            return {k: float(res[k]) for k in keys if k in res}
+        out: dict = {}
+        for name, db_idx, q_idx in parts:
+            res = score(d.val.subset(db_idx, q_idx), db[db_idx], q[q_idx])
+            out.update({f"{name}/{k}": float(res[k]) for k in keys if k in res})
+        for k in keys:
+            out[k] = float(np.mean([out[f"{name}/{k}"] for name, _, _ in parts]))
+        return out
 
     # -- schedule ---------------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -551,7 +564,16 @@ class Trainer:
             )
 
     def _maybe_best(self, epoch: float, r: dict) -> bool:
+        """Best = highest (mean) val recall@5; with several datasets, none may be below its start
+        (a model that gains on one set and loses on another is not selected)."""
         if r.get("recall@5", -1.0) <= self.prog.best_recall5:
+            return False
+        start = self.prog.history[0] if self.prog.history else {}
+        worse = [
+            k for k, v in r.items() if "/" in k and k.endswith("recall@5") and v < start.get(f"val_{k}", -1.0) - 1e-3
+        ]
+        if worse and epoch != 0:
+            log.info("epoch %s not selected: %s below the start", epoch, ", ".join(worse))
             return False
         self.prog.best_recall5, self.prog.best_epoch = r["recall@5"], epoch
         if self.main:

@@ -1,0 +1,100 @@
+"""Make a trained model the shipped default: hafloc/descriptors/default/haf-streets.model.
+
+Stores only what differs from the pretrained trunk of the backbone's package (head, whitening), in
+float16 when its descriptors agree with float32 (cosine >= 0.999 on every parity image and the
+same nearest neighbours), with the model card in its metadata; writes the file's sha256 into
+hafloc/descriptors/modelfile.py (checked at every load).
+
+    python scripts/package_default_model.py runs/haf-streets/best.model \
+        --card-json runs/bench-real/results-test.json --parity-images data/cambridge/images/val/queries
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from hafloc.descriptors.extract import Extractor  # noqa: E402
+from hafloc.descriptors.modelfile import DEFAULT_FILE, load_model, read_model_file, save_model  # noqa: E402
+from hafloc.images.io import list_images  # noqa: E402
+
+MODELFILE = REPO / "hafloc" / "descriptors" / "modelfile.py"
+MAX_BYTES = 15 * 2**20
+
+
+def describe(model, paths: list[Path]) -> np.ndarray:
+    return Extractor(model, backend="torch").extract_paths(paths, progress=False).descriptors
+
+
+def card_metrics(results: Path | None, label: str) -> dict:
+    """{set: {metric, model, untrained, vs_untrained}} from benchmarks/real_training.py's JSON."""
+    if results is None:
+        return {}
+    rows = json.loads(results.read_text())["rows"]
+    out = {}
+    for row in rows:
+        r = row["results"]
+        if label in r:
+            out[row["set"]] = {
+                "metric": r[label]["metric"],
+                "model": round(r[label]["value"], 2),
+                "untrained": round(r["untrained"]["value"], 2),
+                **({"vs_untrained": r[label]["vs_untrained"]} if "vs_untrained" in r[label] else {}),
+            }
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", type=Path, help="the trained model file (e.g. runs/haf-streets/best.model)")
+    ap.add_argument("--card-json", type=Path, action="append", default=[], help="benchmark results (repeatable)")
+    ap.add_argument("--label", default="trained", help="the model's label in those results")
+    ap.add_argument("--parity-images", nargs="+", required=True, help="images or folders for the float16 check")
+    ap.add_argument("--card", type=Path, help="extra card fields (JSON object: data, split, command, ...)")
+    args = ap.parse_args()
+
+    model = load_model(args.model)
+    meta = read_model_file(args.model).get("meta", {})
+    paths = [p for p, _ in list_images(args.parity_images)][:48]
+    DEFAULT_FILE.parent.mkdir(parents=True, exist_ok=True)
+    card = json.loads(args.card.read_text()) if args.card else {}
+    metrics = {}
+    for f in args.card_json:
+        metrics.update(card_metrics(f, args.label))
+    card["metrics"] = metrics
+    tmp = DEFAULT_FILE.with_suffix(".check")
+    full = describe(model, paths)
+    half_ok = False
+    save_model(model, tmp, meta={**meta, "card": card}, trunk="pretrained", half=True)
+    half = describe(load_model(tmp), paths)
+    cos = np.sum(full * half, axis=1)
+    same_nn = (np.argsort(-(full @ full.T), axis=1)[:, 1] == np.argsort(-(half @ half.T), axis=1)[:, 1]).mean()
+    half_ok = bool(cos.min() >= 0.999 and same_nn == 1.0)
+    print(f"float16 parity on {len(paths)} images: min cosine {cos.min():.6f}, same nearest neighbour {same_nn:.3f}")
+    card["storage"] = {
+        "dtype": "float16" if half_ok else "float32",
+        "parity_min_cosine": round(float(cos.min()), 6),
+        "parity_images": len(paths),
+    }
+    save_model(model, DEFAULT_FILE, meta={**meta, "card": card}, trunk="pretrained", half=half_ok)
+    tmp.unlink()
+    size = DEFAULT_FILE.stat().st_size
+    if size > MAX_BYTES:
+        raise SystemExit(f"{DEFAULT_FILE}: {size / 2**20:.1f} MB, over the 15 MB the package allows")
+    digest = hashlib.sha256(DEFAULT_FILE.read_bytes()).hexdigest()
+    text = MODELFILE.read_text()
+    MODELFILE.write_text(re.sub(r'DEFAULT_SHA256 = "[^"]*"', f'DEFAULT_SHA256 = "{digest}"', text, count=1))
+    print(f"wrote {DEFAULT_FILE} ({size / 2**20:.2f} MB, {card['storage']['dtype']}), sha256 {digest}")
+
+
+if __name__ == "__main__":
+    main()

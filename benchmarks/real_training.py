@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from mdsection import update_section
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +29,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from hafloc.cli import main as cli  # noqa: E402
 from hafloc.datasets.detect import load_dataset  # noqa: E402
-from hafloc.descriptors.modelfile import load_model  # noqa: E402
+from hafloc.descriptors.fit import fit_clusters  # noqa: E402
+from hafloc.descriptors.modelfile import load_model, save_model  # noqa: E402
 from hafloc.fileio import write_json_atomic  # noqa: E402
 from hafloc.metrics.evaluate import ExtractionSettings, evaluate  # noqa: E402
 from hafloc.metrics.stats import hits_at, paired_bootstrap  # noqa: E402
@@ -68,7 +71,20 @@ def untrained_for(ds, path: Path) -> Path:
     return path
 
 
-def run(models: dict[str, str], sets: list[str], work: Path, data: Path, split: str) -> list[dict]:
+def adapted_for(model_path: str, ds, path: Path) -> Path:
+    """``model_path`` with its clusters re-fitted on the set's database (trained projections kept)."""
+    if not path.is_file():
+        model = load_model(model_path)
+        dbp = ds.db_paths()
+        pick = np.random.default_rng(0).permutation(len(dbp))[:300]
+        fit_clusters(model, [dbp[i] for i in sorted(pick)], projections=False, progress=False)
+        save_model(model, path)
+    return path
+
+
+def run(
+    models: dict[str, str], sets: list[str], work: Path, data: Path, split: str, adapt: list[str] | None = None
+) -> list[dict]:
     rows = []
     settings = ExtractionSettings(backend="auto")
     for name in sets:
@@ -78,6 +94,8 @@ def run(models: dict[str, str], sets: list[str], work: Path, data: Path, split: 
             continue
         ds = load_dataset(root, split=split if name in STREETS else "test")
         paths = {"untrained": str(untrained_for(ds, work / "models" / f"untrained-{name}-{split}.model")), **models}
+        for label in adapt or []:
+            paths[f"{label}+adapted"] = str(adapted_for(models[label], ds, work / "models" / f"{label}-{name}.model"))
         results = {}
         for label, path in paths.items():
             t0 = time.perf_counter()
@@ -105,6 +123,7 @@ def run(models: dict[str, str], sets: list[str], work: Path, data: Path, split: 
             }
         )
         print(table([rows[-1]], list(paths)), flush=True)
+        write_json_atomic(work / f"results-{split}.partial.json", {"models": models, "rows": rows})
     return rows
 
 
@@ -135,12 +154,19 @@ def main() -> None:
     ap.add_argument("--split", default="test", help="split of the street sets (test; val for choices)")
     ap.add_argument("--data", type=Path, default=REPO / "data", help="where 'hafloc dataset prepare' wrote the sets")
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "bench-real")
+    ap.add_argument(
+        "--adapt",
+        action="append",
+        default=[],
+        metavar="LABEL",
+        help="also score LABEL with its clusters re-fitted on each set's database (repeat)",
+    )
     ap.add_argument("--write", action="store_true", help="record the table in BENCHMARKS.md")
     args = ap.parse_args()
     models = dict(m.split("=", 1) for m in args.model)
     args.work.mkdir(parents=True, exist_ok=True)
-    rows = run(models, args.sets, args.work, args.data, args.split)
-    labels = ["untrained", *models]
+    rows = run(models, args.sets, args.work, args.data, args.split, args.adapt)
+    labels = ["untrained", *models, *(f"{a}+adapted" for a in args.adapt)]
     text = table(rows, labels)
     print(text)
     write_json_atomic(args.work / f"results-{args.split}.json", {"models": models, "rows": rows})

@@ -57,15 +57,18 @@ def fit_clusters(
     seed: int = 0,
     max_side: int | None = None,
     progress: bool = True,
+    projections: bool = True,
 ) -> dict:
-    """Initialise projections (PCA) and VLAD clusters (k-means) of ``model.head`` from ``paths``."""
+    """Initialise projections (PCA) and VLAD clusters (k-means) of ``model.head`` from ``paths``;
+    ``projections=False`` keeps the (trained) projections and re-fits the clusters in their space:
+    adapting a trained model to a collection."""
     head = model.head
     if not isinstance(head, MultiLevelVLAD):  # the heads with clusters (uses_clusters)
         return {}
     model.eval()
     rng = np.random.default_rng(seed)
     max_side = max_side or model.config.max_side
-    has_proj = len(head.proj) > 0
+    has_proj = len(head.proj) > 0 and projections
     # Keep only sampled columns, never whole maps: memory stays small for many images.
     samples: dict[str, list[np.ndarray]] = {lv: [] for lv in head.levels}
     n_images = 0

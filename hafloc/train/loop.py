@@ -219,13 +219,14 @@ def load_checkpoint(path: Path) -> dict:
 def write_history(out: Path, history: list[dict]) -> None:
     buf = io.StringIO()
     extra = [k for k in dict.fromkeys(k for row in history for k in row) if k not in HISTORY_FIELDS]
-    w = csv.DictWriter(buf, fieldnames=[*HISTORY_FIELDS, *extra], extrasaction="ignore", lineterminator="\n")
+    fields = [*HISTORY_FIELDS, *extra]  # several datasets: a column per set
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for row in history:
         w.writerow(
             {
                 k: ("" if row.get(k) is None or (isinstance(row.get(k), float) and math.isnan(row[k])) else row[k])
-                for k in HISTORY_FIELDS
+                for k in fields
             }
         )
     write_text_atomic(out / "history.csv", buf.getvalue())

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 SUPERVISIONS = ("auto", "gps", "labels")
 OPTIMIZERS = ("adam", "sgd")
 TRUNK_CACHE = ("float16", "float32", "no")
+SELECT = ("recall@5", "recall@1", "recall@1+5")
 
 
 def parse_image_size(text: str | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -95,7 +96,12 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = setting(0.0, "weight decay")
     batch_size: int = setting(4, "tuples per iteration (across all ranks)")
-    patience: int = setting(5, "stop after this many epochs without val recall@5 gain (0: never)")
+    select: str = setting(
+        "recall@5",
+        "validation score that picks best.model: recall@5, recall@1 or recall@1+5 (their mean: "
+        "for sets whose recall@5 is near 100)",
+    )
+    patience: int = setting(5, "stop after this many epochs without a gain in the --select score (0: never)")
     seed: int = setting(0, "random seed")
     # rounded up to a cache refresh, see loop.py
     checkpoint_every: int = setting(100, "iterations between checkpoints")
@@ -143,6 +149,8 @@ class TrainConfig:
             raise HaflocError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.cache_images not in ("auto", "yes", "no"):
             raise HaflocError(f"cache_images must be auto, yes or no, got {self.cache_images!r}")
+        if self.select not in SELECT:
+            raise HaflocError(f"select must be one of {', '.join(SELECT)}, got {self.select!r}")
         if self.trunk_cache not in TRUNK_CACHE:
             raise HaflocError(f"trunk_cache must be one of {', '.join(TRUNK_CACHE)}, got {self.trunk_cache!r}")
         for name in (

@@ -170,7 +170,7 @@ class Progress:
     epoch: int = 0  # current epoch (0-based)
     position: int = 0  # queries of this epoch already trained on
     iteration: int = 0  # optimizer steps so far
-    best_recall5: float = -1.0
+    best_recall5: float = -1.0  # the best validation score (TrainConfig.select; recall@5 by default)
     best_epoch: float = -1  # fractional: validation can run mid-epoch
     bad_epochs: int = 0
     history: list[dict] = field(default_factory=list)
@@ -214,6 +214,13 @@ def load_checkpoint(path: Path) -> dict:
     if not isinstance(payload, dict) or payload.get("format") != CKPT_FORMAT:
         raise InputError(path, "not a hafloc training checkpoint")
     return payload
+
+
+def selection_score(r: dict, select: str) -> float:
+    """The validation score that picks best.model: recall@5, recall@1 or recall@1+5 (their mean)."""
+    if select == "recall@1+5":
+        return (r.get("recall@1", -1.0) + r.get("recall@5", -1.0)) / 2
+    return float(r.get(select, -1.0))
 
 
 def write_history(out: Path, history: list[dict]) -> None:
@@ -531,7 +538,7 @@ class Trainer:
             improved = self._maybe_best(prog.epoch, r)
             prog.bad_epochs = 0 if improved else prog.bad_epochs + 1
             if cfg.patience and prog.bad_epochs >= cfg.patience:
-                log.info("early stop: no val recall@5 gain in %d epoch(s)", prog.bad_epochs)
+                log.info("early stop: no val %s gain in %d epoch(s)", cfg.select, prog.bad_epochs)
                 prog.done = True
             if prog.epoch >= cfg.epochs:
                 prog.done = True
@@ -565,18 +572,27 @@ class Trainer:
             )
 
     def _maybe_best(self, epoch: float, r: dict) -> bool:
-        """Best = highest (mean) val recall@5; with several datasets, none may be below its start
-        (a model that gains on one set and loses on another is not selected)."""
-        if r.get("recall@5", -1.0) <= self.prog.best_recall5:
+        """Best = highest validation score (``--select``; the mean over the sets for several datasets);
+        with several datasets, none may be below its start (a model that gains on one set and
+        loses on another is not selected)."""
+        score = selection_score(r, self.cfg.select)
+        if score <= self.prog.best_recall5:
             return False
         start = self.prog.history[0] if self.prog.history else {}
+        sets = sorted({k.rsplit("/", 1)[0] for k in r if "/" in k})
         worse = [
-            k for k, v in r.items() if "/" in k and k.endswith("recall@5") and v < start.get(f"val_{k}", -1.0) - 1e-3
+            n
+            for n in sets
+            if selection_score({k.split("/", 1)[1]: v for k, v in r.items() if k.startswith(n + "/")}, self.cfg.select)
+            < selection_score(
+                {k[len(f"val_{n}/") :]: v for k, v in start.items() if k.startswith(f"val_{n}/")}, self.cfg.select
+            )
+            - 1e-3
         ]
         if worse and epoch != 0:
             log.info("epoch %s not selected: %s below the start", epoch, ", ".join(worse))
             return False
-        self.prog.best_recall5, self.prog.best_epoch = r["recall@5"], epoch
+        self.prog.best_recall5, self.prog.best_epoch = score, epoch
         if self.main:
             save_model(self.model, self.out / "best.model", meta=self._meta(epoch, r))
         return True
@@ -602,7 +618,12 @@ class Trainer:
         summary = {
             "output": str(self.out),
             "best_epoch": self.prog.best_epoch,
-            "best_val_recall@5": self.prog.best_recall5,
+            "best_val_recall@5": next(
+                (h.get("val_recall@5") for h in self.prog.history if h["epoch"] == self.prog.best_epoch),
+                self.prog.best_recall5,
+            ),
+            "select": cfg.select,
+            "best_val_score": self.prog.best_recall5,
             "iterations": self.prog.iteration,
             "epochs_done": self.prog.epoch,
             "stopped_for_time": stopped_for_time,

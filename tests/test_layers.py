@@ -224,3 +224,33 @@ def test_every_module_imports_in_a_fresh_interpreter_without_cycles():
     assert not res["cycles"], "modules read while still initialising (import cycles): " + "; ".join(
         f"{a} -> {b}" for a, b in res["cycles"]
     )
+
+
+# The command line presents the core; only ``hafloc serve`` starts the web layer.
+CLI_MAY_IMPORT_SERVE = {"hafloc.cli.serve"}
+
+
+def cli_imports_of_serve() -> list[str]:
+    """'file:line: importer imports target' for each import of ``hafloc.serve`` by a ``hafloc.cli`` module
+    other than ``CLI_MAY_IMPORT_SERVE`` (imports inside functions included)."""
+    return [
+        f"{MODULES[name].relative_to(PACKAGE.parent)}:{line}: {name} imports {target}"
+        for name in MODULES
+        if name.startswith("hafloc.cli.") and name not in CLI_MAY_IMPORT_SERVE
+        for target, line, _ in imports_of(name)
+        if target == "hafloc.serve" or target.startswith("hafloc.serve.")
+    ]
+
+
+def test_only_cli_serve_imports_the_web_layer():
+    bad = cli_imports_of_serve()
+    assert not bad, "the command line must run core jobs below the web layer:\n" + "\n".join(bad)
+
+
+def test_a_cli_to_serve_import_inside_a_function_is_seen(tmp_path, monkeypatch):
+    fake = tmp_path / "hafloc" / "cli" / "fake.py"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("def run():\n    from ..serve.app import create_app\n")
+    monkeypatch.setitem(MODULES, "hafloc.cli.fake", fake)
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", tmp_path / "hafloc")
+    assert cli_imports_of_serve() == ["hafloc/cli/fake.py:2: hafloc.cli.fake imports hafloc.serve.app"]

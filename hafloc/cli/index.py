@@ -352,8 +352,8 @@ def compact_choice(dim: int | str | None, dtype: str | None, n_images: int, mode
 
 
 def run_add(args) -> int:
+    from ..index.locator import open_model_for
     from ..index.store import IndexStore
-    from ..serve.locator import open_model_for
 
     def factory(_n_images: int):
         store = IndexStore.open(args.index, lock_timeout=args.lock_timeout)
@@ -485,8 +485,8 @@ def run_export(args) -> int:
     from ..fileio import write_text_atomic
     from ..images.io import list_images, load_image
     from ..index.hloc_export import retrieval_pairs, write_global_descriptors, write_pairs
+    from ..index.locator import open_model_for
     from ..index.store import IndexStore
-    from ..serve.locator import open_model_for
 
     if args.top_k < 1:
         raise HaflocError(f"--top-k must be at least 1, got {args.top_k}")

@@ -57,7 +57,7 @@ def run(args) -> int:
     from ..errors import HaflocError, InputError
     from ..images.io import list_images
     from ..index.export_formats import render, write_output
-    from ..serve.locator import Locator, LocatorConfig
+    from ..index.locator import Locator, LocatorConfig
 
     if args.top_k < 1:
         raise HaflocError(f"--top-k must be at least 1, got {args.top_k}")

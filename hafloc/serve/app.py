@@ -34,7 +34,7 @@ from starlette.datastructures import UploadFile
 
 from ..errors import HaflocError, InputError
 from ..images.io import ImageTooLarge, load_image
-from .locator import Locator, LocatorConfig
+from ..index.locator import Locator, LocatorConfig
 
 STATIC = Path(__file__).parent / "static"
 THUMB_SIDE = 256

@@ -16,10 +16,10 @@ from PIL import Image
 from ..descriptors.extract import Extractor
 from ..descriptors.modelfile import load_model
 from ..errors import HaflocError, InputError
-from ..index.calibrate import load_calibrator
-from ..index.locate import answer
-from ..index.rerank import FusionRule, Reranker, Verified, rerank_matches
-from ..index.store import IndexStore, Match
+from .calibrate import load_calibrator
+from .locate import answer
+from .rerank import FusionRule, Reranker, Verified, rerank_matches
+from .store import IndexStore, Match
 
 DEFAULT_RERANK = 10  # candidates verified per query when the index has local features
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from .. import __version__
-from ..errors import InputError
+from .._version import __version__
+from ..errors import HaflocError, InputError
 from ..fileio import atomic_path
 from .network import GeoLocNet, ModelConfig
 
@@ -66,6 +66,11 @@ def load_model(path: str | Path) -> GeoLocNet:
     model.meta = payload.get("meta", {})
     model.source_path = str(path)
     return model.eval()
+
+
+def load_default_model() -> GeoLocNet:
+    """The model shipped with the package (placeholder: none is shipped yet)."""
+    raise HaflocError("no default model is shipped with this installation; give a model file")
 
 
 def model_info(path: str | Path) -> dict:

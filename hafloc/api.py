@@ -16,6 +16,7 @@ from .errors import HaflocError, InputError
 from .images.io import list_images
 from .index.build import add_folder, auto_calibrate, local_spec
 from .index.locator import LocateResult, Locator, LocatorConfig
+from .index.prior import Near
 from .index.search import SearchConfig
 from .index.store import AddReport, IndexStore
 from .metrics.evaluate import EvalResult, evaluate as evaluate_dataset
@@ -159,16 +160,20 @@ class Index:
         image: str | Path | Image.Image,
         top_k: int = 10,
         rerank: int | None = None,
+        near: tuple[float, float] | None = None,
+        within: float | None = None,
     ) -> LocateResult:
         """Where was this photo taken? ``image``: a file or a decoded photo. ``rerank``: candidates
-        verified by local matches (default: 10 when the index stores local features, else 0)."""
+        verified by local matches (default: 10 when the index stores local features, else 0).
+        ``near=(lat, lon), within=metres``: search only the photos that close to a known place."""
         if top_k < 1:
             raise HaflocError(f"top_k must be at least 1, got {top_k}")
+        prior = Near.parse(near, within)
         if isinstance(image, Image.Image):
-            record, _ = self._locator.locate_image(image.convert("RGB"), "image", k=top_k, rerank=rerank)
+            record, _ = self._locator.locate_image(image.convert("RGB"), "image", top_k, False, rerank, prior)
             return LocateResult(record)
         paths = _paths(image)
-        results, failures = self._locator.locate_paths(paths, [str(p) for p in paths], top_k, False, rerank)
+        results, failures = self._locator.locate_paths(paths, [str(p) for p in paths], top_k, False, rerank, prior)
         if failures:
             raise InputError(*failures[0])
         if len(results) != 1:

@@ -17,6 +17,7 @@ from PIL import Image
 import hafloc
 from hafloc.cli import main
 from hafloc.datasets.detect import load_dataset
+from hafloc.datasets.geo import haversine_m
 from hafloc.errors import HaflocError, InputError
 from hafloc.metrics.evaluate import evaluate as evaluate_dataset
 from layouts import gardens_at
@@ -140,3 +141,24 @@ def test_evaluate_scores_a_dataset_folder(built, shared_data, tmp_path):
     keys = [k for k in res if re.fullmatch(r"recall@\d+", k)]
     assert keys and all(res[k] == ref[k] for k in keys)
     assert res["num_queries"] == ds.num_q
+
+
+def test_near_within_from_python_and_the_command_line(built, capsys):
+    photos = sorted(built["db"].glob("*.jpg"))
+    query, center = photos[0], built["positions"][photos[4].name]  # a London photo; a prior in Venice
+    inside = {n for n, pos in built["positions"].items() if haversine_m(*center, *pos) <= 300}
+    assert len(inside) == 3 and query.name not in inside
+    with hafloc.Index.open(built["index"]) as index:
+        res = index.locate(query, near=center, within=300)
+        nowhere = index.locate(query, near=(0.0, 0.0), within=1000)
+        with pytest.raises(HaflocError, match="go together"):
+            index.locate(query, near=center)
+    assert {m["image"] for m in res.matches} == inside  # the best look-alike, in London, is left out
+    assert res.to_dict()["near"] == {"lat": center[0], "lon": center[1], "within_m": 300.0}
+    assert nowhere.estimate is None and nowhere.unknown["reason"] == "no indexed photo within 1000 m of 0,0"
+    near = f"{center[0]},{center[1]}"
+    argv = ["locate", str(query), "--index", str(built["index"]), "--json", "--no-progress"]
+    assert main([*argv, "--near", near, "--within", "300"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0] == res.to_dict()
+    assert main([*argv, "--near", near]) == 2
+    assert "--near LAT,LON and --within M go together" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from ..descriptors.network import GeoLocNet
 from ..errors import HaflocError, InputError
 from .calibrate import load_calibrator
 from .locate import answer
+from .prior import Near
 from .rerank import FusionRule, Reranker, Verified, rerank_matches
 from .store import IndexStore, Match
 
@@ -182,18 +183,20 @@ class Locator:
         local: Sequence[Any] | None = None,
         correspondences: bool = False,
         rerank: int | None = None,
+        near: Near | None = None,
     ) -> list[dict[str, Any]]:
         """``result_json`` per query, each match also carrying its database ``id`` (for thumbnails).
 
         ``local``: the queries' local features (one per name) to re-rank the top ``rerank`` (default
-        ``rerank_k``) by verified matches; ``correspondences``: the best match also carries its inlier pairs.
+        ``rerank_k``) by verified matches; ``correspondences``: the best match also carries its inlier
+        pairs; ``near``: search only the photos within its radius (the result records it).
         """
         descs = np.atleast_2d(np.asarray(descs, dtype=np.float32))
         if len(names) == 0:
             return []
         rerank = self.rerank_depth(rerank) if local is not None else 0
         depth = max(k, rerank, self.calibrator.k if self.calibrator is not None else 0)
-        all_matches: list[list[Match]] = self.store.search(descs, depth)  # type: ignore[assignment]
+        all_matches: list[list[Match]] = self.store.search(descs, depth, near=near)  # type: ignore[assignment]
         out = []
         for i, (name, ms) in enumerate(zip(names, all_matches)):
             checked: dict[int, Verified] = {}
@@ -207,6 +210,12 @@ class Locator:
                 ms = rerank_matches(ms, verified, self.reranker.rule)
             min_inliers = self.reranker.rule.min_inliers if rerank and self.reranker else None
             res = answer(name, ms, k, self.agree_m, self.calibrator, self.config.min_confidence, min_inliers)
+            if near is not None:
+                res["near"] = near.to_dict()
+                if not ms:
+                    res["unknown"]["reason"] = (
+                        f"no indexed photo within {near.within_m:g} m of {near.lat:g},{near.lon:g}"
+                    )
             ms = ms[:k]
             for m_json, m in zip(res["matches"], ms):  # answer keeps the order of the matches
                 m_json["id"] = m.id
@@ -229,6 +238,7 @@ class Locator:
         k: int = 10,
         progress: bool = True,
         rerank: int | None = None,
+        near: Near | None = None,
     ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
         """Locate files in batches: (results in input order, failures [(name, reason)])."""
         res = self.extractor.extract_paths(list(paths), names=list(names), progress=progress)
@@ -237,13 +247,19 @@ class Locator:
             assert self.reranker is not None
             by_name = dict(zip(names, paths))
             local = [self.reranker.features(self.extractor.load(by_name[n])) for n in res.names]
-        return self.results(res.descriptors, res.names, k, local, rerank=rerank), res.failures
+        return self.results(res.descriptors, res.names, k, local, rerank=rerank, near=near), res.failures
 
     def locate_image(
-        self, img: Image.Image, name: str, k: int = 10, correspondences: bool = False, rerank: int | None = None
+        self,
+        img: Image.Image,
+        name: str,
+        k: int = 10,
+        correspondences: bool = False,
+        rerank: int | None = None,
+        near: Near | None = None,
     ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """Locate one decoded photo: (result, attention maps {level: (h, w)})."""
         out = self.extractor.describe_image(img)
         local = [self.reranker.features(img)] if self.rerank_depth(rerank) and self.reranker is not None else None
-        res = self.results(out["descriptor"][None], [name], k, local, correspondences, rerank)[0]
+        res = self.results(out["descriptor"][None], [name], k, local, correspondences, rerank, near)[0]
         return res, out["attention"]

@@ -57,10 +57,12 @@ from hafloc.errors import HaflocError, InputError, ModelMismatchError, printable
 from hafloc.fileio import atomic_path, write_json_atomic
 from hafloc.index.compact import DTYPES, PROJECTION_FILE, Projection, check_compact, fit_sample_size, mismatch
 from hafloc.index.positions import Position, make_position, resolve_position
+from hafloc.index.prior import Near
 from hafloc.index.search import (
     SearchConfig,
     SearchIndex,
     build_search_index,
+    knn,
     load_search_index,
     params_path,
     resolve_params,
@@ -1350,15 +1352,20 @@ class IndexStore:
         self._search_key = None  # not the rows' key: checked again (cheaply) on the next search
         return True
 
-    def search(self, query_desc: np.ndarray, k: int = 10) -> list[Match] | list[list[Match]]:
-        """Top-k matches with metadata: a list for one (D,) query, a list of lists for (Nq, D)."""
+    def search(self, query_desc: np.ndarray, k: int = 10, near: Near | None = None) -> list[Match] | list[list[Match]]:
+        """Top-k matches with metadata: a list for one (D,) query, a list of lists for (Nq, D).
+
+        ``near``: only the photos within its radius, ranked exactly whatever the search structure."""
         q = np.asarray(query_desc, dtype=np.float32)
         single = q.ndim == 1
-        q2 = self.project(q)  # model descriptors go through the index's projection, if it has one
+        q2 = np.atleast_2d(self.project(q))  # model descriptors go through the index's projection, if any
         with self._lock:
+            if near is not None:
+                results = self._search_near(q2, k, near)
+                return results[0] if single else results
             index = self._searchable()
             if index is None:
-                results: list[list[Match]] = [[] for _ in q2]
+                results = [[] for _ in q2]
             else:
                 try:
                     sims, rows = search(index, q2, k)
@@ -1368,18 +1375,50 @@ class IndexStore:
                     assert index is not None
                     sims, rows = search(index, q2, k)
                 assert self._search_ids is not None
-                ids_map = self._search_ids
-                meta = self._rows_by_id(sorted({int(ids_map[r]) for r in rows.ravel() if r >= 0}))
-                # an id removed since the search was built has no row: skip it
-                results = [
-                    [
-                        Match(similarity=float(s), **meta[int(ids_map[r])])
-                        for s, r in zip(srow, rrow)
-                        if r >= 0 and int(ids_map[r]) in meta
-                    ]
-                    for srow, rrow in zip(sims, rows)
-                ]
+                results = self._matches(sims, rows, self._search_ids)
         return results[0] if single else results
+
+    def _matches(self, sims: np.ndarray, rows: np.ndarray, ids_map: np.ndarray) -> list[list[Match]]:
+        """``Match`` lists of search results (row -1: none); an id removed since has no row: skipped."""
+        meta = self._rows_by_id(sorted({int(ids_map[r]) for r in rows.ravel() if r >= 0}))
+        return [
+            [
+                Match(similarity=float(s), **meta[int(ids_map[r])])
+                for s, r in zip(srow, rrow)
+                if r >= 0 and int(ids_map[r]) in meta
+            ]
+            for srow, rrow in zip(sims, rows)
+        ]
+
+    def ids_near(self, near: Near) -> tuple[np.ndarray, np.ndarray]:
+        """(ids (N,), (chunk, row) (N, 2)) of the photos within ``near``'s radius, in id order."""
+        cond, params = near.sql()
+        rows = self._query(f"SELECT id, chunk, row, lat, lon FROM images WHERE {cond} ORDER BY id", params)
+        a = np.asarray(rows, np.float64).reshape(-1, 5)
+        keep = near.contains(a[:, 3], a[:, 4])
+        return a[keep, 0].astype(np.int64), a[keep, 1:3].astype(np.int32)
+
+    def _vectors_near(self, near: Near) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, float32 vectors) of the photos within ``near``'s radius, read from their chunks."""
+        from hafloc.index.ondisk import ChunkVectors
+
+        ids, loc = self.ids_near(near)
+        vectors = ChunkVectors(loc, self._chunk_path)
+        try:
+            return ids, vectors(np.arange(len(ids))) if len(ids) else np.zeros((0, self.dim), np.float32)
+        finally:
+            vectors.close()
+
+    def _search_near(self, q2: np.ndarray, k: int, near: Near) -> list[list[Match]]:
+        """Exact top-k among the photos within ``near``'s radius."""
+        try:
+            ids, db = self._vectors_near(near)
+        except FileNotFoundError:  # a compact moved the chunks meanwhile: read the rows again
+            ids, db = self._vectors_near(near)
+        if not len(ids):
+            return [[] for _ in q2]
+        sims, rows = knn(db, q2, k)
+        return self._matches(sims, rows, ids)
 
     def image(self, image_id: int) -> dict[str, Any] | None:
         """Metadata row of one database image by id (None if there is no such id)."""

@@ -20,7 +20,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hafloc"
 LAYERS: list[tuple[str, ...]] = [
     ("hafloc._version", "hafloc.errors", "hafloc.fileio", "hafloc.hloc_h5", "hafloc.configs"),
     ("hafloc.images",),
-    ("hafloc.datasets", "hafloc.synth"),  # synth writes the '@' layout that datasets reads
+    ("hafloc.datasets",),
+    ("hafloc.synth",),  # writes the '@' layout (and meta.json) that datasets reads
     ("hafloc.backbones",),
     ("hafloc.heads",),
     ("hafloc.local",),

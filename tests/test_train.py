@@ -145,7 +145,7 @@ def test_loss_decreases_on_a_fixed_batch(floors):
 
 
 def test_gps_supervision_on_at_folders(tmp_path):
-    from hafloc.datasets.synthetic import SyntheticCityConfig, generate_city
+    from hafloc.synth import SyntheticCityConfig, generate_city
 
     root = generate_city(
         tmp_path / "city",

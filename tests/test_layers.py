@@ -257,3 +257,13 @@ def test_a_cli_to_serve_import_inside_a_function_is_seen(tmp_path, monkeypatch):
     monkeypatch.setitem(MODULES, "hafloc.cli.fake", fake)
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", tmp_path / "hafloc")
     assert cli_imports_of_serve() == ["hafloc/cli/fake.py:2: hafloc.cli.fake imports hafloc.serve.app"]
+
+
+MAX_MODULE_LINES = 700  # a module past this holds several jobs: split it by job (as index/store.py was)
+
+
+def test_every_module_is_under_the_size_limit():
+    sizes = {name: len(path.read_text(encoding="utf-8").splitlines()) for name, path in MODULES.items()}
+    big = {name: n for name, n in sizes.items() if n >= MAX_MODULE_LINES}
+    assert not big, f"modules of {MAX_MODULE_LINES}+ lines: {big}"
+    assert max(sizes.values()) > 100  # the sizes are real line counts

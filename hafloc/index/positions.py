@@ -1,4 +1,5 @@
-"""Where an indexed image was taken: from a positions CSV, an '@' file name, or EXIF GPS.
+"""Where an indexed image was taken: from a positions CSV, an '@' file name, or EXIF GPS; and the
+index's part that keeps them (``PositionRows``: the rows' positions, set, listed, found near a place).
 
 Priority is CSV > '@' name > EXIF: a CSV is the user's explicit statement, an '@' name is a
 published dataset's ground truth, EXIF is whatever the camera recorded.

@@ -17,7 +17,7 @@ on the test split. Configurations (``--configs``; the main comparisons first):
 Sets (``--sets``): ``ie_tower`` = ie_tower_floors with every 8th gallery and every 2nd query video
 frame per floor (297 gallery images, 252 queries; label supervision; train/val split from the
 gallery per seed), 224x128 (the frames' portrait aspect); ``synthetic`` = a synthetic
-city (hafloc.datasets.synthetic, seed 0) with 60/20/80 places for train/val/test and 2 queries per
+city (hafloc.synth, seed 0) with 60/20/80 places for train/val/test and 2 queries per
 place (160 test queries, tagged small/medium/large landmark), GPS supervision, 128x160.
 
 Per-query first-hit ranks of every run are kept, so the paired bootstrap (hafloc.metrics.stats)
@@ -53,13 +53,14 @@ from filelock import FileLock, Timeout
 
 from hafloc.datasets.base import Dataset
 from hafloc.datasets.detect import load_dataset
-from hafloc.datasets.synthetic import SIZE_CLASSES, SyntheticCityConfig, generate_city, size_classes
+from hafloc.datasets.synthetic import SIZE_CLASSES, size_classes
 from hafloc.descriptors.modelfile import load_model
 from hafloc.fileio import write_json_atomic, write_text_atomic
 from hafloc.heads import LABELS
 from hafloc.metrics.evaluate import ExtractionSettings, evaluate
 from hafloc.metrics.stats import hits_at, mean_std, paired_bootstrap
 from hafloc.reports import markdown_table, plot_seed_spread
+from hafloc.synth import SyntheticCityConfig, generate_city
 from hafloc.train.config import TrainConfig
 from hafloc.train.loop import train
 from hafloc.train.tune import tune_fusion_weights

@@ -130,7 +130,7 @@ def gardenspoint(data: Path, out: Path, with_lund: bool = False) -> tuple[list, 
 
 def synthetic(data: Path, out: Path, db_per_place: int = 3) -> tuple[list, list, list]:
     from hafloc.datasets.detect import load_dataset
-    from hafloc.datasets.synthetic import SyntheticCityConfig, generate_city
+    from hafloc.synth import SyntheticCityConfig, generate_city
 
     root = generate_city(out / "city", SyntheticCityConfig(seed=0, db_per_place=db_per_place), progress=True)
     db, qs = [], []

@@ -51,7 +51,7 @@ def build_sets(work: Path, names: list[str]) -> dict[str, Path]:
             elif name == "landmarks":
                 landmarks_oxford(SHARED, tmp)
             elif name == "synthetic":
-                from hafloc.datasets.synthetic import SyntheticCityConfig, generate_city
+                from hafloc.synth import SyntheticCityConfig, generate_city
 
                 generate_city(tmp, SyntheticCityConfig.quick(seed=0), progress=False)
             tmp.rename(root)

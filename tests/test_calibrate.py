@@ -226,8 +226,8 @@ def test_calibrate_command_info_and_report(outdoor, tmp_path, capsys):
 def test_server_passes_calibration_and_unknown_through(outdoor):
     from fastapi.testclient import TestClient
 
+    from hafloc.index.locator import LocatorConfig
     from hafloc.serve.app import create_app
-    from hafloc.serve.locator import LocatorConfig
 
     app = create_app(
         outdoor["index"], backend="torch", locator_config=LocatorConfig(backend="torch", min_confidence=0.5)

@@ -232,8 +232,8 @@ def test_demo_with_two_seeds_reports_spread_and_interval(tmp_path):
     (about 10 s on an idle 2-core machine)."""
     import io
 
-    from hafloc.datasets.synthetic import SyntheticCityConfig
     from hafloc.demo import run_demo
+    from hafloc.synth import SyntheticCityConfig
 
     city = SyntheticCityConfig(seed=0, places_per_split={"train": 8, "val": 4, "test": 8}, image_size=(64, 96))
     cfg = DemoConfig.create(

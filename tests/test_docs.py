@@ -51,11 +51,13 @@ def test_runnable_blocks_exist():
 
 @pytest.fixture(scope="session")
 def hafloc_bin(tmp_path_factory) -> Path:
-    """A folder with a ``hafloc`` that runs this checkout's CLI with this interpreter."""
+    """A folder with a ``hafloc`` that runs this checkout's CLI, and a ``python`` (for the Python
+    API's examples) that is this interpreter."""
     bin_dir = tmp_path_factory.mktemp("bin")
-    exe = bin_dir / "hafloc"
-    exe.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m hafloc "$@"\n')
-    exe.chmod(0o755)
+    for name, args in (("hafloc", "-m hafloc "), ("python", "")):
+        exe = bin_dir / name
+        exe.write_text(f'#!/bin/sh\nexec "{sys.executable}" {args}"$@"\n')
+        exe.chmod(0o755)
     return bin_dir
 
 

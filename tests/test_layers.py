@@ -18,10 +18,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hafloc"
 
 # docs/ARCHITECTURE.md's order: a module may import its own layer and the layers before it.
 LAYERS: list[tuple[str, ...]] = [
-    ("hafloc",),  # the package root: __version__ only
-    ("hafloc.errors", "hafloc.fileio", "hafloc.hloc_h5", "hafloc.configs"),
+    ("hafloc._version", "hafloc.errors", "hafloc.fileio", "hafloc.hloc_h5", "hafloc.configs"),
     ("hafloc.images",),
-    ("hafloc.datasets", "hafloc.synth"),  # synth writes the '@' layout that datasets reads
+    ("hafloc.datasets",),
+    ("hafloc.synth",),  # writes the '@' layout (and meta.json) that datasets reads
     ("hafloc.backbones",),
     ("hafloc.heads",),
     ("hafloc.local",),
@@ -30,9 +30,11 @@ LAYERS: list[tuple[str, ...]] = [
     ("hafloc.metrics",),
     ("hafloc.reports",),
     ("hafloc.train",),
+    ("hafloc.api",),  # the public names
     ("hafloc.cli", "hafloc.serve", "hafloc.demo"),
-    ("hafloc.__main__",),
+    ("hafloc", "hafloc.__main__"),  # the package root re-exports hafloc.api's names (on first use)
 ]
+ROOT = "hafloc"  # names only the package's __init__: its modules each need a layer of their own
 
 # (importer, imported) pairs allowed against the order, each with its reason. Keep it empty.
 ALLOWED_UPWARD: dict[tuple[str, str], str] = {}
@@ -53,7 +55,8 @@ def layer_of(name: str) -> int:
     best, depth = None, -1
     for i, prefixes in enumerate(LAYERS):
         for prefix in prefixes:
-            if (name == prefix or name.startswith(prefix + ".")) and prefix.count(".") > depth:
+            inside = name == prefix or (prefix != ROOT and name.startswith(prefix + "."))
+            if inside and prefix.count(".") > depth:
                 best, depth = i, prefix.count(".")
     assert best is not None, f"{name} is in no layer of docs/ARCHITECTURE.md: add it there and here"
     return best
@@ -224,3 +227,43 @@ def test_every_module_imports_in_a_fresh_interpreter_without_cycles():
     assert not res["cycles"], "modules read while still initialising (import cycles): " + "; ".join(
         f"{a} -> {b}" for a, b in res["cycles"]
     )
+
+
+# The command line presents the core; only ``hafloc serve`` starts the web layer.
+CLI_MAY_IMPORT_SERVE = {"hafloc.cli.serve"}
+
+
+def cli_imports_of_serve() -> list[str]:
+    """'file:line: importer imports target' for each import of ``hafloc.serve`` by a ``hafloc.cli`` module
+    other than ``CLI_MAY_IMPORT_SERVE`` (imports inside functions included)."""
+    return [
+        f"{MODULES[name].relative_to(PACKAGE.parent)}:{line}: {name} imports {target}"
+        for name in MODULES
+        if name.startswith("hafloc.cli.") and name not in CLI_MAY_IMPORT_SERVE
+        for target, line, _ in imports_of(name)
+        if target == "hafloc.serve" or target.startswith("hafloc.serve.")
+    ]
+
+
+def test_only_cli_serve_imports_the_web_layer():
+    bad = cli_imports_of_serve()
+    assert not bad, "the command line must run core jobs below the web layer:\n" + "\n".join(bad)
+
+
+def test_a_cli_to_serve_import_inside_a_function_is_seen(tmp_path, monkeypatch):
+    fake = tmp_path / "hafloc" / "cli" / "fake.py"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("def run():\n    from ..serve.app import create_app\n")
+    monkeypatch.setitem(MODULES, "hafloc.cli.fake", fake)
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", tmp_path / "hafloc")
+    assert cli_imports_of_serve() == ["hafloc/cli/fake.py:2: hafloc.cli.fake imports hafloc.serve.app"]
+
+
+MAX_MODULE_LINES = 700  # a module past this holds several jobs: split it by job (as index/store.py was)
+
+
+def test_every_module_is_under_the_size_limit():
+    sizes = {name: len(path.read_text(encoding="utf-8").splitlines()) for name, path in MODULES.items()}
+    big = {name: n for name, n in sizes.items() if n >= MAX_MODULE_LINES}
+    assert not big, f"modules of {MAX_MODULE_LINES}+ lines: {big}"
+    assert max(sizes.values()) > 100  # the sizes are real line counts

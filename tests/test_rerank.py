@@ -17,9 +17,9 @@ import pytest
 from hafloc.cli import main
 from hafloc.datasets.geo import haversine_m
 from hafloc.images.gps import read_gps
+from hafloc.index.locator import Locator, LocatorConfig
 from hafloc.index.store import Extracted, IndexStore
 from hafloc.local import create_extractor
-from hafloc.serve.locator import Locator, LocatorConfig
 from test_cli_index import kill_midway, make_small_model, run_cli
 
 REPO = Path(__file__).resolve().parents[1]

@@ -445,3 +445,19 @@ def test_browser_map_unknown_estimate_and_tiles(served, unpositioned_index, tmp_
     assert console_errors == [] and failed_requests == []
     assert _offsite(requests, base) == []
     assert any("/static/vendor/leaflet/images/marker-icon.png?z=" in u for u in requests)
+
+
+def test_locate_with_a_position_prior(client, served):
+    name, data = _photo(served)
+    center = served["positions"][served["names"][4]]  # another landmark's photo
+    form = {"near": f"{center[0]},{center[1]}", "within": "300"}
+    r = client.post("/locate", files={"file": (name, data, "image/jpeg")}, data=form)
+    assert r.status_code == 200, r.text
+    res = r.json()
+    assert res["near"]["within_m"] == 300.0 and res["matches"]
+    assert all(haversine_m(*center, m["lat"], m["lon"]) <= 300 for m in res["matches"])
+    assert name not in {m["image"] for m in res["matches"]}  # the photo itself lies elsewhere
+    bad_forms = [{"near": "north", "within": "300"}, {"near": "1,2"}, {"near": "1,2", "within": "-5"}]
+    for bad in [*bad_forms, {"near": "1,2", "within": "far"}]:
+        r = client.post("/locate", files={"file": (name, data, "image/jpeg")}, data=bad)
+        assert r.status_code == 422 and r.json()["detail"].startswith(("near", "within")), r.text

@@ -13,8 +13,9 @@ from PIL import Image
 
 import hafloc.datasets.synthetic as synth
 import hafloc.synth.write as synth_write
-from hafloc.datasets.synthetic import SyntheticCityConfig, generate_city, size_classes
+from hafloc.datasets.synthetic import size_classes
 from hafloc.errors import HaflocError
+from hafloc.synth import SyntheticCityConfig, generate_city
 
 # Small and fast, but with every split, several places per size class and all conditions.
 SMALL = SyntheticCityConfig(seed=3, places_per_split={"train": 5, "val": 3, "test": 9}, image_size=(128, 160))

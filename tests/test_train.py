@@ -145,7 +145,7 @@ def test_loss_decreases_on_a_fixed_batch(floors):
 
 
 def test_gps_supervision_on_at_folders(tmp_path):
-    from hafloc.datasets.synthetic import SyntheticCityConfig, generate_city
+    from hafloc.synth import SyntheticCityConfig, generate_city
 
     root = generate_city(
         tmp_path / "city",
@@ -161,7 +161,7 @@ def test_gps_supervision_on_at_folders(tmp_path):
 
 
 def test_two_datasets_train_together_and_validate_each(tmp_path, caplog):
-    from hafloc.datasets.synthetic import SyntheticCityConfig, generate_city
+    from hafloc.synth import SyntheticCityConfig, generate_city
 
     roots = [
         generate_city(
@@ -188,6 +188,7 @@ def test_two_datasets_train_together_and_validate_each(tmp_path, caplog):
     with open(tmp_path / "out" / "history.csv", newline="") as f:
         table = list(csv.DictReader(f))
     assert all(float(row[f"val_{n}/recall@1"]) >= 0 for row in table for n in names)
+
     # the selected model has the best mean (R@1 + R@5) / 2 among the epochs with no set below its start
     def score(row, n=None):
         pre = f"val_{n}/" if n else "val_"

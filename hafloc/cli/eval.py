@@ -136,7 +136,7 @@ def run_config(models: list[dict], ds, settings, args, command: str) -> dict[str
     import dataclasses
     import time
 
-    from .. import __version__
+    from .._version import __version__
 
     return {
         "command": command,

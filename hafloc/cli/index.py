@@ -292,7 +292,7 @@ def _index_folder(args, store_factory) -> int:
 
 
 def run_build(args) -> int:
-    from ..descriptors.modelfile import DEFAULT, DEFAULT_FILE, load_model
+    from ..descriptors.modelfile import load_model, recorded_path
     from ..errors import HaflocError
     from ..index.search import SearchConfig
     from ..index.store import IndexStore
@@ -321,7 +321,7 @@ def run_build(args) -> int:
             model.fingerprint(),
             model.out_dim,
             SearchConfig(kind=kind),
-            model_path=DEFAULT if Path(str(model.source_path)) == DEFAULT_FILE else args.model,
+            model_path=recorded_path(model),
             local=local,
             lock_timeout=args.lock_timeout,
             compact=compact,
@@ -357,8 +357,8 @@ def compact_choice(dim: int | str | None, dtype: str | None, n_images: int, mode
 
 
 def run_add(args) -> int:
+    from ..index.locator import open_model_for
     from ..index.store import IndexStore
-    from ..serve.locator import open_model_for
 
     def factory(_n_images: int):
         store = IndexStore.open(args.index, lock_timeout=args.lock_timeout)
@@ -490,8 +490,8 @@ def run_export(args) -> int:
     from ..fileio import write_text_atomic
     from ..images.io import list_images, load_image
     from ..index.hloc_export import retrieval_pairs, write_global_descriptors, write_pairs
+    from ..index.locator import open_model_for
     from ..index.store import IndexStore
-    from ..serve.locator import open_model_for
 
     if args.top_k < 1:
         raise HaflocError(f"--top-k must be at least 1, got {args.top_k}")

@@ -53,16 +53,6 @@ def register_calibrate(isub) -> None:
     c.set_defaults(func=run_calibrate)
 
 
-def calibrate(store, max_samples: int | None = None, **kw: Any):
-    """Calibrate ``store``; an index with local features re-ranks (and first fits its rule)."""
-    from ..index.calibrate import calibrate_index
-    from ..index.rerank import RERANK_CALIBRATION_SAMPLES, calibrate_reranked
-
-    if store.local_config:
-        return calibrate_reranked(store, max_samples=max_samples or RERANK_CALIBRATION_SAMPLES, **kw)
-    return calibrate_index(store, max_samples=max_samples or 5000, **kw)
-
-
 def calibration_summary(meta: dict[str, Any]) -> dict[str, Any]:
     """The calibration's description without its per-sample arrays."""
     return {k: v for k, v in meta.items() if k != "heldout"}
@@ -70,6 +60,7 @@ def calibration_summary(meta: dict[str, Any]) -> dict[str, Any]:
 
 def run_calibrate(args) -> int:
     from ..errors import HaflocError
+    from ..index.build import calibrate_store
     from ..index.calibrate import summary_line
     from ..index.store import IndexStore
 
@@ -80,7 +71,7 @@ def run_calibrate(args) -> int:
             f"--agree-m must be positive and --exclude-m non-negative (got {args.agree_m}, {args.exclude_m})"
         )
     with IndexStore.open(args.index) as store:
-        cal = calibrate(
+        cal = calibrate_store(
             store,
             agree_m=args.agree_m,
             exclude_m=args.exclude_m,
@@ -98,25 +89,12 @@ def run_calibrate(args) -> int:
 
 def auto_calibrate(index: str | Path, progress: bool) -> None:
     """End of ``index build``: calibrate when the index has enough positioned photos; never fails the build."""
-    from ..errors import HaflocError
-    from ..index.calibrate import MIN_POSITIONED, summary_line
+    from ..index.build import auto_calibrate as calibrate_if_possible
     from ..index.store import IndexStore
 
     with IndexStore.open(index) as store:
-        positioned = int(store.info.get("counts", {}).get("positioned", 0))
-        if positioned < MIN_POSITIONED:
-            print(
-                f"{index}: not calibrated ({positioned} positioned photos, {MIN_POSITIONED} needed); "
-                "confidences are heuristic",
-                file=sys.stderr,
-            )
-            return
-        try:
-            cal = calibrate(store, progress=progress)
-        except HaflocError as err:
-            print(f"{index}: not calibrated ({err}); confidences are heuristic", file=sys.stderr)
-            return
-    print(f"{index}: {summary_line(cal)}")
+        cal, note = calibrate_if_possible(store, progress=progress)
+    print(f"{index}: {note}", file=sys.stdout if cal is not None else sys.stderr)
 
 
 def calibration_info(index: str | Path) -> dict[str, Any] | None:

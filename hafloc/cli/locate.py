@@ -48,6 +48,13 @@ def register(sub) -> None:
         "calibration's radius, 25 m; another value makes the confidence uncalibrated)",
     )
     add_answer_args(p)
+    p.add_argument(
+        "--near",
+        metavar="LAT,LON",
+        help="a position prior: search only indexed photos within --within metres of this place "
+        "(exactly, whatever the search structure)",
+    )
+    p.add_argument("--within", type=float, metavar="M", help="with --near: the radius in metres")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_backend_args(p)
     p.set_defaults(func=run)
@@ -57,11 +64,13 @@ def run(args) -> int:
     from ..errors import HaflocError, InputError
     from ..images.io import list_images
     from ..index.export_formats import render, write_output
-    from ..serve.locator import Locator, LocatorConfig
+    from ..index.locator import Locator, LocatorConfig
+    from ..index.prior import Near
 
     if args.top_k < 1:
         raise HaflocError(f"--top-k must be at least 1, got {args.top_k}")
     check_answer_args(args)
+    near = Near.parse(args.near, args.within)
     if args.agree_m is not None and not args.agree_m > 0:
         raise HaflocError(f"--agree-m must be positive, got {args.agree_m}")
     paths: list[Path] = []
@@ -86,7 +95,9 @@ def run(args) -> int:
     try:
         names = [str(p) for p in paths]
         results, bad = (
-            locator.locate_paths(paths, names, k=args.top_k, progress=not args.no_progress) if paths else ([], [])
+            locator.locate_paths(paths, names, k=args.top_k, progress=not args.no_progress, near=near)
+            if paths
+            else ([], [])
         )
     finally:
         locator.close()

@@ -71,8 +71,8 @@ def run(args) -> int:
     import uvicorn
 
     from ..errors import HaflocError
+    from ..index.locator import Locator, LocatorConfig
     from ..serve.app import check_tile_url, create_app
-    from ..serve.locator import Locator, LocatorConfig
     from ..serve.workers import run_workers, settings_json, threads_per_worker
 
     if args.max_upload_mb <= 0:

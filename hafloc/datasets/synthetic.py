@@ -1,7 +1,7 @@
 """Reading the synthetic demo city: its ``meta.json`` (per-image place, condition, size class).
 
-The generator lives in :mod:`hafloc.synth`; its public names are re-exported here, where
-callers have always imported them.
+The format's constants live here, with its reader; the generator, :mod:`hafloc.synth` (a layer
+above: it writes the '@' layout this package reads), imports them.
 """
 
 from __future__ import annotations
@@ -12,12 +12,16 @@ from typing import Any
 
 from hafloc.datasets.atfolders import SPLITS, at_name
 from hafloc.errors import InputError
-from hafloc.synth.config import CONDITIONS, FORMAT_VERSION, GENERATOR, META_NAME, SIZE_CLASSES, SyntheticCityConfig
-from hafloc.synth.write import generate_city
+
+SIZE_CLASSES = ("small", "medium", "large")
+CONDITIONS = ("day", "dusk", "night")
+META_NAME = "meta.json"
+FORMAT_VERSION = 1
+# Recorded in meta.json: a folder is this generator's to replace. The module path of the day the
+# format began; kept so that worlds written before the generator moved stay recognised.
+GENERATOR = "hafloc.datasets.synthetic"
 
 __all__ = [
-    "SyntheticCityConfig",
-    "generate_city",
     "size_classes",
     "read_meta",
     "at_name",

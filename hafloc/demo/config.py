@@ -8,9 +8,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..datasets.synthetic import SyntheticCityConfig
 from ..errors import HaflocError
 from ..heads import METHODS
+from ..synth import SyntheticCityConfig
 
 # every registered method except SuperPoint (its own backbone and weights; opt-in with --methods)
 DEMO_METHODS = tuple(m for m in METHODS if m != "superpoint")

@@ -23,11 +23,12 @@ import numpy as np
 
 from ..datasets.base import Dataset
 from ..datasets.detect import load_dataset
-from ..datasets.synthetic import generate_city, read_meta
+from ..datasets.synthetic import read_meta
 from ..descriptors.modelfile import load_model, save_model
 from ..errors import HaflocError
 from ..fileio import write_json_atomic
 from ..heads import LABELS
+from ..synth import generate_city
 from .config import DemoConfig, digest
 
 if TYPE_CHECKING:

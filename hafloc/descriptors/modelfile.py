@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..errors import InputError
 from ..fileio import atomic_path
 from .network import GeoLocNet, ModelConfig
@@ -82,6 +82,12 @@ def resolve_model_path(path: str | Path | None) -> Path:
             DEFAULT_FILE, f"the default model is damaged (sha256 {digest[:12]}..., expected {DEFAULT_SHA256[:12]}...)"
         )
     return DEFAULT_FILE
+
+
+def recorded_path(model: GeoLocNet) -> str | None:
+    """How an index records the file ``model`` was loaded from: ``default`` for the shipped model."""
+    src = model.source_path
+    return DEFAULT if src and Path(src) == DEFAULT_FILE else src
 
 
 def read_model_file(path: str | Path | None) -> dict:

@@ -22,7 +22,7 @@ import onnx
 import torch
 from torch import nn
 
-from .. import __version__
+from .._version import __version__
 from ..errors import HaflocError, InputError
 from ..fileio import atomic_path
 from .modelfile import DEFAULT_FILE

@@ -1,4 +1,5 @@
-"""Where an indexed image was taken: from a positions CSV, an '@' file name, or EXIF GPS.
+"""Where an indexed image was taken: from a positions CSV, an '@' file name, or EXIF GPS; and the
+index's part that keeps them (``PositionRows``: the rows' positions, set, listed, found near a place).
 
 Priority is CSV > '@' name > EXIF: a CSV is the user's explicit statement, an '@' name is a
 published dataset's ground truth, EXIF is whatever the camera recorded.
@@ -9,13 +10,20 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
 
 from hafloc.datasets.atfolders import parse_at_name
 from hafloc.datasets.geo import latlon_to_utm, utm_to_latlon
-from hafloc.errors import InputError
+from hafloc.errors import HaflocError, InputError
 from hafloc.images.gps import read_gps
+from hafloc.index.localstore import LocalFeatureStore
+from hafloc.index.prior import Near
+from hafloc.index.storebase import py_text
 
 log = logging.getLogger(__name__)
 
@@ -132,3 +140,83 @@ def resolve_position(
         if hit is not None:
             return make_position(hit[0], hit[1], "csv")
     return position_from_at_name(rel_path) or position_from_exif(path)
+
+
+def _position_columns(pos: Position | None) -> dict[str, Any]:
+    return {
+        "lat": pos.lat if pos else None,
+        "lon": pos.lon if pos else None,
+        "easting": pos.easting if pos else None,
+        "northing": pos.northing if pos else None,
+        "zone": pos.zone if pos else None,
+        "zone_letter": pos.letter if pos else None,
+        "position_source": pos.source if pos else None,
+    }
+
+
+class PositionRows(LocalFeatureStore):
+    """The images' rows and their positions: set them, list them, find those near a place."""
+
+    def set_position(self, ids: Sequence[int], lat: float, lon: float) -> int:
+        """Give the images ``ids`` the position (lat, lon) (validated, UTM recomputed); source 'manual'."""
+        try:
+            pos = make_position(float(lat), float(lon), "manual")
+        except ValueError as err:
+            raise HaflocError(f"{err} (lat must lie in [-90, 90], lon in [-180, 180])") from None
+        cols = _position_columns(pos)
+        with self._writing():
+            with self._db:
+                n = sum(
+                    self._db.execute(
+                        f"UPDATE images SET {', '.join(c + ' = ?' for c in cols)} WHERE id = ?",
+                        (*cols.values(), int(i)),
+                    ).rowcount
+                    for i in ids
+                )
+            self._write_info()
+        return n
+
+    def images(self) -> list[dict[str, Any]]:
+        """Metadata rows of all indexed images, in id order (``path`` relative to ``root``)."""
+        sha1 = "sha1" if self._schema >= 2 else "NULL AS sha1"
+        with self._lock:
+            try:
+                cur = self._db.execute(
+                    "SELECT id, path, root, lat, lon, easting, northing, zone, zone_letter, position_source, added_at,"
+                    f" {sha1} FROM images ORDER BY id"
+                )
+                cols = [c[0] for c in cur.description]
+                rows = cur.fetchall()
+            except sqlite3.DatabaseError as err:
+                raise InputError(self.folder / "meta.sqlite", f"damaged index database ({err})") from None
+        out = [dict(zip(cols, r)) for r in rows]
+        for d in out:
+            d["path"], d["root"] = py_text(d["path"]), py_text(d["root"])
+        return out
+
+    def image(self, image_id: int) -> dict[str, Any] | None:
+        """Metadata row of one database image by id (None if there is no such id)."""
+        return self._rows_by_id([int(image_id)]).get(int(image_id))
+
+    def _rows_by_id(self, ids: list[int]) -> dict[int, dict[str, Any]]:
+        out: dict[int, dict[str, Any]] = {}
+        cols = ["id", "image", "root", "lat", "lon", "easting", "northing", "zone", "zone_letter", "position_source"]
+        for start in range(0, len(ids), 500):  # sqlite's host-parameter limit
+            part = ids[start : start + 500]
+            for r in self._query(
+                "SELECT id, path AS image, root, lat, lon, easting, northing, zone, zone_letter, position_source"
+                f" FROM images WHERE id IN ({','.join('?' * len(part))})",
+                part,
+            ):
+                d = dict(zip(cols, r))
+                d["image"], d["root"] = py_text(d["image"]), py_text(d["root"])
+                out[int(r[0])] = d
+        return out
+
+    def ids_near(self, near: Near) -> tuple[np.ndarray, np.ndarray]:
+        """(ids (N,), (chunk, row) (N, 2)) of the photos within ``near``'s radius, in id order."""
+        cond, params = near.sql()
+        rows = self._query(f"SELECT id, chunk, row, lat, lon FROM images WHERE {cond} ORDER BY id", params)
+        a = np.asarray(rows, np.float64).reshape(-1, 5)
+        keep = near.contains(a[:, 3], a[:, 4])
+        return a[keep, 0].astype(np.int64), a[keep, 1:3].astype(np.int32)

@@ -268,7 +268,7 @@ def _check_model(info: dict[str, Any], report) -> None:
     if not path:
         report("model", "warning", "the index does not record its model file (pass --model to use it)")
         return
-    if not Path(path).is_file():
+    if path != "default" and not Path(path).is_file():  # "default": the shipped model (checked at load)
         report("model", "warning", f"model file {printable(path)} not found (moved? pass --model)")
         return
     from hafloc.descriptors.modelfile import load_model

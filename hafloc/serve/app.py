@@ -34,7 +34,8 @@ from starlette.datastructures import UploadFile
 
 from ..errors import HaflocError, InputError
 from ..images.io import ImageTooLarge, load_image
-from .locator import Locator, LocatorConfig
+from ..index.locator import Locator, LocatorConfig
+from ..index.prior import Near
 
 STATIC = Path(__file__).parent / "static"
 THUMB_SIDE = 256
@@ -197,6 +198,18 @@ def attention_json(img: Image.Image, att: dict[str, np.ndarray]) -> dict[str, di
 # JPEGs above DRAFT_MIN_PIXELS are decoded at a DCT scale keeping this many times the model's
 # input side: the later resize (reducing_gap 3) still averages real pixels
 DRAFT_FACTOR = 4
+
+
+def _near_fields(near: Any, within: Any) -> Near | None:
+    """``POST /locate``'s optional position prior: fields near=LAT,LON and within=M (metres)."""
+    try:
+        metres = float(str(within)) if within not in (None, "") else None
+    except ValueError:
+        raise HTTPException(422, f"within: expected metres, got {str(within)!r}") from None
+    try:
+        return Near.parse(str(near) if near else None, metres)
+    except HaflocError as err:
+        raise HTTPException(422, str(err).replace("--", "")) from None
 
 
 def decode_upload(
@@ -363,9 +376,9 @@ def create_app(
             thumbs.put(key, data)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
-    def locate_bytes(data: bytes, filename: str) -> dict[str, Any]:
+    def locate_bytes(data: bytes, filename: str, near: Near | None = None) -> dict[str, Any]:
         img = decode_upload(data, filename, locator.extractor.max_side, config.max_pixels)
-        result, att = locator.locate_image(img, filename, k=config.top_k, correspondences=True)
+        result, att = locator.locate_image(img, filename, k=config.top_k, correspondences=True, near=near)
         result["attention"] = attention_json(img, att)
         return result
 
@@ -380,10 +393,11 @@ def create_app(
                 raise HTTPException(422, "no file in the multipart field 'file'")
             data = await upload.read()
             filename = Path(upload.filename or "upload").name or "upload"
+            near = _near_fields(form.get("near"), form.get("within"))
         if not data:
             raise HTTPException(400, f"{filename}: empty file")
         try:
-            result = await in_pool(locate_bytes, data, filename)
+            result = await in_pool(locate_bytes, data, filename, near)
         except ImageTooLarge as err:
             raise HTTPException(413, str(err)) from None
         except InputError as err:

@@ -26,8 +26,8 @@ from typing import Any
 from fastapi import FastAPI
 
 from ..errors import HaflocError
+from ..index.locator import LocatorConfig
 from .app import create_app
-from .locator import LocatorConfig
 
 ENV = "HAFLOC_SERVE_SETTINGS"
 FACTORY = "hafloc.serve.workers:app_from_env"

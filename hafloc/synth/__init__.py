@@ -14,7 +14,7 @@ place is more than 25 m away. Splits lie in disjoint areas of UTM zone 17T (Pitt
 
 Modules, in the order of the data: ``config`` (what to make), ``assets`` (textures), ``scene``
 (places and camera views), ``render`` (one view to pixels), ``write`` (the dataset on disk).
-Reading a generated city back: :mod:`hafloc.datasets.synthetic`.
+Reading a generated city back, and the constants of its ``meta.json``: :mod:`hafloc.datasets.synthetic`.
 """
 
 from hafloc.synth.config import CONDITIONS, SIZE_CLASSES, SPLITS, SyntheticCityConfig

@@ -8,14 +8,9 @@ from typing import Any
 
 from hafloc.configs import from_mapping
 from hafloc.datasets.atfolders import SPLITS
+from hafloc.datasets.synthetic import CONDITIONS, FORMAT_VERSION, GENERATOR, META_NAME, SIZE_CLASSES
 
-SIZE_CLASSES = ("small", "medium", "large")
-CONDITIONS = ("day", "dusk", "night")
-META_NAME = "meta.json"
-FORMAT_VERSION = 1
-# Recorded in meta.json: a folder is this generator's to replace. The module path of the day the
-# format began; kept so that worlds written before the generator moved stay recognised.
-GENERATOR = "hafloc.datasets.synthetic"
+__all__ = ["SyntheticCityConfig", "SPLITS", "SIZE_CLASSES", "CONDITIONS", "META_NAME", "FORMAT_VERSION", "GENERATOR"]
 
 # Landmark width as a fraction of the image width, per class (query) and per database option.
 QUERY_FRACTION = {"small": (0.05, 0.10), "medium": (0.20, 0.30), "large": (0.50, 0.65)}

@@ -1,0 +1,95 @@
+"""Fill an index folder from a folder of photos and calibrate it: the jobs behind ``hafloc index
+build`` / ``index add`` / ``index calibrate`` and the public ``hafloc.Index.build`` / ``Index.add``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import HaflocError
+from ..images.io import list_images
+from .calibrate import MIN_POSITIONED, Calibrator, calibrate_index, summary_line
+from .positions import read_positions_csv
+from .store import AddReport, ExtractFn, IndexStore, extractor_fn
+
+LOCAL_DEFAULTS = {"max_keypoints": 1024, "max_side": 640}  # ``index build --local``'s defaults
+
+
+def local_spec(local: str | dict[str, Any] | None) -> dict[str, Any] | None:
+    """The store's ``local`` setting from an extractor name (default settings) or a
+    ``{"extractor", "conf"}`` dict; None stores no local features."""
+    from ..local import EXTRACTORS
+
+    if local is None:
+        return None
+    spec = {"extractor": local, "conf": dict(LOCAL_DEFAULTS)} if isinstance(local, str) else dict(local)
+    if spec.get("extractor") not in EXTRACTORS:
+        raise HaflocError(f"local: unknown extractor {spec.get('extractor')!r}; choose from {', '.join(EXTRACTORS)}")
+    return spec
+
+
+def local_extractor(store: IndexStore) -> Any:
+    """The extractor of the local features the index stores (None when it stores none)."""
+    if not store.local_config:
+        return None
+    from ..local import create_extractor
+
+    return create_extractor(store.local_config["extractor"], **store.local_config.get("conf", {}))
+
+
+def add_folder(
+    store: IndexStore,
+    folder: str | Path,
+    describe: Any,
+    positions: str | Path | dict[str, tuple[float, float]] | None = None,
+    chunk_size: int = 64,
+    progress: bool = False,
+) -> AddReport:
+    """Index the photos of ``folder`` (recursively) not yet in ``store``.
+
+    ``describe``: an ``Extractor`` (local features are added as the index stores them) or a store
+    ``ExtractFn``; ``positions``: a positions CSV (image,lat,lon) or ``{image: (lat, lon)}``.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise HaflocError(f"{folder}: not a folder")
+    if isinstance(positions, (str, Path)):
+        positions = read_positions_csv(positions)
+    files = [p for p, _ in list_images([folder])]
+    if not files:
+        raise HaflocError(f"{folder}: no images found")
+    extract: ExtractFn = describe if callable(describe) else extractor_fn(describe, local_extractor(store))
+    # relative to the folder: the store resolves them against the root it records
+    return store.add(
+        [p.relative_to(folder) for p in files],
+        folder,
+        extract,
+        positions=positions,
+        chunk_size=chunk_size,
+        progress=progress,
+    )
+
+
+def calibrate_store(store: IndexStore, max_samples: int | None = None, **kw: Any) -> Calibrator:
+    """Calibrate ``store``'s confidences; an index with local features re-ranks (and first fits its rule)."""
+    from .rerank import RERANK_CALIBRATION_SAMPLES, calibrate_reranked
+
+    if store.local_config:
+        return calibrate_reranked(store, max_samples=max_samples or RERANK_CALIBRATION_SAMPLES, **kw)
+    return calibrate_index(store, max_samples=max_samples or 5000, **kw)
+
+
+def auto_calibrate(store: IndexStore, progress: bool = False) -> tuple[Calibrator | None, str]:
+    """End of a build: (the calibration, its summary line), or (None, why not: too few positioned
+    photos or answers), never an error."""
+    positioned = int(store.info.get("counts", {}).get("positioned", 0))
+    if positioned < MIN_POSITIONED:
+        return (
+            None,
+            f"not calibrated ({positioned} positioned photos, {MIN_POSITIONED} needed); confidences are heuristic",
+        )
+    try:
+        cal = calibrate_store(store, progress=progress)
+    except HaflocError as err:
+        return None, f"not calibrated ({err}); confidences are heuristic"
+    return cal, summary_line(cal)

@@ -14,7 +14,7 @@ from .descriptors.modelfile import load_model as load_model_file, recorded_path
 from .descriptors.network import GeoLocNet
 from .errors import HaflocError, InputError
 from .images.io import list_images
-from .index.build import add_folder, auto_calibrate, local_spec
+from .index.build import adapt_model, add_folder, auto_calibrate, local_spec
 from .index.locator import LocateResult, Locator, LocatorConfig
 from .index.prior import Near
 from .index.search import SearchConfig
@@ -106,6 +106,7 @@ class Index:
         search: str = "auto",
         chunk_size: int = 64,
         calibrate: bool = True,
+        adapt: bool = True,
         backend: str = "auto",
         progress: bool = False,
     ) -> Index:
@@ -115,9 +116,12 @@ class Index:
         ``model``: a model file or a loaded model (None: the default model); ``positions``: a CSV
         (image,lat,lon) or ``{image: (lat, lon)}`` (else '@' names and EXIF GPS); ``local``: a local
         feature extractor (``"xfeat"``...) for re-ranking by verified matches; ``search``: ``auto``,
-        ``flat``, ``ivfpq``, ``hnsw`` or ``ondisk``.
+        ``flat``, ``ivfpq``, ``hnsw`` or ``ondisk``; ``adapt``: re-fit a trained model's clusters on
+        the photos (``hafloc index build`` without ``--no-adapt``).
         """
         net = _model(model)
+        if adapt:
+            net = adapt_model(net, _paths(folder), index, progress=progress)
         model_path = recorded_path(net)
         store = IndexStore.open_or_create(
             index,

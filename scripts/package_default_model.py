@@ -44,13 +44,66 @@ def card_metrics(results: Path | None, label: str) -> dict:
     for row in rows:
         r = row["results"]
         if label in r:
-            out[row["set"]] = {
-                "metric": r[label]["metric"],
-                "model": round(r[label]["value"], 2),
-                "untrained": round(r["untrained"]["value"], 2),
-                **({"vs_untrained": r[label]["vs_untrained"]} if "vs_untrained" in r[label] else {}),
-            }
+            entry = {"metric": r[label]["metric"], "untrained": round(r["untrained"]["value"], 2)}
+            for key, col in (("model", label), ("adapted", f"{label}+adapted"), ("as_built", f"{label}, as built")):
+                if col in r:
+                    entry[key] = round(r[col]["value"], 2)
+                    if "vs_untrained" in r[col]:
+                        entry[f"{key}_vs_untrained"] = r[col]["vs_untrained"]
+            out[row["set"]] = entry
     return out
+
+
+def run_card(model_path: Path) -> dict:
+    """Card fields from the training run beside ``model_path``: data and split (each dataset's
+    prepare.json), the command, seed, steps and the validation scores of the selected epoch."""
+    run = model_path.parent
+    cfg = json.loads((run / "config.json").read_text())
+    meta = read_model_file(model_path).get("meta", {})
+    trained = meta.get("trained", {})
+    data, split = [], []
+    for ds in cfg["dataset"].split(","):
+        prep = Path(ds) / "prepare.json"
+        if prep.is_file():
+            p = json.loads(prep.read_text())
+            n = p["images"]["train"]
+            data.append(
+                f"{p['source']} ({p['repository'].rsplit('/', 2)[-2] if '/' in p['repository'] else p['repository']}, "
+                f"{p['revision']}): train split {n['database']} images of {p['places']['train']} places"
+            )
+            split.append(f"{p['source']}: seed {p['seed']}, bands {p['gap_m']:g} m apart; {p['protocol']}")
+    flags = " ".join(
+        f"--{k.replace('_', '-')} {'x'.join(map(str, v)) if isinstance(v, list) else v}"
+        for k, v in cfg.items()
+        if k
+        in (
+            "method",
+            "dataset",
+            "output",
+            "image_size",
+            "train_stages",
+            "epochs",
+            "max_queries_per_epoch",
+            "cache_refresh",
+            "lr",
+            "patience",
+            "seed",
+            "select",
+        )
+    )
+    return {
+        "name": "haf-streets",
+        "data": data,
+        "split": split,
+        "command": f"hafloc train {flags}",
+        "seed": cfg["seed"],
+        "selected": f"epoch {trained.get('epoch')} of {cfg['epochs']} by {cfg.get('select', 'recall@5')} "
+        "(mean over the val sets, none below its start)",
+        "iterations": (trained.get("epoch") or 0) * cfg["max_queries_per_epoch"] // cfg["batch_size"],
+        "tuples_per_iteration": f"{cfg['batch_size']} x (query, positive, {cfg['num_negatives']} negatives)",
+        "val": trained.get("val"),
+        "trains": "head only (attention, projections, clusters, fusion weights); ImageNet trunk frozen",
+    }
 
 
 def main() -> None:
@@ -66,7 +119,7 @@ def main() -> None:
     meta = read_model_file(args.model).get("meta", {})
     paths = [p for p, _ in list_images(args.parity_images)][:48]
     DEFAULT_FILE.parent.mkdir(parents=True, exist_ok=True)
-    card = json.loads(args.card.read_text()) if args.card else {}
+    card = {**run_card(args.model), **(json.loads(args.card.read_text()) if args.card else {})}
     metrics = {}
     for f in args.card_json:
         metrics.update(card_metrics(f, args.label))

@@ -96,6 +96,12 @@ def register(sub) -> None:
         "above the size where --dim turns compact)",
     )
     b.add_argument(
+        "--no-adapt",
+        action="store_true",
+        help="keep a trained model's clusters as trained (default: from 25 photos, re-fit them by k-means on "
+        "the photos indexed, into INDEX/adapted.model; untrained models are never changed)",
+    )
+    b.add_argument(
         "--no-calibrate",
         action="store_true",
         help="skip the confidence calibration run at the end (from 50 positioned photos)",
@@ -238,7 +244,7 @@ def _index_folder(args, store_factory) -> int:
     pairs = list_images([folder])
     if not pairs:
         raise HaflocError(f"{folder}: no images found")
-    store, model = store_factory(len(pairs))
+    store, model = store_factory([p for p, _ in pairs])
     with store, ExitStack() as stack:
         if args.ray:  # an actor pool describes the chunks; they are committed here all the same
             extract = stack.enter_context(ray_pool(args, model, [p for p, _ in pairs], store.local_config)).extract_fn()
@@ -294,6 +300,7 @@ def _index_folder(args, store_factory) -> int:
 def run_build(args) -> int:
     from ..descriptors.modelfile import load_model, recorded_path
     from ..errors import HaflocError
+    from ..index.build import adapt_model
     from ..index.search import SearchConfig
     from ..index.store import IndexStore
 
@@ -310,8 +317,11 @@ def run_build(args) -> int:
             "conf": {"max_keypoints": args.max_keypoints, "max_side": args.local_max_side},
         }
 
-    def factory(n_images: int):
+    def factory(files: list[Path]):
         model = load_model(args.model)
+        if not args.no_adapt:
+            model = adapt_model(model, files, args.index, progress=not args.no_progress)
+        n_images = len(files)
         kind = "flat" if args.exact else args.search
         compact = compact_choice(
             args.dim, args.dtype, n_images, model.out_dim, new=not (Path(args.index) / "index.json").exists()
@@ -360,7 +370,7 @@ def run_add(args) -> int:
     from ..index.locator import open_model_for
     from ..index.store import IndexStore
 
-    def factory(_n_images: int):
+    def factory(_files: list[Path]):
         store = IndexStore.open(args.index, lock_timeout=args.lock_timeout)
         try:
             return store, open_model_for(store, args.model)

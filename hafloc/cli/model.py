@@ -144,9 +144,13 @@ def print_card(card: dict) -> None:
         print(f"{key:>16}: {value if isinstance(value, str) else json.dumps(value)}")
     metrics = card.get("metrics") or {}
     if metrics:
-        print(f"\n{'set':<28} {'metric':<10} {'this model':>10} {'untrained':>10}")
+        nan = float("nan")
+        print(
+            f"\n{'set':<16} {'metric':<6} {'untrained':>9} {'as shipped':>10} {'adapted':>8} {'as built':>8}  "
+            "as built - untrained, 95% interval"
+        )
         for name, m in metrics.items():
             print(
-                f"{name:<28} {m.get('metric', ''):<10} {m.get('model', float('nan')):>10.2f} "
-                f"{m.get('untrained', float('nan')):>10.2f}"
+                f"{name:<16} {m.get('metric', ''):<6} {m.get('untrained', nan):>9.1f} {m.get('model', nan):>10.1f} "
+                f"{m.get('adapted', nan):>8.1f} {m.get('as_built', nan):>8.1f}  {m.get('as_built_vs_untrained', '')}"
             )

@@ -24,7 +24,7 @@ import numpy as np
 from ..datasets.base import Dataset
 from ..datasets.detect import load_dataset
 from ..datasets.synthetic import read_meta
-from ..descriptors.modelfile import load_model, save_model
+from ..descriptors.modelfile import DEFAULT, load_model, save_model
 from ..errors import HaflocError
 from ..fileio import write_json_atomic
 from ..heads import LABELS
@@ -434,7 +434,7 @@ def run_demo(cfg: DemoConfig, stream: TextIO | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     data_root, runs = out / "data", out / "runs"
     has_haf = "haf" in cfg.methods
-    n_eval = len(cfg.methods) + (2 if has_haf else 0)
+    n_eval = len(cfg.methods) + (3 if has_haf else 0)
     per_seed = 2 * len(cfg.methods) + (1 if has_haf else 0)  # train + evaluate each method, tune HAF
     total = 1 + len(cfg.methods) + (2 if has_haf else 0) + n_eval + (cfg.seeds - 1) * per_seed + 1
     stages = StageLog(total, stream or sys.stderr)
@@ -504,6 +504,16 @@ def run_demo(cfg: DemoConfig, stream: TextIO | None = None) -> dict[str, Any]:
                 out / "models" / "haf-untrained.model",
                 False,
                 "pretrained backbone, k-means clusters, uniform weights",
+            )
+        )
+        evals.append(
+            Evaluation(
+                "haf-default",
+                "HAF (shipped default)",
+                "haf",
+                Path(DEFAULT),
+                True,
+                "the model hafloc ships: trained on real street views, never on this city",
             )
         )
 

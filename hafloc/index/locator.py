@@ -18,6 +18,7 @@ from ..descriptors.extract import Extractor
 from ..descriptors.modelfile import DEFAULT, load_model
 from ..descriptors.network import GeoLocNet
 from ..errors import HaflocError, InputError
+from .build import ADAPTED_NAME
 from .calibrate import load_calibrator
 from .locate import answer
 from .prior import Near
@@ -50,6 +51,9 @@ def open_model_for(store: IndexStore, model_path: str | Path | GeoLocNet | None 
         stored = store.info.get("model_path")
         if not stored:
             raise HaflocError(f"{store.folder}: the index does not record its model; pass --model")
+        inside = store.folder / ADAPTED_NAME  # the index's adapted model moves with its folder
+        if Path(stored).name == ADAPTED_NAME and not Path(stored).is_file() and inside.is_file():
+            stored = str(inside)
         if stored != DEFAULT and not Path(stored).is_file():
             raise InputError(stored, "model file of the index not found (moved?); pass --model")
         model_path = str(stored)

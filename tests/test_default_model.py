@@ -1,0 +1,168 @@
+"""The shipped default model: trunk-less model files, the sha256 check, the model card, and
+`index build` / `locate` with no --model at all."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from hafloc.cli import main as cli
+from hafloc.descriptors import modelfile
+from hafloc.descriptors.extract import Extractor
+from hafloc.descriptors.modelfile import DEFAULT_FILE, DEFAULT_SHA256, load_model, read_model_file, save_model
+from hafloc.descriptors.network import GeoLocNet, ModelConfig
+from hafloc.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def lund(shared_data):
+    files = sorted((shared_data / "lund_gps" / "images").glob("*.jpg"))
+    assert len(files) >= 8
+    return files
+
+
+def test_shipped_file_is_small_checked_and_carries_a_card():
+    assert DEFAULT_FILE.is_file(), "the default model must ship inside the package"
+    assert DEFAULT_FILE.stat().st_size <= 15 * 2**20
+    assert hashlib.sha256(DEFAULT_FILE.read_bytes()).hexdigest() == DEFAULT_SHA256
+    payload = read_model_file(None)
+    assert payload["trunk"]["source"] == "pretrained"
+    assert not any(k.startswith("backbone.") for k in payload["state_dict"])  # only what differs from ImageNet
+    card = payload["meta"]["card"]
+    for key in ("data", "split", "command", "seed", "iterations", "metrics"):
+        assert key in card, key
+    assert card["metrics"], "the card reports the metrics on every set"
+    model = load_model(None)
+    assert model.config.method == "haf" and model.meta["trained"]["dataset"]
+    assert load_model("default").fingerprint() == model.fingerprint()
+
+
+def test_model_info_prints_the_card(capsys):
+    assert cli(["model", "info"]) == 0
+    out = capsys.readouterr().out
+    assert "model card" in out and "untrained" in out and "as built" in out
+    card = read_model_file(None)["meta"]["card"]
+    first_set = next(iter(card["metrics"]))
+    assert first_set in out
+    assert cli(["model", "info", "default", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["default"] is True and info["stored"]["trunk"].startswith("pretrained")
+
+
+def test_trunk_less_file_round_trips_and_refuses_another_trunk(tmp_path, lund):
+    torch.manual_seed(0)
+    model = GeoLocNet(ModelConfig.for_method("gem"), pretrained=True).eval()
+    save_model(model, tmp_path / "slim.model", trunk="pretrained")
+    save_model(model, tmp_path / "full.model")
+    assert (tmp_path / "slim.model").stat().st_size < (tmp_path / "full.model").stat().st_size / 5
+    back = load_model(tmp_path / "slim.model")
+    assert back.fingerprint() == model.fingerprint()
+    d0 = Extractor(model).extract_paths(lund[:2], progress=False).descriptors
+    d1 = Extractor(back).extract_paths(lund[:2], progress=False).descriptors
+    np.testing.assert_allclose(d0, d1, atol=1e-6)
+    # a file saved over other trunk weights cannot be completed from the package: refused, one line
+    with torch.no_grad():
+        next(model.backbone.parameters()).add_(0.01)
+    save_model(model, tmp_path / "other.model", trunk="pretrained")
+    with pytest.raises(InputError, match="other efficientnet-lite0 weights"):
+        load_model(tmp_path / "other.model")
+
+
+def test_damaged_default_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "haf-streets.model"
+    data = bytearray(DEFAULT_FILE.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    monkeypatch.setattr(modelfile, "DEFAULT_FILE", bad)
+    with pytest.raises(InputError, match="damaged"):
+        load_model(None)
+    assert cli(["model", "info"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "damaged" in err[0] and "sha256" in err[0]
+
+
+def test_index_and_locate_with_no_model_at_all(tmp_path, lund, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for f in lund[:6]:  # fewer than ADAPT_MIN_IMAGES: the default model as shipped
+        shutil.copy(f, photos / f.name)
+    idx = tmp_path / "idx"
+    assert cli(["index", "build", str(photos), "--index", str(idx), "--no-progress"]) == 0
+    assert not (idx / "adapted.model").exists()
+    info = json.loads((idx / "index.json").read_text())
+    assert info["model_path"] == "default"
+    assert info["model_fingerprint"] == load_model(None).fingerprint()
+    capsys.readouterr()
+    assert cli(["locate", str(photos / lund[2].name), "--index", str(idx), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    best = doc["results"][0]["matches"][0]
+    assert best["image"].endswith(lund[2].name) and best["similarity"] > 0.99  # it finds itself first
+
+
+def test_card_and_benchmarks_tell_the_same_numbers():
+    """The model card's scores are the ones BENCHMARKS.md shows (both from benchmarks/real_training.py)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "BENCHMARKS.md").read_text()
+    m = re.search(
+        r"<!-- benchmark:real-training-test:begin -->(.*?)<!-- benchmark:real-training-test:end -->", text, re.S
+    )
+    assert m, "BENCHMARKS.md has no real-training-test section"
+    rows = {line.split("|")[1].strip(): line for line in m.group(1).splitlines() if line.startswith("| ")}
+    card = read_model_file(None)["meta"]["card"]
+    for name, metric in card["metrics"].items():
+        assert name in rows, name
+        cells = [c.strip() for c in rows[name].split("|")[1:-1]]
+        assert cells[3].startswith(f"{metric['untrained']:.1f}"), (name, cells)
+        assert cells[4].startswith(f"{metric['model']:.1f}"), (name, cells)  # as shipped
+        assert cells[-1].startswith(f"{metric['as_built']:.1f}"), (name, cells)  # as index build adapts it
+
+
+def test_build_adapts_the_trained_clusters_to_the_collection(tmp_path, lund, capsys):
+    from hafloc.index.build import ADAPT_MIN_IMAGES
+
+    assert len(lund) >= ADAPT_MIN_IMAGES
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for f in lund:
+        shutil.copy(f, photos / f.name)
+    idx = tmp_path / "idx"
+    assert cli(["index", "build", str(photos), "--index", str(idx), "--no-progress", "--no-calibrate"]) == 0
+    default, adapted = load_model(None), load_model(idx / "adapted.model")
+    assert json.loads((idx / "index.json").read_text())["model_path"] == str((idx / "adapted.model").resolve())
+    assert adapted.fingerprint() != default.fingerprint() and adapted.meta["adapted"]["images"] == len(lund)
+    a, d = adapted.state_dict(), default.state_dict()
+    changed = {k for k in d if not torch.equal(a[k], d[k])}
+    assert changed and all("vlad" in k for k in changed), changed  # clusters re-fitted, the rest as trained
+    assert read_model_file(idx / "adapted.model")["trunk"]["source"] == "pretrained"  # small: no trunk
+    # the index moves with its adapted model; a rerun reuses it
+    moved = tmp_path / "moved"
+    idx.rename(moved)
+    capsys.readouterr()
+    assert cli(["locate", str(photos / lund[3].name), "--index", str(moved), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["matches"][0]["image"].endswith(lund[3].name)
+    assert cli(["index", "build", str(photos), "--index", str(moved), "--no-progress", "--no-calibrate"]) == 0
+    assert load_model(moved / "adapted.model").fingerprint() == adapted.fingerprint()
+    # --no-adapt keeps the model as shipped
+    assert (
+        cli(
+            [
+                "index",
+                "build",
+                str(photos),
+                "--index",
+                str(tmp_path / "plain"),
+                "--no-adapt",
+                "--no-progress",
+                "--no-calibrate",
+            ]
+        )
+        == 0
+    )
+    assert json.loads((tmp_path / "plain" / "index.json").read_text())["model_path"] == "default"

@@ -27,7 +27,7 @@ except ImportError:  # run from the repository root as a package
     from tests.browser import browser_available, images_loaded, open_page, screenshot
 
 METHODS = ("haf", "netvlad", "crn", "gem")
-EXPECTED_ROWS = ("haf", "netvlad", "crn", "gem", "haf-learned", "haf-untrained")
+EXPECTED_ROWS = ("haf", "netvlad", "crn", "gem", "haf-learned", "haf-untrained", "haf-default")
 
 
 class _ImgSrc(HTMLParser):
@@ -98,7 +98,8 @@ def test_quick_demo_end_to_end(quick_demo):
             assert recombined == pytest.approx(r[f"recall@{n}"], abs=1e-6), (name, n)
         assert r["recall_curve"]["recall"][0] == pytest.approx(r["recall@1"])
     # really different models (haf-learned may equal haf-untrained: a brief run can keep epoch 0)
-    assert len({res["methods"][n]["fingerprint"] for n in ("haf", "netvlad", "crn", "gem", "haf-untrained")}) == 5
+    names = ("haf", "netvlad", "crn", "gem", "haf-untrained", "haf-default")
+    assert len({res["methods"][n]["fingerprint"] for n in names}) == 6
     # tuned weights: three, on the 0.1 grid, summing to 1, and they are what the tuned model carries
     tw = res["tuned_weights"]
     w = tw["weights"]

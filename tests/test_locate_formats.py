@@ -8,8 +8,10 @@ import json
 import math
 import os
 import shutil
+import stat
 import subprocess
 import sys
+import threading
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -273,3 +275,29 @@ def test_table_is_the_default(work, capsys):
     blocks = [b for b in out.strip().split("\n\n") if b]
     assert len(blocks) == N_DB + 1
     assert sum("no estimate (no match has a position)" in b for b in blocks) == N_DB - N_POSITIONED
+
+
+def test_output_writes_through_fifo_symlink_and_device(work, doc, tmp_path, capsys):
+    """``--output`` to a FIFO, a symlink or /dev/null writes through it and never replaces it."""
+    fifo = tmp_path / "results.fifo"
+    os.mkfifo(fifo)
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
+    reader.start()
+    code, _, err = _locate(work, capsys, "--json", "--output", fifo)
+    reader.join(timeout=30)
+    assert code == 0, err
+    assert json.loads(got[0]) == doc and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+    target = tmp_path / "runs" / "today.json"
+    target.parent.mkdir()
+    target.write_text("old\n")
+    link = tmp_path / "latest.json"
+    link.symlink_to(target)
+    code, _, err = _locate(work, capsys, "--json", "--output", link)
+    assert code == 0, err
+    assert link.is_symlink() and json.loads(target.read_text()) == doc
+
+    code, _, err = _locate(work, capsys, "--json", "--output", "/dev/null")
+    assert code == 0, err
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)

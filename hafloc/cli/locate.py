@@ -37,7 +37,8 @@ def register(sub) -> None:
         "-o",
         metavar="FILE",
         help="write the result to FILE (atomically: all or nothing) instead of standard output; "
-        "left untouched when no photo could be located",
+        "left untouched when no photo could be located; a symlink's target is replaced, a FIFO or "
+        "device (/dev/stdout) written through",
     )
     p.add_argument("--model", help="model file (default: the one the index was built with)")
     p.add_argument(

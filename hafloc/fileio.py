@@ -93,9 +93,11 @@ def _new_file(folder: Path, prefix: str, suffix: str) -> Path:
     raise FileExistsError(f"{folder}: could not create a unique temporary file")
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
+def write_text_atomic(path: str | Path, text: str, errors: str = "strict") -> None:
+    """Write ``text`` as UTF-8; ``errors="surrogateescape"`` writes file names that are not UTF-8
+    (surrogate-escaped by ``os.fsdecode``) as their raw bytes."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8", errors=errors)
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

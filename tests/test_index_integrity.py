@@ -199,6 +199,40 @@ def test_non_utf8_names_are_indexed_losslessly_and_shown_escaped(photos, tmp_pat
         assert c.get(f"/thumbnails/{top['id']}").status_code == 200
 
 
+def test_kml_and_export_hloc_with_a_non_utf8_name(photos, tmp_path, model, capsys):
+    """KML escapes the name as CSV does; export-hloc writes its raw bytes, as its HDF5 group is named."""
+    import xml.etree.ElementTree as ET
+
+    import h5py
+
+    name = os.fsdecode(b"caf\xe9\xff.jpg")  # no space: hloc's pairs files separate names by one
+    f = folder_of(photos[:3], tmp_path / "p", names=["plain.jpg", name, "other.jpg"])
+    assert run_cli(capsys, "index", "build", f, "--model", model, "--index", tmp_path / "i", *FAST)[0] == 0
+    kml = tmp_path / "where.kml"
+    code, _, err = run_cli(capsys, "locate", f, "--index", tmp_path / "i", "--format", "kml", "-o", kml, *FAST)
+    assert code == 0, err  # was a UnicodeEncodeError traceback
+    ns = "{http://www.opengis.net/kml/2.2}"
+    root = ET.parse(kml).getroot()
+    names = [e.text for e in root.iter(f"{ns}name")]
+    tops = [d.find(f"{ns}value").text for d in root.iter(f"{ns}Data") if d.get("name") == "top_image"]
+    escaped = "caf\\udce9\\udcff.jpg"  # the bytes can be told back, as in JSON and CSV
+    assert str(f / escaped) in names and escaped in tops  # the query and its best match
+    code, out, err = run_cli(capsys, "locate", f, "--index", tmp_path / "i", "--format", "csv", *FAST)
+    assert code == 0 and str(f / escaped) in out
+    q = folder_of(photos[1:2], tmp_path / "q", names=[name.replace("caf", "query-")])
+    out = tmp_path / "hloc"
+    argv = ("index", "export-hloc", "--index", tmp_path / "i", "--queries", q, "--output", out, "--top-k", "2")
+    code, _, err = run_cli(capsys, *argv, *FAST)
+    assert code == 0, err  # was a UnicodeEncodeError traceback
+    raw = os.fsencode(name)
+    assert raw in (out / "db.txt").read_bytes().split(b"\n")
+    assert (out / "queries.txt").read_bytes() == os.fsencode(name.replace("caf", "query-")) + b"\n"
+    pairs = [line.split(b" ") for line in (out / "pairs-query-hafloc2.txt").read_bytes().split(b"\n")]
+    with h5py.File(out / "global-feats-hafloc.h5", "r") as h:
+        keys = {k if isinstance(k, bytes) else k.encode() for k in h.keys()}
+    assert raw in keys and all(q in keys and d in keys for q, d in pairs)  # every pair name opens a group
+
+
 def test_extract_h5_with_a_non_utf8_name(photos, tmp_path, model, capsys):
     import h5py
 

@@ -542,8 +542,8 @@ def run_export(args) -> int:
             "(--keep-negative keeps them)",
             file=sys.stderr,
         )
-    write_text_atomic(out / "db.txt", "\n".join(db_names) + "\n")
-    write_text_atomic(out / "queries.txt", "\n".join(res.names) + "\n")
+    write_text_atomic(out / "db.txt", "\n".join(db_names) + "\n", errors="surrogateescape")  # raw name bytes
+    write_text_atomic(out / "queries.txt", "\n".join(res.names) + "\n", errors="surrogateescape")
     print(
         f"wrote {feats} ({len(names)} descriptors), {pairs_path} ({len(pairs)} pairs), "
         f"{out / 'db.txt'}, {out / 'queries.txt'}"

@@ -270,6 +270,33 @@ def test_empty_model_file(small_index, tmp_path, capsys):
     assert code == 2 and one_line_error(err).endswith("empty.model: empty model file (0 bytes)")  # was IndexError
 
 
+class _Code:
+    """An object whose unpickling would run code: a model file must never load it."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_unreadable_model_files_get_hafloc_words_not_torch_advice(small_index, tmp_path, capsys):
+    import torch
+
+    good = small_index["model"].read_bytes()
+    objects = tmp_path / "objects.model"
+    torch.save({"format": "hafloc-model", "x": _Code()}, objects)
+    cases = {
+        "junk.model": (b"not a model at all", "not a zip archive, as torch.save writes"),
+        "pickle.model": (b"\x80\x04N.", "not a zip archive, as torch.save writes"),
+        "trunc.model": (good[: len(good) // 2], "damaged or truncated archive"),
+        "objects.model": (objects.read_bytes(), "it holds Python objects, not only tensors and plain data"),
+    }
+    for name, (data, cause) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        code, out, err = run_cli(capsys, "model", "info", tmp_path / name)
+        line = one_line_error(err)
+        assert code == 2 and line.startswith(f"hafloc: error: {tmp_path / name}: not a hafloc model file ("), err
+        assert cause in line and "weights_only" not in line and "pwned" not in out + err
+
+
 @pytest.mark.parametrize(
     "content, cause",
     [

@@ -211,7 +211,7 @@ def _leftovers(folder: Path) -> list[str]:
 def test_output_is_all_or_nothing(work, tmp_path, capsys):
     target = tmp_path / "out.geojson"
     target.write_text("old result\n")
-    # nothing locatable: exit 1, the old file is kept as it was
+    # nothing locatable: exit 2 (bad input), the old file is kept as it was
     code, _, err = run_cli(
         capsys,
         "locate",
@@ -224,7 +224,7 @@ def test_output_is_all_or_nothing(work, tmp_path, capsys):
         target,
         *FAST,
     )
-    assert code == 1 and "not written" in err and target.read_text() == "old result\n"
+    assert code == 2 and "not written" in err and target.read_text() == "old result\n"
     # a folder as the output: one line naming it, nothing created
     code, _, err = _locate(work, capsys, "--format", "csv", "--output", str(tmp_path))
     assert (

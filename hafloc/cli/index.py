@@ -513,7 +513,7 @@ def run_export(args) -> int:
     report_failures(res.failures, len(qpairs))
     if not res.names:
         print("hafloc: error: no query image could be read", file=sys.stderr)
-        return 1
+        return 2  # every input was bad
     res.descriptors = project(res.descriptors)
     # hloc keeps database and queries in one feature file keyed by name: a name may be shared
     # only by the very same file (queries taken from the database folder).

@@ -105,5 +105,5 @@ def run(args) -> int:
             "hafloc: error: no photo could be located" + (f"; {args.output} not written" if args.output else ""),
             file=sys.stderr,
         )
-        return 1
+        return 2  # every input was bad
     return 0

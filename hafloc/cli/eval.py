@@ -19,7 +19,7 @@ def add_dataset_args(p) -> None:
     p.add_argument(
         "--dataset",
         required=True,
-        help="dataset folder or ground-truth file (.mat, .npz, .pkl, dataset.csv, ...); layout detected",
+        help="dataset folder or ground-truth file (.mat, .npz, .pkl, a label .csv, ...); layout detected",
     )
     p.add_argument(
         "--format",

@@ -301,3 +301,20 @@ def test_output_writes_through_fifo_symlink_and_device(work, doc, tmp_path, caps
     code, _, err = _locate(work, capsys, "--json", "--output", "/dev/null")
     assert code == 0, err
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+def test_help_and_table_name_the_distance_for_what_it_is(work, doc, capsys):
+    """--help: --top-k feeds the estimate; the table's distance column says it is from the estimate."""
+    from hafloc.cli import build_parser
+    from hafloc.datasets.geo import haversine_m
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["locate"]
+    top_k = next(a for a in sub._actions if a.dest == "top_k")
+    assert "estimate is made from" in top_k.help and "calibrat" in top_k.help
+    assert "'from est.'" in sub.description and "not from the photo" in sub.description
+    code, out, _ = _locate(work, capsys)
+    header = next(line for line in out.splitlines() if "similarity" in line)
+    assert "from est." in header and "distance" not in header
+    res = next(r for r in doc["results"] if r["estimate"] and r["matches"][0]["lat"] is not None)
+    m, est = res["matches"][0], res["estimate"]
+    assert m["distance_m"] == pytest.approx(haversine_m(est["lat"], est["lon"], m["lat"], m["lon"]), abs=0.01)

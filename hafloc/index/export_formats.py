@@ -204,7 +204,7 @@ def table_block(res: dict[str, Any]) -> str:
             f"{res['image']}: {est['lat']:.6f}, {est['lon']:.6f}  "
             f"(confidence {est['confidence']:.2f}, {kind}{verified})"
         ]
-    lines.append(f"  {'#':>2}  {'similarity':>10}  {'inliers':>7}  {'distance':>10}  {'lat':>11}  {'lon':>11}  image")
+    lines.append(f"  {'#':>2}  {'similarity':>10}  {'inliers':>7}  {'from est.':>10}  {'lat':>11}  {'lon':>11}  image")
     for i, m in enumerate(res["matches"], 1):
         dist = "-" if m["distance_m"] is None else _human_m(m["distance_m"])
         inl = "-" if m.get("inliers") is None else str(m["inliers"])

@@ -128,11 +128,34 @@ def test_invalid_at_position_is_indexed_unpositioned_with_a_warning(photos, tmp_
     code, out, err = run_cli(capsys, *argv)
     assert code == 0 and "added 2, already indexed 0, failed 0" in out, err  # the chunk used to be lost
     assert "warning: 1 image(s) have an invalid position and were indexed without one" in err
-    assert at_name in err and "not a WGS84 position" in err
+    assert at_name in err and ("is out of range" in err or "is not a finite number" in err)
     code, out, _ = run_cli(capsys, *argv)  # the rerun used to fail again
     assert code == 0 and "added 0, already indexed 2" in out
     with IndexStore.open(tmp_path / "i") as store:
         assert {r["path"]: r["lat"] for r in store.images()} == {"good.jpg": None, at_name: None}
+
+
+@pytest.mark.parametrize(
+    "at_name, cause",
+    [
+        ("@abc@5415068.87@31@U@@@@@@@@@@.jpg", "east 'abc' is not a number"),
+        ("@nan@5415068.87@31@U@48.8867@2.3431@@@@@@@@.jpg", "east nan is not a finite number"),
+    ],
+)
+def test_at_names_with_unusable_eastings_are_treated_alike_by_index_and_eval(
+    photos, tmp_path, model, capsys, at_name, cause
+):
+    """index build: indexed without a position, warned with the cause; eval: refused with the same cause."""
+    split = tmp_path / "ds" / "images" / "test"
+    folder_of(photos[:1], split / "queries", names=["@451843.93@5415068.87@31@U@@@@@@@@@@.jpg"])
+    folder_of(photos[1:3], split / "database", names=["@451843.93@5415068.87@31@U@@@@@@@@@@.jpg", at_name])
+    code, out, err = run_cli(
+        capsys, "index", "build", split / "database", "--model", model, "--index", tmp_path / "i", *FAST
+    )
+    assert code == 0 and "added 2" in out, err
+    assert "1 image(s) have an invalid position" in err and f"{at_name}: {cause} in the '@' name" in err
+    code, _, err = run_cli(capsys, "eval", "--model", model, "--dataset", tmp_path / "ds", *FAST)
+    assert code == 2 and cause in one_line_error(err) and at_name in err
 
 
 @pytest.mark.parametrize("lat, lon", [("nan", "2"), ("1", "inf"), ("999", "2"), ("-inf", "0")])
@@ -361,7 +384,8 @@ def test_remove_set_position_compact_verify(photos, tmp_path, capsys):
     # remove a folder and a file; the file of another goes missing
     top = sorted(r for r in rels if "/" not in r)
     code, out, err = run_cli(capsys, "index", "remove", "--index", idx, f / "sub", f / top[0], f / "nope.jpg")
-    assert code == 0 and "removed 4 image(s)" in out and "nope.jpg: not in the index" in err
+    assert code == 1 and "removed 4 image(s)" in out and "nope.jpg: not in the index" in err  # the rest removed
+    assert "1 of 3 named target(s) not in the index" in err
     (f / top[1]).unlink()
     code, out, _ = run_cli(capsys, "index", "remove", "--index", idx, "--missing")
     assert code == 0 and "removed 1 image(s) (1 whose file no longer exists)" in out

@@ -147,7 +147,8 @@ def register(sub) -> None:
         help="drop images (files, folders, or those whose file is gone) from an index",
         description="Drops the rows of the given images (a folder: every indexed image under it) and "
         "rebuilds the search structure. Their descriptors stay in the chunk files until "
-        "'hafloc index compact'.",
+        "'hafloc index compact'. A named image or folder that is not in the index is listed and "
+        "makes the exit status 1 (the others are removed all the same).",
     )
     r.add_argument("images", nargs="*", help="indexed image files and/or folders")
     r.add_argument("--index", required=True, help="index folder")
@@ -580,7 +581,14 @@ def run_remove(args) -> int:
         f"{args.index}: removed {removed} image(s){gone}; index holds {total}; "
         "'hafloc index compact' reclaims their space"
     )
-    return 1 if unmatched and not removed else 0
+    if unmatched:
+        print(
+            f"hafloc: {len(unmatched)} of {len(args.images)} named target(s) not in the index, nothing removed "
+            "for them",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 def run_set_position(args) -> int:

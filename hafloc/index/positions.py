@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from hafloc.datasets.atfolders import parse_at_name
+from hafloc.datasets.atfolders import at_position_problem, parse_at_name
 from hafloc.datasets.geo import latlon_to_utm, utm_to_latlon
 from hafloc.errors import InputError
 from hafloc.images.gps import read_gps
@@ -99,14 +99,21 @@ def read_positions_csv(path: str | Path) -> dict[str, tuple[float, float]]:
 
 
 def position_from_at_name(rel_path: str) -> Position | None:
-    """Position encoded in an '@' file name (Pittsburgh / Tokyo / synthetic-city layout), if any."""
+    """Position encoded in an '@' file name (Pittsburgh / Tokyo / synthetic-city layout), if any.
+
+    Raises ValueError, with the reason ``hafloc eval`` refuses the same name for, when the name has
+    '@' fields whose position is unusable: easting 'abc' or 'nan', lat 999.
+    """
     name = rel_path.rsplit("/", 1)[-1]
-    if not name.startswith("@"):
-        return None
+    if not name.startswith("@") or name.count("@") < 3:
+        return None  # '@2x.png': not an '@' name
     try:
         info = parse_at_name(name)
-    except ValueError:
-        return None
+    except ValueError as err:  # easting 'abc': unusable as eval finds it, not "no position"
+        raise ValueError(f"{str(err).removeprefix(f'{name!r}: ')} in the '@' name") from None
+    problem = at_position_problem(info)
+    if problem:
+        raise ValueError(f"{problem} in the '@' name")
     lat, lon = info.get("lat"), info.get("lon")
     if lat is None or lon is None:
         if info.get("zone") is None or not info.get("letter"):

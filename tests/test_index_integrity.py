@@ -158,6 +158,27 @@ def test_at_names_with_unusable_eastings_are_treated_alike_by_index_and_eval(
     assert code == 2 and cause in one_line_error(err) and at_name in err
 
 
+def test_unsupported_images_and_unused_csv_rows_are_reported(photos, tmp_path, model, capsys):
+    f = folder_of(photos[:2], tmp_path / "p", names=["a.jpg", "sub/b.jpg"])
+    Image.open(photos[0]).resize((32, 24)).save(f / "anim.gif")
+    (f / "sub" / "IMG_1.HEIC").write_bytes(b"\0" * 16)
+    (f / "notes.txt").write_text("not an image, not reported")
+    (f / ".hidden.gif").write_bytes(b"GIF89a")
+    csv = tmp_path / "pos.csv"
+    csv.write_text("image,lat,lon\na.jpg,1,2\nsub/b.jpg,1,2.0001\ngone.jpg,3,4\nsub/a.jpg,5,6\nold/c.jpg,7,8\n")
+    argv = ("index", "build", f, "--model", model, "--index", tmp_path / "i", "--positions", csv, *FAST)
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0 and "added 2, already indexed 0, failed 0" in out and "2 with a position" in out, err
+    assert "skipped 2 file(s) of an image type hafloc does not read (.gif, .heic; it reads " in err
+    assert "\n  anim.gif\n  sub/IMG_1.HEIC\n" in err and "notes.txt" not in err and ".hidden" not in err
+    # 'sub/a.jpg' names no image (the store looks up 'a.jpg' by its relative path, then its bare name)
+    assert f"warning: 3 of 5 row(s) of {csv} name no image in {f} (e.g. gone.jpg, sub/a.jpg, old/c.jpg)" in err
+    only_gif = folder_of([], tmp_path / "g")
+    Image.open(photos[0]).resize((32, 24)).save(only_gif / "x.gif")
+    code, _, err = run_cli(capsys, "index", "build", only_gif, "--model", model, "--index", tmp_path / "j", *FAST)
+    assert code == 2 and err.strip().endswith("g: no images found (1 skipped, see above)") and "  x.gif" in err
+
+
 @pytest.mark.parametrize("lat, lon", [("nan", "2"), ("1", "inf"), ("999", "2"), ("-inf", "0")])
 def test_positions_csv_impossible_values(photos, tmp_path, model, capsys, lat, lon):
     f = folder_of(photos[:1], tmp_path / "p", names=["a.jpg"])

@@ -221,8 +221,8 @@ def add_lock_arg(q) -> None:
 
 def _index_folder(args, store_factory) -> int:
     from ..errors import HaflocError, printable
-    from ..images.io import list_images
-    from ..index.positions import read_positions_csv
+    from ..images.io import IMAGE_EXTENSIONS, list_images, unsupported_images
+    from ..index.positions import read_positions_csv, unused_rows
     from ..index.store import extractor_fn
 
     folder = Path(args.folder)
@@ -232,8 +232,28 @@ def _index_folder(args, store_factory) -> int:
         raise HaflocError(f"--chunk-size must be at least 1, got {args.chunk_size}")
     positions = read_positions_csv(args.positions) if args.positions else None
     pairs = list_images([folder])
+    skipped = unsupported_images(folder)
+    if skipped:
+        kinds = ", ".join(sorted({p.suffix.lower() or p.name for p in skipped}))
+        print(
+            f"skipped {len(skipped)} file(s) of an image type hafloc does not read ({kinds}; it reads "
+            f"{', '.join(sorted(IMAGE_EXTENSIONS))}):",
+            file=sys.stderr,
+        )
+        for p in skipped[:20]:
+            print(f"  {printable(p.relative_to(folder))}", file=sys.stderr)
+        if len(skipped) > 20:
+            print(f"  ... and {len(skipped) - 20} more", file=sys.stderr)
     if not pairs:
-        raise HaflocError(f"{folder}: no images found")
+        raise HaflocError(f"{folder}: no images found" + (f" ({len(skipped)} skipped, see above)" if skipped else ""))
+    if positions:
+        unused = unused_rows(positions, [p.relative_to(folder).as_posix() for p, _ in pairs])
+        if unused:
+            print(
+                f"warning: {len(unused)} of {len(positions)} row(s) of {printable(args.positions)} name no image "
+                f"in {printable(folder)} (e.g. {', '.join(map(printable, unused[:3]))}); their positions are unused",
+                file=sys.stderr,
+            )
     store, model = store_factory(len(pairs))
     with store, ExitStack() as stack:
         if args.ray:  # an actor pool describes the chunks; they are committed here all the same
@@ -284,7 +304,7 @@ def _index_folder(args, store_factory) -> int:
         f"{args.index}: added {report.added}, already indexed {report.skipped_existing}, failed {len(report.failed)}; "
         f"index holds {total} image(s), {positioned} with a position"
     )
-    return 0 if report.added or report.skipped_existing or not report.failed else 1
+    return 0 if report.added or report.skipped_existing or not report.failed else 2  # every image was bad
 
 
 def run_build(args) -> int:

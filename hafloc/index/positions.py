@@ -98,6 +98,13 @@ def read_positions_csv(path: str | Path) -> dict[str, tuple[float, float]]:
         raise InputError(path, f"malformed positions CSV ({err})") from None
 
 
+def unused_rows(positions: dict[str, tuple[float, float]], rel_paths: list[str]) -> list[str]:
+    """The CSV images that match none of ``rel_paths`` (by relative path or bare file name, as
+    ``resolve_position`` looks them up): their positions would be silently unused."""
+    known = set(rel_paths) | {p.rsplit("/", 1)[-1] for p in rel_paths}
+    return [name for name in positions if name not in known]
+
+
 def position_from_at_name(rel_path: str) -> Position | None:
     """Position encoded in an '@' file name (Pittsburgh / Tokyo / synthetic-city layout), if any.
 

@@ -236,7 +236,7 @@ def test_server_passes_calibration_and_unknown_through(outdoor):
         health = client.get("/health").json()
         assert health["calibrated"] is True and health["radius_m"] == 25.0
         data = (outdoor["unrelated"] / "grey.png").read_bytes()
-        res = client.post("/locate", files={"file": ("grey.png", data, "image/png")}).json()
+        res = client.post("/locate", files={"file": ("grey.png", data, "image/png")}).json()["results"][0]
         assert res["estimate"] is None and res["calibrated"] is True and "below the minimum" in res["unknown"]["reason"]
 
 

@@ -238,7 +238,7 @@ def test_non_utf8_names_are_indexed_losslessly_and_shown_escaped(photos, tmp_pat
     with TestClient(create_app(tmp_path / "i", backend="torch")) as c:  # the server: lossless JSON, thumbnails
         r = c.post("/locate", files={"file": ("q.jpg", photos[1].read_bytes(), "image/jpeg")})
         assert r.status_code == 200, r.text
-        top = r.json()["matches"][0]
+        top = r.json()["results"][0]["matches"][0]
         assert top["image"] == NON_UTF8 and "\\udce9" in r.text
         assert c.get(f"/thumbnails/{top['id']}").status_code == 200
 

@@ -255,7 +255,7 @@ def test_browser_shows_the_verified_match_lines(lund, tmp_path):
     with _serve(lund["index"]) as url, browser.open_page(url + "/", requests=requests) as (page, errors, failed):
         with page.expect_response("**/locate") as resp:
             page.set_input_files("#file", str(photo))
-        res = resp.value.json()
+        res = resp.value.json()["results"][0]
         best = res["matches"][0]
         assert best["image"] == photo.name and best["inliers"] > 0
         page.wait_for_selector("#verify-box", state="visible")

@@ -10,7 +10,7 @@ from .common import print_json
 
 
 def register_calibrate(isub) -> None:
-    from ..index.calibrate import DEFAULT_AGREE_M, DEFAULT_EXCLUDE_M, DEFAULT_K
+    from ..index.calibrate import DEFAULT_AGREE_M, DEFAULT_EXCLUDE_M, DEFAULT_K, MIN_SAMPLES
 
     c = isub.add_parser(
         "calibrate",
@@ -20,7 +20,10 @@ def register_calibrate(isub) -> None:
         "the probability that an estimate lies within --agree-m metres of the truth from the best "
         "similarity, the margin to the best match elsewhere, the agreement of the top matches (and "
         "verified inliers when re-ranking provides them). 'hafloc locate' then reports that "
-        "probability as its confidence. Writes INDEX/calibration.json.",
+        "probability as its confidence. Writes INDEX/calibration.json, kept only when its held-out "
+        "ECE beats the uncalibrated confidence's on the same answers (else exit status 1: locate "
+        f"keeps the uncalibrated confidence). Below {MIN_SAMPLES} leave-one-out answers it refuses "
+        "unless --force.",
     )
     c.add_argument("--index", required=True, help="index folder")
     c.add_argument(
@@ -48,9 +51,32 @@ def register_calibrate(isub) -> None:
         "rule is fitted first, on the same photos)",
     )
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument(
+        "--force",
+        action="store_true",
+        help=f"calibrate even from fewer than {MIN_SAMPLES} leave-one-out answers (a rough fit, with a warning)",
+    )
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.set_defaults(func=run_calibrate)
+
+
+def probe_descriptors(store):
+    """The index model's descriptors of ``probe_images`` (blank and noise frames), or None with a
+    warning when the model file cannot be used (then no unrelated gate)."""
+    import numpy as np
+
+    from ..descriptors.extract import Extractor
+    from ..errors import HaflocError
+    from ..index.calibrate import probe_images
+    from ..serve.locator import open_model_for
+
+    try:
+        extractor = Extractor(open_model_for(store), backend="torch")
+    except HaflocError as err:
+        print(f"hafloc: warning: no unrelated-photo gate ({err})", file=sys.stderr)
+        return None
+    return np.stack([extractor.describe_image(img)["descriptor"] for img in probe_images()])
 
 
 def calibrate(store, max_samples: int | None = None, **kw: Any):
@@ -58,6 +84,7 @@ def calibrate(store, max_samples: int | None = None, **kw: Any):
     from ..index.calibrate import calibrate_index
     from ..index.rerank import RERANK_CALIBRATION_SAMPLES, calibrate_reranked
 
+    kw.setdefault("probes", probe_descriptors(store))
     if store.local_config:
         return calibrate_reranked(store, max_samples=max_samples or RERANK_CALIBRATION_SAMPLES, **kw)
     return calibrate_index(store, max_samples=max_samples or 5000, **kw)
@@ -70,7 +97,7 @@ def calibration_summary(meta: dict[str, Any]) -> dict[str, Any]:
 
 def run_calibrate(args) -> int:
     from ..errors import HaflocError
-    from ..index.calibrate import summary_line
+    from ..index.calibrate import MIN_SAMPLES, CalibrationNotKept, summary_line
     from ..index.store import IndexStore
 
     if args.top_k < 1 or (args.max_samples is not None and args.max_samples < 1):
@@ -79,15 +106,24 @@ def run_calibrate(args) -> int:
         raise HaflocError(
             f"--agree-m must be positive and --exclude-m non-negative (got {args.agree_m}, {args.exclude_m})"
         )
+    options = {"agree_m": args.agree_m, "exclude_m": args.exclude_m, "k": args.top_k, "seed": args.seed}
     with IndexStore.open(args.index) as store:
-        cal = calibrate(
-            store,
-            agree_m=args.agree_m,
-            exclude_m=args.exclude_m,
-            k=args.top_k,
-            max_samples=args.max_samples,
-            seed=args.seed,
-            progress=not args.no_progress,
+        try:
+            cal = calibrate(
+                store,
+                max_samples=args.max_samples,
+                progress=not args.no_progress,
+                min_samples=0 if args.force else MIN_SAMPLES,
+                **options,
+            )
+        except CalibrationNotKept as err:
+            print(f"hafloc: {err}", file=sys.stderr)
+            return 1
+    if cal.meta["n_samples"] < MIN_SAMPLES:
+        print(
+            f"hafloc: warning: calibrated on only {cal.meta['n_samples']} leave-one-out answers (fewer than "
+            f"{MIN_SAMPLES}): its probabilities are rough",
+            file=sys.stderr,
         )
     if args.json:
         print_json({"index": str(args.index), "calibration": calibration_summary(cal.meta)})

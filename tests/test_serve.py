@@ -331,7 +331,7 @@ def test_browser_upload_shows_estimate_and_thumbnails(live_server, served, tmp_p
         assert page.locator("#map path.hafloc-db").count() == len(served["positions"])
         assert page.locator("#map .hafloc-grid").count() > 0 and page.locator("#map img.leaflet-tile").count() == 0
         assert page.locator("#map-message").is_hidden()
-        with page.expect_response("**/locate") as resp:
+        with page.expect_response("**/locate?attention=1") as resp:
             page.set_input_files("#file", str(served["db"] / name))
         res = resp.value.json()["results"][0]
         page.wait_for_selector("#map-estimate", state="attached")

@@ -32,7 +32,7 @@ from hafloc.datasets.detect import load_dataset  # noqa: E402
 from hafloc.descriptors.fit import fit_clusters  # noqa: E402
 from hafloc.descriptors.modelfile import load_model, save_model  # noqa: E402
 from hafloc.fileio import write_json_atomic  # noqa: E402
-from hafloc.index.build import ADAPT_MIN_IMAGES  # noqa: E402
+from hafloc.index.adapt import ADAPT_MIN_IMAGES  # noqa: E402
 from hafloc.metrics.evaluate import ExtractionSettings, evaluate  # noqa: E402
 from hafloc.metrics.stats import hits_at, paired_bootstrap  # noqa: E402
 from layouts import gardens_at, landmarks_oxford, tower_subset  # noqa: E402

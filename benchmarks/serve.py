@@ -127,8 +127,8 @@ def run_load(url: str, photos: list[Path], clients: int, requests: int) -> dict:
                 name, data = payloads[(c * requests + r) % len(payloads)]
                 t0 = time.perf_counter()
                 try:
-                    resp = http.post("/locate", files={"file": (name, data, "image/jpeg")})
-                    ok = resp.status_code == 200 and resp.json().get("matches")
+                    resp = http.post("/locate?attention=1", files={"file": (name, data, "image/jpeg")})
+                    ok = resp.status_code == 200 and resp.json()["results"][0].get("matches")
                     err = None if ok else f"{resp.status_code} {resp.text[:200]}"
                 except httpx.HTTPError as e:
                     err = f"{type(e).__name__}: {e}"
@@ -203,7 +203,8 @@ def main() -> None:
         proc, url = start_server(index, args.backend)
         try:
             for p in photos[:2]:  # warm-up (first ONNX session run, thumbnails cache untouched)
-                httpx.post(url + "/locate", files={"file": (p.name, p.read_bytes())}, timeout=300).raise_for_status()
+                files = {"file": (p.name, p.read_bytes())}
+                httpx.post(url + "/locate?attention=1", files=files, timeout=300).raise_for_status()
             res = run_load(url, photos, args.clients, args.requests)
         finally:
             proc.terminate()

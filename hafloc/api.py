@@ -14,7 +14,8 @@ from .descriptors.modelfile import load_model as load_model_file, recorded_path
 from .descriptors.network import GeoLocNet
 from .errors import HaflocError, InputError
 from .images.io import list_images
-from .index.build import adapt_model, add_folder, auto_calibrate, local_spec
+from .index.adapt import adapt_model
+from .index.build import add_folder, auto_calibrate, local_spec
 from .index.locator import LocateResult, Locator, LocatorConfig
 from .index.prior import Near
 from .index.search import SearchConfig

@@ -6,26 +6,73 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
+import stat
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; rename it onto ``path`` on success.
+    """Yield a temporary path; on success its content lands on ``path``.
 
-    The temp file keeps the target's suffix (``suffix`` overrides) so that libraries which pick
-    a format from the extension (numpy, h5py, matplotlib) still do the right thing.
+    A regular file (or a new name) is replaced by rename, so a crash leaves the old file whole. A
+    symlink is followed and its target replaced the same way (the link stays a link). A FIFO,
+    device or ``/dev/stdout`` cannot be renamed onto: the finished temp file is copied into it
+    (``write_through``). The temp file keeps the target's suffix (``suffix`` overrides) so that
+    libraries which pick a format from the extension (numpy, h5py, matplotlib) still do the right thing.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = _new_file(path.parent, f".{path.name}.", ".partial" + (suffix if suffix is not None else path.suffix))
+    target, replace = write_target(path)
+    ext = ".partial" + (suffix if suffix is not None else path.suffix)
+    if replace:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp_path = _new_file(target.parent, f".{target.name}.", ext)
+    else:  # the target's folder (/dev, /proc) may not be writable
+        tmp_path = _new_file(Path(tempfile.gettempdir()), f".hafloc-{path.name}.", ext)
     try:
         yield tmp_path
-        os.replace(tmp_path, path)
+        if replace:
+            os.replace(tmp_path, target)
+        else:
+            write_through(path, tmp_path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def write_target(path: Path) -> tuple[Path, bool]:
+    """Where a write to ``path`` lands, and whether it may be replaced by rename.
+
+    Symlinks are followed link by link (a dangling one names the file to create). Links under
+    ``/proc`` (``/dev/stdout`` -> ``/proc/self/fd/1``) stand for an open file, not a name: they
+    and every target that is not a regular file are written through, never replaced.
+    """
+    p = path
+    for _ in range(40):  # the kernel's own limit on nested links
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            return p, True
+        except NotADirectoryError:
+            return path, True  # let the write report it
+        if not stat.S_ISLNK(st.st_mode):
+            return p, stat.S_ISREG(st.st_mode)
+        if os.path.realpath(p.parent).startswith("/proc/"):
+            return path, False
+        p = p.parent / os.readlink(p)
+    return path, False  # a loop of links: the open() reports it
+
+
+def write_through(path: Path, src: Path) -> None:
+    """Copy ``src`` into the existing non-regular file ``path`` (FIFO, device, open-file link).
+
+    Opened for appending: nothing to truncate on a pipe or device, and a ``/dev/stdout``
+    redirected to a file keeps what the process already wrote there.
+    """
+    with open(src, "rb") as fin, open(path, "ab") as fout:
+        shutil.copyfileobj(fin, fout)
 
 
 def _new_file(folder: Path, prefix: str, suffix: str) -> Path:
@@ -46,9 +93,11 @@ def _new_file(folder: Path, prefix: str, suffix: str) -> Path:
     raise FileExistsError(f"{folder}: could not create a unique temporary file")
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
+def write_text_atomic(path: str | Path, text: str, errors: str = "strict") -> None:
+    """Write ``text`` as UTF-8; ``errors="surrogateescape"`` writes file names that are not UTF-8
+    (surrogate-escaped by ``os.fsdecode``) as their raw bytes."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8", errors=errors)
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

@@ -99,7 +99,10 @@ def test_build_calibrates_and_the_file_is_json_that_survives_reopen(outdoor):
         cal = load_calibrator(store)
         assert cal is not None
         again = Calibrator.from_json(cal.to_json())
-        fresh = calibrate_index(store, progress=False, write=False)  # same data, same seed: same fit
+        from hafloc.index.build import probe_descriptors
+
+        # same data, same seed, the same unrelated probes: the same fit
+        fresh = calibrate_index(store, progress=False, write=False, probes=probe_descriptors(store))
     rng = np.random.default_rng(1)
     for _ in range(20):
         f = {
@@ -236,7 +239,7 @@ def test_server_passes_calibration_and_unknown_through(outdoor):
         health = client.get("/health").json()
         assert health["calibrated"] is True and health["radius_m"] == 25.0
         data = (outdoor["unrelated"] / "grey.png").read_bytes()
-        res = client.post("/locate", files={"file": ("grey.png", data, "image/png")}).json()
+        res = client.post("/locate", files={"file": ("grey.png", data, "image/png")}).json()["results"][0]
         assert res["estimate"] is None and res["calibrated"] is True and "below the minimum" in res["unknown"]["reason"]
 
 
@@ -392,7 +395,8 @@ def test_default_exclusion_falls_back_to_zero_when_places_share_one_position(tmp
             positions=positions,
             progress=False,
         )
-        cal = calibrate_index(store, progress=False)
+        # write=False: the fit itself (a perfect heuristic on these made-up vectors ties it, so it would not be kept)
+        cal = calibrate_index(store, progress=False, write=False)
         assert cal.meta["exclude_m"] == 0.0 and cal.meta["exclude_auto"] is True
         assert cal.meta["positives_rate"] == pytest.approx(40 / 60, abs=0.05)
         assert "hiding 5 m left too few right answers" in summary_line(cal)
@@ -439,3 +443,62 @@ def test_index_with_local_features_fits_its_rerank_rule_and_calibrates_reranked(
     assert res["matches"][0]["image"].endswith(photo.name) and res["matches"][0]["inliers"] >= 100
     assert res["estimate"]["confidence"] > 0.5
     assert (noise["estimate"] or noise["unknown"])["confidence"] <= 0.2
+
+
+# -- honest confidence on a small index: the 50-answer rule, the keep rule, unrelated frames ---------
+
+
+@pytest.fixture(scope="module")
+def lund_only(tmp_path_factory, shared_data) -> dict:
+    """The 29 Lund photos (EXIF GPS, all within ~130 m) indexed with a small model; frames showing no place."""
+    root = tmp_path_factory.mktemp("lund_only")
+    photos = Path(shutil.copytree(shared_data / "lund_gps" / "images", root / "photos"))
+    model = make_small_model(sorted(photos.glob("*.jpg")), root / "small.model")
+    frames = root / "frames"
+    frames.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(frames / "noise.png")
+    Image.new("RGB", (400, 300), (128, 128, 128)).save(frames / "grey.png")
+    Image.new("RGB", (400, 300), (0, 0, 0)).save(frames / "black.png")
+    assert main([str(a) for a in ("index", "build", photos, "--model", model, "--index", root / "index", *FAST)]) == 0
+    return {"root": root, "photos": photos, "index": root / "index", "frames": frames}
+
+
+def _confidences(capsys, index: Path, *images: Path) -> dict[str, dict]:
+    code, out, err = run_cli(capsys, "locate", *images, "--index", index, "--json", *FAST)
+    assert code == 0, err
+    return {Path(r["image"]).name: r for r in json.loads(out)["results"]}
+
+
+def test_unrelated_frames_score_at_most_0_2_calibrated_or_not(lund_only, capsys):
+    index, frames = lund_only["index"], sorted(lund_only["frames"].glob("*.png"))
+    assert not (index / CALIBRATION_FILE).exists()  # 29 positioned photos: the build does not calibrate
+    for name, res in _confidences(capsys, index, *frames).items():
+        assert res["calibrated"] is False and res["estimate"]["confidence"] <= 0.2, (name, res["estimate"])
+    # below 50 answers: refused, saying what the user gets instead; --force fits with a warning
+    code, _, err = run_cli(capsys, "index", "calibrate", "--index", index, "--agree-m", "10", "--no-progress")
+    assert code == 2 and "only 29 positioned photos, 50 needed" in err and "uncalibrated confidence" in err
+    assert not (index / CALIBRATION_FILE).exists()
+    argv = ("index", "calibrate", "--index", index, "--agree-m", "10", "--force", "--no-progress", "--json")
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0 and "warning: calibrated on only 29 leave-one-out answers" in err, err
+    meta = json.loads(out)["calibration"]
+    assert meta["ece_heldout"] < meta["ece_heuristic"] and meta["unrelated_similarity"] > 0  # kept: it beats it
+    for name, res in _confidences(capsys, index, *frames).items():
+        assert res["calibrated"] is True and res["radius_m"] == 10.0
+        assert res["estimate"]["confidence"] <= 0.2, (name, res["estimate"])
+    own = _confidences(capsys, index, *sorted(lund_only["photos"].glob("*.jpg"))[:5])
+    assert max(r["estimate"]["confidence"] for r in own.values()) > 0.5  # real answers are not gated away
+
+
+def test_a_calibration_no_better_than_uncalibrated_is_not_kept(lund_only, tmp_path):
+    from hafloc.index.calibrate import CalibrationNotKept
+
+    index = tmp_path / "index"
+    shutil.copytree(lund_only["index"], index)
+    (index / CALIBRATION_FILE).write_text("{}")  # an earlier calibration: removed with the rejected fit
+    with IndexStore.open(index) as store:
+        _, _, desc = store.descriptors()
+        # probes as similar as the photos themselves gate every answer to 0: worse than uncalibrated
+        with pytest.raises(CalibrationNotKept, match=r"calibration not kept: its held-out ECE 0\.\d+ does not beat"):
+            calibrate_index(store, agree_m=10, min_samples=0, probes=desc, progress=False)
+    assert not (index / CALIBRATION_FILE).exists()

@@ -44,3 +44,24 @@ def test_pipe_into_head_keeps_the_first_line(gem_model):
         timeout=120,
     )
     assert proc.stdout.split(":")[0].strip() == "file" and proc.stderr == "", proc.stderr
+
+
+def test_version():
+    proc = subprocess.run([sys.executable, "-m", "hafloc", "--version"], capture_output=True, text=True, timeout=120)
+    from hafloc import __version__
+
+    assert proc.returncode == 0 and proc.stdout == f"hafloc {__version__}\n", proc.stderr
+
+
+def test_model_init_defaults_to_haf_and_takes_no_progress(tmp_path, shared_data):
+    """As the README shows it: no --method gives HAF; --no-progress leaves stderr without bars."""
+    photos = sorted((shared_data / "lund_gps" / "images").glob("*.jpg"))[:4]
+    out = tmp_path / "tiny.model"
+    argv = ["model", "init", "--images", *map(str, photos), "--output", str(out), "--no-progress"]
+    argv += ["--clusters", "4", "--proj-dim", "16", "--max-side", "96", "--dim", "2"]
+    proc = subprocess.run([sys.executable, "-m", "hafloc", *argv], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"wrote {out}: haf on ") and "img/s" not in proc.stderr and "%|" not in proc.stderr
+    from hafloc.descriptors.modelfile import model_info
+
+    assert model_info(out)["method"] == "haf"

@@ -184,7 +184,7 @@ def test_locate_nothing_readable_fails(work, tmp_path, capsys):
     bad = tmp_path / "empty.jpg"
     bad.write_bytes(b"")
     code, _, err = run_cli(capsys, "locate", bad, "--index", work["index"], *FAST)
-    assert code == 1
+    assert code == 2  # all input bad
     assert "empty.jpg: empty file" in err
 
 

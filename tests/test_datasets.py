@@ -822,3 +822,17 @@ def test_one_image_listing_for_readers_and_extraction(tmp_path):
     assert dataset_names(tmp_path) == expected
     assert [p.relative_to(root).as_posix() for p, root in list_images([tmp_path])] == expected
     assert dataset_names(tmp_path / "sub", tmp_path) == ["sub/img1.jpeg"]
+
+
+def test_label_csv_is_recognised_by_content_not_name(shared_data, tmp_path):
+    """A folder's label CSV may have any name: its header (image, label) says what it is."""
+    root, rows = _tower_csv(shared_data, tmp_path, [])
+    (root / "dataset.csv").rename(root / "floors.csv")
+    (root / "notes.csv").write_text("image,comment\nx.jpg,blurry\n")  # another CSV: not a label CSV
+    assert detect_format(root) == "labels"
+    ds = load_dataset(root)
+    assert (ds.format, ds.num_db, ds.num_q) == ("labels", 6, 3) and ds.db_paths()[0].is_file()
+    shutil.copy(root / "floors.csv", root / "more.csv")
+    with pytest.raises(InputError, match=r"t: 2 label CSVs here \(floors\.csv, more\.csv\); pass one file"):
+        load_dataset(root)
+    assert load_dataset(root / "more.csv").num_q == 3  # the file itself, by content too

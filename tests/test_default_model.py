@@ -125,7 +125,7 @@ def test_card_and_benchmarks_tell_the_same_numbers():
 
 
 def test_build_adapts_the_trained_clusters_to_the_collection(tmp_path, lund, capsys):
-    from hafloc.index.build import ADAPT_MIN_IMAGES
+    from hafloc.index.adapt import ADAPT_MIN_IMAGES
 
     assert len(lund) >= ADAPT_MIN_IMAGES
     photos = tmp_path / "photos"

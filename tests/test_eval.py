@@ -104,8 +104,10 @@ def _common(cache: Path) -> list[str]:
 # ---------------------------------------------------------------- tests
 
 
-def test_eval_label_set_report_and_json(tower, haf_model, tmp_path, capsys):
+def test_eval_label_set_report_and_json(tower, haf_model, tmp_path, capsys, monkeypatch):
     out_json, report = tmp_path / "res" / "tower.json", tmp_path / "report"
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
     rc, out, err = _run(
         [
             "eval",
@@ -137,7 +139,9 @@ def test_eval_label_set_report_and_json(tower, haf_model, tmp_path, capsys):
     assert res["protocol"] and "label" in res["protocol"]
     assert res["cache"]["extracted"] == FLOORS * (GALLERY_PER_FLOOR + QUERIES_PER_FLOOR)
     assert {"extract_s", "total_s"} <= set(res["timing"])
-    cfg = json.loads((out_json.parent / "config.json").read_text())
+    cfg = json.loads((out_json.parent / "tower.config.json").read_text())  # beside the file, named after it
+    assert sorted(p.name for p in out_json.parent.iterdir()) == ["tower.config.json", "tower.json"]
+    assert list((tmp_path / "cwd").iterdir()) == []  # nothing in the current folder
     assert cfg["models"][0]["fingerprint"] == res["fingerprint"] and cfg["settings"]["max_side"] == int(SIDE)
     # the markdown table on stdout carries the same numbers
     assert "| method |" in out and f"{r1:.2f}" in out and f"{r10:.2f}" in out

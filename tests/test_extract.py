@@ -86,7 +86,7 @@ def test_bad_files_are_skipped_and_named(tmp_path, photos, small_model, capsys):
     assert sorted(z["names"].tolist()) == ["a.jpg", "alpha.png", "cmyk.jpg", "sub/gray.png"]
     d = z["descriptors"]
     assert d.dtype == np.float32 and np.allclose(np.linalg.norm(d, axis=1), 1, atol=1e-5)
-    # nothing readable at all -> non-zero
+    # nothing readable at all -> exit status 2
     rc = main(
         [
             "extract",
@@ -100,7 +100,7 @@ def test_bad_files_are_skipped_and_named(tmp_path, photos, small_model, capsys):
             "torch",
         ]
     )
-    assert rc == 1 and not (tmp_path / "none.npz").exists()
+    assert rc == 2 and not (tmp_path / "none.npz").exists()  # all input bad: exit status 2
 
 
 def test_load_image_errors_name_file_and_cause(tmp_path):

@@ -128,11 +128,55 @@ def test_invalid_at_position_is_indexed_unpositioned_with_a_warning(photos, tmp_
     code, out, err = run_cli(capsys, *argv)
     assert code == 0 and "added 2, already indexed 0, failed 0" in out, err  # the chunk used to be lost
     assert "warning: 1 image(s) have an invalid position and were indexed without one" in err
-    assert at_name in err and "not a WGS84 position" in err
+    assert at_name in err and ("is out of range" in err or "is not a finite number" in err)
     code, out, _ = run_cli(capsys, *argv)  # the rerun used to fail again
     assert code == 0 and "added 0, already indexed 2" in out
     with IndexStore.open(tmp_path / "i") as store:
         assert {r["path"]: r["lat"] for r in store.images()} == {"good.jpg": None, at_name: None}
+
+
+@pytest.mark.parametrize(
+    "at_name, cause",
+    [
+        ("@abc@5415068.87@31@U@@@@@@@@@@.jpg", "east 'abc' is not a number"),
+        ("@nan@5415068.87@31@U@48.8867@2.3431@@@@@@@@.jpg", "east nan is not a finite number"),
+    ],
+)
+def test_at_names_with_unusable_eastings_are_treated_alike_by_index_and_eval(
+    photos, tmp_path, model, capsys, at_name, cause
+):
+    """index build: indexed without a position, warned with the cause; eval: refused with the same cause."""
+    split = tmp_path / "ds" / "images" / "test"
+    folder_of(photos[:1], split / "queries", names=["@451843.93@5415068.87@31@U@@@@@@@@@@.jpg"])
+    folder_of(photos[1:3], split / "database", names=["@451843.93@5415068.87@31@U@@@@@@@@@@.jpg", at_name])
+    code, out, err = run_cli(
+        capsys, "index", "build", split / "database", "--model", model, "--index", tmp_path / "i", *FAST
+    )
+    assert code == 0 and "added 2" in out, err
+    assert "1 image(s) have an invalid position" in err and f"{at_name}: {cause} in the '@' name" in err
+    code, _, err = run_cli(capsys, "eval", "--model", model, "--dataset", tmp_path / "ds", *FAST)
+    assert code == 2 and cause in one_line_error(err) and at_name in err
+
+
+def test_unsupported_images_and_unused_csv_rows_are_reported(photos, tmp_path, model, capsys):
+    f = folder_of(photos[:2], tmp_path / "p", names=["a.jpg", "sub/b.jpg"])
+    Image.open(photos[0]).resize((32, 24)).save(f / "anim.gif")
+    (f / "sub" / "IMG_1.HEIC").write_bytes(b"\0" * 16)
+    (f / "notes.txt").write_text("not an image, not reported")
+    (f / ".hidden.gif").write_bytes(b"GIF89a")
+    csv = tmp_path / "pos.csv"
+    csv.write_text("image,lat,lon\na.jpg,1,2\nsub/b.jpg,1,2.0001\ngone.jpg,3,4\nsub/a.jpg,5,6\nold/c.jpg,7,8\n")
+    argv = ("index", "build", f, "--model", model, "--index", tmp_path / "i", "--positions", csv, *FAST)
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0 and "added 2, already indexed 0, failed 0" in out and "2 with a position" in out, err
+    assert "skipped 2 file(s) of an image type hafloc does not read (.gif, .heic; it reads " in err
+    assert "\n  anim.gif\n  sub/IMG_1.HEIC\n" in err and "notes.txt" not in err and ".hidden" not in err
+    # 'sub/a.jpg' names no image (the store looks up 'a.jpg' by its relative path, then its bare name)
+    assert f"warning: 3 of 5 row(s) of {csv} name no image in {f} (e.g. gone.jpg, sub/a.jpg, old/c.jpg)" in err
+    only_gif = folder_of([], tmp_path / "g")
+    Image.open(photos[0]).resize((32, 24)).save(only_gif / "x.gif")
+    code, _, err = run_cli(capsys, "index", "build", only_gif, "--model", model, "--index", tmp_path / "j", *FAST)
+    assert code == 2 and err.strip().endswith("g: no images found (1 skipped, see above)") and "  x.gif" in err
 
 
 @pytest.mark.parametrize("lat, lon", [("nan", "2"), ("1", "inf"), ("999", "2"), ("-inf", "0")])
@@ -194,9 +238,43 @@ def test_non_utf8_names_are_indexed_losslessly_and_shown_escaped(photos, tmp_pat
     with TestClient(create_app(tmp_path / "i", backend="torch")) as c:  # the server: lossless JSON, thumbnails
         r = c.post("/locate", files={"file": ("q.jpg", photos[1].read_bytes(), "image/jpeg")})
         assert r.status_code == 200, r.text
-        top = r.json()["matches"][0]
+        top = r.json()["results"][0]["matches"][0]
         assert top["image"] == NON_UTF8 and "\\udce9" in r.text
         assert c.get(f"/thumbnails/{top['id']}").status_code == 200
+
+
+def test_kml_and_export_hloc_with_a_non_utf8_name(photos, tmp_path, model, capsys):
+    """KML escapes the name as CSV does; export-hloc writes its raw bytes, as its HDF5 group is named."""
+    import xml.etree.ElementTree as ET
+
+    import h5py
+
+    name = os.fsdecode(b"caf\xe9\xff.jpg")  # no space: hloc's pairs files separate names by one
+    f = folder_of(photos[:3], tmp_path / "p", names=["plain.jpg", name, "other.jpg"])
+    assert run_cli(capsys, "index", "build", f, "--model", model, "--index", tmp_path / "i", *FAST)[0] == 0
+    kml = tmp_path / "where.kml"
+    code, _, err = run_cli(capsys, "locate", f, "--index", tmp_path / "i", "--format", "kml", "-o", kml, *FAST)
+    assert code == 0, err  # was a UnicodeEncodeError traceback
+    ns = "{http://www.opengis.net/kml/2.2}"
+    root = ET.parse(kml).getroot()
+    names = [e.text for e in root.iter(f"{ns}name")]
+    tops = [d.find(f"{ns}value").text for d in root.iter(f"{ns}Data") if d.get("name") == "top_image"]
+    escaped = "caf\\udce9\\udcff.jpg"  # the bytes can be told back, as in JSON and CSV
+    assert str(f / escaped) in names and escaped in tops  # the query and its best match
+    code, out, err = run_cli(capsys, "locate", f, "--index", tmp_path / "i", "--format", "csv", *FAST)
+    assert code == 0 and str(f / escaped) in out
+    q = folder_of(photos[1:2], tmp_path / "q", names=[name.replace("caf", "query-")])
+    out = tmp_path / "hloc"
+    argv = ("index", "export-hloc", "--index", tmp_path / "i", "--queries", q, "--output", out, "--top-k", "2")
+    code, _, err = run_cli(capsys, *argv, *FAST)
+    assert code == 0, err  # was a UnicodeEncodeError traceback
+    raw = os.fsencode(name)
+    assert raw in (out / "db.txt").read_bytes().split(b"\n")
+    assert (out / "queries.txt").read_bytes() == os.fsencode(name.replace("caf", "query-")) + b"\n"
+    pairs = [line.split(b" ") for line in (out / "pairs-query-hafloc2.txt").read_bytes().split(b"\n")]
+    with h5py.File(out / "global-feats-hafloc.h5", "r") as h:
+        keys = {k if isinstance(k, bytes) else k.encode() for k in h.keys()}
+    assert raw in keys and all(q in keys and d in keys for q, d in pairs)  # every pair name opens a group
 
 
 def test_extract_h5_with_a_non_utf8_name(photos, tmp_path, model, capsys):
@@ -234,6 +312,33 @@ def test_empty_model_file(small_index, tmp_path, capsys):
         capsys, "index", "build", small_index["db"], "--model", empty, "--index", tmp_path / "i", *FAST
     )
     assert code == 2 and one_line_error(err).endswith("empty.model: empty model file (0 bytes)")  # was IndexError
+
+
+class _Code:
+    """An object whose unpickling would run code: a model file must never load it."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_unreadable_model_files_get_hafloc_words_not_torch_advice(small_index, tmp_path, capsys):
+    import torch
+
+    good = small_index["model"].read_bytes()
+    objects = tmp_path / "objects.model"
+    torch.save({"format": "hafloc-model", "x": _Code()}, objects)
+    cases = {
+        "junk.model": (b"not a model at all", "not a zip archive, as torch.save writes"),
+        "pickle.model": (b"\x80\x04N.", "not a zip archive, as torch.save writes"),
+        "trunc.model": (good[: len(good) // 2], "damaged or truncated archive"),
+        "objects.model": (objects.read_bytes(), "it holds Python objects, not only tensors and plain data"),
+    }
+    for name, (data, cause) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        code, out, err = run_cli(capsys, "model", "info", tmp_path / name)
+        line = one_line_error(err)
+        assert code == 2 and line.startswith(f"hafloc: error: {tmp_path / name}: not a hafloc model file ("), err
+        assert cause in line and "weights_only" not in line and "pwned" not in out + err
 
 
 @pytest.mark.parametrize(
@@ -300,7 +405,8 @@ def test_remove_set_position_compact_verify(photos, tmp_path, capsys):
     # remove a folder and a file; the file of another goes missing
     top = sorted(r for r in rels if "/" not in r)
     code, out, err = run_cli(capsys, "index", "remove", "--index", idx, f / "sub", f / top[0], f / "nope.jpg")
-    assert code == 0 and "removed 4 image(s)" in out and "nope.jpg: not in the index" in err
+    assert code == 1 and "removed 4 image(s)" in out and "nope.jpg: not in the index" in err  # the rest removed
+    assert "1 of 3 named target(s) not in the index" in err
     (f / top[1]).unlink()
     code, out, _ = run_cli(capsys, "index", "remove", "--index", idx, "--missing")
     assert code == 0 and "removed 1 image(s) (1 whose file no longer exists)" in out

@@ -8,8 +8,10 @@ import json
 import math
 import os
 import shutil
+import stat
 import subprocess
 import sys
+import threading
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -209,7 +211,7 @@ def _leftovers(folder: Path) -> list[str]:
 def test_output_is_all_or_nothing(work, tmp_path, capsys):
     target = tmp_path / "out.geojson"
     target.write_text("old result\n")
-    # nothing locatable: exit 1, the old file is kept as it was
+    # nothing locatable: exit 2 (bad input), the old file is kept as it was
     code, _, err = run_cli(
         capsys,
         "locate",
@@ -222,7 +224,7 @@ def test_output_is_all_or_nothing(work, tmp_path, capsys):
         target,
         *FAST,
     )
-    assert code == 1 and "not written" in err and target.read_text() == "old result\n"
+    assert code == 2 and "not written" in err and target.read_text() == "old result\n"
     # a folder as the output: one line naming it, nothing created
     code, _, err = _locate(work, capsys, "--format", "csv", "--output", str(tmp_path))
     assert (
@@ -273,3 +275,46 @@ def test_table_is_the_default(work, capsys):
     blocks = [b for b in out.strip().split("\n\n") if b]
     assert len(blocks) == N_DB + 1
     assert sum("no estimate (no match has a position)" in b for b in blocks) == N_DB - N_POSITIONED
+
+
+def test_output_writes_through_fifo_symlink_and_device(work, doc, tmp_path, capsys):
+    """``--output`` to a FIFO, a symlink or /dev/null writes through it and never replaces it."""
+    fifo = tmp_path / "results.fifo"
+    os.mkfifo(fifo)
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
+    reader.start()
+    code, _, err = _locate(work, capsys, "--json", "--output", fifo)
+    reader.join(timeout=30)
+    assert code == 0, err
+    assert json.loads(got[0]) == doc and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+    target = tmp_path / "runs" / "today.json"
+    target.parent.mkdir()
+    target.write_text("old\n")
+    link = tmp_path / "latest.json"
+    link.symlink_to(target)
+    code, _, err = _locate(work, capsys, "--json", "--output", link)
+    assert code == 0, err
+    assert link.is_symlink() and json.loads(target.read_text()) == doc
+
+    code, _, err = _locate(work, capsys, "--json", "--output", "/dev/null")
+    assert code == 0, err
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+def test_help_and_table_name_the_distance_for_what_it_is(work, doc, capsys):
+    """--help: --top-k feeds the estimate; the table's distance column says it is from the estimate."""
+    from hafloc.cli import build_parser
+    from hafloc.datasets.geo import haversine_m
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["locate"]
+    top_k = next(a for a in sub._actions if a.dest == "top_k")
+    assert "estimate is made from" in top_k.help and "calibrat" in top_k.help
+    assert "'from est.'" in sub.description and "not from the photo" in sub.description
+    code, out, _ = _locate(work, capsys)
+    header = next(line for line in out.splitlines() if "similarity" in line)
+    assert "from est." in header and "distance" not in header
+    res = next(r for r in doc["results"] if r["estimate"] and r["matches"][0]["lat"] is not None)
+    m, est = res["matches"][0], res["estimate"]
+    assert m["distance_m"] == pytest.approx(haversine_m(est["lat"], est["lon"], m["lat"], m["lon"]), abs=0.01)

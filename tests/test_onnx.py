@@ -160,6 +160,13 @@ def test_onnx_metadata_tells_an_outside_client_how_to_feed_it(model_files, photo
     info = json.loads(capsys.readouterr().out)
     assert info["inputs"] == {"image": ["batch", 3, "height", "width"]} and info["fingerprint"] == model.fingerprint()
     assert info["normalization"] == meta["normalization"] and list(info["outputs"])[0] == "descriptor"
+    assert info["outputs"]["descriptor"] == ["batch", model.out_dim]  # the real size, not a symbolic name
+    assert sess.get_outputs()[0].shape == ["batch", model.out_dim]  # in the graph itself
+    old = onnx.load(str(out))  # an export made before the size was fixed in the graph
+    old.graph.output[0].type.tensor_type.shape.dim[1].dim_param = "Divdescriptor_dim_1"
+    onnx.save(old, str(tmp_path / "old.onnx"))
+    assert main(["model", "info", str(tmp_path / "old.onnx"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["outputs"]["descriptor"] == ["batch", model.out_dim]
     assert main(["model", "info", str(out)]) == 0
     assert "input_size_rule: apply the EXIF orientation" in capsys.readouterr().out
     (tmp_path / "junk.onnx").write_bytes(b"not onnx")

@@ -253,9 +253,9 @@ def test_browser_shows_the_verified_match_lines(lund, tmp_path):
     photo = sorted(lund["photos"].glob("*.jpg"))[5]
     requests: list[str] = []
     with _serve(lund["index"]) as url, browser.open_page(url + "/", requests=requests) as (page, errors, failed):
-        with page.expect_response("**/locate") as resp:
+        with page.expect_response("**/locate?attention=1") as resp:
             page.set_input_files("#file", str(photo))
-        res = resp.value.json()
+        res = resp.value.json()["results"][0]
         best = res["matches"][0]
         assert best["image"] == photo.name and best["inliers"] > 0
         page.wait_for_selector("#verify-box", state="visible")

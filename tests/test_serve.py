@@ -72,9 +72,9 @@ def _decode_data_url(url: str) -> Image.Image:
 
 def test_locate_real_photo(client, served):
     name, data = _photo(served)
-    r = client.post("/locate", files={"file": (name, data, "image/jpeg")})
+    r = client.post("/locate?attention=1", files={"file": (name, data, "image/jpeg")})
     assert r.status_code == 200, r.text
-    res = r.json()
+    res = r.json()["results"][0]
     lat, lon = served["positions"][name]
     assert res["image"] == name
     assert haversine_m(res["estimate"]["lat"], res["estimate"]["lon"], lat, lon) < 1.0
@@ -294,7 +294,7 @@ def test_real_server_locates_and_survives_bad_uploads(live_server, served):
     with httpx.Client(base_url=live_server, timeout=60) as c:
         assert c.post("/locate", files={"file": ("x.txt", b"hello")}).status_code == 415
         r = c.post("/locate", files={"file": (name, data, "image/jpeg")})
-        assert r.status_code == 200 and r.json()["matches"][0]["image"] == name
+        assert r.status_code == 200 and r.json()["results"][0]["matches"][0]["image"] == name
         assert c.get("/thumbnails/%2e%2e%2f%2e%2e%2fetc%2fpasswd").status_code == 404
         assert c.get("/health").status_code == 200
 
@@ -331,9 +331,9 @@ def test_browser_upload_shows_estimate_and_thumbnails(live_server, served, tmp_p
         assert page.locator("#map path.hafloc-db").count() == len(served["positions"])
         assert page.locator("#map .hafloc-grid").count() > 0 and page.locator("#map img.leaflet-tile").count() == 0
         assert page.locator("#map-message").is_hidden()
-        with page.expect_response("**/locate") as resp:
+        with page.expect_response("**/locate?attention=1") as resp:
             page.set_input_files("#file", str(served["db"] / name))
-        res = resp.value.json()
+        res = resp.value.json()["results"][0]
         page.wait_for_selector("#map-estimate", state="attached")
         page.wait_for_function("document.querySelectorAll('#matches li img').length === 10")
         # the map: one numbered marker per positioned match, rank 1 on the estimate, the radius circle around it
@@ -453,7 +453,7 @@ def test_locate_with_a_position_prior(client, served):
     form = {"near": f"{center[0]},{center[1]}", "within": "300"}
     r = client.post("/locate", files={"file": (name, data, "image/jpeg")}, data=form)
     assert r.status_code == 200, r.text
-    res = r.json()
+    res = r.json()["results"][0]  # the locate --json document
     assert res["near"]["within_m"] == 300.0 and res["matches"]
     assert all(haversine_m(*center, m["lat"], m["lon"]) <= 300 for m in res["matches"])
     assert name not in {m["image"] for m in res["matches"]}  # the photo itself lies elsewhere

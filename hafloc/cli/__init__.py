@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from .._version import __version__
 from ..errors import HaflocError
 
 # Order = order in --help. A module that is absent is simply not offered.
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'hafloc COMMAND --help' for the options of one command. Start with 'hafloc demo --quick'.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debugging details")
+    parser.add_argument("--version", action="version", version=f"hafloc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMANDS:
         try:

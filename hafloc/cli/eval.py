@@ -19,7 +19,7 @@ def add_dataset_args(p) -> None:
     p.add_argument(
         "--dataset",
         required=True,
-        help="dataset folder or ground-truth file (.mat, .npz, .pkl, dataset.csv, ...); layout detected",
+        help="dataset folder or ground-truth file (.mat, .npz, .pkl, a label .csv, ...); layout detected",
     )
     p.add_argument(
         "--format",
@@ -68,7 +68,13 @@ def register(sub) -> None:
     p.add_argument(
         "--max-keypoints", type=int, default=1024, help="local features per image for --rerank (default 1024)"
     )
-    p.add_argument("--json", default=None, help="write the results as JSON here (config.json goes beside it)")
+    p.add_argument(
+        "--json",
+        default=None,
+        metavar="FILE",
+        help="write the results as JSON to FILE; its configuration goes beside it, in FILE's folder "
+        "(r.json -> r.config.json)",
+    )
     p.add_argument(
         "--report",
         default=None,
@@ -186,11 +192,18 @@ def json_result(result: EvalResult, config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def write_json(path: Path, obj: dict[str, Any], config: dict[str, Any]) -> None:
+def write_json(path: Path, obj: dict[str, Any], config: dict[str, Any], config_name: str = "config.json") -> None:
+    """``obj`` to ``path`` and ``config`` beside it (in the same folder, whatever the current one)."""
     from ..fileio import write_json_atomic
 
     write_json_atomic(path, obj)
-    write_json_atomic(path.parent / "config.json", config)
+    write_json_atomic(path.parent / config_name, config)
+
+
+def config_beside(path: Path) -> str:
+    """The config file name for a result file of the user's choice: ``r.json`` -> ``r.config.json``,
+    so that it never replaces another ``config.json`` in that folder (or another result's)."""
+    return f"{path.stem if path.suffix.lower() == '.json' else path.name}.config.json"
 
 
 def without_positive_note(result: Mapping[str, Any], metric: str) -> str | None:
@@ -264,8 +277,9 @@ def run(args) -> int:
     print_failures(result)
     out = json_result(result, config)
     if args.json:
-        write_json(Path(args.json), out, config)
-        print(f"wrote {args.json}")
+        json_path = Path(args.json)
+        write_json(json_path, out, config, config_beside(json_path))
+        print(f"wrote {args.json} and {json_path.parent / config_beside(json_path)}")
     if args.report:
         index = write_eval_report(Path(args.report), model, ds, result, out, config, name, extractor)
         print(f"wrote {index}")

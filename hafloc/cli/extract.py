@@ -69,6 +69,6 @@ def run(args) -> int:
     report_failures(res.failures, total)
     if not res.names:
         print("hafloc: error: no image could be read", file=sys.stderr)
-        return 1
+        return 2  # every input was bad
     print(f"wrote {out}: {len(res.names)} descriptors of {res.descriptors.shape[1]}-D")
     return 0

@@ -158,7 +158,8 @@ def register(sub) -> None:
         help="drop images (files, folders, or those whose file is gone) from an index",
         description="Drops the rows of the given images (a folder: every indexed image under it) and "
         "rebuilds the search structure. Their descriptors stay in the chunk files until "
-        "'hafloc index compact'.",
+        "'hafloc index compact'. A named image or folder that is not in the index is listed and "
+        "makes the exit status 1 (the others are removed all the same).",
     )
     r.add_argument("images", nargs="*", help="indexed image files and/or folders")
     r.add_argument("--index", required=True, help="index folder")
@@ -231,8 +232,8 @@ def add_lock_arg(q) -> None:
 
 def _index_folder(args, store_factory) -> int:
     from ..errors import HaflocError, printable
-    from ..images.io import list_images
-    from ..index.positions import read_positions_csv
+    from ..images.io import IMAGE_EXTENSIONS, list_images, unsupported_images
+    from ..index.positions import read_positions_csv, unused_rows
     from ..index.store import extractor_fn
 
     folder = Path(args.folder)
@@ -242,8 +243,28 @@ def _index_folder(args, store_factory) -> int:
         raise HaflocError(f"--chunk-size must be at least 1, got {args.chunk_size}")
     positions = read_positions_csv(args.positions) if args.positions else None
     pairs = list_images([folder])
+    skipped = unsupported_images(folder)
+    if skipped:
+        kinds = ", ".join(sorted({p.suffix.lower() or p.name for p in skipped}))
+        print(
+            f"skipped {len(skipped)} file(s) of an image type hafloc does not read ({kinds}; it reads "
+            f"{', '.join(sorted(IMAGE_EXTENSIONS))}):",
+            file=sys.stderr,
+        )
+        for p in skipped[:20]:
+            print(f"  {printable(p.relative_to(folder))}", file=sys.stderr)
+        if len(skipped) > 20:
+            print(f"  ... and {len(skipped) - 20} more", file=sys.stderr)
     if not pairs:
-        raise HaflocError(f"{folder}: no images found")
+        raise HaflocError(f"{folder}: no images found" + (f" ({len(skipped)} skipped, see above)" if skipped else ""))
+    if positions:
+        unused = unused_rows(positions, [p.relative_to(folder).as_posix() for p, _ in pairs])
+        if unused:
+            print(
+                f"warning: {len(unused)} of {len(positions)} row(s) of {printable(args.positions)} name no image "
+                f"in {printable(folder)} (e.g. {', '.join(map(printable, unused[:3]))}); their positions are unused",
+                file=sys.stderr,
+            )
     store, model = store_factory([p for p, _ in pairs])
     with store, ExitStack() as stack:
         if args.ray:  # an actor pool describes the chunks; they are committed here all the same
@@ -294,13 +315,13 @@ def _index_folder(args, store_factory) -> int:
         f"{args.index}: added {report.added}, already indexed {report.skipped_existing}, failed {len(report.failed)}; "
         f"index holds {total} image(s), {positioned} with a position"
     )
-    return 0 if report.added or report.skipped_existing or not report.failed else 1
+    return 0 if report.added or report.skipped_existing or not report.failed else 2  # every image was bad
 
 
 def run_build(args) -> int:
     from ..descriptors.modelfile import load_model, recorded_path
     from ..errors import HaflocError
-    from ..index.build import adapt_model
+    from ..index.adapt import adapt_model
     from ..index.search import SearchConfig
     from ..index.store import IndexStore
 
@@ -528,7 +549,7 @@ def run_export(args) -> int:
     report_failures(res.failures, len(qpairs))
     if not res.names:
         print("hafloc: error: no query image could be read", file=sys.stderr)
-        return 1
+        return 2  # every input was bad
     res.descriptors = project(res.descriptors)
     # hloc keeps database and queries in one feature file keyed by name: a name may be shared
     # only by the very same file (queries taken from the database folder).
@@ -557,8 +578,8 @@ def run_export(args) -> int:
             "(--keep-negative keeps them)",
             file=sys.stderr,
         )
-    write_text_atomic(out / "db.txt", "\n".join(db_names) + "\n")
-    write_text_atomic(out / "queries.txt", "\n".join(res.names) + "\n")
+    write_text_atomic(out / "db.txt", "\n".join(db_names) + "\n", errors="surrogateescape")  # raw name bytes
+    write_text_atomic(out / "queries.txt", "\n".join(res.names) + "\n", errors="surrogateescape")
     print(
         f"wrote {feats} ({len(names)} descriptors), {pairs_path} ({len(pairs)} pairs), "
         f"{out / 'db.txt'}, {out / 'queries.txt'}"
@@ -595,7 +616,14 @@ def run_remove(args) -> int:
         f"{args.index}: removed {removed} image(s){gone}; index holds {total}; "
         "'hafloc index compact' reclaims their space"
     )
-    return 1 if unmatched and not removed else 0
+    if unmatched:
+        print(
+            f"hafloc: {len(unmatched)} of {len(args.images)} named target(s) not in the index, nothing removed "
+            "for them",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 def run_set_position(args) -> int:

@@ -10,7 +10,7 @@ from .common import print_json
 
 
 def register_calibrate(isub) -> None:
-    from ..index.calibrate import DEFAULT_AGREE_M, DEFAULT_EXCLUDE_M, DEFAULT_K
+    from ..index.calibrate import DEFAULT_AGREE_M, DEFAULT_EXCLUDE_M, DEFAULT_K, MIN_SAMPLES
 
     c = isub.add_parser(
         "calibrate",
@@ -20,7 +20,10 @@ def register_calibrate(isub) -> None:
         "the probability that an estimate lies within --agree-m metres of the truth from the best "
         "similarity, the margin to the best match elsewhere, the agreement of the top matches (and "
         "verified inliers when re-ranking provides them). 'hafloc locate' then reports that "
-        "probability as its confidence. Writes INDEX/calibration.json.",
+        "probability as its confidence. Writes INDEX/calibration.json, kept only when its held-out "
+        "ECE beats the uncalibrated confidence's on the same answers (else exit status 1: locate "
+        f"keeps the uncalibrated confidence). Below {MIN_SAMPLES} leave-one-out answers it refuses "
+        "unless --force.",
     )
     c.add_argument("--index", required=True, help="index folder")
     c.add_argument(
@@ -48,6 +51,11 @@ def register_calibrate(isub) -> None:
         "rule is fitted first, on the same photos)",
     )
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument(
+        "--force",
+        action="store_true",
+        help=f"calibrate even from fewer than {MIN_SAMPLES} leave-one-out answers (a rough fit, with a warning)",
+    )
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.set_defaults(func=run_calibrate)
@@ -61,7 +69,7 @@ def calibration_summary(meta: dict[str, Any]) -> dict[str, Any]:
 def run_calibrate(args) -> int:
     from ..errors import HaflocError
     from ..index.build import calibrate_store
-    from ..index.calibrate import summary_line
+    from ..index.calibrate import MIN_SAMPLES, CalibrationNotKept, summary_line
     from ..index.store import IndexStore
 
     if args.top_k < 1 or (args.max_samples is not None and args.max_samples < 1):
@@ -71,14 +79,25 @@ def run_calibrate(args) -> int:
             f"--agree-m must be positive and --exclude-m non-negative (got {args.agree_m}, {args.exclude_m})"
         )
     with IndexStore.open(args.index) as store:
-        cal = calibrate_store(
-            store,
-            agree_m=args.agree_m,
-            exclude_m=args.exclude_m,
-            k=args.top_k,
-            max_samples=args.max_samples,
-            seed=args.seed,
-            progress=not args.no_progress,
+        try:
+            cal = calibrate_store(
+                store,
+                agree_m=args.agree_m,
+                exclude_m=args.exclude_m,
+                k=args.top_k,
+                max_samples=args.max_samples,
+                seed=args.seed,
+                progress=not args.no_progress,
+                min_samples=0 if args.force else MIN_SAMPLES,
+            )
+        except CalibrationNotKept as err:
+            print(f"hafloc: {err}", file=sys.stderr)
+            return 1
+    if cal.meta["n_samples"] < MIN_SAMPLES:
+        print(
+            f"hafloc: warning: calibrated on only {cal.meta['n_samples']} leave-one-out answers (fewer than "
+            f"{MIN_SAMPLES}): its probabilities are rough",
+            file=sys.stderr,
         )
     if args.json:
         print_json({"index": str(args.index), "calibration": calibration_summary(cal.meta)})

@@ -14,7 +14,9 @@ def register(sub) -> None:
         "locate",
         help="estimate where photos were taken, from an index",
         description="For each photo: the top-K most similar indexed photos (with their positions, "
-        "similarity and distance from the estimate) and a position estimate with a "
+        "similarity and distance from the estimate: the table's 'from est.' column, JSON "
+        "'distance_m'; how far each match lies from the estimated position, not from the photo) "
+        "and a position estimate with a "
         "confidence in [0, 1]: on a calibrated index ('hafloc index calibrate') the "
         "probability that the estimate lies within the agreement radius, otherwise a "
         "heuristic score (JSON 'calibrated' says which). Folders are searched "
@@ -22,7 +24,13 @@ def register(sub) -> None:
     )
     p.add_argument("images", nargs="+", help="photos and/or folders")
     p.add_argument("--index", required=True, help="index folder (from 'hafloc index build')")
-    p.add_argument("--top-k", type=int, default=10, help="matches per photo (default 10)")
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=10,
+        help="matches per photo (default 10); on an uncalibrated index they are also the matches the "
+        "estimate is made from (a calibrated index estimates from its calibration's top 10, whatever --top-k shows)",
+    )
     p.add_argument(
         "--format",
         choices=FORMATS,
@@ -37,7 +45,8 @@ def register(sub) -> None:
         "-o",
         metavar="FILE",
         help="write the result to FILE (atomically: all or nothing) instead of standard output; "
-        "left untouched when no photo could be located",
+        "left untouched when no photo could be located; a symlink's target is replaced, a FIFO or "
+        "device (/dev/stdout) written through",
     )
     p.add_argument("--model", help="model file (default: the one the index was built with)")
     p.add_argument(
@@ -115,5 +124,5 @@ def run(args) -> int:
             "hafloc: error: no photo could be located" + (f"; {args.output} not written" if args.output else ""),
             file=sys.stderr,
         )
-        return 1
+        return 2  # every input was bad
     return 0

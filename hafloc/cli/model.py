@@ -25,7 +25,7 @@ def register(sub) -> None:
         "VLAD clusters by k-means on local features sampled from --images, and fits PCA "
         "whitening when --dim is given. Writes one model file.",
     )
-    pi.add_argument("--method", required=True, choices=METHODS, help="haf (the paper), or a baseline")
+    pi.add_argument("--method", default="haf", choices=METHODS, help="haf (the paper; default), or a baseline")
     pi.add_argument(
         "--images", required=True, nargs="+", help="image files or folders (searched recursively) to fit on"
     )
@@ -49,6 +49,7 @@ def register(sub) -> None:
         "--fit-images", type=int, default=300, help="at most this many images for the clusters (default 300)"
     )
     pi.add_argument("--seed", type=int, default=0)
+    pi.add_argument("--no-progress", action="store_true", help="no progress bar")
     pi.set_defaults(func=run_init)
     pf = msub.add_parser(
         "info",
@@ -95,11 +96,11 @@ def run_init(args) -> int:
         else [paths[i] for i in sorted(rng.choice(len(paths), args.fit_images, replace=False))]
     )
     meta: dict[str, Any] = {
-        "fit": fit_clusters(model, fit_paths, seed=args.seed),
+        "fit": fit_clusters(model, fit_paths, seed=args.seed, progress=not args.no_progress),
         "fit_images": [str(p) for p in fit_paths[:5]],
     }
     if dim:
-        meta["whitening"] = fit_whitening(model, paths, dim, seed=args.seed)
+        meta["whitening"] = fit_whitening(model, paths, dim, seed=args.seed, progress=not args.no_progress)
     meta["seconds"] = round(time.time() - t0, 1)
     save_model(model.eval(), args.output, meta=meta)
     print(

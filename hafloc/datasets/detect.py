@@ -32,7 +32,7 @@ FORMATS: dict[str, tuple[Loader, str]] = {
     "revisited": (load_revisited, "Revisited Oxford / Paris: gnd_r{oxford5k,paris6k}.pkl + jpg/"),
     "holidays": (load_holidays, "INRIA Holidays: NNNNNN.jpg images (in jpg/ or the folder)"),
     "sf0": (load_sf0, "SF-0 San Francisco: building-ID or posed-query (25 m) ground truth"),
-    "labels": (load_labels, "label CSV: dataset.csv with image,label,split"),
+    "labels": (load_labels, "label CSV (any name, found by its header): image,label,split"),
     "geotagged": (load_geotagged, "photos with EXIF GPS or a position CSV; database/ + queries/"),
 }
 

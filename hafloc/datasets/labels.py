@@ -1,4 +1,7 @@
-"""Label-supervised sets: ``dataset.csv`` with columns image,label,split (same label = same place)."""
+"""Label-supervised sets: a CSV with columns image,label,split (same label = same place).
+
+A folder's label CSV is ``dataset.csv``, else the one CSV in it whose header has ``image`` and
+``label`` (any name: ``places.csv``)."""
 
 from __future__ import annotations
 
@@ -27,18 +30,29 @@ KNOWN_SPLITS = ("train", "val_database", "val_query", "database", "query")
 
 
 def csv_path(path: Path) -> Path:
-    return path / "dataset.csv" if path.is_dir() else path
+    """The label CSV of a folder (``dataset.csv``, else the one CSV recognised by its header)."""
+    if not path.is_dir() or (path / "dataset.csv").is_file():
+        return path / "dataset.csv" if path.is_dir() else path
+    found = [f for f in sorted(path.glob("*.csv")) if not f.name.startswith(".") and _has_label_header(f)]
+    if len(found) > 1:
+        raise InputError(path, f"{len(found)} label CSVs here ({', '.join(f.name for f in found)}); pass one file")
+    return found[0] if found else path / "dataset.csv"
 
 
-def is_label_csv(path: Path) -> bool:
-    p = csv_path(path)
+def _has_label_header(p: Path) -> bool:
     if not p.is_file() or p.suffix.lower() != ".csv":
         return False
     try:
-        header = p.open(encoding="utf-8-sig").readline().strip().split(",")
+        with p.open(encoding="utf-8-sig") as f:
+            header = [c.strip() for c in f.readline().strip().split(",")]
     except (OSError, UnicodeDecodeError):
         return False
     return "image" in header and "label" in header
+
+
+def is_label_csv(path: Path) -> bool:
+    """A label CSV by content (the header), whatever its name; a folder holding one."""
+    return _has_label_header(csv_path(path))
 
 
 def _check_duplicates(p: Path, by_split: dict[str, list[dict[str, str]]]) -> None:

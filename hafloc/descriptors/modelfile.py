@@ -11,6 +11,7 @@ package, checked against ``DEFAULT_SHA256`` at load.
 from __future__ import annotations
 
 import hashlib
+import pickle
 import time
 from pathlib import Path
 from typing import Any
@@ -96,11 +97,18 @@ def read_model_file(path: str | Path | None) -> dict:
         raise InputError(path, "model file not found")
     if path.stat().st_size == 0:
         raise InputError(path, "empty model file (0 bytes)")
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            raise InputError(path, "not a hafloc model file (not a zip archive, as torch.save writes)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # zip/pickle errors, or a refusal of non-tensor objects
-        first = (str(err).strip().splitlines() or ["no details"])[0][:200]  # some errors have no message
-        raise InputError(path, f"not a readable hafloc model ({type(err).__name__}: {first})") from None
+    except pickle.UnpicklingError:  # a refusal of non-tensor objects; torch's text advises weights_only=False
+        raise InputError(
+            path, "not a hafloc model file (it holds Python objects, not only tensors and plain data; never loaded)"
+        ) from None
+    except Exception as err:  # zip errors; torch's text is advice for torch users, not ours
+        cause = f"damaged or truncated archive: {type(err).__name__}"
+        raise InputError(path, f"not a hafloc model file ({cause})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise InputError(path, "not a hafloc model file (no 'hafloc-model' header)")
     if payload.get("version", 0) > VERSION:

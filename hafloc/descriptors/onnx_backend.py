@@ -99,6 +99,9 @@ def export_onnx(model: GeoLocNet, path: str | Path, opset: int = OPSET, check: b
             }
             for k, v in meta.items():
                 proto.metadata_props.add(key=k, value=str(v))
+            for v in proto.graph.output:  # the tracer names the size after an op ('Divdescriptor_dim_1')
+                if v.name == "descriptor":
+                    v.type.tensor_type.shape.dim[1].dim_value = model.out_dim
             if check:
                 onnx.checker.check_model(proto)
             onnx.save(proto, str(tmp))
@@ -157,13 +160,17 @@ def onnx_info(path: str | Path) -> dict:
     def shape(v) -> list:
         return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
 
+    meta = {p.key: p.value for p in proto.metadata_props}
+    outputs = {v.name: shape(v) for v in proto.graph.output}
+    size = re.match(r"'descriptor' \(batch, (\d+)\)", meta.get("descriptor", ""))
+    if size and len(outputs.get("descriptor", [])) == 2 and isinstance(outputs["descriptor"][1], str):
+        outputs["descriptor"][1] = int(size.group(1))  # an earlier export's symbolic name: the real size
     info: dict = {
         "file": str(path),
         "opset": max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=None),
         "inputs": {v.name: shape(v) for v in proto.graph.input},
-        "outputs": {v.name: shape(v) for v in proto.graph.output},
+        "outputs": outputs,
     }
-    meta = {p.key: p.value for p in proto.metadata_props}
     if not meta.get("fingerprint"):
         info["note"] = "not exported by hafloc (no preprocessing metadata)"
     info.update(meta)

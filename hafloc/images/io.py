@@ -7,6 +7,7 @@ skip the file and report it.
 from __future__ import annotations
 
 import math
+import mimetypes
 import re
 from pathlib import Path
 
@@ -17,6 +18,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ..errors import InputError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+# Images we do not read (animations, HEIF, camera raw...): listed as skipped rather than ignored.
+OTHER_IMAGE_EXTENSIONS = frozenset(
+    {".gif", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".svg", ".ico", ".psd", ".dng", ".cr2", ".cr3", ".nef", ".arw"}
+    | {".raf", ".orf", ".rw2"}
+)
 # Refuse decompression bombs before decoding; a 120 MP photo is far beyond what we resize to.
 # The cap is checked per call (``max_pixels``) from the header; Pillow's process-wide
 # ``Image.MAX_IMAGE_PIXELS`` is left as the application set it (library code must not change
@@ -132,6 +138,23 @@ def image_files(folder: str | Path, recursive: bool = True) -> list[Path]:
     folder = Path(folder)
     it = folder.rglob("*") if recursive else folder.iterdir()
     files = [p for p in it if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()]
+    return sorted(files, key=lambda p: natural_key(p.relative_to(folder).as_posix()))
+
+
+def unsupported_images(folder: str | Path, recursive: bool = True) -> list[Path]:
+    """Files under ``folder`` that are images of a type hafloc does not read (by extension:
+    ``OTHER_IMAGE_EXTENSIONS`` or an ``image/`` MIME type outside ``IMAGE_EXTENSIONS``), hidden
+    names skipped, in ``image_files`` order: what a folder's listing leaves out, for reporting."""
+    folder = Path(folder)
+    it = folder.rglob("*") if recursive else folder.iterdir()
+    files = [
+        p
+        for p in it
+        if p.suffix.lower() not in IMAGE_EXTENSIONS
+        and (p.suffix.lower() in OTHER_IMAGE_EXTENSIONS or (mimetypes.guess_type(p.name)[0] or "").startswith("image/"))
+        and not p.name.startswith(".")
+        and p.is_file()
+    ]
     return sorted(files, key=lambda p: natural_key(p.relative_to(folder).as_posix()))
 
 

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from hafloc.datasets.geo import EARTH_RADIUS_M, haversine_m
 from hafloc.errors import HaflocError, InputError
 from hafloc.fileio import write_json_atomic
-from hafloc.index.locate import Estimate, estimate_position
+from hafloc.index.locate import Estimate, estimate_position, fallback_confidence
 from hafloc.index.store import IndexStore, Match
 
 CALIBRATION_FILE = "calibration.json"
@@ -53,6 +53,10 @@ DEFAULT_AGREE_M = 25.0
 DEFAULT_EXCLUDE_M = 5.0
 DEFAULT_K = 10
 MIN_POSITIONED = 50  # ``index build`` calibrates automatically from this many positioned images
+MIN_SAMPLES = 50  # fewer leave-one-out answers: refused unless forced (``min_samples=0``)
+# The unrelated gate: the probability is scaled by clip((s - u) / UNRELATED_GATE_WIDTH, 0, 1), s the
+# query's best similarity and u the best similarity blank and noise frames reach on this index.
+UNRELATED_GATE_WIDTH = 0.1
 MIN_PER_CLASS = 5
 ECE_BINS = 10
 
@@ -277,11 +281,13 @@ class Calibrator:
         return int(self.meta.get("k", DEFAULT_K))
 
     def probability(self, feats: dict[str, float] | None) -> float:
-        """P(within ``agree_m``); 0 without an estimate. Uses the inliers model only when the count is known."""
+        """P(within ``agree_m``); 0 without an estimate. Uses the inliers model only when the count is known;
+        scaled by ``unrelated_gate`` when the calibration measured the index's unrelated similarity."""
         if feats is None:
             return 0.0
         model = self.inliers if (self.inliers is not None and INLIER_FEATURE in feats) else self.base
-        return float(model.predict(np.array([[feats[f] for f in model.features]]))[0])
+        p = float(model.predict(np.array([[feats[f] for f in model.features]]))[0])
+        return p * unrelated_gate(feats["best_similarity"], self.meta.get("unrelated_similarity"))
 
     def confidence(self, matches: Sequence[Match], estimate: Estimate | None) -> float:
         return self.probability(query_features(matches, estimate, self.agree_m))
@@ -330,6 +336,37 @@ def load_calibrator(store: IndexStore) -> Calibrator | None:
     return cal
 
 
+# -- unrelated photos ----------------------------------------------------------------------------
+
+
+def probe_images() -> list[Any]:
+    """Frames that show no place: uniform noise (3 seeds), flat black, dark grey, grey, light grey and
+    white (640x480 RGB). What they match on an index, and how well, is what an unrelated photo gets."""
+    from PIL import Image
+
+    rng = np.random.default_rng(20211)
+    noise = [Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)) for _ in range(3)]
+    return noise + [Image.new("RGB", (640, 480), (v, v, v)) for v in (0, 64, 128, 192, 255)]
+
+
+def unrelated_similarity(store: IndexStore, probe_descriptors: np.ndarray) -> float | None:
+    """The best similarity to a positioned image that any probe (``probe_images``, described by the
+    index's model) reaches on ``store``: photos matching no better are unrelated to the index."""
+    if len(probe_descriptors) == 0:
+        return None
+    q = np.ascontiguousarray(store.project(np.asarray(probe_descriptors, np.float32)), np.float32)
+    found = cast(list[list[Match]], store.search(q, DEFAULT_K))
+    sims = [m.similarity for ms in found for m in ms if m.positioned]
+    return float(max(sims)) if sims else None
+
+
+def unrelated_gate(best_similarity: float, floor: float | None) -> float:
+    """0 at or below ``floor`` (the probes' best similarity), rising linearly to 1 over ``UNRELATED_GATE_WIDTH``."""
+    if floor is None:
+        return 1.0
+    return float(min(1.0, max(0.0, (best_similarity - floor) / UNRELATED_GATE_WIDTH)))
+
+
 # -- leave-one-out -----------------------------------------------------------------------------
 
 
@@ -340,7 +377,7 @@ class LooSamples:
     rows: list[int]
     features: list[dict[str, float]]
     labels: np.ndarray  # 1 = estimate within agree_m of the image's position
-    heuristic: np.ndarray  # the uncalibrated Estimate.confidence, for comparison
+    heuristic: np.ndarray  # the uncalibrated confidence locate would report (``fallback_confidence``)
     no_estimate: int = 0  # sampled images whose remaining matches had no position (label 0, not fitted)
 
 
@@ -420,7 +457,7 @@ def leave_one_out(
             out.rows.append(int(qi))
             out.features.append(feats)
             labels.append(int(haversine_m(est.lat, est.lon, lat[qi], lon[qi]) <= agree_m))
-            heur.append(est.confidence)
+            heur.append(fallback_confidence(est))
         bar.update(len(part))
     bar.close()
     out.labels, out.heuristic = np.array(labels, int), np.array(heur, np.float64)
@@ -446,6 +483,19 @@ def fit_calibrator(samples: LooSamples, seed: int = 0) -> tuple[Calibrator, dict
     return Calibrator(base=base, inliers=inl), rep
 
 
+def _check_enough(store: IndexStore, n: int, what: str, min_samples: int) -> None:
+    if n < min_samples:
+        raise HaflocError(
+            f"{store.folder}: only {n} {what}, {min_samples} needed for a calibration worth trusting; without "
+            "one, locate reports the uncalibrated confidence (a heuristic: unrelated photos score low, but it is "
+            "no probability); --force fits anyway"
+        )
+
+
+class CalibrationNotKept(HaflocError):
+    """The fitted calibration is no better than the uncalibrated confidence (held-out ECE)."""
+
+
 def calibrate_index(
     store: IndexStore,
     agree_m: float = DEFAULT_AGREE_M,
@@ -456,8 +506,17 @@ def calibrate_index(
     rerank: Rerank | None = None,
     progress: bool = True,
     write: bool = True,
+    min_samples: int = MIN_SAMPLES,
+    probes: np.ndarray | None = None,
 ) -> Calibrator:
     """Leave-one-out over ``store``, fit, and (``write``) store ``calibration.json`` in the index folder.
+
+    Fewer than ``min_samples`` leave-one-out answers: a ``HaflocError`` saying what the user gets
+    instead (0 forces the fit). With ``write``, the calibration is kept only when its held-out ECE
+    beats the uncalibrated confidence's on the same answers; otherwise ``CalibrationNotKept`` (an
+    earlier ``calibration.json`` is removed: locate then reports the uncalibrated confidence).
+    ``probes``: the model's descriptors of ``probe_images``; their best similarity becomes the
+    ``unrelated_gate``'s floor, applied to the held-out predictions too (the ECE is the gated one's).
 
     ``exclude_m`` None (auto): ``DEFAULT_EXCLUDE_M``, and 0 when that leaves too few right answers
     (photos of a place sharing one position, as label datasets have). ``rerank(query_row, matches)
@@ -466,8 +525,10 @@ def calibrate_index(
     """
     tries = [DEFAULT_EXCLUDE_M, 0.0] if exclude_m is None else [float(exclude_m)]
     descriptors = store.descriptors()
+    _check_enough(store, int(store.info.get("counts", {}).get("positioned", 0)), "positioned photos", min_samples)
     for i, ex_m in enumerate(tries):
         samples = leave_one_out(store, agree_m, ex_m, k, max_samples, seed, rerank, progress, descriptors)
+        _check_enough(store, len(samples.labels), "leave-one-out answers", min_samples)
         try:
             cal, rep = fit_calibrator(samples, seed)
             break
@@ -483,6 +544,9 @@ def calibrate_index(
             raise HaflocError(f"{store.folder}: {err}{hint}") from None
     exclude_m = ex_m
     y = samples.labels
+    floor = unrelated_similarity(store, probes) if probes is not None else None
+    best = np.array([f["best_similarity"] for f in samples.features], np.float64)
+    heldout = rep["heldout_predictions"] * np.array([unrelated_gate(s, floor) for s in best])
     cal.meta = {
         "features": list(FEATURES),
         "agree_m": float(agree_m),
@@ -492,24 +556,34 @@ def calibrate_index(
         "positives_rate": round(float(y.mean()), 4),
         "no_estimate": samples.no_estimate,
         "method": rep["method"],
-        "ece_heldout": rep["ece_heldout"],
+        "ece_heldout": round(expected_calibration_error(heldout, y), 4),
         "ece_heldout_by_method": rep["ece_heldout_by_method"],
         "folds": rep["folds"],
         "ece_heuristic": round(expected_calibration_error(samples.heuristic, y), 4),
         "exclude_auto": len(tries) > 1,
         "reranked": rerank is not None,
         "model_fingerprint": store.fingerprint,
+        "unrelated_similarity": None if floor is None else round(floor, 4),
         "index_images": len(store),
         "created_at": _now(),
         # per-sample held-out probability and label: what `index info --report` plots
         "heldout": {
-            "p": [round(float(v), 4) for v in rep["heldout_predictions"]],
+            "p": [round(float(v), 4) for v in heldout],
             "y": [int(v) for v in y],
             "heuristic": [round(float(v), 4) for v in samples.heuristic],
         },
     }
     if "inliers_ece_heldout" in rep:
         cal.meta["inliers_ece_heldout"] = rep["inliers_ece_heldout"]
+    if write and not cal.meta["ece_heldout"] < cal.meta["ece_heuristic"]:
+        old = calibration_path(store.folder)
+        removed = old.is_file()
+        old.unlink(missing_ok=True)
+        raise CalibrationNotKept(
+            f"{store.folder}: calibration not kept: its held-out ECE {cal.meta['ece_heldout']:.3f} does not beat "
+            f"the uncalibrated confidence's {cal.meta['ece_heuristic']:.3f} on the same {len(y)} answers; locate "
+            "reports the uncalibrated confidence" + (" (the earlier calibration.json was removed)" if removed else "")
+        )
     if write:
         write_json_atomic(calibration_path(store.folder), cal.to_json())
     return cal

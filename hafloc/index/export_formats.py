@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -139,13 +140,31 @@ def _describe(row: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+_XML_FORBIDDEN = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def xml_text(value: Any) -> Any:
+    """Strings made XML-safe as the CSV writes them: a name byte that is not UTF-8
+    (surrogate-escaped) becomes ``\\udcNN`` (as in JSON and CSV), a control character ``\\xNN``."""
+    if isinstance(value, str):
+        value = value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return _XML_FORBIDDEN.sub(lambda m: f"\\x{ord(m.group()):02x}", value)
+    if isinstance(value, dict):
+        return {k: xml_text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [xml_text(v) for v in value]
+    return value
+
+
 def to_kml(doc: dict[str, Any], radius_m: float | None = None) -> str:
     """KML (simplekml): a Placemark per located photo with a description and ExtendedData.
 
-    A photo without an estimate gets an empty MultiGeometry: listed, never drawn at 0, 0.
+    A photo without an estimate gets an empty MultiGeometry: listed, never drawn at 0, 0. Names
+    are written as ``xml_text`` gives them.
     """
     import simplekml
 
+    doc = xml_text(doc)
     kml = simplekml.Kml(name="hafloc locate")
     if doc.get("failures"):
         kml.document.description = "not located: " + "; ".join(f"{f['image']}: {f['error']}" for f in doc["failures"])
@@ -185,7 +204,7 @@ def table_block(res: dict[str, Any]) -> str:
             f"{res['image']}: {est['lat']:.6f}, {est['lon']:.6f}  "
             f"(confidence {est['confidence']:.2f}, {kind}{verified})"
         ]
-    lines.append(f"  {'#':>2}  {'similarity':>10}  {'inliers':>7}  {'distance':>10}  {'lat':>11}  {'lon':>11}  image")
+    lines.append(f"  {'#':>2}  {'similarity':>10}  {'inliers':>7}  {'from est.':>10}  {'lat':>11}  {'lon':>11}  image")
     for i, m in enumerate(res["matches"], 1):
         dist = "-" if m["distance_m"] is None else _human_m(m["distance_m"])
         inl = "-" if m.get("inliers") is None else str(m["inliers"])

@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 
 from hafloc.errors import InputError
-from hafloc.fileio import atomic_path
+from hafloc.fileio import write_text_atomic
 from hafloc.hloc_h5 import list_h5_names, write_h5_groups
 from hafloc.index.search import knn
 from hafloc.index.store import IndexStore
@@ -105,10 +105,10 @@ def retrieval_pairs(
 
 
 def write_pairs(path: str | Path, pairs: Sequence[tuple[str, str]]) -> None:
-    """Write pairs in hloc's format (``query db`` per line), atomically."""
+    """Write pairs in hloc's format (``query db`` per line), atomically; names that are not UTF-8
+    as their raw bytes, the same bytes as their HDF5 group names (``hloc_h5.h5_name``)."""
     text = "\n".join(f"{_check_name(q)} {_check_name(d)}" for q, d in pairs)
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+    write_text_atomic(path, text, errors="surrogateescape")
 
 
 def export_store(store: IndexStore, path: str | Path, as_half: bool = False) -> int:

@@ -18,7 +18,7 @@ from ..descriptors.extract import Extractor
 from ..descriptors.modelfile import DEFAULT, load_model
 from ..descriptors.network import GeoLocNet
 from ..errors import HaflocError, InputError
-from .build import ADAPTED_NAME
+from .adapt import ADAPTED_NAME
 from .calibrate import load_calibrator
 from .locate import answer
 from .prior import Near

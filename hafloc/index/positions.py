@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from hafloc.datasets.atfolders import parse_at_name
+from hafloc.datasets.atfolders import at_position_problem, parse_at_name
 from hafloc.datasets.geo import latlon_to_utm, utm_to_latlon
 from hafloc.errors import HaflocError, InputError
 from hafloc.images.gps import read_gps
@@ -106,15 +106,29 @@ def read_positions_csv(path: str | Path) -> dict[str, tuple[float, float]]:
         raise InputError(path, f"malformed positions CSV ({err})") from None
 
 
+def unused_rows(positions: dict[str, tuple[float, float]], rel_paths: list[str]) -> list[str]:
+    """The CSV images that match none of ``rel_paths`` (by relative path or bare file name, as
+    ``resolve_position`` looks them up): their positions would be silently unused."""
+    known = set(rel_paths) | {p.rsplit("/", 1)[-1] for p in rel_paths}
+    return [name for name in positions if name not in known]
+
+
 def position_from_at_name(rel_path: str) -> Position | None:
-    """Position encoded in an '@' file name (Pittsburgh / Tokyo / synthetic-city layout), if any."""
+    """Position encoded in an '@' file name (Pittsburgh / Tokyo / synthetic-city layout), if any.
+
+    Raises ValueError, with the reason ``hafloc eval`` refuses the same name for, when the name has
+    '@' fields whose position is unusable: easting 'abc' or 'nan', lat 999.
+    """
     name = rel_path.rsplit("/", 1)[-1]
-    if not name.startswith("@"):
-        return None
+    if not name.startswith("@") or name.count("@") < 3:
+        return None  # '@2x.png': not an '@' name
     try:
         info = parse_at_name(name)
-    except ValueError:
-        return None
+    except ValueError as err:  # easting 'abc': unusable as eval finds it, not "no position"
+        raise ValueError(f"{str(err).removeprefix(f'{name!r}: ')} in the '@' name") from None
+    problem = at_position_problem(info)
+    if problem:
+        raise ValueError(f"{problem} in the '@' name")
     lat, lon = info.get("lat"), info.get("lon")
     if lat is None or lon is None:
         if info.get("zone") is None or not info.get("letter"):

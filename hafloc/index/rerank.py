@@ -235,17 +235,21 @@ def calibrate_reranked(
     max_samples: int | None = RERANK_CALIBRATION_SAMPLES,
     seed: int = 0,
     progress: bool = True,
+    min_samples: int | None = None,
+    probes: Any = None,
 ) -> Any:
     """Calibrate an index that stores local features: fit the fusion rule by leave-one-out over the
     database (stored in index.json as ``rerank``), then the confidence with re-ranking applied, as
     ``locate`` will re-rank (the calibration's inliers model then applies)."""
-    from hafloc.index.calibrate import calibrate_index
+    from hafloc.index.calibrate import MIN_SAMPLES, calibrate_index
 
+    at_least = MIN_SAMPLES if min_samples is None else min_samples
     local = store.local_config
     if not local:
         raise ValueError(f"{store.folder}: the index stores no local features")
     hook = LooReranker(store, Reranker(local["extractor"], local.get("conf"), rule=FusionRule(weight=0.0)), k, agree_m)
-    calibrate_index(store, agree_m, exclude_m, k, max_samples, seed, rerank=hook, progress=progress, write=False)
+    fit_kw: dict[str, Any] = {"rerank": hook, "progress": progress, "min_samples": at_least}
+    calibrate_index(store, agree_m, exclude_m, k, max_samples, seed, write=False, **fit_kw)
     rule, stats = hook.fit()
     store.update_info(
         rerank={
@@ -254,4 +258,4 @@ def calibrate_reranked(
         }
     )
     hook.reranker.rule = rule
-    return calibrate_index(store, agree_m, exclude_m, k, max_samples, seed, rerank=hook, progress=progress)
+    return calibrate_index(store, agree_m, exclude_m, k, max_samples, seed, probes=probes, **fit_kw)

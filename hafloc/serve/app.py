@@ -41,6 +41,7 @@ STATIC = Path(__file__).parent / "static"
 THUMB_SIDE = 256
 OVERLAY_SIDE = 320
 MAX_PLOT_POINTS = 20_000  # the page's map; more points only slow the browser down
+MAX_CORRESPONDENCES = 300  # inlier pairs sent for the best match (as many as the page draws)
 
 
 @dataclass
@@ -195,6 +196,20 @@ def attention_json(img: Image.Image, att: dict[str, np.ndarray]) -> dict[str, di
     return out
 
 
+def server_document(index_name: str, result: dict[str, Any]) -> dict[str, Any]:
+    """The ``hafloc locate --json`` document of one upload (docs/locate.schema.json), without server
+    paths: each match loses ``root``, the best match's correspondences are thinned to
+    ``MAX_CORRESPONDENCES`` evenly spaced pairs (its ``inliers`` still counts them all)."""
+    for m in result["matches"]:
+        m.pop("root", None)
+        corr = m.get("correspondences")
+        if corr and len(corr["query"]) > MAX_CORRESPONDENCES:
+            keep = np.linspace(0, len(corr["query"]) - 1, MAX_CORRESPONDENCES).astype(int)
+            corr["query"] = [corr["query"][i] for i in keep]
+            corr["db"] = [corr["db"][i] for i in keep]
+    return {"index": index_name, "results": [result], "failures": []}
+
+
 # JPEGs above DRAFT_MIN_PIXELS are decoded at a DCT scale keeping this many times the model's
 # input side: the later resize (reducing_gap 3) still averages real pixels
 DRAFT_FACTOR = 4
@@ -316,7 +331,7 @@ def create_app(
     async def in_pool(fn, *args):
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> dict[str, Any]:
         # pid: which process answered (``serve --workers N`` runs N behind one port)
         return {
@@ -376,14 +391,18 @@ def create_app(
             thumbs.put(key, data)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
-    def locate_bytes(data: bytes, filename: str, near: Near | None = None) -> dict[str, Any]:
+    index_name = Path(index_path).resolve().name
+
+    def locate_bytes(data: bytes, filename: str, with_attention: bool, near: Near | None = None) -> dict[str, Any]:
         img = decode_upload(data, filename, locator.extractor.max_side, config.max_pixels)
         result, att = locator.locate_image(img, filename, k=config.top_k, correspondences=True, near=near)
-        result["attention"] = attention_json(img, att)
-        return result
+        if with_attention:
+            result["attention"] = attention_json(img, att)
+        return server_document(index_name, result)
 
     @app.post("/locate", dependencies=[Depends(authorised)])
-    async def locate(request: Request) -> JSONResponse:
+    async def locate(request: Request, attention: bool = False) -> JSONResponse:
+        """``hafloc locate --json``'s document for one photo; ``?attention=1`` adds the overlays."""
         ctype = request.headers.get("content-type", "")
         if not ctype.startswith("multipart/form-data"):
             raise HTTPException(415, "send the photo as multipart/form-data in the field 'file'")
@@ -397,7 +416,7 @@ def create_app(
         if not data:
             raise HTTPException(400, f"{filename}: empty file")
         try:
-            result = await in_pool(locate_bytes, data, filename, near)
+            result = await in_pool(locate_bytes, data, filename, attention, near)
         except ImageTooLarge as err:
             raise HTTPException(413, str(err)) from None
         except InputError as err:

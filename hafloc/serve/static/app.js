@@ -119,8 +119,9 @@ async function locate(file) {
   const form = new FormData();
   form.append("file", file, file.name);
   try {
-    const res = await api("/locate", { method: "POST", body: form });
-    showResult(res, file);
+    // the document of 'hafloc locate --json' (docs/locate.schema.json); the page shows the attention maps
+    const doc = await api("/locate?attention=1", { method: "POST", body: form });
+    showResult(doc.results[0], file);
   } catch (e) {
     showError(e.status === 401 ? "This server needs an access token." : "Could not locate this photo: " + e.message);
     if (e.status === 401) $("#token-box").hidden = false;

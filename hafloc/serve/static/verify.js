@@ -42,6 +42,6 @@ function drawCorrespondences(res, queryUrl) {
   }
   plot.appendChild(lines);
   document.querySelector("#verify-caption").textContent =
-    `${best.inliers} verified inlier matches with #1 ${best.image}` + (n < corr.query.length ? ` (${n} drawn)` : "");
+    `${best.inliers} verified inlier matches with #1 ${best.image}` + (n < best.inliers ? ` (${n} drawn)` : "");
   box.hidden = false;
 }

@@ -1,0 +1,44 @@
+"""Adapting a trained model to the collection it indexes (``hafloc index build``, ``Index.build``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+ADAPTED_NAME = "adapted.model"  # a trained model adapted to the indexed photos, inside the index folder
+# k-means of 64 clusters wants >= 39 features each: 25 photos at 100 sampled features per photo
+ADAPT_MIN_IMAGES = 25
+ADAPT_MAX_IMAGES = 300
+
+
+def adapt_model(model: Any, files: list[Path], folder: str | Path, seed: int = 0, progress: bool = False) -> Any:
+    """``model`` adapted to the collection it is about to index: a *trained* VLAD model gets its
+    clusters re-fitted by k-means on (at most 300 of) ``files``, its trained projections,
+    attention and fusion weights kept (benchmarks/real_training.py: never below the model as
+    trained on the shared real sets but one). Saved once as ``FOLDER/adapted.model`` (a rerun or a
+    second build at the same time reuses it: one fit, under a lock). Untrained models (their
+    clusters come from ``model init`` on photos the user chose), heads without clusters and
+    collections under ``ADAPT_MIN_IMAGES`` photos come back unchanged."""
+    import filelock
+    import numpy as np
+
+    from ..descriptors.fit import fit_clusters
+    from ..descriptors.modelfile import load_model, read_model_file, recorded_path, save_model
+
+    if not model.meta.get("trained") or not getattr(model.head, "uses_clusters", False):
+        return model
+    if len(files) < ADAPT_MIN_IMAGES or not model.source_path:
+        return model
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ADAPTED_NAME
+    with filelock.FileLock(str(path) + ".lock"):
+        if not path.is_file():
+            rng = np.random.default_rng(seed)
+            pick = sorted(rng.choice(len(files), min(ADAPT_MAX_IMAGES, len(files)), replace=False).tolist())
+            adapted = load_model(model.source_path)
+            info = fit_clusters(adapted, [files[i] for i in pick], seed=seed, progress=progress, projections=False)
+            trunk = "pretrained" if read_model_file(model.source_path).get("trunk") else "included"
+            meta = {**adapted.meta, "adapted": {"from": recorded_path(model), "images": len(pick), "fit": info}}
+            save_model(adapted, path, meta=meta, trunk=trunk)
+    return load_model(path)

@@ -152,6 +152,18 @@ def table(rows: list[dict], labels: list[str]) -> str:
     return "\n".join(out)
 
 
+def versus(rows: list[dict], a: str, b: str) -> str:
+    """Paired 95% bootstrap interval of R@1(a) - R@1(b) per set (recall sets only)."""
+    out = [f"| set | {a} R@1 | {b} R@1 | {a} - {b}, 95% interval |", "|---|---|---|---|"]
+    for row in rows:
+        ra, rb = row["results"].get(a), row["results"].get(b)
+        if not ra or not rb or ra["first_hits"] is None:
+            continue
+        iv = paired_bootstrap(hits_at(ra["first_hits"], 1), hits_at(rb["first_hits"], 1))
+        out.append(f"| {row['set']} | {ra['value']:.1f} | {rb['value']:.1f} | {iv.format(scale=100)} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", action="append", default=[], metavar="LABEL=FILE", help="a model to score (repeat)")
@@ -166,6 +178,7 @@ def main() -> None:
         metavar="LABEL",
         help="also score LABEL with its clusters re-fitted on each set's database (repeat)",
     )
+    ap.add_argument("--versus", action="append", default=[], metavar="A:B", help="paired R@1 intervals of A vs B")
     ap.add_argument("--write", action="store_true", help="record the table in BENCHMARKS.md")
     args = ap.parse_args()
     models = dict(m.split("=", 1) for m in args.model)
@@ -173,6 +186,8 @@ def main() -> None:
     rows = run(models, args.sets, args.work, args.data, args.split, args.adapt)
     labels = ["untrained", *models, *(f"{a}+adapted" for a in args.adapt), *(f"{a}, as built" for a in args.adapt)]
     text = table(rows, labels)
+    for pair in args.versus:
+        text += "\n\n" + versus(rows, *pair.split(":", 1))
     print(text)
     write_json_atomic(args.work / f"results-{args.split}.json", {"models": models, "rows": rows})
     if args.write:
@@ -183,7 +198,15 @@ def main() -> None:
             "the untrained HAF (clusters fitted on the set's own database). `+adapted`: the model's clusters "
             "re-fitted on the set's database (trained projections and attention kept); `as built`: what "
             f"`hafloc index build` gives, adapted from {ADAPT_MIN_IMAGES} database photos, as trained below. "
-            f"`python benchmarks/real_training.py {' '.join('--model ' + m for m in args.model)} --split {args.split}`"
+            "`python benchmarks/real_training.py "
+            + " ".join(
+                [
+                    *("--model " + m for m in args.model),
+                    *("--adapt " + a for a in args.adapt),
+                    *("--versus " + v for v in args.versus),
+                ]
+            )
+            + f" --split {args.split}`"
             f" on {platform.machine()}, {time.strftime('%Y-%m-%d')}.\n\n" + text + "\n",
         )
 

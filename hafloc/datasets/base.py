@@ -364,10 +364,8 @@ def combine(datasets: Sequence[Dataset], name: str | None = None) -> Dataset:
             db_utm.append(np.asarray(d.db_utm) + off)
             q_utm.append(np.asarray(d.q_utm).reshape(-1, 2) + off if d.q_utm is not None else np.zeros((0, 2)))
         else:
-            db_lab.append(np.array([f"{i}:{x}" for x in d.db_labels.tolist()], dtype=object))
-            q_lab.append(
-                np.array([f"{i}:{x}" for x in (d.q_labels.tolist() if d.q_labels is not None else [])], dtype=object)
-            )
+            db_lab.append(np.array([f"{i}:{x}" for x in np.asarray(d.db_labels).tolist()]))
+            q_lab.append(np.array([f"{i}:{x}" for x in (d.q_labels.tolist() if d.q_labels is not None else [])]))
         if any_ts:
             ts = d.quirks.timestamps
             db_ts.append(

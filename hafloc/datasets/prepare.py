@@ -212,9 +212,7 @@ def read_cambridge(tree: SourceTree) -> list[View]:
         coords.append((lat, lon))
     if not coords:
         raise InputError(tree.root / "data/coordinates", "no positions")
-    lat = np.array([c[0] for c in coords])
-    lon = np.array([c[1] for c in coords])
-    east, north, zone, letter = latlon_to_utm(lat, lon)
+    east, north, zone, letter = latlon_to_utm(np.array([c[0] for c in coords]), np.array([c[1] for c in coords]))
     views = []
     pattern = re.compile(r"^data/images/(\d+)_(\d)\.jpe?g$", re.IGNORECASE)
     for p in tree.files("data/images"):
@@ -327,7 +325,7 @@ def prepare(
     summary_path = out / "prepare.json"
     # places: their mean position
     place_ids = sorted({v.place for v in views})
-    pos = {p: [] for p in place_ids}
+    pos: dict[int, list[tuple[float, float]]] = {p: [] for p in place_ids}
     for v in views:
         pos[v.place].append((v.east, v.north))
     xy = np.array([np.mean(pos[p], axis=0) for p in place_ids])

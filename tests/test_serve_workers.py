@@ -172,7 +172,7 @@ def test_concurrent_index_add_neither_blocks_nor_breaks_the_workers(workers, dat
         while proc.poll() is None:
             r = _locate(workers, data["db"] / name)
             assert r.status_code == 200, r.text
-            assert r.json()["matches"][0]["image"] == name
+            assert r.json()["results"][0]["matches"][0]["image"] == name
             answered_while_locked += proc.poll() is None
         out = proc.stdout.read().decode()
         assert proc.returncode == 0, out
@@ -193,7 +193,7 @@ def test_concurrent_index_add_neither_blocks_nor_breaks_the_workers(workers, dat
     added = sorted(more.glob("*.jpg"))[3]
     for _ in range(4):
         r = _locate(workers, added)
-        assert r.status_code == 200 and r.json()["matches"][0]["image"] == added.name
+        assert r.status_code == 200 and r.json()["results"][0]["matches"][0]["image"] == added.name
 
 
 def test_workers_option_is_checked_and_explained(data, capsys):
@@ -212,7 +212,7 @@ def test_a_killed_worker_is_replaced_and_the_others_keep_serving(workers, data, 
     os.kill(victim, signal.SIGKILL)
     name = next(iter(reference))
     r = _locate(workers, data["db"] / name)  # the survivor answers at once
-    assert r.status_code == 200 and r.json()["matches"][0]["image"] == name
+    assert r.status_code == 200 and r.json()["results"][0]["matches"][0]["image"] == name
     replacement = browser.wait_for_pids(workers, 1, timeout=120, exclude=before)
     assert replacement and victim not in replacement
 

@@ -6,7 +6,8 @@ same nearest neighbours), with the model card in its metadata; writes the file's
 hafloc/descriptors/modelfile.py (checked at every load).
 
     python scripts/package_default_model.py runs/haf-streets/best.model \
-        --card-json runs/bench-real/results-test.json --parity-images data/cambridge/images/val/queries
+        --card-json runs/bench-real/results-test.json --card runs/haf-streets-card-extra.json \
+        --parity-images data/cambridge/images/val/queries
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", type=Path, help="the trained model file (e.g. runs/haf-streets/best.model)")
     ap.add_argument("--card-json", type=Path, action="append", default=[], help="benchmark results (repeatable)")
-    ap.add_argument("--label", default="trained", help="the model's label in those results")
+    ap.add_argument("--label", default="default", help="the model's label in those results")
     ap.add_argument("--parity-images", nargs="+", required=True, help="images or folders for the float16 check")
     ap.add_argument("--card", type=Path, help="extra card fields (JSON object: data, split, command, ...)")
     args = ap.parse_args()

@@ -180,6 +180,7 @@ def main() -> None:
     )
     ap.add_argument("--versus", action="append", default=[], metavar="A:B", help="paired R@1 intervals of A vs B")
     ap.add_argument("--write", action="store_true", help="record the table in BENCHMARKS.md")
+    ap.add_argument("--section", default="real-training", help="BENCHMARKS.md section (split appended)")
     args = ap.parse_args()
     models = dict(m.split("=", 1) for m in args.model)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -189,10 +190,11 @@ def main() -> None:
     for pair in args.versus:
         text += "\n\n" + versus(rows, *pair.split(":", 1))
     print(text)
-    write_json_atomic(args.work / f"results-{args.split}.json", {"models": models, "rows": rows})
+    stem = "results" if args.section == "real-training" else f"{args.section}-results"
+    write_json_atomic(args.work / f"{stem}-{args.split}.json", {"models": models, "rows": rows})
     if args.write:
         update_section(
-            f"real-training-{args.split}",
+            f"{args.section}-{args.split}",
             f"Models on real photos ({args.split} splits of the street sets; transfer sets whole). Cells: R@1 "
             "(mAP for landmarks) and, in brackets, the paired 95% bootstrap interval of the R@1 difference to "
             "the untrained HAF (clusters fitted on the set's own database). `+adapted`: the model's clusters "

@@ -117,6 +117,20 @@ class Verified:
     inliers: int
     points_query: np.ndarray  # (I, 2) inlier keypoints in the query, original pixels
     points_db: np.ndarray  # (I, 2) the same in the candidate
+    matches: int = 0  # tentative matches before verification
+    model: str | None = None  # "F", "H" or None
+    spread: float = 0.0  # inlier_spread of the query's inliers
+
+
+def inlier_spread(points: np.ndarray, image_size: tuple[int, int]) -> float:
+    """How much of the query the inliers cover: the area of their 10-90th percentile box over the
+    image's area, square-rooted (0 for fewer than 4 points; 1 = spread over the whole image).
+    Inliers bunched on one patch (a logo, a repeated window) cover little."""
+    if len(points) < 4 or min(image_size) <= 0:
+        return 0.0
+    lo, hi = np.percentile(np.asarray(points, np.float64), [10, 90], axis=0)
+    w, h = float(image_size[0]), float(image_size[1])
+    return float(np.sqrt(max(0.0, (hi[0] - lo[0]) / w) * max(0.0, (hi[1] - lo[1]) / h)))
 
 
 class Reranker:
@@ -146,6 +160,9 @@ class Reranker:
     def features(self, img: Any) -> "LocalFeatures":
         return self.extractor.extract(img)
 
+    def features_path(self, path: Any) -> "LocalFeatures":
+        return self.extractor.extract_path(path)
+
     def verify(self, query: "LocalFeatures", candidates: Sequence["LocalFeatures | None"]) -> list[Verified]:
         """Verified inliers of every candidate (a missing candidate counts 0)."""
         from hafloc.local import verify
@@ -161,7 +178,17 @@ class Reranker:
             m = next(results)
             v = verify(query.keypoints, cand.keypoints, m.matches, max_iters=VERIFY_ITERS)
             pairs = m.matches[v.inlier_mask] if v.inliers else np.zeros((0, 2), np.int64)
-            out.append(Verified(int(v.inliers), query.keypoints[pairs[:, 0]], cand.keypoints[pairs[:, 1]]))
+            pq = query.keypoints[pairs[:, 0]]
+            out.append(
+                Verified(
+                    int(v.inliers),
+                    pq,
+                    cand.keypoints[pairs[:, 1]],
+                    matches=len(m.matches),
+                    model=v.model,
+                    spread=inlier_spread(pq, query.image_size),
+                )
+            )
         return out
 
 

@@ -271,6 +271,7 @@ def main() -> None:
     ap.add_argument("--deep", nargs="*", default=[], help="configs recorded at K = 50 on the sets (re-ranking tests)")
     ap.add_argument("--fit-queries", type=int, default=100)
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "hafloc-bench-verification"))
+    ap.add_argument("--only-recorded", action="store_true", help="table only the pairs already recorded under --work")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     work = Path(args.work)
@@ -291,6 +292,8 @@ def main() -> None:
             records(ps, cfg, 50, work)
         for cfg in args.configs:
             if cfg == "aliked" and name not in args.aliked_sets:
+                continue
+            if args.only_recorded and not list((work / "records").glob(f"{name}-{cfg}-k*.json")):
                 continue
             t0 = time.perf_counter()
             r = signal_row(records(ps, cfg, args.k, work), args.k)

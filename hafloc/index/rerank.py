@@ -128,6 +128,19 @@ SCORER_FEATURES = (
     "spread",  # inlier_spread over the query
     "homography",  # 1 when the verified model is a homography
 )
+# Signs the fit may not flip (monotone evidence, as the calibration's non-negative coefficients):
+# more similarity, inliers, inliers per match or spread never lower a candidate's score, a larger
+# gap to the best or a later rank never raise it. Without them collinear features took opposite
+# signs and a photo's own copy in the index (every match an inlier) lost to a neighbour.
+SCORER_SIGNS: dict[str, tuple[float | None, float | None]] = {
+    "similarity": (0.0, None),
+    "gap": (None, 0.0),
+    "log_rank": (None, 0.0),
+    "log_inliers": (0.0, None),
+    "inlier_ratio": (0.0, None),
+    "spread": (0.0, None),
+    "homography": (0.0, None),  # rare in the fitting pairs: a negative weight sank a photo's own copy (H fits it)
+}
 SCORER_FILE = "rerank_scorer.json"
 SCORER_VERSION = 1
 
@@ -346,7 +359,8 @@ def fit_scorer(
             grad[:-1] += lam * coef
             return total, grad
 
-        res = minimize(loss, np.zeros(allx.shape[1] + 1), jac=True, method="L-BFGS-B")
+        bounds = [SCORER_SIGNS.get(f, (None, None)) for f in SCORER_FEATURES] + [(None, None)]
+        res = minimize(loss, np.zeros(allx.shape[1] + 1), jac=True, method="L-BFGS-B", bounds=bounds)
         return LearnedRule(
             tuple(map(float, res.x[:-1])), float(res.x[-1]), tuple(map(float, mean)), tuple(map(float, scale))
         )

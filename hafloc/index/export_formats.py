@@ -199,7 +199,8 @@ def table_block(res: dict[str, Any]) -> str:
         kind = (
             f"calibrated for {res['radius_m']:g} m" if res.get("calibrated") and "radius_m" in res else "uncalibrated"
         )
-        verified = ", verified" if est.get("verified") else ""
+        reranked = any(m.get("inliers") is not None for m in res["matches"])
+        verified = ", verified" if est.get("verified") else (", not verified" if reranked else "")
         lines = [
             f"{res['image']}: {est['lat']:.6f}, {est['lon']:.6f}  "
             f"(confidence {est['confidence']:.2f}, {kind}{verified})"

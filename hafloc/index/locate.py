@@ -12,12 +12,18 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence, cast
+from typing import Any, Protocol, Sequence, cast
 
 import numpy as np
 
 from hafloc.datasets.geo import haversine_m, latlon_to_utm, utm_to_latlon
 from hafloc.index.store import IndexStore, Match
+
+
+class VerifyRule(Protocol):
+    """What decides that a re-ranked answer is verified (``hafloc.index.rerank``'s rules)."""
+
+    def is_verified(self, match: Match) -> bool: ...
 
 
 @dataclass
@@ -42,7 +48,7 @@ def estimate_position(
     agree_m: float = 25.0,
     margin_scale: float = 0.1,
     temperature: float = 0.05,
-    min_inliers: float | None = None,
+    min_inliers: "float | VerifyRule | None" = None,
 ) -> Estimate | None:
     """Similarity-weighted position of the matches agreeing with the best positioned one.
 
@@ -51,7 +57,9 @@ def estimate_position(
     ``confidence = agreement * (0.5 + 0.5 * min(1, margin / margin_scale))``: full agreement and a
     similarity gap of ``margin_scale`` (cosine) to the best disagreeing match give 1. None when no
     match has a position. Similarities are re-ranking scores (``rank_score``) where matches carry
-    them; ``verified``: the anchor has more than ``min_inliers`` verified inliers.
+    them; ``verified``: ``min_inliers`` is the re-ranking rule, and its ``is_verified(anchor)`` (the
+    learned scorer: the anchor's P(right) reaches its validated threshold), or a number, and the
+    anchor has more verified inliers than that.
     """
     positioned = [m for m in matches if m.positioned]
     if not positioned:
@@ -78,7 +86,10 @@ def estimate_position(
         dataclasses.replace(m, distance_m=haversine_m(lat, lon, m.lat, m.lon) if m.positioned else None)
         for m in matches
     ]
-    verified = min_inliers is not None and best.inliers is not None and best.inliers > min_inliers
+    if isinstance(min_inliers, (int, float)):
+        verified = best.inliers is not None and best.inliers > min_inliers
+    else:
+        verified = min_inliers is not None and bool(min_inliers.is_verified(best))
     return Estimate(
         lat=lat,
         lon=lon,
@@ -199,13 +210,14 @@ def answer(
     agree_m: float = 25.0,
     calibrator: Any = None,
     min_confidence: float | None = None,
-    min_inliers: float | None = None,
+    min_inliers: "float | VerifyRule | None" = None,
 ) -> dict[str, Any]:
     """One query's ``result_json`` from its (at least ``max(k, calibrator.k)``) ranked matches.
 
     Calibrated: the estimate and its features come from the top ``calibrator.k`` matches, as in the
     leave-one-out the calibrator was fitted on, at the calibrator's radius; ``k`` matches are shown.
-    ``min_inliers``: re-ranked matches verify the estimate above this many inliers.
+    ``min_inliers``: re-ranked matches verify the estimate above this many inliers, or by this
+    re-ranking rule's ``is_verified``.
     """
     if calibrator is None:
         est = estimate_position(list(matches)[:k], agree_m, min_inliers=min_inliers)

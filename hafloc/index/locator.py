@@ -212,7 +212,7 @@ class Locator:
                 verified = self.reranker.verify(local[i], [feats.get(m.id) for m in top])
                 checked = {m.id: v for m, v in zip(top, verified)}
                 ms = rerank_matches(ms, verified, self.reranker.rule)
-            min_inliers = self.reranker.rule.min_inliers if rerank and self.reranker else None
+            min_inliers = self.reranker.rule if rerank and self.reranker else None  # its is_verified decides
             res = answer(name, ms, k, self.agree_m, self.calibrator, self.config.min_confidence, min_inliers)
             if near is not None:
                 res["near"] = near.to_dict()

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from hafloc.errors import InputError
-from hafloc.index.rerank import FusionRule, Reranker
+from hafloc.index.rerank import Reranker, Rule, Verified, default_rule, verified_evidence
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +32,16 @@ class RerankSettings:
     k: int = 10
     extractor: str = "xfeat"
     conf: dict[str, Any] = field(default_factory=dict)
-    rule: FusionRule = field(default_factory=FusionRule)
+    rule: Rule | None = None  # None: the default for the extractor (the shipped scorer for xfeat)
+
+    def __post_init__(self) -> None:
+        if self.rule is None:
+            from hafloc.index.rerank import RERANK_MATCHERS
+
+            self.rule = default_rule(self.extractor, RERANK_MATCHERS.get(self.extractor, ("lightglue", {}))[0])
 
     def summary(self) -> dict[str, Any]:
+        assert self.rule is not None
         return {"k": self.k, "extractor": self.extractor, "conf": dict(self.conf), "rule": self.rule.to_dict()}
 
 
@@ -69,6 +76,7 @@ class RankReranker:
         self.k = settings.k
         self._db_memo: dict[int, Any] = {}
         self.pair_inliers: dict[tuple[int, int], int] = {}
+        self.pair_verified: dict[tuple[int, int], Verified] = {}  # without correspondences
         self.queries_verified: set[int] = set()
         self.failures: list[tuple[str, str]] = []
         self.seconds = {"query_features": 0.0, "db_features": 0.0, "matching": 0.0}
@@ -104,8 +112,10 @@ class RankReranker:
             t1 = time.perf_counter()
             dbf = [self._db(j) for j in todo]
             t2 = time.perf_counter()
+            empty = np.zeros((0, 2), np.float32)
             for j, v in zip(todo, self.reranker.verify(qf, dbf)):
                 self.pair_inliers[(i, j)] = v.inliers
+                self.pair_verified[(i, j)] = Verified(v.inliers, empty, empty, v.matches, v.model, v.spread)
             self.seconds["query_features"] += t1 - t0
             self.seconds["db_features"] += t2 - t1
             self.seconds["matching"] += time.perf_counter() - t2
@@ -115,15 +125,16 @@ class RankReranker:
     def __call__(self, ranks: np.ndarray) -> np.ndarray:
         k = min(self.k, ranks.shape[1])
         out = ranks.copy()
-        rule = self.settings.rule
+        rule = self.settings.rule or self.reranker.rule
         for i in tqdm(range(len(ranks)), desc="re-rank", unit="query", disable=not self.progress, dynamic_ncols=True):
             cands = ranks[i, :k]
             cands = cands[cands >= 0]
             if not len(cands):
                 continue
             inl = self.inliers(i, cands)
+            ev = verified_evidence([self.pair_verified[(i, int(j))] for j in cands])
             sims = self.db_desc[cands] @ self.q_desc[i]
-            out[i, : len(cands)] = cands[rule.order(sims, inl)]
+            out[i, : len(cands)] = cands[rule.order(sims, inl, **ev)]
         return out
 
     def summary(self) -> dict[str, Any]:

@@ -73,7 +73,10 @@ function showResult(res, file) {
   $("#query-img").src = qurl;
   $("#query-name").textContent = res.image;
   if (res.estimate) {
-    $("#estimate").textContent = `${res.estimate.lat.toFixed(6)}, ${res.estimate.lon.toFixed(6)}`;
+    // re-ranked answers say whether geometry verified them: "verified" only above the scorer's threshold
+    const reranked = (res.matches || []).some((m) => m.inliers !== null && m.inliers !== undefined);
+    const check = reranked ? (res.estimate.verified ? " \u00b7 verified" : " \u00b7 not verified") : "";
+    $("#estimate").textContent = `${res.estimate.lat.toFixed(6)}, ${res.estimate.lon.toFixed(6)}${check}`;
   } else {
     $("#estimate").textContent = res.unknown ? "unknown" : "no estimate";
   }

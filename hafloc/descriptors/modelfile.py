@@ -130,16 +130,17 @@ def load_model(path: str | Path | None = None) -> GeoLocNet:
     trunk = payload.get("trunk")
     model = GeoLocNet(config, pretrained=trunk is not None)
     state = payload["state_dict"]
+    reference = model.state_dict()
     if trunk is not None:
-        if trunk_digest(model) != trunk.get("digest"):
+        digest = trunk_digest(model)
+        if digest != trunk.get("digest"):
             raise InputError(
                 path,
                 f"saved for other {config.backbone} weights than the installed package's "
-                f"(trunk {trunk_digest(model)} vs {trunk.get('digest')}); install the versions of requirements.lock",
+                f"(trunk {digest} vs {trunk.get('digest')}); install the versions of requirements.lock",
             )
-        reference = model.state_dict()
         state = {**{k: v for k, v in reference.items() if k.startswith("backbone.")}, **state}
-    reference = model.state_dict()
+    # float16 storage back to the network's dtypes
     state = {k: v.to(reference[k].dtype) if k in reference and v.is_floating_point() else v for k, v in state.items()}
     try:
         model.load_state_dict(state)

@@ -152,12 +152,13 @@ def load_model(path: str | Path | None = None) -> GeoLocNet:
 
 
 def model_info(path: str | Path | None) -> dict:
+    path = resolve_model_path(path)  # the default's sha256 is checked once
     payload = read_model_file(path)
     model = load_model(path)
     n_params = sum(v.numel() for v in model.state_dict().values())
     info = {
-        "file": str(resolve_model_path(path)),
-        "default": resolve_model_path(path) == DEFAULT_FILE,
+        "file": str(path),
+        "default": path == DEFAULT_FILE,
         "hafloc": payload.get("hafloc"),
         "created": payload.get("created"),
         "fingerprint": model.fingerprint(),
@@ -178,7 +179,7 @@ def model_info(path: str | Path | None) -> dict:
         "stored": {
             "trunk": "pretrained (from the backbone's package)" if payload.get("trunk") else "included",
             "dtype": sorted({str(v.dtype).replace("torch.", "") for v in payload["state_dict"].values()}),
-            "bytes": resolve_model_path(path).stat().st_size,
+            "bytes": path.stat().st_size,
         },
         "meta": payload.get("meta", {}),
     }

@@ -476,16 +476,18 @@ def test_unrelated_frames_score_at_most_0_2_calibrated_or_not(lund_only, capsys)
     for name, res in _confidences(capsys, index, *frames).items():
         assert res["calibrated"] is False and res["estimate"]["confidence"] <= 0.2, (name, res["estimate"])
     # below 50 answers: refused, saying what the user gets instead; --force fits with a warning
-    code, _, err = run_cli(capsys, "index", "calibrate", "--index", index, "--agree-m", "10", "--no-progress")
+    # 20 m: on these 29 answers the fit beats the heuristic clearly (ECE 0.23 vs 0.44; at 10 m the two
+    # are within noise of each other and the keep-only-if-better rule may go either way)
+    code, _, err = run_cli(capsys, "index", "calibrate", "--index", index, "--agree-m", "20", "--no-progress")
     assert code == 2 and "only 29 positioned photos, 50 needed" in err and "uncalibrated confidence" in err
     assert not (index / CALIBRATION_FILE).exists()
-    argv = ("index", "calibrate", "--index", index, "--agree-m", "10", "--force", "--no-progress", "--json")
+    argv = ("index", "calibrate", "--index", index, "--agree-m", "20", "--force", "--no-progress", "--json")
     code, out, err = run_cli(capsys, *argv)
     assert code == 0 and "warning: calibrated on only 29 leave-one-out answers" in err, err
     meta = json.loads(out)["calibration"]
     assert meta["ece_heldout"] < meta["ece_heuristic"] and meta["unrelated_similarity"] > 0  # kept: it beats it
     for name, res in _confidences(capsys, index, *frames).items():
-        assert res["calibrated"] is True and res["radius_m"] == 10.0
+        assert res["calibrated"] is True and res["radius_m"] == 20.0
         assert res["estimate"]["confidence"] <= 0.2, (name, res["estimate"])
     own = _confidences(capsys, index, *sorted(lund_only["photos"].glob("*.jpg"))[:5])
     assert max(r["estimate"]["confidence"] for r in own.values()) > 0.5  # real answers are not gated away

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -27,23 +28,42 @@ def north_of_origin(lat: float) -> float:
 
 
 def test_weighted_mean_of_agreeing_matches():
-    # 0 m (sim .9) and 20 m north (sim .6) agree; 500 m north (sim .5) does not.
-    # Votes are exp((s - s_best) / T), T = 0.05, worked out here independently.
-    import math
-
-    w1, w2, w3 = 1.0, math.exp((0.6 - 0.9) / 0.05), math.exp((0.5 - 0.9) / 0.05)
-    est = estimate_position([m(1, 0.9, 0.0), m(2, 0.6, 20.0), m(3, 0.5, 500.0)])
+    # 0 m (sim .9) and 20 m north (sim .8) agree; 500 m north (sim .5) does not. Position votes
+    # are exp((s - s_top) / 0.02), agreement weights exp((s - s_top) / 0.05), worked out here.
+    w1, w2, w3 = 1.0, math.exp((0.8 - 0.9) / 0.05), math.exp((0.5 - 0.9) / 0.05)
+    v2 = math.exp((0.8 - 0.9) / 0.02)
+    est = estimate_position([m(1, 0.9, 0.0), m(2, 0.8, 20.0), m(3, 0.5, 500.0)])
     assert est is not None and est.n_agreeing == 2
-    north = 20.0 * w2 / (w1 + w2)
+    north = 20.0 * v2 / (1.0 + v2)
     assert north_of_origin(est.lat) == pytest.approx(north, abs=0.3)
     assert haversine_m(LAT0, LON0, LAT0, est.lon) < 0.3
     assert est.agreement == pytest.approx((w1 + w2) / (w1 + w2 + w3), abs=1e-6)
     assert est.margin == pytest.approx(0.4, abs=1e-6)
     assert est.confidence == pytest.approx(est.agreement, abs=1e-6)  # margin >= 0.1 saturates the margin term
     assert [x.distance_m for x in est.matches] == pytest.approx([north, 20 - north, 500 - north], abs=0.5)
+    # the votes' temperature is a parameter: at 0.05 they are the agreement weights
+    soft = estimate_position([m(1, 0.9, 0.0), m(2, 0.8, 20.0), m(3, 0.5, 500.0)], vote_temperature=0.05)
+    assert north_of_origin(soft.lat) == pytest.approx(20.0 * w2 / (w1 + w2), abs=0.3)
     # equal similarities: a plain average of the two agreeing positions
     even = estimate_position([m(1, 0.9, 0.0), m(2, 0.9, 20.0)])
     assert north_of_origin(even.lat) == pytest.approx(10.0, abs=0.3)
+
+
+def test_the_place_with_most_votes_beats_an_isolated_top_match():
+    # one look-alike 400 m away at .80; three views of one corner at .79, .785 and .78
+    ms = [m(1, 0.80, 400.0), m(2, 0.79, 0.0), m(3, 0.785, 8.0), m(4, 0.78, -6.0), m(5, 0.5, 2000.0)]
+    est = estimate_position(ms)
+    assert est is not None and est.n_agreeing == 3
+    assert abs(north_of_origin(est.lat)) < 8.0
+    assert est.margin == pytest.approx(0.79 - 0.80)  # outvoted top match: the margin is negative
+    assert est.confidence == pytest.approx(est.agreement * 0.5)
+    # a clear lead still wins: at .85 the look-alike holds more mass than the three at ~.785
+    lead = estimate_position([m(1, 0.85, 400.0), *ms[1:]])
+    assert lead is not None and north_of_origin(lead.lat) == pytest.approx(400.0, abs=0.5)
+    # re-ranked matches (scores from verification): the best score anchors, no vote
+    scored = [dataclasses.replace(x, score=x.similarity) for x in ms]
+    ranked = estimate_position(scored)
+    assert ranked is not None and north_of_origin(ranked.lat) == pytest.approx(400.0, abs=0.5)
 
 
 def test_unpositioned_matches_are_ignored_and_kept():

@@ -53,7 +53,8 @@ def register(sub) -> None:
         "--agree-m",
         type=float,
         default=None,
-        help="matches within this many metres of the best one vote for its place (default: the "
+        help="matches within this many metres of each other vote for one place, and the place with "
+        "the most similarity wins (after re-ranking: the best verified match's place) (default: the "
         "calibration's radius, 25 m; another value makes the confidence uncalibrated)",
     )
     add_answer_args(p)

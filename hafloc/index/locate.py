@@ -1,10 +1,10 @@
 """Turn retrieved matches into a position estimate with a confidence.
 
-The best positioned match (by re-ranking score when the matches were verified, else by
-similarity) anchors the estimate; matches within ``agree_m`` of it vote for the
-same place and are averaged (similarity-weighted, in the anchor's UTM zone). Confidence combines
-how much of the similarity mass agrees with how clearly the agreeing place beats the best
-disagreeing one.
+Verified matches: the best one (by re-ranking score) anchors the estimate. Global matches: the
+place with the most similarity mass does (kNN spatial voting: three views of one street corner
+just below an isolated look-alike win). Matches within ``agree_m`` of the anchor are averaged
+(similarity-weighted, in the anchor's UTM zone). Confidence combines how much of the similarity
+mass agrees with how clearly the agreeing place beats the best disagreeing one.
 """
 
 from __future__ import annotations
@@ -43,34 +43,58 @@ def rank_score(m: Match) -> float:
     return m.similarity if m.score is None else m.score
 
 
+# Chosen on the val splits of Cambridge and SF night (benchmarks/voting.py): the share of estimates
+# within 25 m of the truth peaked at 0.02 for the shipped model (0.01-0.05 tried, K = 5, 10, 20).
+VOTE_TEMPERATURE = 0.02
+
+
+def _anchor(positioned: list[Match], agree_m: float, temperature: float) -> Match:
+    """The match whose ``agree_m`` neighbourhood holds the most vote mass (ties: the more similar)."""
+    top = max(map(rank_score, positioned))
+    vote = [math.exp((rank_score(m) - top) / temperature) for m in positioned]
+
+    def mass(a: Match) -> float:
+        assert a.lat is not None and a.lon is not None
+        return sum(v for m, v in zip(positioned, vote) if haversine_m(a.lat, a.lon, m.lat, m.lon) <= agree_m)
+
+    return max(positioned, key=lambda a: (mass(a), rank_score(a)))
+
+
 def estimate_position(
     matches: Sequence[Match],
     agree_m: float = 25.0,
     margin_scale: float = 0.1,
     temperature: float = 0.05,
     min_inliers: "float | VerifyRule | None" = None,
+    vote_temperature: float = VOTE_TEMPERATURE,
 ) -> Estimate | None:
-    """Similarity-weighted position of the matches agreeing with the best positioned one.
+    """Similarity-weighted position of the matches agreeing with the anchor (see the module).
 
-    Votes are ``exp((s - s_best) / temperature)``: a match far less similar than the best one
+    The anchor and the averaged position use votes ``exp((s - s_top) / vote_temperature)``; the
+    agreement uses ``exp((s - s_top) / temperature)``: a match far less similar than the top one
     barely counts, so a long tail of unrelated top-k matches does not dilute a clear answer.
     ``confidence = agreement * (0.5 + 0.5 * min(1, margin / margin_scale))``: full agreement and a
-    similarity gap of ``margin_scale`` (cosine) to the best disagreeing match give 1. None when no
-    match has a position. Similarities are re-ranking scores (``rank_score``) where matches carry
-    them; ``verified``: ``min_inliers`` is the re-ranking rule, and its ``is_verified(anchor)`` (the
-    learned scorer: the anchor's P(right) reaches its validated threshold), or a number, and the
-    anchor has more verified inliers than that.
+    similarity gap of ``margin_scale`` (cosine) to the best disagreeing match give 1 (a top match
+    outvoted by a denser place gives a negative margin). None when no match has a position.
+    Similarities are re-ranking scores (``rank_score``) where matches carry them, and then the best
+    one anchors: verification already weighed the candidates. ``verified``: ``min_inliers`` is the
+    re-ranking rule, and its ``is_verified(anchor)`` (the learned scorer: the anchor's P(right)
+    reaches its validated threshold), or a number, and the anchor has more verified inliers than that.
     """
     positioned = [m for m in matches if m.positioned]
     if not positioned:
         return None
-    best = max(positioned, key=rank_score)
+    if any(m.score is not None for m in positioned):
+        best = max(positioned, key=rank_score)
+    else:
+        best = _anchor(positioned, agree_m, vote_temperature)
     assert best.lat is not None and best.lon is not None
     agree = [m for m in positioned if haversine_m(best.lat, best.lon, m.lat, m.lon) <= agree_m]
     agree_ids = {id(m) for m in agree}
     others = [m for m in positioned if id(m) not in agree_ids]
-    weight = {id(m): math.exp((rank_score(m) - rank_score(best)) / temperature) for m in positioned}
-    w = np.array([weight[id(m)] for m in agree])
+    top = max(map(rank_score, positioned))
+    weight = {id(m): math.exp((rank_score(m) - top) / temperature) for m in positioned}
+    w = np.array([math.exp((rank_score(m) - top) / vote_temperature) for m in agree])
     try:
         _, _, zone, letter = latlon_to_utm(best.lat, best.lon)
         xy = np.array([latlon_to_utm(m.lat, m.lon, (zone, letter))[:2] for m in agree])
@@ -79,7 +103,7 @@ def estimate_position(
     except ValueError:  # beyond UTM's latitudes; over <= agree_m, averaging degrees is as good
         ll = np.array([(m.lat, m.lon) for m in agree], dtype=np.float64)
         lat, lon = (float(v) for v in (ll * w[:, None]).sum(0) / w.sum())
-    agreement = float(w.sum() / sum(weight.values()))
+    agreement = float(sum(weight[id(m)] for m in agree) / sum(weight.values()))
     margin = 1.0 if not others else max(map(rank_score, agree)) - max(map(rank_score, others))
     confidence = agreement * (0.5 + 0.5 * min(1.0, max(0.0, margin) / margin_scale))
     with_dist = [

@@ -1,11 +1,13 @@
 """Re-ranking benchmark: global retrieval vs re-ranking by verified local matches, on real photos.
 
-Datasets (built from ../shared/data in their published layouts, as the tests build them):
-GardensPoint day vs night ('@' folders), an ie_tower_floors subset (label CSV), landmarks_mini in
-Oxford5k's layout (mAP) and the synthetic demo city's test split. Model: an untrained HAF
-(ImageNet EfficientNet-Lite0, clusters fitted on each database). Re-ranking uses the default
-fusion rule (nothing fitted on the test queries). Prints one table and updates the "Re-ranking"
-section of BENCHMARKS.md.
+Datasets: the test splits of the street sets (``hafloc dataset prepare``: Cambridge, SF night,
+skipped when absent) and, built from ../shared/data in their published layouts as the tests build
+them, GardensPoint day vs night ('@' folders), an ie_tower_floors subset (label CSV),
+landmarks_mini in Oxford5k's layout (mAP) and the synthetic demo city's test split. Model
+(``--model``): the shipped default as ``hafloc index build`` gives it (adapted to the set's
+database from 25 photos), or an untrained HAF (clusters fitted on each database). Re-ranking uses
+the extractor's default rule (for xfeat the shipped learned scorer; nothing fitted on these test
+queries). Prints one table and updates the "Re-ranking" section of BENCHMARKS.md.
 
     python benchmarks/rerank.py                      # xfeat on every set, disk on GardensPoint
     python benchmarks/rerank.py --sets gardens --no-write
@@ -28,6 +30,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from hafloc.cli import main as cli  # noqa: E402
 from hafloc.datasets.detect import load_dataset  # noqa: E402
 from hafloc.descriptors.modelfile import load_model  # noqa: E402
+from hafloc.index.adapt import ADAPT_MIN_IMAGES  # noqa: E402
 from hafloc.index.rerank import Reranker  # noqa: E402
 from hafloc.local import write_local_features  # noqa: E402
 from hafloc.metrics.evaluate import ExtractionSettings, extract_dataset, headline, score_descriptors  # noqa: E402
@@ -38,9 +41,18 @@ SHARED = REPO.parent / "shared" / "data"
 KS = (10, 50, 5, 20)  # 10 first: its timing is the table's; the others reuse verified pairs
 
 
-def build_sets(work: Path, names: list[str]) -> dict[str, Path]:
+STREETS = ("cambridge", "sfnight")
+
+
+def build_sets(work: Path, names: list[str], data: Path) -> dict[str, Path]:
     out = {}
     for name in names:
+        if name in STREETS:
+            if (data / name / "images" / "test").is_dir():
+                out[name] = data / name
+            else:
+                print(f"{name}: not found under {data} (run 'hafloc dataset prepare'), skipped", file=sys.stderr)
+            continue
         root = work / name
         if not root.exists():
             tmp = Path(tempfile.mkdtemp(dir=work))
@@ -59,7 +71,14 @@ def build_sets(work: Path, names: list[str]) -> dict[str, Path]:
     return out
 
 
-def model_for(ds, path: Path) -> Path:
+def model_for(ds, path: Path, which: str = "untrained") -> str | Path:
+    """An untrained HAF fitted on (40 of) the set's database, or the default as ``index build`` gives it."""
+    if which == "default":
+        if ds.num_db < ADAPT_MIN_IMAGES:
+            return "default"
+        from real_training import adapted_for
+
+        return adapted_for("default", ds, path)
     if not path.is_file():
         imgs = [str(p) for p in ds.db_paths()[:: max(1, ds.num_db // 40)][:40]]
         rc = cli(["model", "init", "--method", "haf", "--images", *imgs, "--output", str(path), "--max-side", "480"])
@@ -74,9 +93,9 @@ def primary(result: dict, prefix: str = "") -> tuple[float, float | None]:
     return result[prefix + key], None
 
 
-def run_set(name: str, root: Path, work: Path, extractor: str) -> dict:
+def run_set(name: str, root: Path, work: Path, extractor: str, which: str = "untrained") -> dict:
     ds = load_dataset(root, split="test")
-    model = load_model(model_for(ds, work / f"{name}.model"))
+    model = load_model(model_for(ds, work / f"{name}-{which}.model", which))
     settings = ExtractionSettings(backend="torch")
     d = extract_dataset(model, ds, settings, cache_dir=work / "cache", progress=False)
     ex = settings.extractor_for(model, ds)
@@ -137,21 +156,23 @@ def fmt(v: tuple[float, float | None]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sets", nargs="+", default=["gardens", "tower", "landmarks", "synthetic"])
+    ap.add_argument("--sets", nargs="+", default=[*STREETS, "gardens", "tower", "landmarks", "synthetic"])
+    ap.add_argument("--model", choices=("default", "untrained"), default="default", help="global model (see above)")
+    ap.add_argument("--data", type=Path, default=REPO / "data", help="where 'hafloc dataset prepare' wrote the sets")
     ap.add_argument("--second", default="disk", help="second extractor, run on GardensPoint (default disk)")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "hafloc-bench-rerank"))
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    sets = build_sets(work, args.sets)
+    sets = build_sets(work, args.sets, args.data)
     rows = []
     t0 = time.perf_counter()
     for name, root in sets.items():
-        rows.append(run_set(name, root, work, "xfeat"))
+        rows.append(run_set(name, root, work, "xfeat", args.model))
         print(rows[-1]["name"], rows[-1]["global"], rows[-1]["rerank"], flush=True)
     if args.second and "gardens" in sets:
-        rows.append(run_set("gardens", sets["gardens"], work, args.second))
+        rows.append(run_set("gardens", sets["gardens"], work, args.second, args.model))
     head = (
         "| dataset | queries / db | local | global R@1 / R@5 | re-ranked R@1 / R@5 (top 10) | re-ranked R@1 at "
         "K = 5 / 20 / 50 | query features s | matching s/query (top 10) | KB per db image |"
@@ -172,9 +193,15 @@ def main() -> None:
         update_section(
             "rerank",
             "## Re-ranking by verified local matches (`benchmarks/rerank.py`)\n\n"
-            f"Machine: {platform.processor() or platform.machine()}, torch threads = all cores. Untrained "
-            "HAF (global, 480 px) then the default fusion rule over xfeat (1024 keypoints, 640 px) matched "
-            "by mutual nearest neighbours at cosine >= 0.82 (disk: LightGlue) with MAGSAC verification; "
+            f"Machine: {platform.processor() or platform.machine()}, torch threads = all cores. Global: "
+            + (
+                "the shipped default model as `hafloc index build` gives it (adapted from 25 database photos)"
+                if args.model == "default"
+                else "an untrained HAF (480 px, clusters fitted on 40 database images)"
+            )
+            + "; then the extractor's default rule (xfeat: the shipped learned scorer) over xfeat (1024 "
+            "keypoints, 640 px) matched by mutual nearest neighbours at cosine >= 0.82 (disk: LightGlue) "
+            "with MAGSAC verification; street sets: their test splits; "
             "landmarks row = mAP (Oxford protocol, full queries). "
             "Query features and matching are seconds per query; database features are computed once "
             "per image (at index build time in `hafloc index build --local`). Seconds measured while other jobs "

@@ -505,3 +505,66 @@ def test_a_calibration_no_better_than_uncalibrated_is_not_kept(lund_only, tmp_pa
         with pytest.raises(CalibrationNotKept, match=r"calibration not kept: its held-out ECE 0\.\d+ does not beat"):
             calibrate_index(store, agree_m=10, min_samples=0, probes=desc, progress=False)
     assert not (index / CALIBRATION_FILE).exists()
+
+
+def test_shrunk_fit_follows_the_prior_with_few_answers_and_the_data_with_many():
+    from hafloc.index.calibrate import PRIOR_STRENGTH, _fit_shrunk, _Model
+
+    names = ["a", "b"]
+    truth, prior = np.array([2.0, 0.5, -1.0]), np.array([0.2, 1.5, 1.0])  # coefficients a, b, intercept
+    prior_model = _Model(features=names, mean=[0.0, 0.0], scale=[1.0, 1.0], coef=list(prior[:2]), intercept=prior[2])
+    rng = np.random.default_rng(0)
+
+    def fitted(n: int) -> np.ndarray:
+        x = rng.normal(size=(n, 2))
+        y = (rng.uniform(size=n) < 1 / (1 + np.exp(-(x @ truth[:2] + truth[2])))).astype(int)
+        m = _fit_shrunk(x, y, names, prior_model, PRIOR_STRENGTH)
+        return np.array([*m.coef, m.intercept])
+
+    few, many = fitted(12), fitted(20_000)
+    assert np.linalg.norm(few - prior) < np.linalg.norm(few - truth)
+    assert np.abs(many - truth).max() < 0.1
+    # a single class is no error with a prior: the fit stays a smooth logistic near the prior
+    m = _fit_shrunk(rng.normal(size=(10, 2)), np.ones(10, int), names, prior_model, PRIOR_STRENGTH)
+    assert all(c >= 0 for c in m.coef) and m.intercept > prior[2]
+
+
+def test_default_model_indexes_calibrate_smoothly_towards_the_shipped_prior(outdoor, tmp_path):
+    from hafloc.index.calibrate import (
+        FEATURES,
+        PRIOR_STRENGTH,
+        _fit_shrunk,
+        index_uses_default_model,
+        load_prior,
+        prior_for,
+    )
+
+    found = load_prior()
+    assert found is not None, (
+        "the shipped prior was fitted for another default model: rerun scripts/fit_calibration_prior.py"
+    )
+    prior, meta = found
+    assert meta["n_samples"] >= 500 and meta["agree_m"] == 25.0
+    stale = tmp_path / "stale.json"
+    stale.write_text(json.dumps({**meta, "model_sha256": "0" * 64, "base": prior.to_json()}))
+    assert load_prior(stale) is None  # a prior of another default model is never used
+    with IndexStore.open(outdoor["index"]) as store:  # built with a model of its own: no prior
+        assert not index_uses_default_model(store) and prior_for(store, 25.0, 10, False) is None
+    index = tmp_path / "index"
+    build = ["index", "build", outdoor["db"], "--index", index, "--positions", outdoor["root"] / "positions.csv", *FAST]
+    assert main([str(a) for a in build]) == 0  # no --model: the default, adapted to these photos
+    with IndexStore.open(index) as store:
+        assert index_uses_default_model(store)
+        assert prior_for(store, 10.0, 10, False) is None and prior_for(store, 25.0, 10, True) is None
+        # a small calibration (30 answers): smooth, not a few isotonic steps, and pulled to the prior
+        cal = calibrate_index(store, max_samples=30, min_samples=0, write=False, progress=False)
+        samples = leave_one_out(store, 25.0, 5.0, 10, 30, 0, progress=False)
+    assert cal.meta["prior"] is not None and cal.meta["method"] == "logistic"
+    assert len(set(cal.meta["heldout"]["p"])) > 10
+    names = list(FEATURES)
+    x = np.array([[f[n] for n in names] for f in samples.features])
+    own = _fit_shrunk(x, samples.labels, names, prior, 0.0)  # the same fit without the prior's weight
+    shrunk = np.array([*cal.base.coef, cal.base.intercept])
+    centre = np.array([*prior.coef, prior.intercept])
+    assert np.linalg.norm(shrunk - centre) < np.linalg.norm(np.array([*own.coef, own.intercept]) - centre)
+    assert cal.meta["prior"]["strength"] == PRIOR_STRENGTH

@@ -6,9 +6,9 @@ than ``exclude_m`` hidden too (near-duplicate video frames would otherwise make 
 right); the label is whether that estimate falls within ``agree_m`` of the image's own position.
 Per-query features (``FEATURES``, version ``FEATURES_VERSION``):
 
-* ``best_similarity``: cosine similarity of the best positioned match (the estimate's anchor);
+* ``best_similarity``: cosine similarity of the best positioned match;
 * ``margin``: that minus the best similarity of a positioned match farther than ``agree_m`` from
-  the anchor (when no retrieved match is farther, the lowest retrieved similarity: a lower bound);
+  it (when no retrieved match is farther, the lowest retrieved similarity: a lower bound);
 * ``agreement``: ``Estimate.agreement`` (share of the vote mass that agrees with the anchor);
 * ``log_agreeing``: ``log(1 + n_agreeing)``;
 * ``log_inliers``: ``log(1 + inliers)`` of the anchor, only when re-ranking set ``Match.inliers``.
@@ -22,6 +22,13 @@ Each model is a logistic regression on standardised features whose coefficients 
 agreement or inliers never lowers the confidence. Optionally an isotonic (monotone) map of the
 logistic score follows; the variant with the lower out-of-fold ECE (stratified 5-fold) is kept.
 The result is JSON (``calibration.json`` in the index folder, written atomically), never pickle.
+
+Small indexes borrow strength: an index of the shipped default model (as shipped or adapted to its
+photos) at the prior's radius and depth fits its base model as a MAP logistic regression whose
+Gaussian prior is centred on ``PRIOR_FILE`` (fitted by scripts/fit_calibration_prior.py on
+leave-one-out answers of the street sets' train splits) and weighs ``PRIOR_STRENGTH`` answers:
+a few dozen photos move the prior a little, thousands override it, and the curve stays smooth
+(no isotonic steps below ``MIN_ISOTONIC_WITH_PRIOR`` answers).
 """
 
 from __future__ import annotations
@@ -59,6 +66,11 @@ MIN_SAMPLES = 50  # fewer leave-one-out answers: refused unless forced (``min_sa
 UNRELATED_GATE_WIDTH = 0.1
 MIN_PER_CLASS = 5
 ECE_BINS = 10
+
+PRIOR_FILE = Path(__file__).resolve().parents[1] / "descriptors" / "default" / "calibration-prior.json"
+PRIOR_FORMAT = "hafloc-calibration-prior"
+PRIOR_STRENGTH = 50.0  # the prior counts as this many leave-one-out answers
+MIN_ISOTONIC_WITH_PRIOR = 200
 
 # rerank(query_row, matches) -> matches re-ordered / with inliers set; query_row indexes store.descriptors()
 Rerank = Callable[[int, list[Match]], list[Match]]
@@ -217,6 +229,34 @@ def _fit_logistic(x: np.ndarray, y: np.ndarray, names: Sequence[str]) -> _Model:
     )
 
 
+def _fit_shrunk(x: np.ndarray, y: np.ndarray, names: Sequence[str], prior: _Model, strength: float) -> _Model:
+    """MAP logistic regression in ``prior``'s features and standardisation, with a Gaussian prior
+    centred on its coefficients and intercept worth ``strength`` answers; coefficients kept >= 0."""
+    from scipy.optimize import minimize
+    from scipy.special import expit
+
+    z = (_select(x, names, prior.features) - np.asarray(prior.mean)) / np.asarray(prior.scale)
+    z1 = np.hstack([z, np.ones((len(z), 1))])
+    theta0 = np.array([*prior.coef, prior.intercept], np.float64)
+    lam = strength / 4.0  # one answer carries at most p(1 - p) = 1/4 of information per unit
+
+    def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        s = z1 @ theta
+        d = theta - theta0
+        grad = z1.T @ (expit(s) - y) + lam * d
+        return float(np.sum(np.logaddexp(0.0, s) - y * s) + 0.5 * lam * d @ d), grad
+
+    bounds = [(0.0, None)] * len(prior.coef) + [(None, None)]
+    theta = minimize(loss, theta0, jac=True, method="L-BFGS-B", bounds=bounds).x
+    return _Model(
+        features=list(prior.features),
+        mean=list(prior.mean),
+        scale=list(prior.scale),
+        coef=[float(c) for c in theta[:-1]],
+        intercept=float(theta[-1]),
+    )
+
+
 def _add_isotonic(model: _Model, x: np.ndarray, y: np.ndarray, names: Sequence[str]) -> _Model:
     from sklearn.isotonic import IsotonicRegression
 
@@ -230,29 +270,43 @@ def _select(x: np.ndarray, names: Sequence[str], wanted: Sequence[str]) -> np.nd
 
 
 def fit_model(
-    x: np.ndarray, y: np.ndarray, names: Sequence[str], folds: int = 5, seed: int = 0
+    x: np.ndarray, y: np.ndarray, names: Sequence[str], folds: int = 5, seed: int = 0, prior: _Model | None = None
 ) -> tuple[_Model, dict[str, Any]]:
-    """Logistic or isotonic-on-logistic, whichever has the lower out-of-fold ECE; refitted on all."""
-    from sklearn.model_selection import StratifiedKFold
+    """Logistic or isotonic-on-logistic, whichever has the lower out-of-fold ECE; refitted on all.
+    With a ``prior`` the logistic part is shrunk towards it (``_fit_shrunk``): one class alone is
+    then enough, and isotonic is tried only from ``MIN_ISOTONIC_WITH_PRIOR`` answers."""
+    from sklearn.model_selection import KFold, StratifiedKFold
 
     x, y = np.asarray(x, np.float64), np.asarray(y, int)
     n_pos = int(y.sum())
-    if min(n_pos, len(y) - n_pos) < MIN_PER_CLASS:
+    fewest = min(n_pos, len(y) - n_pos)
+    if (fewest < MIN_PER_CLASS and prior is None) or len(y) < 2:
         raise HaflocError(
             f"cannot calibrate: {n_pos} right and {len(y) - n_pos} wrong leave-one-out answers; "
             f"need at least {MIN_PER_CLASS} of each"
         )
-    folds = min(folds, n_pos, len(y) - n_pos)
+
+    def fit(xx: np.ndarray, yy: np.ndarray) -> _Model:
+        return _fit_logistic(xx, yy, names) if prior is None else _fit_shrunk(xx, yy, names, prior, PRIOR_STRENGTH)
+
+    try_isotonic = prior is None or len(y) >= MIN_ISOTONIC_WITH_PRIOR
+    if fewest >= 2:
+        folds = min(folds, fewest)
+        splits = StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y)
+    else:  # a single class (only the prior's fit can take it): plain folds
+        folds = min(folds, len(y))
+        splits = KFold(folds, shuffle=True, random_state=seed).split(x)
     oof = {"logistic": np.zeros(len(y)), "isotonic": np.zeros(len(y))}
-    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y):
-        lm = _fit_logistic(x[train], y[train], names)
+    for train, test in splits:
+        lm = fit(x[train], y[train])
         oof["logistic"][test] = lm.predict(_select(x[test], names, lm.features))
-        im = _add_isotonic(lm, x[train], y[train], names)
-        oof["isotonic"][test] = im.predict(_select(x[test], names, im.features))
-    ece = {k: expected_calibration_error(v, y) for k, v in oof.items()}
+        if try_isotonic:
+            im = _add_isotonic(lm, x[train], y[train], names)
+            oof["isotonic"][test] = im.predict(_select(x[test], names, im.features))
+    ece = {k: expected_calibration_error(v, y) for k, v in oof.items() if try_isotonic or k == "logistic"}
     # isotonic must earn its steps: keep the smooth logistic unless isotonic is clearly better
-    method = "isotonic" if ece["isotonic"] < ece["logistic"] - 0.005 else "logistic"
-    model = _fit_logistic(x, y, names)
+    method = "isotonic" if try_isotonic and ece["isotonic"] < ece["logistic"] - 0.005 else "logistic"
+    model = fit(x, y)
     if method == "isotonic":
         model = _add_isotonic(model, x, y, names)
     return model, {
@@ -468,11 +522,14 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def fit_calibrator(samples: LooSamples, seed: int = 0) -> tuple[Calibrator, dict[str, Any]]:
-    """Fit the base model (and the inliers model when every sample has an inlier count)."""
+def fit_calibrator(
+    samples: LooSamples, seed: int = 0, prior: _Model | None = None
+) -> tuple[Calibrator, dict[str, Any]]:
+    """Fit the base model (shrunk towards ``prior`` when given; and the inliers model when every
+    sample has an inlier count)."""
     names = list(FEATURES)
     x = np.array([[f[n] for n in names] for f in samples.features], np.float64).reshape(-1, len(names))
-    base, rep = fit_model(x, samples.labels, names, seed=seed)
+    base, rep = fit_model(x, samples.labels, names, seed=seed, prior=prior)
     inl = None
     with_inl = [i for i, f in enumerate(samples.features) if INLIER_FEATURE in f]
     if with_inl and len(with_inl) == len(samples.features):
@@ -481,6 +538,69 @@ def fit_calibrator(samples: LooSamples, seed: int = 0) -> tuple[Calibrator, dict
         inl, rep5 = fit_model(x5, samples.labels[with_inl], names5, seed=seed)
         rep["inliers_ece_heldout"] = rep5["ece_heldout"]
     return Calibrator(base=base, inliers=inl), rep
+
+
+def fit_prior(samples: Sequence[LooSamples], seed: int = 0) -> tuple[_Model, dict[str, Any]]:
+    """The calibration prior's base model from pooled leave-one-out answers: the plain logistic
+    regression (no isotonic map: the prior is a centre to shrink coefficients towards), with its
+    out-of-fold ECE."""
+    names = list(FEATURES)
+    x = np.array([[f[n] for n in names] for s in samples for f in s.features], np.float64).reshape(-1, len(names))
+    y = np.concatenate([s.labels for s in samples]).astype(int)
+    _, rep = fit_model(x, y, names, seed=seed)
+    return _fit_logistic(x, y, names), {
+        "n_samples": int(len(y)),
+        "positives_rate": round(float(y.mean()), 4),
+        "ece_heldout_logistic": rep["ece_heldout_by_method"]["logistic"],
+    }
+
+
+def load_prior(path: Path = PRIOR_FILE) -> tuple[_Model, dict[str, Any]] | None:
+    """The shipped calibration prior (its base model and metadata); None when absent or made for
+    another default model than the one installed (it would be stale)."""
+    from hafloc.descriptors.modelfile import DEFAULT_SHA256
+
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise InputError(path, f"unusable calibration prior ({err}); reinstall hafloc") from None
+    if not isinstance(d, dict) or d.get("format") != PRIOR_FORMAT or d.get("features_version") != FEATURES_VERSION:
+        raise InputError(path, "not a hafloc calibration prior of this version; reinstall hafloc")
+    if d.get("model_sha256") != DEFAULT_SHA256:
+        return None
+    return _Model.from_json(d["base"]), {k: v for k, v in d.items() if k != "base"}
+
+
+def index_uses_default_model(store: IndexStore) -> bool:
+    """The index was built with the shipped default model, as shipped or adapted to its photos."""
+    from hafloc.descriptors.modelfile import DEFAULT, read_model_file
+    from hafloc.index.adapt import ADAPTED_NAME
+
+    recorded = store.info.get("model_path")
+    if recorded == DEFAULT:
+        return True
+    adapted = store.folder / ADAPTED_NAME  # an adapted model travels inside its index folder
+    if not recorded or Path(recorded).name != ADAPTED_NAME or not adapted.is_file():
+        return False
+    try:
+        meta = read_model_file(adapted).get("meta") or {}
+    except HaflocError:
+        return False
+    return (meta.get("adapted") or {}).get("from") == DEFAULT
+
+
+def prior_for(store: IndexStore, agree_m: float, k: int, reranked: bool) -> tuple[_Model, dict[str, Any]] | None:
+    """The shipped prior when it applies to this calibration: the index's model is the default, at
+    the prior's radius and depth, without re-ranking (the prior never saw inliers)."""
+    found = load_prior()
+    if found is None or reranked or not index_uses_default_model(store):
+        return None
+    _, meta = found
+    if float(meta.get("agree_m", -1)) != float(agree_m) or int(meta.get("k", -1)) != int(k):
+        return None
+    return found
 
 
 def _check_enough(store: IndexStore, n: int, what: str, min_samples: int) -> None:
@@ -524,13 +644,14 @@ def calibrate_index(
     re-rank a query (set ``Match.inliers`` there to fit the inliers model).
     """
     tries = [DEFAULT_EXCLUDE_M, 0.0] if exclude_m is None else [float(exclude_m)]
+    prior = prior_for(store, agree_m, k, rerank is not None)
     descriptors = store.descriptors()
     _check_enough(store, int(store.info.get("counts", {}).get("positioned", 0)), "positioned photos", min_samples)
     for i, ex_m in enumerate(tries):
         samples = leave_one_out(store, agree_m, ex_m, k, max_samples, seed, rerank, progress, descriptors)
         _check_enough(store, len(samples.labels), "leave-one-out answers", min_samples)
         try:
-            cal, rep = fit_calibrator(samples, seed)
+            cal, rep = fit_calibrator(samples, seed, prior=None if prior is None else prior[0])
             break
         except HaflocError as err:
             if i + 1 < len(tries):
@@ -561,6 +682,9 @@ def calibrate_index(
         "folds": rep["folds"],
         "ece_heuristic": round(expected_calibration_error(samples.heuristic, y), 4),
         "exclude_auto": len(tries) > 1,
+        "prior": None
+        if prior is None
+        else {"file": PRIOR_FILE.name, "strength": PRIOR_STRENGTH, "n_samples": prior[1].get("n_samples")},
         "reranked": rerank is not None,
         "model_fingerprint": store.fingerprint,
         "unrelated_similarity": None if floor is None else round(floor, 4),
@@ -594,8 +718,9 @@ def summary_line(cal: Calibrator) -> str:
     hidden = f"neighbours within {m['exclude_m']:g} m hidden" if m["exclude_m"] > 0 else "only the photo hidden"
     if m.get("exclude_auto") and m["exclude_m"] == 0:
         hidden += f" (hiding {DEFAULT_EXCLUDE_M:g} m left too few right answers)"
+    prior = " and the default model's prior" if m.get("prior") else ""
     return (
-        f"calibrated on {m['n_samples']} leave-one-out answers ({100 * m['positives_rate']:.0f} % within "
+        f"calibrated on {m['n_samples']} leave-one-out answers{prior} ({100 * m['positives_rate']:.0f} % within "
         f"{m['agree_m']:g} m, {hidden}): held-out ECE {m['ece_heldout']:.3f} "
         f"({m['method']}; uncalibrated {m['ece_heuristic']:.3f})"
     )

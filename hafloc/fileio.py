@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import InputError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
@@ -102,3 +104,43 @@ def write_text_atomic(path: str | Path, text: str, errors: str = "strict") -> No
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+@contextlib.contextmanager
+def exclusive_folder(folder: str | Path, busy: str) -> Iterator[Path]:
+    """Create ``folder`` and hold an OS lock on the folder itself while the block runs; a second
+    holder fails at once with ``InputError(folder, busy)``.
+
+    Locking the folder, not a file in it, leaves nothing behind in a result folder, and the OS
+    drops the lock when its holder dies. Where folders cannot be locked (Windows has no flock,
+    NFS emulates it only for files open for writing) the block runs unprotected: each write is
+    still atomic on its own.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise InputError(folder, "is not a folder") from None
+    except OSError as err:
+        raise InputError(folder, f"cannot be created ({err.strerror or err})") from None
+    try:
+        import fcntl
+    except ImportError:
+        yield folder
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except NotADirectoryError:
+        raise InputError(folder, "is not a folder") from None
+    except OSError as err:
+        raise InputError(folder, f"cannot be opened ({err.strerror or err})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(folder, busy) from None
+        except OSError:
+            pass  # no flock here (see above)
+        yield folder
+    finally:
+        os.close(fd)  # releases the lock

@@ -228,32 +228,23 @@ def test_cli_rejects_unknown_method(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def _tiny_demo(out: Path, **settings) -> DemoConfig:
+    """The demo's fastest configuration: a tiny city, one epoch of seconds (on an idle 2-core machine)."""
+    from hafloc.synth import SyntheticCityConfig
+
+    city = SyntheticCityConfig(seed=0, places_per_split={"train": 8, "val": 4, "test": 8}, image_size=(64, 96))
+    tiny = dict(image_size=(64, 96), clusters=4, proj_dim=16, fit_images=8, epochs=1, cache_refresh=8, neg_pool=10)
+    return DemoConfig.create(out, quick=True, city=city.to_json(), progress=False, **{**tiny, **settings})
+
+
 def test_demo_with_two_seeds_reports_spread_and_interval(tmp_path):
     """--seeds 2 in the demo's fastest configuration: a tiny city, two methods, seconds of training
     (about 10 s on an idle 2-core machine)."""
     import io
 
     from hafloc.demo import run_demo
-    from hafloc.synth import SyntheticCityConfig
 
-    city = SyntheticCityConfig(seed=0, places_per_split={"train": 8, "val": 4, "test": 8}, image_size=(64, 96))
-    cfg = DemoConfig.create(
-        tmp_path / "out",
-        quick=True,
-        methods=["haf", "gem"],
-        seeds=2,
-        city=city.to_json(),
-        image_size=(64, 96),
-        clusters=4,
-        proj_dim=16,
-        fit_images=8,
-        train_minutes=0.05,
-        epochs=1,
-        cache_refresh=8,
-        neg_pool=10,
-        num_examples=2,
-        progress=False,
-    )
+    cfg = _tiny_demo(tmp_path / "out", methods=["haf", "gem"], seeds=2, train_minutes=0.05, num_examples=2)
     log = io.StringIO()
     summary = run_demo(cfg, stream=log)
     out = tmp_path / "out"
@@ -296,3 +287,39 @@ def test_seeds_setting_defaults_to_one(tmp_path):
     assert DemoConfig.create(tmp_path, seeds=3).seeds == 3
     with pytest.raises(HaflocError, match="seeds must be >= 1"):
         DemoConfig.create(tmp_path, seeds=0)
+
+
+def test_report_says_when_the_untrained_model_was_kept(tmp_path):
+    """A tiny demo whose training cannot change the model (learning rates 0): the best validation
+    is epoch 0, so HAF's learned row is its untrained model. The report says so plainly and names
+    the curves that lie on top of each other; rewritten from the same outputs with a later best
+    epoch, it says neither."""
+    import io
+
+    from hafloc.demo import run_demo
+    from hafloc.demo.report import write_demo_report
+
+    cfg = _tiny_demo(tmp_path / "out", methods=["haf"], num_examples=1, lr=0.0, head_lr=0.0)
+    summary = run_demo(cfg, stream=io.StringIO())
+    out = tmp_path / "out"
+    assert summary["training"]["haf"]["best_epoch"] == 0
+    results = {n: json.loads((out / "results" / f"{n}.json").read_text()) for n in summary["order"]}
+    assert results["haf-learned"]["fingerprint"] == results["haf-untrained"]["fingerprint"]
+    html = (out / "index.html").read_text(encoding="utf-8")
+    note = "NOTE: HAF: the best validation recall@5 came at epoch 0, before any training, so the untrained model"
+    assert note + " was selected" in html
+    assert re.search(
+        r"HAF: loss dd, \d+ iterations in [\d.]+ s; best val R@5 [\d.]+ at epoch 0, before any "
+        r"training: the untrained model was selected\.",
+        html,
+    )
+    overlap = re.search(r"The curves of ([^.]*) overlap exactly \(same recall at every N\)\.", html)
+    assert overlap and "“HAF, learned w”" in overlap.group(1) and "“HAF (untrained)”" in overlap.group(1)
+
+    # the same real outputs, as if training had beaten the start at epoch 1
+    trained = {"haf": json.loads((out / "runs" / "haf" / "demo-stage.json").read_text())}
+    trained["haf"]["summary"]["best_epoch"] = 1
+    write_demo_report(out, cfg, summary, results, trained, summary["timings"]["stages"])
+    html = (out / "index.html").read_text(encoding="utf-8")
+    assert "NOTE: HAF" not in html and "the untrained model was selected" not in html
+    assert re.search(r"HAF: loss dd, \d+ iterations in [\d.]+ s; best val R@5 [\d.]+ at epoch 1\.", html)

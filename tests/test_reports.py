@@ -15,6 +15,7 @@ from hafloc.reports import (
     ReportImage,
     Section,
     Table,
+    coinciding_curves,
     html_table,
     markdown_table,
     plot_attention,
@@ -84,6 +85,23 @@ def test_recall_curves_png(tmp_path: Path) -> None:
     assert _count_color(im, (255, 127, 14)) > 200
     assert _count_color(im, (44, 160, 44)) == 0  # no third curve
     assert _no_partials(out.parent)
+
+
+def test_coinciding_curves_stay_visible_and_are_named(tmp_path: Path) -> None:
+    """Two methods with the same recall at every N: the helper names the later one, and in the
+    figure the lower curve still shows (the upper one dashed, with larger hollow markers)."""
+    same = {"NetVLAD": CURVES["NetVLAD"], "HAF": CURVES["HAF"], "GeM": CURVES["NetVLAD"]}
+    assert coinciding_curves({k: (c["n"], c["recall"]) for k, c in same.items()}) == {"GeM": "NetVLAD"}
+    # history columns: NaN (no loss before training) equals NaN; a different length never coincides
+    nan = float("nan")
+    assert coinciding_curves({"a": ([0, 1], [nan, 2.0]), "b": ([0, 1], [nan, 2.0]), "c": ([0], [nan])}) == {"b": "a"}
+    blue = (31, 119, 180)  # the first curve's colour, drawn first, under the second
+    alone = _count_color(_png(plot_recall_curves({"NetVLAD": CURVES["NetVLAD"]}, tmp_path / "one.png")), blue)
+    both = {"NetVLAD": CURVES["NetVLAD"], "GeM": CURVES["NetVLAD"]}
+    im = _png(plot_recall_curves(both, tmp_path / "two.png"))
+    # drawn as before (solid, same filled markers) only the legend's sample stayed blue: about 5 %
+    assert _count_color(im, blue) > 0.3 * alone
+    assert _count_color(im, (255, 127, 14)) > 200
 
 
 def test_plot_failure_leaves_previous_file_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -243,6 +243,89 @@ def test_export_hloc_writes_features_and_matches(lund, tmp_path, capsys):
         assert same
         counts = {(q, d): int((m[q][d]["matches0"][()] >= 0).sum()) for q, d in pairs}
         assert counts[same[0]] == max(counts.values())
+    # only the results are left in the folder: no temp or lock file
+    assert sorted(p.name for p in out.iterdir()) == [
+        "db.txt",
+        "features.h5",
+        "global-feats-hafloc.h5",
+        "matches.h5",
+        "pairs-query-hafloc3.txt",
+        "queries.txt",
+    ]
+
+
+def _h5_pair_keys(path: Path) -> set[tuple[str, str]]:
+    with h5py.File(path, "r") as m:
+        return {(a, b) for a in m for b in m[a]}
+
+
+def test_export_hloc_db_pairs_for_triangulation(lund, tmp_path, capsys):
+    """--db-pairs: the database pairs hloc's pairs_from_retrieval would select, features of every
+    database image and their matches; a later export without it leaves no stale pair behind."""
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    photos = sorted(lund["photos"].glob("*.jpg"))
+    shutil.copy(photos[4], queries / "q.jpg")
+    out = tmp_path / "hloc"
+    argv = ("index", "export-hloc", "--index", lund["index"], "--queries", queries, "--output", out, *FAST)
+    code, stdout, err = run_cli(capsys, *argv, "--top-k", "2", "--db-pairs", "3")
+    assert code == 0, err
+    db = (out / "db.txt").read_text().split()
+    assert sorted(db) == sorted(p.name for p in photos)
+    # the expected selection, from the exported descriptors: top 3 by cosine, no self, none below 0
+    with h5py.File(out / "global-feats-hafloc.h5", "r") as g:
+        desc = np.stack([g[n]["global_descriptor"][()] for n in db]).astype(np.float64)
+    sims = desc @ desc.T
+    np.fill_diagonal(sims, -np.inf)
+    expected = [(db[i], db[j]) for i in range(len(db)) for j in np.argsort(-sims[i])[:3] if sims[i, j] >= 0]
+    db_pairs = [tuple(line.split(" ")) for line in (out / "pairs-db-hafloc3.txt").read_text().split("\n")]
+    assert db_pairs == expected and len(db_pairs) > len(db)
+    q_pairs = [tuple(line.split(" ")) for line in (out / "pairs-query-hafloc2.txt").read_text().split("\n")]
+    with h5py.File(out / "features.h5", "r") as f:
+        assert sorted(f) == sorted([*db, "q.jpg"])  # every database image, paired or not, and the query
+        for name in f:
+            kp, d, sc, size = (f[name][k][()] for k in ("keypoints", "descriptors", "scores", "image_size"))
+            assert kp.shape == (len(sc), 2) and d.shape == (64, len(sc)) and len(sc) > 0 and size.shape == (2,)
+        n_kp = {name: len(f[name]["keypoints"]) for name in f}
+    keys = _h5_pair_keys(out / "matches.h5")
+    # the query pairs as written; each database pair once, in one of its orders (hloc reads either)
+    assert set(q_pairs) <= keys
+    unordered = {frozenset(p) for p in q_pairs + db_pairs}
+    assert len(keys) == len(unordered) and {frozenset(k) for k in keys} == unordered
+    with h5py.File(out / "matches.h5", "r") as m:
+        matched = 0
+        for a, b in keys:
+            m0 = m[a][b]["matches0"][()]
+            assert m0.shape == (n_kp[a],) and m0.max() < n_kp[b]
+            matched += bool((m0 >= 0).any())
+        assert matched > len(keys) / 2  # photos of one cathedral: most retrieved pairs share points
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+    # the same folder again, without --db-pairs: matches.h5 and features.h5 are replaced, not added to
+    code, _, err = run_cli(capsys, *argv, "--top-k", "2")
+    assert code == 0, err
+    assert _h5_pair_keys(out / "matches.h5") == set(q_pairs)
+    with h5py.File(out / "features.h5", "r") as f:
+        assert sorted(f) == sorted({n for p in q_pairs for n in p})
+
+
+def test_export_hloc_refuses_a_folder_in_use(lund, tmp_path, capsys):
+    """A second export into a folder another export is writing to stops at once with one line."""
+    from hafloc.fileio import exclusive_folder
+
+    out = tmp_path / "hloc"
+    argv = ("index", "export-hloc", "--index", lund["index"], "--queries", lund["photos"], *FAST)
+    with exclusive_folder(out, "busy"):  # as a running export holds it
+        code, _, err = run_cli(capsys, *argv, "--output", out)
+    assert code == 2
+    assert (
+        err.strip()
+        == f"hafloc: error: {out}: another export is writing to this folder; wait for it or pick another --output"
+    )
+    assert list(out.iterdir()) == []
+    (tmp_path / "file").write_text("x")
+    code, _, err = run_cli(capsys, *argv, "--output", tmp_path / "file")
+    assert code == 2 and err.strip() == f"hafloc: error: {tmp_path / 'file'}: is not a folder"
 
 
 @pytest.mark.browser

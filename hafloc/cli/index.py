@@ -136,7 +136,8 @@ def register(sub) -> None:
         "and OUTPUT/db.txt / queries.txt (name lists for hloc's pairs_from_retrieval). "
         "When the index stores local features, also OUTPUT/features.h5 and "
         "OUTPUT/matches.h5 (hloc's matches0 / matching_scores0 per pair), so hloc's "
-        "triangulation and localization can take over.",
+        "triangulation and localization can take over; --db-pairs adds what triangulating the "
+        "database needs. One export at a time writes to an OUTPUT folder; it leaves only these files there.",
     )
     e.add_argument("--index", required=True, help="index folder")
     e.add_argument("--queries", required=True, help="folder of query photos")
@@ -148,6 +149,16 @@ def register(sub) -> None:
         "--keep-negative",
         action="store_true",
         help="keep candidates with similarity < 0 (hloc's pairs_from_retrieval drops them; so do we by default)",
+    )
+    e.add_argument(
+        "--db-pairs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also write OUTPUT/pairs-db-hafloc{N}.txt: the top-N database images of every database "
+        "image by global similarity ('db db' per line, as hloc's pairs_from_retrieval with the database "
+        "as queries writes it), for hloc's triangulation of the database; with local features in the "
+        "index, features.h5 then holds every database image and matches.h5 these pairs too (default 0: none)",
     )
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_backend_args(e)
@@ -515,18 +526,26 @@ def run_info(args) -> int:
 
 
 def run_export(args) -> int:
+    from ..errors import HaflocError
+
+    if args.top_k < 1:
+        raise HaflocError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.db_pairs < 0:
+        raise HaflocError(f"--db-pairs must be 0 (none) or more, got {args.db_pairs}")
+    with ExitStack() as held:
+        return _export(args, Path(args.output), held)
+
+
+def _export(args, out: Path, held: ExitStack) -> int:
     import numpy as np
 
     from ..errors import HaflocError
-    from ..fileio import write_text_atomic
+    from ..fileio import exclusive_folder, write_text_atomic
     from ..images.io import list_images, load_image
     from ..index.hloc_export import retrieval_pairs, write_global_descriptors, write_pairs
     from ..index.locator import open_model_for
     from ..index.store import IndexStore
 
-    if args.top_k < 1:
-        raise HaflocError(f"--top-k must be at least 1, got {args.top_k}")
-    out = Path(args.output)
     qpairs = list_images([args.queries])
     if not qpairs:
         raise HaflocError(f"{args.queries}: no images found")
@@ -541,6 +560,11 @@ def run_export(args) -> int:
         project = store.project  # queries go into the index's space (its projection, if any)
         if len(db_names):
             store.projection()  # loaded while the store is open
+    # Two exports into one folder would mix their files: the second is refused while the first
+    # runs (a lock on the folder itself, so no lock file is left among the results).
+    held.enter_context(
+        exclusive_folder(out, "another export is writing to this folder; wait for it or pick another --output")
+    )
     res = make_extractor(model, args).extract_paths(
         [p for p, _ in qpairs],
         names=[p.relative_to(root).as_posix() for p, root in qpairs],
@@ -584,17 +608,38 @@ def run_export(args) -> int:
         f"wrote {feats} ({len(names)} descriptors), {pairs_path} ({len(pairs)} pairs), "
         f"{out / 'db.txt'}, {out / 'queries.txt'}"
     )
+    db_pairs: list[tuple[str, str]] = []
+    if args.db_pairs:
+        db_pairs = retrieval_pairs(
+            db_names, db_desc, db_names, db_desc, args.db_pairs, min_score=None if args.keep_negative else 0.0
+        )
+        db_pairs_path = out / f"pairs-db-hafloc{args.db_pairs}.txt"
+        write_pairs(db_pairs_path, db_pairs)
+        print(f"wrote {db_pairs_path} ({len(db_pairs)} pairs)")
+        if not local:
+            print(
+                "note: the index holds no local features ('hafloc index build --local'); "
+                "extract and match them with hloc for these pairs",
+                file=sys.stderr,
+            )
     if local:
         from ..index.hloc_export import write_local_exports
         from ..index.rerank import Reranker
 
         with IndexStore.open(args.index) as store:
             reranker = Reranker(local["extractor"], local.get("conf"))
-            qfeat = {n: reranker.features(load_image(qpath[n])) for n in res.names}
-            fpath, mpath = write_local_exports(
-                out, store, reranker.matcher, qfeat, pairs, progress=not args.no_progress
+            qfeat = {n: reranker.features(load_image(qpath[n])) for n in res.names if n not in db_paths}
+            fpath, mpath, n_matched = write_local_exports(
+                out,
+                store,
+                reranker.matcher,
+                qfeat,
+                pairs + db_pairs,
+                db_names,
+                every_db=bool(args.db_pairs),
+                progress=not args.no_progress,
             )
-        print(f"wrote {fpath} ({local['extractor']} local features), {mpath} ({len(pairs)} pairs)")
+        print(f"wrote {fpath} ({local['extractor']} local features), {mpath} ({n_matched} pairs)")
     return 0
 
 

@@ -12,11 +12,12 @@ import numpy as np
 
 from ..datasets.synthetic import SIZE_CLASSES
 from ..fileio import atomic_path
-from ..heads import METHODS
+from ..heads import LABELS, METHODS
 from ..reports import (
     ReportImage,
     Section,
     Table,
+    coinciding_curves,
     plot_attention,
     plot_recall_curves,
     plot_retrievals,
@@ -65,6 +66,24 @@ def _baseline_for_examples(results: dict[str, Any], order: list[str]) -> str | N
 
 def _pct(v: Any) -> float | None:
     return None if v is None else round(float(v), 1)
+
+
+def _kept_untrained(trained: dict[str, dict[str, Any]]) -> list[str]:
+    """Methods that trained but whose best validation came at epoch 0: the model kept (and
+    evaluated) is the untrained one, which no training step beat."""
+    return [m for m, t in trained.items() if t.get("trained") and t.get("summary", {}).get("best_epoch") == 0]
+
+
+def _overlap_note(curves: dict[str, dict[str, list]]) -> str:
+    """A caption's sentence naming the curves that lie on top of each other ('' when none do)."""
+    same = coinciding_curves({name: (c["n"], c["recall"]) for name, c in curves.items()})
+    groups: dict[str, list[str]] = {}
+    for name, first in same.items():
+        groups.setdefault(first, [first]).append(name)
+    quoted = [[f"“{n}”" for n in g] for g in groups.values()]  # labels hold commas ("HAF, tuned w")
+    return "".join(
+        f" The curves of {', '.join(q[:-1])} and {q[-1]} overlap exactly (same recall at every N)." for q in quoted
+    )
 
 
 def _findings(summary: dict[str, Any], results: dict[str, Any]) -> list[str]:
@@ -137,6 +156,14 @@ def write_demo_report(
             "NOTE: training was not available in this build, so models marked '(untrained)' are only "
             "initialised (pretrained backbone + k-means clusters)."
         )
+    kept = _kept_untrained(trained)
+    if kept:
+        names = ", ".join(LABELS.get(m, m) for m in kept)
+        intro.append(
+            f"NOTE: {names}: the best validation recall@5 came at epoch 0, before any training, so the untrained "
+            f"model was selected - {'its' if len(kept) == 1 else 'their'} rows below show the initialised "
+            "model (pretrained backbone + k-means clusters), not a trained one."
+        )
     sections.append(Section("What you are looking at", paragraphs=intro + _findings(summary, results)))
 
     # -- results table
@@ -174,14 +201,17 @@ def write_demo_report(
         for n in order
     }
     images = [
-        ReportImage("figures/recall_curves.png", "Recall@N on the test split, all queries (the paper's Fig. 3 style).")
+        ReportImage(
+            "figures/recall_curves.png",
+            "Recall@N on the test split, all queries (the paper's Fig. 3 style)." + _overlap_note(curves),
+        )
     ]
     if counts["small"]:
         plot_recall_curves(small, fig / "recall_curves_small.png", title="Small landmarks only")
         images.append(
             ReportImage(
                 "figures/recall_curves_small.png",
-                f"Recall@N on the {counts['small']} test queries whose landmark is small.",
+                f"Recall@N on the {counts['small']} test queries whose landmark is small." + _overlap_note(small),
             )
         )
     sections.append(
@@ -341,12 +371,16 @@ def write_demo_report(
             with atomic_path(fig / f"history-{m}.png") as tmp:
                 shutil.copyfile(p, tmp)
             s = t.get("summary", {})
+            best = (
+                "epoch 0, before any training: the untrained model was selected"
+                if m in kept
+                else f"epoch {s.get('best_epoch')}"
+            )
             hist.append(
                 ReportImage(
                     f"figures/history-{m}.png",
-                    f"{m}: loss {s.get('loss')}, {s.get('iterations')} iterations in "
-                    f"{s.get('seconds')} s; best val R@5 {s.get('best_val_recall@5')} at epoch "
-                    f"{s.get('best_epoch')} (epoch 0 = before training).",
+                    f"{LABELS.get(m, m)}: loss {s.get('loss')}, {s.get('iterations')} iterations in "
+                    f"{s.get('seconds')} s; best val R@5 {s.get('best_val_recall@5')} at {best}.",
                 )
             )
     sections.append(

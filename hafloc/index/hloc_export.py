@@ -3,7 +3,8 @@
 hloc stores one HDF5 group per image name (names containing '/' become nested groups, as h5py
 creates them) holding the dataset ``global_descriptor`` (D,); hloc lists names as the parents of
 datasets. A pairs file has one ``query db`` line per retrieved image, top-k per query, lines
-joined by '\\n' without a trailing newline (as ``hloc.pairs_from_retrieval`` writes it).
+joined by '\\n' without a trailing newline (as ``hloc.pairs_from_retrieval`` writes it); database
+pairs for hloc's triangulation are the same selection with the database as the queries.
 """
 
 from __future__ import annotations
@@ -124,34 +125,53 @@ def write_local_exports(
     matcher,
     query_features: dict,
     pairs: Sequence[tuple[str, str]],
+    db_names: Sequence[str],
+    every_db: bool = False,
     progress: bool = True,
-) -> tuple[Path, Path]:
-    """``features.h5`` (the index's local features of the paired images plus the queries') and
-    ``matches.h5`` (``matches0`` / ``matching_scores0`` of every pair, the matcher's output as hloc's
-    match_features writes it, before any geometric verification)."""
+) -> tuple[Path, Path, int]:
+    """``features.h5`` (the index's local features of the paired images, of every database image
+    with ``every_db``, plus the queries') and ``matches.h5`` (``matches0`` / ``matching_scores0``,
+    the matcher's output as hloc's match_features writes it, before any geometric verification).
+
+    ``db_names`` name the index's images in ``store.descriptors()`` order. A pair and its reverse
+    are matched once (hloc reads either order; its own match_features skips the reverse too).
+    Features are read from the index as needed, never all at once: a database export of a large
+    index streams. Returns the two paths and the number of matched pairs.
+    """
     from tqdm import tqdm
 
     from hafloc.local import write_local_features, write_matches
 
     folder = Path(folder)
-    ids, names, _ = store.descriptors()
-    id_of = dict(zip(names, (int(i) for i in ids)))
-    needed = sorted({d for _, d in pairs})
-    db_feats = store.local_features([id_of[n] for n in needed])
-    feats = {n: db_feats[id_of[n]] for n in needed}
-    feats.update({q: f for q, f in query_features.items() if q not in feats})
-    by_query: dict[str, list[str]] = {}
-    for q, d in pairs:
-        by_query.setdefault(q, []).append(d)
-    matches = {}
-    for q, ds in tqdm(by_query.items(), desc="match", unit="query", disable=not progress):
-        for d, m in zip(ds, matcher.match_many(feats[q], [feats[d] for d in ds])):
-            m0 = np.full(len(feats[q]), -1, np.int32)
-            s0 = np.zeros(len(feats[q]), np.float16)
-            m0[m.matches[:, 0]] = m.matches[:, 1]
-            s0[m.matches[:, 0]] = m.scores
-            matches[(q, d)] = (m0, s0)
+    ids, _, _ = store.descriptors()
+    id_of = {n: int(i) for n, i in zip(db_names, ids)}
+
+    def features(names: Sequence[str]) -> dict:
+        """Features by name: the index's for database images (a query that is one is the same file)."""
+        got = store.local_features([id_of[n] for n in names if n in id_of])
+        return {n: got[id_of[n]] if n in id_of else query_features[n] for n in names}
+
+    needed = list(db_names) if every_db else sorted({n for pair in pairs for n in pair if n in id_of})
+
+    def feature_items():
+        for start in range(0, len(needed), 256):
+            yield from features(needed[start : start + 256]).items()
+        yield from ((q, f) for q, f in query_features.items() if q not in id_of)
+
+    partners: dict[str, list[str]] = {}
+    seen: set[frozenset[str]] = set()
+    for a, b in pairs:
+        if frozenset((a, b)) not in seen:
+            seen.add(frozenset((a, b)))
+            partners.setdefault(a, []).append(b)
+
+    def match_items():
+        for a, bs in tqdm(partners.items(), desc="match", unit="image", disable=not progress):
+            feats = features([a, *bs])
+            for b, m in zip(bs, matcher.match_many(feats[a], [feats[b] for b in bs])):
+                yield (a, b), m.to_matches0(len(feats[a]))
+
     fpath, mpath = folder / "features.h5", folder / "matches.h5"
-    write_local_features(fpath, feats, append=False)
-    write_matches(mpath, matches)
-    return fpath, mpath
+    write_local_features(fpath, feature_items(), append=False)
+    write_matches(mpath, match_items(), append=False)  # a fresh file: no pair of an earlier export stays
+    return fpath, mpath, len(seen)

@@ -10,7 +10,7 @@ hloc's ``match_features`` writes them (hloc reads either pair order).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping, TypeVar
 
 import h5py
 import numpy as np
@@ -18,6 +18,14 @@ import numpy as np
 from ..errors import InputError
 from ..hloc_h5 import h5_name, list_h5_names, names_to_pair, write_h5_groups
 from .features import LocalFeatures, MatchResult
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _items(items: Mapping[K, V] | Iterable[tuple[K, V]]) -> Iterable[tuple[K, V]]:
+    """A mapping's items, or an iterable of (key, value) as is: a generator streams a large export."""
+    return items.items() if isinstance(items, Mapping) else items
 
 
 def feature_datasets(f: LocalFeatures) -> dict[str, np.ndarray]:
@@ -35,9 +43,13 @@ def stored_bytes(f: LocalFeatures) -> int:
     return sum(a.nbytes for a in feature_datasets(f).values())
 
 
-def write_local_features(path: str | Path, items: Mapping[str, LocalFeatures], append: bool = True) -> None:
+def write_local_features(
+    path: str | Path,
+    items: Mapping[str, LocalFeatures] | Iterable[tuple[str, LocalFeatures]],
+    append: bool = True,
+) -> None:
     """Write (or add, ``append``) images' features to an hloc ``features.h5``; atomic, locked."""
-    write_h5_groups(path, ((name, feature_datasets(f)) for name, f in items.items()), append=append)
+    write_h5_groups(path, ((name, feature_datasets(f)) for name, f in _items(items)), append=append)
 
 
 def read_local_features(path: str | Path, name: str) -> LocalFeatures:
@@ -69,7 +81,10 @@ def list_feature_names(path: str | Path) -> list[str]:
 
 
 def write_matches(
-    path: str | Path, pairs: Mapping[tuple[str, str], tuple[np.ndarray, np.ndarray]], append: bool = True
+    path: str | Path,
+    pairs: Mapping[tuple[str, str], tuple[np.ndarray, np.ndarray]]
+    | Iterable[tuple[tuple[str, str], tuple[np.ndarray, np.ndarray]]],
+    append: bool = True,
 ) -> None:
     """Write hloc's ``matches.h5``: ``pairs[(q, db)] = (matches0 (N0,), matching_scores0 (N0,))``.
 
@@ -77,7 +92,7 @@ def write_matches(
     """
 
     def groups():
-        for (q, db), (m0, s0) in pairs.items():
+        for (q, db), (m0, s0) in _items(pairs):
             m0 = np.asarray(m0).reshape(-1)
             s0 = np.asarray(s0).reshape(-1)
             if len(m0) != len(s0):

@@ -2,6 +2,7 @@
 
 from hafloc.reports.html import ReportImage, Section, Table, render_report, write_report
 from hafloc.reports.plots import (
+    coinciding_curves,
     plot_attention,
     plot_history,
     plot_recall_curves,
@@ -17,6 +18,7 @@ __all__ = [
     "Table",
     "render_report",
     "write_report",
+    "coinciding_curves",
     "plot_attention",
     "plot_history",
     "plot_recall_curves",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import matplotlib
 
@@ -27,6 +27,7 @@ from hafloc.errors import InputError  # noqa: E402
 from hafloc.fileio import atomic_path  # noqa: E402
 
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h"]
+_LINESTYLES = ["-", "--", "-.", ":"]  # 4 and 11 markers: no two of the first 44 curves look alike
 _LEVEL_ORDER = ["low", "mid", "high"]
 _DPI = 110
 
@@ -62,6 +63,43 @@ def _thumb(im: Image.Image, side: int = 320) -> Image.Image:
     return im
 
 
+def coinciding_curves(series: Mapping[str, tuple[Sequence[float], Sequence[float]]]) -> dict[str, str]:
+    """Curves that lie exactly on an earlier one: ``{name: the first curve with the same points}``.
+
+    ``series[name] = (x, y)``. Such a curve hides the one below it, so a reader would count one
+    method too few; the plots say so in the legend and callers can say it in a caption.
+    """
+    out: dict[str, str] = {}
+    seen: list[tuple[str, np.ndarray]] = []
+    for name, (x, y) in series.items():
+        pts = np.array([np.asarray(x, dtype=float), np.asarray(y, dtype=float)]) if len(x) == len(y) else None
+        if pts is None:
+            continue
+        first = next(
+            (n for n, q in seen if q.shape == pts.shape and np.allclose(q, pts, rtol=0, atol=1e-9, equal_nan=True)),
+            None,
+        )
+        if first is None:
+            seen.append((name, pts))
+        else:
+            out[name] = first
+    return out
+
+
+def _draw_curves(ax, series: Mapping[str, tuple[Sequence[float], Sequence[float]]], markersize: float, **kw) -> None:
+    """One line per series, each with its own marker and dash pattern; a curve lying on earlier
+    ones gets hollow markers, larger with each (all stay visible), and "(same as X)" in the legend."""
+    same = coinciding_curves(series)
+    layer: dict[str, int] = {}
+    for i, (name, (x, y)) in enumerate(series.items()):
+        style: dict[str, Any] = {"marker": _MARKERS[i % len(_MARKERS)], "linestyle": _LINESTYLES[i % len(_LINESTYLES)]}
+        if name in same:
+            layer[same[name]] = layer.get(same[name], 0) + 1
+            style.update(markerfacecolor="none", markeredgewidth=1.5, markersize=markersize + 3 * layer[same[name]])
+        label = f"{name} (same as {same[name]})" if name in same else name
+        ax.plot(x, y, label=label, **{"markersize": markersize, **kw, **style})
+
+
 def plot_recall_curves(
     curves: Mapping[str, Mapping[str, Sequence[float]]],
     path: str | Path,
@@ -81,14 +119,10 @@ def plot_recall_curves(
         if not all(math.isfinite(float(v)) for v in r):
             raise InputError(path, f"curve {name!r}: recall values must be finite")
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    lo = 100.0
-    max_n = 1
-    for i, (name, c) in enumerate(curves.items()):
-        n = [float(v) for v in c["n"]]
-        r = [float(v) for v in c["recall"]]
-        lo = min(lo, min(r))
-        max_n = max(max_n, int(max(n)))
-        ax.plot(n, r, marker=_MARKERS[i % len(_MARKERS)], markersize=5, linewidth=1.6, label=name)
+    series = {name: ([float(v) for v in c["n"]], [float(v) for v in c["recall"]]) for name, c in curves.items()}
+    lo = min(min(r) for _, r in series.values())
+    max_n = max(1, *(int(max(n)) for n, _ in series.values()))
+    _draw_curves(ax, series, markersize=5, linewidth=1.6)
     ax.set_xlabel("N - Number of top database candidates")
     ax.set_ylabel("Recall@N (%)")
     ax.set_xlim(0, max_n + 1)
@@ -151,8 +185,7 @@ def plot_history(history_csv: str | Path, path: str | Path) -> Path:
     ax_iter = iter(axes[0])
     if loss_cols:
         ax = next(ax_iter)
-        for i, k in enumerate(loss_cols):
-            ax.plot(epochs, cols[k], marker=_MARKERS[i % len(_MARKERS)], markersize=4, label=k)
+        _draw_curves(ax, {k: (epochs, cols[k]) for k in loss_cols}, markersize=4)
         ax.set_xlabel("epoch")
         ax.set_ylabel("loss")
         ax.set_title("Training loss")
@@ -160,8 +193,7 @@ def plot_history(history_csv: str | Path, path: str | Path) -> Path:
         ax.legend(loc="upper right")
     if recall_cols:
         ax = next(ax_iter)
-        for i, (k, label) in enumerate(recall_cols):
-            ax.plot(epochs, cols[k], marker=_MARKERS[i % len(_MARKERS)], markersize=4, label=label)
+        _draw_curves(ax, {label: (epochs, cols[k]) for k, label in recall_cols}, markersize=4)
         ax.set_xlabel("epoch")
         ax.set_ylabel("Recall@N (%)")
         ax.set_title("Validation recall")

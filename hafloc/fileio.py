@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -102,3 +103,12 @@ def write_text_atomic(path: str | Path, text: str, errors: str = "strict") -> No
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def file_sha1(path: str | Path) -> str:
+    """SHA-1 of a file's bytes, read in 1 MiB blocks (image content keys, chunk checksums)."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

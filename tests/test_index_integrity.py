@@ -470,6 +470,101 @@ def test_verify_finds_damage(small_index, tmp_path, capsys):
     assert code == 1 and "whose descriptors file is missing" in out
 
 
+def _overwrite_row(chunk: Path, row: int, seed: int = 0) -> None:
+    """Replace one descriptor with other valid ones: finite, unit length, right shape and dtype."""
+    a = np.load(chunk)
+    v = np.random.default_rng(seed).standard_normal(a.shape[1]).astype(a.dtype)
+    a[row] = v / np.linalg.norm(v)
+    np.save(chunk, a)
+
+
+def _checks(capsys, idx: Path) -> tuple[int, dict[str, dict]]:
+    code, out, _ = run_cli(capsys, "index", "verify", "--index", idx, "--json", "--no-model")
+    return code, {c["check"]: c for c in json.loads(out)["checks"]}
+
+
+def test_verify_finds_a_descriptor_overwritten_with_valid_floats(small_index, tmp_path, capsys):
+    idx = tmp_path / "index"
+    shutil.copytree(small_index["index"], idx)
+    code, checks = _checks(capsys, idx)
+    assert code == 0 and checks["checksums"] == {
+        "check": "checksums",
+        "status": "ok",
+        "detail": "1 chunk file(s) match their checksums",
+    }
+    assert checks["search"]["status"] == "ok"
+    _overwrite_row(idx / "chunks" / "chunk_000001.npy", 2)
+    code, checks = _checks(capsys, idx)
+    assert code == 1 and checks["chunks"]["status"] == "ok"  # shape, dtype and values all plausible
+    assert checks["checksums"]["status"] == "damage" and "chunk_000001.npy" in checks["checksums"]["detail"]
+    assert checks["search"]["status"] == "damage"
+    assert (
+        "1 of 4 image(s) have other descriptors in the chunks than in the search structure"
+        in (checks["search"]["detail"])
+    )
+    assert "row 2 of chunk_000001.npy" in checks["search"]["detail"]
+    code, out, _ = run_cli(capsys, "index", "verify", "--index", idx, "--no-model")
+    assert code == 1 and "DAMAGED (2 check(s))" in out
+
+
+def test_verify_an_index_written_before_checksums(photos, tmp_path, capsys):
+    f = folder_of(photos[:6], tmp_path / "p")
+    names = sorted(p.name for p in f.iterdir())
+    idx = tmp_path / "i"
+    with standin_store(idx) as store:
+        store.add(names[:4], f, standin_extract, chunk_size=2, progress=False)
+    with sqlite3.connect(idx / "meta.sqlite") as db:
+        db.execute("DROP TABLE chunk_sums")  # as the code before checksums wrote it
+    code, out, _ = run_cli(capsys, "index", "verify", "--index", idx, "--no-model")
+    assert code == 0 and out.strip().endswith(": OK"), out  # verifies as before
+    assert "skipped  checksums     not available: the 2 chunk file(s) were written before" in out
+    # the next write gives it the table: its new chunk has a checksum, the older ones are said to lack one
+    with standin_store(idx) as store:
+        store.add(names[4:], f, standin_extract, chunk_size=2, progress=False)
+    code, checks = _checks(capsys, idx)
+    assert code == 0 and checks["checksums"] == {
+        "check": "checksums",
+        "status": "ok",
+        "detail": "1 chunk file(s) match their checksums; 2 older chunk file(s) have none",
+    }
+    # an older chunk overwritten: the search structure still holds the vectors it had
+    _overwrite_row(idx / "chunks" / "chunk_000001.npy", 1)
+    code, checks = _checks(capsys, idx)
+    assert code == 1 and checks["search"]["status"] == "damage" and checks["checksums"]["status"] == "ok"
+    assert "row 1 of chunk_000001.npy" in checks["search"]["detail"]
+
+
+def test_verify_reports_a_missing_local_features_group(photos, tmp_path, capsys):
+    import h5py
+
+    from hafloc.local import LocalFeatures
+
+    def extract(paths, names):  # standin descriptors, plus a few keypoints per image
+        res = standin_extract(paths, names)
+        rng = np.random.default_rng(len(names))
+        res.local = {
+            n: LocalFeatures(rng.uniform(0, 60, (5, 2)), rng.standard_normal((5, 8)), np.ones(5), (64, 64))
+            for n in res.names
+        }
+        return res
+
+    f = folder_of(photos[:4], tmp_path / "p")
+    idx = tmp_path / "i"
+    with IndexStore.open_or_create(idx, FP, DIM, SearchConfig(), "standin.pt", local={"extractor": "standin"}) as store:
+        store.add(sorted(p.name for p in f.iterdir()), f, extract, chunk_size=2, progress=False)
+    assert _checks(capsys, idx)[0] == 0
+    local = idx / "chunks" / "local_000002.h5"
+    with h5py.File(local, "a") as h5:
+        gone = sorted(h5.keys())[0]
+        del h5[gone]
+    code, checks = _checks(capsys, idx)  # was exit 2, a one-line error and no report
+    assert code == 1 and checks["chunks"]["status"] == "damage"
+    assert f"local_000002.h5: no local features for '{gone}'" in checks["chunks"]["detail"]
+    assert checks["checksums"]["status"] == "damage" and "local_000002.h5" in checks["checksums"]["detail"]
+    code, out, err = run_cli(capsys, "index", "verify", "--index", idx, "--no-model")
+    assert code == 1 and "damage   chunks" in out and "DAMAGED" in out and not err
+
+
 def test_v1_index_is_read_and_migrated_by_its_first_writer(photos, tmp_path):
     """An index as the VERSION 1 code wrote it (UNIQUE(path), no sha1)."""
     f = folder_of(photos[:4], tmp_path / "p")

@@ -184,9 +184,11 @@ def register(sub) -> None:
         "verify",
         help="check every file of an index (exit 1 on damage)",
         description="Checks index.json, the SQLite database (integrity_check), every chunk file "
-        "(readable, shape, dtype, row counts), rows pointing at missing chunks, orphan "
-        "files, the search files, the indexed image files and the model fingerprint. "
-        "Changes nothing; exit status 1 when something is damaged, 0 otherwise.",
+        "(readable, shape, dtype, row counts, local features of every row, the checksum recorded when "
+        "it was written: 'skipped' for chunks written before hafloc kept them), rows pointing at missing "
+        "chunks, orphan files, the search files (and that they hold the chunks' vectors), the indexed "
+        "image files and the model fingerprint. Changes nothing; exit status 1 when something is "
+        "damaged, 0 otherwise.",
     )
     v.add_argument("--index", required=True, help="index folder")
     v.add_argument("--json", action="store_true", help="machine-readable report")

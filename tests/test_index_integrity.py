@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -534,16 +535,15 @@ def test_verify_an_index_written_before_checksums(photos, tmp_path, capsys):
     assert "row 1 of chunk_000001.npy" in checks["search"]["detail"]
 
 
-def test_verify_reports_a_missing_local_features_group(photos, tmp_path, capsys):
-    import h5py
-
+def standin_local_index(photos: list[Path], tmp_path: Path) -> Path:
+    """4 photos, 2 per chunk, with standin descriptors and a few random keypoints each (local_*.h5)."""
     from hafloc.local import LocalFeatures
 
-    def extract(paths, names):  # standin descriptors, plus a few keypoints per image
+    def extract(paths, names):
         res = standin_extract(paths, names)
         rng = np.random.default_rng(len(names))
         res.local = {
-            n: LocalFeatures(rng.uniform(0, 60, (5, 2)), rng.standard_normal((5, 8)), np.ones(5), (64, 64))
+            n: LocalFeatures(rng.uniform(0, 60, (50, 2)), rng.standard_normal((50, 32)), np.ones(50), (64, 64))
             for n in res.names
         }
         return res
@@ -552,6 +552,13 @@ def test_verify_reports_a_missing_local_features_group(photos, tmp_path, capsys)
     idx = tmp_path / "i"
     with IndexStore.open_or_create(idx, FP, DIM, SearchConfig(), "standin.pt", local={"extractor": "standin"}) as store:
         store.add(sorted(p.name for p in f.iterdir()), f, extract, chunk_size=2, progress=False)
+    return idx
+
+
+def test_verify_reports_a_missing_local_features_group(photos, tmp_path, capsys):
+    import h5py
+
+    idx = standin_local_index(photos, tmp_path)
     assert _checks(capsys, idx)[0] == 0
     local = idx / "chunks" / "local_000002.h5"
     with h5py.File(local, "a") as h5:
@@ -563,6 +570,40 @@ def test_verify_reports_a_missing_local_features_group(photos, tmp_path, capsys)
     assert checks["checksums"]["status"] == "damage" and "local_000002.h5" in checks["checksums"]["detail"]
     code, out, err = run_cli(capsys, "index", "verify", "--index", idx, "--no-model")
     assert code == 1 and "damage   chunks" in out and "DAMAGED" in out and not err
+
+
+def test_info_counts_local_features_on_disk_in_one_unit_convention(photos, tmp_path, capsys):
+    idx = standin_local_index(photos, tmp_path)
+    code, out, _ = run_cli(capsys, "index", "info", idx, "--json")
+    info = json.loads(out)
+    fp = info["footprint"]
+    local = sum(p.stat().st_size for p in (idx / "chunks").glob("local_*.h5"))
+    desc = sum(p.stat().st_size for p in (idx / "chunks").glob("chunk_*.npy"))
+    assert code == 0 and fp["actual"]["local_bytes"] == local > 0 and fp["actual"]["descriptor_bytes"] == desc
+    assert fp["actual"]["disk_bytes"] >= desc + local + (idx / "meta.sqlite").stat().st_size
+    # exact search over 4 float32 descriptors, plus the local features at their measured size per image
+    assert fp["estimated"]["disk_bytes"] == 4 * DIM * 4 + round(4 * info["local"]["bytes_per_image"])
+    code, out, _ = run_cli(capsys, "index", "info", idx)
+    units = re.findall(r"\d (\w*B)\b", out)
+    assert code == 0 and units and set(units) <= {"B", "kB", "MB", "GB", "TB"}, out  # decimal, never KB/KiB
+    assert f"of which local features {local / 1000:.1f} kB)" in out  # 10-100 kB here
+    per_image = info["local"]["bytes_per_image"]
+    assert f"; {per_image / 1000:.1f} kB per image" in out  # was bytes / 1024 labelled KB
+
+
+def test_info_report_on_an_uncalibrated_index_writes_what_it_can(photos, tmp_path, capsys):
+    f = folder_of(photos[:4], tmp_path / "p")
+    with standin_store(tmp_path / "i") as store:
+        store.add(sorted(p.name for p in f.iterdir()), f, standin_extract, progress=False)
+    code, out, err = run_cli(capsys, "index", "info", tmp_path / "i", "--report", tmp_path / "report")
+    page = tmp_path / "report" / "index.html"
+    assert code == 0 and f"report     {page}" in out  # was exit 2: "not calibrated (for this model)"
+    assert err.count("\n") == 1 and err.startswith("hafloc: note: ") and "is not calibrated" in err
+    assert "'hafloc index calibrate --index" in err
+    text = page.read_text()
+    assert "images     4 (0 with a position, 4 without)" in text and "Not calibrated" in text
+    code, out, err = run_cli(capsys, "index", "info", tmp_path / "i", "--json", "--report", tmp_path / "r2")
+    assert code == 0 and json.loads(out)["report"] == str(tmp_path / "r2" / "index.html") and "not calibrated" in err
 
 
 def test_v1_index_is_read_and_migrated_by_its_first_writer(photos, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -144,3 +145,12 @@ def exclusive_folder(folder: str | Path, busy: str) -> Iterator[Path]:
         yield folder
     finally:
         os.close(fd)  # releases the lock
+
+
+def file_sha1(path: str | Path) -> str:
+    """SHA-1 of a file's bytes, read in 1 MiB blocks (image content keys, chunk checksums)."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

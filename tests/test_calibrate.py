@@ -568,3 +568,24 @@ def test_default_model_indexes_calibrate_smoothly_towards_the_shipped_prior(outd
     centre = np.array([*prior.coef, prior.intercept])
     assert np.linalg.norm(shrunk - centre) < np.linalg.norm(np.array([*own.coef, own.intercept]) - centre)
     assert cal.meta["prior"]["strength"] == PRIOR_STRENGTH
+
+
+def test_build_again_on_a_calibrated_index_keeps_and_says_it(lund_only, shared_data, tmp_path, capsys):
+    index, photos, model = tmp_path / "index", lund_only["photos"], lund_only["root"] / "small.model"
+    shutil.copytree(lund_only["index"], index)
+    argv = ("index", "calibrate", "--index", index, "--agree-m", "20", "--force", "--no-progress")
+    assert run_cli(capsys, *argv)[0] == 0
+    fitted = (index / CALIBRATION_FILE).read_text()
+    # a rerun adding nothing: 29 positioned photos are too few for the automatic calibration
+    code, out, err = run_cli(capsys, "index", "build", photos, "--model", model, "--index", index, *FAST)
+    assert code == 0 and "added 0, already indexed 29" in out
+    assert "not calibrated" not in out + err  # it said so, though locate used the calibration
+    assert "calibrated on 29 leave-one-out answers" in out and "kept (no photo added since)" in out
+    assert (index / CALIBRATION_FILE).read_text() == fitted  # the --agree-m 20 fit, not replaced
+    # a photo added: the calibration is older than the index, and said to be
+    more = tmp_path / "more"
+    more.mkdir()
+    shutil.copy(sorted((shared_data / "landmarks_mini" / "images").glob("*.jpg"))[0], more / "other.jpg")
+    code, out, err = run_cli(capsys, "index", "build", more, "--model", model, "--index", index, *FAST)
+    assert code == 0 and "added 1" in out and "not calibrated" not in out + err
+    assert "kept, fitted when the index held 29 photos (29 positioned now, 50 needed to refit automatically" in out

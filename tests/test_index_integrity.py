@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -468,6 +469,141 @@ def test_verify_finds_damage(small_index, tmp_path, capsys):
     chunk.unlink()  # rows pointing at a missing chunk
     code, out, _ = run_cli(capsys, "index", "verify", "--index", idx)
     assert code == 1 and "whose descriptors file is missing" in out
+
+
+def _overwrite_row(chunk: Path, row: int, seed: int = 0) -> None:
+    """Replace one descriptor with other valid ones: finite, unit length, right shape and dtype."""
+    a = np.load(chunk)
+    v = np.random.default_rng(seed).standard_normal(a.shape[1]).astype(a.dtype)
+    a[row] = v / np.linalg.norm(v)
+    np.save(chunk, a)
+
+
+def _checks(capsys, idx: Path) -> tuple[int, dict[str, dict]]:
+    code, out, _ = run_cli(capsys, "index", "verify", "--index", idx, "--json", "--no-model")
+    return code, {c["check"]: c for c in json.loads(out)["checks"]}
+
+
+def test_verify_finds_a_descriptor_overwritten_with_valid_floats(small_index, tmp_path, capsys):
+    idx = tmp_path / "index"
+    shutil.copytree(small_index["index"], idx)
+    code, checks = _checks(capsys, idx)
+    assert code == 0 and checks["checksums"] == {
+        "check": "checksums",
+        "status": "ok",
+        "detail": "1 chunk file(s) match their checksums",
+    }
+    assert checks["search"]["status"] == "ok"
+    _overwrite_row(idx / "chunks" / "chunk_000001.npy", 2)
+    code, checks = _checks(capsys, idx)
+    assert code == 1 and checks["chunks"]["status"] == "ok"  # shape, dtype and values all plausible
+    assert checks["checksums"]["status"] == "damage" and "chunk_000001.npy" in checks["checksums"]["detail"]
+    assert checks["search"]["status"] == "damage"
+    assert (
+        "1 of 4 image(s) have other descriptors in the chunks than in the search structure"
+        in (checks["search"]["detail"])
+    )
+    assert "row 2 of chunk_000001.npy" in checks["search"]["detail"]
+    code, out, _ = run_cli(capsys, "index", "verify", "--index", idx, "--no-model")
+    assert code == 1 and "DAMAGED (2 check(s))" in out
+
+
+def test_verify_an_index_written_before_checksums(photos, tmp_path, capsys):
+    f = folder_of(photos[:6], tmp_path / "p")
+    names = sorted(p.name for p in f.iterdir())
+    idx = tmp_path / "i"
+    with standin_store(idx) as store:
+        store.add(names[:4], f, standin_extract, chunk_size=2, progress=False)
+    with sqlite3.connect(idx / "meta.sqlite") as db:
+        db.execute("DROP TABLE chunk_sums")  # as the code before checksums wrote it
+    code, out, _ = run_cli(capsys, "index", "verify", "--index", idx, "--no-model")
+    assert code == 0 and out.strip().endswith(": OK"), out  # verifies as before
+    assert "skipped  checksums     not available: the 2 chunk file(s) were written before" in out
+    # the next write gives it the table: its new chunk has a checksum, the older ones are said to lack one
+    with standin_store(idx) as store:
+        store.add(names[4:], f, standin_extract, chunk_size=2, progress=False)
+    code, checks = _checks(capsys, idx)
+    assert code == 0 and checks["checksums"] == {
+        "check": "checksums",
+        "status": "ok",
+        "detail": "1 chunk file(s) match their checksums; 2 older chunk file(s) have none",
+    }
+    # an older chunk overwritten: the search structure still holds the vectors it had
+    _overwrite_row(idx / "chunks" / "chunk_000001.npy", 1)
+    code, checks = _checks(capsys, idx)
+    assert code == 1 and checks["search"]["status"] == "damage" and checks["checksums"]["status"] == "ok"
+    assert "row 1 of chunk_000001.npy" in checks["search"]["detail"]
+
+
+def standin_local_index(photos: list[Path], tmp_path: Path) -> Path:
+    """4 photos, 2 per chunk, with standin descriptors and a few random keypoints each (local_*.h5)."""
+    from hafloc.local import LocalFeatures
+
+    def extract(paths, names):
+        res = standin_extract(paths, names)
+        rng = np.random.default_rng(len(names))
+        res.local = {
+            n: LocalFeatures(rng.uniform(0, 60, (50, 2)), rng.standard_normal((50, 32)), np.ones(50), (64, 64))
+            for n in res.names
+        }
+        return res
+
+    f = folder_of(photos[:4], tmp_path / "p")
+    idx = tmp_path / "i"
+    with IndexStore.open_or_create(idx, FP, DIM, SearchConfig(), "standin.pt", local={"extractor": "standin"}) as store:
+        store.add(sorted(p.name for p in f.iterdir()), f, extract, chunk_size=2, progress=False)
+    return idx
+
+
+def test_verify_reports_a_missing_local_features_group(photos, tmp_path, capsys):
+    import h5py
+
+    idx = standin_local_index(photos, tmp_path)
+    assert _checks(capsys, idx)[0] == 0
+    local = idx / "chunks" / "local_000002.h5"
+    with h5py.File(local, "a") as h5:
+        gone = sorted(h5.keys())[0]
+        del h5[gone]
+    code, checks = _checks(capsys, idx)  # was exit 2, a one-line error and no report
+    assert code == 1 and checks["chunks"]["status"] == "damage"
+    assert f"local_000002.h5: no local features for '{gone}'" in checks["chunks"]["detail"]
+    assert checks["checksums"]["status"] == "damage" and "local_000002.h5" in checks["checksums"]["detail"]
+    code, out, err = run_cli(capsys, "index", "verify", "--index", idx, "--no-model")
+    assert code == 1 and "damage   chunks" in out and "DAMAGED" in out and not err
+
+
+def test_info_counts_local_features_on_disk_in_one_unit_convention(photos, tmp_path, capsys):
+    idx = standin_local_index(photos, tmp_path)
+    code, out, _ = run_cli(capsys, "index", "info", idx, "--json")
+    info = json.loads(out)
+    fp = info["footprint"]
+    local = sum(p.stat().st_size for p in (idx / "chunks").glob("local_*.h5"))
+    desc = sum(p.stat().st_size for p in (idx / "chunks").glob("chunk_*.npy"))
+    assert code == 0 and fp["actual"]["local_bytes"] == local > 0 and fp["actual"]["descriptor_bytes"] == desc
+    assert fp["actual"]["disk_bytes"] >= desc + local + (idx / "meta.sqlite").stat().st_size
+    # exact search over 4 float32 descriptors, plus the local features at their measured size per image
+    assert fp["estimated"]["disk_bytes"] == 4 * DIM * 4 + round(4 * info["local"]["bytes_per_image"])
+    code, out, _ = run_cli(capsys, "index", "info", idx)
+    units = re.findall(r"\d (\w*B)\b", out)
+    assert code == 0 and units and set(units) <= {"B", "kB", "MB", "GB", "TB"}, out  # decimal, never KB/KiB
+    assert f"of which local features {local / 1000:.1f} kB)" in out  # 10-100 kB here
+    per_image = info["local"]["bytes_per_image"]
+    assert f"; {per_image / 1000:.1f} kB per image" in out  # was bytes / 1024 labelled KB
+
+
+def test_info_report_on_an_uncalibrated_index_writes_what_it_can(photos, tmp_path, capsys):
+    f = folder_of(photos[:4], tmp_path / "p")
+    with standin_store(tmp_path / "i") as store:
+        store.add(sorted(p.name for p in f.iterdir()), f, standin_extract, progress=False)
+    code, out, err = run_cli(capsys, "index", "info", tmp_path / "i", "--report", tmp_path / "report")
+    page = tmp_path / "report" / "index.html"
+    assert code == 0 and f"report     {page}" in out  # was exit 2: "not calibrated (for this model)"
+    assert err.count("\n") == 1 and err.startswith("hafloc: note: ") and "is not calibrated" in err
+    assert "'hafloc index calibrate --index" in err
+    text = page.read_text()
+    assert "images     4 (0 with a position, 4 without)" in text and "Not calibrated" in text
+    code, out, err = run_cli(capsys, "index", "info", tmp_path / "i", "--json", "--report", tmp_path / "r2")
+    assert code == 0 and json.loads(out)["report"] == str(tmp_path / "r2" / "index.html") and "not calibrated" in err
 
 
 def test_v1_index_is_read_and_migrated_by_its_first_writer(photos, tmp_path):

@@ -115,6 +115,28 @@ def test_reopen_in_a_new_process_moved_and_read_only(tower, ondisk_index, tmp_pa
     assert got == {"top1": want, "kind": "ondisk"}
 
 
+def test_verify_compares_the_ondisk_row_map_with_the_rows(ondisk_index, tmp_path):
+    from hafloc.index.verify import verify_index
+
+    idx = tmp_path / "index"
+    shutil.copytree(ondisk_index, idx)
+    checks = {c["check"]: c for c in verify_index(idx, check_model=False)["checks"]}
+    with IndexStore.open(idx) as store:
+        n, n_chunks = len(store), len(store.chunk_files())
+    assert checks["search"] == {
+        "check": "search",
+        "status": "ok",
+        "detail": f"ondisk over {n} images, consistent with the rows",
+    }
+    assert checks["checksums"]["detail"] == f"{n_chunks} chunk file(s) match their checksums"
+    rows = np.load(idx / "search.rows.npy")
+    rows[[3, 4]] = rows[[4, 3]]  # two search rows re-ranked with each other's vectors
+    np.save(idx / "search.rows.npy", rows)
+    rep = verify_index(idx, check_model=False)
+    search = next(c for c in rep["checks"] if c["check"] == "search")
+    assert not rep["ok"] and search["status"] == "damage" and search["detail"].startswith(f"2 of {n} image(s)")
+
+
 KILL_SCRIPT = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})

@@ -81,7 +81,7 @@ def test_index_stores_local_features_in_hloc_layout(lund, capsys):
             assert (w, h) == (1024, 768) and kp[:, 0].max() < w and kp[:, 1].max() < h
     assert len(names) == 5
     code, out, _ = run_cli(capsys, "index", "info", lund["index"])
-    assert "local      xfeat" in out and "KB per image" in out
+    assert "local      xfeat" in out and "kB per image" in out
 
 
 def test_locate_reranks_and_reports_inliers(lund, capsys):

@@ -122,7 +122,8 @@ def register(sub) -> None:
     i.add_argument(
         "--report",
         metavar="DIR",
-        help="write DIR/index.html: the confidence calibration's reliability diagram, ECE and accuracy/coverage curve",
+        help="write DIR/index.html: the index summary, the confidence calibration's reliability diagram, ECE and "
+        "accuracy/coverage curve (an uncalibrated index: the summary and a note)",
     )
     i.set_defaults(func=run_info)
 
@@ -195,9 +196,11 @@ def register(sub) -> None:
         "verify",
         help="check every file of an index (exit 1 on damage)",
         description="Checks index.json, the SQLite database (integrity_check), every chunk file "
-        "(readable, shape, dtype, row counts), rows pointing at missing chunks, orphan "
-        "files, the search files, the indexed image files and the model fingerprint. "
-        "Changes nothing; exit status 1 when something is damaged, 0 otherwise.",
+        "(readable, shape, dtype, row counts, local features of every row, the checksum recorded when "
+        "it was written: 'skipped' for chunks written before hafloc kept them), rows pointing at missing "
+        "chunks, orphan files, the search files (and that they hold the chunks' vectors), the indexed "
+        "image files and the model fingerprint. Changes nothing; exit status 1 when something is "
+        "damaged, 0 otherwise.",
     )
     v.add_argument("--index", required=True, help="index folder")
     v.add_argument("--json", action="store_true", help="machine-readable report")
@@ -438,17 +441,22 @@ def index_info(index: str | Path) -> dict:
 
 def footprint_info(folder: Path, info: dict) -> dict:
     """RAM and disk the index needs to serve: estimated from its size and search parameters, and
-    actual (files on disk; RAM = what opening the search reads into memory or maps)."""
+    actual (files on disk, local features included; RAM = what opening the search reads into memory
+    or maps). Bytes throughout."""
     from ..index.ondisk import disk_usage, footprint, ondisk_paths
     from ..index.search import SearchConfig, resolve_params
+    from ..index.store import chunk_files
 
     n, dim = info["counts"]["images"], int(info["dim"])
     params = resolve_params(n, dim, SearchConfig.from_dict(info.get("search", {})))
     vec_bytes = 2 if info.get("dtype") == "float16" else 4
     est = footprint(n, dim, params, vec_bytes)
-    est["disk_bytes"] = max(est["disk_bytes"], n * dim * vec_bytes)
-    chunks = (
-        sum(p.stat().st_size for p in (folder / "chunks").glob("chunk_*.npy")) if (folder / "chunks").is_dir() else 0
+    files = chunk_files(folder).values()
+    chunks = sum(f["descriptors"].stat().st_size for f in files if "descriptors" in f)
+    local = sum(f["local"].stat().st_size for f in files if "local" in f)
+    # local features: as many bytes per image as the stored ones take
+    est["disk_bytes"] = max(est["disk_bytes"], n * dim * vec_bytes) + round(
+        n * (info.get("local") or {}).get("bytes_per_image", 0)
     )
     index_p = folder / "search.faiss"
     search_files = [index_p, folder / "search.ids.npy", ondisk_paths(index_p)["rows"]]
@@ -459,56 +467,58 @@ def footprint_info(folder: Path, info: dict) -> dict:
         "actual": {
             "ram_bytes": ram,
             "disk_bytes": chunks
+            + local
             + disk_usage(index_p)
             + sum(p.stat().st_size for p in (folder / "search.ids.npy", folder / "meta.sqlite") if p.is_file()),
             "descriptor_bytes": chunks,
+            "local_bytes": local,
         },
     }
 
 
 def _size(b: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if b < 1000 or unit == "TB":
+    """Decimal (SI) units, as everywhere in ``index info`` and the build's notes (1 kB = 1000 B)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if b < 1000:
             return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
         b /= 1000
     return f"{b:.1f} TB"
 
 
-def run_info(args) -> int:
-    info = index_info(args.index)
-    if args.json:
-        if args.report:
-            info["report"] = str(write_report(args.index, args.report))
-        print_json(info)
-        return 0
+def info_lines(info: dict) -> list[str]:
+    """The table ``hafloc index info`` prints (also the summary of its --report page)."""
     c = info["counts"]
-    print(f"index      {info['index']}")
-    print(f"images     {c['images']} ({c['positioned']} with a position, {c['unpositioned']} without)")
-    print("positions  " + ", ".join(f"{k}: {v}" for k, v in info["position_sources"].items()))
-    print(f"model      {info.get('model_path')} (fingerprint {str(info['model_fingerprint'])[:12]})")
+    lines = [
+        f"index      {info['index']}",
+        f"images     {c['images']} ({c['positioned']} with a position, {c['unpositioned']} without)",
+        "positions  " + ", ".join(f"{k}: {v}" for k, v in info["position_sources"].items()),
+        f"model      {info.get('model_path')} (fingerprint {str(info['model_fingerprint'])[:12]})",
+    ]
     proj = info.get("projection")
-    print(
+    lines.append(
         f"descriptor {info['dim']}-D {info.get('dtype', 'float32')}"
         + (f" (the model's {proj['input_dim']}-D PCA-whitened, fitted on {proj['fitted_on']} images)" if proj else "")
         + f"; search {info['search'].get('kind')} ({info['footprint']['search']} now)"
     )
     fp = info["footprint"]
-    print(
+    local_now = fp["actual"].get("local_bytes", 0)
+    lines.append(
         f"footprint  search RAM ~{_size(fp['estimated']['ram_bytes'])} (files it loads now "
         f"{_size(fp['actual']['ram_bytes'])}); "
-        f"disk ~{_size(fp['estimated']['disk_bytes'])} (now {_size(fp['actual']['disk_bytes'])})"
+        f"disk ~{_size(fp['estimated']['disk_bytes'])} (now {_size(fp['actual']['disk_bytes'])}"
+        + (f", of which local features {_size(local_now)}" if local_now else "")
+        + ")"
     )
     if info.get("local"):
         loc = info["local"]
         conf = ", ".join(f"{k} {v}" for k, v in sorted(loc.get("conf", {}).items()))
-        print(
-            f"local      {loc['extractor']} ({conf}); {loc['bytes_per_image'] / 1024:.0f} KB per image"
+        lines.append(
+            f"local      {loc['extractor']} ({conf}); {_size(loc['bytes_per_image'])} per image"
             + ("; re-ranking rule fitted" if info.get("rerank") else "")
         )
-    for r in info["roots"]:
-        print(f"root       {r}")
+    lines += [f"root       {r}" for r in info["roots"]]
     cal = info["calibration"]
-    print(
+    lines.append(
         "calibrated "
         + (
             "no (confidences are heuristic; 'hafloc index calibrate')"
@@ -520,8 +530,26 @@ def run_info(args) -> int:
             + (f"; {cal['index_images']} photos then, rerun 'hafloc index calibrate')" if cal["stale"] else ")")
         )
     )
+    return lines
+
+
+def run_info(args) -> int:
+    info = index_info(args.index)
+    report = None
     if args.report:
-        print(f"report     {write_report(args.index, args.report)}")
+        path, missing = write_report(args.index, args.report, info_lines(info))
+        report = str(path)
+        if missing:
+            print(f"hafloc: note: {missing}", file=sys.stderr)
+    if args.json:
+        if report:
+            info["report"] = report
+        print_json(info)
+        return 0
+    for line in info_lines(info):
+        print(line)
+    if report:
+        print(f"report     {report}")
     return 0
 
 

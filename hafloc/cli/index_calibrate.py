@@ -132,15 +132,22 @@ def calibration_info(index: str | Path) -> dict[str, Any] | None:
     return {"usable": True, "stale": cal.meta.get("index_images") != images, **calibration_summary(cal.meta)}
 
 
-def write_report(index: str | Path, out_dir: str | Path) -> Path:
-    """``index info --report DIR``: reliability diagram, ECE and accuracy/coverage as a small HTML page."""
-    from ..errors import HaflocError
+def write_report(index: str | Path, out_dir: str | Path, summary: list[str]) -> tuple[Path, str | None]:
+    """``index info --report DIR``: the index's ``summary`` lines, then the calibration's reliability
+    diagram, ECE and accuracy/coverage as a small HTML page. An uncalibrated index still gets its
+    page; the second value then says (one line) what it lacks, else None."""
     from ..index.calibrate import load_calibrator
     from ..index.store import IndexStore
     from ..reports.calibration import write_calibration_report
 
     with IndexStore.open(index) as store:
         cal = load_calibrator(store)
-    if cal is None:
-        raise HaflocError(f"{index}: not calibrated (for this model); run 'hafloc index calibrate --index {index}'")
-    return write_calibration_report(cal.meta, out_dir, title=f"Confidence calibration of {index}")
+    path = write_calibration_report(
+        cal.meta if cal is not None else None, out_dir, title=f"Confidence calibration of {index}", summary=summary
+    )
+    if cal is not None:
+        return path, None
+    return path, (
+        f"{index} is not calibrated (for this model): {path} holds the index summary but no reliability "
+        f"diagram; 'hafloc index calibrate --index {index}' fits one"
+    )

@@ -3,7 +3,6 @@ the next run), fit the compact projection on the first ones, commit each chunk w
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +13,7 @@ from tqdm import tqdm
 
 from hafloc.descriptors.result import ExtractResult
 from hafloc.errors import InputError, ModelMismatchError
-from hafloc.fileio import write_json_atomic
+from hafloc.fileio import file_sha1, write_json_atomic
 from hafloc.index.compact import PROJECTION_FILE, Projection, fit_sample_size
 from hafloc.index.positions import Position, _position_columns, resolve_position
 from hafloc.index.published import SearchFiles
@@ -22,14 +21,6 @@ from hafloc.index.storebase import _now, db_text, py_text
 
 if TYPE_CHECKING:
     from hafloc.local import LocalFeatures
-
-
-def file_sha1(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def local_of(result: Any) -> "dict[str, LocalFeatures]":

@@ -7,9 +7,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..errors import HaflocError
+from ..errors import HaflocError, InputError
 from ..images.io import list_images
-from .calibrate import MIN_POSITIONED, Calibrator, calibrate_index, summary_line
+from .calibrate import (
+    MIN_POSITIONED,
+    Calibrator,
+    calibrate_index,
+    calibration_path,
+    load_calibrator,
+    summary_line,
+)
 from .positions import read_positions_csv
 from .store import AddReport, ExtractFn, IndexStore, extractor_fn
 
@@ -103,9 +110,24 @@ def calibrate_store(store: IndexStore, max_samples: int | None = None, **kw: Any
 
 def auto_calibrate(store: IndexStore, progress: bool = False) -> tuple[Calibrator | None, str]:
     """End of a build: (the calibration, its summary line), or (None, why not: too few positioned
-    photos or answers), never an error."""
+    photos or answers), never an error. A calibration fitted on the index's present photos is kept
+    as it is (a rerun that adds nothing must not report the index uncalibrated, nor replace a
+    calibration fitted with other settings); one fitted before photos were added is refitted when
+    the index has enough positioned photos, else kept and said to be older."""
+    try:
+        current = load_calibrator(store)
+    except InputError:  # a damaged calibration.json: refitted below, or the build says it is uncalibrated
+        current = None
+    if current is not None and current.meta.get("index_images") == len(store):
+        return current, f"{summary_line(current)}; kept (no photo added since)"
     positioned = int(store.info.get("counts", {}).get("positioned", 0))
     if positioned < MIN_POSITIONED:
+        if current is not None:
+            return current, (
+                f"{summary_line(current)}; kept, fitted when the index held {current.meta.get('index_images')} "
+                f"photos ({positioned} positioned now, {MIN_POSITIONED} needed to refit automatically; "
+                "'hafloc index calibrate' refits it)"
+            )
         return (
             None,
             f"not calibrated ({positioned} positioned photos, {MIN_POSITIONED} needed); confidences are heuristic",
@@ -113,5 +135,7 @@ def auto_calibrate(store: IndexStore, progress: bool = False) -> tuple[Calibrato
     try:
         cal = calibrate_store(store, progress=progress)
     except HaflocError as err:
+        if current is not None and calibration_path(store.folder).is_file():  # a refused refit leaves it
+            return current, f"{summary_line(current)}; kept, the refit failed ({err})"
         return None, f"not calibrated ({err}); confidences are heuristic"
     return cal, summary_line(cal)

@@ -1,11 +1,14 @@
 """Chunk files and their commit protocol: every per-chunk file (``CHUNK_KINDS``) is written, temp +
-rename, *before* the transaction inserting its rows commits; files no row points at are orphans
-(a kill between the two), deleted by the next writer."""
+rename, *before* the transaction inserting its rows (and the files' SHA-1, table ``chunk_sums``)
+commits; files no row points at are orphans (a kill between the two), deleted by the next writer.
+The checksums let ``verify`` notice content changed after the write (a row overwritten with other,
+perfectly valid floats passes every shape and finiteness check)."""
 
 from __future__ import annotations
 
 import json
 import re
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -13,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from hafloc.errors import InputError
-from hafloc.fileio import atomic_path
+from hafloc.fileio import atomic_path, file_sha1
 from hafloc.index.lock import WriteLock
 from hafloc.index.storebase import py_text
 
@@ -101,6 +104,13 @@ def chunk_files(folder: Path) -> dict[int, dict[str, Path]]:
     return out
 
 
+def read_chunk_sums(db: sqlite3.Connection) -> dict[tuple[int, str], str] | None:
+    """{(chunk, kind): sha1} recorded at write time; None for an index written before checksums."""
+    if not db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'chunk_sums'").fetchone():
+        return None
+    return {(int(c), str(k)): str(h) for c, k, h in db.execute("SELECT chunk, kind, sha1 FROM chunk_sums")}
+
+
 class ChunkFiles(WriteLock):
     """The chunk files of an index: allocate, write and commit them; read the descriptors back."""
 
@@ -119,6 +129,8 @@ class ChunkFiles(WriteLock):
             if chunk not in used:
                 for p in files.values():
                     p.unlink(missing_ok=True)
+        with self._db:  # their checksums go with them
+            self._db.execute("DELETE FROM chunk_sums WHERE chunk NOT IN (SELECT DISTINCT chunk FROM images)")
         for p in (self.folder / "chunks").glob(".*.partial*"):
             p.unlink(missing_ok=True)
 
@@ -128,21 +140,32 @@ class ChunkFiles(WriteLock):
         in_rows = int(self._db.execute("SELECT COALESCE(MAX(chunk), 0) FROM images").fetchone()[0])
         return max([in_rows, *self.chunk_files()]) + 1
 
-    def _write_chunk(self, chunk: int, data: dict[str, Any]) -> None:
-        """Step 1 of the protocol: every per-chunk file of ``chunk``, each atomically (temp + rename)."""
+    def _write_chunk(self, chunk: int, data: dict[str, Any]) -> dict[str, str]:
+        """Step 1 of the protocol: every per-chunk file of ``chunk``, each atomically (temp + rename).
+        Returns {kind: SHA-1 of the file written}, for ``_record_sums`` in the rows' transaction."""
         required = {k for k, v in CHUNK_KINDS.items() if not v.optional}
         assert required <= set(data) <= set(CHUNK_KINDS), (
             f"a chunk needs data for {sorted(required)}, got {sorted(data)}"
         )
+        sums = {}
         for kind, value in data.items():
             with atomic_path(self._chunk_path(chunk, kind)) as tmp:
                 CHUNK_KINDS[kind].write(tmp, value)
+                sums[kind] = file_sha1(tmp)  # just written: read back from the page cache
+        return sums
+
+    def _record_sums(self, chunk: int, sums: dict[str, str]) -> None:
+        """Inside the transaction committing ``chunk``'s rows (an id may be reused after its rows went)."""
+        self._db.executemany(
+            "INSERT OR REPLACE INTO chunk_sums (chunk, kind, sha1) VALUES (?, ?, ?)",
+            [(chunk, kind, h) for kind, h in sums.items()],
+        )
 
     def _commit_chunk(self, data: dict[str, Any], rows: Sequence[dict[str, Any]]) -> int:
         """The commit protocol: allocate a chunk id, write its files, then insert its rows (row i of
         the chunk = ``rows[i]``) in one transaction. Returns the chunk id."""
         chunk = self._next_chunk()
-        self._write_chunk(chunk, data)
+        sums = self._write_chunk(chunk, data)
         cols = (
             "path",
             "root",
@@ -156,7 +179,8 @@ class ChunkFiles(WriteLock):
             "added_at",
             "sha1",
         )
-        with self._db:  # one transaction: all rows of the chunk or none
+        with self._db:  # one transaction: all rows of the chunk (and its checksums) or none
+            self._record_sums(chunk, sums)
             self._db.executemany(
                 f"INSERT INTO images ({', '.join(cols)}, chunk, row) VALUES ({','.join('?' * (len(cols) + 2))})",
                 [tuple(r.get(c) for c in cols) + (chunk, i) for i, r in enumerate(rows)],

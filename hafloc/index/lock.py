@@ -98,6 +98,8 @@ class WriteLock(SchemaMigration):
                     self._schema = self._read_schema()  # another writer may have migrated it meanwhile
                     if self._schema == 1:
                         self._migrate_v1()
+                    if self._schema:
+                        self._add_chunk_sums()
                 yield
             finally:
                 self._write_depth = 0

@@ -21,10 +21,20 @@ _COLUMNS = """
 """
 
 
+# SHA-1 of each per-chunk file as written (``chunks.py``), inserted in the transaction committing the
+# chunk's rows; ``verify`` compares. Indexes written before it gain the table at their next write
+# (their older chunks have no checksum).
+_CHUNK_SUMS = """
+CREATE TABLE IF NOT EXISTS chunk_sums (
+    chunk INTEGER NOT NULL, kind TEXT NOT NULL, sha1 TEXT NOT NULL, PRIMARY KEY (chunk, kind)
+);
+"""
+
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS images ({_COLUMNS});
 CREATE INDEX IF NOT EXISTS images_chunk ON images(chunk);
 CREATE INDEX IF NOT EXISTS images_sha1 ON images(sha1);
+{_CHUNK_SUMS}
 """
 
 
@@ -43,6 +53,11 @@ class SchemaMigration(StoreBase):
         if missing:
             raise sqlite3.DatabaseError(f"table images lacks column(s) {', '.join(sorted(missing))}")
         return 2 if "sha1" in cols else 1
+
+    def _add_chunk_sums(self) -> None:
+        """Give an index written before chunk checksums their table (under the write lock)."""
+        if not self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'chunk_sums'").fetchone():
+            self._db.executescript(_CHUNK_SUMS)
 
     def _migrate_v1(self) -> None:
         """Version 1 -> 2 in one transaction: UNIQUE(path) becomes UNIQUE(root, path), sha1 added."""

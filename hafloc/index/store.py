@@ -43,8 +43,8 @@ import numpy as np
 
 from hafloc.descriptors.modelfile import DEFAULT
 from hafloc.errors import HaflocError, InputError, ModelMismatchError
-from hafloc.fileio import write_json_atomic
-from hafloc.index.adding import Adding, AddReport, Extracted, ExtractFn, extractor_fn, file_sha1, local_of
+from hafloc.fileio import file_sha1, write_json_atomic
+from hafloc.index.adding import Adding, AddReport, Extracted, ExtractFn, extractor_fn, local_of
 from hafloc.index.chunks import CHUNK_KINDS, ROWS_ATTR, ChunkKind, chunk_files, chunk_path
 from hafloc.index.compact import DTYPES, Projection
 from hafloc.index.lock import DEFAULT_LOCK_TIMEOUT, LOCK_NAME
@@ -276,6 +276,7 @@ class IndexStore(Adding):
             for i, chunk, row in self._db.execute("SELECT id, chunk, row FROM images ORDER BY chunk, row"):
                 rows_by_chunk.setdefault(int(chunk), []).append((int(i), int(row)))
             updates: list[tuple[int, int, int]] = []
+            sums: dict[int, dict[str, str]] = {}
             rewritten = dropped = 0
             for chunk, live in rows_by_chunk.items():
                 files = self.chunk_files().get(chunk, {})
@@ -285,11 +286,13 @@ class IndexStore(Adding):
                     continue  # nothing stale in this chunk
                 keep = np.array([r for _, r in live], np.int64)
                 new = self._next_chunk()
-                self._write_chunk(new, {kind: CHUNK_KINDS[kind].take(v, keep) for kind, v in data.items()})
+                sums[new] = self._write_chunk(new, {kind: CHUNK_KINDS[kind].take(v, keep) for kind, v in data.items()})
                 updates.extend((new, j, i) for j, (i, _) in enumerate(live))
                 rewritten += 1
                 dropped += n_rows - len(live)
             with self._db:
+                for new, chunk_sums in sums.items():
+                    self._record_sums(new, chunk_sums)
                 self._db.executemany("UPDATE images SET chunk = ?, row = ? WHERE id = ?", updates)
             self._remove_orphan_chunks()
             self._write_info()

@@ -1,8 +1,10 @@
 """``hafloc index verify``: check every file of an index folder without changing anything.
 
 Each check reports ``ok``, ``warning`` (the index works; e.g. a stale search structure is rebuilt
-at the next search, orphan chunk files go at the next write) or ``damage`` (answers would be
-wrong or fail: a row pointing at a missing chunk or row, a corrupt database, bad shapes).
+at the next search, orphan chunk files go at the next write), ``damage`` (answers would be
+wrong or fail: a row pointing at a missing chunk or row, a corrupt database, bad shapes, a chunk
+whose content changed since it was written, a search structure holding other vectors than the
+chunks) or ``skipped`` (the check could not run: chunks written before checksums were kept).
 Reads only, never takes the write lock: run it while a writer works and at worst it sees that
 writer's next chunk file before its rows commit (an orphan, a warning).
 """
@@ -18,9 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from hafloc.errors import InputError, printable
+from hafloc.errors import HaflocError, InputError, printable
+from hafloc.fileio import file_sha1
+from hafloc.index.chunks import read_chunk_sums
 from hafloc.index.search import load_search_index, params_path
-from hafloc.index.store import CHUNK_KINDS, chunk_files, py_text, read_index_json
+from hafloc.index.store import CHUNK_KINDS, chunk_files, chunk_path, py_text, read_index_json
 
 
 def verify_index(folder: str | Path, check_model: bool = True, check_files: bool = True) -> dict[str, Any]:
@@ -42,7 +46,7 @@ def verify_index(folder: str | Path, check_model: bool = True, check_files: bool
     except InputError as err:
         report("index.json", "damage", str(err))
 
-    rows = _check_database(folder, report)
+    rows, sums = _check_database(folder, report)
     if rows is not None and info is not None:
         counts = info.get("counts") or {}
         n, npos = len(rows), sum(r["lat"] is not None for r in rows)
@@ -64,6 +68,7 @@ def verify_index(folder: str | Path, check_model: bool = True, check_files: bool
             local=isinstance(info.get("local"), dict),
             dtype=str(info.get("dtype", "float32")),
         )
+        _check_checksums(folder, rows, sums, report, local=isinstance(info.get("local"), dict))
         _check_search(folder, info, rows, report)
         _check_projection(folder, info, rows, report)
         if check_files:
@@ -90,32 +95,34 @@ def verify_index(folder: str | Path, check_model: bool = True, check_files: bool
     }
 
 
-def _check_database(folder: Path, report) -> list[dict[str, Any]] | None:
+def _check_database(folder: Path, report) -> tuple[list[dict[str, Any]] | None, dict[tuple[int, str], str] | None]:
+    """(rows, chunk checksums or None when the index has none); (None, None) when unreadable."""
     path = folder / "meta.sqlite"
     if not path.is_file():
         report("meta.sqlite", "damage", f"{path} is missing")
-        return None
+        return None, None
     try:
         db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
     except sqlite3.Error as err:
         report("meta.sqlite", "damage", f"cannot open {path} ({err})")
-        return None
+        return None, None
     try:
         result = [r[0] for r in db.execute("PRAGMA integrity_check").fetchall()]
         if result != ["ok"]:
             report("meta.sqlite", "damage", "integrity_check: " + "; ".join(map(str, result[:5])))
-            return None
+            return None, None
         cols = {r[1] for r in db.execute("PRAGMA table_info(images)")}
         need = {"id", "path", "root", "lat", "lon", "chunk", "row"}
         if not need <= cols:
             report("meta.sqlite", "damage", f"table images lacks column(s) {', '.join(sorted(need - cols)) or 'all'}")
-            return None
+            return None, None
         cur = db.execute("SELECT id, root, path, chunk, row, lat, lon FROM images ORDER BY id")
         names = [c[0] for c in cur.description]
         rows = [dict(zip(names, r)) for r in cur.fetchall()]
+        sums = read_chunk_sums(db)
     except sqlite3.DatabaseError as err:
         report("meta.sqlite", "damage", f"{path}: {err}")
-        return None
+        return None, None
     finally:
         db.close()
     for r in rows:
@@ -126,7 +133,7 @@ def _check_database(folder: Path, report) -> list[dict[str, Any]] | None:
         report("meta.sqlite", "damage", f"{len(dup)} image(s) indexed twice, e.g. {printable(os.path.join(*dup[0]))}")
     else:
         report("meta.sqlite", "ok", f"integrity_check ok, schema {'2' if 'sha1' in cols else '1'}, {len(rows)} rows")
-    return rows
+    return rows, sums
 
 
 def _check_positions(rows: list[dict[str, Any]], report) -> None:
@@ -188,7 +195,10 @@ def _check_chunks(
                 continue
             try:
                 data = np.load(p, mmap_mode="r", allow_pickle=False) if kind == "descriptors" else k.read(p)
-            except (OSError, ValueError) as err:
+            except InputError as err:  # e.g. a local-features file lacking an image's group
+                problems.append(f"{p.name}: {err.cause}")
+                continue
+            except (OSError, ValueError, KeyError, HaflocError) as err:
                 problems.append(f"{p.name} unreadable ({err})")
                 continue
             n_rows = k.rows(data)
@@ -220,6 +230,50 @@ def _check_chunks(
         )
     else:
         report("orphan files", "ok", "none")
+
+
+def _check_checksums(
+    folder: Path, rows: list[dict[str, Any]], sums: dict[tuple[int, str], str] | None, report, local: bool
+) -> None:
+    """Each chunk file a row uses against the SHA-1 recorded when it was written (chunks.py)."""
+    on_disk = chunk_files(folder)
+    files = [
+        (chunk, kind, on_disk[chunk][kind])
+        for chunk in sorted({int(r["chunk"]) for r in rows})
+        for kind, k in CHUNK_KINDS.items()
+        if (local or not k.optional) and kind in on_disk.get(chunk, {})
+    ]
+    known = [(c, kind, p) for c, kind, p in files if sums and (c, kind) in sums]
+    if not known:
+        if files:
+            report(
+                "checksums",
+                "skipped",
+                f"not available: the {len(files)} chunk file(s) were written before hafloc kept checksums",
+            )
+        else:
+            report("checksums", "ok", "no chunk files")
+        return
+    assert sums is not None
+    changed = []
+    for c, kind, p in known:
+        try:
+            if file_sha1(p) != sums[(c, kind)]:
+                changed.append(p.name)
+        except OSError as err:
+            changed.append(f"{p.name} (unreadable: {err})")
+    older = len(files) - len(known)
+    note = f"; {older} older chunk file(s) have none" if older else ""
+    if changed:
+        report(
+            "checksums",
+            "damage",
+            f"{len(changed)} chunk file(s) changed since they were written (checksum mismatch): "
+            + ", ".join(changed[:5])
+            + note,
+        )
+    else:
+        report("checksums", "ok", f"{len(known)} chunk file(s) match their checksums{note}")
 
 
 def _check_search(folder: Path, info: dict[str, Any], rows: list[dict[str, Any]], report) -> None:
@@ -259,8 +313,58 @@ def _check_search(folder: Path, info: dict[str, Any], rows: list[dict[str, Any]]
             "damage",
             f"search files hold {index.ntotal} vectors / {len(stored)} ids that are not the index's {len(ids)} images",
         )
-    else:
+        return
+    by_id = {int(r["id"]): (int(r["chunk"]), int(r["row"])) for r in rows}
+    loc = np.array([by_id[int(i)] for i in stored], np.int64).reshape(-1, 2)
+    differ = _search_differs(folder, index, loc)
+    if differ is None:
         report("search", "ok", f"{index.kind} over {index.ntotal} images, consistent with the rows")
+    elif isinstance(differ, str):
+        report("search", "ok", f"{index.kind} over {index.ntotal} images, consistent with the rows ({differ})")
+    else:
+        n_bad, first = differ
+        report(
+            "search",
+            "damage",
+            f"{n_bad} of {index.ntotal} image(s) have other descriptors in the chunks than in the search "
+            f"structure (e.g. id {int(stored[first])}, row {loc[first, 1]} of "
+            f"{chunk_path(folder, int(loc[first, 0])).name})",
+        )
+
+
+def _search_differs(folder: Path, index: Any, loc: np.ndarray) -> tuple[int, int] | str | None:
+    """Compare the search structure with the chunks: (how many rows differ, the first), None when all
+    agree, or why they were not compared. In-RAM kinds hold exact copies of the vectors; the on-disk
+    kind reads them from the chunks, so its (chunk, row) map is what must agree."""
+    if index.kind == "ondisk":
+        from hafloc.index.ondisk import ondisk_paths
+
+        try:
+            saved = np.load(ondisk_paths(folder / "search.faiss")["rows"], allow_pickle=False)
+        except (OSError, ValueError) as err:
+            return f"its row map is unreadable ({err})"
+        if saved.shape != loc.shape:
+            return (len(loc), 0)
+        bad = np.flatnonzero((saved != loc).any(axis=1))
+        return (len(bad), int(bad[0])) if len(bad) else None
+    from hafloc.index.ondisk import ChunkVectors
+
+    vectors = ChunkVectors(loc, lambda c: chunk_path(folder, c))
+    n_bad, first = 0, -1
+    try:
+        for start in range(0, len(loc), 4096):  # bounded memory, whatever the index size
+            stop = min(start + 4096, len(loc))
+            a = index.index.reconstruct_n(start, stop - start)
+            b = vectors(np.arange(start, stop))
+            bad = np.flatnonzero((a != b).any(axis=1))
+            if len(bad) and first < 0:
+                first = start + int(bad[0])
+            n_bad += len(bad)
+    except (OSError, ValueError, RuntimeError) as err:  # chunk files the chunks check reports
+        return f"not compared with the chunks: {err}"
+    finally:
+        vectors.close()
+    return (n_bad, first) if n_bad else None
 
 
 def _check_model(info: dict[str, Any], report) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -72,9 +72,23 @@ def plot_coverage(curves: Mapping[str, tuple[ArrayLike, ArrayLike]], path: str |
     )
 
 
-def write_calibration_report(meta: Mapping[str, Any], out_dir: str | Path, title: str) -> Path:
-    """``out_dir/index.html`` with both plots, from a calibration's ``meta`` (held-out predictions)."""
+def write_calibration_report(
+    meta: Mapping[str, Any] | None, out_dir: str | Path, title: str, summary: Sequence[str] = ()
+) -> Path:
+    """``out_dir/index.html``: the index's ``summary`` lines, then both plots from a calibration's
+    ``meta`` (held-out predictions); ``meta`` None (an uncalibrated index): the summary and a note."""
     out = Path(out_dir)
+    head = [Section("Index", pre="\n".join(summary))] if summary else []
+    if meta is None:
+        note = Section(
+            "Calibration",
+            paragraphs=[
+                "Not calibrated: confidences are the uncalibrated heuristic. 'hafloc index calibrate' fits the "
+                "calibration (leave-one-out over the index's positioned photos); this page then shows its "
+                "reliability diagram and accuracy/coverage curve."
+            ],
+        )
+        return write_report(out, title, [*head, note], footer="hafloc index info --report")
     held = meta.get("heldout") or {}
     p, y = np.asarray(held.get("p", []), np.float64), np.asarray(held.get("y", []), np.float64)
     if len(p) == 0:
@@ -114,4 +128,4 @@ def write_calibration_report(meta: Mapping[str, Any], out_dir: str | Path, title
         ),
         Section("Reliability bins", tables=[Table(bins, ["bin", "mean confidence", "accuracy", "n"])]),
     ]
-    return write_report(out, title, sections, footer="hafloc index info --report")
+    return write_report(out, title, [*head, *sections], footer="hafloc index info --report")

@@ -6,6 +6,7 @@ import base64
 import fnmatch
 import io
 import shutil
+import socket
 import sqlite3
 from pathlib import Path
 
@@ -272,6 +273,25 @@ def test_bearer_token(served):
         assert c.post("/locate", files={"file": (name, data)}, headers=ok).status_code == 200
         assert c.get("/thumbnails/1", headers=ok).status_code == 200
         assert c.get("/api/positions", headers=ok).status_code == 200
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_busy_port_is_one_line_before_anything_serves(served, capsys, workers):
+    serve = ["serve", "--index", str(served["index"]), "--backend", "torch", "--workers", workers]
+    with socket.socket() as other:  # another server on the port
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        code = main([*serve, "--port", str(port)])
+    out, err = capsys.readouterr()
+    assert code == 2 and "serving" not in out, out
+    assert err.splitlines() == [
+        f"hafloc: error: cannot listen on 127.0.0.1:{port}: the port is already in use (choose another --port)"
+    ]
+    assert main([*serve, "--port", "70000"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "hafloc: error: cannot listen on 127.0.0.1:70000: bind(): port must be 0-65535."
+    ]
 
 
 def _serve(index: Path, *extra: str, port: int | None = None):

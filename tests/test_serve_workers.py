@@ -26,6 +26,7 @@ from hafloc.cli import main
 from hafloc.errors import HaflocError
 from hafloc.index.store import LOCK_NAME, IndexStore
 from test_cli_index import make_photo_db, make_small_model
+from test_extract import _png_header
 
 try:
     import browser
@@ -85,8 +86,14 @@ def reference(data) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def workers(data):
-    with browser.hafloc_server(data["index"], workers=2, timeout=180) as url:
+def workers_log(tmp_path_factory) -> Path:
+    """What the server and its workers print (stdout and stderr)."""
+    return tmp_path_factory.mktemp("serve_workers_log") / "server.log"
+
+
+@pytest.fixture(scope="module")
+def workers(data, workers_log):
+    with browser.hafloc_server(data["index"], workers=2, timeout=180, log=workers_log) as url:
         yield url
 
 
@@ -203,6 +210,29 @@ def test_workers_option_is_checked_and_explained(data, capsys):
         main(["serve", "--help"])
     out = " ".join(capsys.readouterr().out.split()).replace("- ", "-")  # argparse wraps at hyphens
     assert "each worker loads its own copy of the model" in out and "memory-mapped" in out
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # the reference, in this process
+def test_decompression_bombs_get_the_single_process_answer_in_every_worker(workers, workers_log, data):
+    """Pillow's DecompressionBombWarning (89-179 MP) and DecompressionBombError (above): the 413 of one
+    process, and no warning printed by a worker (a spawned worker inherits no warning filter)."""
+    from hafloc.serve.app import create_app
+
+    bombs = {"warns.png": _png_header(10_000, 10_000), "errors.png": _png_header(20_000, 20_000)}
+    with TestClient(create_app(data["index"], backend="torch")) as c:  # what --workers 1 answers
+        want = {n: c.post("/locate", files={"file": (n, b, "image/png")}).json() for n, b in bombs.items()}
+    assert want["warns.png"]["detail"] == "warns.png: image too large (10000x10000 = 100.0 MP; the limit is 40 MP)"
+    assert want["errors.png"]["detail"].startswith("errors.png: image too large (Image size (400000000 pixels)")
+    printed = workers_log.stat().st_size
+    with httpx.Client(base_url=workers, timeout=60, headers={"Connection": "close"}) as c:
+        for _ in range(4):  # new connections: both workers get some
+            for name, bomb in bombs.items():
+                r = c.post("/locate", files={"file": (name, bomb, "image/png")})
+                assert r.status_code == 413 and r.json() == want[name]
+        assert c.get("/health").status_code == 200
+    with open(workers_log, "rb") as f:
+        f.seek(printed)
+        assert f.read().decode(errors="replace") == ""  # no warning, no traceback
 
 
 def test_a_killed_worker_is_replaced_and_the_others_keep_serving(workers, data, reference):

@@ -70,9 +70,12 @@ def app_from_env() -> FastAPI:
         )
         sys.exit(STARTUP_FAILURE)
     from ..descriptors.runtime import apply_threads
+    from ..images.io import quiet_bomb_warning
 
     _die_with_parent()
-    apply_threads(settings["threads"])  # process-wide: each worker sets its own share of the cores
+    # process-wide settings the CLI makes in its own process: a spawned worker inherits neither
+    apply_threads(settings["threads"])  # each worker its own share of the cores
+    quiet_bomb_warning()
     try:
         return create_app(
             settings["index"], locator_config=LocatorConfig(**settings["locator_config"]), **settings["app"]

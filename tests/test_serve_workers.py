@@ -6,6 +6,7 @@ answers come from the same app in this process (what ``--workers 1`` runs).
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -235,16 +236,39 @@ def test_decompression_bombs_get_the_single_process_answer_in_every_worker(worke
         assert f.read().decode(errors="replace") == ""  # no warning, no traceback
 
 
-def test_a_killed_worker_is_replaced_and_the_others_keep_serving(workers, data, reference):
-    """uvicorn's supervisor (>= 0.30) restarts a worker that dies; meanwhile the others answer."""
+def _multipart(name: str, data: bytes) -> tuple[bytes, str]:
+    boundary = "hafloc-test-boundary"
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n\r\n'.encode()
+    return head + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def test_a_worker_killed_mid_request_loses_that_request_only(workers, data, reference):
+    """SIGKILL to the worker holding a half-sent upload: that request is lost (its connection closes
+    without an answer, as docs/SCALING.md says), every other request is answered by the other worker,
+    and uvicorn's supervisor (>= 0.30) starts a replacement."""
     before = browser.wait_for_pids(workers, 2, timeout=30)
-    victim = min(before)
-    os.kill(victim, signal.SIGKILL)
+    conn = http.client.HTTPConnection(workers.removeprefix("http://"), timeout=60)
+    conn.request("GET", "/health")  # a keep-alive connection: the worker that accepted it answers
+    victim = json.loads(conn.getresponse().read())["pid"]
     name = next(iter(reference))
-    r = _locate(workers, data["db"] / name)  # the survivor answers at once
-    assert r.status_code == 200 and r.json()["results"][0]["matches"][0]["image"] == name
+    body, ctype = _multipart(name, (data["db"] / name).read_bytes())
+    conn.putrequest("POST", "/locate")
+    conn.putheader("Content-Type", ctype)
+    conn.putheader("Content-Length", str(len(body)))
+    conn.endheaders()
+    conn.send(body[: len(body) // 2])  # the victim is now reading this upload
+    os.kill(victim, signal.SIGKILL)
+    with pytest.raises(ConnectionError):  # reset or closed without a response: this request is lost
+        conn.send(body[len(body) // 2 :])
+        conn.getresponse()
+    conn.close()
+    for _ in range(4):  # the survivor answers at once, every request
+        r = _locate(workers, data["db"] / name)
+        assert r.status_code == 200 and r.json()["results"][0]["matches"][0]["image"] == name
     replacement = browser.wait_for_pids(workers, 1, timeout=120, exclude=before)
     assert replacement and victim not in replacement
+    for _ in range(4):  # and the two serve on
+        assert _locate(workers, data["db"] / name).status_code == 200
 
 
 def test_read_only_store_never_takes_the_lock_nor_writes(data, tmp_path):

@@ -43,7 +43,9 @@ def register(sub) -> None:
         help="server processes behind the one port (default 1). Memory: each worker loads its own copy "
         "of the model (the default model: about 0.5 GB), while the index's search structure is "
         "memory-mapped read-only and shared by all of them; --threads defaults to the cores divided "
-        "by N. A worker that dies is restarted. See docs/SCALING.md",
+        "by N. A worker that dies (killed, out of memory) is restarted while the others answer; the requests "
+        "it had accepted are lost (their connections close without an answer: POST /locate changes nothing, "
+        "so a client may retry it). See docs/SCALING.md",
     )
     p.add_argument(
         "--inference-threads",

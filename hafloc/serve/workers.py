@@ -17,6 +17,12 @@ and restart logic.
 What N processes cost: each holds its own model and decode buffers (the default model: ~520 MB
 resident with ONNX Runtime, docs/SCALING.md); the index's search structure is memory-mapped read-only
 (``IndexStore.open(read_only=True)``), so its pages are shared through the page cache.
+
+A worker killed mid-request (SIGKILL, the OOM killer) loses the requests it had accepted: the one it
+was answering, those waiting for its inference thread and any sent on its open keep-alive connections
+(their clients see the connection close without an answer). Connections not yet accepted wait in the
+shared socket's backlog and go to the other workers, which keep answering; the supervisor notices the
+death within 0.5 s and starts a replacement, serving once its model has loaded.
 """
 
 from __future__ import annotations

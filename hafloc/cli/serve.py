@@ -14,7 +14,7 @@ def register(sub) -> None:
         description="Serves GET / (the page: drop a photo, see the estimate on a map of the database "
         "positions, the best matches and the attention maps), POST /locate (multipart "
         "field 'file' -> JSON as 'hafloc locate --json' plus attention overlays), "
-        "GET /api/positions, GET /thumbnails/ID and GET /health. Runs offline. "
+        "GET /api/positions, GET /thumbnails/ID (?size=large: a larger one) and GET /health. Runs offline. "
         "The port is taken before the model loads: a busy one is an error at once.",
     )
     p.add_argument("--index", required=True, help="index folder (from 'hafloc index build')")

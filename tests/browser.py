@@ -153,18 +153,25 @@ def wait_for_pids(
 
 @contextlib.contextmanager
 def hafloc_server(
-    index: str | Path, *extra: str, port: int | None = None, timeout: float = 60, workers: int = 1
+    index: str | Path,
+    *extra: str,
+    port: int | None = None,
+    timeout: float = 60,
+    workers: int = 1,
+    log: str | Path | None = None,
 ) -> Iterator[str]:
     """``hafloc serve --index INDEX`` as a real uvicorn process on a loopback port: yields its base URL.
 
     ``workers`` > 1: ``--workers N``, and waits until N distinct worker pids have answered /health.
     RuntimeError when it exits or does not answer /health within ``timeout`` seconds; the process
-    (and so its workers) is stopped on the way out.
+    (and so its workers) is stopped on the way out. ``log``: a file that receives what the server and
+    its workers print (stdout and stderr), for the caller to read while it runs.
     """
     port = port or free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     if workers > 1:
         extra = ("--workers", str(workers), *extra)
+    logfile = open(log, "wb") if log is not None else None
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -179,7 +186,7 @@ def hafloc_server(
             "torch",
             *extra,
         ],
-        stdout=subprocess.PIPE,
+        stdout=logfile if logfile is not None else subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env=env,
     )
@@ -188,7 +195,8 @@ def hafloc_server(
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {proc.stdout.read().decode()[-2000:]}")
+                printed = Path(log).read_bytes() if log is not None else proc.stdout.read()
+                raise RuntimeError(f"server exited: {printed.decode()[-2000:]}")
             try:
                 with urllib.request.urlopen(url + "/health", timeout=1) as r:
                     if r.status == 200:
@@ -207,3 +215,5 @@ def hafloc_server(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if logfile is not None:
+            logfile.close()

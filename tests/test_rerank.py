@@ -347,6 +347,15 @@ def test_browser_shows_the_verified_match_lines(lund, tmp_path):
         assert n_lines == min(best["inliers"], 300) and n_lines > 0
         assert page.locator("#verify image").count() == 2
         page.wait_for_function("document.querySelectorAll('#verify image')[1].getAttribute('href')")
+        # the database photo at the panel's size, as sharp as the photo beside it (not a 256 px thumbnail)
+        href = page.locator("#verify image").nth(1).get_attribute("href")
+        assert href == f"{url}/thumbnails/{best['id']}?size=large"
+        natural = page.evaluate(
+            "(u) => new Promise((ok) => { const i = new Image(); i.onload = () => ok([i.naturalWidth, "
+            "i.naturalHeight]); i.src = u; })",
+            href,
+        )
+        assert natural == best["correspondences"]["db_size"] and max(natural) > 256
         assert f"{best['inliers']} verified inlier matches" in page.locator("#verify-caption").inner_text()
         assert f"{best['inliers']} inliers" in page.locator("#matches li").first.inner_text()
         browser.screenshot(page, tmp_path / "verify.png")

@@ -6,6 +6,7 @@ import base64
 import fnmatch
 import io
 import shutil
+import socket
 import sqlite3
 from pathlib import Path
 
@@ -97,6 +98,14 @@ def test_locate_real_photo(client, served):
     thumb = Image.open(io.BytesIO(t.content))
     with Image.open(served["db"] / name) as im:
         assert max(thumb.size) == 256 and abs(thumb.width / thumb.height - im.width / im.height) < 0.02
+        # the correspondence panel's size: sharp where it is drawn, never upscaled, still a capped JPEG
+        large = Image.open(io.BytesIO(client.get(f"/thumbnails/{top_id}?size=large").content))
+        assert max(im.size) > 1024 and max(large.size) == 1024 and large.format == "JPEG"
+        assert abs(large.width / large.height - im.width / im.height) < 0.02
+    again = client.get(f"/thumbnails/{top_id}")  # each size cached apart
+    assert again.content == t.content and max(Image.open(io.BytesIO(again.content)).size) == 256
+    r = client.get(f"/thumbnails/{top_id}?size=2048")
+    assert r.status_code == 422 and r.json()["detail"] == "size: expected one of small, large, got '2048'"
 
 
 def test_attention_overlay_marks_where_attention_is_high(served):
@@ -124,6 +133,8 @@ def test_positions_and_page(client, served):
     np.testing.assert_allclose(got, sorted(served["positions"].values()), atol=1e-9)
     page = client.get("/")
     assert page.status_code == 200 and 'id="file"' in page.text
+    # until the positions have loaded the map says so, never "no positioned photos"
+    assert '<p id="map-message">loading&hellip;</p>' in page.text
     for asset in ("/static/app.js", "/static/style.css"):
         assert client.get(asset).status_code == 200
     # offline: nothing is fetched from elsewhere
@@ -274,6 +285,25 @@ def test_bearer_token(served):
         assert c.get("/api/positions", headers=ok).status_code == 200
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_busy_port_is_one_line_before_anything_serves(served, capsys, workers):
+    serve = ["serve", "--index", str(served["index"]), "--backend", "torch", "--workers", workers]
+    with socket.socket() as other:  # another server on the port
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        code = main([*serve, "--port", str(port)])
+    out, err = capsys.readouterr()
+    assert code == 2 and "serving" not in out, out
+    assert err.splitlines() == [
+        f"hafloc: error: cannot listen on 127.0.0.1:{port}: the port is already in use (choose another --port)"
+    ]
+    assert main([*serve, "--port", "70000"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "hafloc: error: cannot listen on 127.0.0.1:70000: bind(): port must be 0-65535."
+    ]
+
+
 def _serve(index: Path, *extra: str, port: int | None = None):
     """``hafloc serve`` as a real process on a free loopback port (the shared harness): yields its URL."""
     try:
@@ -327,6 +357,15 @@ def test_browser_upload_shows_estimate_and_thumbnails(live_server, served, tmp_p
     name, _ = _photo(served)
     requests: list[str] = []
     with open_page(live_server + "/", requests=requests) as (page, console_errors, failed_requests):
+        # while the positions load the map says "loading…" (held here until checked)
+        held: list = []
+        page.route("**/api/positions", lambda route: held.append(route))
+        page.reload()
+        page.wait_for_function("() => document.querySelector('.leaflet-container') !== null")
+        assert page.locator("#map-message").inner_text() == "loading\u2026"
+        while not held:
+            page.wait_for_timeout(50)
+        held[0].continue_()
         page.wait_for_function("document.querySelectorAll('#map path.hafloc-db').length > 0")
         assert page.locator("#map path.hafloc-db").count() == len(served["positions"])
         assert page.locator("#map .hafloc-grid").count() > 0 and page.locator("#map img.leaflet-tile").count() == 0
@@ -410,6 +449,8 @@ def test_browser_map_unknown_estimate_and_tiles(served, unpositioned_index, tmp_
         page.wait_for_function("document.querySelectorAll('#map img.leaflet-tile-loaded').length > 0")
         assert page.locator("#map .leaflet-control-attribution").inner_text() == "<b>test</b> tiles"  # text, not HTML
         assert page.locator("#map .hafloc-grid").count() == 0  # tiles replace the grid
+        # once the (empty) positions have loaded: never "loading…" again
+        page.wait_for_function("document.getElementById('map-message').textContent !== 'loading\u2026'")
         assert page.locator("#map-message").inner_text() == "no positioned photos in the index"
         page.set_input_files("#file", str(served["db"] / name))
         page.wait_for_function("document.querySelectorAll('#matches li').length === 10")

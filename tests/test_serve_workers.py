@@ -6,6 +6,7 @@ answers come from the same app in this process (what ``--workers 1`` runs).
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from hafloc.cli import main
 from hafloc.errors import HaflocError
 from hafloc.index.store import LOCK_NAME, IndexStore
 from test_cli_index import make_photo_db, make_small_model
+from test_extract import _png_header
 
 try:
     import browser
@@ -85,8 +87,14 @@ def reference(data) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def workers(data):
-    with browser.hafloc_server(data["index"], workers=2, timeout=180) as url:
+def workers_log(tmp_path_factory) -> Path:
+    """What the server and its workers print (stdout and stderr)."""
+    return tmp_path_factory.mktemp("serve_workers_log") / "server.log"
+
+
+@pytest.fixture(scope="module")
+def workers(data, workers_log):
+    with browser.hafloc_server(data["index"], workers=2, timeout=180, log=workers_log) as url:
         yield url
 
 
@@ -205,16 +213,62 @@ def test_workers_option_is_checked_and_explained(data, capsys):
     assert "each worker loads its own copy of the model" in out and "memory-mapped" in out
 
 
-def test_a_killed_worker_is_replaced_and_the_others_keep_serving(workers, data, reference):
-    """uvicorn's supervisor (>= 0.30) restarts a worker that dies; meanwhile the others answer."""
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # the reference, in this process
+def test_decompression_bombs_get_the_single_process_answer_in_every_worker(workers, workers_log, data):
+    """Pillow's DecompressionBombWarning (89-179 MP) and DecompressionBombError (above): the 413 of one
+    process, and no warning printed by a worker (a spawned worker inherits no warning filter)."""
+    from hafloc.serve.app import create_app
+
+    bombs = {"warns.png": _png_header(10_000, 10_000), "errors.png": _png_header(20_000, 20_000)}
+    with TestClient(create_app(data["index"], backend="torch")) as c:  # what --workers 1 answers
+        want = {n: c.post("/locate", files={"file": (n, b, "image/png")}).json() for n, b in bombs.items()}
+    assert want["warns.png"]["detail"] == "warns.png: image too large (10000x10000 = 100.0 MP; the limit is 40 MP)"
+    assert want["errors.png"]["detail"].startswith("errors.png: image too large (Image size (400000000 pixels)")
+    printed = workers_log.stat().st_size
+    with httpx.Client(base_url=workers, timeout=60, headers={"Connection": "close"}) as c:
+        for _ in range(4):  # new connections: both workers get some
+            for name, bomb in bombs.items():
+                r = c.post("/locate", files={"file": (name, bomb, "image/png")})
+                assert r.status_code == 413 and r.json() == want[name]
+        assert c.get("/health").status_code == 200
+    with open(workers_log, "rb") as f:
+        f.seek(printed)
+        assert f.read().decode(errors="replace") == ""  # no warning, no traceback
+
+
+def _multipart(name: str, data: bytes) -> tuple[bytes, str]:
+    boundary = "hafloc-test-boundary"
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n\r\n'.encode()
+    return head + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def test_a_worker_killed_mid_request_loses_that_request_only(workers, data, reference):
+    """SIGKILL to the worker holding a half-sent upload: that request is lost (its connection closes
+    without an answer, as docs/SCALING.md says), every other request is answered by the other worker,
+    and uvicorn's supervisor (>= 0.30) starts a replacement."""
     before = browser.wait_for_pids(workers, 2, timeout=30)
-    victim = min(before)
-    os.kill(victim, signal.SIGKILL)
+    conn = http.client.HTTPConnection(workers.removeprefix("http://"), timeout=60)
+    conn.request("GET", "/health")  # a keep-alive connection: the worker that accepted it answers
+    victim = json.loads(conn.getresponse().read())["pid"]
     name = next(iter(reference))
-    r = _locate(workers, data["db"] / name)  # the survivor answers at once
-    assert r.status_code == 200 and r.json()["results"][0]["matches"][0]["image"] == name
+    body, ctype = _multipart(name, (data["db"] / name).read_bytes())
+    conn.putrequest("POST", "/locate")
+    conn.putheader("Content-Type", ctype)
+    conn.putheader("Content-Length", str(len(body)))
+    conn.endheaders()
+    conn.send(body[: len(body) // 2])  # the victim is now reading this upload
+    os.kill(victim, signal.SIGKILL)
+    with pytest.raises(ConnectionError):  # reset or closed without a response: this request is lost
+        conn.send(body[len(body) // 2 :])
+        conn.getresponse()
+    conn.close()
+    for _ in range(4):  # the survivor answers at once, every request
+        r = _locate(workers, data["db"] / name)
+        assert r.status_code == 200 and r.json()["results"][0]["matches"][0]["image"] == name
     replacement = browser.wait_for_pids(workers, 1, timeout=120, exclude=before)
     assert replacement and victim not in replacement
+    for _ in range(4):  # and the two serve on
+        assert _locate(workers, data["db"] / name).status_code == 200
 
 
 def test_read_only_store_never_takes_the_lock_nor_writes(data, tmp_path):

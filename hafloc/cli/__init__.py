@@ -68,17 +68,6 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + 13  # what a shell reports for a process ended by SIGPIPE
 
 
-def _quiet_pillow_bomb_warning() -> None:
-    """Process-wide, so set here by the application, once, before any thread starts: Pillow warns
-    about images above its limit (~89 MP) that ``images.io.load_image`` refuses above its own
-    cap (120 MP) anyway, with a one-line error; below our cap the warning is noise."""
-    import warnings
-
-    from PIL import Image
-
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-
-
 def _run(argv: list[str] | None) -> int:
     for stream in (sys.stdout, sys.stderr):  # a non-UTF-8 file name prints escaped, never crashes
         if hasattr(stream, "reconfigure"):
@@ -87,7 +76,9 @@ def _run(argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("faiss").setLevel(logging.WARNING)  # "Successfully loaded faiss" is noise
-    _quiet_pillow_bomb_warning()
+    from ..images.io import quiet_bomb_warning
+
+    quiet_bomb_warning()
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

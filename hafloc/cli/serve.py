@@ -14,7 +14,8 @@ def register(sub) -> None:
         description="Serves GET / (the page: drop a photo, see the estimate on a map of the database "
         "positions, the best matches and the attention maps), POST /locate (multipart "
         "field 'file' -> JSON as 'hafloc locate --json' plus attention overlays), "
-        "GET /api/positions, GET /thumbnails/ID and GET /health. Runs offline.",
+        "GET /api/positions, GET /thumbnails/ID (?size=large: a larger one) and GET /health. Runs offline. "
+        "The port is taken before the model loads: a busy one is an error at once.",
     )
     p.add_argument("--index", required=True, help="index folder (from 'hafloc index build')")
     p.add_argument("--model", help="model file (default: the one the index was built with)")
@@ -42,7 +43,9 @@ def register(sub) -> None:
         help="server processes behind the one port (default 1). Memory: each worker loads its own copy "
         "of the model (the default model: about 0.5 GB), while the index's search structure is "
         "memory-mapped read-only and shared by all of them; --threads defaults to the cores divided "
-        "by N. A worker that dies is restarted. See docs/SCALING.md",
+        "by N. A worker that dies (killed, out of memory) is restarted while the others answer; the requests "
+        "it had accepted are lost (their connections close without an answer: POST /locate changes nothing, "
+        "so a client may retry it). See docs/SCALING.md",
     )
     p.add_argument(
         "--inference-threads",
@@ -68,12 +71,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    import uvicorn
-
     from ..errors import HaflocError
     from ..index.locator import Locator, LocatorConfig
     from ..serve.app import check_tile_url, create_app
-    from ..serve.workers import run_workers, settings_json, threads_per_worker
+    from ..serve.workers import listen, run_one, run_workers, settings_json, threads_per_worker
 
     if args.max_upload_mb <= 0:
         raise HaflocError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
@@ -88,6 +89,7 @@ def run(args) -> int:
         print("warning: serving on a public address without --token: anyone who can reach it may use it")
     if args.tiles:
         check_tile_url(args.tiles)  # before the model loads: a typo should cost nothing
+    sock = listen(args.host, args.port)  # a busy port, too, before the model loads and before "serving"
     threads = threads_per_worker(args.workers, args.threads)
     lc = LocatorConfig(
         backend=args.backend,
@@ -108,18 +110,17 @@ def run(args) -> int:
         max_pixels=int(args.max_megapixels * 1e6),
     )
     where = f"http://{args.host}:{args.port}/"
-    if args.workers == 1:
-        app = create_app(args.index, locator_config=lc, **app_kwargs)
-        print(f"hafloc: serving {args.index} on {where} (Ctrl-C to stop)", flush=True)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-        return 0
-    # everything a worker will load, checked once here: a wrong model or a damaged index is one clear
-    # error now rather than N workers failing (the model is freed again before the workers start)
-    Locator(args.index, args.model, lc, read_only=True).close()
-    print(
-        f"hafloc: serving {args.index} on {where} with {args.workers} worker processes, {threads} threads each "
-        "(Ctrl-C to stop)",
-        flush=True,
-    )
-    run_workers(settings_json(args.index, lc, threads, **app_kwargs), args.host, args.port, args.workers)
-    return 0
+    with sock:
+        if args.workers == 1:
+            app = create_app(args.index, locator_config=lc, **app_kwargs)
+            print(f"hafloc: serving {args.index} on {where} (Ctrl-C to stop)", flush=True)
+            return run_one(app, sock)
+        # everything a worker will load, checked once here: a wrong model or a damaged index is one clear
+        # error now rather than N workers failing (the model is freed again before the workers start)
+        Locator(args.index, args.model, lc, read_only=True).close()
+        print(
+            f"hafloc: serving {args.index} on {where} with {args.workers} worker processes, {threads} threads "
+            "each (Ctrl-C to stop)",
+            flush=True,
+        )
+        return run_workers(settings_json(args.index, lc, threads, **app_kwargs), sock, args.workers)

@@ -36,6 +36,19 @@ class ImageTooLarge(InputError):
     """An image with more pixels than the caller accepts (refused before decoding)."""
 
 
+def quiet_bomb_warning() -> None:
+    """Silence Pillow's ``DecompressionBombWarning`` in this process; for applications only (each
+    process that reads photos: the CLI, each server worker), once, before any thread starts.
+
+    Pillow warns about images above its limit (~89 MP) that ``load_image`` refuses above its own
+    cap anyway, with a one-line error; below our cap the warning is noise on stderr. The filter is
+    process-wide and not inherited by spawned processes, hence one call per process.
+    """
+    import warnings
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
 def load_image(
     path: str | Path, exif_transpose: bool = True, *, max_side: int | None = None, max_pixels: int | None = MAX_PIXELS
 ) -> Image.Image:
@@ -79,7 +92,7 @@ def load_image(
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:  # the warning under -W error
-        raise InputError(path, f"image too large ({str(err).split(',')[0]})") from None
+        raise ImageTooLarge(path, f"image too large ({str(err).split(',')[0]})") from None
     except UnidentifiedImageError:
         raise InputError(path, "not an image (unrecognised format)") from None
     except OSError as err:

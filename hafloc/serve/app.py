@@ -38,7 +38,9 @@ from ..index.locator import Locator, LocatorConfig
 from ..index.prior import Near
 
 STATIC = Path(__file__).parent / "static"
-THUMB_SIDE = 256
+# /thumbnails/ID?size=...: the longest side of each size (never upscaled). "large" is the correspondence
+# panel's database photo, drawn up to 360 CSS px tall (style.css #verify): sharp on a 2x screen
+THUMB_SIDES = {"small": 256, "large": 1024}
 OVERLAY_SIDE = 320
 MAX_PLOT_POINTS = 20_000  # the page's map; more points only slow the browser down
 MAX_CORRESPONDENCES = 300  # inlier pairs sent for the best match (as many as the page draws)
@@ -50,7 +52,7 @@ class ServeConfig:
     token: str | None = None
     top_k: int = 10
     inference_threads: int = 1  # photos described at once per process; each already uses --threads cores
-    thumb_cache: int = 512
+    thumb_cache_mb: float = 64.0  # JPEG bytes of thumbnails kept per process (a large one: ~100-200 kB)
     tiles: str | None = None  # map tile URL template ({z}/{x}/{y}); None: a plain coordinate grid, offline
     tiles_attribution: str | None = None
     # decoded pixels an upload may have: a small PNG can hold 100+ MP (~1 GB decoded, seconds of CPU)
@@ -246,24 +248,26 @@ def decode_upload(
 
 
 class _ThumbCache:
-    """Small LRU of thumbnail JPEG bytes by database id."""
+    """LRU of thumbnail JPEG bytes by (database id, size), bounded in bytes (sizes differ 10-fold)."""
 
-    def __init__(self, size: int):
-        self.size, self._lock = size, threading.Lock()
-        self._d: OrderedDict[int, bytes] = OrderedDict()
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self._lock = max_bytes, threading.Lock()
+        self._d: OrderedDict[tuple[int, str], bytes] = OrderedDict()
+        self._bytes = 0
 
-    def get(self, key: int) -> bytes | None:
+    def get(self, key: tuple[int, str]) -> bytes | None:
         with self._lock:
             if key in self._d:
                 self._d.move_to_end(key)
                 return self._d[key]
         return None
 
-    def put(self, key: int, value: bytes) -> None:
+    def put(self, key: tuple[int, str], value: bytes) -> None:
         with self._lock:
+            self._bytes += len(value) - len(self._d.pop(key, b""))
             self._d[key] = value
-            while len(self._d) > self.size:
-                self._d.popitem(last=False)
+            while self._bytes > self.max_bytes and self._d:
+                self._bytes -= len(self._d.popitem(last=False)[1])
 
 
 def create_app(
@@ -301,7 +305,7 @@ def create_app(
     lc = locator_config or LocatorConfig(backend=backend)
     locator = Locator(index_path, model_path, lc, read_only=True)
     pool = ThreadPoolExecutor(max_workers=max(1, config.inference_threads), thread_name_prefix="hafloc-infer")
-    thumbs = _ThumbCache(config.thumb_cache)
+    thumbs = _ThumbCache(int(config.thumb_cache_mb * 2**20))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -362,7 +366,7 @@ def create_app(
             shown = [pts[i] for i in np.linspace(0, len(pts) - 1, MAX_PLOT_POINTS).astype(int)]
         return {"total": len(rows), "positioned": len(pts), "points": shown}
 
-    def make_thumb(image_id: int) -> bytes:
+    def make_thumb(image_id: int, side: int) -> bytes:
         row = locator.store.image(image_id)  # by id, never by a path
         if row is None:
             raise HTTPException(404, "no such image in the index")
@@ -371,23 +375,26 @@ def create_app(
         if not path.is_relative_to(root) or not path.is_file():
             raise HTTPException(404, "image file not available")
         try:
-            img = load_image(path, max_side=THUMB_SIDE * DRAFT_FACTOR)
+            img = load_image(path, max_side=side * DRAFT_FACTOR)
         except InputError:
             raise HTTPException(404, "image file not readable") from None
-        img.thumbnail((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BILINEAR)
+        img.thumbnail((side, side), Image.Resampling.BILINEAR)
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=85)
         return buf.getvalue()
 
     @app.get("/thumbnails/{image_id}", dependencies=[Depends(authorised)])
-    async def thumbnail(image_id: str) -> Response:
+    async def thumbnail(image_id: str, size: str = "small") -> Response:
+        """An indexed photo as a JPEG whose longest side is at most ``THUMB_SIDES[size]``."""
         # ids only: anything else (paths, '..', encoded tricks) is refused before any file access
         if not image_id.isdecimal() or len(image_id) > 18:
             raise HTTPException(404, "thumbnails are addressed by database id")
-        key = int(image_id)
+        if size not in THUMB_SIDES:
+            raise HTTPException(422, f"size: expected one of {', '.join(THUMB_SIDES)}, got {size[:40]!r}")
+        key = (int(image_id), size)
         data = thumbs.get(key)
         if data is None:
-            data = await in_pool(make_thumb, key)
+            data = await in_pool(make_thumb, key[0], THUMB_SIDES[size])
             thumbs.put(key, data)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 

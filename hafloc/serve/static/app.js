@@ -40,10 +40,12 @@ function el(tag, attrs = {}, text = null) {
   return node;
 }
 
-async function setThumb(img, id) {
-  if (!state.token) { img.src = "/thumbnails/" + id; return; }
+// size "small" (the default) or "large" (the server's sizes: serve/app.py THUMB_SIDES)
+async function setThumb(img, id, size = "small") {
+  const src = "/thumbnails/" + id + (size === "small" ? "" : "?size=" + size);
+  if (!state.token) { img.src = src; return; }
   // <img> cannot send a bearer token: fetch the bytes and show them from a blob URL
-  const resp = await fetch("/thumbnails/" + id, { headers: authHeaders() });
+  const resp = await fetch(src, { headers: authHeaders() });
   if (!resp.ok) return;
   const url = URL.createObjectURL(await resp.blob());
   state.objectUrls.push(url);
@@ -134,9 +136,14 @@ async function locate(file) {
 }
 
 async function loadPositions() {
-  const pos = await api("/api/positions");
-  state.points = pos.points;
-  haflocMap.setPoints(pos.points);
+  try {
+    const pos = await api("/api/positions");
+    state.points = pos.points;
+    haflocMap.setPoints(pos.points);
+  } catch (e) {
+    haflocMap.setPoints(null, "database positions not loaded: " + e.message);
+    throw e;
+  }
 }
 
 async function init() {
@@ -155,18 +162,26 @@ async function init() {
     state.token = $("#token").value.trim();
     localStorage.setItem("hafloc-token", state.token);
     showError("");
+    haflocMap.setPoints(null);  // "loading…" again
     try { await loadPositions(); } catch (e) { showError(e.message); }
   });
+  let health;
   try {
-    const health = await api("/health");
-    $("#status").textContent = `${health.images} photos indexed \u00b7 uploads up to ${health.max_upload_mb} MB`;
-    if (health.token_required) $("#token-box").hidden = false;
-    haflocMap.init($("#map"), { ...(health.map || {}), thumb: setThumb, distance: fmtDistance });
-    if (!health.token_required || state.token) await loadPositions();
+    health = await api("/health");
   } catch (e) {
     $("#status").textContent = "server unavailable";
+    $("#map-message").hidden = true;  // no "loading…" that never ends
     showError(e.message);
+    return;
   }
+  $("#status").textContent = `${health.images} photos indexed \u00b7 uploads up to ${health.max_upload_mb} MB`;
+  if (health.token_required) $("#token-box").hidden = false;
+  haflocMap.init($("#map"), { ...(health.map || {}), thumb: setThumb, distance: fmtDistance });
+  if (health.token_required && !state.token) {
+    haflocMap.setPoints(null, "the database positions need the access token");
+    return;
+  }
+  try { await loadPositions(); } catch (e) { showError(e.message); }
 }
 
 init();

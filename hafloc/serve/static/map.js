@@ -8,7 +8,8 @@ const haflocMap = (() => {
   const ZOOM_MATCH_M = 5000;  // "zoom to the estimate" frames the matches within this distance
   let map = null, dbLayer = null, resultLayer = null, grid = null, message = null, renderers = null;
   let opts = { tiles: null, attribution: null, radius_m: 25, thumb: null, distance: (m) => m + " m" };
-  let points = [], result = null;
+  let points = null, result = null;  // points null: not loaded (yet), pointsNote says why
+  let pointsNote = "loading\u2026";
 
   function escapeHtml(s) {
     return String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
@@ -102,8 +103,10 @@ const haflocMap = (() => {
     drawResult();
   }
 
-  function setPoints(pts) {
-    points = pts || [];
+  // pts null: the positions are not there (yet); note: the map's message meanwhile (default "loading…")
+  function setPoints(pts, note) {
+    points = pts || null;
+    pointsNote = note || "loading\u2026";
     drawPoints();
     drawResult();
   }
@@ -140,12 +143,13 @@ const haflocMap = (() => {
   function drawPoints() {
     if (!map) return;
     dbLayer.clearLayers();
-    const renderer = points.length > DB_SVG_MAX ? renderers.canvas : renderers.svg;
-    for (const p of points) {
+    const shown = points || [];
+    const renderer = shown.length > DB_SVG_MAX ? renderers.canvas : renderers.svg;
+    for (const p of shown) {
       dbLayer.addLayer(L.circleMarker([p.lat, p.lon], { renderer, pane: "database", radius: 3, stroke: false, fillOpacity: 0.7,
         fillColor: "#8a96ad", interactive: false, className: "hafloc-db" }));
     }
-    map.getContainer().dataset.dbPoints = String(points.length);
+    map.getContainer().dataset.dbPoints = String(shown.length);
   }
 
   function drawResult() {
@@ -182,7 +186,9 @@ const haflocMap = (() => {
       const why = (res.unknown && res.unknown.reason) ||
         (positioned.length ? "the matches do not agree on a place" : "no match has a position");
       showMessage("no estimate: " + why);
-    } else if (!points.length && !res) {
+    } else if (!res && points === null) {
+      showMessage(pointsNote);
+    } else if (!res && !points.length) {
       showMessage("no positioned photos in the index");
     } else {
       showMessage("");
@@ -203,7 +209,7 @@ const haflocMap = (() => {
     } else if (res && !est && positioned.length && (!zoomBox || zoomBox.checked)) {
       bounds = L.latLngBounds(positioned.map((m) => [m.lat, m.lon]));
     } else {
-      const all = points.map((p) => [p.lat, p.lon]);
+      const all = (points || []).map((p) => [p.lat, p.lon]);
       if (est) all.push([est.lat, est.lon]);
       for (const m of positioned) all.push([m.lat, m.lon]);
       if (all.length) bounds = L.latLngBounds(all);

@@ -27,7 +27,7 @@ function drawCorrespondences(res, queryUrl) {
   plot.appendChild(dbImage);
   const loader = new Image();  // setThumb knows how to fetch with a token
   loader.addEventListener("load", () => dbImage.setAttribute("href", loader.src));
-  setThumb(loader, best.id);
+  setThumb(loader, best.id, "large");  // drawn as tall as the photo beside it: a small thumbnail would blur
   const lines = mk("g", { class: "inlier-lines" });
   const n = Math.min(corr.query.length, MAX_LINES);
   const step = corr.query.length / Math.max(n, 1);

@@ -10,7 +10,7 @@ from PIL import Image
 
 from .datasets.base import Dataset
 from .descriptors.extract import Extractor, ExtractResult
-from .descriptors.modelfile import load_model as load_model_file, recorded_path
+from .descriptors.modelfile import DEFAULT, load_model as load_model_file, recorded_path
 from .descriptors.network import GeoLocNet
 from .errors import HaflocError, InputError
 from .images.io import list_images
@@ -101,7 +101,7 @@ class Index:
         folder: str | Path,
         model: str | Path | GeoLocNet | None = None,
         positions: str | Path | dict[str, tuple[float, float]] | None = None,
-        local: str | dict[str, Any] | None = None,
+        local: str | dict[str, Any] | None = "auto",
         *,
         index: str | Path,
         search: str = "auto",
@@ -116,7 +116,8 @@ class Index:
 
         ``model``: a model file or a loaded model (None: the default model); ``positions``: a CSV
         (image,lat,lon) or ``{image: (lat, lon)}`` (else '@' names and EXIF GPS); ``local``: a local
-        feature extractor (``"xfeat"``...) for re-ranking by verified matches; ``search``: ``auto``,
+        feature extractor (``"xfeat"``...) for re-ranking by verified matches, ``None`` for none,
+        ``"auto"`` (``hafloc index build``'s default: xfeat for a new index of the default model); ``search``: ``auto``,
         ``flat``, ``ivfpq``, ``hnsw`` or ``ondisk``; ``adapt``: re-fit a trained model's clusters on
         the photos (``hafloc index build`` without ``--no-adapt``).
         """
@@ -130,7 +131,11 @@ class Index:
             net.out_dim,
             SearchConfig(kind=search),
             model_path=model_path,
-            local=local_spec(local),
+            local=local_spec(
+                local,
+                default_model=model is None or model == DEFAULT,
+                new_index=not (Path(index) / "index.json").exists(),
+            ),
         )
         with store:
             add_folder(store, folder, Extractor(net, backend=backend), positions, chunk_size, progress)

@@ -2,11 +2,13 @@
 
 For each street set's train split (``hafloc dataset prepare``), a seeded sample of its database
 photos is indexed as ``hafloc index build`` does with the default model (adapted to the photos,
-not calibrated), then every photo is located leave-one-out against the others (neighbours closer
-than 5 m hidden, right = estimate within 25 m, top 10: ``index calibrate``'s defaults). A logistic
-regression over the pooled answers is the prior that small indexes of the default model shrink
-towards. Rerun after repackaging the default model (the prior records the model's sha256 and is
-ignored when it no longer matches).
+xfeat local features, not calibrated), then every photo is located leave-one-out against the
+others (neighbours closer than 5 m hidden, right = estimate within 25 m, top 10: ``index
+calibrate``'s defaults), once by global search (the "global" prior) and, for at most 500 photos
+per set, re-ranked by verified xfeat matches with the shipped scorer (the "reranked" prior, with
+its inliers model). Logistic regressions over the pooled answers are the priors that small
+indexes of the default model shrink towards. Rerun after repackaging the default model (the prior
+records the model's sha256 and is ignored when it no longer matches).
 
     python scripts/fit_calibration_prior.py --data data --images 800
 """
@@ -53,20 +55,32 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "calibration-prior")
     ap.add_argument("--output", type=Path, default=C.PRIOR_FILE)
     args = ap.parse_args()
-    samples, sets = [], {}
+    from hafloc.index.rerank import RERANK_CALIBRATION_SAMPLES, LooReranker, Reranker
+
+    samples: dict[str, list] = {"global": [], "reranked": []}
+    sets = {}
     for name in SETS:
         src = args.data / name / "images" / "train" / "database"
         if not src.is_dir():
             raise SystemExit(f"{src}: not found (run 'hafloc dataset prepare')")
         photos = sample_folder(src, args.work / f"{name}-photos", args.images, args.seed)
-        index = args.work / f"{name}-index"
-        Index.build(photos, index=index, calibrate=False, progress=True).close()
+        index = args.work / f"{name}-index-xfeat"
+        Index.build(photos, index=index, local="xfeat", calibrate=False, progress=True).close()
         with IndexStore.open(index) as store:
-            s = C.leave_one_out(store, C.DEFAULT_AGREE_M, C.DEFAULT_EXCLUDE_M, C.DEFAULT_K, None, args.seed)
-            sets[name] = {"images": len(store), "answers": len(s.labels), "right": round(float(s.labels.mean()), 4)}
-        samples.append(s)
+            loo = (C.DEFAULT_AGREE_M, C.DEFAULT_EXCLUDE_M, C.DEFAULT_K)
+            s = C.leave_one_out(store, *loo, None, args.seed)
+            local = store.local_config or {}
+            hook = LooReranker(store, Reranker(local["extractor"], local.get("conf")), C.DEFAULT_K, C.DEFAULT_AGREE_M)
+            r = C.leave_one_out(store, *loo, RERANK_CALIBRATION_SAMPLES, args.seed, rerank=hook)
+            sets[name] = {
+                "images": len(store),
+                "global": {"answers": len(s.labels), "right": round(float(s.labels.mean()), 4)},
+                "reranked": {"answers": len(r.labels), "right": round(float(r.labels.mean()), 4)},
+            }
+        samples["global"].append(s)
+        samples["reranked"].append(r)
         print(name, sets[name], flush=True)
-    model, report = C.fit_prior(samples, args.seed)
+    report = {key: C.fit_prior(parts, args.seed) for key, parts in samples.items()}
     write_json_atomic(
         args.output,
         {
@@ -76,14 +90,13 @@ def main() -> None:
             "agree_m": C.DEFAULT_AGREE_M,
             "exclude_m": C.DEFAULT_EXCLUDE_M,
             "k": C.DEFAULT_K,
-            **report,
             "sets": sets,
             "command": f"python scripts/fit_calibration_prior.py --images {args.images} --seed {args.seed}",
             "created_at": time.strftime("%Y-%m-%d"),
-            "base": model.to_json(),
+            **report,
         },
     )
-    print(f"wrote {args.output}: {report}")
+    print(f"wrote {args.output}: " + str({k: {n: v for n, v in e.items() if "ece" in n} for k, e in report.items()}))
 
 
 if __name__ == "__main__":

@@ -532,6 +532,7 @@ def test_shrunk_fit_follows_the_prior_with_few_answers_and_the_data_with_many():
 def test_default_model_indexes_calibrate_smoothly_towards_the_shipped_prior(outdoor, tmp_path):
     from hafloc.index.calibrate import (
         FEATURES,
+        PRIOR_FILE,
         PRIOR_STRENGTH,
         _fit_shrunk,
         index_uses_default_model,
@@ -539,15 +540,15 @@ def test_default_model_indexes_calibrate_smoothly_towards_the_shipped_prior(outd
         prior_for,
     )
 
-    found = load_prior()
-    assert found is not None, (
-        "the shipped prior was fitted for another default model: rerun scripts/fit_calibration_prior.py"
-    )
-    prior, meta = found
-    assert meta["n_samples"] >= 500 and meta["agree_m"] == 25.0
+    prior = load_prior()
+    assert prior is not None, "the shipped prior is for another default model: rerun scripts/fit_calibration_prior.py"
+    assert prior.meta["n_samples"] >= 500 and prior.meta["agree_m"] == 25.0 and prior.inliers is None
+    reranked = load_prior(reranked=True)
+    assert reranked is not None and reranked.inliers is not None and "log_inliers" in reranked.inliers.features
+    doc = json.loads(PRIOR_FILE.read_text())
     stale = tmp_path / "stale.json"
-    stale.write_text(json.dumps({**meta, "model_sha256": "0" * 64, "base": prior.to_json()}))
-    assert load_prior(stale) is None  # a prior of another default model is never used
+    stale.write_text(json.dumps({**doc, "model_sha256": "0" * 64}))
+    assert load_prior(path=stale) is None  # a prior of another default model is never used
     with IndexStore.open(outdoor["index"]) as store:  # built with a model of its own: no prior
         assert not index_uses_default_model(store) and prior_for(store, 25.0, 10, False) is None
     index = tmp_path / "index"
@@ -555,7 +556,8 @@ def test_default_model_indexes_calibrate_smoothly_towards_the_shipped_prior(outd
     assert main([str(a) for a in build]) == 0  # no --model: the default, adapted to these photos
     with IndexStore.open(index) as store:
         assert index_uses_default_model(store)
-        assert prior_for(store, 10.0, 10, False) is None and prior_for(store, 25.0, 10, True) is None
+        assert prior_for(store, 10.0, 10, False) is None  # the prior's radius only
+        assert prior_for(store, 25.0, 10, True).meta["pipeline"] == "reranked"  # xfeat: the default pipeline
         # a small calibration (30 answers): smooth, not a few isotonic steps, and pulled to the prior
         cal = calibrate_index(store, max_samples=30, min_samples=0, write=False, progress=False)
         samples = leave_one_out(store, 25.0, 5.0, 10, 30, 0, progress=False)
@@ -563,9 +565,9 @@ def test_default_model_indexes_calibrate_smoothly_towards_the_shipped_prior(outd
     assert len(set(cal.meta["heldout"]["p"])) > 10
     names = list(FEATURES)
     x = np.array([[f[n] for n in names] for f in samples.features])
-    own = _fit_shrunk(x, samples.labels, names, prior, 0.0)  # the same fit without the prior's weight
+    own = _fit_shrunk(x, samples.labels, names, prior.base, 0.0)  # the same fit without the prior's weight
     shrunk = np.array([*cal.base.coef, cal.base.intercept])
-    centre = np.array([*prior.coef, prior.intercept])
+    centre = np.array([*prior.base.coef, prior.base.intercept])
     assert np.linalg.norm(shrunk - centre) < np.linalg.norm(np.array([*own.coef, own.intercept]) - centre)
     assert cal.meta["prior"]["strength"] == PRIOR_STRENGTH
 

@@ -96,6 +96,7 @@ def test_index_and_locate_with_no_model_at_all(tmp_path, lund, capsys):
     assert not (idx / "adapted.model").exists()
     info = json.loads((idx / "index.json").read_text())
     assert info["model_path"] == "default"
+    assert info["local"]["extractor"] == "xfeat"  # the default pipeline verifies with xfeat (--local auto)
     assert info["model_fingerprint"] == load_model(None).fingerprint()
     capsys.readouterr()
     assert cli(["locate", str(photos / lund[2].name), "--index", str(idx), "--json"]) == 0
@@ -126,3 +127,25 @@ def test_card_and_benchmarks_tell_the_same_numbers():
         assert cells[col["untrained"]].startswith(f"{metric['untrained']:.1f}"), (name, cells)
         assert cells[col["default"]].startswith(f"{metric['model']:.1f}"), (name, cells)  # as shipped
         assert cells[col["default, as built"]].startswith(f"{metric['as_built']:.1f}"), (name, cells)
+
+
+def test_local_auto_means_xfeat_only_for_a_new_index_of_the_default_model(tmp_path, lund):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for f in lund[:3]:
+        shutil.copy(f, photos / f.name)
+    plain = tmp_path / "plain"
+    assert cli(["index", "build", str(photos), "--index", str(plain), "--local", "none", "--no-progress"]) == 0
+    assert json.loads((plain / "index.json").read_text()).get("local") is None
+    shutil.copy(lund[3], photos / lund[3].name)  # a rerun without --local resumes it as it was built
+    assert cli(["index", "build", str(photos), "--index", str(plain), "--no-progress"]) == 0
+    info = json.loads((plain / "index.json").read_text())
+    assert info.get("local") is None and info["counts"]["images"] == 4
+    own = tmp_path / "own.model"
+    assert (
+        cli(["model", "init", "--images", str(photos), "--output", str(own), "--clusters", "4", "--max-side", "160"])
+        == 0
+    )
+    theirs = tmp_path / "theirs"
+    assert cli(["index", "build", str(photos), "--model", str(own), "--index", str(theirs), "--no-progress"]) == 0
+    assert json.loads((theirs / "index.json").read_text()).get("local") is None  # a model of one's own: none

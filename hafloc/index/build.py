@@ -23,14 +23,25 @@ from .store import AddReport, ExtractFn, IndexStore, extractor_fn
 log = logging.getLogger(__name__)
 
 LOCAL_DEFAULTS = {"max_keypoints": 1024, "max_side": 640}  # ``index build --local``'s defaults
+# ``--local auto``: the shipped pipeline verifies with xfeat + MNN, what its learned scorer was
+# fitted on (BENCHMARKS.md "Re-ranking": never below global answers, +7 R@1 on SF night, +7 on
+# the tower floors), so an index of the default model stores xfeat features unless told not to.
+LOCAL_AUTO = "auto"
+DEFAULT_LOCAL = "xfeat"
 
 
-def local_spec(local: str | dict[str, Any] | None) -> dict[str, Any] | None:
+def local_spec(
+    local: str | dict[str, Any] | None, default_model: bool = False, new_index: bool = True
+) -> dict[str, Any] | None:
     """The store's ``local`` setting from an extractor name (default settings) or a
-    ``{"extractor", "conf"}`` dict; None stores no local features."""
+    ``{"extractor", "conf"}`` dict; None or ``"none"`` stores no local features. ``"auto"``:
+    ``DEFAULT_LOCAL`` for a new index of the shipped default model, else none (an existing index
+    keeps what it stores)."""
     from ..local import EXTRACTORS
 
-    if local is None:
+    if local == LOCAL_AUTO:
+        local = DEFAULT_LOCAL if default_model and new_index else None
+    if local is None or local == "none":
         return None
     spec = {"extractor": local, "conf": dict(LOCAL_DEFAULTS)} if isinstance(local, str) else dict(local)
     if spec.get("extractor") not in EXTRACTORS:

@@ -24,9 +24,10 @@ logistic score follows; the variant with the lower out-of-fold ECE (stratified 5
 The result is JSON (``calibration.json`` in the index folder, written atomically), never pickle.
 
 Small indexes borrow strength: an index of the shipped default model (as shipped or adapted to its
-photos) at the prior's radius and depth fits its base model as a MAP logistic regression whose
-Gaussian prior is centred on ``PRIOR_FILE`` (fitted by scripts/fit_calibration_prior.py on
-leave-one-out answers of the street sets' train splits) and weighs ``PRIOR_STRENGTH`` answers:
+photos) at the prior's radius and depth, global or re-ranked by xfeat, fits its models as MAP
+logistic regressions whose Gaussian priors are centred on that pipeline's entry of ``PRIOR_FILE``
+(fitted by scripts/fit_calibration_prior.py on leave-one-out answers of the street sets' train
+splits) and weigh ``PRIOR_STRENGTH`` answers:
 a few dozen photos move the prior a little, thousands override it, and the curve stays smooth
 (no isotonic steps below ``MIN_ISOTONIC_WITH_PRIOR`` answers).
 """
@@ -522,42 +523,55 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def fit_calibrator(
-    samples: LooSamples, seed: int = 0, prior: _Model | None = None
-) -> tuple[Calibrator, dict[str, Any]]:
-    """Fit the base model (shrunk towards ``prior`` when given; and the inliers model when every
-    sample has an inlier count)."""
+@dataclass
+class Prior:
+    """The shipped calibration prior of one pipeline (global, or re-ranked with its inliers model)."""
+
+    base: _Model
+    inliers: _Model | None
+    meta: dict[str, Any]
+
+
+def fit_calibrator(samples: LooSamples, seed: int = 0, prior: Prior | None = None) -> tuple[Calibrator, dict[str, Any]]:
+    """Fit the base model and, when every sample has an inlier count, the inliers model; each shrunk
+    towards ``prior``'s model of the same features when it has one."""
     names = list(FEATURES)
     x = np.array([[f[n] for n in names] for f in samples.features], np.float64).reshape(-1, len(names))
-    base, rep = fit_model(x, samples.labels, names, seed=seed, prior=prior)
+    base, rep = fit_model(x, samples.labels, names, seed=seed, prior=None if prior is None else prior.base)
     inl = None
     with_inl = [i for i, f in enumerate(samples.features) if INLIER_FEATURE in f]
     if with_inl and len(with_inl) == len(samples.features):
         names5 = names + [INLIER_FEATURE]
         x5 = np.array([[samples.features[i][n] for n in names5] for i in with_inl], np.float64)
-        inl, rep5 = fit_model(x5, samples.labels[with_inl], names5, seed=seed)
+        inl, rep5 = fit_model(
+            x5, samples.labels[with_inl], names5, seed=seed, prior=None if prior is None else prior.inliers
+        )
         rep["inliers_ece_heldout"] = rep5["ece_heldout"]
     return Calibrator(base=base, inliers=inl), rep
 
 
-def fit_prior(samples: Sequence[LooSamples], seed: int = 0) -> tuple[_Model, dict[str, Any]]:
-    """The calibration prior's base model from pooled leave-one-out answers: the plain logistic
-    regression (no isotonic map: the prior is a centre to shrink coefficients towards), with its
-    out-of-fold ECE."""
+def fit_prior(samples: Sequence[LooSamples], seed: int = 0) -> dict[str, Any]:
+    """One pipeline's prior from pooled leave-one-out answers: plain logistic regressions (no isotonic
+    map: a prior is a centre to shrink coefficients towards) of the base features and, when every
+    answer has inliers, of those plus inliers; with their out-of-fold ECE. The prior file's entry."""
     names = list(FEATURES)
-    x = np.array([[f[n] for n in names] for s in samples for f in s.features], np.float64).reshape(-1, len(names))
+    feats = [f for s in samples for f in s.features]
     y = np.concatenate([s.labels for s in samples]).astype(int)
-    _, rep = fit_model(x, y, names, seed=seed)
-    return _fit_logistic(x, y, names), {
-        "n_samples": int(len(y)),
-        "positives_rate": round(float(y.mean()), 4),
-        "ece_heldout_logistic": rep["ece_heldout_by_method"]["logistic"],
-    }
+    out: dict[str, Any] = {"n_samples": int(len(y)), "positives_rate": round(float(y.mean()), 4)}
+    for key, cols in (("base", names), ("inliers", names + [INLIER_FEATURE])):
+        if key == "inliers" and not all(INLIER_FEATURE in f for f in feats):
+            out["inliers"] = None
+            continue
+        x = np.array([[f[n] for n in cols] for f in feats], np.float64).reshape(-1, len(cols))
+        _, rep = fit_model(x, y, cols, seed=seed)
+        out[f"{key}_ece_heldout"] = rep["ece_heldout_by_method"]["logistic"]
+        out[key] = _fit_logistic(x, y, cols).to_json()
+    return out
 
 
-def load_prior(path: Path = PRIOR_FILE) -> tuple[_Model, dict[str, Any]] | None:
-    """The shipped calibration prior (its base model and metadata); None when absent or made for
-    another default model than the one installed (it would be stale)."""
+def load_prior(reranked: bool = False, path: Path = PRIOR_FILE) -> Prior | None:
+    """The shipped calibration prior of the global (or re-ranked) pipeline; None when absent or made
+    for another default model than the one installed (it would be stale)."""
     from hafloc.descriptors.modelfile import DEFAULT_SHA256
 
     try:
@@ -568,9 +582,15 @@ def load_prior(path: Path = PRIOR_FILE) -> tuple[_Model, dict[str, Any]] | None:
         raise InputError(path, f"unusable calibration prior ({err}); reinstall hafloc") from None
     if not isinstance(d, dict) or d.get("format") != PRIOR_FORMAT or d.get("features_version") != FEATURES_VERSION:
         raise InputError(path, "not a hafloc calibration prior of this version; reinstall hafloc")
-    if d.get("model_sha256") != DEFAULT_SHA256:
+    entry = d.get("reranked" if reranked else "global")
+    if d.get("model_sha256") != DEFAULT_SHA256 or not entry:
         return None
-    return _Model.from_json(d["base"]), {k: v for k, v in d.items() if k != "base"}
+    meta = {k: v for k, v in d.items() if k not in ("global", "reranked")}
+    meta.update(
+        {k: v for k, v in entry.items() if k not in ("base", "inliers")}, pipeline="reranked" if reranked else "global"
+    )
+    inliers = entry.get("inliers")
+    return Prior(_Model.from_json(entry["base"]), None if inliers is None else _Model.from_json(inliers), meta)
 
 
 def index_uses_default_model(store: IndexStore) -> bool:
@@ -591,16 +611,20 @@ def index_uses_default_model(store: IndexStore) -> bool:
     return (meta.get("adapted") or {}).get("from") == DEFAULT
 
 
-def prior_for(store: IndexStore, agree_m: float, k: int, reranked: bool) -> tuple[_Model, dict[str, Any]] | None:
+def prior_for(store: IndexStore, agree_m: float, k: int, reranked: bool) -> Prior | None:
     """The shipped prior when it applies to this calibration: the index's model is the default, at
-    the prior's radius and depth, without re-ranking (the prior never saw inliers)."""
-    found = load_prior()
-    if found is None or reranked or not index_uses_default_model(store):
+    the prior's radius and depth, for its pipeline (global, or re-ranked by the index's local
+    features as the default pipeline re-ranks: xfeat)."""
+    if not index_uses_default_model(store):
         return None
-    _, meta = found
-    if float(meta.get("agree_m", -1)) != float(agree_m) or int(meta.get("k", -1)) != int(k):
+    if reranked and (store.local_config or {}).get("extractor") != "xfeat":
         return None
-    return found
+    prior = load_prior(reranked)
+    if prior is None:
+        return None
+    if float(prior.meta.get("agree_m", -1)) != float(agree_m) or int(prior.meta.get("k", -1)) != int(k):
+        return None
+    return prior
 
 
 def _check_enough(store: IndexStore, n: int, what: str, min_samples: int) -> None:
@@ -651,7 +675,7 @@ def calibrate_index(
         samples = leave_one_out(store, agree_m, ex_m, k, max_samples, seed, rerank, progress, descriptors)
         _check_enough(store, len(samples.labels), "leave-one-out answers", min_samples)
         try:
-            cal, rep = fit_calibrator(samples, seed, prior=None if prior is None else prior[0])
+            cal, rep = fit_calibrator(samples, seed, prior=prior)
             break
         except HaflocError as err:
             if i + 1 < len(tries):
@@ -684,7 +708,12 @@ def calibrate_index(
         "exclude_auto": len(tries) > 1,
         "prior": None
         if prior is None
-        else {"file": PRIOR_FILE.name, "strength": PRIOR_STRENGTH, "n_samples": prior[1].get("n_samples")},
+        else {
+            "file": PRIOR_FILE.name,
+            "pipeline": prior.meta["pipeline"],
+            "strength": PRIOR_STRENGTH,
+            "n_samples": prior.meta.get("n_samples"),
+        },
         "reranked": rerank is not None,
         "model_fingerprint": store.fingerprint,
         "unrelated_similarity": None if floor is None else round(floor, 4),

@@ -55,7 +55,8 @@ from hafloc.descriptors.extract import Extractor
 from hafloc.descriptors.fit import fit_clusters
 from hafloc.descriptors.network import GeoLocNet, ModelConfig
 from hafloc.errors import HaflocError
-from hafloc.index.calibrate import accuracy_at_coverage, calibrate_index, expected_calibration_error
+from hafloc.index.calibrate import calibrate_index
+from hafloc.index.calibration_model import accuracy_at_coverage, expected_calibration_error
 from hafloc.index.locate import estimate_position, fallback_confidence
 from hafloc.index.positions import resolve_position
 from hafloc.index.store import Extracted, IndexStore

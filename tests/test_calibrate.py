@@ -23,10 +23,10 @@ from hafloc.index.calibrate import (
     INLIER_FEATURE,
     Calibrator,
     calibrate_index,
-    expected_calibration_error,
     leave_one_out,
     load_calibrator,
 )
+from hafloc.index.calibration_model import expected_calibration_error
 from hafloc.index.rerank import shipped_rule
 from hafloc.index.store import Extracted, IndexStore
 from test_cli_index import make_small_model, run_cli
@@ -508,7 +508,7 @@ def test_a_calibration_no_better_than_uncalibrated_is_not_kept(lund_only, tmp_pa
 
 
 def test_shrunk_fit_follows_the_prior_with_few_answers_and_the_data_with_many():
-    from hafloc.index.calibrate import PRIOR_STRENGTH, _fit_shrunk, _Model
+    from hafloc.index.calibration_model import PRIOR_STRENGTH, _fit_shrunk, _Model
 
     names = ["a", "b"]
     truth, prior = np.array([2.0, 0.5, -1.0]), np.array([0.2, 1.5, 1.0])  # coefficients a, b, intercept

@@ -4,12 +4,12 @@ index of your geotagged photos."""
 from __future__ import annotations
 
 import sys
-from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
 
+from ..index.info import index_info
 from .common import add_backend_args, add_ray_args, make_extractor, print_json, ray_pool, report_failures
-from .index_calibrate import auto_calibrate, calibration_info, register_calibrate, write_report
+from .index_calibrate import auto_calibrate, register_calibrate, write_report
 
 
 def register(sub) -> None:
@@ -418,66 +418,6 @@ def run_add(args) -> int:
             raise
 
     return _index_folder(args, factory)
-
-
-def index_info(index: str | Path) -> dict:
-    """What ``hafloc index info --json`` prints."""
-    from ..index.store import IndexStore
-
-    with IndexStore.open(index) as store:
-        rows = store.images()
-        info = dict(store.info)
-        if store.local_config:
-            info["local"] = dict(store.local_config, bytes_per_image=round(store.local_bytes_per_image() or 0.0))
-    sources = Counter(r["position_source"] or "none" for r in rows)
-    info["counts"] = {
-        "images": len(rows),
-        "positioned": len(rows) - sources.get("none", 0),
-        "unpositioned": sources.get("none", 0),
-    }
-    info["position_sources"] = dict(sorted(sources.items()))
-    info["roots"] = sorted({r["root"] for r in rows})
-    info["index"] = str(Path(index))
-    info["calibration"] = calibration_info(index)
-    info["footprint"] = footprint_info(Path(index), info)
-    return info
-
-
-def footprint_info(folder: Path, info: dict) -> dict:
-    """RAM and disk the index needs to serve: estimated from its size and search parameters, and
-    actual (files on disk, local features included; RAM = what opening the search reads into memory
-    or maps). Bytes throughout."""
-    from ..index.ondisk import disk_usage, footprint, ondisk_paths
-    from ..index.search import SearchConfig, resolve_params
-    from ..index.store import chunk_files
-
-    n, dim = info["counts"]["images"], int(info["dim"])
-    params = resolve_params(n, dim, SearchConfig.from_dict(info.get("search", {})))
-    vec_bytes = 2 if info.get("dtype") == "float16" else 4
-    est = footprint(n, dim, params, vec_bytes)
-    files = chunk_files(folder).values()
-    chunks = sum(f["descriptors"].stat().st_size for f in files if "descriptors" in f)
-    local = sum(f["local"].stat().st_size for f in files if "local" in f)
-    # local features: as many bytes per image as the stored ones take
-    est["disk_bytes"] = max(est["disk_bytes"], n * dim * vec_bytes) + round(
-        n * (info.get("local") or {}).get("bytes_per_image", 0)
-    )
-    index_p = folder / "search.faiss"
-    search_files = [index_p, folder / "search.ids.npy", ondisk_paths(index_p)["rows"]]
-    ram = sum(p.stat().st_size for p in search_files if p.is_file())
-    return {
-        "search": params["kind"],
-        "estimated": est,
-        "actual": {
-            "ram_bytes": ram,
-            "disk_bytes": chunks
-            + local
-            + disk_usage(index_p)
-            + sum(p.stat().st_size for p in (folder / "search.ids.npy", folder / "meta.sqlite") if p.is_file()),
-            "descriptor_bytes": chunks,
-            "local_bytes": local,
-        },
-    }
 
 
 def _size(b: float) -> str:

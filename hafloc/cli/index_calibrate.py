@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 from .common import print_json
 
@@ -61,11 +60,6 @@ def register_calibrate(isub) -> None:
     c.set_defaults(func=run_calibrate)
 
 
-def calibration_summary(meta: dict[str, Any]) -> dict[str, Any]:
-    """The calibration's description without its per-sample arrays."""
-    return {k: v for k, v in meta.items() if k != "heldout"}
-
-
 def run_calibrate(args) -> int:
     from ..errors import HaflocError
     from ..index.build import calibrate_store
@@ -100,6 +94,8 @@ def run_calibrate(args) -> int:
             file=sys.stderr,
         )
     if args.json:
+        from ..index.info import calibration_summary
+
         print_json({"index": str(args.index), "calibration": calibration_summary(cal.meta)})
     else:
         print(f"{args.index}: {summary_line(cal)}")
@@ -114,22 +110,6 @@ def auto_calibrate(index: str | Path, progress: bool) -> None:
     with IndexStore.open(index) as store:
         cal, note = calibrate_if_possible(store, progress=progress)
     print(f"{index}: {note}", file=sys.stdout if cal is not None else sys.stderr)
-
-
-def calibration_info(index: str | Path) -> dict[str, Any] | None:
-    """What ``index info`` shows about the calibration (None when the index has none)."""
-    from ..index.calibrate import calibration_path, load_calibrator
-    from ..index.store import IndexStore
-
-    if not calibration_path(index).is_file():
-        return None
-    with IndexStore.open(index) as store:
-        cal = load_calibrator(store)
-        images = len(store)
-    if cal is None:
-        return {"usable": False, "reason": "fitted for another model; rerun 'hafloc index calibrate'"}
-    # photos added since: the fit still applies, but a rerun would learn from them too
-    return {"usable": True, "stale": cal.meta.get("index_images") != images, **calibration_summary(cal.meta)}
 
 
 def write_report(index: str | Path, out_dir: str | Path, summary: list[str]) -> tuple[Path, str | None]:

@@ -9,7 +9,12 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from hafloc.errors import InputError
-from hafloc.index.calibrate import accuracy_at_coverage, coverage_curve, expected_calibration_error, reliability_bins
+from hafloc.index.calibration_model import (
+    accuracy_at_coverage,
+    coverage_curve,
+    expected_calibration_error,
+    reliability_bins,
+)
 from hafloc.reports.html import ReportImage, Section, Table, write_report
 from hafloc.reports.plots import _save  # also selects the headless Agg backend
 

@@ -530,15 +530,8 @@ def test_shrunk_fit_follows_the_prior_with_few_answers_and_the_data_with_many():
 
 
 def test_default_model_indexes_calibrate_smoothly_towards_the_shipped_prior(outdoor, tmp_path):
-    from hafloc.index.calibrate import (
-        FEATURES,
-        PRIOR_FILE,
-        PRIOR_STRENGTH,
-        _fit_shrunk,
-        index_uses_default_model,
-        load_prior,
-        prior_for,
-    )
+    from hafloc.index.calibrate import FEATURES, PRIOR_FILE, index_uses_default_model, load_prior, prior_for
+    from hafloc.index.calibration_model import PRIOR_STRENGTH, _fit_shrunk
 
     prior = load_prior()
     assert prior is not None, "the shipped prior is for another default model: rerun scripts/fit_calibration_prior.py"

@@ -153,10 +153,16 @@ def wait_for_pids(
 
 @contextlib.contextmanager
 def hafloc_server(
-    index: str | Path, *extra: str, port: int | None = None, timeout: float = 60, workers: int = 1
+    index: str | Path,
+    *extra: str,
+    port: int | None = None,
+    timeout: float = 60,
+    workers: int = 1,
+    backend: str | None = "torch",
 ) -> Iterator[str]:
     """``hafloc serve --index INDEX`` as a real uvicorn process on a loopback port: yields its base URL.
 
+    ``backend``: the ``--backend`` it runs (None: the server's default).
     ``workers`` > 1: ``--workers N``, and waits until N distinct worker pids have answered /health.
     RuntimeError when it exits or does not answer /health within ``timeout`` seconds; the process
     (and so its workers) is stopped on the way out.
@@ -165,6 +171,8 @@ def hafloc_server(
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     if workers > 1:
         extra = ("--workers", str(workers), *extra)
+    if backend is not None:
+        extra = ("--backend", backend, *extra)
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -175,8 +183,6 @@ def hafloc_server(
             str(index),
             "--port",
             str(port),
-            "--backend",
-            "torch",
             *extra,
         ],
         stdout=subprocess.PIPE,

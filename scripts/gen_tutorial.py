@@ -178,15 +178,15 @@ class Run:
         text = re.sub(r"\(\d+(\.\d+)? s\)", "(<seconds> s)", text)
         return text.rstrip() + "\n"
 
-    def hafloc(self, command: str, cwd: str = "lund", status: int = 0, extra: tuple[str, ...] = ()) -> str:
-        """Output (stdout and stderr, without progress bars) of ``command``, a line the page shows;
-        ``extra`` arguments (a port) are added to the run only."""
+    def hafloc(self, command: str, cwd: str = "lund", status: int = 0) -> str:
+        """Output (stdout and stderr, without progress bars) of ``command``, a line the page shows,
+        run in ``cwd`` (a folder of the run); RuntimeError when it exits other than ``status``."""
         self.commands.append(command)
         argv = shlex.split(command)
         if argv[0] != "hafloc":
             raise ValueError(f"not a hafloc command: {command}")
         proc = subprocess.run(
-            [sys.executable, "-m", "hafloc", *argv[1:], *extra],
+            [sys.executable, "-m", "hafloc", *argv[1:]],
             cwd=self.folder / cwd,
             env=self.env,
             stdout=subprocess.PIPE,
@@ -298,7 +298,7 @@ def generate(images: Path, folder: Path, screenshot: bool = False) -> tuple[dict
         raise RuntimeError("re-ranking no longer reorders 21.jpg's first matches: rewrite section 5's example")
     up, passed = lifted[0]
     out["locate-21-story"] = prose(
-        f"{up['image']}, taken {metres(exif['21.jpg'], positions[up['image']]):.0f} m from the query and sharing "
+        f"{up['image']}, taken {metres(exif['21.jpg'], positions[up['image']]):.0f} m from where the query was and sharing "
         f"{up['inliers']} verified inliers with it, moves above {passed['image']}, taken "
         f"{metres(exif['21.jpg'], positions[passed['image']]):.0f} m away ({passed['inliers']} inliers). The answer "
         + ("is verified, and lies" if rer["verified"] else "is not verified (see below), though it lies")
@@ -331,7 +331,7 @@ def generate(images: Path, folder: Path, screenshot: bool = False) -> tuple[dict
     within = sum(d <= cal["agree_m"] for d in off.values())
     out["locate-calibrated-truth"] = prose(
         f"({['Neither estimate was', 'One estimate was', 'Both estimates were'][within]} in fact within "
-        f"{cal['agree_m']:g} m of where the photo was taken, by its own EXIF: "
+        f"{cal['agree_m']:g} m of where the photos were taken, by their own EXIF: "
         + ", ".join(f"{d:.1f} m for {Path(image).name}" for image, d in off.items())
         + ".)"
     )

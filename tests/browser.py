@@ -159,9 +159,11 @@ def hafloc_server(
     timeout: float = 60,
     workers: int = 1,
     log: str | Path | None = None,
+    backend: str | None = "torch",
 ) -> Iterator[str]:
     """``hafloc serve --index INDEX`` as a real uvicorn process on a loopback port: yields its base URL.
 
+    ``backend``: the ``--backend`` it runs (None: the server's default).
     ``workers`` > 1: ``--workers N``, and waits until N distinct worker pids have answered /health.
     RuntimeError when it exits or does not answer /health within ``timeout`` seconds; the process
     (and so its workers) is stopped on the way out. ``log``: a file that receives what the server and
@@ -172,6 +174,8 @@ def hafloc_server(
     if workers > 1:
         extra = ("--workers", str(workers), *extra)
     logfile = open(log, "wb") if log is not None else None
+    if backend is not None:
+        extra = ("--backend", backend, *extra)
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -182,8 +186,6 @@ def hafloc_server(
             str(index),
             "--port",
             str(port),
-            "--backend",
-            "torch",
             *extra,
         ],
         stdout=logfile if logfile is not None else subprocess.PIPE,

@@ -297,10 +297,12 @@ def generate(images: Path, folder: Path, screenshot: bool = False) -> tuple[dict
     if not lifted:
         raise RuntimeError("re-ranking no longer reorders 21.jpg's first matches: rewrite section 5's example")
     up, passed = lifted[0]
+    up_m = metres(exif["21.jpg"], positions[up["image"]])
+    passed_m = metres(exif["21.jpg"], positions[passed["image"]])
     out["locate-21-story"] = prose(
-        f"{up['image']}, taken {metres(exif['21.jpg'], positions[up['image']]):.0f} m from where the query was and sharing "
+        f"{up['image']}, taken {up_m:.0f} m from where the query was and sharing "
         f"{up['inliers']} verified inliers with it, moves above {passed['image']}, taken "
-        f"{metres(exif['21.jpg'], positions[passed['image']]):.0f} m away ({passed['inliers']} inliers). The answer "
+        f"{passed_m:.0f} m away ({passed['inliers']} inliers). The answer "
         + ("is verified, and lies" if rer["verified"] else "is not verified (see below), though it lies")
         + f" {metres(exif['21.jpg'], (rer['lat'], rer['lon'])):.1f} m from where the photo was taken."
     )

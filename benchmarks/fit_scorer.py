@@ -12,9 +12,19 @@ against the re-ranked top-1 at K = 5, 10, 20, 50 (learned scorer and the fixed f
 replaces), the ROC AUC of P(right) over top-10 pairs, and how many answers are verified and right.
 Updates the "Learned re-ranking scorer" section of BENCHMARKS.md.
 
-    python benchmarks/verification.py --sets triplets gardens lund --records cambridge --configs mnn --deep mnn
-    python benchmarks/verification.py --sets tower --configs mnn
+    python benchmarks/verification.py --model untrained --sets triplets gardens lund --records cambridge \
+        --fit-queries 50 --configs mnn --deep mnn
+    python benchmarks/verification.py --model untrained --sets tower --configs mnn
     python benchmarks/fit_scorer.py
+
+``--compare`` instead reports, on pairs whose candidates the shipped default model ranked (as
+``index build`` gives it), the shipped scorer beside one fitted on those pairs of the Cambridge
+and SF-night val splits + GardensPoint + Lund (each set left out of its own fit), and updates the
+"Scorer on the shipped model's candidates" section; it writes no scorer:
+
+    python benchmarks/verification.py --sets triplets gardens lund tower --configs mnn --deep mnn
+    python benchmarks/verification.py --sets cambridge sfnight --configs mnn --no-write
+    python benchmarks/fit_scorer.py --compare
 """
 
 from __future__ import annotations
@@ -22,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from hafloc.index.rerank import SCORER_FILE, Candidates, FusionRule, fit_scorer, top1_right  # noqa: E402
-from verification import CONFIGS, SHARED_SETS, roc_auc  # noqa: E402
+from verification import CONFIGS, SHARED_SETS, STREET_SETS, roc_auc, work_dir  # noqa: E402
 
 KS = (5, 10, 20, 50)
 
@@ -90,9 +99,54 @@ def fit_on(work: Path, names: list[str], cfg: str, k_fit: int) -> tuple[Any, dic
     return fit_scorer(queries, weights=weights)
 
 
+def compare(work: Path, cfg: str, k_fit: int, write: bool) -> None:
+    """The shipped scorer vs one refitted on the default model's candidates (leave one set out)."""
+    from hafloc.index.rerank import shipped_rule
+
+    shipped = shipped_rule()
+    fit_sets = [*STREET_SETS, "gardens", "lund"]
+    lines = [
+        "| set | queries | global top-1 | shipped scorer top-1 K = 10 / 50 | refitted top-1 K = 10 / 50 "
+        "| ROC AUC of P(right), shipped / refitted | verified (right), shipped / refitted |",
+        "|" + "---|" * 7,
+    ]
+    for name in [*STREET_SETS, *SHARED_SETS]:
+        queries = load(work, name, cfg)
+        refit = fit_on(work, [n for n in fit_sets if n != name], cfg, k_fit)[0]
+        a, b = report(shipped, queries), report(refit, queries)
+        n = a["queries"]
+        lines.append(
+            f"| {name}{' (val)' if name in STREET_SETS else ''} | {n} | {round(a['global'] * n)} | "
+            f"{round(a['learned@10'] * n)} / {round(a['learned@50'] * n)} | "
+            f"{round(b['learned@10'] * n)} / {round(b['learned@50'] * n)} | {a['auc']:.3f} / {b['auc']:.3f} | "
+            f"{a['verified']} ({a['verified_right']}) / {b['verified']} ({b['verified_right']}) |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    if write:
+        from mdsection import update_section
+
+        update_section(
+            "rerank-learned-default",
+            "## Scorer on the shipped model's candidates (`benchmarks/fit_scorer.py --compare`)\n\n"
+            "Candidates: each query's global top 10 (top 50 for the shared sets) by the shipped default model as "
+            "`hafloc index build` gives it (adapted to the set's database), xfeat + MNN, MAGSAC. Street sets: "
+            "every query of their val splits. Shipped scorer: `hafloc/index/rerank_scorer.json` (fitted on an "
+            "untrained model's candidates, above). Refitted: the same fit on these candidates of Cambridge val, "
+            "SF-night val, GardensPoint and Lund, each row by a refit without its own set. Counts are queries "
+            "whose first answer is right; verified: answers at or above the scorer's `p_verified` at K = 10.\n\n"
+            + table
+            + "\n",
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "hafloc-bench-verification"))
+    ap.add_argument(
+        "--model", choices=("default", "untrained"), default="untrained", help="the global model of the pairs"
+    )
+    ap.add_argument("--compare", action="store_true", help="shipped vs refitted on the default model's pairs")
+    ap.add_argument("--work", default=None, help="where benchmarks/verification.py kept the pairs")
     ap.add_argument("--config", default="mnn", choices=list(CONFIGS))
     ap.add_argument("--fit", nargs="*", default=["cambridge"], help="sets only ever fitted on")
     ap.add_argument("--report", nargs="+", default=list(SHARED_SETS), help="sets reported leave-one-set-out")
@@ -106,7 +160,9 @@ def main() -> None:
     ap.add_argument("--k-fit", type=int, default=10, help="candidates per fitting query")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
-    work = Path(args.work)
+    if args.compare:
+        return compare(work_dir(args.work, "default"), args.config, args.k_fit, not args.no_write)
+    work = work_dir(args.work, args.model)
     pool = [*args.fit, *args.report]
     ship_sets = [n for n in pool if n not in args.holdout]
     rule, stats = fit_on(work, ship_sets, args.config, args.k_fit)

@@ -1,9 +1,10 @@
 """Verification signal: how well do verified inliers separate right from wrong retrieved candidates?
 
 For every real set with known positions (../shared/data: GardensPoint/SFU triplets, GardensPoint
-day vs night, an ie_tower_floors subset, Lund by EXIF GPS; optionally the Cambridge and SF-night
-val splits under ../main/data, read-only), each query's global top-K candidates (an untrained HAF,
-clusters fitted on the set's database, as ``benchmarks/rerank.py``) are matched and verified by
+day vs night, an ie_tower_floors subset, Lund by EXIF GPS; the Cambridge and SF-night val splits
+under ./data when ``hafloc dataset prepare`` wrote them), each query's global top-K candidates
+(``--model``: the shipped default as ``index build`` gives it, or an untrained HAF with clusters
+fitted on the set's database, as ``benchmarks/rerank.py``) are matched and verified by
 each extractor + matcher. Printed per set: ROC AUC of the inlier count for right vs wrong pairs,
 the median inliers of right / wrong pairs and the cost per pair (matching + MAGSAC; extraction per
 image apart). The pairs (similarities, inliers, matches, spread, H/F, right) are kept as JSON under
@@ -43,7 +44,7 @@ from hafloc.index.rerank import Reranker  # noqa: E402
 from layouts import even  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
-EXTERNAL = Path("/work/main/data")  # Cambridge / SF-night prepared splits (optional, read-only)
+EXTERNAL = REPO / "data"  # Cambridge / SF-night prepared splits (hafloc dataset prepare; optional)
 LOCAL_CONF = {"max_side": 640, "max_keypoints": 1024}
 
 # tag -> (extractor, extractor conf, matcher, matcher conf, label)
@@ -62,6 +63,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any], str, dict[str, Any], str]] = {
     "aliked": ("aliked", {"max_side": 640, "max_keypoints": 512}, "lightglue", {}, "ALIKED + LightGlue (512 kp)"),
 }
 SHARED_SETS = ("triplets", "gardens", "tower", "lund")
+STREET_SETS = ("cambridge", "sfnight")  # their val splits: every query
 
 
 @dataclass
@@ -85,7 +87,7 @@ def _at_fields(p: Path) -> list[str]:
     return p.name.split("@")
 
 
-def build_set(name: str, fit_queries: int = 100) -> PairSet:
+def build_set(name: str, fit_queries: int = 10_000) -> PairSet:
     if name in ("triplets", "gardens"):
         root = SHARED / "gardenspoint_mini"
         if name == "triplets":  # view i0 of each place against views i1 + i2
@@ -135,13 +137,13 @@ def build_set(name: str, fit_queries: int = 100) -> PairSet:
     raise ValueError(f"unknown set {name!r}")
 
 
-def global_ranking(ps: PairSet, work: Path, depth: int) -> tuple[np.ndarray, np.ndarray]:
-    """(Nq, depth) candidate database indices and their cosine similarities, best first."""
-    cache = work / f"{ps.name}-global.npz"
-    if cache.is_file():
-        z = np.load(cache)
-        if z["cands"].shape[1] >= min(depth, z["depth"]):
-            return z["cands"][:, :depth], z["sims"][:, :depth]
+def global_model(ps: PairSet, work: Path, which: str) -> Any:
+    """The shipped default as ``hafloc index build`` gives it (adapted to the set's database), or an
+    untrained HAF (clusters fitted on 40 database images, 480 px)."""
+    if which == "default":
+        from hafloc.index.adapt import adapt_model
+
+        return adapt_model(load_model("default"), list(ps.db), work / f"{ps.name}-default")
     model_path = work / f"{ps.name}.model"
     if not model_path.is_file():
         imgs = [str(p) for p in even(ps.db, 40)]
@@ -149,7 +151,17 @@ def global_ranking(ps: PairSet, work: Path, depth: int) -> tuple[np.ndarray, np.
             ["model", "init", "--method", "haf", "--images", *imgs, "--output", str(model_path), "--max-side", "480"]
         )
         assert rc == 0
-    ex = Extractor(load_model(model_path), backend="torch")
+    return load_model(model_path)
+
+
+def global_ranking(ps: PairSet, work: Path, depth: int, model: str = "default") -> tuple[np.ndarray, np.ndarray]:
+    """(Nq, depth) candidate database indices and their cosine similarities, best first."""
+    cache = work / f"{ps.name}-global.npz"
+    if cache.is_file():
+        z = np.load(cache)
+        if z["cands"].shape[1] >= min(depth, z["depth"]):
+            return z["cands"][:, :depth], z["sims"][:, :depth]
+    ex = Extractor(global_model(ps, work, model), backend="torch")
     qd = ex.extract_paths(list(ps.q), progress=False).descriptors
     dd = ex.extract_paths(list(ps.db), progress=False).descriptors
     sims = np.asarray(qd, np.float64) @ np.asarray(dd, np.float64).T
@@ -182,13 +194,13 @@ def _features(cfg: str, path: Path) -> Any:
     return _FEATS[(fkey, str(path))]
 
 
-def records(ps: PairSet, cfg: str, k: int, work: Path) -> dict[str, Any]:
+def records(ps: PairSet, cfg: str, k: int, work: Path, model: str = "default") -> dict[str, Any]:
     """Every query's top-``k`` candidates verified by ``cfg`` (cached as JSON under ``work``)."""
     out_path = work / "records" / f"{ps.name}-{cfg}-k{k}.json"
     for done in sorted(out_path.parent.glob(f"{ps.name}-{cfg}-k*.json")):
         if int(done.stem.rsplit("-k", 1)[1]) >= k:  # a deeper record holds these pairs too
             return json.loads(done.read_text())
-    cands, sims = global_ranking(ps, work, k)
+    cands, sims = global_ranking(ps, work, k, model)
     if cfg not in _RERANKERS:
         extractor, conf, matcher, mconf, _ = CONFIGS[cfg]
         _RERANKERS[cfg] = Reranker(extractor, conf, matcher, mconf)
@@ -246,6 +258,11 @@ def roc_auc(pos: np.ndarray, neg: np.ndarray) -> float:
     return float((r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
+def work_dir(work: str | None, model: str) -> Path:
+    """Where the pairs of one global model are kept (records differ by model: its candidates)."""
+    return Path(work) if work else Path(tempfile.gettempdir()) / f"hafloc-bench-verification-{model}"
+
+
 def signal_row(doc: dict[str, Any], k: int = 10) -> dict[str, Any]:
     inl = np.array([v for q in doc["queries"] for v in q["inliers"][:k]], np.float64)
     right = np.array([v for q in doc["queries"] for v in q["right"][:k]], bool)
@@ -263,25 +280,28 @@ def signal_row(doc: dict[str, Any], k: int = 10) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sets", nargs="*", default=list(SHARED_SETS))
+    ap.add_argument("--sets", nargs="*", default=[*SHARED_SETS, *(n for n in STREET_SETS if (EXTERNAL / n).is_dir())])
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
     ap.add_argument("--aliked-sets", nargs="+", default=["triplets", "gardens"], help="ALIKED is slow: these sets only")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--records", nargs="*", default=[], help="also record these sets (e.g. cambridge sfnight)")
     ap.add_argument("--deep", nargs="*", default=[], help="configs recorded at K = 50 on the sets (re-ranking tests)")
-    ap.add_argument("--fit-queries", type=int, default=100)
-    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "hafloc-bench-verification"))
+    ap.add_argument("--fit-queries", type=int, default=10_000, help="at most this many val queries per street set")
+    ap.add_argument(
+        "--model", choices=("default", "untrained"), default="default", help="the global model ranking candidates"
+    )
+    ap.add_argument("--work", default=None, help="pairs kept here (default: a temp folder per --model)")
     ap.add_argument("--only-recorded", action="store_true", help="table only the pairs already recorded under --work")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
-    work = Path(args.work)
+    work = work_dir(args.work, args.model)
     work.mkdir(parents=True, exist_ok=True)
     for name in args.records:
         if (EXTERNAL / name).is_dir() or name in SHARED_SETS:
             ps = build_set(name, args.fit_queries)
             for cfg in args.configs:
                 t0 = time.perf_counter()
-                records(ps, cfg, args.k, work)
+                records(ps, cfg, args.k, work, args.model)
                 print(f"recorded {name} {cfg} k={args.k} in {time.perf_counter() - t0:.0f} s", flush=True)
     if not args.sets:
         return
@@ -289,14 +309,16 @@ def main() -> None:
     for name in args.sets:
         ps = build_set(name)
         for cfg in args.deep:
-            records(ps, cfg, 50, work)
+            records(ps, cfg, 50, work, args.model)
         for cfg in args.configs:
             if cfg == "aliked" and name not in args.aliked_sets:
+                continue
+            if name in STREET_SETS and cfg != "mnn":  # LighterGlue on their ~2,700 pairs: most of an hour
                 continue
             if args.only_recorded and not list((work / "records").glob(f"{name}-{cfg}-k*.json")):
                 continue
             t0 = time.perf_counter()
-            r = signal_row(records(ps, cfg, args.k, work), args.k)
+            r = signal_row(records(ps, cfg, args.k, work, args.model), args.k)
             rows.append((name, cfg, len(ps.q), len(ps.db), r))
             print(
                 name,
@@ -326,10 +348,16 @@ def main() -> None:
         update_section(
             "verification",
             "## Verification signal (`benchmarks/verification.py`)\n\n"
-            f"Machine: {platform.machine()}, 2 CPU cores shared with a training job while measured (times are "
-            f"upper bounds). Pairs: each query against its global top {args.k} (untrained HAF, clusters fitted on "
-            "the set's database, 480 px); right = same place (triplets, GardensPoint day/night, tower floor) or "
-            "within 25 m by EXIF GPS (Lund, every photo against the 28 others). ROC AUC: P(a right pair has more "
+            f"Machine: {platform.machine()}, 2 CPU cores shared with other jobs while measured (times are "
+            f"upper bounds). Pairs: each query against its global top {args.k} ("
+            + (
+                "the shipped default model as `hafloc index build` gives it, adapted to the set's database"
+                if args.model == "default"
+                else "untrained HAF, clusters fitted on the set's database, 480 px"
+            )
+            + "); right = same place (triplets, GardensPoint day/night, tower floor), within 25 m by EXIF GPS "
+            "(Lund, every photo against the 28 others) or within 25 m (Cambridge and SF-night val splits, every "
+            "query; SF night: other capture months only). ROC AUC: P(a right pair has more "
             "verified inliers than a wrong one), ties half. Local features at 640 px; MAGSAC (F, H fallback) "
             "with 2,000 iterations; s per pair = matching + verification; top-10 s/query = query features + 10 "
             "pairs (the database's features come from the index). torch/OpenMP threads as in the environment "

@@ -62,6 +62,20 @@ def gardens_at(shared: Path, root: Path) -> Path:
     return root
 
 
+def triplets_at(shared: Path, root: Path) -> Path:
+    """The GardensPoint/SFU triplets as '@' folders: view i0 of each place = the queries, views i1 and
+    i2 = the database, place p at 100*p m east (so only its own two views are within 25 m)."""
+    src = shared / "gardenspoint_mini"
+    with open(src / "nicktrinh_triplets_labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        p = int(r["place"].lstrip("p"))
+        side = "queries" if r["view"] == "i0" else "database"
+        fields = [f"{500000 + 100 * p:.2f}", "6960000.00", "56", "J"] + [""] * 9 + [f"{side}{p}{r['view']}"]
+        link(src / r["image"], root / "images" / "test" / side / ("@" + "@".join(fields) + "@.jpg"))
+    return root
+
+
 def landmarks_oxford(shared: Path, root: Path) -> Path:
     """landmarks_mini in Oxford5k's layout: jpg/*.jpg + gt/<q>_{good,ok,junk,query}.txt, one query
     per landmark (its first photo, box = the central 80%), good/ok = the other photos of the

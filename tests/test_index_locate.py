@@ -66,6 +66,17 @@ def test_the_place_with_most_votes_beats_an_isolated_top_match():
     assert ranked is not None and north_of_origin(ranked.lat) == pytest.approx(400.0, abs=0.5)
 
 
+def test_matches_past_the_reranked_ones_do_not_place_the_answer():
+    # top 2 re-ranked (P(right) .6 at 0 m, .05 at 900 m); 3 and 4 past the re-ranked depth carry
+    # only their cosines (.7, .69 at 2 km), on another scale than P(right): they must not anchor,
+    # join the agreement or pull the position
+    verified = [dataclasses.replace(m(1, 0.40, 0.0), score=0.6), dataclasses.replace(m(2, 0.45, 900.0), score=0.05)]
+    est = estimate_position([*verified, m(3, 0.70, 2000.0), m(4, 0.69, 2005.0)])
+    assert est is not None and abs(north_of_origin(est.lat)) < 0.5
+    assert est.n_agreeing == 1 and est.agreement > 0.99
+    assert len(est.matches) == 4  # all are still listed, with their distances
+
+
 def test_unpositioned_matches_are_ignored_and_kept():
     est = estimate_position([m(1, 0.95, None), m(2, 0.7, 0.0, east_m=30.0)])
     assert est is not None and est.n_agreeing == 1 and est.confidence == pytest.approx(1.0)

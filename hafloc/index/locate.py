@@ -77,14 +77,19 @@ def estimate_position(
     similarity gap of ``margin_scale`` (cosine) to the best disagreeing match give 1 (a top match
     outvoted by a denser place gives a negative margin). None when no match has a position.
     Similarities are re-ranking scores (``rank_score``) where matches carry them, and then the best
-    one anchors: verification already weighed the candidates. ``verified``: ``min_inliers`` is the
-    re-ranking rule, and its ``is_verified(anchor)`` (the learned scorer: the anchor's P(right)
-    reaches its validated threshold), or a number, and the anchor has more verified inliers than that.
+    one anchors and only the scored (verified) matches count: verification already weighed them.
+    ``verified``: ``min_inliers`` is the re-ranking rule, and its ``is_verified(anchor)`` (the
+    learned scorer: the anchor's P(right) reaches its validated threshold), or a number, and the
+    anchor has more verified inliers than that.
     """
     positioned = [m for m in matches if m.positioned]
+    if any(m.score is not None for m in positioned):
+        # matches past the re-ranked ones carry a cosine, not a P(right): on another scale, they
+        # would outweigh verified candidates, so only the scored ones place the answer
+        positioned = [m for m in positioned if m.score is not None]
     if not positioned:
         return None
-    if any(m.score is not None for m in positioned):
+    if positioned[0].score is not None:
         best = max(positioned, key=rank_score)
     else:
         best = _anchor(positioned, agree_m, vote_temperature)

@@ -6,9 +6,10 @@ similarity, rank, verified inliers, inliers per tentative match, the spread of t
 the query and homography vs fundamental matrix, as a multinomial logit over the K candidates
 and "none of them": P(candidate j is right) = exp(s_j) / (1 + sum_k exp(s_k)), s linear in the
 features. Candidates are ordered by s, which depends on the candidate alone, so verifying more
-candidates never reorders those already verified. The coefficients are fitted on real pairs of sets that
-are never used to report it (``benchmarks/fit_scorer.py``: Cambridge and SF-night val splits)
-and shipped as ``rerank_scorer.json``; ``p_verified``, the threshold above which an answer is
+candidates never reorders those already verified. The coefficients are fitted on real pairs
+(``benchmarks/fit_scorer.py``: Cambridge val, GardensPoint day vs night and Lund; the triplets and
+ie_tower held out; a refit on the shipped model's candidates of both street val splits did worse
+on five of six sets, BENCHMARKS.md) and shipped as ``rerank_scorer.json``; ``p_verified``, the threshold above which an answer is
 called *verified*, is chosen there out of fold. Strong verified evidence can therefore move a
 candidate from far down the list to the top, and "never worse than global" is a measured
 property (``benchmarks/fit_scorer.py``, ``tests/test_rerank_real.py`` at K = 5, 10, 20, 50), not
@@ -396,11 +397,12 @@ def fit_scorer(
 
 # Matchers re-ranking uses per extractor when none is named. XFeat: mutual nearest neighbours at
 # cosine >= 0.82 (XFeat's own matching rule). benchmarks/verification.py (BENCHMARKS.md
-# "Verification signal") measured the ROC AUC of inliers for right vs wrong top-10 pairs on the
-# shared real sets: MNN 1.000 / 0.783 / 0.858 / 0.527 (GardensPoint/SFU triplets, GardensPoint day
-# vs night, Lund, ie_tower) against LighterGlue on the best 512 keypoints 0.990 / 0.703 / 0.855 /
-# 0.526, at a fifth to a twentieth of LighterGlue's cost per pair, so MNN stays the default; the
-# learned scorer (rerank_scorer.json) was fitted on MNN's pairs.
+# "Verification signal", candidates of the shipped model) measured the ROC AUC of inliers for right
+# vs wrong top-10 pairs: MNN 1.000 / 0.783 / 0.854 / 0.482 (GardensPoint/SFU triplets, GardensPoint
+# day vs night, Lund, ie_tower) against LighterGlue on the best 512 keypoints 0.989 / 0.703 / 0.848 /
+# 0.479 and ALIKED + LightGlue 0.998 / 0.694 (triplets, day vs night), at a sixth to a twentieth of
+# their cost per pair, so MNN stays the default; the learned scorer (rerank_scorer.json) was fitted
+# on MNN's pairs.
 RERANK_MATCHERS: dict[str, tuple[str, dict[str, Any]]] = {"xfeat": ("mnn", {"distance_threshold": 0.6})}
 
 

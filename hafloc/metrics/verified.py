@@ -80,6 +80,7 @@ class RankReranker:
         self.queries_verified: set[int] = set()
         self.failures: list[tuple[str, str]] = []
         self.seconds = {"query_features": 0.0, "db_features": 0.0, "matching": 0.0}
+        self.query_seconds: list[float] = []  # per verifying call: query features + matching (not db features)
 
     def _features(self, path: Path, box: tuple | None) -> Any:
         from hafloc.local import LocalFeatures
@@ -119,6 +120,7 @@ class RankReranker:
             self.seconds["query_features"] += t1 - t0
             self.seconds["db_features"] += t2 - t1
             self.seconds["matching"] += time.perf_counter() - t2
+            self.query_seconds.append(time.perf_counter() - t2 + t1 - t0)
             self.queries_verified.add(i)
         return np.array([self.pair_inliers[(i, int(j))] for j in cands], dtype=np.int64)
 
@@ -144,5 +146,9 @@ class RankReranker:
             "k": self.k,
             "queries": len(self.queries_verified),
             "seconds_per_query": {k: round(v / n, 4) for k, v in self.seconds.items()},
+            "query_seconds": {
+                "median": round(float(np.median(self.query_seconds)), 4) if self.query_seconds else None,
+                "p95": round(float(np.percentile(self.query_seconds, 95)), 4) if self.query_seconds else None,
+            },
             "failures": [list(f) for f in self.failures],
         }

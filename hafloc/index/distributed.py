@@ -55,6 +55,9 @@ class Describer:
     """One actor's work: load the model (once per process, lazily: again after a restart), describe chunks."""
 
     def __init__(self, spec: DescribeSpec):
+        from ..images.io import quiet_bomb_warning
+
+        quiet_bomb_warning()  # an actor is a process of its own: the CLI's filter does not reach it
         self.spec = spec
         self._fn: Any = None
 

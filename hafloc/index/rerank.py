@@ -1,19 +1,19 @@
 """Re-rank retrieved candidates by geometrically verified local matches.
 
-The default rule is learned (``LearnedRule``): each of a query's top-K candidates gets
-P(right | evidence) from a logistic regression over its global similarity, gap to the best
-similarity, rank, verified inliers, inliers per tentative match, the spread of the inliers over
-the query and homography vs fundamental matrix, as a multinomial logit over the K candidates
-and "none of them": P(candidate j is right) = exp(s_j) / (1 + sum_k exp(s_k)), s linear in the
-features. Candidates are ordered by s, which depends on the candidate alone, so verifying more
-candidates never reorders those already verified. The coefficients are fitted on real pairs
-(``benchmarks/fit_scorer.py``: Cambridge val, GardensPoint day vs night and Lund; the triplets and
-ie_tower held out; a refit on the shipped model's candidates of both street val splits did worse
-on five of six sets, BENCHMARKS.md) and shipped as ``rerank_scorer.json``; ``p_verified``, the threshold above which an answer is
-called *verified*, is chosen there out of fold. Strong verified evidence can therefore move a
-candidate from far down the list to the top, and "never worse than global" is a measured
-property (``benchmarks/fit_scorer.py``, ``tests/test_rerank_real.py`` at K = 5, 10, 20, 50), not
-a clamp. An index refits its own scorer only from ``REFIT_MIN_QUERIES`` leave-one-out queries and
+The default rule is learned (``LearnedRule``): each of a query's top-K candidates gets P(right |
+evidence) from a logistic regression over its global similarity, gap to the best similarity, rank,
+verified inliers, inliers per tentative match, the spread of the inliers over the query and
+homography vs fundamental matrix, as a multinomial logit over the K candidates and "none of them":
+P(candidate j is right) = exp(s_j) / (1 + sum_k exp(s_k)), s linear in the features. Candidates are
+ordered by s, which depends on the candidate alone, so verifying more candidates never reorders
+those already verified. The coefficients are fitted on real pairs (``benchmarks/fit_scorer.py``:
+Cambridge val, GardensPoint day vs night and Lund; the triplets and ie_tower held out; a refit on
+the shipped model's candidates of both street val splits did worse on five of six sets,
+BENCHMARKS.md) and shipped as ``rerank_scorer.json``; ``p_verified``, the threshold above which an
+answer is called *verified*, is chosen there out of fold. Strong verified evidence can therefore
+move a candidate from far down the list to the top, and "never worse than global" is a measured
+property (``benchmarks/fit_scorer.py``, ``tests/test_rerank_real.py`` at K = 5, 10, 20, 50), not a
+clamp. An index refits its own scorer only from ``REFIT_MIN_QUERIES`` leave-one-out queries and
 only when the refit beats the shipped one on held-out folds (``refit_scorer``).
 
 The older ``FusionRule`` keeps similarity in charge and lets verification reorder only

@@ -21,3 +21,17 @@ def update_section(name: str, section: str, path: Path = BENCHMARKS_MD) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     write_text_atomic(path, text if text.endswith("\n") else text + "\n")
+
+
+def finish_table(name: str, title: str, prose: str, lines: list[str], write: bool) -> str:
+    """Print a benchmark's markdown table and, with ``write``, record it as section ``name``
+    (heading ``title``, then ``prose`` with the machine and the date, then the table)."""
+    import platform
+    import time
+
+    table = "\n".join(lines)
+    print(table)
+    if write:
+        stamp = f"{platform.machine()}, {time.strftime('%Y-%m-%d')}."
+        update_section(name, f"## {title}\n\n{prose} {stamp}\n\n{table}\n")
+    return table

@@ -64,6 +64,25 @@ def build_set(name: str, work: Path, data: Path, split: str) -> Path | None:
     return root
 
 
+def loaded_sets(sets, work: Path, data: Path):
+    """(name, split, dataset) of each (name, split) of ``sets`` that exists (the others are named on stderr)."""
+    for name, split in sets:
+        root = build_set(name, work, data, split)
+        if root is None:
+            print(f"{name}: not found under {data} (run 'hafloc dataset prepare'), skipped", file=sys.stderr)
+            continue
+        yield name, split, load_dataset(root, split=split if name in STREETS else "test")
+
+
+def set_args(description: str) -> argparse.Namespace:
+    """--work, --data and --write: the arguments of the scripts that score the shipped model on these sets."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--work", type=Path, default=REPO / "runs" / "bench-real")
+    ap.add_argument("--data", type=Path, default=REPO / "data")
+    ap.add_argument("--write", action="store_true")
+    return ap.parse_args()
+
+
 def untrained_for(ds, path: Path) -> Path:
     """HAF as ``model init`` gives it: clusters fitted on (at most 300 of) the set's database images."""
     if not path.is_file():

@@ -12,25 +12,21 @@ Prints one table; --write records it in BENCHMARKS.md (section "whitening-adapt"
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-from mdsection import update_section
+from mdsection import finish_table
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from hafloc.datasets.detect import load_dataset  # noqa: E402
 from hafloc.descriptors.modelfile import load_model  # noqa: E402
 from hafloc.descriptors.whitening import fit_pca_whitening  # noqa: E402
 from hafloc.metrics.evaluate import ExtractionSettings, extract_dataset, score_descriptors  # noqa: E402
-from real_training import STREETS, adapted_for, build_set  # noqa: E402
+from real_training import STREETS, adapted_for, loaded_sets, set_args  # noqa: E402
 
 SETS = (("cambridge", "val"), ("sfnight", "val"), ("cambridge", "test"), ("sfnight", "test"), ("tower", "test"))
 SETS += (("corridor", "test"),)
@@ -50,19 +46,10 @@ def whitened(d, db_fit: np.ndarray, dim: int | None):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, default=REPO / "runs" / "bench-real")
-    ap.add_argument("--data", type=Path, default=REPO / "data")
-    ap.add_argument("--write", action="store_true")
-    args = ap.parse_args()
+    args = set_args(__doc__.splitlines()[0])
     cols = ("as built", "all, N-1", "all, 128", f"{SAMPLE:.0%}, N-1", f"{SAMPLE:.0%}, 128")
     lines = ["| set | queries / db | " + " | ".join(cols) + " |", "|" + "---|" * (2 + len(cols))]
-    for name, split in SETS:
-        root = build_set(name, args.work, args.data, split)
-        if root is None:
-            print(f"{name}: not found under {args.data}, skipped", file=sys.stderr)
-            continue
-        ds = load_dataset(root, split=split if name in STREETS else "test")
+    for name, split, ds in loaded_sets(SETS, args.work, args.data):
         tag = f"{name}-{split}" if name in STREETS else name
         model = load_model(adapted_for("default", ds, args.work / "models" / f"default-{tag}.model"))
         d = extract_dataset(
@@ -75,20 +62,18 @@ def main() -> None:
         r1 = [score_descriptors(ds, x)["recall@1"] for x in runs]
         lines.append(f"| {name}-{split} | {len(d.q)} / {len(d.db)} | " + " | ".join(f"{v:.1f}" for v in r1) + " |")
         print(lines[-1], flush=True)
-    table = "\n".join(lines)
-    print(table)
-    if args.write:
-        update_section(
-            "whitening-adapt",
-            "## Whitening fitted on the indexed photos (`benchmarks/whitening_adapt.py`)\n\n"
-            "R@1 of the shipped model as `hafloc index build` gives it (clusters adapted to the database), "
-            "then PCA-whitened to N - 1 or 128 dimensions with the projection fitted on all N database photos "
-            f"or on a random {SAMPLE:.0%} of them. Fitted on every database photo the whitening raises R@1 on "
-            "the street sets, but fitted on a sample it lowers it: the gain is transductive (every database "
-            "photo lies in the fitted subspace, which a sample or an index that grows after the fit loses), "
-            "so `index build` adapts the clusters only. "
-            f"{platform.machine()}, {time.strftime('%Y-%m-%d')}.\n\n" + table + "\n",
-        )
+    finish_table(
+        "whitening-adapt",
+        "Whitening fitted on the indexed photos (`benchmarks/whitening_adapt.py`)",
+        "R@1 of the shipped model as `hafloc index build` gives it (clusters adapted to the database), "
+        "then PCA-whitened to N - 1 or 128 dimensions with the projection fitted on all N database photos "
+        f"or on a random {SAMPLE:.0%} of them. Fitted on every database photo the whitening raises R@1 on "
+        "the street sets, but fitted on a sample it lowers it: the gain is transductive (every database "
+        "photo lies in the fitted subspace, which a sample or an index that grows after the fit loses), "
+        "so `index build` adapts the clusters only.",
+        lines,
+        args.write,
+    )
 
 
 if __name__ == "__main__":

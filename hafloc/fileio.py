@@ -11,9 +11,12 @@ import shutil
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from .errors import InputError
+
+if TYPE_CHECKING:
+    import filelock
 
 
 @contextlib.contextmanager
@@ -145,6 +148,18 @@ def exclusive_folder(folder: str | Path, busy: str) -> Iterator[Path]:
         yield folder
     finally:
         os.close(fd)  # releases the lock
+
+
+def os_lock(path: str | Path) -> filelock.BaseFileLock:
+    """An OS (flock) lock on ``path``, released by the OS when its holder dies. filelock 4 would
+    otherwise fall back to a marker file on file systems without flock, which a killed holder
+    leaves behind (and every later writer then waits on)."""
+    import filelock
+
+    try:
+        return filelock.FileLock(str(path), fallback_to_soft=False)
+    except TypeError:  # filelock < 4 has no soft fallback to refuse
+        return filelock.FileLock(str(path))
 
 
 def file_sha1(path: str | Path) -> str:

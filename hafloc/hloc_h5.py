@@ -17,12 +17,12 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Mapping
 
+import filelock
 import h5py
 import numpy as np
-from filelock import FileLock
 
 from .errors import InputError
-from .fileio import atomic_path
+from .fileio import atomic_path, os_lock
 
 
 def h5_name(name: str) -> str | bytes:
@@ -46,8 +46,8 @@ def names_to_pair(name0: str, name1: str, separator: str = "/") -> str:
     return separator.join((name0.replace("/", "-"), name1.replace("/", "-")))
 
 
-def _lock(path: Path) -> FileLock:
-    return FileLock(str(path.with_name(f".{path.name}.lock")))
+def _lock(path: Path) -> filelock.BaseFileLock:
+    return os_lock(path.with_name(f".{path.name}.lock"))
 
 
 def write_h5_groups(

@@ -112,6 +112,28 @@ def test_load_image_errors_name_file_and_cause(tmp_path):
         load_image(tmp_path / "missing.jpg")
 
 
+def test_an_upload_decodes_from_memory_as_its_file_does(tmp_path, photos):
+    """Bytes (a server's upload) load exactly as the same file, EXIF rotation included, and errors
+    name the upload, not a temporary file."""
+    img = Image.open(photos[1]).convert("RGB").resize((192, 128))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img.save(tmp_path / "tagged.jpg", exif=exif.tobytes(), quality=95)
+    data = (tmp_path / "tagged.jpg").read_bytes()
+    from_bytes = load_image(data, name="phone.jpg")
+    assert from_bytes.size == (128, 192)
+    assert np.array_equal(np.asarray(from_bytes), np.asarray(load_image(tmp_path / "tagged.jpg")))
+    with pytest.raises(InputError) as e:
+        load_image(data[: len(data) // 3], name="phone.jpg")
+    assert str(e.value).startswith("phone.jpg: corrupt or truncated image")
+    with pytest.raises(InputError) as e:
+        load_image(b"", name="empty.jpg")
+    assert str(e.value) == "empty.jpg: empty file"
+    with pytest.raises(InputError) as e:
+        load_image(b"not an image at all", name="notes.txt")
+    assert str(e.value) == "notes.txt: not an image (unrecognised format)"
+
+
 def _png_header(width: int, height: int) -> bytes:
     """A PNG that declares ``width`` x ``height`` (bilevel) but holds no pixel data: a bomb's header."""
     import struct

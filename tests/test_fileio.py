@@ -84,3 +84,37 @@ def test_dev_stdout_is_the_open_file_not_its_name(tmp_path):
     assert write_target(Path("/dev/stdout"))[1] is False
     assert write_target(Path("/dev/fd/1"))[1] is False
     assert write_target(tmp_path / "new.json") == (tmp_path / "new.json", True)
+
+
+def test_os_lock_excludes_a_second_process_and_dies_with_its_holder(tmp_path):
+    """A lock held by another process blocks; once that process is SIGKILLed (no cleanup runs) the
+    lock is free at once, so a crashed writer never leaves the next one waiting."""
+    import signal
+    import subprocess
+    import sys
+
+    import filelock
+
+    from hafloc.fileio import os_lock
+
+    lock = tmp_path / "model.lock"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from hafloc.fileio import os_lock; l = os_lock(sys.argv[1]); l.acquire();"
+            " print('held', flush=True); time.sleep(60)",
+            str(lock),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(filelock.Timeout):
+            os_lock(lock).acquire(timeout=0.3)
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    with os_lock(lock).acquire(timeout=2):
+        pass

@@ -4,6 +4,7 @@ NetVLAD's assignment sharpness), and optional PCA whitening of the global descri
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import cast
 
@@ -62,19 +63,32 @@ def fit_clusters(
     """Initialise projections (PCA) and VLAD clusters (k-means) of ``model.head`` from ``paths``;
     ``projections=False`` keeps the (trained) projections and re-fits the clusters in their space:
     adapting a trained model to a collection."""
-    head = model.head
-    if not isinstance(head, MultiLevelVLAD):  # the heads with clusters (uses_clusters)
+    if not isinstance(model.head, MultiLevelVLAD):  # the heads with clusters (uses_clusters)
         return {}
     model.eval()
+    taps = _iter_taps(model, paths, max_side or model.config.max_side, progress, "fit: features")
+    return fit_clusters_from_taps(model, taps, samples_per_image, seed, projections)
+
+
+def fit_clusters_from_taps(
+    model: GeoLocNet,
+    taps: Iterable[dict[str, torch.Tensor]],
+    samples_per_image: int = 100,
+    seed: int = 0,
+    projections: bool = True,
+) -> dict:
+    """:func:`fit_clusters` on backbone taps already computed (one image each, in order)."""
+    head = model.head
+    if not isinstance(head, MultiLevelVLAD):
+        return {}
     rng = np.random.default_rng(seed)
-    max_side = max_side or model.config.max_side
     has_proj = len(head.proj) > 0 and projections
     # Keep only sampled columns, never whole maps: memory stays small for many images.
     samples: dict[str, list[np.ndarray]] = {lv: [] for lv in head.levels}
     n_images = 0
-    for taps in _iter_taps(model, paths, max_side, progress, "fit: features"):
+    for t in taps:
         with torch.inference_mode():
-            feats = head.raw_features(taps) if has_proj else head.local_features(taps)
+            feats = head.raw_features(t) if has_proj else head.local_features(t)
         for lv in head.levels:
             samples[lv].append(_sample_columns(feats[lv], samples_per_image, rng))
         n_images += 1

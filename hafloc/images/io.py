@@ -6,6 +6,7 @@ skip the file and report it.
 
 from __future__ import annotations
 
+import io
 import math
 import mimetypes
 import re
@@ -50,9 +51,16 @@ def quiet_bomb_warning() -> None:
 
 
 def load_image(
-    path: str | Path, exif_transpose: bool = True, *, max_side: int | None = None, max_pixels: int | None = MAX_PIXELS
+    path: str | Path | bytes,
+    exif_transpose: bool = True,
+    *,
+    max_side: int | None = None,
+    max_pixels: int | None = MAX_PIXELS,
+    name: str | None = None,
 ) -> Image.Image:
     """Open ``path`` as an RGB image, EXIF orientation applied (unless told not to).
+    ``path`` may also be a file's bytes (an upload, decoded without a temporary file), which
+    errors call ``name``.
 
     Grayscale, CMYK, palette and alpha images are converted to RGB (alpha composited on white).
     Raises :class:`InputError` for missing, empty, truncated or non-image files, and
@@ -64,18 +72,23 @@ def load_image(
     Smaller images decode exactly as without it (DCT scaling shifts descriptors slightly). The
     result is not resized to ``max_side``: that stays the caller's resize.
     """
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-    except OSError as err:
-        raise InputError(path, f"cannot read file ({err.strerror or err})") from None
+    source: Path | io.BytesIO
+    label: str | Path
+    if isinstance(path, bytes):
+        source, size, label = io.BytesIO(path), len(path), name or "<upload>"
+    else:
+        source = label = Path(path)
+        try:
+            size = source.stat().st_size
+        except OSError as err:
+            raise InputError(label, f"cannot read file ({err.strerror or err})") from None
     if size == 0:
-        raise InputError(path, "empty file")
+        raise InputError(label, "empty file")
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             if max_pixels is not None and img.width * img.height > max_pixels:
                 raise ImageTooLarge(
-                    path,
+                    label,
                     f"image too large ({img.width}x{img.height} = "
                     f"{img.width * img.height / 1e6:.1f} MP; the limit is {max_pixels / 1e6:g} MP)",
                 )
@@ -92,15 +105,15 @@ def load_image(
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:  # the warning under -W error
-        raise ImageTooLarge(path, f"image too large ({str(err).split(',')[0]})") from None
+        raise ImageTooLarge(label, f"image too large ({str(err).split(',')[0]})") from None
     except UnidentifiedImageError:
-        raise InputError(path, "not an image (unrecognised format)") from None
+        raise InputError(label, "not an image (unrecognised format)") from None
     except OSError as err:
-        raise InputError(path, f"corrupt or truncated image ({err})") from None
+        raise InputError(label, f"corrupt or truncated image ({err})") from None
     except (ValueError, SyntaxError) as err:  # some malformed headers surface as these
-        raise InputError(path, f"corrupt image ({err})") from None
+        raise InputError(label, f"corrupt image ({err})") from None
     if img.width < 8 or img.height < 8:
-        raise InputError(path, f"image too small ({img.width}x{img.height})")
+        raise InputError(label, f"image too small ({img.width}x{img.height})")
     return img
 
 

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import filelock
 
 from hafloc.errors import HaflocError, InputError, printable
-from hafloc.fileio import write_json_atomic
+from hafloc.fileio import os_lock, write_json_atomic
 from hafloc.index.migrate import SchemaMigration
 from hafloc.index.storebase import _now, read_index_json
 
@@ -33,15 +33,6 @@ def _env_seconds(name: str, default: float) -> float:
 DEFAULT_LOCK_TIMEOUT = _env_seconds("HAFLOC_LOCK_TIMEOUT", 600.0)  # seconds a writer waits for another
 
 
-def _os_lock(path: Path) -> filelock.BaseFileLock:
-    """An OS (flock) lock, released by the OS when its holder dies. filelock 4 would otherwise fall
-    back to a marker file on file systems without flock, which a killed holder leaves behind."""
-    try:
-        return filelock.FileLock(str(path), fallback_to_soft=False)
-    except TypeError:  # filelock < 4 has no soft fallback to refuse
-        return filelock.FileLock(str(path))
-
-
 class WriteLock(SchemaMigration):
     """One writer at a time: ``_writing`` waits (up to ``lock_timeout``), ``_try_writing`` never waits."""
 
@@ -50,7 +41,7 @@ class WriteLock(SchemaMigration):
         self.read_only = read_only
         self.lock_timeout = DEFAULT_LOCK_TIMEOUT if lock_timeout is None else float(lock_timeout)
         self._lock = threading.RLock()  # a server's worker threads share this object
-        self._flock = _os_lock(folder / LOCK_NAME)
+        self._flock = os_lock(folder / LOCK_NAME)
         self._write_depth = 0
 
     def _owner_path(self) -> Path:

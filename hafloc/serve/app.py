@@ -15,7 +15,6 @@ import io
 import json
 import os
 import secrets
-import tempfile
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -232,19 +231,12 @@ def _near_fields(near: Any, within: Any) -> Near | None:
 def decode_upload(
     data: bytes, filename: str, max_side: int | None = None, max_pixels: int = ServeConfig.max_pixels
 ) -> Image.Image:
-    """Bytes of an upload -> RGB image via ``load_image`` (InputError naming ``filename``;
-    ImageTooLarge above ``max_pixels``, read from the header before decoding)."""
-    suffix = Path(filename).suffix if Path(filename).suffix.isascii() and len(Path(filename).suffix) <= 8 else ""
-    fd, tmp = tempfile.mkstemp(prefix="hafloc-upload-", suffix=suffix)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        try:
-            return load_image(tmp, max_side=max_side * DRAFT_FACTOR if max_side else None, max_pixels=max_pixels)
-        except InputError as err:  # name the upload, never our temp file
-            raise type(err)(filename, err.cause) from None
-    finally:
-        os.unlink(tmp)
+    """Bytes of an upload -> RGB image via ``load_image``, in memory (a killed worker leaves no
+    file behind): InputError naming ``filename``; ImageTooLarge above ``max_pixels``, read from the
+    header before decoding."""
+    return load_image(
+        data, max_side=max_side * DRAFT_FACTOR if max_side else None, max_pixels=max_pixels, name=filename
+    )
 
 
 class _ThumbCache:

@@ -35,7 +35,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from filelock import FileLock
 from torch import nn
 from tqdm import tqdm
 
@@ -43,7 +42,7 @@ from ..backbones.base import LEVELS, Backbone
 from ..descriptors.network import GeoLocNet
 from ..descriptors.runtime import Batch, run_batches
 from ..errors import HaflocError, InputError
-from ..fileio import atomic_path, write_json_atomic
+from ..fileio import atomic_path, os_lock, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +215,7 @@ class TrunkCache:
         key_of = {i: image_key(paths[i]) for i in ids}
         keys = list(key_of.values())
         self.folder.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.folder / ".lock")):
+        with os_lock(self.folder / ".lock"):
             for stale in self.folder.glob(".shard-*.partial.*"):  # left by a killed builder; we hold the lock
                 stale.unlink(missing_ok=True)
             if not (self.folder / "meta.json").is_file():

@@ -4,10 +4,10 @@
 there are at least ``ADAPT_MIN_IMAGES`` of them. Here the clusters are re-fitted on n random
 database photos of a set (several draws per n) and the whole set is then searched with them: R@1
 against the same model not adapted. Two samplings of local features: 100 per photo (what
-``adapt_model`` did), and enough per photo for faiss's 39 features per cluster (as many as the
-coarsest level has, 196 at 448 px). The val splits of the street sets choose; the indoor sets
-(out of the training domain) report. Backbone taps are computed once per set, so only the head
-runs per variant.
+``adapt_model`` did until this table), and enough per photo for faiss's 39 features per cluster
+(``adapt_samples_per_image``: what it does now; at most as many as the coarsest map has). The val
+splits of the street sets choose; the indoor sets (out of the training domain) report. Backbone
+taps are computed once per set, so only the head runs per variant.
 Prints one table; --write records it in BENCHMARKS.md (section "adapt-size").
 
     python benchmarks/adapt_size.py --write
@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from hafloc.descriptors.fit import fit_clusters_from_taps  # noqa: E402
 from hafloc.descriptors.modelfile import load_model  # noqa: E402
 from hafloc.images.io import load_image, to_tensor  # noqa: E402
+from hafloc.index.adapt import adapt_samples_per_image  # noqa: E402
 from hafloc.metrics.evaluate import DatasetDescriptors, score_descriptors  # noqa: E402
 from real_training import loaded_sets, set_args  # noqa: E402
 
@@ -47,13 +48,6 @@ def taps_of(model, paths: list[Path]) -> list[dict[str, torch.Tensor]]:
             t = model.backbone(to_tensor(load_image(p), max_side=model.config.max_side)[None])
             out.append({k: v.half() for k, v in t.items()})
     return out
-
-
-def floor_per_image(n_images: int, model, base: int = 100) -> int:
-    """Local features to sample per photo for faiss's 39 per cluster from ``n_images`` photos
-    (``base`` at least; a photo gives at most as many as its coarsest map has)."""
-    k = max(vlad.num_clusters for vlad in model.head.vlad.values())
-    return max(base, -(-39 * k // n_images))
 
 
 def _float(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -88,7 +82,7 @@ def main() -> None:
                 cells.append("-")
                 continue
             per = {}
-            for label, spi in (("100", 100), ("floor", floor_per_image(n, base))):
+            for label, spi in (("100", 100), ("floor", adapt_samples_per_image(n, base))):
                 if label == "floor" and spi == 100:
                     per[label] = per["100"]
                     continue
@@ -116,8 +110,8 @@ def main() -> None:
         "clusters beat any re-fit (1-3 R@1 lost at every n from 10 to 300; the test splits, adapted once, "
         "gained 0.5 and 2.8 instead: 'Models on real photos'), away from them a re-fit wins at "
         "every n, from 10 photos on (tower +3 to +5, every draw), and sampling more features per photo "
-        "changes nothing. A user's photos are not the training streets, so `index build` keeps adapting "
-        "(from `ADAPT_MIN_IMAGES` = 25 photos: this table gives no reason on the val splits to move it).",
+        "changes nothing. A user's photos are not the training streets, so `index build` adapts, from as "
+        "few photos as give k-means its features (`ADAPT_MIN_IMAGES` = 18, `adapt_samples_per_image`).",
         lines,
         args.write,
     )

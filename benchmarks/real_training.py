@@ -32,7 +32,7 @@ from hafloc.datasets.detect import load_dataset  # noqa: E402
 from hafloc.descriptors.fit import fit_clusters  # noqa: E402
 from hafloc.descriptors.modelfile import load_model, save_model  # noqa: E402
 from hafloc.fileio import write_json_atomic  # noqa: E402
-from hafloc.index.adapt import ADAPT_MIN_IMAGES  # noqa: E402
+from hafloc.index.adapt import ADAPT_MIN_IMAGES, adapt_samples_per_image  # noqa: E402
 from hafloc.metrics.evaluate import ExtractionSettings, evaluate  # noqa: E402
 from hafloc.metrics.stats import hits_at, paired_bootstrap  # noqa: E402
 from layouts import gardens_at, landmarks_oxford, tower_subset  # noqa: E402
@@ -97,7 +97,8 @@ def adapted_for(model_path: str, ds, path: Path) -> Path:
         model = load_model(model_path)
         dbp = ds.db_paths()
         pick = np.random.default_rng(0).permutation(len(dbp))[:300]
-        fit_clusters(model, [dbp[i] for i in sorted(pick)], projections=False, progress=False)
+        spi = adapt_samples_per_image(len(pick), model)  # as `index build` samples
+        fit_clusters(model, [dbp[i] for i in sorted(pick)], spi, projections=False, progress=False)
         save_model(model, path)
     return path
 

@@ -6,7 +6,7 @@ them, the GardensPoint/SFU triplets (view i0 of each place against i1 + i2) and 
 night ('@' folders), an ie_tower_floors subset (label CSV),
 landmarks_mini in Oxford5k's layout (mAP) and the synthetic demo city's test split. Model
 (``--model``): the shipped default as ``hafloc index build`` gives it (adapted to the set's
-database from 25 photos), or an untrained HAF (clusters fitted on each database). Re-ranking uses
+database from ``ADAPT_MIN_IMAGES`` photos), or an untrained HAF (clusters fitted on each database). Re-ranking uses
 the extractor's default rule (for xfeat the shipped learned scorer; nothing fitted on these test
 queries). Prints one table and updates the "Re-ranking" section of BENCHMARKS.md.
 
@@ -198,7 +198,8 @@ def main() -> None:
             "## Re-ranking by verified local matches (`benchmarks/rerank.py`)\n\n"
             f"Machine: {platform.processor() or platform.machine()}, torch threads = all cores. Global: "
             + (
-                "the shipped default model as `hafloc index build` gives it (adapted from 25 database photos)"
+                f"the shipped default model as `hafloc index build` gives it (adapted from {ADAPT_MIN_IMAGES} database "
+                "photos)"
                 if args.model == "default"
                 else "an untrained HAF (480 px, clusters fitted on 40 database images)"
             )

@@ -126,6 +126,7 @@ def main() -> None:
         metrics.update(card_metrics(f, args.label))
     card["metrics"] = metrics
     tmp = DEFAULT_FILE.with_suffix(".check")
+    before = load_model(None).fingerprint() if DEFAULT_FILE.is_file() else None
     full = describe(model, paths)
     half_ok = False
     save_model(model, tmp, meta={**meta, "card": card}, trunk="pretrained", half=True)
@@ -141,6 +142,7 @@ def main() -> None:
     }
     save_model(model, DEFAULT_FILE, meta={**meta, "card": card}, trunk="pretrained", half=half_ok)
     tmp.unlink()
+    after = load_model(DEFAULT_FILE).fingerprint()
     size = DEFAULT_FILE.stat().st_size
     if size > MAX_BYTES:
         raise SystemExit(f"{DEFAULT_FILE}: {size / 2**20:.1f} MB, over the 15 MB the package allows")
@@ -148,6 +150,23 @@ def main() -> None:
     text = MODELFILE.read_text()
     MODELFILE.write_text(re.sub(r'DEFAULT_SHA256 = "[^"]*"', f'DEFAULT_SHA256 = "{digest}"', text, count=1))
     print(f"wrote {DEFAULT_FILE} ({size / 2**20:.2f} MB, {card['storage']['dtype']}), sha256 {digest}")
+    carry_prior(before, after, digest)
+
+
+def carry_prior(before: str | None, after: str, digest: str) -> None:
+    """The calibration prior was fitted on the descriptors of the model it records: when only the
+    card changed (same weights, same fingerprint) it stays valid and is re-keyed to the new file."""
+    from hafloc.fileio import write_json_atomic
+    from hafloc.index.calibrate import PRIOR_FILE
+
+    if not PRIOR_FILE.is_file():
+        return
+    if before != after:
+        print(f"the weights changed: rerun scripts/fit_calibration_prior.py ({PRIOR_FILE.name} is now ignored)")
+        return
+    doc = json.loads(PRIOR_FILE.read_text())
+    write_json_atomic(PRIOR_FILE, {**doc, "model_sha256": digest})
+    print(f"same weights (fingerprint {after}): {PRIOR_FILE.name} re-keyed to the new file")
 
 
 if __name__ == "__main__":

@@ -105,6 +105,23 @@ def test_index_and_locate_with_no_model_at_all(tmp_path, lund, capsys):
     assert best["image"].endswith(lund[2].name) and best["similarity"] > 0.99  # it finds itself first
 
 
+def test_the_default_adapts_from_as_few_photos_as_give_k_means_its_features(tmp_path, lund):
+    """From ``ADAPT_MIN_IMAGES`` photos (4:3, as phones take them) every level's k-means gets its 39
+    features per cluster, by sampling more per photo; one photo fewer keeps the model as shipped."""
+    from hafloc.index.adapt import ADAPT_FEATURES_PER_CLUSTER, ADAPT_MIN_IMAGES, ADAPTED_NAME, adapt_model
+
+    shipped = load_model(None)
+    assert adapt_model(shipped, lund[: ADAPT_MIN_IMAGES - 1], tmp_path / "few") is shipped
+    assert not (tmp_path / "few" / ADAPTED_NAME).exists()
+    adapted = adapt_model(shipped, lund[:ADAPT_MIN_IMAGES], tmp_path / "enough")
+    fit = adapted.meta["adapted"]["fit"]
+    assert adapted.meta["adapted"]["images"] == ADAPT_MIN_IMAGES
+    for lv, info in fit["levels"].items():
+        assert info["features"] >= ADAPT_FEATURES_PER_CLUSTER * info["clusters"], (lv, info)
+    assert adapted.fingerprint() != shipped.fingerprint()  # the clusters moved
+    assert read_model_file(tmp_path / "enough" / ADAPTED_NAME).get("trunk")  # only what differs from the trunk
+
+
 def test_card_and_benchmarks_tell_the_same_numbers():
     """The model card's scores are the ones BENCHMARKS.md shows (both from benchmarks/real_training.py)."""
     import re

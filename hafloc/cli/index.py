@@ -101,7 +101,7 @@ def register(sub) -> None:
     b.add_argument(
         "--no-adapt",
         action="store_true",
-        help="keep a trained model's clusters as trained (default: from 25 photos, re-fit them by k-means on "
+        help="keep a trained model's clusters as trained (default: from 18 photos, re-fit them by k-means on "
         "the photos indexed, into INDEX/adapted.model; untrained models are never changed)",
     )
     b.add_argument(

@@ -6,9 +6,19 @@ from pathlib import Path
 from typing import Any
 
 ADAPTED_NAME = "adapted.model"  # a trained model adapted to the indexed photos, inside the index folder
-# k-means of 64 clusters wants >= 39 features each: 25 photos at 100 sampled features per photo
-ADAPT_MIN_IMAGES = 25
+# k-means of 64 clusters wants >= 39 features each (faiss): 2,496, which 18 photos give at the 140
+# columns of a 4:3 photo's coarsest map at 448 px (13 square ones). How many photos the fit sees
+# changes little from 10 on (benchmarks/adapt_size.py); fewer would leave k-means short of features.
+ADAPT_MIN_IMAGES = 18
 ADAPT_MAX_IMAGES = 300
+ADAPT_FEATURES_PER_CLUSTER = 39
+
+
+def adapt_samples_per_image(n_images: int, model: Any, base: int = 100) -> int:
+    """Local features to sample per photo so that k-means gets ``ADAPT_FEATURES_PER_CLUSTER`` per
+    cluster from ``n_images`` photos (``base`` at least; a photo gives at most as many as its map has)."""
+    k = max((vlad.num_clusters for vlad in getattr(model.head, "vlad", {}).values()), default=0)
+    return max(base, -(-ADAPT_FEATURES_PER_CLUSTER * k // max(n_images, 1)))
 
 
 def adapt_model(model: Any, files: list[Path], folder: str | Path, seed: int = 0, progress: bool = False) -> Any:
@@ -38,7 +48,8 @@ def adapt_model(model: Any, files: list[Path], folder: str | Path, seed: int = 0
             rng = np.random.default_rng(seed)
             pick = sorted(rng.choice(len(files), min(ADAPT_MAX_IMAGES, len(files)), replace=False).tolist())
             adapted = load_model(model.source_path)
-            info = fit_clusters(adapted, [files[i] for i in pick], seed=seed, progress=progress, projections=False)
+            spi = adapt_samples_per_image(len(pick), adapted)
+            info = fit_clusters(adapted, [files[i] for i in pick], spi, seed=seed, progress=progress, projections=False)
             trunk = "pretrained" if read_model_file(model.source_path).get("trunk") else "included"
             meta = {**adapted.meta, "adapted": {"from": recorded_path(model), "images": len(pick), "fit": info}}
             save_model(adapted, path, meta=meta, trunk=trunk)

@@ -313,7 +313,7 @@ def main() -> None:
         for cfg in args.configs:
             if cfg == "aliked" and name not in args.aliked_sets:
                 continue
-            if name in STREET_SETS and cfg != "mnn":  # LighterGlue on their ~2,700 pairs: most of an hour
+            if name in STREET_SETS and not cfg.startswith("mnn"):  # LighterGlue on their ~2,700 pairs: an hour
                 continue
             if args.only_recorded and not list((work / "records").glob(f"{name}-{cfg}-k*.json")):
                 continue

@@ -3,7 +3,8 @@
 Stores only what differs from the pretrained trunk of the backbone's package (head, whitening), in
 float16 when its descriptors agree with float32 (cosine >= 0.999 on every parity image and the
 same nearest neighbours), with the model card in its metadata; writes the file's sha256 into
-hafloc/descriptors/modelfile.py (checked at every load).
+hafloc/descriptors/modelfile.py (checked at every load) and, when only the card changed (same
+weights), re-keys the calibration prior to the new file (else it says to refit the prior).
 
     python scripts/package_default_model.py runs/haf-streets/best.model \
         --card-json runs/bench-real/results-test.json --card runs/haf-streets-card-extra.json \
@@ -26,6 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from hafloc.descriptors.extract import Extractor  # noqa: E402
 from hafloc.descriptors.modelfile import DEFAULT_FILE, load_model, read_model_file, save_model  # noqa: E402
+from hafloc.errors import InputError  # noqa: E402
 from hafloc.images.io import list_images  # noqa: E402
 
 MODELFILE = REPO / "hafloc" / "descriptors" / "modelfile.py"
@@ -126,7 +128,10 @@ def main() -> None:
         metrics.update(card_metrics(f, args.label))
     card["metrics"] = metrics
     tmp = DEFAULT_FILE.with_suffix(".check")
-    before = load_model(None).fingerprint() if DEFAULT_FILE.is_file() else None
+    try:  # the weights being replaced: the calibration prior was fitted on their descriptors
+        before: str | None = load_model(None).fingerprint()
+    except InputError:  # none yet, or damaged
+        before = None
     full = describe(model, paths)
     half_ok = False
     save_model(model, tmp, meta={**meta, "card": card}, trunk="pretrained", half=True)

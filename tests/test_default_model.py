@@ -166,3 +166,25 @@ def test_local_auto_means_xfeat_only_for_a_new_index_of_the_default_model(tmp_pa
     theirs = tmp_path / "theirs"
     assert cli(["index", "build", str(photos), "--model", str(own), "--index", str(theirs), "--no-progress"]) == 0
     assert json.loads((theirs / "index.json").read_text()).get("local") is None  # a model of one's own: none
+
+
+def test_repackaging_re_keys_the_calibration_prior_only_for_the_same_weights(tmp_path, monkeypatch):
+    """scripts/package_default_model.py: a new card on the same weights keeps the prior (re-keyed
+    to the new file's sha256); new weights leave it keyed to the old file, so it is ignored."""
+    import importlib.util
+    from pathlib import Path
+
+    from hafloc.index import calibrate
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "package_default_model.py"
+    spec = importlib.util.spec_from_file_location("package_default_model", script)
+    assert spec is not None and spec.loader is not None
+    pkg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pkg)
+    prior = tmp_path / "calibration-prior.json"
+    prior.write_text(json.dumps({"format": "hafloc-calibration-prior", "model_sha256": "old"}))
+    monkeypatch.setattr(calibrate, "PRIOR_FILE", prior)
+    pkg.carry_prior("fp-a", "fp-b", "new")  # other weights: untouched
+    assert json.loads(prior.read_text())["model_sha256"] == "old"
+    pkg.carry_prior("fp-a", "fp-a", "new")
+    assert json.loads(prior.read_text()) == {"format": "hafloc-calibration-prior", "model_sha256": "new"}

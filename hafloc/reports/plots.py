@@ -419,5 +419,6 @@ def plot_seed_spread(
         ax.grid(axis="y", alpha=0.3)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    # a band of its own for the title: tight_layout alone runs the first panel's title into it
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()) if title else None)
     return _save(fig, path)

@@ -3,12 +3,12 @@
 Datasets: the test splits of the street sets (``hafloc dataset prepare``: Cambridge, SF night,
 skipped when absent) and, built from ../shared/data in their published layouts as the tests build
 them, the GardensPoint/SFU triplets (view i0 of each place against i1 + i2) and GardensPoint day vs
-night ('@' folders), an ie_tower_floors subset (label CSV),
-landmarks_mini in Oxford5k's layout (mAP) and the synthetic demo city's test split. Model
-(``--model``): the shipped default as ``hafloc index build`` gives it (adapted to the set's
-database from ``ADAPT_MIN_IMAGES`` photos), or an untrained HAF (clusters fitted on each database). Re-ranking uses
-the extractor's default rule (for xfeat the shipped learned scorer; nothing fitted on these test
-queries). Prints one table and updates the "Re-ranking" section of BENCHMARKS.md.
+night ('@' folders), an ie_tower_floors subset (label CSV), landmarks_mini in Oxford5k's layout
+(mAP) and the synthetic demo city's test split. Model (``--model``): the shipped default as
+``hafloc index build`` gives it (adapted to the set's database from ``ADAPT_MIN_IMAGES`` photos),
+or an untrained HAF (clusters fitted on each database). Re-ranking uses the extractor's default
+rule (for xfeat the shipped learned scorer; nothing fitted on these test queries). Prints one table
+and updates the "Re-ranking" section of BENCHMARKS.md.
 
     python benchmarks/rerank.py                      # xfeat on every set, disk on GardensPoint
     python benchmarks/rerank.py --sets gardens --no-write

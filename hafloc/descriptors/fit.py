@@ -63,8 +63,6 @@ def fit_clusters(
     """Initialise projections (PCA) and VLAD clusters (k-means) of ``model.head`` from ``paths``;
     ``projections=False`` keeps the (trained) projections and re-fits the clusters in their space:
     adapting a trained model to a collection."""
-    if not isinstance(model.head, MultiLevelVLAD):  # the heads with clusters (uses_clusters)
-        return {}
     model.eval()
     taps = _iter_taps(model, paths, max_side or model.config.max_side, progress, "fit: features")
     return fit_clusters_from_taps(model, taps, samples_per_image, seed, projections)
@@ -79,7 +77,7 @@ def fit_clusters_from_taps(
 ) -> dict:
     """:func:`fit_clusters` on backbone taps already computed (one image each, in order)."""
     head = model.head
-    if not isinstance(head, MultiLevelVLAD):
+    if not isinstance(head, MultiLevelVLAD):  # the heads with clusters (uses_clusters); taps left unread
         return {}
     rng = np.random.default_rng(seed)
     has_proj = len(head.proj) > 0 and projections

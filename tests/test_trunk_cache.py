@@ -186,6 +186,27 @@ def test_key_follows_size_weights_and_files(haf, photos, tmp_path):
     assert not torch.equal(d.batch([1])["mid"], sa["mid"][:1])
 
 
+def test_a_level_ablation_reads_the_cache_of_every_level(haf, photos, tmp_path):
+    """A model on fewer levels trains from the full model's cache when one exists (the same state
+    as from a cache of its own, nothing computed again), and keeps its own cache otherwise."""
+    stop = frozen_groups(haf, 1)
+    low = GeoLocNet(ModelConfig.for_method("haf", levels=("low",), num_clusters=8, proj_dim=32), pretrained=True)
+    freeze_backbone(low, 1)
+    paths = photos[:4]
+    own = TrunkCache(tmp_path / "own", low, stop, SIZE)
+    assert own.keep == {"low"} and own.build(paths, _loader(paths))["computed"] == 4
+    full = TrunkCache(tmp_path / "every", haf, stop, SIZE)
+    assert full.build(paths, _loader(paths))["computed"] == 4
+    reader = TrunkCache(tmp_path / "every", low, stop, SIZE)
+    assert reader.folder == full.folder and reader.build(paths, _loader(paths))["computed"] == 0
+    got, want = reader.batch(range(4)), own.batch(range(4))
+    assert set(got) == set(want) == {"low", "carry"}  # the mid tap, stored for the full model, is not passed on
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    # its own cache, once it has one, stays its own (a later cache of every level changes nothing)
+    TrunkCache(tmp_path / "own", haf, stop, SIZE).build(paths, _loader(paths))
+    assert TrunkCache(tmp_path / "own", low, stop, SIZE).folder == own.folder != full.folder
+
+
 BUILDER = """
 import sys, time, torch
 from pathlib import Path

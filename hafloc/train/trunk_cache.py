@@ -20,7 +20,9 @@ folder). Inside, ``shard-NNNNNN.npy`` (rows x the flattened fields) and ``shard-
 (the image keys of its rows: resolved path | size | mtime_ns). The JSON is written after its
 ``.npy`` and is the commit marker: a build killed part-way keeps every committed shard and
 the rerun computes only the rest. A lock file serialises builders (two processes building the
-same cache: the second waits, then finds the images done).
+same cache: the second waits, then finds the images done). A model on fewer levels without a
+folder of its own reads the folder of every level when there is one (its rows hold the same
+taps; the others are dropped from each batch).
 """
 
 from __future__ import annotations
@@ -116,14 +118,34 @@ class TrunkCache:
         self.model, self.stop, self.size = model, int(stop), (int(size[0]), int(size[1]))
         self.dtype = DTYPES[dtype]
         self.shard_rows = max(1, int(shard_rows))
-        self.fields, self.alias = self._layout()
-        self.row_len = sum(int(np.prod(shape)) for _, shape in self.fields)
-        self.key = self._fingerprint(dtype)
-        self.folder = Path(root) / f"{model.backbone.name}-{self.key}"
+        self.used = frozenset(model.head.levels)
+        every = frozenset(LEVELS)
+        self._settle(Path(root), dtype, self.used)
+        if self.used != every and not self._built():
+            # a level ablation reads the cache of every level when there is one: the taps it needs
+            # are a subset of those rows, so the run is the same without computing them again
+            self._settle(Path(root), dtype, every)
+            if self._built():
+                log.info(
+                    "trunk cache: levels %s read from the cache of every level, %s", sorted(self.used), self.folder
+                )
+            else:
+                self._settle(Path(root), dtype, self.used)
         self._locs: np.ndarray | None = None  # (N, 2): shard number, row; per index into build's paths
         self._maps: dict[int, np.ndarray] = {}
 
     # -- what is stored --------------------------------------------------------------------
+    def _settle(self, root: Path, dtype: str, keep: frozenset[str]) -> None:
+        """Store the taps of levels ``keep``: fields, row length, key and folder."""
+        self.keep = keep
+        self.fields, self.alias = self._layout()
+        self.row_len = sum(int(np.prod(shape)) for _, shape in self.fields)
+        self.key = self._fingerprint(dtype)
+        self.folder = root / f"{self.model.backbone.name}-{self.key}"
+
+    def _built(self) -> bool:
+        return (self.folder / "meta.json").is_file()
+
     def _frozen_state(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         bb = self.model.backbone
         # as in training, frozen groups run in eval mode (BatchNorm keeps its statistics); each
@@ -137,8 +159,7 @@ class TrunkCache:
         finally:
             for m, mode in modes:
                 m.training = mode
-        used = set(self.model.head.levels)
-        return {k: v for k, v in state.items() if k == "carry" or k not in LEVELS or k in used}
+        return {k: v for k, v in state.items() if k == "carry" or k not in LEVELS or k in self.keep}
 
     def _layout(self) -> tuple[list[tuple[str, tuple[int, ...]]], dict[str, str]]:
         """Stored fields (name, per-image shape) and aliases (carry -> the tap it is)."""
@@ -316,6 +337,8 @@ class TrunkCache:
             off += size
         for k, target in self.alias.items():
             state[k] = state[target]
+        for k in self.keep - self.used:  # stored for another model (a cache of every level)
+            state.pop(k, None)
         return state
 
     def close(self) -> None:

@@ -320,13 +320,14 @@ def generate(images: Path, folder: Path, screenshot: bool = False) -> tuple[dict
         f"10 m there are both right and wrong answers, and `--force` fits from the {cal['n_samples']} anyway:"
     )
     heuristic = cal["heldout"]["heuristic"]
+    mean_heuristic = sum(heuristic) / len(heuristic)
     out["calibrate-ece"] = prose(
         "The ECE (expected calibration error, on answers held out of the fit) says how far the stated "
         f"probabilities are from the observed frequencies: {cal['ece_heldout']:.3f} here, "
-        f"{cal['ece_heuristic']:.3f} for the uncalibrated confidence (which, with this untrained model's low "
-        f"similarities, averages {sum(heuristic) / len(heuristic):.2f} while "
-        f"{100 * cal['positives_rate']:.0f} % of the answers are right). With {cal['n_samples']} photos that is "
-        "a rough fit; thousands of photos give a tight one."
+        f"{cal['ece_heuristic']:.3f} for the uncalibrated confidence (which averages {mean_heuristic:.2f} while "
+        f"{100 * cal['positives_rate']:.0f} % of the answers are right: "
+        f"{'over' if mean_heuristic > cal['positives_rate'] else 'under'}-confident at this radius). With "
+        f"{cal['n_samples']} photos that is a rough fit; thousands of photos give a tight one."
     )
     out["locate-calibrated"] = located = run.hafloc("hafloc locate queries/ --index lund.index --top-k 3")
     off = {r["image"]: metres(exif[Path(r["image"]).name], (r["lat"], r["lon"])) for r in parse_table(located)}

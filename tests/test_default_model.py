@@ -105,6 +105,32 @@ def test_index_and_locate_with_no_model_at_all(tmp_path, lund, capsys):
     assert best["image"].endswith(lund[2].name) and best["similarity"] > 0.99  # it finds itself first
 
 
+def test_an_uncalibrated_default_index_gives_right_answers_confidence_and_blank_frames_none(tmp_path, lund, capsys):
+    """Below 50 photos an index is not calibrated; its confidence is the heuristic gated by how similar
+    blank and noise frames get on the index. The fixed ramp it replaced (0 at cosine 0.5) gave the
+    default model's right answers ~0: its right matches score 0.3-0.5."""
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    query = next(f for f in lund if f.name == "05.jpg")
+    for f in [f for f in lund if f != query][:20]:  # enough to adapt the clusters, as users' indexes are
+        shutil.copy(f, photos / f.name)
+    frames = [tmp_path / "grey.png", tmp_path / "noise.png"]
+    Image.new("RGB", (400, 300), (128, 128, 128)).save(frames[0])
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(frames[1])
+    idx = tmp_path / "idx"
+    assert cli(["index", "build", str(photos), "--index", str(idx), "--local", "none", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert cli(["locate", str(query), *map(str, frames), "--index", str(idx), "--json", "--no-progress"]) == 0
+    right, *blank = json.loads(capsys.readouterr().out)["results"]
+    assert (idx / "adapted.model").exists() and right["calibrated"] is False
+    assert right["matches"][0]["similarity"] < 0.6  # where the old ramp gave at most 0.25 x the heuristic
+    assert right["matches"][0]["image"] == "04.jpg" and right["estimate"]["confidence"] > 0.5  # 3 m away
+    for res in blank:
+        assert (res["estimate"] or res["unknown"])["confidence"] <= 0.2, res
+
+
 def test_the_default_adapts_from_as_few_photos_as_give_k_means_its_features(tmp_path, lund):
     """From ``ADAPT_MIN_IMAGES`` photos (4:3, as phones take them) every level's k-means gets its 39
     features per cluster, by sampling more per photo; one photo fewer keeps the model as shipped."""

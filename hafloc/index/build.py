@@ -94,10 +94,9 @@ def add_folder(
 def probe_descriptors(store: IndexStore) -> Any:
     """The index model's descriptors of ``calibrate.probe_images`` (blank and noise frames: the
     unrelated-photo gate), or None with a warning when the model cannot be loaded (no gate then)."""
-    import numpy as np
 
     from ..descriptors.extract import Extractor
-    from .calibrate import probe_images
+    from .calibrate import describe_probes
     from .locator import open_model_for
 
     try:
@@ -105,7 +104,7 @@ def probe_descriptors(store: IndexStore) -> Any:
     except HaflocError as err:
         log.warning("no unrelated-photo gate (%s)", err)
         return None
-    return np.stack([extractor.describe_image(img)["descriptor"] for img in probe_images()])
+    return describe_probes(extractor)
 
 
 def calibrate_store(store: IndexStore, max_samples: int | None = None, **kw: Any) -> Calibrator:

@@ -54,7 +54,7 @@ from hafloc.index.calibration_model import (
     expected_calibration_error,
     fit_model,
 )
-from hafloc.index.locate import Estimate, estimate_position, fallback_confidence
+from hafloc.index.locate import Estimate, estimate_position, fallback_confidence, unrelated_gate
 from hafloc.index.store import IndexStore, Match
 
 CALIBRATION_FILE = "calibration.json"
@@ -69,9 +69,6 @@ DEFAULT_EXCLUDE_M = 5.0
 DEFAULT_K = 10
 MIN_POSITIONED = 50  # ``index build`` calibrates automatically from this many positioned images
 MIN_SAMPLES = 50  # fewer leave-one-out answers: refused unless forced (``min_samples=0``)
-# The unrelated gate: the probability is scaled by clip((s - u) / UNRELATED_GATE_WIDTH, 0, 1), s the
-# query's best similarity and u the best similarity blank and noise frames reach on this index.
-UNRELATED_GATE_WIDTH = 0.1
 
 PRIOR_FILE = Path(__file__).resolve().parents[1] / "descriptors" / "default" / "calibration-prior.json"
 PRIOR_FORMAT = "hafloc-calibration-prior"
@@ -190,6 +187,11 @@ def probe_images() -> list[Any]:
     return noise + [Image.new("RGB", (640, 480), (v, v, v)) for v in (0, 64, 128, 192, 255)]
 
 
+def describe_probes(extractor: Any) -> np.ndarray:
+    """(P, D) descriptors of ``probe_images`` by ``extractor`` (an ``Extractor`` of the index's model)."""
+    return np.stack([extractor.describe_image(img)["descriptor"] for img in probe_images()])
+
+
 def unrelated_similarity(store: IndexStore, probe_descriptors: np.ndarray) -> float | None:
     """The best similarity to a positioned image that any probe (``probe_images``, described by the
     index's model) reaches on ``store``: photos matching no better are unrelated to the index."""
@@ -199,13 +201,6 @@ def unrelated_similarity(store: IndexStore, probe_descriptors: np.ndarray) -> fl
     found = cast(list[list[Match]], store.search(q, DEFAULT_K))
     sims = [m.similarity for ms in found for m in ms if m.positioned]
     return float(max(sims)) if sims else None
-
-
-def unrelated_gate(best_similarity: float, floor: float | None) -> float:
-    """0 at or below ``floor`` (the probes' best similarity), rising linearly to 1 over ``UNRELATED_GATE_WIDTH``."""
-    if floor is None:
-        return 1.0
-    return float(min(1.0, max(0.0, (best_similarity - floor) / UNRELATED_GATE_WIDTH)))
 
 
 # -- leave-one-out -----------------------------------------------------------------------------
@@ -237,11 +232,13 @@ def leave_one_out(
     rerank: Rerank | None = None,
     progress: bool = True,
     descriptors: tuple[np.ndarray, list[str], np.ndarray] | None = None,
+    unrelated: float | None = None,
 ) -> LooSamples:
     """Locate each (sampled) positioned database image against the others, hiding itself and its
     neighbours closer than ``exclude_m`` metres. Batched searches of the stored descriptors in the
     index's own search structure (as ``locate`` searches); ``rerank`` may reorder / annotate each
-    image's matches first."""
+    image's matches first. ``unrelated``: the index's unrelated similarity, which gates the
+    uncalibrated confidence recorded beside each answer (as ``locate`` reports it)."""
     from scipy.spatial import cKDTree
 
     if agree_m <= 0 or exclude_m < 0 or k < 1:
@@ -298,7 +295,7 @@ def leave_one_out(
             out.rows.append(int(qi))
             out.features.append(feats)
             labels.append(int(haversine_m(est.lat, est.lon, lat[qi], lon[qi]) <= agree_m))
-            heur.append(fallback_confidence(est))
+            heur.append(fallback_confidence(est, unrelated))
         bar.update(len(part))
     bar.close()
     out.labels, out.heuristic = np.array(labels, int), np.array(heur, np.float64)
@@ -457,8 +454,9 @@ def calibrate_index(
     prior = prior_for(store, agree_m, k, rerank is not None)
     descriptors = store.descriptors()
     _check_enough(store, int(store.info.get("counts", {}).get("positioned", 0)), "positioned photos", min_samples)
+    floor = unrelated_similarity(store, probes) if probes is not None else None
     for i, ex_m in enumerate(tries):
-        samples = leave_one_out(store, agree_m, ex_m, k, max_samples, seed, rerank, progress, descriptors)
+        samples = leave_one_out(store, agree_m, ex_m, k, max_samples, seed, rerank, progress, descriptors, floor)
         _check_enough(store, len(samples.labels), "leave-one-out answers", min_samples)
         try:
             cal, rep = fit_calibrator(samples, seed, prior=prior)
@@ -475,7 +473,6 @@ def calibrate_index(
             raise HaflocError(f"{store.folder}: {err}{hint}") from None
     exclude_m = ex_m
     y = samples.labels
-    floor = unrelated_similarity(store, probes) if probes is not None else None
     best = np.array([f["best_similarity"] for f in samples.features], np.float64)
     heldout = rep["heldout_predictions"] * np.array([unrelated_gate(s, floor) for s in best])
     cal.meta = {

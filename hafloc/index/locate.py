@@ -135,20 +135,30 @@ def _round(x: float | None, nd: int) -> float | None:
     return None if x is None else round(float(x), nd)
 
 
-# The uncalibrated fallback also asks how similar the best match is: unrelated photos (noise, a
-# grey frame, indoor against outdoor) still find *some* match, at cosine ~0.45-0.65 with our models,
-# while true matches reach 0.7-1. Below the floor the fallback is 0, above the top it is unchanged.
-FALLBACK_SIM_FLOOR = 0.5
-FALLBACK_SIM_FULL = 0.9
+# Unrelated photos (noise, a blank frame, another domain) still find *some* match, and how similar
+# they get depends on the model and the index (cosine ~0.5 with untrained models, 0.2-0.4 with the
+# trained default, whose right matches often score 0.3-0.45). So the floor is measured per index:
+# u, the best similarity blank and noise frames (``calibrate.probe_images``) reach on it. Every
+# confidence, calibrated or not, is scaled by clip((s - u) / UNRELATED_GATE_WIDTH, 0, 1), s the
+# query's best similarity.
+UNRELATED_GATE_WIDTH = 0.1
 
 
-def fallback_confidence(estimate: Estimate | None) -> float:
-    """Confidence of an index without a calibration: the heuristic times a best-similarity ramp."""
+def unrelated_gate(best_similarity: float, floor: float | None) -> float:
+    """0 at or below ``floor`` (the probes' best similarity), rising linearly to 1 over ``UNRELATED_GATE_WIDTH``;
+    1 when the floor is unknown (None)."""
+    if floor is None:
+        return 1.0
+    return float(min(1.0, max(0.0, (best_similarity - floor) / UNRELATED_GATE_WIDTH)))
+
+
+def fallback_confidence(estimate: Estimate | None, unrelated: float | None = None) -> float:
+    """Confidence of an index without a calibration: the heuristic times the ``unrelated_gate`` of the
+    index's unrelated similarity ``unrelated`` (``calibrate.unrelated_similarity``)."""
     if estimate is None:
         return 0.0
     best = max((m.similarity for m in estimate.matches if m.positioned), default=0.0)
-    ramp = min(1.0, max(0.0, (best - FALLBACK_SIM_FLOOR) / (FALLBACK_SIM_FULL - FALLBACK_SIM_FLOOR)))
-    return float(estimate.confidence * ramp)
+    return float(estimate.confidence * unrelated_gate(best, unrelated))
 
 
 def result_json(
@@ -159,15 +169,16 @@ def result_json(
     calibrated: bool = False,
     radius_m: float | None = None,
     min_confidence: float | None = None,
+    unrelated: float | None = None,
 ) -> dict[str, Any]:
     """The JSON object ``hafloc locate --json`` prints for one query image.
 
-    ``confidence`` (default: ``fallback_confidence``) is reported in the estimate; with
+    ``confidence`` (default: ``fallback_confidence`` gated by ``unrelated``) is reported in the estimate; with
     ``min_confidence`` a less confident estimate becomes ``"estimate": null`` plus
     ``"unknown": {"reason", "confidence"}`` (as does a query none of whose matches has a position).
     """
     shown = estimate.matches if estimate is not None else list(matches)
-    conf = fallback_confidence(estimate) if confidence is None else float(confidence)
+    conf = fallback_confidence(estimate, unrelated) if confidence is None else float(confidence)
     unknown = None
     if estimate is None:
         unknown = {"reason": "no match has a position", "confidence": 0.0}
@@ -216,11 +227,13 @@ def locate_descriptors(
     agree_m: float = 25.0,
     calibrator: Any = None,
     min_confidence: float | None = None,
+    unrelated: float | None = None,
 ) -> list[dict[str, Any]]:
     """Locate query descriptors (Nq, D) against ``store``: one ``result_json`` per name.
 
     ``calibrator`` (``hafloc.index.calibrate.Calibrator``, or None for the fallback) turns the
-    estimate of its own top-``calibrator.k`` matches into the reported confidence.
+    estimate of its own top-``calibrator.k`` matches into the reported confidence; without one,
+    ``unrelated`` (the index's unrelated similarity) gates the fallback.
     """
     descs = np.atleast_2d(np.asarray(descs, dtype=np.float32))
     if len(descs) != len(names):
@@ -229,7 +242,10 @@ def locate_descriptors(
         return []
     depth = max(k, calibrator.k) if calibrator is not None else k
     all_matches = cast(list[list[Match]], store.search(descs, depth))  # (Nq, D) in: one list per query
-    return [answer(name, ms, k, agree_m, calibrator, min_confidence) for name, ms in zip(names, all_matches)]
+    return [
+        answer(name, ms, k, agree_m, calibrator, min_confidence, unrelated=unrelated)
+        for name, ms in zip(names, all_matches)
+    ]
 
 
 def answer(
@@ -240,17 +256,20 @@ def answer(
     calibrator: Any = None,
     min_confidence: float | None = None,
     min_inliers: "float | VerifyRule | None" = None,
+    unrelated: float | None = None,
 ) -> dict[str, Any]:
     """One query's ``result_json`` from its (at least ``max(k, calibrator.k)``) ranked matches.
 
     Calibrated: the estimate and its features come from the top ``calibrator.k`` matches, as in the
     leave-one-out the calibrator was fitted on, at the calibrator's radius; ``k`` matches are shown.
     ``min_inliers``: re-ranked matches verify the estimate above this many inliers, or by this
-    re-ranking rule's ``is_verified``.
+    re-ranking rule's ``is_verified``. Uncalibrated: ``unrelated`` gates the fallback confidence.
     """
     if calibrator is None:
         est = estimate_position(list(matches)[:k], agree_m, min_inliers=min_inliers)
-        return result_json(name, list(matches)[:k], est, radius_m=agree_m, min_confidence=min_confidence)
+        return result_json(
+            name, list(matches)[:k], est, radius_m=agree_m, min_confidence=min_confidence, unrelated=unrelated
+        )
     est = estimate_position(list(matches)[: calibrator.k], calibrator.agree_m, min_inliers=min_inliers)
     conf = calibrator.confidence(list(matches)[: calibrator.k], est)
     shown = list(matches)[:k]

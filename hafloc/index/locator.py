@@ -19,7 +19,7 @@ from ..descriptors.modelfile import DEFAULT, load_model
 from ..descriptors.network import GeoLocNet
 from ..errors import HaflocError, InputError
 from .adapt import ADAPTED_NAME
-from .calibrate import load_calibrator
+from .calibrate import describe_probes, load_calibrator, unrelated_similarity
 from .locate import answer
 from .prior import Near
 from .rerank import FusionRule, Reranker, Verified, rerank_matches
@@ -155,6 +155,10 @@ class Locator:
         self.extractor = Extractor(
             self.model, batch_size=c.batch_size, max_side=c.max_side, backend=c.backend, num_threads=c.num_threads
         )
+        # uncalibrated, the fallback confidence is gated by how similar blank and noise frames get here
+        self.unrelated = (
+            None if self.calibrator is not None else unrelated_similarity(self.store, describe_probes(self.extractor))
+        )
         self.reranker: Reranker | None = None
         self.rerank_k = (DEFAULT_RERANK if self.store.local_config else 0) if c.rerank is None else c.rerank
         self.rerank_depth(self.rerank_k)  # checks it and loads the local features' extractor and matcher
@@ -213,7 +217,9 @@ class Locator:
                 checked = {m.id: v for m, v in zip(top, verified)}
                 ms = rerank_matches(ms, verified, self.reranker.rule)
             min_inliers = self.reranker.rule if rerank and self.reranker else None  # its is_verified decides
-            res = answer(name, ms, k, self.agree_m, self.calibrator, self.config.min_confidence, min_inliers)
+            res = answer(
+                name, ms, k, self.agree_m, self.calibrator, self.config.min_confidence, min_inliers, self.unrelated
+            )
             if near is not None:
                 res["near"] = near.to_dict()
                 if not ms:

@@ -136,8 +136,8 @@ def _round(x: float | None, nd: int) -> float | None:
 
 
 # Unrelated photos (noise, a blank frame, another domain) still find *some* match, and how similar
-# they get depends on the model and the index (cosine ~0.5 with untrained models, 0.2-0.4 with the
-# trained default, whose right matches often score 0.3-0.45). So the floor is measured per index:
+# they get depends on the model and the index (cosine ~0.5 with untrained models, 0.2-0.3 with the
+# trained default, whose right matches score 0.4-0.5 at the median). So the floor is measured per index:
 # u, the best similarity blank and noise frames (``calibrate.probe_images``) reach on it. Every
 # confidence, calibrated or not, is scaled by clip((s - u) / UNRELATED_GATE_WIDTH, 0, 1), s the
 # query's best similarity.

@@ -17,7 +17,7 @@ from PIL import Image
 from ..descriptors.extract import Extractor
 from ..descriptors.modelfile import DEFAULT, load_model
 from ..descriptors.network import GeoLocNet
-from ..errors import HaflocError, InputError
+from ..errors import HaflocError, InputError, ModelMismatchError
 from .adapt import ADAPTED_NAME
 from .calibrate import describe_probes, load_calibrator, unrelated_similarity
 from .locate import answer
@@ -156,9 +156,12 @@ class Locator:
             self.model, batch_size=c.batch_size, max_side=c.max_side, backend=c.backend, num_threads=c.num_threads
         )
         # uncalibrated, the fallback confidence is gated by how similar blank and noise frames get here
-        self.unrelated = (
-            None if self.calibrator is not None else unrelated_similarity(self.store, describe_probes(self.extractor))
-        )
+        self.unrelated: float | None = None
+        if self.calibrator is None:
+            try:
+                self.unrelated = unrelated_similarity(self.store, describe_probes(self.extractor))
+            except ModelMismatchError:  # said by the first search, in the words of a query
+                pass
         self.reranker: Reranker | None = None
         self.rerank_k = (DEFAULT_RERANK if self.store.local_config else 0) if c.rerank is None else c.rerank
         self.rerank_depth(self.rerank_k)  # checks it and loads the local features' extractor and matcher

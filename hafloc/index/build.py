@@ -94,7 +94,6 @@ def add_folder(
 def probe_descriptors(store: IndexStore) -> Any:
     """The index model's descriptors of ``calibrate.probe_images`` (blank and noise frames: the
     unrelated-photo gate), or None with a warning when the model cannot be loaded (no gate then)."""
-
     from ..descriptors.extract import Extractor
     from .calibrate import describe_probes
     from .locator import open_model_for

@@ -120,6 +120,7 @@ class TrunkCache:
         self.shard_rows = max(1, int(shard_rows))
         self.used = frozenset(model.head.levels)
         every = frozenset(LEVELS)
+        self._blank: dict[str, torch.Tensor] | None = None
         self._settle(Path(root), dtype, self.used)
         if self.used != every and not self._built():
             # a level ablation reads the cache of every level when there is one: the taps it needs
@@ -147,6 +148,12 @@ class TrunkCache:
         return (self.folder / "meta.json").is_file()
 
     def _frozen_state(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self._kept(self._frozen_pass(x))
+
+    def _kept(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in state.items() if k == "carry" or k not in LEVELS or k in self.keep}
+
+    def _frozen_pass(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         bb = self.model.backbone
         # as in training, frozen groups run in eval mode (BatchNorm keeps its statistics); each
         # module's own mode is restored after (the groups are fresh containers without one)
@@ -159,12 +166,14 @@ class TrunkCache:
         finally:
             for m, mode in modes:
                 m.training = mode
-        return {k: v for k, v in state.items() if k == "carry" or k not in LEVELS or k in self.keep}
+        return state
 
     def _layout(self) -> tuple[list[tuple[str, tuple[int, ...]]], dict[str, str]]:
         """Stored fields (name, per-image shape) and aliases (carry -> the tap it is)."""
-        device = next(self.model.parameters()).device
-        state = self._frozen_state(torch.zeros(1, 3, *self.size, device=device))
+        if self._blank is None:  # one frozen pass, whichever levels are weighed: only its shapes are read
+            device = next(self.model.parameters()).device
+            self._blank = self._frozen_pass(torch.zeros(1, 3, *self.size, device=device))
+        state = self._kept(self._blank)
         alias = {"carry": k for k, v in state.items() if k != "carry" and v is state["carry"]}
         fields = [(k, tuple(v.shape[1:])) for k, v in sorted(state.items()) if k not in alias]
         return fields, alias
